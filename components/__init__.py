@@ -1,0 +1,21 @@
+"""KFP components: thin adapters, one module per step. Each maps artifacts and parameters to one
+call into ``kubetrain.steps``; there is no ML logic here. Installed as ``kubetrain.components``.
+"""
+
+from kubetrain.components.evaluate import evaluate
+from kubetrain.components.gate import check_accuracy, promote, reject
+from kubetrain.components.preprocess import preprocess
+from kubetrain.components.quantize import quantize
+from kubetrain.components.train import train
+from kubetrain.components.tune import tune
+
+__all__ = [
+    "check_accuracy",
+    "evaluate",
+    "preprocess",
+    "promote",
+    "quantize",
+    "reject",
+    "train",
+    "tune",
+]

@@ -1,0 +1,44 @@
+from kfp import dsl
+
+from kubetrain.images import runtime_image
+
+
+@dsl.component(base_image=runtime_image(), install_kfp_package=False)
+def evaluate(
+    config_json: str,
+    min_accuracy: float,
+    dataset: dsl.Input[dsl.Dataset],
+    model: dsl.Input[dsl.Model],
+    quantized: dsl.Input[dsl.Model],
+    best_params: dsl.Input[dsl.Artifact],
+    evaluation: dsl.Output[dsl.Artifact],
+    metrics: dsl.Output[dsl.Metrics],
+    classification: dsl.Output[dsl.ClassificationMetrics],
+    report: dsl.Output[dsl.HTML],
+):
+    """Accuracy and efficiency, fp32 vs int8: KFP metrics, metrics.json and an HTML report."""
+    import shutil
+    from pathlib import Path
+
+    from kubetrain import steps
+    from kubetrain.config import config_from_json
+    from kubetrain.io import read_json
+    from kubetrain.logs import setup_logging
+
+    setup_logging()
+    out = Path(evaluation.path)
+    result = steps.evaluate(
+        config_from_json(config_json),
+        Path(dataset.path),
+        Path(model.path),
+        Path(quantized.path),
+        out,
+        tune_dir=Path(best_params.path),
+        min_accuracy=min_accuracy,
+    )
+    for key, value in result.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(key, value)
+    details = read_json(out / "details.json")
+    classification.log_confusion_matrix(details["classes"], details["confusion_matrix"])
+    shutil.copyfile(out / "report.html", report.path)

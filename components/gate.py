@@ -1,0 +1,53 @@
+from kfp import dsl
+
+from kubetrain.images import runtime_image
+
+
+@dsl.component(base_image=runtime_image(), install_kfp_package=False)
+def check_accuracy(evaluation: dsl.Input[dsl.Artifact], min_accuracy: float) -> bool:
+    """True if the model clears the promotion bar (a single return value: safe for dsl.If)."""
+    from pathlib import Path
+
+    from kubetrain import steps
+    from kubetrain.io import read_json
+
+    return steps.is_promotable(read_json(Path(evaluation.path) / "metrics.json"), min_accuracy)
+
+
+@dsl.component(base_image=runtime_image(), install_kfp_package=False)
+def promote(
+    model: dsl.Input[dsl.Model],
+    quantized: dsl.Input[dsl.Model],
+    evaluation: dsl.Input[dsl.Artifact],
+    promoted: dsl.Output[dsl.Model],
+):
+    """Publish the fp32 and int8 models with their metrics as the promoted-model artifact."""
+    from pathlib import Path
+
+    from kubetrain import steps
+
+    record = steps.promote(
+        Path(model.path), Path(quantized.path), Path(evaluation.path) / "metrics.json",
+        Path(promoted.path),
+    )  # fmt: skip
+    promoted.metadata.update(record)
+
+
+@dsl.component(base_image=runtime_image(), install_kfp_package=False)
+def reject(
+    evaluation: dsl.Input[dsl.Artifact], min_accuracy: float, decision: dsl.Output[dsl.Artifact]
+):
+    """Record why the model was not promoted."""
+    from pathlib import Path
+
+    from kubetrain.io import read_json, write_json
+
+    m = read_json(Path(evaluation.path) / "metrics.json")
+    record = {
+        "promoted": False,
+        "reason": f"test accuracy fp32 {m['test_accuracy_fp32']:.4f} / int8 "
+        f"{m['test_accuracy_int8']:.4f} below the bar {min_accuracy:.4f}",
+    }
+    print(record["reason"])
+    write_json(Path(decision.path) / "decision.json", record)
+    decision.metadata.update(record)

@@ -1,0 +1,160 @@
+"""The ``kubetrain`` command line.
+
+User mistakes (config, data, arguments) print one line and exit non-zero: 2 for an invalid
+config or arguments, 1 for anything else that went wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kubetrain import __version__
+from kubetrain.errors import KubetrainError
+
+log = logging.getLogger("kubetrain")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config file (default: the bundled defaults)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field, e.g. --set train.lr=0.01 (repeatable; values are YAML)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetrain", description="Tune, train, quantize and evaluate with one pipeline."
+    )
+    parser.add_argument("--version", action="version", version=f"kubetrain {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the whole pipeline locally under kfp.local")
+    _config_args(p)
+    p.add_argument("--output", type=Path, help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--no-cache", action="store_true", help="re-run every step")
+
+    p = sub.add_parser("compile", help="write the pipeline as KFP IR YAML")
+    _config_args(p)
+    p.add_argument("-o", "--output", type=Path, required=True, help="YAML file to write")
+
+    p = sub.add_parser("config", help="configuration commands")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    show = csub.add_parser("show", help="print the effective, validated config as YAML")
+    _config_args(show)
+
+    p = sub.add_parser("preprocess", help="step: data source -> dataset artifact")
+    _config_args(p)
+    p.add_argument("--output", type=Path, required=True, help="dataset artifact directory")
+
+    p = sub.add_parser("tune", help="step: hyperparameter search on a dataset artifact")
+    _config_args(p)
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True, help="search artifact directory")
+
+    p = sub.add_parser("train", help="step: train on a dataset artifact")
+    _config_args(p)
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--params", type=Path, help="best_params.json of a tune step")
+    p.add_argument("--output", type=Path, required=True, help="model artifact directory")
+
+    p = sub.add_parser("quantize", help="step: fp32 model artifact -> int8 artifact")
+    _config_args(p)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True, help="quantized artifact directory")
+
+    p = sub.add_parser("evaluate", help="step: metrics and report of fp32 vs int8")
+    _config_args(p)
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--quantized", type=Path, required=True)
+    p.add_argument("--tune", type=Path, help="tune artifact directory (for the report)")
+    p.add_argument("--output", type=Path, required=True, help="evaluation directory")
+    return parser
+
+
+def _require_dir(path: Path, what: str, marker: str) -> Path:
+    if not (path / marker).is_file():
+        raise KubetrainError(f"{path}: not a {what} artifact (no {marker})")
+    return path
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from kubetrain import steps
+    from kubetrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    match args.command:
+        case "config":
+            sys.stdout.write(cfg.to_yaml())
+        case "compile":
+            from kfp import compiler
+
+            from kubetrain.pipelines import build_pipeline
+
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            compiler.Compiler().compile(build_pipeline(cfg), str(args.output))
+            print(f"wrote {args.output}")
+        case "run":
+            from kubetrain.run import run_local
+
+            result = run_local(cfg, args.output, cache=not args.no_cache)
+            m = result.metrics
+            print(f"run directory:      {result.run_dir}")
+            print(f"test accuracy fp32: {m['test_accuracy_fp32']:.4f}")
+            print(f"test accuracy int8: {m['test_accuracy_int8']:.4f} ({m['quantize_method']})")
+            print(
+                f"model size:         {m['model_size_bytes_fp32']} -> {m['model_size_bytes_int8']}"
+                " bytes"
+            )
+            print(f"train samples/s:    {m['train_samples_per_second']:.0f}")
+            verdict = f"yes -> {result.promoted_model}" if m["promoted"] else "no (below the bar)"
+            print(f"promoted:           {verdict}")
+            print(f"report:             {result.report}")
+            print(f"pipeline time:      {result.seconds:.1f} s")
+        case "preprocess":
+            steps.preprocess(cfg, args.output)
+        case "tune":
+            _require_dir(args.dataset, "dataset", "meta.json")
+            steps.tune(cfg, args.dataset, args.output)
+        case "train":
+            _require_dir(args.dataset, "dataset", "meta.json")
+            if args.params is not None and not args.params.is_file():
+                raise KubetrainError(f"{args.params}: no such file")
+            steps.train(cfg, args.dataset, args.output, params_file=args.params)
+        case "quantize":
+            _require_dir(args.model, "model", "model.json")
+            steps.quantize(cfg, args.model, args.output)
+        case "evaluate":
+            _require_dir(args.dataset, "dataset", "meta.json")
+            _require_dir(args.model, "model", "model.json")
+            _require_dir(args.quantized, "quantized model", "quant.json")
+            steps.evaluate(cfg, args.dataset, args.model, args.quantized, args.output, args.tune)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from kubetrain.logs import setup_logging
+
+    setup_logging(args.verbose)
+    try:
+        return dispatch(args)
+    except KubetrainError as err:
+        print(f"kubetrain: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("kubetrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""One validated configuration tree for the whole pipeline.
+
+Every knob lives here. A YAML file and ``--set a.b=c`` overrides feed the same tree; a mistake is
+reported as one line that names the dotted field (``train.lr: Input should be greater than 0``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, List, Literal  # noqa: UP035 (List: a field is named "list")
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kubetrain.errors import ConfigError
+
+# Katib's algorithm names (https://www.kubeflow.org/docs/components/katib/user-guides/hp-tuning/)
+# that have a local equivalent in Optuna; see kubetrain.tune.local for the mapping.
+KATIB_LOCAL_ALGORITHMS = (
+    "random",
+    "grid",
+    "tpe",
+    "multivariate-tpe",
+    "cmaes",
+    "sobol",
+    "bayesianoptimization",
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the data comes from and how it is split, normalised and augmented."""
+
+    source: str = Field(
+        "digits",
+        description="'digits' (scikit-learn's bundled 8x8 digits), or a path/URI (fsspec) to a "
+        ".csv, .parquet or .npz file; a glob pattern reads several files in parallel.",
+    )
+    label_column: str = Field("label", description="Label column of tabular data (CSV/Parquet).")
+    image_shape: list[int] | None = Field(
+        None,
+        description="C,H,W of image data given as flat feature columns (digits sets it itself).",
+    )
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples for validation.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples for test.")
+    normalize: Literal["standard", "minmax", "none"] = Field(
+        "standard", description="Per-feature normalisation, fitted on the training split only."
+    )
+    augment: bool = Field(False, description="Random shifts and noise on image training data.")
+    augment_shift: int = Field(1, ge=0, le=8, description="Largest random shift in pixels.")
+    augment_noise: float = Field(
+        0.05, ge=0, description="Std of Gaussian noise (normalised units)."
+    )
+    num_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Parallel workers: files read at once in preprocess, DataLoader worker "
+        "processes per rank in training (0 = in the main process).",
+    )
+    seed: int = Field(0, description="Seed of the train/val/test split.")
+
+
+class ModelConfig(_Section):
+    """Which network to train."""
+
+    name: Literal["mlp", "cnn"] = Field("mlp", description="'mlp' or 'cnn' (image data only).")
+    hidden_sizes: list[int] = Field(
+        default_factory=lambda: [256, 128], description="MLP hidden layer widths."
+    )
+    channels: list[int] = Field(
+        default_factory=lambda: [32, 64], description="CNN convolution channels."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before each hidden layer.")
+
+    @model_validator(mode="after")
+    def _positive_sizes(self) -> ModelConfig:
+        for field in ("hidden_sizes", "channels"):
+            values = getattr(self, field)
+            if not values or any(v < 1 for v in values):
+                raise ValueError(f"{field} must be a non-empty list of positive integers")
+        return self
+
+
+class TrainConfig(_Section):
+    """Optimisation and distribution of the training step."""
+
+    epochs: int = Field(20, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(
+        64, ge=1, description="Global batch: summed over processes, nodes and accumulation."
+    )
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = "adamw"
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of sgd and rmsprop.")
+    lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0, description="Linear warm-up before the schedule.")
+    step_size: int = Field(10, ge=1, description="Epochs between decays of the step schedule.")
+    gamma: float = Field(0.1, gt=0, le=1, description="Decay factor of the step schedule.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per step.")
+    max_grad_norm: float | None = Field(None, gt=0, description="Clip gradients to this norm.")
+    nproc: int = Field(2, ge=1, le=64, description="Worker processes per node (torchrun).")
+    nnodes: int = Field(1, ge=1, le=64, description="Nodes (PyTorchJob replicas; local: agents).")
+    num_threads: int = Field(
+        0, ge=0, description="torch threads per process; 0 = CPU cores / processes, at least 1."
+    )
+    seed: int = Field(0, description="Seed of initialisation, shuffling and augmentation.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        parts = self.world_size * self.grad_accum_steps
+        if self.batch_size % parts:
+            raise ValueError(
+                f"batch_size {self.batch_size} must be divisible by nnodes*nproc*grad_accum_steps "
+                f"= {parts}"
+            )
+        return self
+
+
+class FeasibleSpace(_Section):
+    """Katib's ``feasibleSpace``: a range (min/max/step, distribution) or a list."""
+
+    min: float | None = None
+    max: float | None = None
+    step: float | None = Field(None, gt=0)
+    list: List[Any] | None = None  # noqa: UP006 (a field named "list" shadows the builtin)
+    distribution: Literal["uniform", "logUniform"] = "uniform"
+
+
+class SearchParameter(_Section):
+    """One entry of Katib's ``parameters`` list; ``name`` is a dotted config key (``train.lr``)."""
+
+    name: str
+    parameterType: Literal["double", "int", "categorical", "discrete"]
+    feasibleSpace: FeasibleSpace
+
+    @model_validator(mode="after")
+    def _space_matches_type(self) -> SearchParameter:
+        space = self.feasibleSpace
+        if self.parameterType in ("categorical", "discrete"):
+            if not space.list:
+                raise ValueError(f"{self.parameterType} parameter needs feasibleSpace.list")
+        else:
+            if space.min is None or space.max is None or space.min >= space.max:
+                raise ValueError("feasibleSpace needs min < max")
+            if space.distribution == "logUniform" and space.min <= 0:
+                raise ValueError("logUniform needs feasibleSpace.min > 0")
+        return self
+
+    def grid_values(self) -> list[Any]:
+        """The values Katib's grid algorithm would try (a step is needed for doubles)."""
+        space = self.feasibleSpace
+        if space.list is not None:
+            return list(space.list)
+        if self.parameterType == "int":
+            step = int(space.step or 1)
+            return list(range(int(space.min), int(space.max) + 1, step))
+        if space.step is None:
+            raise ValueError(
+                f"grid search needs feasibleSpace.step for double parameter {self.name}"
+            )
+        count = math.floor((space.max - space.min) / space.step + 1e-9) + 1
+        return [round(space.min + i * space.step, 12) for i in range(count)]
+
+
+def _default_search_space() -> list[SearchParameter]:
+    return [
+        SearchParameter(
+            name="train.lr",
+            parameterType="double",
+            feasibleSpace=FeasibleSpace(min=1e-3, max=1e-2, step=3e-3, distribution="logUniform"),
+        ),
+        SearchParameter(
+            name="train.weight_decay",
+            parameterType="categorical",
+            feasibleSpace=FeasibleSpace(list=[0.0, 1e-4, 1e-3]),
+        ),
+    ]
+
+
+class EarlyStopping(_Section):
+    """Katib's ``medianstop``: stop a trial below the median of earlier trials at the same step."""
+
+    algorithm: Literal["none", "medianstop"] = "none"
+    min_trials_required: int = Field(3, ge=1, description="Completed trials before any stop.")
+    start_step: int = Field(2, ge=1, description="Epoch from which trials may be stopped.")
+
+
+class TuneConfig(_Section):
+    """Hyperparameter search over a Katib-shaped ``parameters`` list."""
+
+    enabled: bool = True
+    algorithm: Literal[KATIB_LOCAL_ALGORITHMS] = Field(  # type: ignore[valid-type]
+        "tpe", description="Katib algorithm name."
+    )
+    algorithm_settings: dict[str, str | int | float] = Field(
+        default_factory=dict, description="Katib algorithmSettings, passed to the sampler."
+    )
+    max_trials: int = Field(8, ge=1, description="Trial budget (Katib maxTrialCount).")
+    parallel_trials: int = Field(2, ge=1, le=64, description="Trials at once (parallelTrialCount).")
+    max_failed_trials: int = Field(
+        3, ge=0, description="Failed trials tolerated (maxFailedTrialCount)."
+    )
+    trial_epochs: int = Field(
+        8, ge=1, description="Epochs per trial (shorter than the final train)."
+    )
+    objective_metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
+    seed: int = Field(0, description="Seed of the search algorithm.")
+    parameters: list[SearchParameter] = Field(default_factory=_default_search_space)
+
+    @property
+    def goal(self) -> Literal["maximize", "minimize"]:
+        return "maximize" if self.objective_metric == "val_accuracy" else "minimize"
+
+
+class QuantizeConfig(_Section):
+    """fp32 -> int8 with torchao."""
+
+    method: Literal["weight_only_int8", "dynamic_int8", "none"] = Field(
+        "weight_only_int8",
+        description="weight_only_int8: int8 weights, fp32 activations (4x smaller Linear layers); "
+        "dynamic_int8: int8 weights and dynamically quantised activations; none: keep fp32.",
+    )
+
+
+class EvaluateConfig(_Section):
+    """Accuracy, efficiency and the promotion bar."""
+
+    min_accuracy: float = Field(
+        0.9, ge=0, le=1.0, description="Promote only if test accuracy (fp32 and int8) reaches this."
+    )
+    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    latency_repeats: int = Field(50, ge=3, description="Timed forward passes per measurement.")
+
+
+class ClusterConfig(_Section):
+    """Where the heavy steps run."""
+
+    backend: Literal["local", "kubernetes"] = Field(
+        "local", description="local: torchrun processes and Optuna; kubernetes: PyTorchJob/Katib."
+    )
+    namespace: str = "kubeflow"
+    image: str | None = Field(None, description="Image of the steps; default kubetrain.images.")
+
+
+SECTIONS = ("data", "model", "train", "tune", "quantize", "evaluate", "cluster")
+
+
+class PipelineConfig(_Section):
+    """The whole pipeline's configuration."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _search_space_names_config(self) -> PipelineConfig:
+        dumped = self.model_dump()
+        for i, param in enumerate(self.tune.parameters):
+            where = f"tune.parameters.{i}.name"
+            section = param.name.split(".")[0]
+            if section not in ("data", "model", "train", "quantize") or "." not in param.name:
+                raise ValueError(
+                    f"{where}: '{param.name}' must name a field of data, model, train "
+                    "or quantize (e.g. train.lr)"
+                )
+            try:
+                _set_dotted(dumped, param.name, _sample_value(param))
+            except ConfigError:
+                raise ValueError(f"{where}: '{param.name}' is not a config field") from None
+            try:
+                type(getattr(self, section)).model_validate(dumped[section])
+            except ValidationError as err:
+                raise ValueError(f"{where}: '{param.name}': {err.errors()[0]['msg']}") from None
+        if self.tune.enabled and self.tune.algorithm == "grid":
+            for param in self.tune.parameters:
+                param.grid_values()
+        return self
+
+    def with_params(self, params: dict[str, Any]) -> PipelineConfig:
+        """Return a copy with dotted keys (``{"train.lr": 0.01}``) set; raises ConfigError."""
+        data = self.model_dump()
+        for key, value in params.items():
+            _set_dotted(data, key, value)
+        return validate_config(data)
+
+    def sections_json(self, *sections: str) -> str:
+        """JSON of only the named sections: a step's inputs, so caching keys on what it uses."""
+        return json.dumps(self.model_dump(mode="json", include=set(sections)), sort_keys=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _sample_value(param: SearchParameter) -> Any:
+    space = param.feasibleSpace
+    if space.list:
+        return space.list[0]
+    return int(space.min) if param.parameterType == "int" else space.min
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"config error: {where}: no such list index")
+            part = int(part)  # type: ignore[assignment]
+        elif not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"config error: {where}: no such field")
+        if last:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        given = e.get("input")
+        if e["type"] not in ("extra_forbidden", "missing") and not isinstance(given, (dict, list)):
+            msg += f" (got {given!r})"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "config error: " + "; ".join(parts)
+
+
+def validate_config(data: Any) -> PipelineConfig:
+    """Validate a plain dict into a PipelineConfig; raises ConfigError with the dotted field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("config error: the config must be a mapping of sections")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``a.b=value``; the value is parsed as a YAML scalar (``1e-3``, ``true``, ``[1, 2]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"config error: --set {text!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig:
+    """Load the bundled defaults, then ``path`` (YAML), then ``--set`` overrides, and validate.
+
+    Raises ConfigError (one line naming the file or the dotted field) on any problem.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config error: {path}: no such file")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"config error: {where}: not valid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    base = validate_config(data)
+    if not overrides:
+        return base
+    merged = base.model_dump()
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(merged, key, value)
+    return validate_config(merged)
+
+
+def config_from_json(text: str) -> PipelineConfig:
+    """Inverse of ``sections_json``: missing sections take their defaults."""
+    return validate_config(json.loads(text))

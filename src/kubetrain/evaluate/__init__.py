@@ -1,0 +1,1 @@
+"""Evaluation: accuracy, efficiency measurements and the HTML report."""

@@ -1,0 +1,82 @@
+"""Local launcher: in this process for one worker, torchrun processes for more."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from kubetrain.config import PipelineConfig
+from kubetrain.errors import KubetrainError
+from kubetrain.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+def threads_per_process(cfg: PipelineConfig, processes: int) -> int:
+    """``train.num_threads`` or the CPU cores shared out over ``processes`` (at least 1).
+
+    On a small CPU one thread per process is fastest: a process with more threads than its
+    share of cores stalls whenever another process takes a core.
+    """
+    if cfg.train.num_threads:
+        return cfg.train.num_threads
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalLauncher:
+    """Runs training on this machine; ``train.nnodes`` agents emulate nodes over 127.0.0.1."""
+
+    def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.train.world_size == 1:
+            self._run_in_process(cfg, dataset_dir, out_dir)
+        else:
+            self._run_torchrun(cfg, dataset_dir, out_dir)
+
+    def _run_in_process(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+        import torch
+
+        from kubetrain.data import load_dataset
+        from kubetrain.train.distributed import DistContext
+        from kubetrain.train.loop import fit, save_model
+
+        torch.set_num_threads(threads_per_process(cfg, 1))
+        data = load_dataset(dataset_dir)
+        save_model(fit(cfg, data, DistContext()), cfg, data, out_dir)
+
+    def _run_torchrun(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+        tc = cfg.train
+        config_file = write_json(out_dir / ".train-config.json", cfg.model_dump(mode="json"))
+        port = free_port()
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process(cfg, tc.world_size)))
+        agents = []
+        for node_rank in range(tc.nnodes):
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run",
+                f"--nnodes={tc.nnodes}", f"--nproc-per-node={tc.nproc}",
+                f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                "--max-restarts=0", "--monitor-interval=0.2",
+                "-m", "kubetrain.train.worker",
+                "--dataset", str(dataset_dir), "--config-json", str(config_file),
+                "--output", str(out_dir),
+            ]  # fmt: skip
+            agents.append(subprocess.Popen(cmd, env=env))
+        log.info("launched %d torchrun agent(s) x %d processes", tc.nnodes, tc.nproc)
+        codes = [agent.wait() for agent in agents]
+        config_file.unlink(missing_ok=True)
+        if any(codes):
+            raise KubetrainError(
+                f"training failed: torchrun exited with {codes} (the workers' log lines above say why)"
+            )
+        if not (out_dir / "model.json").is_file():
+            raise KubetrainError(f"training failed: no model was written to {out_dir}")

@@ -1,0 +1,1 @@
+"""Training: the loop, distribution, optimizers and schedules, and the torchrun worker."""

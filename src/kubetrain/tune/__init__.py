@@ -1,0 +1,1 @@
+"""Hyperparameter search: a Katib-shaped search space, run by Optuna locally."""

@@ -1,0 +1,246 @@
+"""Local search engine: Optuna, trials as separate processes, the study kept in a journal file.
+
+The parent process asks the sampler for parameters and tells it the results; worker processes
+train one trial each and report per-epoch objectives through the shared journal storage, so the
+``medianstop`` pruner sees them as Katib's early stopping would.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from kubetrain.config import PipelineConfig, config_from_json
+from kubetrain.io import write_json
+from kubetrain.tune.space import grid_size, make_pruner, make_sampler, search_space
+
+log = logging.getLogger(__name__)
+
+STUDY_NAME = "kubetrain"
+JOURNAL = "study.journal"
+
+
+def _storage(path: Path) -> optuna.storages.JournalStorage:
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def trial_config(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
+    """The config one trial trains with: tuned params applied, shorter, in one process."""
+    return cfg.with_params(
+        {**params, "train.epochs": cfg.tune.trial_epochs, "train.nproc": 1, "train.nnodes": 1}
+    )
+
+
+_DATASETS: dict[str, Any] = {}
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("kubetrain.train").setLevel(logging.WARNING)  # the parent logs per trial
+
+
+def run_trial(
+    cfg_json: str, dataset_dir: str, journal: str, trial_id: int, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Train one trial (in a worker process); never raises: failures come back as data."""
+    from kubetrain.data import load_dataset
+    from kubetrain.train.distributed import DistContext
+    from kubetrain.train.loop import Stopped, fit
+
+    started = time.perf_counter()
+    curve: list[float] = []
+    try:
+        cfg = trial_config(config_from_json(cfg_json), params)
+        if dataset_dir not in _DATASETS:
+            _DATASETS[dataset_dir] = load_dataset(dataset_dir)
+        # The pruner is not kept in the storage: the worker's study needs it given again.
+        study = optuna.load_study(
+            study_name=STUDY_NAME, storage=_storage(Path(journal)), pruner=make_pruner(cfg.tune)
+        )
+        trial = optuna.trial.Trial(study, trial_id)
+        metric = cfg.tune.objective_metric
+
+        def on_epoch(stats) -> bool:
+            value = getattr(stats, metric)
+            curve.append(value)
+            trial.report(value, stats.epoch)
+            return trial.should_prune()
+
+        result = fit(cfg, _DATASETS[dataset_dir], DistContext(), on_epoch=on_epoch)
+        value = (
+            result.history[-1].val_accuracy
+            if metric == "val_accuracy"
+            else result.history[-1].val_loss
+        )
+        state = "complete"
+    except Stopped:
+        value, state, error = (curve[-1] if curve else None), "pruned", None
+    except Exception as err:  # a failed trial is recorded, not fatal
+        value, state = None, "failed"
+        error = f"{type(err).__name__}: {err}"
+        log.debug("trial failed:\n%s", traceback.format_exc())
+    else:
+        error = None
+    return {
+        "state": state,
+        "value": value,
+        "curve": curve,
+        "epochs": len(curve),
+        "error": error,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Run the search; write best_params.json and trials.json to ``out_dir`` and return the best."""
+    tune = cfg.tune
+    out_dir.mkdir(parents=True, exist_ok=True)
+    journal = out_dir / JOURNAL
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=_storage(journal),
+        sampler=make_sampler(tune),
+        pruner=make_pruner(tune),
+        direction=tune.goal,
+        load_if_exists=True,
+    )
+    dists = search_space(tune)
+    budget = tune.max_trials
+    if tune.algorithm == "grid":
+        budget = min(budget, grid_size(tune))
+    finished = [t for t in study.trials if t.state.is_finished()]
+    # Trials left RUNNING by an interrupted search are re-run; finished ones count.
+    for stale in (t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING):
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+    failures = sum(t.state == optuna.trial.TrialState.FAIL for t in finished)
+    done = len(finished) - failures
+    if finished:
+        log.info("resuming search: %d trial(s) already finished", len(finished))
+    records: dict[int, dict[str, Any]] = {}
+    cfg_json = cfg.model_dump_json()
+    workers = min(tune.parallel_trials, budget)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = multiprocessing.get_context("spawn")
+    started = time.perf_counter()
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        running: dict[Future, optuna.trial.Trial] = {}
+        while True:
+            while (
+                len(running) < workers
+                and done + len(running) < budget
+                and failures <= tune.max_failed_trials
+            ):
+                trial = study.ask(dists)
+                fut = pool.submit(
+                    run_trial,
+                    cfg_json,
+                    str(dataset_dir),
+                    str(journal),
+                    trial._trial_id,
+                    trial.params,
+                )
+                running[fut] = trial
+            if not running:
+                break
+            completed, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in completed:
+                trial = running.pop(fut)
+                rec = fut.result()
+                _tell(study, trial, rec)
+                records[trial.number] = {"number": trial.number, "params": trial.params, **rec}
+                if rec["state"] == "failed":
+                    failures += 1
+                    log.warning("trial %d failed: %s", trial.number, rec["error"])
+                else:
+                    done += 1
+                    log.info(
+                        "trial %d %s %s=%.4f after %d epoch(s) %s",
+                        trial.number, rec["state"], tune.objective_metric, rec["value"] or float("nan"),
+                        rec["epochs"], trial.params,
+                    )  # fmt: skip
+    if failures > tune.max_failed_trials:
+        from kubetrain.errors import KubetrainError
+
+        raise KubetrainError(
+            f"tuning failed: {failures} trials failed (tune.max_failed_trials = "
+            f"{tune.max_failed_trials}); first error: "
+            f"{next(r['error'] for r in records.values() if r['error'])}"
+        )
+    return _write_results(study, records, cfg, out_dir, time.perf_counter() - started)
+
+
+def _tell(study: optuna.Study, trial: optuna.trial.Trial, rec: dict[str, Any]) -> None:
+    states = optuna.trial.TrialState
+    if rec["state"] == "complete":
+        study.tell(trial, rec["value"])
+    elif rec["state"] == "pruned":
+        study.tell(trial, state=states.PRUNED)
+    else:
+        study.tell(trial, state=states.FAIL)
+
+
+def _write_results(
+    study, records, cfg: PipelineConfig, out_dir: Path, seconds: float
+) -> dict[str, Any]:
+    trials = []
+    for t in study.trials:
+        rec = records.get(t.number, {})
+        trials.append(
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "value": t.value,
+                "params": t.params,
+                "curve": rec.get("curve") or [v for _, v in sorted(t.intermediate_values.items())],
+                "seconds": rec.get("seconds"),
+                "error": rec.get("error"),
+            }
+        )
+    complete = [t for t in trials if t["state"] == "complete"]
+    if not complete:
+        from kubetrain.errors import KubetrainError
+
+        raise KubetrainError("tuning failed: no trial completed")
+    best = study.best_trial
+    result = {
+        "enabled": True,
+        "algorithm": cfg.tune.algorithm,
+        "metric": cfg.tune.objective_metric,
+        "goal": cfg.tune.goal,
+        "best_params": best.params,
+        "best_value": best.value,
+        "best_trial": best.number,
+        "trials_total": len(trials),
+        "trials_complete": len(complete),
+        "trials_pruned": sum(t["state"] == "pruned" for t in trials),
+        "trials_failed": sum(t["state"] == "fail" for t in trials),
+        "trial_epochs_total": sum(len(t["curve"]) for t in trials),
+        "search_seconds": seconds,
+    }
+    write_json(out_dir / "trials.json", trials)
+    write_json(out_dir / "best_params.json", result)
+    return result
+
+
+def disabled_result(out_dir: Path) -> dict[str, Any]:
+    """What the tune step writes when tuning is off: no parameters to change."""
+    result = {"enabled": False, "best_params": {}, "trials_total": 0}
+    write_json(out_dir / "trials.json", [])
+    write_json(out_dir / "best_params.json", result)
+    return result
