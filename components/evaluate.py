@@ -23,6 +23,7 @@ def evaluate(
     from kubetrain import steps
     from kubetrain.config import config_from_json
     from kubetrain.io import read_json
+    from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
 
     setup_logging()
@@ -41,4 +42,6 @@ def evaluate(
             metrics.log_metric(key, value)
     details = read_json(out / "details.json")
     classification.log_confusion_matrix(details["classes"], details["confusion_matrix"])
+    persist(metrics)
+    persist(classification)
     shutil.copyfile(out / "report.html", report.path)

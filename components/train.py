@@ -16,6 +16,7 @@ def train(
 
     from kubetrain import steps
     from kubetrain.config import config_from_json
+    from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
 
     setup_logging()
@@ -29,3 +30,4 @@ def train(
     for key in ("samples_per_second", "train_seconds", "data_wait_share", "final_val_accuracy"):
         train_metrics.log_metric(key, summary[key])
     train_metrics.log_metric("world_size", summary["world_size"])
+    persist(train_metrics)

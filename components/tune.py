@@ -15,6 +15,7 @@ def tune(
 
     from kubetrain import steps
     from kubetrain.config import config_from_json
+    from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
 
     setup_logging()
@@ -25,3 +26,4 @@ def tune(
         search_metrics.log_metric("best_" + result["metric"], result["best_value"])
         search_metrics.log_metric("trials_pruned", result["trials_pruned"])
         search_metrics.log_metric("trials_failed", result["trials_failed"])
+    persist(search_metrics)

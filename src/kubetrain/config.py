@@ -6,6 +6,7 @@ reported as one line that names the dotted field (``train.lr: Input should be gr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -366,6 +367,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and value.strip().lower() not in ("nan", "inf", "-inf"):
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads "1e-3" as a string
+            value = float(value)
     return key.strip(), value
 
 

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 
 
 def _png(fig) -> str:
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -126,8 +126,9 @@ def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[st
     # Trials left RUNNING by an interrupted search are re-run; finished ones count.
     for stale in (t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING):
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+    # As in Katib, every finished trial (failed ones too) counts against max_trials.
     failures = sum(t.state == optuna.trial.TrialState.FAIL for t in finished)
-    done = len(finished) - failures
+    done = len(finished)
     if finished:
         log.info("resuming search: %d trial(s) already finished", len(finished))
     records: dict[int, dict[str, Any]] = {}
@@ -164,11 +165,11 @@ def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[st
                 rec = fut.result()
                 _tell(study, trial, rec)
                 records[trial.number] = {"number": trial.number, "params": trial.params, **rec}
+                done += 1
                 if rec["state"] == "failed":
                     failures += 1
                     log.warning("trial %d failed: %s", trial.number, rec["error"])
                 else:
-                    done += 1
                     log.info(
                         "trial %d %s %s=%.4f after %d epoch(s) %s",
                         trial.number, rec["state"], tune.objective_metric, rec["value"] or float("nan"),
@@ -187,12 +188,18 @@ def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[st
 
 def _tell(study: optuna.Study, trial: optuna.trial.Trial, rec: dict[str, Any]) -> None:
     states = optuna.trial.TrialState
-    if rec["state"] == "complete":
-        study.tell(trial, rec["value"])
-    elif rec["state"] == "pruned":
-        study.tell(trial, state=states.PRUNED)
-    else:
-        study.tell(trial, state=states.FAIL)
+    try:
+        if rec["state"] == "complete":
+            study.tell(trial, rec["value"])
+        elif rec["state"] == "pruned":
+            study.tell(trial, state=states.PRUNED)
+        else:
+            study.tell(trial, state=states.FAIL)
+    except RuntimeError as err:
+        # GridSampler calls study.stop() once the grid is used up, which Optuna only allows
+        # inside optimize(); the result is stored before that, and our budget stops the loop.
+        if "Study.stop" not in str(err):
+            raise
 
 
 def _write_results(

@@ -1,0 +1,50 @@
+"""Shared fixtures: a digits dataset artifact built once, small configs, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubetrain.config import PipelineConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).parent / "assets"
+KUBETRAIN = [sys.executable, "-m", "kubetrain.cli"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One torch thread per test process: on a small shared CPU, more threads stall."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The default dataset artifact (digits, seed 0), built once per session."""
+    from kubetrain.data import build_dataset
+
+    out = tmp_path_factory.mktemp("digits")
+    build_dataset(load_config().data, out)
+    return out
+
+
+@pytest.fixture
+def small_cfg() -> PipelineConfig:
+    """A fast single-process config: 3 epochs, no tuning."""
+    return load_config(
+        overrides=["train.nproc=1", "train.epochs=3", "tune.enabled=false", "train.seed=1"]
+    )
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``kubetrain ARGS`` in a fresh interpreter; returns the completed process."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [*KUBETRAIN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
