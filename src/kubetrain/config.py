@@ -108,9 +108,34 @@ class TrainConfig(_Section):
     nproc: int = Field(2, ge=1, le=64, description="Worker processes per node (torchrun).")
     nnodes: int = Field(1, ge=1, le=64, description="Nodes (PyTorchJob replicas; local: agents).")
     num_threads: int = Field(
-        0, ge=0, description="torch threads per process; 0 = CPU cores / processes, at least 1."
+        0, ge=0, description="torch threads per process; 0 = (CPU cores - 1) / processes, ≥ 1."
     )
     seed: int = Field(0, description="Seed of initialisation, shuffling and augmentation.")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32",
+        description="Autocast precision: bf16 (CPU/GPU), fp16 (GPU, with a gradient scaler); "
+        "auto = bf16 where the device computes it natively, else fp32.",
+    )
+    compile: bool = Field(False, description="torch.compile the model (compile time reported).")
+    no_sync: bool = Field(
+        True, description="Skip the all-reduce on accumulation micro-steps (off only to measure)."
+    )
+    grad_compression: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="Compress gradients for the DDP all-reduce (a DDP comm hook)."
+    )
+    checkpoint_every_steps: int = Field(
+        200, ge=0, description="Optimizer steps between checkpoints (0: only at the end)."
+    )
+    checkpoint_dir: str | None = Field(
+        None, description="Where checkpoints go (default: <model output>/checkpoints)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    resume: bool = Field(
+        True, description="Continue from the newest good checkpoint of the same job, if any."
+    )
+    max_restarts: int = Field(
+        0, ge=0, le=100, description="Restarts of the worker group after a failure (torchrun)."
+    )
 
     @property
     def world_size(self) -> int:

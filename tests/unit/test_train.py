@@ -106,3 +106,33 @@ def test_batch_larger_than_data_is_refused(digits_dir):
 def test_lr_schedules(overrides, step, expected):
     tc = load_config(overrides=["train.epochs=10", *overrides]).train
     assert math.isclose(lr_factor(step, tc, steps_per_epoch=10), expected, abs_tol=1e-9)
+
+
+def test_bf16_autocast_trains_close_to_fp32(digits_dir):
+    fp32 = _fit(digits_dir, "train.epochs=3")
+    bf16 = _fit(digits_dir, "train.epochs=3", "train.precision=bf16")
+    assert bf16.summary["precision"] == "bf16"
+    assert abs(bf16.history[-1].val_accuracy - fp32.history[-1].val_accuracy) <= 0.02
+    assert _max_diff(bf16.model, fp32.model) > 0  # it really computed in another precision
+
+
+def test_precision_is_chosen_per_device(digits_dir):
+    from kubetrain.train.instrument import cpu_has_native_bf16
+    from kubetrain.train.loop import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    with pytest.raises(ConfigError, match="train.precision: fp16 needs a GPU"):
+        resolve_precision("fp16", cpu)
+
+
+def test_step_time_is_split_and_flops_counted(digits_dir):
+    result = _fit(digits_dir)
+    s, h = result.summary, result.history[-1]
+    parts = h.data_seconds + h.compute_seconds + h.optimizer_seconds
+    assert 0.5 * h.epoch_seconds < parts <= h.epoch_seconds * 1.001
+    # MLP 64-256-128-10: forward 2*(64*256 + 256*128 + 128*10) FLOPs, backward about twice that.
+    forward = 2 * (64 * 256 + 256 * 128 + 128 * 10)
+    assert 2.5 * forward <= s["flops_per_sample"] <= 3.5 * forward
+    assert 0 < s["mfu"] < 1
+    assert s["cpu_percent"] > 0 and s["peak_rss_mib"] > 50

@@ -83,6 +83,7 @@ class GlobalBatchSampler(Sampler):
         self.steps = num_samples // global_batch
         self.accum = accum
         self.epoch = 0
+        self.start_step = 0  # first step to yield (resuming mid-epoch)
         self._sampler = DistributedSampler(
             range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
         )
@@ -96,7 +97,7 @@ class GlobalBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
         indices = torch.tensor(list(self._sampler))
-        for k in range(len(self)):
+        for k in range(self.start_step * self.accum, len(self)):
             yield self.epoch, indices[k * self.micro : (k + 1) * self.micro]
 
 

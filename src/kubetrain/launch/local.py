@@ -17,14 +17,20 @@ log = logging.getLogger(__name__)
 
 
 def threads_per_process(cfg: PipelineConfig, processes: int) -> int:
-    """``train.num_threads`` or the CPU cores shared out over ``processes`` (at least 1).
+    """``train.num_threads``, or the CPU cores less one shared out over ``processes`` (≥ 1).
 
-    On a small CPU one thread per process is fastest: a process with more threads than its
-    share of cores stalls whenever another process takes a core.
+    One core is left for everything else (the KFP task, data workers, the OS): on a small CPU a
+    process with more threads than free cores stalls whenever another process takes a core
+    (measured here: 2 threads on 2 busy cores run 10-70x slower than 1).
     """
     if cfg.train.num_threads:
         return cfg.train.num_threads
-    return max(1, (os.cpu_count() or 1) // processes)
+    return max(1, ((os.cpu_count() or 1) - 1) // processes)
+
+
+def checkpoint_dir(cfg: PipelineConfig, out_dir: Path) -> Path:
+    """``train.checkpoint_dir`` or ``<model output>/checkpoints``."""
+    return Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out_dir / "checkpoints"
 
 
 def free_port() -> int:
@@ -52,7 +58,8 @@ class LocalLauncher:
 
         torch.set_num_threads(threads_per_process(cfg, 1))
         data = load_dataset(dataset_dir)
-        save_model(fit(cfg, data, DistContext()), cfg, data, out_dir)
+        result = fit(cfg, data, DistContext(), checkpoint_dir=checkpoint_dir(cfg, out_dir))
+        save_model(result, cfg, data, out_dir)
 
     def _run_torchrun(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
         tc = cfg.train
@@ -65,7 +72,7 @@ class LocalLauncher:
                 sys.executable, "-m", "torch.distributed.run",
                 f"--nnodes={tc.nnodes}", f"--nproc-per-node={tc.nproc}",
                 f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
-                "--max-restarts=0", "--monitor-interval=0.2",
+                f"--max-restarts={tc.max_restarts}", "--monitor-interval=0.2",
                 "-m", "kubetrain.train.worker",
                 "--dataset", str(dataset_dir), "--config-json", str(config_file),
                 "--output", str(out_dir),

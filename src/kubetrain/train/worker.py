@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kubetrain.config import config_from_json
     from kubetrain.data import load_dataset
+    from kubetrain.launch.local import checkpoint_dir
     from kubetrain.train.distributed import init_from_env, shutdown
     from kubetrain.train.loop import fit, save_model
 
@@ -41,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         data = load_dataset(args.dataset)
         ctx = init_from_env()
-        result = fit(cfg, data, ctx)
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restarts and rank == 0:
+            logging.getLogger(__name__).warning("worker group restart %d", restarts)
+        result = fit(cfg, data, ctx, checkpoint_dir=checkpoint_dir(cfg, args.output))
+        result.summary["restarts"] = restarts
         if ctx.is_main:
             save_model(result, cfg, data, args.output)
         shutdown()

@@ -1,0 +1,97 @@
+"""Atomic checkpoints and finding the newest good one.
+
+A checkpoint is ``ckpt-<step>.pt`` written to a temporary file and renamed into place, followed
+by ``ckpt-<step>.json`` (its SHA-256, the job fingerprint and the step). A checkpoint without its
+manifest, with a wrong digest or that fails to load is skipped with a warning, and the next older
+one is tried. The fingerprint keeps a job from resuming another job's checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kubetrain.io import atomic_write, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"ckpt-(\d+)\.pt$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(directory: Path, step: int, state: dict[str, Any], fingerprint: str, keep: int) -> Path:
+    """Write checkpoint ``step`` atomically, then its manifest; prune all but ``keep`` newest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"ckpt-{step:08d}.pt"
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    write_json(
+        path.with_suffix(".json"),
+        {"step": step, "sha256": _sha256(path), "fingerprint": fingerprint},
+    )
+    for old in sorted(directory.glob("ckpt-*.pt"))[:-keep]:
+        old.with_suffix(".json").unlink(missing_ok=True)
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest(directory: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The newest checkpoint of this job that is complete and intact, or None."""
+    if not directory.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in directory.glob("ckpt-*.pt") if _NAME.search(p.name)), reverse=True
+    )
+    for path in candidates:
+        manifest = path.with_suffix(".json")
+        if not manifest.is_file():
+            log.warning("skipping checkpoint %s: no manifest (partial write)", path)
+            continue
+        meta = read_json(manifest)
+        if meta.get("fingerprint") != fingerprint:
+            log.warning("skipping checkpoint %s: it belongs to another job/config", path)
+            continue
+        if _sha256(path) != meta.get("sha256"):
+            log.warning("skipping checkpoint %s: digest mismatch (corrupt)", path)
+            continue
+        try:
+            # Our own file with a verified digest; it holds RNG states (numpy/python objects).
+            state = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception as err:
+            log.warning("skipping checkpoint %s: cannot load (%s)", path, err)
+            continue
+        log.info("resuming from %s (step %d)", path, meta["step"])
+        return state
+    return None
