@@ -27,19 +27,20 @@ def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Search -> ``best_params.json`` (dotted config keys) and ``trials.json``."""
+    """Search -> ``best_params.json`` (dotted config keys) and ``trials.json``.
+
+    Optuna on this machine, or a Katib Experiment on ``cluster.backend: kubernetes``.
+    """
     from kubetrain.tune import local
 
     if not cfg.tune.enabled:
         return local.disabled_result(out_dir)
-    if cfg.cluster.backend != "local":
-        from kubetrain.errors import KubetrainError
+    if cfg.cluster.backend == "kubernetes":
+        from kubetrain.tune.katib import run_experiment
 
-        raise KubetrainError(
-            "cluster.backend 'kubernetes': the Katib launcher is not available in this version "
-            "of kubetrain; use cluster.backend=local"
-        )
-    result = local.run_search(cfg, dataset_dir, out_dir)
+        result = run_experiment(cfg, dataset_dir, out_dir)
+    else:
+        result = local.run_search(cfg, dataset_dir, out_dir)
     log.info("best %s %.4f with %s", result["metric"], result["best_value"], result["best_params"])
     return result
 
