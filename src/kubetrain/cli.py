@@ -142,6 +142,11 @@ def dispatch(args: argparse.Namespace) -> int:
             from kubetrain.run import run_local
 
             result = run_local(cfg, args.output, cache=not args.no_cache)
+            if not result.retrained:
+                print(f"run directory:      {result.run_dir}")
+                print(f"nothing trained:    {result.reason}")
+                print(f"pipeline time:      {result.seconds:.1f} s")
+                return 0
             m = result.metrics
             print(f"run directory:      {result.run_dir}")
             print(f"test accuracy fp32: {m['test_accuracy_fp32']:.4f}")

@@ -381,7 +381,29 @@ class ClusterConfig(_Section):
         return image
 
 
-SECTIONS = ("data", "model", "train", "tune", "quantize", "evaluate", "cluster")
+class RetrainConfig(_Section):
+    """Scheduled retraining: skip the work when nothing that shapes the model has changed."""
+
+    only_if_changed: bool = Field(
+        False,
+        description="Fingerprint the dataset and the config; tune/train/quantize/evaluate run "
+        "only if the fingerprint differs from the last promoted model's in registry.",
+    )
+    registry: str = Field(
+        "",
+        description="Directory or fsspec URI where promoted models are published "
+        "(promoted.json + fp32/int8 models); on a cluster, a path under cluster.mount_path. "
+        "Empty: promoted models are kept as pipeline artifacts only.",
+    )
+
+    @model_validator(mode="after")
+    def _registry_needed(self) -> RetrainConfig:
+        if self.only_if_changed and not self.registry:
+            raise ValueError("only_if_changed needs retrain.registry (where promotions are kept)")
+        return self
+
+
+SECTIONS = ("data", "model", "train", "tune", "quantize", "evaluate", "cluster", "retrain")
 
 
 class PipelineConfig(_Section):
@@ -394,6 +416,7 @@ class PipelineConfig(_Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     @model_validator(mode="after")
     def _search_space_names_config(self) -> PipelineConfig:
