@@ -3,7 +3,7 @@ call into ``kubetrain.steps``; there is no ML logic here. Installed as ``kubetra
 """
 
 from kubetrain.components.evaluate import evaluate
-from kubetrain.components.gate import check_accuracy, promote, reject
+from kubetrain.components.gate import check_accuracy, check_changed, promote, reject
 from kubetrain.components.preprocess import preprocess
 from kubetrain.components.quantize import quantize
 from kubetrain.components.train import train
@@ -11,6 +11,7 @@ from kubetrain.components.tune import tune
 
 __all__ = [
     "check_accuracy",
+    "check_changed",
     "evaluate",
     "preprocess",
     "promote",

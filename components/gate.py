@@ -15,20 +15,38 @@ def check_accuracy(evaluation: dsl.Input[dsl.Artifact], min_accuracy: float) -> 
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
+def check_changed(config_json: str, dataset: dsl.Input[dsl.Dataset]) -> bool:
+    """True unless data and config match the last promoted model (retrain.only_if_changed)."""
+    from pathlib import Path
+
+    from kubetrain import steps
+    from kubetrain.config import config_from_json
+    from kubetrain.logs import setup_logging
+
+    setup_logging()
+    return steps.needs_training(config_from_json(config_json), Path(dataset.path))
+
+
+@dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def promote(
+    config_json: str,
     model: dsl.Input[dsl.Model],
     quantized: dsl.Input[dsl.Model],
     evaluation: dsl.Input[dsl.Artifact],
     promoted: dsl.Output[dsl.Model],
 ):
-    """Publish the fp32 and int8 models with their metrics as the promoted-model artifact."""
+    """Publish the fp32 and int8 models with their metrics as the promoted-model artifact
+    (and to retrain.registry, if set)."""
     from pathlib import Path
 
     from kubetrain import steps
+    from kubetrain.config import config_from_json
+    from kubetrain.logs import setup_logging
 
+    setup_logging()
     record = steps.promote(
         Path(model.path), Path(quantized.path), Path(evaluation.path) / "metrics.json",
-        Path(promoted.path),
+        Path(promoted.path), cfg=config_from_json(config_json),
     )  # fmt: skip
     promoted.metadata.update(record)
 

@@ -4,6 +4,14 @@ The pipeline is built from a config: each step receives only the config sections
 change to, say, ``quantize.method`` re-runs quantize and evaluate and takes the rest from cache.
 ``min_accuracy`` stays a run-time parameter: the promotion bar can change without recompiling.
 
+With ``retrain.only_if_changed`` a ``check-changed`` step after preprocess compares the
+fingerprint of data and config with the last promoted model (``kubetrain.registry``); everything
+after it runs only if they differ, and the pipeline's output is that decision.
+
+On ``cluster.backend: kubernetes`` the tune and train steps launch a Katib Experiment and a
+PyTorchJob; they (and the registry steps) mount ``cluster.pvc_name`` at ``cluster.mount_path``,
+through which datasets and models travel to the job pods.
+
 (No ``from __future__ import annotations`` here: KFP reads the annotations as real types.)
 """
 
@@ -15,56 +23,93 @@ from kubetrain import components as c
 from kubetrain.config import PipelineConfig
 
 PIPELINE_NAME = "kubetrain"
+DESCRIPTION = (
+    "Tune, train (DDP), quantize (int8) and evaluate a model; promote it if it clears the "
+    "accuracy bar."
+)
+
+
+def _on_claim(cfg: PipelineConfig, task):
+    """Mount the cluster's shared claim into a task that hands files to cluster jobs."""
+    if cfg.cluster.backend == "kubernetes":
+        from kfp import kubernetes
+
+        kubernetes.mount_pvc(task, pvc_name=cfg.cluster.pvc_name, mount_path=cfg.cluster.mount_path)
+    return task
+
+
+def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy):
+    """tune -> train -> quantize -> evaluate -> [promote | reject]; returns (evaluate, gate)."""
+    cfg_train = cfg.sections_json("data", "model", "train", "cluster")
+    cfg_tune = cfg.sections_json("data", "model", "train", "tune", "cluster")
+    cfg_promote = cfg.sections_json(
+        "data", "model", "train", "tune", "quantize", "evaluate", "retrain"
+    )
+    search = c.tune(config_json=cfg_tune, dataset=dataset)
+    _on_claim(cfg, search).set_display_name("tune")
+    fit = c.train(config_json=cfg_train, dataset=dataset, best_params=search.outputs["best_params"])
+    _on_claim(cfg, fit).set_display_name("train")
+    quant = c.quantize(config_json=cfg.sections_json("quantize"), model=fit.outputs["model"])
+    quant.set_display_name("quantize")
+    ev = c.evaluate(
+        config_json=cfg.sections_json("evaluate"),
+        min_accuracy=min_accuracy,
+        dataset=dataset,
+        model=fit.outputs["model"],
+        quantized=quant.outputs["quantized"],
+        best_params=search.outputs["best_params"],
+    ).set_display_name("evaluate")
+    gate = c.check_accuracy(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
+    gate.set_display_name("check-accuracy")
+    # Gate on the component's single return value: dsl.If on a *named* output of a
+    # NamedTuple silently evaluates false under kfp.local.
+    with dsl.If(gate.output == True, name="accuracy-ok"):  # noqa: E712 (a KFP expression)
+        publish = c.promote(
+            config_json=cfg_promote,
+            model=fit.outputs["model"],
+            quantized=quant.outputs["quantized"],
+            evaluation=ev.outputs["evaluation"],
+        ).set_display_name("promote")
+        if cfg.retrain.registry:
+            _on_claim(cfg, publish).set_caching_options(False)  # the registry lives outside
+    with dsl.Else(name="accuracy-low"):
+        c.reject(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
+    return ev, gate
 
 
 def build_pipeline(cfg: PipelineConfig):
-    """Return the ``@dsl.pipeline`` function for ``cfg`` (compile it or run it under kfp.local)."""
+    """Return the ``@dsl.pipeline`` function for ``cfg`` (compile it or run it under kfp.local).
+
+    Its outputs: ``evaluation`` and ``promoted``; with ``retrain.only_if_changed`` only
+    ``retrained`` (whether the inputs changed and the rest of the pipeline ran).
+    """
     cfg_data = cfg.sections_json("data")
-    cfg_train = cfg.sections_json("data", "model", "train", "cluster")
-    cfg_tune = cfg.sections_json("data", "model", "train", "tune", "cluster")
-    cfg_quantize = cfg.sections_json("quantize")
-    cfg_evaluate = cfg.sections_json("evaluate")
+
+    if cfg.retrain.only_if_changed:
+        cfg_check = cfg.sections_json(
+            "data", "model", "train", "tune", "quantize", "evaluate", "retrain"
+        )
+
+        @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
+        def retrain_pipeline(min_accuracy: float = cfg.evaluate.min_accuracy) -> bool:
+            prep = c.preprocess(config_json=cfg_data).set_display_name("preprocess")
+            changed = c.check_changed(config_json=cfg_check, dataset=prep.outputs["dataset"])
+            # The answer depends on the registry, not only on the inputs: never cache it.
+            _on_claim(cfg, changed).set_display_name("check-changed").set_caching_options(False)
+            with dsl.If(changed.output == True, name="inputs-changed"):  # noqa: E712
+                _train_and_gate(cfg, prep.outputs["dataset"], min_accuracy)
+            return changed.output
+
+        return retrain_pipeline
 
     class Outputs(NamedTuple):
         evaluation: dsl.Artifact
         promoted: bool
 
-    @dsl.pipeline(
-        name=PIPELINE_NAME,
-        description="Tune, train (DDP), quantize (int8) and evaluate a model; promote it if it "
-        "clears the accuracy bar.",
-    )
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def kubetrain_pipeline(min_accuracy: float = cfg.evaluate.min_accuracy) -> Outputs:
         prep = c.preprocess(config_json=cfg_data).set_display_name("preprocess")
-        search = c.tune(config_json=cfg_tune, dataset=prep.outputs["dataset"])
-        search.set_display_name("tune")
-        fit = c.train(
-            config_json=cfg_train,
-            dataset=prep.outputs["dataset"],
-            best_params=search.outputs["best_params"],
-        ).set_display_name("train")
-        quant = c.quantize(config_json=cfg_quantize, model=fit.outputs["model"])
-        quant.set_display_name("quantize")
-        ev = c.evaluate(
-            config_json=cfg_evaluate,
-            min_accuracy=min_accuracy,
-            dataset=prep.outputs["dataset"],
-            model=fit.outputs["model"],
-            quantized=quant.outputs["quantized"],
-            best_params=search.outputs["best_params"],
-        ).set_display_name("evaluate")
-        gate = c.check_accuracy(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
-        gate.set_display_name("check-accuracy")
-        # Gate on the component's single return value: dsl.If on a *named* output of a
-        # NamedTuple silently evaluates false under kfp.local.
-        with dsl.If(gate.output == True, name="accuracy-ok"):  # noqa: E712 (a KFP expression)
-            c.promote(
-                model=fit.outputs["model"],
-                quantized=quant.outputs["quantized"],
-                evaluation=ev.outputs["evaluation"],
-            ).set_display_name("promote")
-        with dsl.Else(name="accuracy-low"):
-            c.reject(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
+        ev, gate = _train_and_gate(cfg, prep.outputs["dataset"], min_accuracy)
         return Outputs(evaluation=ev.outputs["evaluation"], promoted=gate.output)
 
     return kubetrain_pipeline

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,16 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _host_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--host",
+        default=os.environ.get("KF_PIPELINES_ENDPOINT"),
+        help="Kubeflow Pipelines API URL, e.g. http://localhost:8080 (default: "
+        "$KF_PIPELINES_ENDPOINT)",
+    )
+    p.add_argument("--experiment", default="kubetrain", help="KFP experiment (created if missing)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetrain", description="Tune, train, quantize and evaluate with one pipeline."
@@ -45,6 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write the pipeline as KFP IR YAML")
     _config_args(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="YAML file to write")
+
+    p = sub.add_parser(
+        "manifests",
+        help="print, as multi-document YAML, the PyTorchJob and Katib Experiment a cluster run "
+        "creates (a dry run: nothing is sent)",
+    )
+    _config_args(p)
+
+    p = sub.add_parser("submit", help="compile the pipeline and start a run on a KFP server")
+    _config_args(p)
+    _host_args(p)
+    p.add_argument("--run-name", help="display name of the run")
+
+    p = sub.add_parser(
+        "schedule",
+        help="compile the pipeline and create a recurring run on a KFP server (one of the same "
+        "name is replaced)",
+    )
+    _config_args(p)
+    _host_args(p)
+    p.add_argument(
+        "--cron", required=True, help="six fields, seconds first: '0 0 3 * * *' = 03:00 daily"
+    )
+    p.add_argument("--name", required=True, help="name of the recurring run")
 
     p = sub.add_parser("config", help="configuration commands")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -107,6 +142,11 @@ def dispatch(args: argparse.Namespace) -> int:
             from kubetrain.run import run_local
 
             result = run_local(cfg, args.output, cache=not args.no_cache)
+            if not result.retrained:
+                print(f"run directory:      {result.run_dir}")
+                print(f"nothing trained:    {result.reason}")
+                print(f"pipeline time:      {result.seconds:.1f} s")
+                return 0
             m = result.metrics
             print(f"run directory:      {result.run_dir}")
             print(f"test accuracy fp32: {m['test_accuracy_fp32']:.4f}")
@@ -120,6 +160,23 @@ def dispatch(args: argparse.Namespace) -> int:
             print(f"promoted:           {verdict}")
             print(f"report:             {result.report}")
             print(f"pipeline time:      {result.seconds:.1f} s")
+        case "manifests":
+            from kubetrain.launch.manifests import cluster_manifests, to_yaml
+
+            sys.stdout.write(to_yaml(cluster_manifests(cfg)))
+        case "submit" | "schedule":
+            from kubetrain import submit
+
+            if not args.host:
+                raise KubetrainError(
+                    f"{args.command}: give --host URL (or set KF_PIPELINES_ENDPOINT)"
+                )
+            if args.command == "submit":
+                done = submit.submit_run(cfg, args.host, args.experiment, args.run_name)
+            else:
+                done = submit.schedule_run(cfg, args.host, args.name, args.cron, args.experiment)
+            replaced = f" (replaced {', '.join(done.replaced)})" if done.replaced else ""
+            print(f"created {done.kind} '{done.name}' id {done.id}{replaced}")
         case "preprocess":
             steps.preprocess(cfg, args.output)
         case "tune":

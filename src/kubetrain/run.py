@@ -31,6 +31,8 @@ class RunResult:
     report: Path
     promoted_model: Path | None
     seconds: float
+    retrained: bool = True  # False: retrain.only_if_changed found nothing new
+    reason: str = ""
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -92,8 +94,19 @@ def run_local(cfg: PipelineConfig, output: Path | None = None, cache: bool = Tru
                 f"in {run_dir / 'kfp'})"
             ) from None
     seconds = time.perf_counter() - started
-    evaluation = Path(task.outputs["evaluation"].path)
-    promoted = bool(task.outputs["promoted"])
+    if cfg.retrain.only_if_changed:
+        # This pipeline's one output is the decision; the evaluation is found on disk.
+        if not task.output:
+            reason = "data and config unchanged since the last promoted model"
+            return RunResult(run_dir, {}, None, None, seconds, retrained=False, reason=reason)
+        found = _find_output(run_dir / "kfp", "evaluate", "evaluation")
+        if found is None:
+            raise KubetrainError(f"pipeline ran but wrote no evaluation under {run_dir / 'kfp'}")
+        evaluation = found
+        promoted = bool(read_json(evaluation / "metrics.json")["promoted"])
+    else:
+        evaluation = Path(task.outputs["evaluation"].path)
+        promoted = bool(task.outputs["promoted"])
     metrics = read_json(evaluation / "metrics.json")
     metrics["promoted"] = promoted
     metrics["pipeline_seconds"] = seconds

@@ -27,19 +27,20 @@ def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Search -> ``best_params.json`` (dotted config keys) and ``trials.json``."""
+    """Search -> ``best_params.json`` (dotted config keys) and ``trials.json``.
+
+    Optuna on this machine, or a Katib Experiment on ``cluster.backend: kubernetes``.
+    """
     from kubetrain.tune import local
 
     if not cfg.tune.enabled:
         return local.disabled_result(out_dir)
-    if cfg.cluster.backend != "local":
-        from kubetrain.errors import KubetrainError
+    if cfg.cluster.backend == "kubernetes":
+        from kubetrain.tune.katib import run_experiment
 
-        raise KubetrainError(
-            "cluster.backend 'kubernetes': the Katib launcher is not available in this version "
-            "of kubetrain; use cluster.backend=local"
-        )
-    result = local.run_search(cfg, dataset_dir, out_dir)
+        result = run_experiment(cfg, dataset_dir, out_dir)
+    else:
+        result = local.run_search(cfg, dataset_dir, out_dir)
     log.info("best %s %.4f with %s", result["metric"], result["best_value"], result["best_params"])
     return result
 
@@ -161,8 +162,26 @@ def evaluate(
     return m
 
 
-def promote(model_dir: Path, quantized_dir: Path, metrics_file: Path, out_dir: Path) -> dict:
-    """Copy the fp32 and int8 artifacts and their metrics into the promoted-model artifact."""
+def needs_training(cfg: PipelineConfig, dataset_dir: Path) -> bool:
+    """``retrain.only_if_changed``: False if data and config match the last promoted model."""
+    from kubetrain.registry import needs_training as check
+
+    train, why = check(cfg, read_json(dataset_dir / "meta.json")["version"])
+    log.info("%s: %s", "training" if train else "skipping training", why)
+    return train
+
+
+def promote(
+    model_dir: Path,
+    quantized_dir: Path,
+    metrics_file: Path,
+    out_dir: Path,
+    cfg: PipelineConfig | None = None,
+) -> dict:
+    """Copy the fp32 and int8 artifacts and their metrics into the promoted-model artifact.
+
+    With ``retrain.registry`` set in ``cfg``, also publish them there (``kubetrain.registry``).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     for src, name in ((model_dir, "fp32"), (quantized_dir, "int8")):
         shutil.copytree(src, out_dir / name, dirs_exist_ok=True)
@@ -174,5 +193,9 @@ def promote(model_dir: Path, quantized_dir: Path, metrics_file: Path, out_dir: P
         "test_accuracy_int8": metrics["test_accuracy_int8"],
         "min_accuracy": metrics["min_accuracy"],
     }
+    if cfg is not None and cfg.retrain.registry:
+        from kubetrain.registry import publish
+
+        record = publish(cfg.retrain.registry, out_dir, record, cfg)
     write_json(out_dir / "promotion.json", record)
     return record

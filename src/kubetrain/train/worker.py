@@ -2,6 +2,11 @@
 
 The same module runs under local torchrun processes and inside PyTorchJob pods (whose
 operator sets the torchrun variables), so one code path serves both.
+
+Rank 0 prints one metrics line per epoch to stdout, the format Katib's StdOut metrics collector
+parses (``kubetrain.tune.katib.METRICS_FILTER``)::
+
+    2025-01-31T12:00:00.123456Z epoch=3 val_accuracy=0.9667 val_loss=0.1234 train_loss=0.2
 """
 
 from __future__ import annotations
@@ -10,21 +15,60 @@ import argparse
 import logging
 import os
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from kubetrain.errors import KubetrainError
+
+# Metrics printed per epoch, in this order; the objective (val_accuracy or val_loss) is one.
+METRIC_NAMES = ("val_accuracy", "val_loss", "train_loss")
+
+
+def metrics_line(stats) -> str:
+    """``<RFC 3339 time> epoch=N val_accuracy=... val_loss=... train_loss=...``.
+
+    The leading timestamp is what Katib reads as the time of the observation.
+    """
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    values = " ".join(f"{name}={getattr(stats, name):.6f}" for name in METRIC_NAMES)
+    return f"{now} epoch={stats.epoch} {values}"
+
+
+def _print_metrics(stats) -> bool:
+    print(metrics_line(stats), flush=True)
+    return False  # never stop training
+
+
+def _load_config(args: argparse.Namespace):
+    from kubetrain.config import config_from_json, parse_override
+
+    if args.config_env:
+        text = os.environ.get(args.config_env)
+        if not text:
+            raise KubetrainError(f"config error: environment variable {args.config_env} is empty")
+    else:
+        text = args.config_json.read_text()
+    cfg = config_from_json(text)
+    if args.overrides:
+        cfg = cfg.with_params(dict(parse_override(item) for item in args.overrides))
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubetrain.train.worker")
     parser.add_argument("--dataset", required=True, type=Path)
-    parser.add_argument("--config-json", required=True, type=Path)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config-json", type=Path, help="file with the config as JSON")
+    source.add_argument("--config-env", help="environment variable holding the config JSON")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config field (Katib substitutes trial parameters here)",
+    )  # fmt: skip
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
 
     import torch
 
-    from kubetrain.config import config_from_json
     from kubetrain.data import load_dataset
     from kubetrain.launch.local import checkpoint_dir
     from kubetrain.train.distributed import init_from_env, shutdown
@@ -37,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        cfg = config_from_json(args.config_json.read_text())
+        cfg = _load_config(args)
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or cfg.train.num_threads or 1
         torch.set_num_threads(threads)
         data = load_dataset(args.dataset)
@@ -45,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restarts and rank == 0:
             logging.getLogger(__name__).warning("worker group restart %d", restarts)
-        result = fit(cfg, data, ctx, checkpoint_dir=checkpoint_dir(cfg, args.output))
+        result = fit(
+            cfg,
+            data,
+            ctx,
+            on_epoch=_print_metrics if ctx.is_main else None,
+            checkpoint_dir=checkpoint_dir(cfg, args.output),
+        )
         result.summary["restarts"] = restarts
         if ctx.is_main:
             save_model(result, cfg, data, args.output)

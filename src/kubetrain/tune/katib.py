@@ -1,0 +1,409 @@
+"""Search on a cluster: a Katib ``Experiment`` (kubeflow.org/v1beta1) whose trials are PyTorchJobs.
+
+``build_experiment`` is a pure function built with ``kubeflow-katib-api``'s models from the same
+``TuneConfig`` the local Optuna engine reads: same algorithm names and settings, same budget,
+same ``medianstop``, same trial semantics (``tune.trial_epochs`` epochs in one process, see
+``kubetrain.tune.local.trial_config``), same objective (the *last* epoch's value).
+
+Katib parameter names cannot carry the dots of config keys, so ``train.lr`` is searched as
+``train-lr`` (config fields never contain ``-``) and mapped back in ``best_params``. Each trial
+runs ``kubetrain.train.worker --set train.lr=${trialParameters.train-lr} ...``; the worker prints
+one metrics line per epoch (``kubetrain.train.worker.metrics_line``) that ``METRICS_FILTER``
+parses in Katib's StdOut collector.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from kubetrain.config import PipelineConfig, SearchParameter, parse_override
+from kubetrain.errors import KubetrainError
+from kubetrain.io import write_json
+from kubetrain.launch.kubeapi import KubeApi, KubeApiError, Poller, Resource
+from kubetrain.launch.kubernetes import (
+    CONTAINER,
+    JobPaths,
+    build_pytorchjob,
+    new_name,
+    should_delete,
+    worker_command,
+)
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = Resource("kubeflow.org", "v1beta1", "experiments", "Experiment")
+TRIAL = Resource("kubeflow.org", "v1beta1", "trials", "Trial")
+EXPERIMENT_LABEL = "katib.kubeflow.org/experiment"
+# name=value pairs of the worker's metrics line; Katib keeps those whose name is a metric.
+# Group 1 is the name, group 2 the value (RE2 and Python's re read it the same way).
+METRICS_FILTER = r"([a-z_]+)=([-+]?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
+# Katib's conditions for a PyTorchJob trial (GJSON paths into the job's status).
+SUCCESS_CONDITION = 'status.conditions.#(type=="Succeeded")#|#(status=="True")#'
+FAILURE_CONDITION = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
+# Katib algorithms whose suggestion service takes a random_state setting.
+SEEDED_ALGORITHMS = ("random", "tpe", "multivariate-tpe", "cmaes", "bayesianoptimization")
+OTHER_METRIC = {"val_accuracy": "val_loss", "val_loss": "val_accuracy"}
+
+
+def katib_name(key: str) -> str:
+    """Config key -> Katib parameter name: ``train.lr`` -> ``train-lr``."""
+    return key.replace(".", "-")
+
+
+def config_key(name: str) -> str:
+    """Katib parameter name -> config key: ``train-lr`` -> ``train.lr``."""
+    return name.replace("-", ".")
+
+
+def parse_metrics(text: str, names: tuple[str, ...] | list[str]) -> list[tuple[str, float]]:
+    """What Katib's StdOut collector keeps from ``text``: (metric, value) in order of appearance.
+
+    Mirrors its text parser: a line is read only if it mentions a metric name, every match of
+    ``METRICS_FILTER`` in it is a (name, value) pair, and only names in ``names`` are kept.
+    """
+    pattern = re.compile(METRICS_FILTER)
+    found = []
+    for line in text.splitlines():
+        if not any(n in line for n in names):
+            continue
+        for name, value in pattern.findall(line):
+            if name.strip() in names:
+                found.append((name.strip(), float(value)))
+    return found
+
+
+def _number(value: float | None, integer: bool) -> str | None:
+    if value is None:
+        return None
+    return str(int(value)) if integer else repr(float(value))
+
+
+def _parameter(param: SearchParameter, grid: bool) -> Any:
+    from kubeflow_katib_api import models
+
+    space = param.feasibleSpace
+    integer = param.parameterType == "int"
+    if space.list is not None:
+        feasible = models.V1beta1FeasibleSpace(list=[str(v) for v in space.list])
+    else:
+        step = space.step if space.step is not None else (1 if integer and grid else None)
+        if space.distribution == "logUniform" and not grid:
+            step = None  # as the local engine: a log-uniform range is sampled continuously
+        feasible = models.V1beta1FeasibleSpace(
+            min=_number(space.min, integer),
+            max=_number(space.max, integer),
+            step=_number(step, integer),
+            distribution=space.distribution,
+        )
+    return models.V1beta1ParameterSpec(
+        name=katib_name(param.name), parameter_type=param.parameterType, feasible_space=feasible
+    )
+
+
+def trial_config(cfg: PipelineConfig) -> PipelineConfig:
+    """A trial's config: the local engine's rule (``tune.trial_epochs`` epochs, one process)."""
+    from kubetrain.tune.local import trial_config as local_trial_config
+
+    return local_trial_config(cfg, {})
+
+
+def build_experiment(cfg: PipelineConfig, name: str, dataset_dir: str | None = None) -> dict:
+    """The Katib Experiment for ``cfg.tune``, as the dict sent to the API server.
+
+    ``dataset_dir`` is the dataset's path on the shared claim (default:
+    ``JobPaths.for_job(cfg, name).dataset``). Raises KubetrainError if no image is set.
+    """
+    from kubeflow_katib_api import models
+
+    tune = cfg.tune
+    dataset = dataset_dir or JobPaths.for_job(cfg, name).dataset
+    trial_cfg = trial_config(cfg)
+    overrides = [f"{p.name}=${{trialParameters.{katib_name(p.name)}}}" for p in tune.parameters]
+    # A trial's model is not kept: the final train step retrains with the best parameters.
+    command = worker_command(trial_cfg, dataset, "/tmp/kubetrain-trial", overrides)
+    # Keep a trial's pods until it ends: Katib's collector sidecar reads the finished log.
+    job = build_pytorchjob(trial_cfg, name, command=command, clean_pod_policy="None")
+    trial_spec = {k: v for k, v in job.items() if k != "metadata"}  # Katib names each trial
+
+    settings = dict(tune.algorithm_settings)
+    if tune.algorithm in SEEDED_ALGORITHMS:
+        settings.setdefault("random_state", tune.seed)
+    max_trials = tune.max_trials
+    if tune.algorithm == "grid":
+        from kubetrain.tune.space import grid_size
+
+        max_trials = min(max_trials, grid_size(tune))
+    metric = tune.objective_metric
+    spec = models.V1beta1ExperimentSpec(
+        objective=models.V1beta1ObjectiveSpec(
+            type=tune.goal,
+            objective_metric_name=metric,
+            additional_metric_names=[OTHER_METRIC[metric]],
+            # The local engine scores a trial by its last epoch; so does Katib with "latest".
+            metric_strategies=[
+                models.V1beta1MetricStrategy(name=m, value="latest")
+                for m in (metric, OTHER_METRIC[metric])
+            ],
+        ),
+        algorithm=models.V1beta1AlgorithmSpec(
+            algorithm_name=tune.algorithm,
+            algorithm_settings=[
+                models.V1beta1AlgorithmSetting(name=k, value=str(v))
+                for k, v in sorted(settings.items())
+            ]
+            or None,
+        ),
+        early_stopping=_early_stopping(cfg),
+        parallel_trial_count=tune.parallel_trials,
+        max_trial_count=max_trials,
+        max_failed_trial_count=tune.max_failed_trials,
+        parameters=[_parameter(p, tune.algorithm == "grid") for p in tune.parameters],
+        metrics_collector_spec=models.V1beta1MetricsCollectorSpec(
+            collector=models.V1beta1CollectorSpec(kind="StdOut"),
+            source=models.V1beta1SourceSpec(
+                filter=models.V1beta1FilterSpec(metrics_format=[METRICS_FILTER])
+            ),
+        ),
+        trial_template=models.V1beta1TrialTemplate(
+            primary_container_name=CONTAINER,
+            primary_pod_labels={"training.kubeflow.org/job-role": "master"},
+            success_condition=SUCCESS_CONDITION,
+            failure_condition=FAILURE_CONDITION,
+            trial_parameters=[
+                models.V1beta1TrialParameterSpec(
+                    name=katib_name(p.name), reference=katib_name(p.name), description=p.name
+                )
+                for p in tune.parameters
+            ],
+            trial_spec=trial_spec,
+        ),
+    )
+    experiment = models.V1beta1Experiment(
+        api_version=f"{EXPERIMENT.group}/{EXPERIMENT.version}",
+        kind=EXPERIMENT.kind,
+        metadata=models.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
+            name=name,
+            namespace=cfg.cluster.namespace,
+            labels={"app.kubernetes.io/name": "kubetrain", "app.kubernetes.io/component": "tune"},
+        ),
+        spec=spec,
+    )
+    return experiment.to_dict()
+
+
+def _early_stopping(cfg: PipelineConfig) -> Any:
+    from kubeflow_katib_api import models
+
+    es = cfg.tune.early_stopping
+    if es.algorithm == "none":
+        return None
+    return models.V1beta1EarlyStoppingSpec(
+        algorithm_name=es.algorithm,
+        algorithm_settings=[
+            models.V1beta1EarlyStoppingSetting(
+                name="min_trials_required", value=str(es.min_trials_required)
+            ),
+            models.V1beta1EarlyStoppingSetting(name="start_step", value=str(es.start_step)),
+        ],
+    )
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+def _condition(obj: dict[str, Any], *types: str) -> tuple[str | None, str]:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("status") == "True" and cond.get("type") in types:
+            text = ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
+            return cond["type"], text or cond["type"]
+    return None, ""
+
+
+def _metric_value(observation: dict[str, Any] | None, metric: str) -> float | None:
+    for m in (observation or {}).get("metrics") or []:
+        if m.get("name") == metric:
+            try:
+                return float(m.get("latest"))
+            except (TypeError, ValueError):  # "unavailable"
+                return None
+    return None
+
+
+def _params(assignments: list[dict[str, Any]] | None) -> dict[str, Any]:
+    return {config_key(a["name"]): parse_override(f"x={a['value']}")[1] for a in assignments or []}
+
+
+TRIAL_STATES = {
+    "Succeeded": "complete",
+    "EarlyStopped": "pruned",
+    "Failed": "fail",
+    "MetricsUnavailable": "fail",
+    "Killed": "fail",
+}
+
+
+def trial_records(trials: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Trial CRs -> the records the local engine writes to trials.json (oldest first)."""
+    ordered = sorted(trials, key=lambda t: t["metadata"].get("creationTimestamp") or "")
+    records = []
+    for number, trial in enumerate(ordered):
+        kind, text = _condition(trial, *TRIAL_STATES)
+        records.append(
+            {
+                "number": number,
+                "name": trial["metadata"]["name"],
+                "state": TRIAL_STATES.get(kind or "", "running"),
+                "value": _metric_value((trial.get("status") or {}).get("observation"), metric),
+                "params": _params((trial.get("spec") or {}).get("parameterAssignments")),
+                "curve": [],
+                "seconds": None,
+                "error": text if kind in ("Failed", "MetricsUnavailable", "Killed") else None,
+            }
+        )
+    return records
+
+
+def search_result(
+    cfg: PipelineConfig, experiment: dict[str, Any], records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """best_params.json of a finished Experiment (the local engine's fields)."""
+    tune = cfg.tune
+    optimal = (experiment.get("status") or {}).get("currentOptimalTrial") or {}
+    best_params = _params(optimal.get("parameterAssignments"))
+    name = experiment["metadata"]["name"]
+    if not best_params:
+        raise KubetrainError(f"tuning failed: experiment {name} has no optimal trial")
+    cfg.with_params(best_params)  # the parameters must make a valid config
+    best_value = _metric_value(optimal.get("observation"), tune.objective_metric)
+    if best_value is None:
+        raise KubetrainError(
+            f"tuning failed: the best trial of experiment {name} reported no "
+            f"{tune.objective_metric} (does the trial log print it?)"
+        )
+    best_name = optimal.get("bestTrialName")
+    best_number = next((r["number"] for r in records if r["name"] == best_name), None)
+    return {
+        "enabled": True,
+        "engine": "katib",
+        "experiment": f"{cfg.cluster.namespace}/{name}",
+        "algorithm": tune.algorithm,
+        "metric": tune.objective_metric,
+        "goal": tune.goal,
+        "best_params": best_params,
+        "best_value": best_value,
+        "best_trial": best_number,
+        "trials_total": len(records),
+        "trials_complete": sum(r["state"] == "complete" for r in records),
+        "trials_pruned": sum(r["state"] == "pruned" for r in records),
+        "trials_failed": sum(r["state"] == "fail" for r in records),
+        "trial_epochs_total": None,
+    }
+
+
+class KatibClient:
+    """Create an Experiment, wait for it, read the best trial; clean up per ``cluster.cleanup``."""
+
+    def __init__(self, cfg: PipelineConfig, api: KubeApi | None = None):
+        self.cfg = cfg
+        self.api = api or KubeApi(cfg.cluster.namespace)
+
+    def what(self, name: str) -> str:
+        return EXPERIMENT.describe(self.api.namespace, name)
+
+    def create(self, experiment: dict[str, Any]) -> str:
+        name = experiment["metadata"]["name"]
+        self.api.create(EXPERIMENT, experiment)
+        log.info("created %s", self.what(name))
+        return name
+
+    def wait(self, name: str) -> dict[str, Any]:
+        """The Experiment once it has succeeded; KubetrainError with Katib's reason otherwise."""
+        cl = self.cfg.cluster
+        poller = Poller(cl.wait_timeout_seconds, cl.poll_seconds)
+        seen = -1
+        while True:
+            exp = poller.fetch(lambda: self.api.get(EXPERIMENT, name))
+            if exp is not None:
+                kind, text = _condition(exp, "Succeeded", "Failed")
+                if kind == "Succeeded":
+                    return exp
+                if kind == "Failed":
+                    raise ExperimentFailed(f"{self.what(name)} failed: {text}")
+                status = exp.get("status") or {}
+                done = sum(status.get(k) or 0 for k in ("trialsSucceeded", "trialsEarlyStopped"))
+                if done != seen:
+                    seen = done
+                    log.info(
+                        "%s: %d trial(s) done, %d running, %d failed", self.what(name), done,
+                        status.get("trialsRunning") or 0, status.get("trialsFailed") or 0,
+                    )  # fmt: skip
+            if poller.expired():
+                raise KubetrainError(
+                    f"{self.what(name)} did not finish within cluster.wait_timeout_seconds = "
+                    f"{cl.wait_timeout_seconds}"
+                )
+            poller.sleep()
+
+    def trials(self, name: str) -> list[dict[str, Any]]:
+        return self.api.list(TRIAL, f"{EXPERIMENT_LABEL}={name}")
+
+    def delete(self, name: str) -> None:
+        try:
+            if self.api.delete(EXPERIMENT, name):
+                log.info("deleted %s", self.what(name))
+        except KubeApiError as err:
+            log.warning("could not delete %s: %s", self.what(name), err)
+
+
+class ExperimentFailed(KubetrainError):
+    """Katib marked the Experiment failed (e.g. too many failed trials)."""
+
+
+def run_experiment(
+    cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, api: KubeApi | None = None
+) -> dict[str, Any]:
+    """The tune step on ``kubernetes``: best_params.json and trials.json in ``out_dir``.
+
+    The dataset travels through the shared claim like a PyTorchJob's (``JobPaths``).
+    """
+    import shutil
+
+    name = new_name(cfg, "tune")
+    paths = JobPaths.for_job(cfg, name)
+    experiment = build_experiment(cfg, name, paths.dataset)  # raises first if no image is set
+    api = api or KubeApi(cfg.cluster.namespace)
+    mount = Path(cfg.cluster.mount_path)
+    if not mount.is_dir():
+        raise KubetrainError(
+            f"cluster.mount_path {mount} does not exist here: the step that creates a Katib "
+            f"Experiment must mount PVC '{cfg.cluster.pvc_name}' there"
+        )
+    api.check_namespace()
+    client = KatibClient(cfg, api)
+    shutil.copytree(dataset_dir, paths.dataset)
+    created = succeeded = finished = False
+    try:
+        client.create(experiment)
+        created = True
+        try:
+            exp = client.wait(name)
+            finished = True
+        except ExperimentFailed:
+            finished = True
+            raise
+        records = trial_records(client.trials(name), cfg.tune.objective_metric)
+        result = search_result(cfg, exp, records)
+        succeeded = True
+    finally:
+        delete = should_delete(cfg.cluster.cleanup, succeeded, finished)
+        if created and delete:
+            client.delete(name)
+        if not created or delete:
+            shutil.rmtree(paths.root, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "trials.json", records)
+    write_json(out_dir / "best_params.json", result)
+    return result

@@ -1,0 +1,138 @@
+"""The commands the cluster manifests carry, run for real on this machine.
+
+A PyTorchJob's or Katib trial's container command is executed the way the kubelet would (its
+``$(VAR)`` references expanded from the container's env plus the variables the operator adds);
+only the Kubernetes API is a stand-in (tests/fakes/kube_apiserver.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fakes.kube_apiserver import condition, pod, running
+from kubetrain.config import load_config
+from kubetrain.data import build_dataset
+from kubetrain.io import read_json
+from kubetrain.launch import get_launcher
+from kubetrain.launch.local import free_port
+from kubetrain.tune.katib import METRICS_FILTER, build_experiment, parse_metrics
+
+SMALL = [
+    "cluster.image=registry.example/kubetrain:test",
+    "model.hidden_sizes=[32]",
+    "train.nproc=1",
+    "train.batch_size=64",
+]
+
+
+def kubelet_run(container: dict, replace: dict[str, str], timeout: int = 180):
+    """Run ``container``'s command here as a pod would (python = this interpreter)."""
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # What the training operator adds to a Master pod of a one-node job.
+    operator = {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    env.update(operator)
+    cmd = []
+    for arg in container["command"]:
+        for old, new in replace.items():
+            arg = arg.replace(old, new)
+        cmd.append(re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg))
+    assert cmd[0] == "python"
+    cmd[0] = sys.executable
+    base = {k: v for k, v in os.environ.items() if k not in operator}
+    return subprocess.run(
+        cmd, env={**base, **env}, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dataset")
+    build_dataset(load_config(None, []).data, out)
+    return out
+
+
+def test_katib_trial_command_runs_the_worker_and_the_collector_parses_its_output(dataset, tmp_path):
+    cfg = load_config(None, [*SMALL, "tune.trial_epochs=2"])
+    spec = build_experiment(cfg, "kubetrain-tune-0a1b2c")["spec"]
+    template = spec["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]
+    container = template["template"]["spec"]["containers"][0]
+    dataset_arg = container["command"][container["command"].index("--dataset") + 1]
+    out = tmp_path / "trial"
+    # Katib substitutes the trial's parameters into the template.
+    done = kubelet_run(
+        container,
+        {
+            "${trialParameters.train-lr}": "0.004",
+            "${trialParameters.train-weight_decay}": "0.001",
+            dataset_arg: str(dataset),
+            "/tmp/kubetrain-trial": str(out),
+        },
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = [
+        spec["objective"]["objectiveMetricName"],
+        *spec["objective"]["additionalMetricNames"],
+    ]
+    found = parse_metrics(done.stdout + done.stderr, metrics)
+    history = read_json(out / "history.json")
+    assert [v for n, v in found if n == "val_accuracy"] == [
+        round(h["val_accuracy"], 6) for h in history
+    ]
+    assert [v for n, v in found if n == "val_loss"] == [round(h["val_loss"], 6) for h in history]
+    assert len(history) == 2  # tune.trial_epochs, not train.epochs
+    model = read_json(out / "model.json")
+    assert model["train"]["lr"] == 0.004 and model["train"]["weight_decay"] == 0.001
+    assert spec["metricsCollectorSpec"]["source"]["filter"]["metricsFormat"] == [METRICS_FILTER]
+    # Katib reads the leading RFC 3339 timestamp of a metrics line as the observation's time.
+    line = next(ln for ln in done.stdout.splitlines() if "val_accuracy=" in ln)
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z epoch=1 ", line)
+
+
+def test_launcher_runs_the_jobs_own_command_against_fake_apiserver(dataset, tmp_path, monkeypatch):
+    claim = tmp_path / "claim"
+    claim.mkdir()
+    cfg = load_config(
+        None,
+        [*SMALL, "train.epochs=2", "cluster.backend=kubernetes", "cluster.namespace=team-a",
+         f"cluster.mount_path={claim}", "cluster.poll_seconds=0.05"],
+    )  # fmt: skip
+    with running(tmp_path, monkeypatch) as cluster:
+        ran = {}
+
+        def operator(plural, body):  # the pods run to completion; their log is kept
+            name = body["metadata"]["name"]
+            master = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+            done = kubelet_run(master["containers"][0], {})
+            ran["rc"] = done.returncode
+            cluster.logs[f"{name}-master-0"] = done.stdout + done.stderr
+            cluster.pods = [[pod(f"{name}-master-0", job=name, phase="Succeeded")]]
+            cluster.statuses["pytorchjobs"] = [
+                {
+                    "conditions": [
+                        condition(
+                            "Succeeded" if done.returncode == 0 else "Failed",
+                            "Done",
+                            done.stderr[-300:],
+                        )
+                    ]
+                }
+            ]
+
+        cluster.on_create = operator
+        out = tmp_path / "model"
+        get_launcher(cfg).run(cfg, dataset, out)
+    assert ran["rc"] == 0
+    assert read_json(out / "metrics.json")["epochs"] == 2
+    assert (out / "model.pt").is_file() and (out / "model.json").is_file()
+    assert list((claim / "jobs").iterdir()) == []

@@ -1,0 +1,116 @@
+"""`kubetrain manifests` and the cluster backend's bad input, through the real CLI entry point.
+
+Where an API server is needed it is the fake one (tests/fakes/kube_apiserver.py).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fakes.kube_apiserver import FakeKubeApiServer, running
+from kubetrain.cli import main
+from kubetrain.config import load_config
+from kubetrain.launch.manifests import cluster_manifests
+
+
+def test_manifests_prints_every_object_exactly_as_built(capsys):
+    settings = ["cluster.image=registry.example/kubetrain:test", "cluster.namespace=team-a"]
+    assert main(["manifests", *[arg for s in settings for arg in ("--set", s)]]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["Experiment", "PyTorchJob"]
+    names = [d["metadata"]["name"] for d in docs]
+    assert names[0].startswith("kubetrain-tune-") and names[1].startswith("kubetrain-train-")
+    cfg = load_config(None, settings)
+    assert docs == cluster_manifests(cfg, train_name=names[1], tune_name=names[0])
+
+
+def test_manifests_without_tuning_is_only_the_pytorchjob(capsys):
+    assert main(["manifests", "--set", "tune.enabled=false", "--set", "cluster.image=i:1"]) == 0
+    assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)] == ["PyTorchJob"]
+
+
+# -- bad input: one line, non-zero exit, nothing left behind -------------------------------
+
+
+@pytest.fixture
+def artifacts(tmp_path) -> dict[str, Path]:
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    (dataset / "meta.json").write_text("{}")
+    (dataset / "data.npz").write_text("")
+    claim = tmp_path / "claim"
+    claim.mkdir()
+    return {"dataset": dataset, "claim": claim, "out": tmp_path / "out"}
+
+
+def run_step(step: str, a: dict[str, Path], *settings: str) -> int:
+    args = [step, "--dataset", str(a["dataset"]), "--output", str(a["out"])]
+    for s in ("cluster.backend=kubernetes", f"cluster.mount_path={a['claim']}",
+              "cluster.namespace=team-a", "cluster.image=registry.example/kubetrain:test",
+              *settings):  # fmt: skip
+        args += ["--set", s]
+    return main(args)
+
+
+def assert_one_line_and_nothing_left(capsys, a, rc: int, expected: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1
+    assert len(err) == 1 and err[0].startswith("kubetrain: ") and expected in err[0], err
+    assert not a["out"].exists()
+    assert not (a["claim"] / "jobs").exists() or not any((a["claim"] / "jobs").iterdir())
+
+
+@pytest.mark.parametrize("step", ["train", "tune"])
+def test_no_kubeconfig(step, artifacts, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    rc = run_step(step, artifacts)
+    assert_one_line_and_nothing_left(capsys, artifacts, rc, "no usable Kubernetes configuration")
+
+
+@pytest.mark.parametrize("step", ["train", "tune"])
+def test_unreachable_cluster(step, artifacts, capsys, monkeypatch, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fake = FakeKubeApiServer()
+    fake.url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    rc = run_step(step, artifacts)
+    assert_one_line_and_nothing_left(
+        capsys, artifacts, rc, f"cannot reach the Kubernetes API at http://127.0.0.1:{port}"
+    )
+
+
+@pytest.mark.parametrize("step", ["train", "tune"])
+def test_missing_namespace_against_fake_apiserver(step, artifacts, capsys, monkeypatch, tmp_path):
+    with running(tmp_path, monkeypatch, namespaces=("other",)) as cluster:
+        rc = run_step(step, artifacts)
+    assert_one_line_and_nothing_left(
+        capsys, artifacts, rc, "namespace 'team-a' does not exist on the cluster"
+    )
+    assert cluster.created == []
+
+
+@pytest.mark.parametrize("step", ["train", "tune"])
+def test_image_not_set_against_fake_apiserver(step, artifacts, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBETRAIN_IMAGE", "")
+    with running(tmp_path, monkeypatch) as cluster:
+        args = [step, "--dataset", str(artifacts["dataset"]), "--output", str(artifacts["out"])]
+        for s in ("cluster.backend=kubernetes", f"cluster.mount_path={artifacts['claim']}",
+                  "cluster.namespace=team-a"):  # fmt: skip
+            args += ["--set", s]
+        rc = main(args)
+    assert_one_line_and_nothing_left(capsys, artifacts, rc, "cluster.image is not set")
+    assert cluster.requests == []  # refused before talking to the cluster
+
+
+def test_empty_image_is_a_config_error(capsys):
+    assert main(["manifests", "--set", "cluster.image="]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cluster.image" in err[0]

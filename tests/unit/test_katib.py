@@ -1,0 +1,296 @@
+"""Katib Experiment: the builder (golden YAML, official models) and the client against a fake API
+server (tests/fakes/kube_apiserver.py, the only stand-in)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from kubeflow_katib_api.models import V1beta1Experiment
+from pydantic import ValidationError
+
+from fakes.kube_apiserver import condition, running
+from kubetrain import steps
+from kubetrain.config import load_config
+from kubetrain.errors import KubetrainError
+from kubetrain.io import read_json
+from kubetrain.tune.katib import (
+    METRICS_FILTER,
+    build_experiment,
+    config_key,
+    katib_name,
+    parse_metrics,
+    trial_records,
+)
+
+ASSETS = Path(__file__).parents[1] / "assets"
+EXP = "kubetrain-tune-0a1b2c"
+GOLDEN_SETTINGS = [
+    "cluster.backend=kubernetes",
+    "cluster.namespace=team-a",
+    "cluster.image=registry.example/kubetrain:test",
+    "tune.algorithm=tpe",
+    "tune.algorithm_settings={n_startup_trials: 4}",
+    "tune.max_trials=12",
+    "tune.parallel_trials=3",
+    "tune.max_failed_trials=2",
+    "tune.trial_epochs=5",
+    "tune.early_stopping.algorithm=medianstop",
+    "tune.parameters=[{name: train.lr, parameterType: double, feasibleSpace: {min: 0.001, "
+    "max: 0.1, distribution: logUniform}}, {name: train.batch_size, parameterType: categorical, "
+    "feasibleSpace: {list: [32, 64]}}, {name: model.dropout, parameterType: double, "
+    "feasibleSpace: {min: 0.0, max: 0.3, step: 0.1}}]",
+]
+
+
+def golden(name: str, data: dict) -> dict:
+    path = ASSETS / name
+    if os.environ.get("KUBETRAIN_UPDATE_GOLDEN"):
+        path.write_text(yaml.safe_dump(data, sort_keys=False, width=100))
+    return yaml.safe_load(path.read_text())
+
+
+def roundtrip(manifest: dict) -> dict:
+    """Through kubeflow-katib-api's pydantic models and back (unknown fields are dropped)."""
+    return V1beta1Experiment.from_dict(manifest).to_dict()
+
+
+def test_experiment_matches_golden_yaml():
+    cfg = load_config(None, GOLDEN_SETTINGS)
+    assert build_experiment(cfg, EXP) == golden("experiment.yaml", build_experiment(cfg, EXP))
+
+
+def test_experiment_survives_a_roundtrip_through_the_official_models():
+    exp = build_experiment(load_config(None, GOLDEN_SETTINGS), EXP)
+    assert roundtrip(exp) == exp
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda e: e["spec"].update(maxTrialsCount=3), id="misspelt-spec-field"),
+        pytest.param(lambda e: e["spec"]["objective"].update(metric="x"), id="unknown-objective"),
+        pytest.param(lambda e: e["spec"].update(maxTrialCount="12"), id="count-as-text"),
+        pytest.param(
+            lambda e: e["spec"]["trialTemplate"].update(primaryContainer="pytorch"),
+            id="misspelt-template-field",
+        ),
+    ],
+)
+def test_a_wrong_field_does_not_survive_the_official_models(mutate):
+    bad = copy.deepcopy(build_experiment(load_config(None, GOLDEN_SETTINGS), EXP))
+    mutate(bad)
+    # Either the models drop what they do not know, or they reject it outright.
+    with contextlib.suppress(ValidationError):
+        assert roundtrip(bad) != bad
+
+
+def test_the_search_space_is_the_config_search_space():
+    cfg = load_config(None, GOLDEN_SETTINGS)
+    spec = build_experiment(cfg, EXP)["spec"]
+    assert [p["name"] for p in spec["parameters"]] == [
+        "train-lr",
+        "train-batch_size",
+        "model-dropout",
+    ]
+    # log-uniform ranges are sampled continuously, as by the local engine
+    assert "step" not in spec["parameters"][0]["feasibleSpace"]
+    assert spec["parameters"][1]["feasibleSpace"] == {"list": ["32", "64"]}
+    assert spec["algorithm"]["algorithmSettings"] == [
+        {"name": "n_startup_trials", "value": "4"}, {"name": "random_state", "value": "0"},
+    ]  # fmt: skip
+    assert (spec["maxTrialCount"], spec["parallelTrialCount"], spec["maxFailedTrialCount"]) == (
+        12, 3, 2,
+    )  # fmt: skip
+    command = spec["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"][
+        "template"
+    ]["spec"]["containers"][0]["command"]
+    sets = [command[i + 1] for i, a in enumerate(command) if a == "--set"]
+    assert sets == [
+        "train.lr=${trialParameters.train-lr}",
+        "train.batch_size=${trialParameters.train-batch_size}",
+        "model.dropout=${trialParameters.model-dropout}",
+    ]
+    refs = {p["name"] for p in spec["trialTemplate"]["trialParameters"]}
+    assert refs == {p["name"] for p in spec["parameters"]}
+
+
+def test_grid_budget_is_capped_by_the_grid_as_locally():
+    cfg = load_config(None, ["cluster.image=img:1", "tune.algorithm=grid", "tune.max_trials=50"])
+    spec = build_experiment(cfg, EXP)["spec"]
+    assert spec["maxTrialCount"] == 4 * 3  # lr 0.001..0.01 step 0.003 x 3 weight decays
+    assert spec["parameters"][0]["feasibleSpace"]["step"] == "0.003"
+    assert "algorithmSettings" not in spec["algorithm"]
+
+
+@pytest.mark.parametrize("key", ["train.lr", "train.weight_decay", "model.hidden_sizes.0"])
+def test_parameter_names_map_to_katib_and_back(key):
+    assert "." not in katib_name(key) and config_key(katib_name(key)) == key
+
+
+def test_the_collector_filter_keeps_only_the_metrics():
+    text = (
+        "[rank 0] epoch 1/2 loss 0.3 val_loss 0.2 val_acc 0.91\n"
+        "2025-01-31T12:00:00.000001Z epoch=1 val_accuracy=0.912345 val_loss=0.250000 "
+        "train_loss=3.1e-01\n"
+        "lr=1e-3 something else\n"
+    )
+    assert parse_metrics(text, ["val_accuracy", "val_loss"]) == [
+        ("val_accuracy", 0.912345), ("val_loss", 0.25),
+    ]  # fmt: skip
+    assert "(" in METRICS_FILTER and METRICS_FILTER.count("(") - METRICS_FILTER.count("(?:") == 2
+
+
+def test_trial_records_map_katib_trials_like_the_local_engine():
+    trials = [
+        {
+            "metadata": {"name": "t-b", "creationTimestamp": "2025-01-01T00:00:02Z"},
+            "spec": {"parameterAssignments": [{"name": "train-lr", "value": "0.01"}]},
+            "status": {
+                "conditions": [condition("EarlyStopped")],
+                "observation": {"metrics": [{"name": "val_accuracy", "latest": "0.5"}]},
+            },
+        },
+        {
+            "metadata": {"name": "t-a", "creationTimestamp": "2025-01-01T00:00:01Z"},
+            "spec": {"parameterAssignments": [{"name": "train-lr", "value": "0.003"}]},
+            "status": {
+                "conditions": [condition("Succeeded")],
+                "observation": {"metrics": [{"name": "val_accuracy", "latest": "0.97"}]},
+            },
+        },
+        {
+            "metadata": {"name": "t-c", "creationTimestamp": "2025-01-01T00:00:03Z"},
+            "spec": {"parameterAssignments": [{"name": "train-lr", "value": "0.1"}]},
+            "status": {"conditions": [condition("Failed", "TrialFailed", "OOMKilled")]},
+        },
+    ]
+    records = trial_records(trials, "val_accuracy")
+    assert [(r["number"], r["name"], r["state"], r["value"]) for r in records] == [
+        (0, "t-a", "complete", 0.97), (1, "t-b", "pruned", 0.5), (2, "t-c", "fail", None),
+    ]  # fmt: skip
+    assert records[0]["params"] == {"train.lr": 0.003}
+    assert records[2]["error"] == "TrialFailed: OOMKilled"
+
+
+# -- the tune step against the fake API server ---------------------------------------------
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    with running(tmp_path, monkeypatch) as fake:
+        yield fake
+
+
+def cfg_for(tmp_path: Path, *settings: str):
+    claim = tmp_path / "claim"
+    claim.mkdir(exist_ok=True)
+    return load_config(
+        None,
+        [
+            *GOLDEN_SETTINGS,
+            f"cluster.mount_path={claim}",
+            "cluster.poll_seconds=0.02",
+            "cluster.wait_timeout_seconds=5",
+            *settings,
+        ],
+    )
+
+
+def dataset_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "dataset"
+    d.mkdir()
+    (d / "meta.json").write_text("{}")
+    return d
+
+
+OPTIMAL = {
+    "bestTrialName": "t-a",
+    "parameterAssignments": [
+        {"name": "train-lr", "value": "0.0042"},
+        {"name": "train-batch_size", "value": "32"},
+        {"name": "model-dropout", "value": "0.1"},
+    ],
+    "observation": {"metrics": [{"name": "val_accuracy", "latest": "0.975", "max": "0.98"}]},
+}
+
+
+def test_tune_step_returns_katibs_best_parameters_against_fake_apiserver(cluster, tmp_path):
+    cluster.statuses["experiments"] = [
+        {"conditions": [condition("Created")]},
+        {"conditions": [condition("Running")], "trialsRunning": 3},
+        {"conditions": [condition("Succeeded", "ExperimentMaxTrialsReached", "done")],
+         "currentOptimalTrial": OPTIMAL, "trialsSucceeded": 1},
+    ]  # fmt: skip
+    cluster.objects[("trials", "t-a")] = {
+        "metadata": {"name": "t-a", "labels": {"katib.kubeflow.org/experiment": "other"}},
+    }
+
+    def on_create(plural, body):  # Katib makes a trial, labelled with its experiment
+        name = body["metadata"]["name"]
+        cluster.objects[("trials", "t-a")]["metadata"]["labels"] = {
+            "katib.kubeflow.org/experiment": name
+        }
+        cluster.objects[("trials", "t-a")]["status"] = {
+            "conditions": [condition("Succeeded")], "observation": OPTIMAL["observation"],
+        }  # fmt: skip
+        assert (Path(cfg.cluster.mount_path) / "jobs" / name / "dataset" / "meta.json").is_file()
+
+    cluster.on_create = on_create
+    cfg = cfg_for(tmp_path)
+    result = steps.tune(cfg, dataset_dir(tmp_path), tmp_path / "tune")
+    assert result["best_params"] == {
+        "train.lr": 0.0042,
+        "train.batch_size": 32,
+        "model.dropout": 0.1,
+    }
+    assert result["best_value"] == 0.975 and result["best_trial"] == 0
+    assert read_json(tmp_path / "tune" / "best_params.json") == result
+    assert read_json(tmp_path / "tune" / "trials.json")[0]["state"] == "complete"
+    # the train step applies them as it would the local engine's
+    tuned = steps.tuned_config(cfg, tmp_path / "tune" / "best_params.json")
+    assert tuned.train.lr == 0.0042 and tuned.train.batch_size == 32
+    assert cluster.live_objects == ["trials/t-a"]  # the experiment is gone (cleanup on_success)
+    assert list((tmp_path / "claim" / "jobs").iterdir()) == []
+
+
+def test_failed_experiment_names_katibs_reason_against_fake_apiserver(cluster, tmp_path):
+    cluster.statuses["experiments"] = [
+        {"conditions": [condition("Failed", "ExperimentMaxFailedTrialsReached",
+                                  "Experiment has failed because max failed count has reached")]},
+    ]  # fmt: skip
+    with pytest.raises(
+        KubetrainError,
+        match=r"experiment team-a/kubetrain-tune-\w+ failed: ExperimentMaxFailedTrialsReached: ",
+    ):
+        steps.tune(cfg_for(tmp_path), dataset_dir(tmp_path), tmp_path / "tune")
+    assert len(cluster.live_objects) == 1  # kept to inspect (cleanup on_success)
+    assert not (tmp_path / "tune").exists()
+
+
+def test_experiment_that_never_finishes_times_out_and_is_removed_against_fake_apiserver(
+    cluster, tmp_path
+):
+    cluster.statuses["experiments"] = [{"conditions": [condition("Running")]}]
+    with pytest.raises(KubetrainError, match=r"did not finish within .*wait_timeout_seconds = 1"):
+        steps.tune(
+            cfg_for(tmp_path, "cluster.wait_timeout_seconds=1"), dataset_dir(tmp_path),
+            tmp_path / "tune",
+        )  # fmt: skip
+    assert cluster.live_objects == [] and len(cluster.deleted) == 1
+
+
+def test_katib_not_installed_is_one_line_against_fake_apiserver(cluster, tmp_path):
+    cluster.fail[("POST", "experiments")] = (
+        404,
+        "the server could not find the requested resource",
+    )
+    with pytest.raises(KubetrainError, match=r"no experiments.kubeflow.org/v1beta1 resource"):
+        steps.tune(cfg_for(tmp_path), dataset_dir(tmp_path), tmp_path / "tune")
+    assert not (tmp_path / "claim" / "jobs").exists() or not any(
+        (tmp_path / "claim" / "jobs").iterdir()
+    )
