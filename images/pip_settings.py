@@ -22,9 +22,12 @@ PASS_THROUGH = ("index-url", "extra-index-url", "default-timeout", "retries", "t
 
 def host_settings() -> dict[str, str]:
     """``{"cert": ..., "find-links": ...}`` from ``pip config list`` (later entries win)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
-    ).stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
+    )
+    if done.returncode != 0:  # no pip here: nothing to mirror, the build uses pip's defaults
+        return {}
+    out = done.stdout
     settings: dict[str, str] = {}
     for line in out.splitlines():
         key, sep, value = line.partition("=")

@@ -108,3 +108,23 @@ def test_missing_image_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBETRAIN_IMAGE", "kubetrain-no-such-image:0")
     with pytest.raises(KubetrainError, match=r"not in the local Docker engine.*make images"):
         docker_runner(tmp_path / "kfp")
+
+
+def test_image_holds_nothing_of_the_build_host(runtime_image_built):
+    """Non-root, unbuffered, labelled; no pip setting, secret or wheel mount left behind."""
+    import docker
+
+    from kubetrain import __version__
+
+    client = docker.from_env()
+    try:
+        config = client.images.get(runtime_image_built).attrs["Config"]
+        assert config["User"] == "10001:10001"
+        assert "PYTHONUNBUFFERED=1" in config["Env"]
+        assert not [e for e in config["Env"] if e.startswith("PIP_")]
+        assert config["Labels"]["org.opencontainers.image.version"] == __version__
+        script = "pip config list; ls /run/secrets /wheels /build 2>/dev/null; echo end"
+        out = client.containers.run(runtime_image_built, ["sh", "-c", script], remove=True)
+    finally:
+        client.close()
+    assert out.decode().strip() == "end"
