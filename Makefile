@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# checkov (the manifest/Dockerfile scanner) lives in its own venv: its pins clash with kfp's.
+SCAN_VENV ?= .venv-scan
+SCAN_STAMP := $(SCAN_VENV)/.installed
 ARGS ?=
 
-.PHONY: venv run test test-fast test-slow lint compile bench clean
+.PHONY: venv scan-venv run test test-fast test-slow lint compile bench clean images image-trainer kind-e2e
 
 # (Re)create the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -15,25 +18,52 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+$(SCAN_STAMP):
+	test -x $(SCAN_VENV)/bin/python || $(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/pip install --quiet --disable-pip-version-check 'checkov==3.3.*'
+	touch $(SCAN_STAMP)
+
+scan-venv: $(SCAN_STAMP)
+
 ## run: the whole pipeline on the bundled digits data (pass options with ARGS="--set train.epochs=5")
 run: venv
 	$(VENV)/bin/kubetrain run $(ARGS)
 
 ## test: lint, then unit and local integration tests (everything that needs no cluster)
-test: venv lint
+test: venv scan-venv lint
 	$(PY) -m pytest -m "not e2e and not slow" $(ARGS)
 
 ## test-slow: the suites marked slow (run by .ci/run in their own step)
 test-slow: venv
 	$(PY) -m pytest -m slow $(ARGS)
 
+# Only the folders that exist (benchmarks/ may not yet).
+LINT_DIRS := $(wildcard src components pipelines tests benchmarks images)
 lint: venv
-	$(VENV)/bin/ruff check src components pipelines tests benchmarks
-	$(VENV)/bin/ruff format --check src components pipelines tests benchmarks
+	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 
 ## compile: the KFP IR YAML of the default pipeline
 compile: venv
 	$(VENV)/bin/kubetrain compile -o pipelines/kubetrain_pipeline.yaml
+
+## images: the runtime image (and the trainer image where its CUDA base can be pulled); see README
+images:
+	images/build.sh runtime trainer
+
+## image-trainer: the CUDA trainer image only (IMAGE_BASE=... for a base of your own)
+image-trainer:
+	images/build.sh trainer
+
+## kind-e2e: kind cluster + platform + images, pipeline submitted with the kfp CLI, then torn down
+kind-e2e: venv
+	PATH="$(abspath $(VENV))/bin:$$PATH" scripts/kind-e2e.sh
+
+## bench: the benchmarks (side by side, repeated); writes benchmarks/RESULTS.md and results/*.json
+bench: venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) benchmarks/train_bench.py $(ARGS)
+	$(PY) benchmarks/collect.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -52,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--output", type=Path, help="run directory (default: runs/<timestamp>)")
     p.add_argument("--no-cache", action="store_true", help="re-run every step")
+    p.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: each step in this Python (default); docker: each step in a container "
+        "of the runtime image (`make images`; KUBETRAIN_IMAGE overrides), as on a cluster",
+    )
 
     p = sub.add_parser("compile", help="write the pipeline as KFP IR YAML")
     _config_args(p)
@@ -141,7 +148,7 @@ def dispatch(args: argparse.Namespace) -> int:
         case "run":
             from kubetrain.run import run_local
 
-            result = run_local(cfg, args.output, cache=not args.no_cache)
+            result = run_local(cfg, args.output, cache=not args.no_cache, runner=args.runner)
             if not result.retrained:
                 print(f"run directory:      {result.run_dir}")
                 print(f"nothing trained:    {result.reason}")

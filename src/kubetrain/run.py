@@ -1,7 +1,9 @@
 """``kubetrain run``: the whole pipeline on this machine under KFP's local runner.
 
-Every step runs as a KFP task (a subprocess of this interpreter, exactly the component code a
-cluster runs); caching makes a re-run into the same directory skip finished steps.
+Every step runs as a KFP task: with the ``subprocess`` runner a subprocess of this interpreter
+(exactly the component code a cluster runs), with the ``docker`` runner a container of the
+runtime image (``kubetrain.images``), as on a cluster. Caching makes a re-run into the same
+directory skip finished steps.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kubetrain.io import read_json, write_json
 log = logging.getLogger(__name__)
 
 MARKER = ".kubetrain-run"
+RUNNERS = ("subprocess", "docker")
 
 
 @dataclass
@@ -65,18 +68,80 @@ def prepare_run_dir(output: Path | None) -> Path:
     return run_dir.resolve()
 
 
-def run_local(cfg: PipelineConfig, output: Path | None = None, cache: bool = True) -> RunResult:
-    """Run the pipeline under ``kfp.local.SubprocessRunner``; return metrics and paths."""
+def docker_runner(pipeline_root: Path) -> Any:
+    """A ``kfp.local.DockerRunner`` whose containers are held as a cluster holds its pods.
+
+    The root filesystem is read-only with a tmpfs on /tmp (the manifests' securityContext).
+    Steps run as the image's own non-root user when this process is root -- the pipeline root
+    is handed to that user so the steps can write their outputs -- and as the calling user
+    otherwise, so the outputs stay theirs. Raises KubetrainError if the image is missing.
+    """
+    import os
+
+    from kfp import local
+
+    try:
+        import docker
+    except ImportError:
+        raise KubetrainError(
+            "runner docker: the `docker` Python package is missing (pip install 'docker>=7')"
+        ) from None
+
+    from kubetrain.images import runtime_image
+
+    image = runtime_image()
+    try:
+        client = docker.from_env()
+    except docker.errors.DockerException as err:
+        raise KubetrainError(f"runner docker: cannot reach the Docker engine ({err})") from None
+    try:
+        user = client.images.get(image).attrs["Config"].get("User") or ""
+    except docker.errors.ImageNotFound:
+        raise KubetrainError(
+            f"runner docker: image {image} is not in the local Docker engine; build it with "
+            "`make images` (or set KUBETRAIN_IMAGE)"
+        ) from None
+    finally:
+        client.close()
+    args: dict[str, Any] = {"read_only": True, "tmpfs": {"/tmp": "rw,exec,size=2g"}}
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    if os.getuid() != 0:
+        args.update(user=f"{os.getuid()}:{os.getgid()}", environment={"HOME": "/tmp"})
+    elif user and user.split(":")[0] not in ("0", "root"):
+        uid, _, gid = user.partition(":")
+        if not (uid.isdigit() and (gid or "0").isdigit()):
+            raise KubetrainError(f"runner docker: image {image} has a non-numeric USER {user!r}")
+        os.chown(pipeline_root, int(uid), int(gid or uid))
+    return local.DockerRunner(**args)
+
+
+def run_local(
+    cfg: PipelineConfig,
+    output: Path | None = None,
+    cache: bool = True,
+    runner: str = "subprocess",
+) -> RunResult:
+    """Run the pipeline under kfp.local (``runner``: one of RUNNERS); return metrics and paths."""
     from kfp import local
 
     from kubetrain.pipelines import build_pipeline
 
+    if runner not in RUNNERS:
+        raise KubetrainError(f"runner {runner!r}: expected one of {', '.join(RUNNERS)}")
     preflight(cfg)
-    pipeline = build_pipeline(cfg)
     run_dir = prepare_run_dir(output)
+    if cfg.train.checkpoint_dir is None:
+        # A stable place, so a re-run after a failed train step resumes from its checkpoints
+        # (under the pipeline root, which the docker runner mounts too).
+        cfg = cfg.with_params({"train.checkpoint_dir": str(run_dir / "kfp" / "checkpoints")})
+    pipeline = build_pipeline(cfg)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if runner == "docker":
+        kfp_runner = docker_runner(run_dir / "kfp")
+    else:
+        kfp_runner = local.SubprocessRunner(use_venv=False)
     local.init(
-        runner=local.SubprocessRunner(use_venv=False),
+        runner=kfp_runner,
         pipeline_root=str(run_dir / "kfp"),
         enable_caching=cache,
         cache_root=str(run_dir / "kfp" / ".cache"),

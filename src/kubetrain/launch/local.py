@@ -70,13 +70,16 @@ class LocalLauncher:
         tc = cfg.train
         config_file = write_json(out_dir / ".train-config.json", cfg.model_dump(mode="json"))
         port = free_port()
+        run_id = f"kubetrain-{port}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process(cfg, tc.world_size)))
         agents = []
-        for node_rank in range(tc.nnodes):
+        for _ in range(tc.nnodes):
             cmd = [
                 sys.executable, "-m", "torch.distributed.run",
                 f"--nnodes={tc.nnodes}", f"--nproc-per-node={tc.nproc}",
-                f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                # c10d rendezvous (not a static master address): after a failure the restarted
+                # group meets again through the agents' store, which a static one does poorly.
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
                 f"--max-restarts={tc.max_restarts}", "--monitor-interval=0.2",
                 "-m", "kubetrain.train.worker",
                 "--dataset", str(dataset_dir), "--config-json", str(config_file),

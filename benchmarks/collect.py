@@ -1,0 +1,25 @@
+"""Assemble benchmarks/RESULTS.md from the sections the benchmark scripts wrote to results/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+HEADER = """# Benchmark results
+
+Written by `make bench` (each script also runs alone; its command is in its section). Every
+comparison is measured side by side in one run, interleaved and repeated; figures are medians
+with min–max. The machine is a shared 2-core AVX2 CPU without a GPU unless a section says
+otherwise, so absolute numbers move from run to run; the ratios are what to read.
+"""
+
+
+def main() -> None:
+    sections = [p.read_text().strip() for p in sorted((HERE / "results").glob("*.md"))]
+    (HERE / "RESULTS.md").write_text(HEADER + "\n" + "\n\n".join(sections) + "\n")
+    print(f"wrote {HERE / 'RESULTS.md'} ({len(sections)} section(s))")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""images/: the Dockerfiles hold to the rules (pinned base ARG, non-root numeric USER, labels,
+PYTHONUNBUFFERED, kfp preinstalled, pip settings only as build secrets), and the build's
+mirroring of this host's pip settings leaves nothing of the host in a layer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from kubetrain import __version__
+from kubetrain.images import DEFAULT_RUNTIME_IMAGE, runtime_image
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGES = ("runtime", "trainer")
+OCI_LABELS = ("title", "description", "version", "revision", "created", "source", "licenses")
+
+
+def dockerfile(name: str) -> str:
+    return (ROOT / "images" / name / "Dockerfile").read_text()
+
+
+def final_stage(text: str) -> str:
+    return text[text.rindex("\nFROM ") :]
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_base_image_is_a_build_arg_pinned_by_digest(name):
+    text = dockerfile(name)
+    (default,) = re.findall(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
+    assert re.fullmatch(r"docker\.io/[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", default), default
+    froms = re.findall(r"^FROM (\S+)", text, re.M)
+    assert froms and all(f in ("${BASE_IMAGE}", "deps") for f in froms), froms
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_final_stage_runs_unprivileged_and_unbuffered(name):
+    stage = final_stage(dockerfile(name))
+    (user,) = re.findall(r"^USER (\S+)$", stage, re.M)
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) >= 10000, user  # numeric: runAsNonRoot can verify it
+    assert re.search(rf"useradd --uid {uid}\b", stage)
+    assert "PYTHONUNBUFFERED=1" in stage
+    for label in OCI_LABELS:
+        assert f"org.opencontainers.image.{label}=" in stage, label
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_pip_settings_come_in_as_secrets_not_layers(name):
+    text = dockerfile(name)
+    assert "--mount=type=secret,id=pip_conf" in text and "--mount=type=secret,id=pip_cert" in text
+    assert "PIP_CONFIG_FILE=/run/secrets/pip_conf" in text
+    for line in re.findall(r"^(?:COPY|ADD) .*$", text, re.M):
+        assert not re.search(r"pip\.conf|\.crt|\.pem|secret|constraint", line), line
+    # kfp is installed with the dependencies and checked at build time (components need it).
+    assert "import torch, kfp" in text
+
+
+def test_runtime_installs_cpu_torch_only():
+    text = dockerfile("runtime")
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
+    assert "torch.version.cuda is None" in text
+
+
+def test_components_and_images_agree_on_the_runtime_image(monkeypatch):
+    expected = f"ghcr.io/kubetrain/kubetrain-runtime:{__version__}"
+    assert expected == DEFAULT_RUNTIME_IMAGE
+    build = (ROOT / "images" / "build.sh").read_text()
+    assert 'registry="${REGISTRY:-ghcr.io/kubetrain}"' in build
+    assert 'image="$registry/kubetrain-$target:$tag"' in build
+    monkeypatch.setenv("KUBETRAIN_IMAGE", "registry.example/kubetrain-runtime:1")
+    assert runtime_image() == "registry.example/kubetrain-runtime:1"
+
+
+def test_dockerignore_sends_only_the_package():
+    text = (ROOT / ".dockerignore").read_text()
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*"  # an allow-list: nothing else of the checkout reaches the daemon
+    assert {"!src/", "!components/", "!pipelines/", "!pyproject.toml", "!.whl/"} <= set(lines)
+
+
+@pytest.fixture
+def pip_settings():
+    spec = importlib.util.spec_from_file_location("pip_settings", ROOT / "images/pip_settings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_host_pip_settings_are_mirrored_into_secret_files(pip_settings, tmp_path, monkeypatch):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("torch<=2.14.1\n")
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl").write_bytes(b"wheel")
+    monkeypatch.setattr(
+        pip_settings,
+        "host_settings",
+        lambda: {
+            "cert": str(ca),
+            "constraint": str(constraints),
+            "find-links": str(links),
+            "index-url": "https://pypi.example/simple",
+            "extra-index-url": "file:///opt/pypi/simple https://more.example/simple",
+        },
+    )
+    out, wheels = tmp_path / "out", tmp_path / "wheels"
+    out.mkdir()
+    monkeypatch.setattr("sys.argv", ["pip_settings", "--out", str(out), "--wheels", str(wheels)])
+    assert pip_settings.main() == 0
+    conf = (out / "pip_conf").read_text()
+    assert "cert = /run/secrets/pip_cert" in conf
+    assert "constraint = /run/secrets/pip_constraint" in conf
+    assert "find-links = /wheels" in conf
+    assert "index-url = https://pypi.example/simple" in conf
+    assert "extra-index-url = https://more.example/simple" in conf  # host file:// paths dropped
+    assert "file://" not in conf
+    assert (out / "pip_cert").read_text() == ca.read_text()
+    assert (wheels / "torch-2.13.0+cpu-cp311-cp311-linux_x86_64.whl").read_bytes() == b"wheel"
