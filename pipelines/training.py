@@ -43,7 +43,9 @@ def build_pipeline(cfg: PipelineConfig):
             dataset=prep.outputs["dataset"],
             best_params=search.outputs["best_params"],
         ).set_display_name("train")
-        quant = c.quantize(config_json=cfg_quantize, model=fit.outputs["model"])
+        quant = c.quantize(
+            config_json=cfg_quantize, dataset=prep.outputs["dataset"], model=fit.outputs["model"]
+        )
         quant.set_display_name("quantize")
         ev = c.evaluate(
             config_json=cfg_evaluate,
