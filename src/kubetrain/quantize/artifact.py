@@ -116,7 +116,7 @@ def tensor_bytes(path: Path) -> int:
         return sum(
             i.file_size
             for i in archive.infolist()
-            if "/data/" in i.filename
+            if ("/data/" in i.filename or "/constants/" in i.filename)
             and "sample_inputs" not in i.filename
             and re.fullmatch(r"(weight_|tensor_)?\d+", i.filename.rsplit("/", 1)[-1])
         )

@@ -92,7 +92,8 @@ def run_trial(
             value = getattr(stats, metric)
             curve.append(value)
             trial.report(value, stats.epoch)
-            return trial.should_prune()
+            # Stopping after the last epoch saves nothing: the trial counts as complete.
+            return stats.epoch < cfg.train.epochs and trial.should_prune()
 
         result = fit(cfg, _DATASETS[dataset_dir], DistContext(), on_epoch=on_epoch)
         value = (
@@ -295,6 +296,7 @@ def param_importance(study: optuna.Study, seed: int = 0) -> dict[str, float]:
 def disabled_result(out_dir: Path) -> dict[str, Any]:
     """What the tune step writes when tuning is off: no parameters to change."""
     result = {"enabled": False, "best_params": {}, "trials_total": 0}
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "trials.json", [])
     write_json(out_dir / "best_params.json", result)
     return result

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = 0.0
         if trial is not None:
             trial.report(value, stats.epoch)
-            stop = float(trial.should_prune())
+            stop = float(stats.epoch < cfg.train.epochs and trial.should_prune())
         return all_reduce_sum([stop], ctx)[0] > 0
 
     state = "complete"
