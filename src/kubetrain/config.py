@@ -367,6 +367,12 @@ class QuantizeConfig(_Section):
     latency_repeats: int = Field(
         30, ge=3, description="Timed forward passes per candidate and batch size (auto)."
     )
+    num_threads: int = Field(
+        1,
+        ge=0,
+        description="torch threads while quantizing and measuring (0 = torch's default); one "
+        "thread keeps side-by-side latencies stable on a small shared CPU.",
+    )
     seed: int = Field(0, description="Seed of calibration sampling and QAT shuffling.")
 
 

@@ -63,11 +63,20 @@ def quantize_artifact(
     Raises KubetrainError when no int8 model is within ``max_accuracy_drop`` and
     ``on_drop`` is ``fail`` (the message has every candidate's numbers).
     """
+    threads = torch.get_num_threads()
+    if qcfg.num_threads:
+        torch.set_num_threads(qcfg.num_threads)
+    try:
+        return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig) -> dict:
     from kubetrain.data import load_dataset
     from kubetrain.evaluate.measure import compare_latency
     from kubetrain.quantize import methods
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
     started = time.perf_counter()
     model = load_model(model_dir)
     data = load_dataset(dataset_dir)
@@ -164,6 +173,7 @@ def quantize_artifact(
         "fp32_state_dict_bytes": (model_dir / "model.pt").stat().st_size,
         "candidates": [{k: v for k, v in c.items() if k != "dir"} for c in candidates],
         "quantize_seconds": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
     }
     shutil.rmtree(work, ignore_errors=True)
     write_json(out_dir / artifact.INFO, info)  # last: marks a complete artifact
