@@ -28,6 +28,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def build_grid(path: Path) -> dict[str, list[float]]:
 
     torch.set_num_threads(1)
     base = load_config(overrides=["train.nproc=1", f"train.epochs={EPOCHS}", "tune.enabled=false"])
-    ds = RESULTS / "digits"
+    ds = Path(tempfile.mkdtemp(prefix="kubetrain-search-bench-"))
     build_dataset(base.data, ds)
     data = load_dataset(ds)
     curves: dict[str, list[float]] = {}

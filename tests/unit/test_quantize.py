@@ -116,16 +116,16 @@ def test_auto_keeps_the_fastest_within_budget_and_records_why(tmp_path, model_di
 
 @pytest.fixture(scope="module")
 def outlier_dir(tmp_path_factory, model_dir):
-    """The same function with 8 hidden units scaled up 100x (and the next layer down 100x):
+    """The same function with 8 hidden units scaled up 1000x (and the next layer down 1000x):
     fp32 outputs are unchanged (ReLU is positively homogeneous), but per-tensor int8
     activations must now cover outlier channels, so post-training int8 really loses accuracy."""
     out = tmp_path_factory.mktemp("outlier")
     shutil.copytree(model_dir, out, dirs_exist_ok=True)
     model = load_model(model_dir)
     with torch.no_grad():
-        model[1].weight[:8] *= 100
-        model[1].bias[:8] *= 100
-        model[3].weight[:, :8] /= 100
+        model[1].weight[:8] *= 1000
+        model[1].bias[:8] *= 1000
+        model[3].weight[:, :8] /= 1000
     torch.save(model.state_dict(), out / "model.pt")
     return out
 
@@ -158,7 +158,7 @@ def test_gate_tries_qat_when_post_training_int8_loses_too_much(tmp_path, outlier
     static, qat = info["candidates"]
     assert static["name"] == "static_int8/x86_inductor" and static["accuracy_drop"] > 0.005
     assert qat["name"] == "qat_int8/x86_inductor" and qat["qat"]["epochs"] == 1
-    assert qat["accuracy_drop"] <= static["accuracy_drop"] / 2  # recovers at least half
+    assert qat["accuracy_drop"] < static["accuracy_drop"] - 0.2  # fine-tuning recovers a lot
 
 
 @pytest.mark.parametrize(
