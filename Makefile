@@ -31,6 +31,11 @@ lint: venv
 	$(VENV)/bin/ruff check src components pipelines tests benchmarks
 	$(VENV)/bin/ruff format --check src components pipelines tests benchmarks
 
+## bench: search (samplers, early stopping) and quantization benchmarks -> benchmarks/results/
+bench: venv
+	$(PY) benchmarks/search.py
+	$(PY) benchmarks/quantize.py
+
 ## compile: the KFP IR YAML of the default pipeline
 compile: venv
 	$(VENV)/bin/kubetrain compile -o pipelines/kubetrain_pipeline.yaml
