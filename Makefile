@@ -43,6 +43,7 @@ lint: venv
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 
+
 ## compile: the KFP IR YAML of the default pipeline
 compile: venv
 	$(VENV)/bin/kubetrain compile -o pipelines/kubetrain_pipeline.yaml
@@ -59,10 +60,12 @@ image-trainer:
 kind-e2e: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" scripts/kind-e2e.sh
 
-## bench: the benchmarks (side by side, repeated); writes benchmarks/RESULTS.md and results/*.json
+## bench: every benchmark, side by side and repeated -> benchmarks/results/, benchmarks/RESULTS.md
 bench: venv
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) benchmarks/train_bench.py $(ARGS)
+	$(PY) benchmarks/search.py
+	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/collect.py
 
 clean:

@@ -17,6 +17,10 @@ otherwise, so absolute numbers move from run to run; the ratios are what to read
 
 def main() -> None:
     sections = [p.read_text().strip() for p in sorted((HERE / "results").glob("*.md"))]
+    for p in sorted((HERE / "results").glob("*.txt")):  # plain-text reports, shown as they are
+        sections.append(
+            f"## {p.stem} (`benchmarks/{p.stem}.py`)\n\n```\n{p.read_text().strip()}\n```"
+        )
     (HERE / "RESULTS.md").write_text(HEADER + "\n" + "\n\n".join(sections) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'} ({len(sections)} section(s))")
 

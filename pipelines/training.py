@@ -49,7 +49,9 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy):
     _on_claim(cfg, search).set_display_name("tune")
     fit = c.train(config_json=cfg_train, dataset=dataset, best_params=search.outputs["best_params"])
     _on_claim(cfg, fit).set_display_name("train")
-    quant = c.quantize(config_json=cfg.sections_json("quantize"), model=fit.outputs["model"])
+    quant = c.quantize(
+        config_json=cfg.sections_json("quantize"), dataset=dataset, model=fit.outputs["model"]
+    )
     quant.set_display_name("quantize")
     ev = c.evaluate(
         config_json=cfg.sections_json("evaluate"),

@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="step: fp32 model artifact -> int8 artifact")
     _config_args(p)
+    p.add_argument("--dataset", type=Path, required=True, help="calibration and gate data")
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--output", type=Path, required=True, help="quantized artifact directory")
 
@@ -195,8 +196,9 @@ def dispatch(args: argparse.Namespace) -> int:
                 raise KubetrainError(f"{args.params}: no such file")
             steps.train(cfg, args.dataset, args.output, params_file=args.params)
         case "quantize":
+            _require_dir(args.dataset, "dataset", "meta.json")
             _require_dir(args.model, "model", "model.json")
-            steps.quantize(cfg, args.model, args.output)
+            steps.quantize(cfg, args.dataset, args.model, args.output)
         case "evaluate":
             _require_dir(args.dataset, "dataset", "meta.json")
             _require_dir(args.model, "model", "model.json")

@@ -34,6 +34,30 @@ KATIB_LOCAL_ALGORITHMS = (
     "cmaes",
     "sobol",
     "bayesianoptimization",
+    "hyperband",
+)
+# Katib algorithms with no local equivalent: named in the error so the user knows why.
+KATIB_CLUSTER_ONLY_ALGORITHMS = ("enas", "darts", "pbt")
+
+# Katib algorithmSettings that have a local meaning, per algorithm (see kubetrain.tune.space).
+KATIB_ALGORITHM_SETTINGS: dict[str, tuple[str, ...]] = {
+    "random": ("random_state",),
+    "grid": ("random_state",),
+    "tpe": ("random_state", "n_startup_trials", "n_ei_candidates", "n_EI_candidates"),
+    "multivariate-tpe": ("random_state", "n_startup_trials", "n_ei_candidates"),
+    "cmaes": ("random_state", "sigma", "restart_strategy"),
+    "sobol": ("random_state",),
+    "bayesianoptimization": ("random_state", "n_initial_points", "base_estimator"),
+    "hyperband": ("random_state", "eta", "r_l", "resource_name", "min_resource"),
+}
+
+# Quantization candidates as "method/backend" (see kubetrain.quantize).
+QUANT_CANDIDATES = (
+    "weight_only_int8/torchao",
+    "dynamic_int8/torchao",
+    "dynamic_int8/fbgemm",
+    "static_int8/x86_inductor",
+    "qat_int8/x86_inductor",
 )
 
 
@@ -232,11 +256,16 @@ class TuneConfig(_Section):
     """Hyperparameter search over a Katib-shaped ``parameters`` list."""
 
     enabled: bool = True
-    algorithm: Literal[KATIB_LOCAL_ALGORITHMS] = Field(  # type: ignore[valid-type]
-        "tpe", description="Katib algorithm name."
+    algorithm: str = Field(
+        "tpe",
+        description="Katib algorithm name: " + ", ".join(KATIB_LOCAL_ALGORITHMS) + " (locally: "
+        "Optuna samplers; hyperband: random sampling + Optuna's HyperbandPruner over epochs).",
     )
     algorithm_settings: dict[str, str | int | float] = Field(
-        default_factory=dict, description="Katib algorithmSettings, passed to the sampler."
+        default_factory=dict,
+        description="Katib algorithmSettings that map locally (random_state, n_startup_trials, "
+        "n_ei_candidates, n_initial_points, sigma, restart_strategy, eta, r_l, resource_name, "
+        "min_resource); any other name is rejected.",
     )
     max_trials: int = Field(8, ge=1, description="Trial budget (Katib maxTrialCount).")
     parallel_trials: int = Field(2, ge=1, le=64, description="Trials at once (parallelTrialCount).")
@@ -245,6 +274,13 @@ class TuneConfig(_Section):
     )
     trial_epochs: int = Field(
         8, ge=1, description="Epochs per trial (shorter than the final train)."
+    )
+    trial_nproc: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes per trial; > 1 runs each trial as a DDP job of torchrun workers "
+        "(a searched train.nproc overrides it).",
     )
     objective_metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
     early_stopping: EarlyStopping = Field(default_factory=EarlyStopping)
@@ -255,15 +291,114 @@ class TuneConfig(_Section):
     def goal(self) -> Literal["maximize", "minimize"]:
         return "maximize" if self.objective_metric == "val_accuracy" else "minimize"
 
+    @property
+    def epochs_per_trial(self) -> int:
+        """Epochs a trial may train: hyperband's ``r_l`` (its maximum resource) or trial_epochs."""
+        if self.algorithm == "hyperband" and "r_l" in self.algorithm_settings:
+            return int(self.algorithm_settings["r_l"])
+        return self.trial_epochs
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm_has_local_equivalent(cls, algo: str) -> str:
+        supported = ", ".join(KATIB_LOCAL_ALGORITHMS)
+        if algo in KATIB_CLUSTER_ONLY_ALGORITHMS:
+            raise ValueError(
+                f"Katib algorithm '{algo}' has no local equivalent; locally supported: {supported}"
+            )
+        if algo not in KATIB_LOCAL_ALGORITHMS:
+            raise ValueError(f"unknown algorithm '{algo}'; locally supported: {supported}")
+        return algo
+
+    @model_validator(mode="after")
+    def _settings_map(self) -> TuneConfig:
+        algo = self.algorithm
+        known = KATIB_ALGORITHM_SETTINGS[algo]
+        for name in self.algorithm_settings:
+            if name not in known:
+                raise ValueError(
+                    f"algorithm_settings.{name}: not a setting of '{algo}' here "
+                    f"(accepted: {', '.join(known)})"
+                )
+        if algo == "hyperband" and self.early_stopping.algorithm != "none":
+            raise ValueError(
+                "hyperband stops trials itself; set early_stopping.algorithm=none with it"
+            )
+        resource = self.algorithm_settings.get("resource_name")
+        if algo == "hyperband" and resource not in (None, "epochs", "train.epochs"):
+            raise ValueError(
+                f"algorithm_settings.resource_name: '{resource}': locally the hyperband "
+                "resource is the trial's epochs (use train.epochs)"
+            )
+        return self
+
 
 class QuantizeConfig(_Section):
-    """fp32 -> int8 with torchao."""
+    """fp32 -> int8, saved as a ``torch.export`` program; an accuracy gate on validation."""
 
-    method: Literal["weight_only_int8", "dynamic_int8", "none"] = Field(
-        "weight_only_int8",
-        description="weight_only_int8: int8 weights, fp32 activations (4x smaller Linear layers); "
-        "dynamic_int8: int8 weights and dynamically quantised activations; none: keep fp32.",
+    method: Literal[
+        "auto", "dynamic_int8", "weight_only_int8", "static_int8", "qat_int8", "none"
+    ] = Field(
+        "auto",
+        description="auto: try auto_candidates (cheap first), keep the fastest at batch 64 within "
+        "max_accuracy_drop; weight_only_int8: int8 weights (torchao); dynamic_int8: int8 weights "
+        "and per-batch activation scales (dynamic_backend); static_int8: PT2E post-training "
+        "quantization with the x86 inductor quantizer, calibrated on training data; qat_int8: "
+        "PT2E quantization-aware fine-tuning (qat_epochs), same int8 scheme as static_int8; "
+        "none: keep fp32.",
     )
+    dynamic_backend: Literal["torchao", "fbgemm"] = Field(
+        "torchao",
+        description="Backend of dynamic_int8: torchao (torch.export program, portable) or fbgemm "
+        "(torch.ao.quantization.quantize_dynamic, deprecated and x86/ARM-CPU only, saved as "
+        "TorchScript; the one dynamic path that is faster than fp32 on AVX2-only CPUs).",
+    )
+    auto_candidates: list[Literal[QUANT_CANDIDATES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: [
+            "weight_only_int8/torchao",
+            "dynamic_int8/torchao",
+            "dynamic_int8/fbgemm",
+            "static_int8/x86_inductor",
+        ],
+        min_length=1,
+        description="What auto tries, in order (method/backend).",
+    )
+    max_accuracy_drop: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="Largest validation-accuracy loss against fp32 that an int8 model may have "
+        "(0.005 = half a point).",
+    )
+    qat_on_drop: bool = Field(
+        True, description="If post-training int8 loses too much, try qat_int8 before giving up."
+    )
+    on_drop: Literal["fail", "keep_fp32"] = Field(
+        "fail",
+        description="When no int8 model is within max_accuracy_drop: fail with the numbers, or "
+        "keep the fp32 model (method none) and say so.",
+    )
+    reduce_range: bool = Field(
+        True,
+        description="7-bit activations for static/QAT int8: needed for accuracy on CPUs without "
+        "VNNI, whose u8*s8 kernels saturate.",
+    )
+    calibration_samples: int = Field(
+        512, ge=1, description="Training samples run through static_int8 observers."
+    )
+    qat_epochs: int = Field(3, ge=1, description="Fine-tuning epochs of qat_int8.")
+    qat_lr: float = Field(1e-4, gt=0, description="Learning rate of the QAT fine-tuning (Adam).")
+    qat_batch_size: int = Field(64, ge=1, description="Batch size of the QAT fine-tuning.")
+    latency_repeats: int = Field(
+        30, ge=3, description="Timed forward passes per candidate and batch size (auto)."
+    )
+    num_threads: int = Field(
+        1,
+        ge=0,
+        description="torch threads while quantizing and measuring (0 = torch's default); one "
+        "thread keeps side-by-side latencies stable on a small shared CPU.",
+    )
+    seed: int = Field(0, description="Seed of calibration sampling and QAT shuffling.")
 
 
 class EvaluateConfig(_Section):

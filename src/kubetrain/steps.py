@@ -66,12 +66,13 @@ def train(
     return read_json(out_dir / "metrics.json")
 
 
-def quantize(cfg: PipelineConfig, model_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """fp32 model artifact -> int8 artifact (``quantize.method``)."""
+def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: Path) -> dict:
+    """fp32 model artifact -> int8 artifact (``quantize.*``): calibration and QAT use the
+    training split, the accuracy gate the validation split; raises KubetrainError if it fails."""
     from kubetrain.quantize import quantize_artifact
 
-    info = quantize_artifact(model_dir, out_dir, cfg.quantize.method)
-    log.info("%s: %d -> %d bytes", info["method"], info["fp32_size_bytes"], info["size_bytes"])
+    info = quantize_artifact(model_dir, dataset_dir, out_dir, cfg.quantize)
+    log.info("%s: %d -> %d bytes", info["name"], info["fp32_size_bytes"], info["size_bytes"])
     return info
 
 
@@ -115,13 +116,34 @@ def evaluate(
                 model, x_test, data.input_shape, batch, cfg.evaluate.latency_repeats
             )
             m[f"latency_ms_b{batch}_{name}"] = lat["median"]
-    m["model_size_bytes_fp32"] = (model_dir / "model.pt").stat().st_size
-    m["model_size_bytes_int8"] = (quantized_dir / "model.pt").stat().st_size
+    # Weight bytes of like artifacts (the fp32 model exported the same way as the int8 one),
+    # and the whole files, which for a small model are mostly the serialized graph.
+    m["model_size_bytes_fp32"] = quant["fp32_size_bytes"]
+    m["model_size_bytes_int8"] = quant["size_bytes"]
+    m["model_file_bytes_fp32"] = quant["fp32_file_bytes"]
+    m["model_file_bytes_int8"] = quant["file_bytes"]
+    m["model_state_dict_bytes_fp32"] = (model_dir / "model.pt").stat().st_size
     m["size_ratio_int8"] = m["model_size_bytes_int8"] / m["model_size_bytes_fp32"]
     m["accuracy_drop_int8"] = m["test_accuracy_fp32"] - m["test_accuracy_int8"]
+    for batch in cfg.evaluate.latency_batch_sizes:
+        m[f"latency_ratio_b{batch}_int8"] = (
+            m[f"latency_ms_b{batch}_int8"] / m[f"latency_ms_b{batch}_fp32"]
+        )
+        m[f"samples_per_second_b{batch}_fp32"] = batch * 1e3 / m[f"latency_ms_b{batch}_fp32"]
+        m[f"samples_per_second_b{batch}_int8"] = batch * 1e3 / m[f"latency_ms_b{batch}_int8"]
+    # What the quantize step tried, measured on validation there (see its quant.json).
+    for c in quant.get("candidates", []):
+        key = c["name"].replace("/", "_")
+        for field in ("val_accuracy", "size_bytes", "latency_ms_b1", "latency_ms_b64",
+                      "samples_per_second_b64"):  # fmt: skip
+            if c.get(field) is not None:
+                m[f"quant_{key}_{field}"] = c[field]
     m.update(
         {
             "quantize_method": quant["method"],
+            "quantize_candidate": quant["name"],
+            "quantize_runtime": quant["runtime"],
+            "quantize_decision": quant["decision"],
             "latency_threads": threads,
             "train_seconds": train_metrics["train_seconds"],
             "train_step_seconds": train_metrics["step_seconds"],
@@ -130,6 +152,29 @@ def evaluate(
             "train_world_size": train_metrics["world_size"],
             "train_ranks_identical": train_metrics["ranks_identical"],
             "train_epochs": train_metrics["epochs"],
+            # Efficiency of the training step (absent from models trained by older versions).
+            **{
+                f"train_{key}": train_metrics.get(key)
+                for key in (
+                    "precision",
+                    "mfu",
+                    "flops_per_sample",
+                    "compute_share",
+                    "optimizer_share",
+                    "comm_seconds",
+                    "allreduce_calls",
+                    "cpu_percent",
+                    "peak_rss_mib",
+                    "rank_cpu_percent",
+                    "rank_peak_rss_mib",
+                    "gpu_peak_mib",
+                    "checkpoint_seconds",
+                    "checkpoints_written",
+                    "compile_seconds",
+                    "resumed_from_step",
+                    "restarts",
+                )
+            },
             "dataset_version": data.meta["version"],
             "test_samples": len(y_test),
             "min_accuracy": bar,
@@ -148,6 +193,7 @@ def evaluate(
         "confusion_matrix_int8": per_model["int8"]["confusion_matrix"],
         "history": read_json(model_dir / "history.json"),
         "tuning": tuning,
+        "quantization": quant,
         "trials": read_json(tune_dir / "trials.json") if tune_dir else [],
     }
     out_dir.mkdir(parents=True, exist_ok=True)

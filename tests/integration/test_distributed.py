@@ -60,7 +60,8 @@ def test_gradient_accumulation_skips_the_allreduce_on_micro_steps(tmp_path, digi
     assert metrics["allreduce_calls"] == metrics["steps"]  # one bucket, once per step, not twice
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir):
+@pytest.mark.slow
+def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir, monkeypatch):
     """SIGKILL one real worker mid-training: torchrun restarts the group, which resumes."""
     import signal
     import threading
@@ -72,7 +73,8 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir):
             "train.checkpoint_every_steps=20"]  # fmt: skip
     reference, _ = _train(tmp_path, digits_dir, "reference", *slow)
     out = tmp_path / "killed"
-    cfg = load_config(overrides=[*BASE, *slow, "train.max_restarts=2"])
+    monkeypatch.setenv("KUBETRAIN_GLOO_TIMEOUT_S", "60")
+    cfg = load_config(overrides=[*BASE, *slow, "train.max_restarts=3"])
     errors: list[BaseException] = []
 
     def train() -> None:
@@ -95,12 +97,13 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir):
     assert len(victims) == 1, "no running worker to kill (training ended too soon?)"
     os_kill_step = max(int(p.stem.split("-")[1]) for p in (out / "checkpoints").glob("ckpt-*.json"))
     victims[0].send_signal(signal.SIGKILL)
-    thread.join(timeout=300)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the restarted job did not finish"
     assert not errors, errors
     metrics = read_json(out / "metrics.json")
-    # One kill, one restart; under load gloo's first reconnection can itself time out and cost
-    # a second restart, which the budget of 2 absorbs.
-    assert 1 <= metrics["restarts"] <= 2
+    # One kill, one restart; under load gloo's reconnection after a restart can itself fail or
+    # hang until its timeout and cost another restart, which the budget absorbs.
+    assert 1 <= metrics["restarts"] <= 3
     assert metrics["resumed_from_step"] >= os_kill_step  # lost at most one interval
     weights = torch.load(out / "model.pt", weights_only=True)
     assert _max_diff(weights, reference) == 0.0  # and ended exactly where it would have

@@ -49,7 +49,7 @@ def test_overrides_apply_over_file(tmp_path):
         (["train.lr=abc"], "train.lr: Input should be a valid number"),
         (["train.nope=1"], "train.nope: no such field"),
         (["train.optimizer=lamb"], "train.optimizer: Input should be 'adam'"),
-        (["tune.algorithm=hyperband"], "tune.algorithm: Input should be 'random'"),
+        (["tune.algorithm=enas"], "tune.algorithm: Katib algorithm 'enas' has no local equivalent"),
         (["train.batch_size=63"], "must be divisible by nnodes*nproc*grad_accum_steps"),
         (["tune.parameters.0.name=train.nope"], "tune.parameters.0.name: 'train.nope' is not"),
         (["tune.parameters.5.name=x"], "tune.parameters.5: no such list index"),

@@ -4,9 +4,11 @@ import optuna
 import pytest
 
 from kubetrain.config import KATIB_LOCAL_ALGORITHMS, load_config
+from kubetrain.errors import ConfigError
 from kubetrain.io import read_json
 from kubetrain.tune.local import run_search
 from kubetrain.tune.space import grid_size, make_pruner, make_sampler, search_space
+from tests.conftest import run_cli
 
 FAST = ["tune.trial_epochs=2", "tune.parallel_trials=2", "train.epochs=2"]
 
@@ -115,3 +117,134 @@ def test_too_many_failures_stop_the_search(tmp_path, digits_dir):
     )
     with pytest.raises(KubetrainError, match=r"tuning failed: \d trials failed .*exceeds the 1257"):
         run_search(cfg, digits_dir, tmp_path)
+
+
+# Learning rates from hopeless to good: some trials are clearly worse, so pruners have work.
+WIDE_LR = (
+    "tune.parameters=[{name: train.lr, parameterType: double, "
+    "feasibleSpace: {min: 0.00001, max: 0.01, distribution: logUniform}}]"
+)
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("enas", "Katib algorithm 'enas' has no local equivalent; locally supported: random, "),
+        ("darts", "Katib algorithm .darts. has no local equivalent"),
+        ("annealing", "unknown algorithm 'annealing'; locally supported: random, grid, tpe, "),
+    ],
+    ids=["enas", "darts", "unknown"],
+)
+def test_algorithm_without_local_equivalent_is_one_clear_line(name, message):
+    with pytest.raises(ConfigError, match="tune.algorithm: " + message):
+        load_config(overrides=[f"tune.algorithm={name}"])
+    proc = run_cli("config", "show", "--set", f"tune.algorithm={name}")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and "hyperband" in proc.stderr
+
+
+def test_algorithm_settings_map_or_are_rejected():
+    with pytest.raises(ConfigError, match=r"algorithm_settings.n_trees: not a setting of 'tpe'"):
+        load_config(overrides=["tune.algorithm_settings={n_trees: 3}"])
+    cfg = load_config(overrides=["tune.algorithm_settings={n_startup_trials: 5, random_state: 7}"])
+    sampler = make_sampler(cfg.tune)
+    assert sampler._n_startup_trials == 5
+    with pytest.raises(ConfigError, match="hyperband stops trials itself"):
+        load_config(
+            overrides=["tune.algorithm=hyperband", "tune.early_stopping.algorithm=medianstop"]
+        )
+
+
+def test_hyperband_maps_katib_settings():
+    cfg = load_config(
+        overrides=["tune.algorithm=hyperband", "tune.algorithm_settings={eta: 2, r_l: 6}"]
+    )
+    pruner = make_pruner(cfg.tune)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (1, 6, 2)
+    assert isinstance(make_sampler(cfg.tune), optuna.samplers.RandomSampler)
+    assert cfg.tune.epochs_per_trial == 6
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["tune.algorithm=hyperband", "tune.algorithm_settings={eta: 2, r_l: 4}"],
+        [
+            "tune.algorithm=random",
+            "tune.early_stopping.algorithm=medianstop",
+            "tune.early_stopping.min_trials_required=2",
+            "tune.early_stopping.start_step=1",
+            "tune.trial_epochs=4",
+        ],
+    ],
+    ids=["hyperband", "medianstop"],
+)
+def test_early_stopping_prunes_trials_from_their_epoch_reports(tmp_path, digits_dir, overrides):
+    cfg = load_config(overrides=[*FAST, "tune.max_trials=8", WIDE_LR, *overrides])
+    result = run_search(cfg, digits_dir, tmp_path)
+    trials = read_json(tmp_path / "trials.json")
+    pruned = [t for t in trials if t["state"] == "pruned"]
+    assert result["trials_pruned"] == len(pruned) >= 1
+    assert all(len(t["curve"]) < 4 for t in pruned)
+    assert result["trial_epochs_total"] < 8 * 4  # epochs saved
+    best = max((t for t in trials if t["state"] == "complete"), key=lambda t: t["value"])
+    assert best["value"] == result["best_value"] > 0.8
+
+
+def test_a_trial_can_be_a_ddp_job(tmp_path, digits_dir):
+    cfg = load_config(
+        overrides=[*FAST, "tune.max_trials=2", "tune.parallel_trials=1", "tune.trial_nproc=2"]
+    )
+    result = run_search(cfg, digits_dir, tmp_path)
+    trials = read_json(tmp_path / "trials.json")
+    assert result["trials_complete"] == 2
+    assert [t["world_size"] for t in trials] == [2, 2]
+    assert all(len(t["curve"]) == 2 and t["value"] > 0.5 for t in trials)
+
+
+def test_search_writes_a_report_with_importance(tmp_path, digits_dir):
+    cfg = load_config(overrides=[*FAST, "tune.max_trials=4", "tune.trial_epochs=1"])
+    result = run_search(cfg, digits_dir, tmp_path)
+    assert set(result["param_importance"]) == {"train.lr", "train.weight_decay"}
+    assert abs(sum(result["param_importance"].values()) - 1) < 1e-6
+    report = (tmp_path / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 2 and "parameter importance" in report
+
+
+def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path, digits_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kubetrain.tune.local import STUDY_NAME, storage
+
+    sets = [*FAST, "tune.max_trials=5", "tune.parallel_trials=1", "tune.trial_epochs=3"]
+    args = [a for s in sets for a in ("--set", s)]
+    out = tmp_path / "search"
+    cmd = [sys.executable, "-m", "kubetrain.cli", "tune", "--dataset", str(digits_dir)]
+    proc = subprocess.Popen(
+        [*cmd, "--output", str(out), *args], start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    done: list = []
+    deadline = time.monotonic() + 180
+    while len(done) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if (out / "study.journal").exists():
+            study = optuna.load_study(study_name=STUDY_NAME, storage=storage(out / "study.journal"))
+            done = [t for t in study.trials if t.state.is_finished()]
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole search, its trial processes included
+    proc.wait()
+    assert len(done) >= 2, "the search did not finish two trials in time"
+    before = {t.number: t.value for t in done}
+
+    cfg = load_config(overrides=sets)
+    result = run_search(cfg, digits_dir, out)
+    trials = read_json(out / "trials.json")
+    assert result["trials_total"] == 5 == len(trials)  # finished ones count, none redone
+    for number, value in before.items():
+        assert next(t for t in trials if t["number"] == number)["value"] == value
+    assert result["trials_interrupted"] <= 1

@@ -13,7 +13,7 @@ from torch import nn
 
 def predict(model: nn.Module, x: np.ndarray, input_shape: list[int]) -> np.ndarray:
     out = []
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: inductor freezing fails under it
         for start in range(0, len(x), 1024):
             xb = torch.from_numpy(x[start : start + 1024]).view(-1, *input_shape)
             out.append(model(xb).argmax(1).numpy())
@@ -44,7 +44,7 @@ def latency_ms(
     reps = -(-batch // len(x))
     xb = torch.from_numpy(np.tile(x, (reps, 1))[:batch]).view(-1, *input_shape)
     times = []
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: inductor freezing fails under it
         for _ in range(max(3, repeats // 10)):
             model(xb)
         for _ in range(repeats):
@@ -52,3 +52,34 @@ def latency_ms(
             model(xb)
             times.append((time.perf_counter() - t0) * 1e3)
     return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def compare_latency(
+    models: dict[str, nn.Module],
+    x: np.ndarray,
+    input_shape: list[int],
+    batch: int,
+    repeats: int,
+    rounds: int = 5,
+) -> dict[str, dict[str, float]]:
+    """Latency of several models measured side by side: ``rounds`` rounds, each timing every
+    model ``repeats // rounds`` times in turn, so load from other processes hits all alike.
+    Returns median/min/max ms of one forward pass per model."""
+    reps = -(-batch // len(x))
+    xb = torch.from_numpy(np.tile(x, (reps, 1))[:batch]).view(-1, *input_shape)
+    per_round = max(1, repeats // rounds)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():  # not inference_mode: inductor freezing fails under it
+        for model in models.values():  # warm-up (and compile, for compiled models)
+            for _ in range(3):
+                model(xb)
+        for _ in range(rounds):
+            for name, model in models.items():
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    model(xb)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    return {
+        name: {"median": statistics.median(t), "min": min(t), "max": max(t)}
+        for name, t in times.items()
+    }

@@ -37,6 +37,76 @@ def _curves(history: list[dict]) -> str:
     return _png(fig)
 
 
+def _efficiency(history: list[dict]) -> str:
+    """Per epoch: step time split, throughput and data wait, CPU and memory of every rank."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.4))
+    bottom = [0.0] * len(history)
+    for key, label in (
+        ("data_seconds", "data wait"),
+        ("compute_seconds", "forward+backward"),
+        ("optimizer_seconds", "optimizer"),
+    ):
+        per_step = [1e3 * h.get(key, 0.0) * h["step_seconds"] / max(h["epoch_seconds"], 1e-12)
+                    for h in history]  # fmt: skip
+        ax1.bar(epochs, per_step, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, per_step, strict=True)]
+    comm = [1e3 * h.get("comm_seconds", 0.0) * h["step_seconds"] / max(h["epoch_seconds"], 1e-12)
+            for h in history]  # fmt: skip
+    if any(comm):
+        ax1.plot(epochs, comm, color="black", marker=".", label="all-reduce (overlaps)")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("ms per step")
+    ax1.legend(fontsize=8)
+    ax2.plot(epochs, [h["samples_per_second"] for h in history], marker="o", label="samples/s")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("samples/s")
+    twin = ax2.twinx()
+    twin.plot(epochs, [100 * h["data_wait_share"] for h in history], color="tab:red", marker=".")
+    twin.set_ylabel("data-wait share (%)", color="tab:red")
+    ranks = max((len(h.get("rank_cpu_percent") or []) for h in history), default=0)
+    for r in range(ranks):
+        ax3.plot(
+            epochs, [h["rank_cpu_percent"][r] for h in history], marker=".", label=f"rank {r} CPU %"
+        )
+    ax3.set_xlabel("epoch")
+    ax3.set_ylabel("CPU % (100 = one core)")
+    if ranks:
+        mem = ax3.twinx()
+        for r in range(ranks):
+            mem.plot(epochs, [h["rank_peak_rss_mib"][r] for h in history], ls="--",
+                     label=f"rank {r} peak MiB")  # fmt: skip
+        mem.set_ylabel("peak memory (MiB, dashed)")
+        ax3.legend(fontsize=8, loc="lower left")
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _efficiency_rows(m: dict[str, Any]) -> list[tuple[str, Any]]:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f} %"
+
+    rows = [
+        ("precision", m.get("train_precision")),
+        ("FLOPs per sample (forward + backward)", m.get("train_flops_per_sample")),
+        ("MFU (vs a measured dense-GEMM peak of this device)", pct(m.get("train_mfu"))),
+        ("step time: forward+backward / optimizer", f"{pct(m.get('train_compute_share'))} / "
+         f"{pct(m.get('train_optimizer_share'))}"),
+        ("all-reduce calls / time (s)", f"{m.get('train_allreduce_calls')} / "
+         f"{(m.get('train_comm_seconds') or 0):.3f}"),
+        ("CPU % per rank (100 = one core)", m.get("train_rank_cpu_percent")),
+        ("peak memory per rank (MiB)", m.get("train_rank_peak_rss_mib")),
+        ("GPU peak memory (MiB)", m.get("train_gpu_peak_mib") or "no GPU"),
+        ("checkpoints written / time (s)", f"{m.get('train_checkpoints_written')} / "
+         f"{(m.get('train_checkpoint_seconds') or 0):.3f}"),
+        ("torch.compile time (s)", m.get("train_compile_seconds") or "not compiled"),
+        ("resumed from step / restarts", f"{m.get('train_resumed_from_step')} / "
+         f"{m.get('train_restarts') or 0}"),
+    ]  # fmt: skip
+    return [(k, [round(x, 1) for x in v] if isinstance(v, list) else v) for k, v in rows]
+
+
 def _trials(trials: list[dict], goal: str) -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     colours = {"complete": "tab:blue", "pruned": "tab:orange", "fail": "tab:red"}
@@ -63,6 +133,106 @@ def _trials(trials: list[dict], goal: str) -> str:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def _search_summary(trials: list[dict], importance: dict[str, float]) -> str:
+    """Pruned vs completed (trials and the epochs they spent) and parameter importance."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.0))
+    states = ["complete", "pruned", "fail"]
+    colours = ["tab:blue", "tab:orange", "tab:red"]
+    counts = [sum(t["state"] == s for t in trials) for s in states]
+    epochs = [sum(len(t["curve"]) for t in trials if t["state"] == s) for s in states]
+    xs = range(len(states))
+    ax1.bar([x - 0.2 for x in xs], counts, width=0.4, color=colours, label="trials")
+    ax1b = ax1.twinx()
+    ax1b.bar([x + 0.2 for x in xs], epochs, width=0.4, color=colours, alpha=0.4, hatch="//")
+    ax1.set_xticks(list(xs), states)
+    ax1.set_ylabel("trials (solid)")
+    ax1b.set_ylabel("trial-epochs spent (hatched)")
+    ax1.set_title("pruned vs completed", fontsize=10)
+    if importance:
+        names = list(importance)[::-1]
+        ax2.barh(names, [importance[n] for n in names], color="tab:green")
+        ax2.set_xlabel("importance (fANOVA)")
+    else:
+        ax2.text(0.5, 0.5, "too few completed trials", ha="center", va="center")
+        ax2.set_axis_off()
+    ax2.set_title("parameter importance", fontsize=10)
+    return _png(fig)
+
+
+def search_section(tuning: dict[str, Any], trials: list[dict]) -> str:
+    """HTML of a search: summary line, plots and the trials table."""
+    html_parts = [
+        f"<p>{tuning['trials_total']} trials ({tuning['trials_complete']} complete, "
+        f"{tuning['trials_pruned']} stopped early, {tuning['trials_failed']} failed; "
+        f"{tuning.get('trial_epochs_total', '?')} trial-epochs) with "
+        f"<code>{html.escape(tuning['algorithm'])}</code>; best {tuning['metric']} "
+        f"{tuning['best_value']:.4f} at trial {tuning['best_trial']}: "
+        f"<code>{html.escape(str(tuning['best_params']))}</code></p>",
+        f"<img src='{_trials(trials, tuning['goal'])}' alt='objective vs trial'>",
+        f"<img src='{_search_summary(trials, tuning.get('param_importance') or {})}' "
+        "alt='pruned vs completed, parameter importance'>",
+    ]
+    rows = "".join(
+        f"<tr><td>{t['number']}</td><td>{t['state']}</td>"
+        f"<td>{_objective(t['value'])}</td>"
+        f"<td>{len(t['curve'])}</td><td>{t.get('world_size') or ''}</td>"
+        f"<td><code>{html.escape(str(t['params']))}</code></td>"
+        f"<td>{html.escape(t.get('error') or '')}</td></tr>"
+        for t in trials
+    )
+    html_parts.append(
+        "<table><tr><th>trial</th><th>state</th><th>objective</th><th>epochs</th>"
+        f"<th>processes</th><th>parameters</th><th>error</th></tr>{rows}</table>"
+    )
+    return "".join(html_parts)
+
+
+def render_search(tuning: dict[str, Any], trials: list[dict]) -> str:
+    """The tune step's own HTML page."""
+    return _page(
+        "kubetrain search report", "<h1>kubetrain search</h1>" + search_section(tuning, trials)
+    )
+
+
+def _quant_table(candidates: list[dict[str, Any]]) -> str:
+    """Every quantization tried: size, latency, throughput, accuracy, verdict."""
+    if not candidates:
+        return ""
+    head = (
+        "<tr><th>candidate</th><th>val accuracy</th><th>drop</th><th>size (bytes)</th>"
+        "<th>× fp32</th><th>batch 1 (ms)</th><th>batch 64 (ms)</th><th>× fp32 b64</th>"
+        "<th>samples/s b64</th><th>verdict</th></tr>"
+    )
+
+    def num(v: Any, fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
+    rows = "".join(
+        f"<tr><td>{html.escape(c['name'])}</td><td>{num(c.get('val_accuracy'), '.4f')}</td>"
+        f"<td>{num(c.get('accuracy_drop'), '+.4f')}</td><td>{num(c.get('size_bytes'), 'd')}</td>"
+        f"<td>{num(c.get('size_ratio'), '.2f')}</td><td>{num(c.get('latency_ms_b1'), '.3f')}</td>"
+        f"<td>{num(c.get('latency_ms_b64'), '.3f')}</td>"
+        f"<td>{num(c.get('latency_ratio_b64'), '.2f')}</td>"
+        f"<td>{num(c.get('samples_per_second_b64'), '.0f')}</td>"
+        f"<td>{html.escape(c.get('verdict', ''))}</td></tr>"
+        for c in candidates
+    )
+    return f"<table>{head}{rows}</table>"
+
+
+def _page(title: str, body: str) -> str:
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:left}img{max-width:100%}.verdict{font-size:1.2em;padding:.5em}"
+        ".promoted{background:#e6f4ea}.not{background:#fdecea}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{style}</style></head><body>{body}</body></html>"
+    )
 
 
 def _compare(m: dict[str, Any]) -> str:
@@ -144,32 +314,21 @@ def render(metrics: dict[str, Any], details: dict[str, Any]) -> str:
         "<h2>Summary</h2>" + _table(headline),
         "<h2>Training</h2>",
         f"<img src='{_curves(details['history'])}' alt='loss and accuracy curves'>",
+        "<h3>Efficiency</h3>",
+        f"<img src='{_efficiency(details['history'])}' alt='step time split, throughput, CPU'>",
+        _table(_efficiency_rows(m)),
         "<h2>Tuning</h2>",
     ]
     if tuning.get("enabled"):
-        parts.append(
-            f"<p>{tuning['trials_total']} trials ({tuning['trials_complete']} complete, "
-            f"{tuning['trials_pruned']} stopped early, {tuning['trials_failed']} failed) with "
-            f"<code>{html.escape(tuning['algorithm'])}</code>; best {tuning['metric']} "
-            f"{tuning['best_value']:.4f} at trial {tuning['best_trial']}: "
-            f"<code>{html.escape(str(tuning['best_params']))}</code></p>"
-            f"<img src='{_trials(details['trials'], tuning['goal'])}' alt='tuning trials'>"
-        )
-        rows = "".join(
-            f"<tr><td>{t['number']}</td><td>{t['state']}</td>"
-            f"<td>{_objective(t['value'])}</td>"
-            f"<td>{len(t['curve'])}</td><td><code>{html.escape(str(t['params']))}</code></td></tr>"
-            for t in details["trials"]
-        )
-        parts.append(
-            "<table><tr><th>trial</th><th>state</th><th>objective</th><th>epochs</th>"
-            f"<th>parameters</th></tr>{rows}</table>"
-        )
+        parts.append(search_section(tuning, details["trials"]))
     else:
         parts.append("<p>Tuning was disabled (tune.enabled=false).</p>")
+    quant = details.get("quantization") or {}
     parts += [
         "<h2>fp32 vs int8</h2>",
+        f"<p>{html.escape(quant.get('decision', ''))}</p>",
         f"<img src='{_compare(m)}' alt='fp32 vs int8'>",
+        _quant_table(quant.get("candidates") or []),
         "<p>Latency: median of repeated forward passes in this process "
         f"({m['latency_threads']} torch thread(s)); measure on the target hardware before "
         "relying on it.</p>",
@@ -178,13 +337,4 @@ def render(metrics: dict[str, Any], details: dict[str, Any]) -> str:
         "alt='confusion matrix'>",
         _table(list(details["per_class_accuracy"].items())),
     ]
-    style = (
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;"
-        "text-align:left}img{max-width:100%}.verdict{font-size:1.2em;padding:.5em}"
-        ".promoted{background:#e6f4ea}.not{background:#fdecea}"
-    )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>kubetrain report</title>"
-        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
-    )
+    return _page("kubetrain report", "".join(parts))

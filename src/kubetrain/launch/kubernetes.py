@@ -196,12 +196,15 @@ def build_pytorchjob(
     *,
     command: list[str] | None = None,
     clean_pod_policy: str | None = None,
+    checkpoints: bool = True,
 ) -> dict[str, Any]:
     """The PyTorchJob for ``cfg.train`` on the cluster, as the dict sent to the API server.
 
     1 Master + (``train.nnodes`` - 1) Workers (with ``cluster.elastic``: ``train.nnodes``
     Workers and an elasticPolicy), ``nprocPerNode = train.nproc``. ``paths`` defaults to
     ``JobPaths.for_job(cfg, name)``; ``command`` replaces the worker command (Katib trials).
+    ``checkpoints=False`` gives the pods no checkpoint directory: Katib trials of one experiment
+    share a name prefix, and one trial must never resume another's checkpoint.
     Raises KubetrainError if no image is set.
     """
     from kubeflow.training import models
@@ -213,7 +216,7 @@ def build_pytorchjob(
     if command is None:
         command = worker_command(cfg, paths.dataset, paths.model)
     labels = {"app.kubernetes.io/name": "kubetrain", "app.kubernetes.io/component": "train"}
-    template = _pod_template(cfg, _container(cfg, command, paths), labels)
+    template = _pod_template(cfg, _container(cfg, command, paths if checkpoints else None), labels)
     backoff = max(cl.backoff_limit, tc.max_restarts)
     restart = "OnFailure" if backoff else "Never"
     if cl.elastic:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,13 @@ def init_from_env() -> DistContext:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("nccl")
+        else:
+            # Bounded: under load, gloo's mesh connection after a torchrun restart can hang
+            # (seen here); a timeout turns the hang into a failure that the next restart retries.
+            seconds = float(os.environ.get("KUBETRAIN_GLOO_TIMEOUT_S", "120"))
+            dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -55,6 +62,15 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_objects(obj, ctx: DistContext) -> list:
+    """``obj`` from every rank, in rank order (just ``[obj]`` in one process)."""
+    if not ctx.distributed:
+        return [obj]
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def weights_digest(model: torch.nn.Module) -> str:

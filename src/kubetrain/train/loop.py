@@ -35,7 +35,7 @@ from kubetrain.errors import ConfigError
 from kubetrain.io import atomic_write, write_json
 from kubetrain.models import build_model, model_spec
 from kubetrain.train import checkpoint, instrument
-from kubetrain.train.distributed import DistContext, all_reduce_sum, ranks_agree
+from kubetrain.train.distributed import DistContext, all_reduce_sum, gather_objects, ranks_agree
 from kubetrain.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class EpochStats:
     gpu_percent: float | None = None
     gpu_peak_mib: float | None = None
     mfu: float | None = None
+    rank_cpu_percent: list[float] = field(default_factory=list)
+    rank_peak_rss_mib: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -352,6 +354,7 @@ def _train_epoch(run: _Run) -> EpochStats:
     seconds = run.partial["seconds"] + time.perf_counter() - t0
     loss_total, samples = all_reduce_sum([run.partial["loss_sum"], run.partial["count"]], ctx)
     resources = run.monitor.sample()
+    per_rank = gather_objects(resources, ctx)
     steps = max(1, run.sampler.steps)
     run.epoch += 1
     run.step_in_epoch = 0
@@ -372,6 +375,8 @@ def _train_epoch(run: _Run) -> EpochStats:
         comm_seconds=run.comm.seconds - comm_secs,
         allreduce_calls=run.comm.calls - comm_calls,
         **resources,
+        rank_cpu_percent=[r["cpu_percent"] for r in per_rank],
+        rank_peak_rss_mib=[r["peak_rss_mib"] for r in per_rank],
     )
     if run.flops_per_sample and steps_done:
         per_rank = stats.samples_per_second / ctx.world_size
@@ -401,6 +406,12 @@ def _summary(run: _Run, wall: float) -> dict[str, Any]:
         "allreduce_calls": sum(s.allreduce_calls for s in history),
         "cpu_percent": float(np.mean([s.cpu_percent for s in history])),
         "peak_rss_mib": max(s.peak_rss_mib for s in history),
+        "rank_peak_rss_mib": [
+            max(v) for v in zip(*(s.rank_peak_rss_mib for s in history), strict=True)
+        ],
+        "rank_cpu_percent": [
+            float(np.mean(v)) for v in zip(*(s.rank_cpu_percent for s in history), strict=True)
+        ],
         "gpu_peak_mib": max((s.gpu_peak_mib or 0 for s in history), default=0) or None,
         "flops_per_sample": run.flops_per_sample,
         "mfu": float(np.mean(mfus)) if mfus else None,

@@ -2,7 +2,12 @@
 
 The parent process asks the sampler for parameters and tells it the results; worker processes
 train one trial each and report per-epoch objectives through the shared journal storage, so the
-``medianstop`` pruner sees them as Katib's early stopping would.
+``medianstop`` and ``hyperband`` pruners see them as Katib's early stopping would. A trial with
+more than one process (``tune.trial_nproc`` or a searched ``train.nproc``) runs as torchrun
+workers (``kubetrain.tune.trial_worker``).
+
+An interrupted search resumes from the journal: finished trials are kept, trials that were
+running are marked ``interrupted`` (failed, but not counted against any budget) and re-asked.
 """
 
 from __future__ import annotations
@@ -28,17 +33,22 @@ STUDY_NAME = "kubetrain"
 JOURNAL = "study.journal"
 
 
-def _storage(path: Path) -> optuna.storages.JournalStorage:
+INTERRUPTED = "interrupted"  # user attribute of a trial cut off by an interrupted search
+
+
+def storage(path: Path) -> optuna.storages.JournalStorage:
+    """The study's journal file (appends only; safe for several processes)."""
     from optuna.storages.journal import JournalFileBackend
 
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
 def trial_config(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
-    """The config one trial trains with: tuned params applied, shorter, in one process."""
-    return cfg.with_params(
-        {**params, "train.epochs": cfg.tune.trial_epochs, "train.nproc": 1, "train.nnodes": 1}
-    )
+    """The config one trial trains with: shorter, on one node with ``tune.trial_nproc``
+    processes, and the trial's params applied last (a searched ``train.nproc`` wins)."""
+    tune = cfg.tune
+    fixed = {"train.epochs": tune.epochs_per_trial, "train.nproc": tune.trial_nproc}
+    return cfg.with_params({**fixed, "train.nnodes": 1, **params})
 
 
 _DATASETS: dict[str, Any] = {}
@@ -64,11 +74,16 @@ def run_trial(
     curve: list[float] = []
     try:
         cfg = trial_config(config_from_json(cfg_json), params)
+        if cfg.train.world_size > 1:
+            from kubetrain.tune.trial_worker import launch
+
+            work = Path(journal).parent / "trials" / str(trial_id)
+            return launch(cfg, dataset_dir, journal, trial_id, work)
         if dataset_dir not in _DATASETS:
             _DATASETS[dataset_dir] = load_dataset(dataset_dir)
         # The pruner is not kept in the storage: the worker's study needs it given again.
         study = optuna.load_study(
-            study_name=STUDY_NAME, storage=_storage(Path(journal)), pruner=make_pruner(cfg.tune)
+            study_name=STUDY_NAME, storage=storage(Path(journal)), pruner=make_pruner(cfg.tune)
         )
         trial = optuna.trial.Trial(study, trial_id)
         metric = cfg.tune.objective_metric
@@ -77,7 +92,8 @@ def run_trial(
             value = getattr(stats, metric)
             curve.append(value)
             trial.report(value, stats.epoch)
-            return trial.should_prune()
+            # Stopping after the last epoch saves nothing: the trial counts as complete.
+            return stats.epoch < cfg.train.epochs and trial.should_prune()
 
         result = fit(cfg, _DATASETS[dataset_dir], DistContext(), on_epoch=on_epoch)
         value = (
@@ -101,6 +117,7 @@ def run_trial(
         "epochs": len(curve),
         "error": error,
         "seconds": time.perf_counter() - started,
+        "world_size": 1,
     }
 
 
@@ -112,7 +129,7 @@ def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[st
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=STUDY_NAME,
-        storage=_storage(journal),
+        storage=storage(journal),
         sampler=make_sampler(tune),
         pruner=make_pruner(tune),
         direction=tune.goal,
@@ -122,10 +139,13 @@ def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[st
     budget = tune.max_trials
     if tune.algorithm == "grid":
         budget = min(budget, grid_size(tune))
-    finished = [t for t in study.trials if t.state.is_finished()]
     # Trials left RUNNING by an interrupted search are re-run; finished ones count.
     for stale in (t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING):
+        study._storage.set_trial_user_attr(stale._trial_id, INTERRUPTED, True)
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+    finished = [
+        t for t in study.trials if t.state.is_finished() and not t.user_attrs.get(INTERRUPTED)
+    ]
     # As in Katib, every finished trial (failed ones too) counts against max_trials.
     failures = sum(t.state == optuna.trial.TrialState.FAIL for t in finished)
     done = len(finished)
@@ -178,16 +198,20 @@ def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[st
     if failures > tune.max_failed_trials:
         from kubetrain.errors import KubetrainError
 
+        errors = [t.user_attrs.get("error") for t in study.trials if t.user_attrs.get("error")]
         raise KubetrainError(
             f"tuning failed: {failures} trials failed (tune.max_failed_trials = "
-            f"{tune.max_failed_trials}); first error: "
-            f"{next(r['error'] for r in records.values() if r['error'])}"
+            f"{tune.max_failed_trials}); first error: {errors[0] if errors else 'unknown'}"
         )
     return _write_results(study, records, cfg, out_dir, time.perf_counter() - started)
 
 
 def _tell(study: optuna.Study, trial: optuna.trial.Trial, rec: dict[str, Any]) -> None:
     states = optuna.trial.TrialState
+    # Kept in the study, so a resumed search still reports them.
+    for key in ("error", "seconds", "world_size"):
+        if rec.get(key) is not None:
+            trial.set_user_attr(key, rec[key])
     try:
         if rec["state"] == "complete":
             study.tell(trial, rec["value"])
@@ -208,17 +232,21 @@ def _write_results(
     trials = []
     for t in study.trials:
         rec = records.get(t.number, {})
+        state = INTERRUPTED if t.user_attrs.get(INTERRUPTED) else t.state.name.lower()
         trials.append(
             {
                 "number": t.number,
-                "state": t.state.name.lower(),
+                "state": state,
                 "value": t.value,
                 "params": t.params,
                 "curve": rec.get("curve") or [v for _, v in sorted(t.intermediate_values.items())],
-                "seconds": rec.get("seconds"),
-                "error": rec.get("error"),
+                "seconds": rec.get("seconds", t.user_attrs.get("seconds")),
+                "error": rec.get("error", t.user_attrs.get("error")),
+                "world_size": rec.get("world_size", t.user_attrs.get("world_size")),
             }
         )
+    interrupted = [t for t in trials if t["state"] == INTERRUPTED]
+    trials = [t for t in trials if t["state"] != INTERRUPTED]
     complete = [t for t in trials if t["state"] == "complete"]
     if not complete:
         from kubetrain.errors import KubetrainError
@@ -237,17 +265,38 @@ def _write_results(
         "trials_complete": len(complete),
         "trials_pruned": sum(t["state"] == "pruned" for t in trials),
         "trials_failed": sum(t["state"] == "fail" for t in trials),
+        "trials_interrupted": len(interrupted),
         "trial_epochs_total": sum(len(t["curve"]) for t in trials),
+        "param_importance": param_importance(study, cfg.tune.seed),
         "search_seconds": seconds,
     }
     write_json(out_dir / "trials.json", trials)
-    write_json(out_dir / "best_params.json", result)
+    from kubetrain.evaluate.report import render_search
+
+    (out_dir / "report.html").write_text(render_search(result, trials))
+    write_json(out_dir / "best_params.json", result)  # last: marks a complete search artifact
     return result
+
+
+def param_importance(study: optuna.Study, seed: int = 0) -> dict[str, float]:
+    """fANOVA importance of each searched parameter over the completed trials ({} if too few)."""
+    from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return {}
+    try:
+        found = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=seed))
+    except (RuntimeError, ValueError) as err:  # e.g. every trial had the same values
+        log.info("no parameter importance: %s", err)
+        return {}
+    return {name: float(value) for name, value in found.items()}
 
 
 def disabled_result(out_dir: Path) -> dict[str, Any]:
     """What the tune step writes when tuning is off: no parameters to change."""
     result = {"enabled": False, "best_params": {}, "trials_total": 0}
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "trials.json", [])
     write_json(out_dir / "best_params.json", result)
     return result

@@ -58,7 +58,8 @@ def make_sampler(tune: TuneConfig) -> optuna.samplers.BaseSampler:
     seed = _int_setting(settings, "random_state") or tune.seed
     startup = _int_setting(settings, "n_startup_trials", "n_initial_points")
     algo = tune.algorithm
-    if algo == "random":
+    # Katib's hyperband samples each bracket's configurations at random.
+    if algo in ("random", "hyperband"):
         return optuna.samplers.RandomSampler(seed=seed)
     if algo == "grid":
         grid = {p.name: p.grid_values() for p in tune.parameters}
@@ -67,7 +68,7 @@ def make_sampler(tune: TuneConfig) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(
             seed=seed,
             n_startup_trials=startup if startup is not None else 3,
-            n_ei_candidates=_int_setting(settings, "n_ei_candidates") or 24,
+            n_ei_candidates=_int_setting(settings, "n_ei_candidates", "n_EI_candidates") or 24,
             multivariate=algo == "multivariate-tpe",
             constant_liar=tune.parallel_trials > 1,
         )
@@ -82,6 +83,12 @@ def make_sampler(tune: TuneConfig) -> optuna.samplers.BaseSampler:
     if algo == "sobol":
         return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
     if algo == "bayesianoptimization":
+        estimator = str(settings.get("base_estimator", "GP"))
+        if estimator != "GP":
+            raise ConfigError(
+                f"config error: tune.algorithm_settings.base_estimator: '{estimator}': locally "
+                "bayesianoptimization is a Gaussian process (GP) only"
+            )
         return optuna.samplers.GPSampler(
             seed=seed, n_startup_trials=startup if startup is not None else 3
         )
@@ -89,7 +96,17 @@ def make_sampler(tune: TuneConfig) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
-    """Katib's medianstop: stop a trial whose result at a step is below the median of others."""
+    """Katib's medianstop (stop a trial whose best result so far is below the median of the
+    completed trials at the same epoch, once ``min_trials_required`` trials completed and from
+    epoch ``start_step``), or hyperband's successive halving over epochs (``eta``, ``r_l``)."""
+    if tune.algorithm == "hyperband":
+        settings = tune.algorithm_settings
+        return optuna.pruners.HyperbandPruner(
+            min_resource=_int_setting(settings, "min_resource") or 1,
+            # Explicit: "auto" would be inferred separately in every trial process.
+            max_resource=tune.epochs_per_trial,
+            reduction_factor=_int_setting(settings, "eta") or 3,
+        )
     es = tune.early_stopping
     if es.algorithm == "medianstop":
         return optuna.pruners.MedianPruner(

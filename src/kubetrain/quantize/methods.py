@@ -1,0 +1,219 @@
+"""The quantization methods: fp32 module in, artifact directory out (see ``artifact``).
+
+| candidate                  | how                                                     | runs as     |
+|----------------------------|---------------------------------------------------------|-------------|
+| `none/fp32`                | the fp32 model, exported                                | eager       |
+| `weight_only_int8/torchao` | ``quantize_(Int8WeightOnlyConfig)``, exported           | eager       |
+| `dynamic_int8/torchao`     | ``quantize_(Int8DynamicActivationInt8WeightConfig)``    | eager       |
+| `dynamic_int8/fbgemm`      | ``torch.ao.quantization.quantize_dynamic`` (deprecated) | TorchScript |
+| `static_int8/x86_inductor` | PT2E + ``X86InductorQuantizer``, calibrated on train    | inductor    |
+| `qat_int8/x86_inductor`    | PT2E QAT with the same quantizer, fine-tuned, converted | inductor    |
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kubetrain.config import QuantizeConfig
+from kubetrain.errors import KubetrainError
+from kubetrain.quantize import artifact
+
+CHEAP_FIRST = (
+    "weight_only_int8/torchao",
+    "dynamic_int8/torchao",
+    "dynamic_int8/fbgemm",
+    "static_int8/x86_inductor",
+    "qat_int8/x86_inductor",
+)
+
+
+def candidate_for(method: str, qcfg: QuantizeConfig) -> str:
+    """The ``method/backend`` name of an explicitly chosen method."""
+    return {
+        "none": "none/fp32",
+        "weight_only_int8": "weight_only_int8/torchao",
+        "dynamic_int8": f"dynamic_int8/{qcfg.dynamic_backend}",
+        "static_int8": "static_int8/x86_inductor",
+        "qat_int8": "qat_int8/x86_inductor",
+    }[method]
+
+
+def build(
+    name: str,
+    model: nn.Module,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    input_shape: list[int],
+    qcfg: QuantizeConfig,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Quantize a copy of ``model`` as candidate ``name`` into ``out_dir``; returns its info."""
+    method, backend = name.split("/")
+    started = time.perf_counter()
+    model = copy.deepcopy(model).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(qcfg.seed)
+    example = _batch(x_train, input_shape, torch.randperm(len(x_train), generator=gen)[:64])
+    info: dict[str, Any] = {"name": name, "method": method, "backend": backend}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao deprecation and export chatter
+        if backend == "fbgemm":
+            info.update(_fbgemm_dynamic(model, example, out_dir))
+        else:
+            if method in ("weight_only_int8", "dynamic_int8"):
+                _torchao(model, method)
+            elif method == "static_int8":
+                idx = torch.randperm(len(x_train), generator=gen)[: qcfg.calibration_samples]
+                model = _pt2e_static(model, _batch(x_train, input_shape, idx), example, qcfg)
+            elif method == "qat_int8":
+                model, info["qat"] = _pt2e_qat(model, x_train, y_train, input_shape, qcfg)
+            imports = artifact.export_program(model, example, out_dir / artifact.PROGRAM)
+            info.update(
+                format="torch.export",
+                file=artifact.PROGRAM,
+                runtime="inductor" if backend == "x86_inductor" else "eager",
+                imports=imports,
+            )
+    path = out_dir / info["file"]
+    info["size_bytes"] = artifact.tensor_bytes(path)
+    info["file_bytes"] = path.stat().st_size
+    info["quantize_seconds"] = time.perf_counter() - started
+    (out_dir / artifact.INFO).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _batch(x: np.ndarray, input_shape: list[int], idx: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(x[idx.numpy()]).view(-1, *input_shape)
+
+
+def _torchao(model: nn.Module, method: str) -> None:
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+    from torchao.utils import unwrap_tensor_subclass
+
+    config = Int8WeightOnlyConfig() if method == "weight_only_int8" else None
+    quantize_(model, config or Int8DynamicActivationInt8WeightConfig())
+    # Plain tensors + ops instead of tensor subclasses: exportable without pickled weights.
+    unwrap_tensor_subclass(model)
+
+
+def _fbgemm_dynamic(model: nn.Module, example: torch.Tensor, out_dir: Path) -> dict[str, Any]:
+    from torch.ao.quantization import quantize_dynamic
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise KubetrainError("dynamic_int8/fbgemm: this CPU build has no fbgemm engine")
+    torch.backends.quantized.engine = "fbgemm"
+    qmodel = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with torch.inference_mode():
+        script = torch.jit.freeze(torch.jit.trace(qmodel, example))
+    script.save(str(out_dir / artifact.SCRIPT))
+    return {"format": "torchscript", "file": artifact.SCRIPT, "runtime": "torchscript"}
+
+
+def _x86_quantizer(qcfg: QuantizeConfig, is_qat: bool = False):
+    # Imported only here: importing this module breaks torch.compile of torchao quantize_
+    # models in the same process (torchao 0.18), and nothing else compiles those.
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(
+        xiq.get_default_x86_inductor_quantization_config(
+            is_qat=is_qat, reduce_range=qcfg.reduce_range
+        )
+    )
+    return quantizer
+
+
+def _strip_unused(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Drop the fp32 parameters ``convert_pt2e`` leaves attached beside their int8 copies."""
+    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for name in [n for n, _ in gm.named_parameters()] + [n for n, _ in gm.named_buffers()]:
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+    return gm
+
+
+def _pt2e_static(
+    model: nn.Module, calib: torch.Tensor, example: torch.Tensor, qcfg: QuantizeConfig
+) -> nn.Module:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    graph = torch.export.export(
+        model, (example,), dynamic_shapes=artifact.batch_dynamic_shapes()
+    ).module()
+    prepared = prepare_pt2e(graph, _x86_quantizer(qcfg))
+    with torch.no_grad():
+        for start in range(0, len(calib), 64):
+            prepared(calib[start : start + 64])
+    return _strip_unused(convert_pt2e(prepared))
+
+
+def _pt2e_qat(
+    model: nn.Module,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    input_shape: list[int],
+    qcfg: QuantizeConfig,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fake-quantize with the x86 quantizer's QAT config, fine-tune, convert to int8."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+
+    gen = torch.Generator().manual_seed(qcfg.seed)
+    bs = min(qcfg.qat_batch_size, len(x_train))
+    example = _batch(x_train, input_shape, torch.arange(bs))
+    graph = torch.export.export(
+        model.train(), (example,), dynamic_shapes=artifact.batch_dynamic_shapes()
+    ).module()
+    prepared = prepare_qat_pt2e(graph, _x86_quantizer(qcfg, is_qat=True))
+    move_exported_model_to_train(prepared)
+    optimizer = torch.optim.Adam(prepared.parameters(), lr=qcfg.qat_lr)
+    y = torch.from_numpy(y_train)
+    losses = []
+    for _ in range(qcfg.qat_epochs):
+        order = torch.randperm(len(x_train), generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, len(order) - bs + 1, bs):  # whole batches only
+            idx = order[start : start + bs]
+            loss = F.cross_entropy(prepared(_batch(x_train, input_shape, idx)), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item() * bs, count + bs
+        losses.append(total / max(count, 1))
+    move_exported_model_to_eval(prepared)
+    converted = _strip_unused(convert_pt2e(prepared))
+    return converted, {"epochs": qcfg.qat_epochs, "lr": qcfg.qat_lr, "train_loss": losses}
+
+
+def fp32_program(model: nn.Module, example: torch.Tensor, out_dir: Path) -> dict[str, Any]:
+    """The fp32 model as an exported program (what ``on_drop: keep_fp32`` ships)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    imports = artifact.export_program(model.eval(), example, out_dir / artifact.PROGRAM)
+    info = {
+        "name": "none/fp32",
+        "method": "none",
+        "backend": "fp32",
+        "format": "torch.export",
+        "file": artifact.PROGRAM,
+        "runtime": "eager",
+        "imports": imports,
+        "size_bytes": artifact.tensor_bytes(out_dir / artifact.PROGRAM),
+        "file_bytes": (out_dir / artifact.PROGRAM).stat().st_size,
+    }
+    (out_dir / artifact.INFO).write_text(json.dumps(info, indent=2))
+    return info

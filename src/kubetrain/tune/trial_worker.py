@@ -1,0 +1,129 @@
+"""One search trial as a DDP job: ``torchrun ... -m kubetrain.tune.trial_worker``.
+
+Rank 0 reports each epoch's objective to the study and asks the pruner; the decision is summed
+over ranks so every rank stops at the same epoch (a rank that stopped alone would hang the
+others in their next all-reduce). Rank 0 writes the trial's result as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kubetrain.config import PipelineConfig
+from kubetrain.io import read_json, write_json
+
+
+def launch(
+    cfg: PipelineConfig, dataset_dir: str, journal: str, trial_id: int, work_dir: Path
+) -> dict[str, Any]:
+    """Run the trial ``cfg`` (already the trial's config) as torchrun workers; return its result.
+
+    Never raises for a failed trial: the result says ``failed`` with the workers' last lines.
+    """
+    from kubetrain.launch.local import free_port, threads_per_process
+
+    tc = cfg.train
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config_file = write_json(work_dir / "config.json", cfg.model_dump(mode="json"))
+    result_file = work_dir / "result.json"
+    result_file.unlink(missing_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process(cfg, tc.world_size)))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes=1", f"--nproc-per-node={tc.nproc}", "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}", "--max-restarts=0", "--monitor-interval=0.2",
+        "-m", "kubetrain.tune.trial_worker",
+        "--dataset", dataset_dir, "--config-json", str(config_file), "--journal", journal,
+        "--trial-id", str(trial_id), "--result", str(result_file),
+    ]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode == 0 and result_file.is_file():
+        return read_json(result_file)
+    tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]
+    return {
+        "state": "failed",
+        "value": None,
+        "curve": [],
+        "epochs": 0,
+        "error": f"torchrun exited with {proc.returncode}: " + " | ".join(tail),
+        "seconds": time.perf_counter() - started,
+        "world_size": tc.world_size,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetrain.tune.trial_worker")
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--config-json", required=True, type=Path)
+    parser.add_argument("--journal", required=True)
+    parser.add_argument("--trial-id", required=True, type=int)
+    parser.add_argument("--result", required=True, type=Path)
+    args = parser.parse_args(argv)
+
+    import optuna
+    import torch
+
+    from kubetrain.config import config_from_json
+    from kubetrain.data import load_dataset
+    from kubetrain.train.distributed import all_reduce_sum, init_from_env, shutdown
+    from kubetrain.train.loop import Stopped, fit
+    from kubetrain.tune.local import STUDY_NAME, storage
+    from kubetrain.tune.space import make_pruner
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.WARNING, format=f"[trial rank {rank}] %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    cfg = config_from_json(args.config_json.read_text())
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ctx = init_from_env()
+    trial = None
+    if ctx.is_main:
+        study = optuna.load_study(
+            study_name=STUDY_NAME, storage=storage(Path(args.journal)), pruner=make_pruner(cfg.tune)
+        )
+        trial = optuna.trial.Trial(study, args.trial_id)
+    metric = cfg.tune.objective_metric
+    curve: list[float] = []
+
+    def on_epoch(stats) -> bool:
+        value = getattr(stats, metric)
+        curve.append(value)
+        stop = 0.0
+        if trial is not None:
+            trial.report(value, stats.epoch)
+            stop = float(stats.epoch < cfg.train.epochs and trial.should_prune())
+        return all_reduce_sum([stop], ctx)[0] > 0
+
+    state = "complete"
+    try:
+        fit(cfg, load_dataset(args.dataset), ctx, on_epoch=on_epoch)
+    except Stopped:
+        state = "pruned"
+    if ctx.is_main:
+        write_json(
+            args.result,
+            {
+                "state": state,
+                "value": curve[-1] if curve else None,
+                "curve": curve,
+                "epochs": len(curve),
+                "error": None,
+                "seconds": time.perf_counter() - started,
+                "world_size": ctx.world_size,
+            },
+        )
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
