@@ -189,7 +189,7 @@ def bench_data_wait(data, rounds: int) -> dict[str, Any]:
 # -- 3. DDP + accumulation: all-reduce count and step time with and without no_sync -------------
 def bench_no_sync(data, rounds: int) -> dict[str, Any]:
     res: dict[str, dict[str, list[float]]] = {}
-    for _ in range(rounds):
+    for r in range(rounds):
         for flag in (True, False):
             cfg = load_config(
                 overrides=[
@@ -199,9 +199,10 @@ def bench_no_sync(data, rounds: int) -> dict[str, Any]:
                     "train.batch_size=256",
                     f"train.no_sync={str(flag).lower()}",
                     "train.checkpoint_every_steps=0",
+                    "train.resume=false",
                 ]
             )
-            out = WORK / f"nosync-{flag}"
+            out = WORK / f"nosync-{flag}-{r}"
             LocalLauncher().run(cfg, data.path, out)
             m = json.loads((out / "metrics.json").read_text())
             r = res.setdefault(
@@ -262,7 +263,7 @@ def bench_pipeline(rounds: int) -> dict[str, Any]:
         steps.preprocess(cfg, d / "ds")
         steps.tune(cfg, d / "ds", d / "tune")
         steps.train(cfg, d / "ds", d / "model", params_file=d / "tune" / "best_params.json")
-        steps.quantize(cfg, d / "model", d / "q")
+        steps.quantize(cfg, d / "ds", d / "model", d / "q")
         steps.evaluate(cfg, d / "ds", d / "model", d / "q", d / "eval", d / "tune")
         sums.append(time.perf_counter() - t0)
     overhead = [1 - s / w for s, w in zip(sums, walls, strict=True)]
@@ -360,7 +361,10 @@ def main() -> None:
     os.environ["KUBETRAIN_PROGRESS"] = "0"
     chosen = [b for b in args.only.split(",") if b] or [*BENCHES, "pipeline"]
     data = dataset()
-    results: dict[str, Any] = {"machine": machine()}
+    results: dict[str, Any] = {}
+    if args.only and (RESULTS / "train.json").exists():  # refresh some, keep the others
+        results = json.loads((RESULTS / "train.json").read_text())
+    results["machine"] = machine()
     for name in chosen:
         started = time.perf_counter()
         if name == "pipeline":
@@ -368,6 +372,10 @@ def main() -> None:
         else:
             results[name] = BENCHES[name](data, args.rounds)
         print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        write(results)  # after each benchmark: a late failure keeps what was measured
+
+
+def write(results: dict[str, Any]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train.json").write_text(json.dumps(results, indent=2))
     command = "python benchmarks/train_bench.py " + " ".join(sys.argv[1:])

@@ -105,15 +105,32 @@ def _identity(batch):
     return batch
 
 
+class _InProcessLoader:
+    """``num_workers=0``: each micro-batch is one gather, without DataLoader's fetch machinery
+    (which costs more than a small model's step on the main thread)."""
+
+    def __init__(self, dataset: ArrayDataset, sampler: GlobalBatchSampler) -> None:
+        self.dataset, self.sampler = dataset, sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for key in self.sampler:
+            yield self.dataset.__getitems__(key)
+
+
 def make_train_loader(
     dataset: ArrayDataset, sampler: GlobalBatchSampler, num_workers: int
-) -> DataLoader:
+) -> DataLoader | _InProcessLoader:
+    if num_workers == 0:
+        return _InProcessLoader(dataset, sampler)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=_identity,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=True,
         pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if num_workers > 0 else None,
+        prefetch_factor=4,
     )

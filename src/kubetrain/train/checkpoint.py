@@ -8,10 +8,12 @@ one is tried. The fingerprint keeps a job from resuming another job's checkpoint
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import random
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,40 @@ def save(directory: Path, step: int, state: dict[str, Any], fingerprint: str, ke
         old.with_suffix(".json").unlink(missing_ok=True)
         old.unlink(missing_ok=True)
     return path
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of ``state`` whose tensors training can no longer change (for a background write)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return copy.deepcopy(state)
+
+
+class AsyncWriter:
+    """Writes checkpoints on a background thread: training only pays for the snapshot.
+
+    One write at a time: a new ``submit`` (and ``wait``) first finishes the previous one and
+    re-raises its error, so a failed write is never silently lost.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    def submit(
+        self, directory: Path, step: int, state: dict[str, Any], fingerprint: str, keep: int
+    ) -> None:
+        self.wait()
+        self._pending = self._pool.submit(save, directory, step, snapshot(state), fingerprint, keep)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
 
 def load_latest(directory: Path, fingerprint: str) -> dict[str, Any] | None:

@@ -181,6 +181,7 @@ class _Run:
         self.checkpoints_written = 0
         self.checkpoint_seconds = 0.0
         self.checkpoint_dir: Path | None = None
+        self.writer = checkpoint.AsyncWriter()
 
     # -- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -214,7 +215,8 @@ class _Run:
             return
         started = time.perf_counter()
         if self.ctx.is_main:
-            checkpoint.save(
+            # Only the snapshot blocks training; the file is written on a background thread.
+            self.writer.submit(
                 self.checkpoint_dir, self.global_step, self.state(), self.fingerprint,
                 self.tc.keep_checkpoints,
             )  # fmt: skip
@@ -251,6 +253,14 @@ def fit(
         state = checkpoint.load_latest(checkpoint_dir, run.fingerprint)
         if state is not None:
             run.restore(state)
+    try:
+        return _fit(run, on_epoch)
+    finally:
+        run.writer.wait()  # every checkpoint is on disk when fit returns or raises
+
+
+def _fit(run: _Run, on_epoch: EpochCallback | None) -> FitResult:
+    tc, ctx, data = run.tc, run.ctx, run.data
     x_val, y_val = data.split("val")
     started = time.perf_counter()
     while run.epoch < tc.epochs:
@@ -270,6 +280,9 @@ def fit(
             raise Stopped(f"stopped after epoch {stats.epoch}")
     if run.checkpoint_dir is not None and run.resumed_from != run.global_step:
         run.save_checkpoint()  # the final state, unless we resumed from it
+    waited = time.perf_counter()
+    run.writer.wait()  # the job is not done before its last checkpoint is: that wait counts
+    run.checkpoint_seconds += time.perf_counter() - waited
     return FitResult(run.model, run.history, _summary(run, time.perf_counter() - started))
 
 
