@@ -72,14 +72,17 @@ class LocalLauncher:
         port = free_port()
         run_id = f"kubetrain-{port}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process(cfg, tc.world_size)))
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback too (one machine)
         agents = []
         for _ in range(tc.nnodes):
             cmd = [
                 sys.executable, "-m", "torch.distributed.run",
                 f"--nnodes={tc.nnodes}", f"--nproc-per-node={tc.nproc}",
                 # c10d rendezvous (not a static master address): after a failure the restarted
-                # group meets again through the agents' store, which a static one does poorly.
+                # group meets again through the agents' store. Everything on loopback: the
+                # host name may resolve to an address this sandbox cannot connect to.
                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
+                "--local-addr=127.0.0.1",
                 f"--max-restarts={tc.max_restarts}", "--monitor-interval=0.2",
                 "-m", "kubetrain.train.worker",
                 "--dataset", str(dataset_dir), "--config-json", str(config_file),
