@@ -189,7 +189,7 @@ def bench_data_wait(data, rounds: int) -> dict[str, Any]:
 # -- 3. DDP + accumulation: all-reduce count and step time with and without no_sync -------------
 def bench_no_sync(data, rounds: int) -> dict[str, Any]:
     res: dict[str, dict[str, list[float]]] = {}
-    for r in range(rounds):
+    for round_ in range(rounds):
         for flag in (True, False):
             cfg = load_config(
                 overrides=[
@@ -202,7 +202,7 @@ def bench_no_sync(data, rounds: int) -> dict[str, Any]:
                     "train.resume=false",
                 ]
             )
-            out = WORK / f"nosync-{flag}-{r}"
+            out = WORK / f"nosync-{flag}-{round_}"
             LocalLauncher().run(cfg, data.path, out)
             m = json.loads((out / "metrics.json").read_text())
             r = res.setdefault(

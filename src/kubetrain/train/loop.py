@@ -12,6 +12,7 @@ resumed deterministic CPU run ends with the same weights as an uninterrupted one
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -310,6 +311,12 @@ def _train_epoch(run: _Run) -> EpochStats:
     wait = compute = optim = 0.0
     comm_calls, comm_secs = run.comm.calls, run.comm.seconds
     steps_done = 0
+    scaling = run.scaler.is_enabled()
+    loss_acc = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    if run.autocast_dtype is None:
+        autocast = contextlib.nullcontext
+    else:
+        autocast = functools.partial(torch.autocast, ctx.device.type, dtype=run.autocast_dtype)
     t0 = time.perf_counter()
     batches = iter(run.loader)
     show = ctx.is_main and sys.stderr.isatty() and os.environ.get("KUBETRAIN_PROGRESS", "1") != "0"
@@ -331,23 +338,25 @@ def _train_epoch(run: _Run) -> EpochStats:
                 skip_sync = ctx.distributed and tc.no_sync and micro < accum - 1
                 with (
                     run.net.no_sync() if skip_sync else contextlib.nullcontext(),
-                    torch.autocast(
-                        ctx.device.type,
-                        dtype=run.autocast_dtype or torch.float32,
-                        enabled=run.autocast_dtype is not None,
-                    ),
+                    autocast(),
                 ):
                     loss = F.cross_entropy(run.net(xb).float(), yb)
-                run.scaler.scale(loss / accum).backward()
-                run.partial["loss_sum"] += loss.item() * len(yb)
+                scaled = loss / accum if accum > 1 else loss
+                (run.scaler.scale(scaled) if scaling else scaled).backward()
+                # Summed on the device; read once per epoch/checkpoint, not synced every step.
+                loss_acc += loss.detach() * len(yb)
                 run.partial["count"] += len(yb)
                 compute += time.perf_counter() - t_compute
             t_optim = time.perf_counter()
             if tc.max_grad_norm:
-                run.scaler.unscale_(run.optimizer)
+                if scaling:
+                    run.scaler.unscale_(run.optimizer)
                 torch.nn.utils.clip_grad_norm_(run.net.parameters(), tc.max_grad_norm)
-            run.scaler.step(run.optimizer)
-            run.scaler.update()
+            if scaling:
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+            else:
+                run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             if ctx.device.type == "cuda":
@@ -361,10 +370,13 @@ def _train_epoch(run: _Run) -> EpochStats:
             if bar is not None:
                 bar.update(bar.task_ids[0], completed=run.step_in_epoch)
             if tc.checkpoint_every_steps and run.global_step % tc.checkpoint_every_steps == 0:
+                run.partial["loss_sum"] += loss_acc.item()
+                loss_acc.zero_()
                 run.partial["seconds"] += time.perf_counter() - t0
                 run.save_checkpoint()
                 t0 = time.perf_counter()
     seconds = run.partial["seconds"] + time.perf_counter() - t0
+    run.partial["loss_sum"] += loss_acc.item()
     loss_total, samples = all_reduce_sum([run.partial["loss_sum"], run.partial["count"]], ctx)
     resources = run.monitor.sample()
     per_rank = gather_objects(resources, ctx)
