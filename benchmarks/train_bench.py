@@ -291,14 +291,11 @@ def machine() -> dict[str, Any]:
     }
 
 
-def render(results: dict[str, Any], command: str) -> str:
-    lines = [
-        "## Training efficiency",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {results['machine']}",
-        "",
-    ]
+def render(results: dict[str, Any]) -> str:
+    lines = ["## Training efficiency", "", f"Machine: {results['machine']}", "",
+             "Each part and the run that measured it (`--only` refreshes parts, keeps the rest):", ""]  # fmt: skip
+    lines += [f"- {name}: {how}" for name, how in results.get("runs", {}).items()]
+    lines.append("")
     if "loop" in results:
         lines += ["### Training loop throughput (samples/s, median (min–max) of rounds; epochs 2+)", "",
                   "| model | kubetrain | plain loop | Lightning | kubetrain / plain | kubetrain / Lightning |",
@@ -372,14 +369,17 @@ def main() -> None:
         else:
             results[name] = BENCHES[name](data, args.rounds)
         print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        command = "python benchmarks/train_bench.py " + " ".join(sys.argv[1:])
+        results.setdefault("runs", {})[name] = (
+            f"`{command.strip()}` at {results['machine']['date']}"
+        )
         write(results)  # after each benchmark: a late failure keeps what was measured
 
 
 def write(results: dict[str, Any]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train.json").write_text(json.dumps(results, indent=2))
-    command = "python benchmarks/train_bench.py " + " ".join(sys.argv[1:])
-    section = render(results, command.strip())
+    section = render(results)
     (RESULTS / "train.md").write_text(section)
     print(section)
 
