@@ -10,7 +10,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, List, Literal  # noqa: UP035 (List: a field is named "list")
+from typing import Any, ClassVar, List, Literal  # noqa: UP035 (List: a field is named "list")
 
 import yaml
 from pydantic import (
@@ -167,6 +167,15 @@ class TrainConfig(_Section):
     max_restarts: int = Field(
         0, ge=0, le=100, description="Restarts of the worker group after a failure (torchrun)."
     )
+
+    # Fields that change how a job runs, not what it computes: a checkpoint stays valid and a
+    # promoted model stays current across them (batches are global, so nproc/nnodes too).
+    RUN_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "nproc", "nnodes", "num_threads", "checkpoint_every_steps", "checkpoint_dir",
+            "keep_checkpoints", "resume", "max_restarts", "compile", "no_sync",
+        }
+    )  # fmt: skip
 
     @property
     def world_size(self) -> int:
@@ -615,6 +624,12 @@ class PipelineConfig(_Section):
         for key, value in params.items():
             _set_dotted(data, key, value)
         return validate_config(data)
+
+    def fingerprint_json(self, *sections: str) -> str:
+        """Like ``sections_json``, without the train fields that do not change the result."""
+        exclude = {"train": set(TrainConfig.RUN_ONLY_FIELDS)} if "train" in sections else None
+        data = self.model_dump(mode="json", include=set(sections), exclude=exclude)
+        return json.dumps(data, sort_keys=True)
 
     def sections_json(self, *sections: str) -> str:
         """JSON of only the named sections: a step's inputs, so caching keys on what it uses."""

@@ -38,7 +38,7 @@ FINGERPRINT_SECTIONS = ("data", "model", "train", "tune", "quantize", "evaluate"
 def fingerprint(cfg: PipelineConfig, dataset_version: str) -> str:
     """16 hex digits naming the dataset version and the model-shaping config."""
     h = hashlib.sha256(dataset_version.encode())
-    h.update(cfg.sections_json(*FINGERPRINT_SECTIONS).encode())
+    h.update(cfg.fingerprint_json(*FINGERPRINT_SECTIONS).encode())
     return h.hexdigest()[:16]
 
 

@@ -87,3 +87,14 @@ def test_promote_step_publishes_to_the_registry(tmp_path):
 def test_only_if_changed_needs_a_registry():
     with pytest.raises(Exception, match=r"only_if_changed needs retrain\.registry"):
         load_config(None, BASE)
+
+
+def test_fingerprint_ignores_how_a_job_runs_but_not_what_it_computes():
+    from kubetrain.registry import fingerprint
+
+    cfg = load_config(None, [])
+    same = cfg.with_params({"train.checkpoint_dir": "/elsewhere", "train.nproc": 1,
+                            "train.max_restarts": 3})  # fmt: skip
+    assert fingerprint(cfg, "v1") == fingerprint(same, "v1")
+    assert fingerprint(cfg, "v1") != fingerprint(cfg.with_params({"train.lr": 0.01}), "v1")
+    assert fingerprint(cfg, "v1") != fingerprint(cfg, "v2")

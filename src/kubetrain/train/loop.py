@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubetrain.config import PipelineConfig
+from kubetrain.config import PipelineConfig, TrainConfig
 from kubetrain.data.dataset import DatasetArtifact
 from kubetrain.data.loader import ArrayDataset, GlobalBatchSampler, make_train_loader
 from kubetrain.errors import ConfigError
@@ -46,10 +46,7 @@ EpochCallback = Callable[["EpochStats"], bool]
 
 # Config fields that do not change what is computed: a checkpoint stays valid across them (so a
 # job may resume on another number of processes: batches are global).
-_NOT_IN_FINGERPRINT = {
-    "nproc", "nnodes", "num_threads", "checkpoint_every_steps", "checkpoint_dir",
-    "keep_checkpoints", "resume", "max_restarts", "compile", "no_sync",
-}  # fmt: skip
+_NOT_IN_FINGERPRINT = set(TrainConfig.RUN_ONLY_FIELDS)
 
 
 class Stopped(Exception):
