@@ -6,7 +6,7 @@ import yaml
 from tests.conftest import run_cli
 
 
-def _one_line_error(proc, code: int, expected: str) -> None:
+def check_one_line_error(proc, code: int, expected: str) -> None:
     assert proc.returncode == code, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("kubetrain:")]
     assert len(lines) == 1 and expected in lines[0], proc.stderr
@@ -35,14 +35,14 @@ def test_config_show_prints_the_effective_config():
 def test_run_rejects_bad_input_before_writing_anything(tmp_path, args, code, expected):
     out = tmp_path / "run"
     proc = run_cli("run", "--output", str(out), *args)
-    _one_line_error(proc, code, expected)
+    check_one_line_error(proc, code, expected)
     assert not out.exists()
 
 
 def test_run_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     proc = run_cli("run", "--output", str(tmp_path))
-    _one_line_error(proc, 1, "not a kubetrain run directory")
+    check_one_line_error(proc, 1, "not a kubetrain run directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
 
 
@@ -51,7 +51,7 @@ def test_csv_errors_name_the_column(tmp_path):
     data.write_text("a,b,y\n1,2,x\n3,4,z\n")
     proc = run_cli("preprocess", "--output", str(tmp_path / "ds"), "--set",
                    f"data.source={data}", "--set", "data.label_column=target")  # fmt: skip
-    _one_line_error(proc, 1, "no label column 'target' (columns: a, b, y)")
+    check_one_line_error(proc, 1, "no label column 'target' (columns: a, b, y)")
 
 
 def test_compile_writes_the_pipeline_ir(tmp_path):
@@ -89,4 +89,4 @@ def test_each_step_runs_alone_on_artifacts_on_disk(tmp_path):
 
 def test_step_rejects_a_path_that_is_not_an_artifact(tmp_path):
     proc = run_cli("train", "--dataset", str(tmp_path), "--output", str(tmp_path / "m"))
-    _one_line_error(proc, 1, "not a dataset artifact (no meta.json)")
+    check_one_line_error(proc, 1, "not a dataset artifact (no meta.json)")

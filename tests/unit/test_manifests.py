@@ -87,10 +87,15 @@ def test_overlay_renders_every_object(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_core_objects_match_the_kubernetes_schemas(overlay):
+    validated = []
     for doc in rendered(overlay):
         if doc["apiVersion"].startswith("kubeflow.org/"):
             continue  # custom resources: see the official-model test below
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on a bad field
+        validated.append(doc["kind"])
+    assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim"} <= set(
+        validated
+    )
 
 
 def test_the_schema_check_catches_a_misspelt_field():
