@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 from pathlib import Path
 
 import pytest
-import yaml
 from kubeflow_katib_api.models import V1beta1Experiment
 from pydantic import ValidationError
 
+from fakes.golden import golden
 from fakes.kube_apiserver import condition, running
 from kubetrain import steps
 from kubetrain.config import load_config
@@ -45,13 +44,6 @@ GOLDEN_SETTINGS = [
     "feasibleSpace: {list: [32, 64]}}, {name: model.dropout, parameterType: double, "
     "feasibleSpace: {min: 0.0, max: 0.3, step: 0.1}}]",
 ]
-
-
-def golden(name: str, data: dict) -> dict:
-    path = ASSETS / name
-    if os.environ.get("KUBETRAIN_UPDATE_GOLDEN"):
-        path.write_text(yaml.safe_dump(data, sort_keys=False, width=100))
-    return yaml.safe_load(path.read_text())
 
 
 def roundtrip(manifest: dict) -> dict:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
-import yaml
 from kubeflow.training.api_client import ApiClient
 
+from fakes.golden import golden
 from fakes.kube_apiserver import condition, pod, running
 from kubetrain.config import load_config
 from kubetrain.errors import KubetrainError
@@ -48,14 +47,6 @@ GOLDEN_SETTINGS = [
     "cluster.active_deadline_seconds=7200",
     "cluster.backoff_limit=2",
 ]
-
-
-def golden(name: str, data: dict) -> dict:
-    """The golden file's content; KUBETRAIN_UPDATE_GOLDEN=1 rewrites it from ``data``."""
-    path = ASSETS / name
-    if os.environ.get("KUBETRAIN_UPDATE_GOLDEN"):
-        path.write_text(yaml.safe_dump(data, sort_keys=False, width=100))
-    return yaml.safe_load(path.read_text())
 
 
 def roundtrip(manifest: dict) -> dict:
