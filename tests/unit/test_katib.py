@@ -26,7 +26,6 @@ from kubetrain.tune.katib import (
     trial_records,
 )
 
-ASSETS = Path(__file__).parents[1] / "assets"
 EXP = "kubetrain-tune-0a1b2c"
 GOLDEN_SETTINGS = [
     "cluster.backend=kubernetes",

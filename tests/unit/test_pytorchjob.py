@@ -28,7 +28,6 @@ from kubetrain.launch.kubernetes import (
     should_delete,
 )
 
-ASSETS = Path(__file__).parents[1] / "assets"
 JOB = "kubetrain-train-0a1b2c"
 GOLDEN_SETTINGS = [
     "cluster.backend=kubernetes",
