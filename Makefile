@@ -52,7 +52,7 @@ compile: venv
 images:
 	images/build.sh runtime trainer
 
-## image-trainer: the CUDA trainer image only (IMAGE_BASE=... for a base of your own)
+## image-trainer: the CUDA trainer image only (IMAGE_BASE=local: debootstrap base + PyPI CUDA torch, ~6 GB; or a base of your own)
 image-trainer:
 	images/build.sh trainer
 

@@ -7,6 +7,9 @@
 #   IMAGE_BASE   auto (default): the Dockerfile's pinned official base if it is present or can be
 #                pulled, else a local debootstrap base (images/base.sh) -- the case with no
 #                registry; "local": always the debootstrap base; anything else: that image.
+#                The trainer image is the exception to auto: without its CUDA base it is skipped
+#                (a message says so); IMAGE_BASE=local builds it on the debootstrap base with
+#                PyPI's CUDA torch instead (a ~2.7 GB download, a ~6 GB image).
 #   REGISTRY     image name prefix (default ghcr.io/kubetrain, as in kubetrain.images)
 #   TAG          image tag (default: the package version, so kubetrain.images finds it)
 #   ENGINE       docker (default) or podman; DOCKER=/path/to/docker picks a docker CLI
@@ -81,7 +84,8 @@ for target in "${targets[@]}"; do
   if [ "$target" = trainer ] && [ "${IMAGE_BASE:-auto}" = auto ] &&
     ! have_or_pull "$(default_base trainer)"; then
     log "skipping the trainer image: its CUDA base $(default_base trainer) is not reachable" \
-      "(set IMAGE_BASE to a CUDA-capable base you have, or build where the registry is)"
+      "(IMAGE_BASE=local builds it on the debootstrap base with PyPI's CUDA torch, a ~2.7 GB" \
+      "download; or set IMAGE_BASE to a base you have, or build where the registry is)"
     continue
   fi
   base="$(base_for "$target")"

@@ -128,3 +128,41 @@ def test_image_holds_nothing_of_the_build_host(runtime_image_built):
     finally:
         client.close()
     assert out.decode().strip() == "end"
+
+
+def test_trainer_image_has_cuda_torch_and_trains_unprivileged():
+    """The CUDA trainer image, where one was built (``make image-trainer``; on a host with no
+    registry ``IMAGE_BASE=local make image-trainer``): it is never built here, as it takes
+    minutes and ~6 GB. Its torch must be a CUDA build (never the host's local ``+cpu`` wheel),
+    and it trains as its non-root user on a read-only root. (No GPU needed: training runs on CPU.)
+    """
+    _docker_or_skip()
+    import docker
+    from docker.errors import ImageNotFound
+
+    from kubetrain import __version__
+
+    image = f"ghcr.io/kubetrain/kubetrain-trainer:{__version__}"
+    client = docker.from_env()
+    try:
+        try:
+            config = client.images.get(image).attrs["Config"]
+        except ImageNotFound:
+            pytest.skip(f"{image} is not built: IMAGE_BASE=local make image-trainer builds it")
+        assert config["User"] == "10001:10001"
+        assert not [e for e in config["Env"] if e.startswith("PIP_")]
+        script = (
+            "python -c 'import torch; print(torch.__version__, torch.version.cuda)'"
+            " && ls /run/secrets /wheels /build 2>/dev/null; cd /tmp"
+            " && kubetrain preprocess --output ds && kubetrain train --dataset ds --output model"
+            " --set train.epochs=1 --set train.nproc=1 && ls model"
+        )
+        out = client.containers.run(
+            image, ["sh", "-c", script], remove=True, read_only=True,
+            tmpfs={"/tmp": "rw,exec"}, environment={"OMP_NUM_THREADS": "1"},
+        ).decode()  # fmt: skip
+    finally:
+        client.close()
+    version, cuda = out.splitlines()[0].split()
+    assert version.startswith("2.13.") and "+cpu" not in version and cuda != "None", out
+    assert "model.pt" in out.split(), out

@@ -65,6 +65,38 @@ def test_runtime_installs_cpu_torch_only():
     assert "torch.version.cuda is None" in text
 
 
+def _run_installing(text: str, what: str) -> str:
+    """The one RUN instruction (continuation lines joined) whose pip install names ``what``."""
+    runs = re.findall(r"^RUN (?:.*\\\n)*.*$", text, re.M)
+    (run,) = [r for r in runs if re.search(rf"pip install [^\n]*{re.escape(what)}", r)]
+    return run
+
+
+def test_trainer_gets_cuda_torch_never_a_local_cpu_wheel():
+    """On a base without torch, pip installs the index's CUDA torch. The local wheels (.whl/,
+    the host's find-links) must not be visible then: a ``+cpu`` wheel there satisfies
+    ``torch==2.13.*`` as well and would win. Either way the build asserts a CUDA build."""
+    text = dockerfile("trainer")
+    torch_run = _run_installing(text, '"$TORCH_SPEC"')
+    assert "source=.whl" not in torch_run and "--find-links" not in torch_run
+    assert "target=/wheels" in torch_run  # an empty tmpfs hides pip.conf's find-links folder
+    assert "assert torch.version.cuda" in torch_run
+    deps_run = _run_installing(text, "-r /build/requirements.txt")
+    assert "assert torch.version.cuda" in deps_run
+    assert text.index(torch_run) < text.index(deps_run)  # torch is in place before the rest
+    (spec,) = re.findall(r'^ARG TORCH_SPEC="(.+)"$', text, re.M)
+    assert f'  "{spec}",' in (ROOT / "pyproject.toml").read_text()  # the package's own pin
+
+
+def test_trainer_is_skipped_not_built_on_a_cpu_base_by_default():
+    """``make images`` (IMAGE_BASE=auto) never builds the multi-GB trainer on the debootstrap
+    base by itself: without its CUDA base it is skipped with a message naming the opt-in."""
+    build = (ROOT / "images" / "build.sh").read_text()
+    skip = build[build.index('if [ "$target" = trainer ]') :]
+    skip = skip[: skip.index("continue")]
+    assert '"${IMAGE_BASE:-auto}" = auto' in skip and "IMAGE_BASE=local" in skip
+
+
 def test_components_and_images_agree_on_the_runtime_image(monkeypatch):
     expected = f"ghcr.io/kubetrain/kubetrain-runtime:{__version__}"
     assert expected == DEFAULT_RUNTIME_IMAGE
