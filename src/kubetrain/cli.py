@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="subprocess: each step in this Python (default); docker: each step in a container "
         "of the runtime image (`make images`; KUBETRAIN_IMAGE overrides), as on a cluster",
     )
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="subprocess runner: every step imports its libraries in its own fresh process, "
+        "as a pod does (default: steps fork from one warm step server; see README)",
+    )
 
     p = sub.add_parser("compile", help="write the pipeline as KFP IR YAML")
     _config_args(p)
@@ -149,7 +155,9 @@ def dispatch(args: argparse.Namespace) -> int:
         case "run":
             from kubetrain.run import run_local
 
-            result = run_local(cfg, args.output, cache=not args.no_cache, runner=args.runner)
+            result = run_local(
+                cfg, args.output, cache=not args.no_cache, runner=args.runner, warm=not args.cold
+            )
             if not result.retrained:
                 print(f"run directory:      {result.run_dir}")
                 print(f"nothing trained:    {result.reason}")

@@ -8,7 +8,9 @@ directory skip finished steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -20,6 +22,7 @@ from typing import Any
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.io import read_json, write_json
+from kubetrain.warm import OFF, StepServer
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +123,53 @@ def run_local(
     output: Path | None = None,
     cache: bool = True,
     runner: str = "subprocess",
+    warm: bool = True,
 ) -> RunResult:
-    """Run the pipeline under kfp.local (``runner``: one of RUNNERS); return metrics and paths."""
-    from kfp import local
+    """Run the pipeline under kfp.local (``runner``: one of RUNNERS); return metrics and paths.
 
-    from kubetrain.pipelines import build_pipeline
-
+    With the subprocess runner and ``warm``, the steps fork from one step server that imported
+    their libraries once (``kubetrain.warm``); each task is still its own KFP subprocess.
+    """
     if runner not in RUNNERS:
         raise KubetrainError(f"runner {runner!r}: expected one of {', '.join(RUNNERS)}")
     preflight(cfg)
     run_dir = prepare_run_dir(output)
+    with contextlib.ExitStack() as stack:
+        if runner == "subprocess" and warm and os.environ.get(OFF, "1") != "0":
+            # Started first: its imports overlap the compile and the first task.
+            stack.enter_context(StepServer(run_dir / "kfp" / "step-server.log"))
+        task, started = _run_pipeline(cfg, run_dir, cache, runner)
+    seconds = time.perf_counter() - started
+    if cfg.retrain.only_if_changed:
+        # This pipeline's one output is the decision; the evaluation is found on disk.
+        if not task.output:
+            reason = "data and config unchanged since the last promoted model"
+            return RunResult(run_dir, {}, None, None, seconds, retrained=False, reason=reason)
+        found = _find_output(run_dir / "kfp", "evaluate", "evaluation")
+        if found is None:
+            raise KubetrainError(f"pipeline ran but wrote no evaluation under {run_dir / 'kfp'}")
+        evaluation = found
+        promoted = bool(read_json(evaluation / "metrics.json")["promoted"])
+    else:
+        evaluation = Path(task.outputs["evaluation"].path)
+        promoted = bool(task.outputs["promoted"])
+    metrics = read_json(evaluation / "metrics.json")
+    metrics["promoted"] = promoted
+    metrics["pipeline_seconds"] = seconds
+    write_json(run_dir / "metrics.json", metrics)
+    shutil.copyfile(evaluation / "report.html", run_dir / "report.html")
+    promoted_dir = _find_output(run_dir / "kfp", "promote", "promoted") if promoted else None
+    return RunResult(run_dir, metrics, run_dir / "report.html", promoted_dir, seconds)
+
+
+def _run_pipeline(
+    cfg: PipelineConfig, run_dir: Path, cache: bool, runner: str
+) -> tuple[Any, float]:
+    """Compile and run the pipeline under kfp.local; the final task and the start time."""
+    from kfp import local
+
+    from kubetrain.pipelines import build_pipeline
+
     if cfg.train.checkpoint_dir is None:
         # A stable place, so a re-run after a failed train step resumes from its checkpoints
         # (under the pipeline root, which the docker runner mounts too).
@@ -158,27 +198,7 @@ def run_local(
                 f"pipeline failed: {first} (the task's log above says why; outputs so far are "
                 f"in {run_dir / 'kfp'})"
             ) from None
-    seconds = time.perf_counter() - started
-    if cfg.retrain.only_if_changed:
-        # This pipeline's one output is the decision; the evaluation is found on disk.
-        if not task.output:
-            reason = "data and config unchanged since the last promoted model"
-            return RunResult(run_dir, {}, None, None, seconds, retrained=False, reason=reason)
-        found = _find_output(run_dir / "kfp", "evaluate", "evaluation")
-        if found is None:
-            raise KubetrainError(f"pipeline ran but wrote no evaluation under {run_dir / 'kfp'}")
-        evaluation = found
-        promoted = bool(read_json(evaluation / "metrics.json")["promoted"])
-    else:
-        evaluation = Path(task.outputs["evaluation"].path)
-        promoted = bool(task.outputs["promoted"])
-    metrics = read_json(evaluation / "metrics.json")
-    metrics["promoted"] = promoted
-    metrics["pipeline_seconds"] = seconds
-    write_json(run_dir / "metrics.json", metrics)
-    shutil.copyfile(evaluation / "report.html", run_dir / "report.html")
-    promoted_dir = _find_output(run_dir / "kfp", "promote", "promoted") if promoted else None
-    return RunResult(run_dir, metrics, run_dir / "report.html", promoted_dir, seconds)
+    return task, started
 
 
 def _find_output(pipeline_root: Path, task: str, output: str) -> Path | None:
