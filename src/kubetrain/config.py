@@ -95,6 +95,13 @@ class DataConfig(_Section):
         description="Parallel workers: files read at once in preprocess, DataLoader worker "
         "processes per rank in training (0 = in the main process).",
     )
+    prefetch: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="Training batches prepared ahead of the step: by a background thread when "
+        "num_workers is 0 (0 = no thread), per worker process otherwise (at least 1).",
+    )
     seed: int = Field(0, description="Seed of the train/val/test split.")
 
 

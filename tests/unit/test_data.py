@@ -167,3 +167,83 @@ def test_augmentation_shifts_and_is_reproducible():
     assert peaks <= {(r, c) for r in (3, 4, 5) for c in (3, 4, 5)} and len(peaks) > 1
     noisy = augment_images(a, 0, 0, 0, shift=0, noise=0.1)
     assert 0.05 < (noisy - a).std() < 0.2
+
+
+def _epoch_batches(num_workers: int, prefetch: int, start_step: int = 0) -> list:
+    import torch
+
+    from kubetrain.data.loader import GlobalBatchSampler, make_train_loader
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 64)).astype(np.float32)
+    ds = ArrayDataset(x, np.arange(200) % 10, [1, 8, 8], augment={"shift": 2, "noise": 0.1})
+    sampler = GlobalBatchSampler(200, 32, 1, 0, 2, seed=3)
+    sampler.set_epoch(1)
+    sampler.start_step = start_step
+    loader = make_train_loader(ds, sampler, num_workers, prefetch)
+    out = [(xb.clone(), yb.clone()) for xb, yb in loader]
+    assert start_step or len(out) == len(loader)
+    return [torch.cat([b[0].flatten() for b in out]), torch.cat([b[1] for b in out])]
+
+
+@pytest.mark.parametrize(("workers", "prefetch"), [(0, 4), (1, 4), (2, 1)])
+def test_every_loader_path_yields_the_same_augmented_batches(workers, prefetch):
+    """In process (with or without the prefetch thread) or from worker processes in chunks of
+    micro-batches: the same samples, the same augmentation, in the same order."""
+    import torch
+
+    reference = _epoch_batches(0, 0)
+    got = _epoch_batches(workers, prefetch)
+    assert torch.equal(got[1], reference[1]) and torch.equal(got[0], reference[0])
+    resumed = _epoch_batches(workers, prefetch, start_step=3)  # mid-epoch: the same tail
+    assert torch.equal(resumed[1], reference[1][3 * 32 :])
+
+
+def test_prefetch_thread_stops_when_the_epoch_is_abandoned_and_passes_errors_on():
+    import threading
+
+    import torch
+
+    from kubetrain.data.loader import GlobalBatchSampler, make_train_loader
+
+    ds = ArrayDataset(np.zeros((64, 64), np.float32), np.zeros(64, np.int64), [1, 8, 8],
+                      augment={"shift": 1, "noise": 0.0})  # fmt: skip
+    sampler = GlobalBatchSampler(64, 8, 1, 0, 1, seed=0)
+    batches = iter(make_train_loader(ds, sampler, 0, prefetch=2))
+    next(batches)
+    batches.close()  # what leaving the epoch early (an exception in the step) does
+    assert not [t for t in threading.enumerate() if t.name == "kubetrain-prefetch"]
+
+    ds.x = torch.zeros(64, 2, 8)  # 2-D samples: the shift's image padding fails in the thread
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch raises, it must surface here
+        list(make_train_loader(ds, sampler, 0, prefetch=2))
+    assert not [t for t in threading.enumerate() if t.name == "kubetrain-prefetch"]
+
+
+def test_digits_are_read_without_importing_scikit_learn_and_match_its_loader():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from kubetrain.data.sources import load_digits
+
+    x, y = load_digits()
+    ref = sklearn_digits()
+    assert x.dtype == np.float32 and y.dtype == np.int64
+    assert np.array_equal(x, ref.data) and np.array_equal(y, ref.target)
+    code = "import sys; from kubetrain.data.sources import load_digits; load_digits(); " \
+           "print('sklearn' in sys.modules)"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_classification_counts_the_confusion_matrix_by_true_row():
+    from kubetrain.evaluate.measure import classification
+
+    y_true = np.array([0, 0, 1, 2, 2, 2])
+    y_pred = np.array([0, 1, 1, 2, 0, 2])
+    got = classification(y_true, y_pred, ["a", "b", "c", "d"])
+    assert got["confusion_matrix"] == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
+    assert got["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 2 / 3, "d": None}
+    assert got["accuracy"] == pytest.approx(4 / 6)

@@ -7,6 +7,9 @@ single process would see in step k. That is what makes 1- and N-process runs agr
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -36,13 +39,18 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int):
         return self.x[index], self.y[index]
 
-    def __getitems__(self, key: tuple[int, torch.Tensor]):
-        # The batch sampler yields (epoch, index tensor): one gather per micro-batch, and the
-        # epoch reaches the augmentation seed inside persistent worker processes too.
-        epoch, idx = key
+    def __getitems__(self, key: tuple):
+        """``(epoch, indices[, micro])`` -> the samples, augmented per micro-batch of ``micro``
+        (default: all of them). One gather per key; the epoch travels in the key so that it
+        reaches the augmentation seed inside persistent worker processes too."""
+        epoch, idx, *rest = key
+        micro = rest[0] if rest else len(idx)
         x = self.x[idx]
         if self.augment:
-            x = augment_images(x, epoch, int(idx[0]), self.seed, **self.augment)
+            x = torch.cat([
+                augment_images(x[j : j + micro], epoch, int(idx[j]), self.seed, **self.augment)
+                for j in range(0, len(idx), micro)
+            ])  # fmt: skip
         return x, self.y[idx]
 
 
@@ -60,10 +68,11 @@ def augment_images(
         h, w = x.shape[-2:]
         padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))
         offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=g)
-        out = torch.empty_like(x)
-        for dy, dx in offsets.unique(dim=0).tolist():
-            rows = ((offsets[:, 0] == dy) & (offsets[:, 1] == dx)).nonzero().squeeze(1)
-            out[rows] = padded[rows, :, dy : dy + h, dx : dx + w]
+        # One gather for the whole batch: sample i's window starts at its (dy, dx).
+        rows = (offsets[:, 0, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
+        cols = (offsets[:, 1, None] + torch.arange(w))[:, None, :]  # (n, 1, w)
+        out = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols]
+        out = out.permute(0, 3, 1, 2).contiguous()  # (n, h, w, C) -> (n, C, h, w)
     if noise > 0:
         out = out + noise * torch.randn(out.shape, generator=g)
     return out
@@ -95,8 +104,20 @@ class GlobalBatchSampler(Sampler):
     def __len__(self) -> int:
         return self.steps * self.accum
 
+    def indices(self) -> torch.Tensor:
+        """This rank's share of the epoch's permutation: ``DistributedSampler``'s (seed +
+        epoch, padded to a multiple of the world size, every world_size-th), as one tensor."""
+        s = self._sampler
+        g = torch.Generator()
+        g.manual_seed(s.seed + s.epoch)
+        perm = torch.randperm(len(s.dataset), generator=g)
+        padding = s.total_size - len(perm)
+        if padding > 0:
+            perm = torch.cat([perm, perm.repeat(-(-padding // len(perm)))[:padding]])
+        return perm[s.rank : s.total_size : s.num_replicas]
+
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor]]:
-        indices = torch.tensor(list(self._sampler))
+        indices = self.indices()
         for k in range(self.start_step * self.accum, len(self)):
             yield self.epoch, indices[k * self.micro : (k + 1) * self.micro]
 
@@ -106,31 +127,133 @@ def _identity(batch):
 
 
 class _InProcessLoader:
-    """``num_workers=0``: each micro-batch is one gather, without DataLoader's fetch machinery
-    (which costs more than a small model's step on the main thread)."""
+    """``num_workers=0``, without DataLoader's fetch machinery (which costs more than a small
+    model's step): the epoch's samples are gathered at once, so a batch is a slice.
 
-    def __init__(self, dataset: ArrayDataset, sampler: GlobalBatchSampler) -> None:
-        self.dataset, self.sampler = dataset, sampler
+    Augmented batches take real work; with ``prefetch`` > 0 a background thread prepares that
+    many of them ahead (torch ops release the GIL, so it works beside the training step),
+    pinned when a GPU is present. Plain slices need no thread: one would only cost a hand-off.
+    """
+
+    def __init__(self, dataset: ArrayDataset, sampler: GlobalBatchSampler, prefetch: int) -> None:
+        self.dataset, self.sampler, self.prefetch = dataset, sampler, prefetch
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self):
-        for key in self.sampler:
-            yield self.dataset.__getitems__(key)
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        keys = list(self.sampler)
+        if not keys:
+            return
+        micro = len(keys[0][1])
+        idx = torch.cat([i for _, i in keys])
+        x, y = self.dataset.x[idx], self.dataset.y[idx]
+        aug = self.dataset.augment
+        for j, (epoch, i) in enumerate(keys):
+            xb = x[j * micro : (j + 1) * micro]
+            if aug:
+                xb = augment_images(xb, epoch, int(i[0]), self.dataset.seed, **aug)
+            yield xb, y[j * micro : (j + 1) * micro]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.prefetch == 0 or not self.dataset.augment:
+            yield from self._batches()
+            return
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        pin = torch.cuda.is_available()
+
+        def produce() -> None:
+            try:
+                for x, y in self._batches():
+                    item: object = (x.pin_memory(), y.pin_memory()) if pin else (x, y)
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                item = _END
+            except BaseException as err:  # handed to the training thread
+                item = err
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    ready.put(item, timeout=0.1)
+                    return
+
+        thread = threading.Thread(target=produce, name="kubetrain-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+
+_END = object()
+
+
+class _Chunks(Sampler):
+    """Groups ``per_chunk`` consecutive micro-batch keys into one ``(epoch, indices, micro)``
+    key: a worker process then hands over several batches per transfer."""
+
+    def __init__(self, sampler: GlobalBatchSampler, per_chunk: int) -> None:
+        self.sampler, self.per_chunk = sampler, per_chunk
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.per_chunk)
+
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, int]]:
+        keys = list(self.sampler)
+        for c in range(0, len(keys), self.per_chunk):
+            group = keys[c : c + self.per_chunk]
+            yield group[0][0], torch.cat([i for _, i in group]), self.sampler.micro
+
+
+class _WorkerLoader:
+    """``num_workers`` > 0: a DataLoader over chunks of micro-batches (see ``_Chunks``); each
+    transfer from a worker costs the main process a fixed price (shared-memory hand-off,
+    unpickling), which for small batches is more than the batch itself."""
+
+    def __init__(self, dataset: ArrayDataset, sampler: GlobalBatchSampler, workers: int,
+                 prefetch: int) -> None:  # fmt: skip
+        sample_bytes = dataset.x[0].numel() * dataset.x.element_size()
+        per_chunk = max(1, min(CHUNK_BATCHES, CHUNK_BYTES // max(1, sampler.micro * sample_bytes)))
+        self.sampler, self.micro = sampler, sampler.micro
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=_Chunks(sampler, per_chunk),
+            collate_fn=_identity,
+            num_workers=workers,
+            persistent_workers=True,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=max(1, prefetch),
+        )
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in self.loader:
+            for j in range(0, len(y), self.micro):
+                yield x[j : j + self.micro], y[j : j + self.micro]
+
+
+CHUNK_BATCHES = 8  # micro-batches per worker transfer, at most
+CHUNK_BYTES = 4 << 20  # ... and at most this many bytes of features
 
 
 def make_train_loader(
-    dataset: ArrayDataset, sampler: GlobalBatchSampler, num_workers: int
-) -> DataLoader | _InProcessLoader:
+    dataset: ArrayDataset, sampler: GlobalBatchSampler, num_workers: int, prefetch: int = 4
+) -> _WorkerLoader | _InProcessLoader:
     if num_workers == 0:
-        return _InProcessLoader(dataset, sampler)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=_identity,
-        num_workers=num_workers,
-        persistent_workers=True,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4,
-    )
+        return _InProcessLoader(dataset, sampler, prefetch)
+    return _WorkerLoader(dataset, sampler, num_workers, prefetch)

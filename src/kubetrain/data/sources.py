@@ -30,16 +30,8 @@ class RawData:
 def load_source(cfg: DataConfig) -> RawData:
     """Load every sample ``cfg.source`` names; raises DataError naming the file on bad input."""
     if cfg.source == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        return RawData(
-            x=digits.data.astype(np.float32),
-            y=digits.target.astype(np.int64),
-            image_shape=[1, 8, 8],
-            source="digits",
-            files=[],
-        )
+        x, y = load_digits()
+        return RawData(x=x, y=y, image_shape=[1, 8, 8], source="digits", files=[])
     files = _expand(cfg.source)
     workers = max(1, min(cfg.num_workers, len(files)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -54,6 +46,30 @@ def load_source(cfg: DataConfig) -> RawData:
             f"but {cfg.source} has {x.shape[1]} feature columns"
         )
     return RawData(x=x, y=y, image_shape=image_shape, source=cfg.source, files=files)
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits: features (1797, 64) float32 and labels int64.
+
+    Read from the CSV that scikit-learn ships, as ``sklearn.datasets.load_digits`` does, but
+    without importing scikit-learn (2-3 s on a small CPU, paid by every process that loads
+    the data); falls back to scikit-learn if the file is not where it ships.
+    """
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        csv = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if csv.is_file():
+            with gzip.open(csv, "rt") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return data[:, :-1].astype(np.float32), data[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    return digits.data.astype(np.float32), digits.target.astype(np.int64)
 
 
 def _expand(source: str) -> list[str]:

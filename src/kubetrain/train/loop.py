@@ -164,7 +164,9 @@ class _Run:
             len(self.dataset), tc.batch_size, ctx.world_size, ctx.rank, tc.grad_accum_steps,
             tc.seed,
         )  # fmt: skip
-        self.loader = make_train_loader(self.dataset, self.sampler, cfg.data.num_workers)
+        self.loader = make_train_loader(
+            self.dataset, self.sampler, cfg.data.num_workers, cfg.data.prefetch
+        )
         self.optimizer = build_optimizer(self.net.parameters(), tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.sampler.steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
