@@ -300,6 +300,13 @@ def _progress(total: int, first: int, epoch: int, enabled: bool):
     return progress
 
 
+def _loss_sum(losses: list[torch.Tensor], micro: int) -> float:
+    """Sum over samples of micro-batch mean losses (every micro-batch has ``micro`` samples)."""
+    if not losses:
+        return 0.0
+    return float(torch.stack(losses).double().sum()) * micro
+
+
 def _train_epoch(run: _Run) -> EpochStats:
     tc, ctx = run.tc, run.ctx
     accum = tc.grad_accum_steps
@@ -311,11 +318,15 @@ def _train_epoch(run: _Run) -> EpochStats:
     comm_calls, comm_secs = run.comm.calls, run.comm.seconds
     steps_done = 0
     scaling = run.scaler.is_enabled()
-    loss_acc = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    # Micro-batch losses stay on the device, summed once per epoch/checkpoint (no per-step sync;
+    # a list append is cheaper than an in-place add on a small model's step).
+    losses: list[torch.Tensor] = []
     if run.autocast_dtype is None:
         autocast = contextlib.nullcontext
     else:
         autocast = functools.partial(torch.autocast, ctx.device.type, dtype=run.autocast_dtype)
+    to_device = ctx.device.type != "cpu"
+    plain = not ctx.distributed and run.autocast_dtype is None
     t0 = time.perf_counter()
     batches = iter(run.loader)
     show = ctx.is_main and sys.stderr.isatty() and os.environ.get("KUBETRAIN_PROGRESS", "1") != "0"
@@ -325,25 +336,28 @@ def _train_epoch(run: _Run) -> EpochStats:
             for micro in range(accum):
                 t_wait = time.perf_counter()
                 xb, yb = next(batches)
-                xb = xb.to(ctx.device, non_blocking=True)
-                yb = yb.to(ctx.device, non_blocking=True)
+                if to_device:
+                    xb = xb.to(ctx.device, non_blocking=True)
+                    yb = yb.to(ctx.device, non_blocking=True)
                 t_compute = time.perf_counter()
                 wait += t_compute - t_wait
                 if run.flops_per_sample is None:
                     with torch.random.fork_rng(devices=[]):  # leaves the RNG stream untouched
                         run.flops_per_sample = instrument.flops_per_sample(run.model, xb, yb)
                     t_compute = time.perf_counter()
-                # Skip the gradient all-reduce on all but the last micro-batch of a step.
-                skip_sync = ctx.distributed and tc.no_sync and micro < accum - 1
-                with (
-                    run.net.no_sync() if skip_sync else contextlib.nullcontext(),
-                    autocast(),
-                ):
-                    loss = F.cross_entropy(run.net(xb).float(), yb)
+                if plain:  # one process, fp32: nothing to wrap the step in
+                    loss = F.cross_entropy(run.net(xb), yb)
+                else:
+                    # Skip the gradient all-reduce on all but the last micro-batch of a step.
+                    skip_sync = ctx.distributed and tc.no_sync and micro < accum - 1
+                    with (
+                        run.net.no_sync() if skip_sync else contextlib.nullcontext(),
+                        autocast(),
+                    ):
+                        loss = F.cross_entropy(run.net(xb).float(), yb)
                 scaled = loss / accum if accum > 1 else loss
                 (run.scaler.scale(scaled) if scaling else scaled).backward()
-                # Summed on the device; read once per epoch/checkpoint, not synced every step.
-                loss_acc += loss.detach() * len(yb)
+                losses.append(loss.detach())
                 run.partial["count"] += len(yb)
                 compute += time.perf_counter() - t_compute
             t_optim = time.perf_counter()
@@ -369,13 +383,13 @@ def _train_epoch(run: _Run) -> EpochStats:
             if bar is not None:
                 bar.update(bar.task_ids[0], completed=run.step_in_epoch)
             if tc.checkpoint_every_steps and run.global_step % tc.checkpoint_every_steps == 0:
-                run.partial["loss_sum"] += loss_acc.item()
-                loss_acc.zero_()
+                run.partial["loss_sum"] += _loss_sum(losses, run.sampler.micro)
+                losses.clear()
                 run.partial["seconds"] += time.perf_counter() - t0
                 run.save_checkpoint()
                 t0 = time.perf_counter()
     seconds = run.partial["seconds"] + time.perf_counter() - t0
-    run.partial["loss_sum"] += loss_acc.item()
+    run.partial["loss_sum"] += _loss_sum(losses, run.sampler.micro)
     loss_total, samples = all_reduce_sum([run.partial["loss_sum"], run.partial["count"]], ctx)
     resources = run.monitor.sample()
     per_rank = gather_objects(resources, ctx)

