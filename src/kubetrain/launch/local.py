@@ -28,16 +28,6 @@ def threads_per_process(cfg: PipelineConfig, processes: int) -> int:
     return max(1, ((os.cpu_count() or 1) - 1) // processes)
 
 
-def checkpoint_dir(cfg: PipelineConfig, out_dir: Path) -> Path:
-    """``train.checkpoint_dir``, else ``$KUBETRAIN_CHECKPOINT_DIR`` (set in PyTorchJob pods: a
-    path on the shared volume that outlives a pod), else ``<model output>/checkpoints``."""
-    if cfg.train.checkpoint_dir:
-        return Path(cfg.train.checkpoint_dir)
-    if os.environ.get("KUBETRAIN_CHECKPOINT_DIR"):
-        return Path(os.environ["KUBETRAIN_CHECKPOINT_DIR"])
-    return out_dir / "checkpoints"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,6 +48,7 @@ class LocalLauncher:
         import torch
 
         from kubetrain.data import load_dataset
+        from kubetrain.train.checkpoint import checkpoint_dir
         from kubetrain.train.distributed import DistContext
         from kubetrain.train.loop import fit, save_model
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import random
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kubetrain.config import PipelineConfig
 from kubetrain.io import atomic_write, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -131,3 +133,13 @@ def load_latest(directory: Path, fingerprint: str) -> dict[str, Any] | None:
         log.info("resuming from %s (step %d)", path, meta["step"])
         return state
     return None
+
+
+def checkpoint_dir(cfg: PipelineConfig, out_dir: Path) -> Path:
+    """``train.checkpoint_dir``, else ``$KUBETRAIN_CHECKPOINT_DIR`` (set in PyTorchJob pods: a
+    path on the shared volume that outlives a pod), else ``<model output>/checkpoints``."""
+    if cfg.train.checkpoint_dir:
+        return Path(cfg.train.checkpoint_dir)
+    if os.environ.get("KUBETRAIN_CHECKPOINT_DIR"):
+        return Path(os.environ["KUBETRAIN_CHECKPOINT_DIR"])
+    return out_dir / "checkpoints"

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kubetrain.data import load_dataset
-    from kubetrain.launch.local import checkpoint_dir
+    from kubetrain.train.checkpoint import checkpoint_dir
     from kubetrain.train.distributed import init_from_env, shutdown
     from kubetrain.train.loop import fit, save_model
 
