@@ -19,7 +19,11 @@ log = logging.getLogger("kubetrain")
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML config file (default: the bundled defaults)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="YAML config file, or a bundled recipe: smoke, gpu (default: the bundled defaults)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",

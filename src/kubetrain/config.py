@@ -712,18 +712,31 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def recipes() -> list[str]:
+    """Names of the bundled recipes (``--config NAME``): configs for common runs."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> PipelineConfig:
-    """Load the bundled defaults, then ``path`` (YAML), then ``--set`` overrides, and validate.
+    """Load the bundled defaults, then ``path`` (YAML, or the name of a bundled recipe), then
+    ``--set`` overrides, and validate.
 
     Raises ConfigError (one line naming the file or the dotted field) on any problem.
     """
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file() and str(path) in recipes():
+            path = RECIPES / f"{path}.yaml"
         if not path.is_file():
-            raise ConfigError(f"config error: {path}: no such file")
+            raise ConfigError(
+                f"config error: {path}: no such file (bundled recipes: {', '.join(recipes())})"
+            )
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:

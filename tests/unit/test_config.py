@@ -132,3 +132,15 @@ def test_with_params_validates():
     assert cfg.with_params({"train.lr": 0.5}).train.lr == 0.5
     with pytest.raises(ConfigError, match="train.lr"):
         cfg.with_params({"train.lr": -1})
+
+
+def test_bundled_recipes_load_by_name_and_an_unknown_name_lists_them():
+    from kubetrain.config import ConfigError, recipes
+
+    assert recipes() == ["gpu", "smoke"]
+    smoke = load_config("smoke")
+    assert smoke.tune.max_trials == 2 and smoke.evaluate.min_accuracy == 0.5
+    gpu = load_config("gpu", overrides=["train.nnodes=1"])
+    assert gpu.cluster.num_gpus == 1 and gpu.train.precision == "bf16" and gpu.train.nnodes == 1
+    with pytest.raises(ConfigError, match=r"nope: no such file \(bundled recipes: gpu, smoke\)"):
+        load_config("nope")
