@@ -36,23 +36,6 @@ def classification(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -
     }
 
 
-def latency_ms(
-    model: nn.Module, x: np.ndarray, input_shape: list[int], batch: int, repeats: int
-) -> dict[str, float]:
-    """Median/min/max wall time of one forward pass on ``batch`` test samples, in ms."""
-    reps = -(-batch // len(x))
-    xb = torch.from_numpy(np.tile(x, (reps, 1))[:batch]).view(-1, *input_shape)
-    times = []
-    with torch.no_grad():  # not inference_mode: inductor freezing fails under it
-        for _ in range(max(3, repeats // 10)):
-            model(xb)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(xb)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
-
-
 def compare_latency(
     models: dict[str, nn.Module],
     x: np.ndarray,
