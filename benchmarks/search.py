@@ -11,7 +11,7 @@ Method (so that many seeds fit in minutes on 2 cores):
    grid point, and that configuration's recorded curve is its result. Grid search walks the grid
    (``GridSampler``, shuffled by its seed).
 3. Metric: trials needed until the best value so far is within 0.5 point of the grid's best.
-   Median (min-max) over seeds.
+   Median (min-max) over seeds. cmaes and sobol handle only the learning rate (see SAMPLERS).
 4. Early stopping: the same proposals (random sampler: proposals do not depend on results)
    with medianstop / hyperband pruning from the recorded per-epoch curves vs without; total
    trial-epochs spent and best accuracy found, per seed.
@@ -30,11 +30,13 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import optuna
 
 from kubetrain.config import load_config
+from kubetrain.tune.local import STUDY_NAME
 from kubetrain.tune.space import make_pruner, make_sampler
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,6 +45,10 @@ WDS = [0.0, 1e-4, 1e-3]
 WIDTHS = [16, 64, 256]
 OPTIMIZERS = ["sgd", "adamw"]
 EPOCHS = 4
+# cmaes and sobol (Optuna's CmaEsSampler, QMCSampler) sample only float/int parameters; the
+# categorical ones here (weight decay, width, optimizer) come from their independent random
+# sampler, so both search the learning rate alone and draw the rest at random.
+SAMPLERS = ("grid", "random", "tpe", "multivariate-tpe", "bayesianoptimization", "cmaes", "sobol")
 SPACE = [
     {"name": "train.lr", "parameterType": "double",
      "feasibleSpace": {"min": 1e-4, "max": 1e-1, "distribution": "logUniform"}},
@@ -114,6 +120,7 @@ def run(curves, algorithm: str, seed: int, budget: int, early: str = "none"):
     tune = tune_cfg(algorithm, seed, early)
     pruner = make_pruner(tune) if early != "none" or algorithm == "hyperband" else None
     study = optuna.create_study(
+        study_name=STUDY_NAME,  # as the tune step: hyperband's brackets hash the study name
         direction="maximize",
         sampler=make_sampler(tune),
         pruner=pruner or optuna.pruners.NopPruner(),
@@ -161,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--retrain", action="store_true", help="re-train the grid cache")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # QMCSampler (sobol)
     RESULTS.mkdir(exist_ok=True)
     cache = RESULTS / "search_grid.json"
     if args.retrain or not cache.is_file():
@@ -178,7 +186,7 @@ def main(argv=None) -> int:
         f"\ntrials to come within 0.5 point of the grid's best (budget {args.budget} = "
         f"{args.budget / size:.0%} of the grid; median (min-max) over {args.seeds} seeds):"
     )
-    for algo in ("grid", "random", "tpe", "multivariate-tpe", "bayesianoptimization"):
+    for algo in SAMPLERS:
         needed = [
             trials_to_reach(run(curves, algo, s, size if algo == "grid" else args.budget), target)
             for s in range(args.seeds)

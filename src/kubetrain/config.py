@@ -400,9 +400,24 @@ class QuantizeConfig(_Section):
         "VNNI, whose u8*s8 kernels saturate.",
     )
     calibration_samples: int = Field(
-        512, ge=1, description="Training samples run through static_int8 observers."
+        512,
+        ge=1,
+        description="Training samples run through static_int8 observers, and that qat_int8 "
+        "calibrates and searches its activation ranges on.",
     )
-    qat_epochs: int = Field(3, ge=1, description="Fine-tuning epochs of qat_int8.")
+    qat_epochs: int = Field(
+        3,
+        ge=1,
+        description="Fine-tuning epochs of qat_int8; the last one runs with every range frozen.",
+    )
+    qat_activation_ranges: Literal["search", "minmax"] = Field(
+        "search",
+        description="Activation ranges of qat_int8. search: from the fp32 min-max of the "
+        "calibration samples, shrink each range to the fraction (1 down to 1/4096) whose "
+        "fake-quantized output is closest to the fp32 output, and keep it while fine-tuning (so "
+        "that an outlier channel that matters little does not cost every other channel its "
+        "resolution); minmax: moving-average min-max observers, never clipping.",
+    )
     qat_lr: float = Field(1e-4, gt=0, description="Learning rate of the QAT fine-tuning (Adam).")
     qat_batch_size: int = Field(64, ge=1, description="Batch size of the QAT fine-tuning.")
     latency_repeats: int = Field(

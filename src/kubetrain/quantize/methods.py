@@ -7,13 +7,14 @@
 | `dynamic_int8/torchao`     | ``quantize_(Int8DynamicActivationInt8WeightConfig)``    | eager       |
 | `dynamic_int8/fbgemm`      | ``torch.ao.quantization.quantize_dynamic`` (deprecated) | TorchScript |
 | `static_int8/x86_inductor` | PT2E + ``X86InductorQuantizer``, calibrated on train    | inductor    |
-| `qat_int8/x86_inductor`    | PT2E QAT with the same quantizer, fine-tuned, converted | inductor    |
+| `qat_int8/x86_inductor`    | PT2E QAT, same quantizer: ranges searched, fine-tuned   | inductor    |
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -169,8 +170,17 @@ def _pt2e_qat(
     input_shape: list[int],
     qcfg: QuantizeConfig,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Fake-quantize with the x86 quantizer's QAT config, fine-tune, convert to int8."""
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    """Fake-quantize with the x86 quantizer's QAT config, set the activation ranges
+    (``qcfg.qat_activation_ranges``), fine-tune, convert to int8.
+
+    The last epoch runs with every range frozen, so the converted model has the scales its
+    weights were last trained against. Returns the converted model and what was done.
+    """
+    from torchao.quantization.pt2e import (
+        disable_observer,
+        move_exported_model_to_eval,
+        move_exported_model_to_train,
+    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
 
     gen = torch.Generator().manual_seed(qcfg.seed)
@@ -180,11 +190,19 @@ def _pt2e_qat(
         model.train(), (example,), dynamic_shapes=artifact.batch_dynamic_shapes()
     ).module()
     prepared = prepare_qat_pt2e(graph, _x86_quantizer(qcfg, is_qat=True))
+    y = torch.from_numpy(y_train)
+    idx = torch.randperm(len(x_train), generator=gen)[: qcfg.calibration_samples]
+    info: dict[str, Any] = {"epochs": qcfg.qat_epochs, "lr": qcfg.qat_lr}
+    move_exported_model_to_eval(prepared)
+    info["activation_ranges"] = _qat_ranges(
+        prepared, _batch(x_train, input_shape, idx), qcfg.qat_activation_ranges
+    )
     move_exported_model_to_train(prepared)
     optimizer = torch.optim.Adam(prepared.parameters(), lr=qcfg.qat_lr)
-    y = torch.from_numpy(y_train)
     losses = []
-    for _ in range(qcfg.qat_epochs):
+    for epoch in range(qcfg.qat_epochs):
+        if epoch == qcfg.qat_epochs - 1:
+            prepared.apply(disable_observer)
         order = torch.randperm(len(x_train), generator=gen)
         total, count = 0.0, 0
         for start in range(0, len(order) - bs + 1, bs):  # whole batches only
@@ -197,7 +215,89 @@ def _pt2e_qat(
         losses.append(total / max(count, 1))
     move_exported_model_to_eval(prepared)
     converted = _strip_unused(convert_pt2e(prepared))
-    return converted, {"epochs": qcfg.qat_epochs, "lr": qcfg.qat_lr, "train_loss": losses}
+    return converted, {**info, "train_loss": losses}
+
+
+# Range fractions tried by the QAT range search: 1, 1/sqrt(2), ... 1/4096.
+_RANGE_FRACTIONS = tuple(2 ** (-i / 2) for i in range(25))
+
+
+def _qat_ranges(prepared: torch.fx.GraphModule, x: torch.Tensor, mode: str) -> dict[str, Any]:
+    """Calibrate the fake-quantizers of ``prepared`` (eval mode) on the samples ``x``.
+
+    Every quantizer first records the fp32 min-max of ``x`` (fake quantization off, so no range
+    is measured on an already-quantized input). ``minmax`` stops there: moving-average observers
+    keep tracking during fine-tuning and never clip. ``search`` then picks, for each per-tensor
+    activation range in graph order, the fraction of its fp32 range (``_RANGE_FRACTIONS``) whose
+    fake-quantized model output is closest to the fp32 output (mean squared logit error), and
+    keeps it fixed. Why: one activation tensor has one scale, so an outlier channel 100x larger
+    than the rest leaves the others a few of the 128 levels; gradients never reach a min-max
+    range, and shrinking the outlier through the weights is far beyond a few epochs of
+    fine-tuning. The model's output tells whether an outlier can be clipped (little downstream
+    weight) or not; an activation-MSE criterion (static_int8's histogram observer) keeps large
+    outliers whatever they are worth. The output, not the training loss: the fp32 model fits its
+    training samples almost perfectly, so the loss barely tells ranges apart and picks noise.
+
+    Returns the mode, and with ``search`` the chosen fractions and the output error before and
+    after.
+    """
+    from torchao.quantization.pt2e import FakeQuantizeBase, disable_fake_quant, enable_fake_quant
+
+    with torch.no_grad():
+        prepared.apply(disable_fake_quant)
+        reference = prepared(x)
+        prepared.apply(enable_fake_quant)
+        if mode == "minmax":
+            return {"mode": mode}
+        acts = {}
+        for node in prepared.graph.nodes:
+            module = prepared.get_submodule(node.target) if node.op == "call_module" else None
+            if (
+                isinstance(module, FakeQuantizeBase)
+                and not module.is_per_channel
+                and node.args[0].op != "get_attr"  # a weight, not an activation
+            ):
+                acts[node.target] = module
+        fp32 = {}
+        for name, fq in acts.items():
+            fq.disable_observer()
+            obs = fq.activation_post_process
+            fp32[name] = (obs.min_val.clone(), obs.max_val.clone())
+            _set_range(fq, *fp32[name])
+
+        def error() -> float:
+            return F.mse_loss(prepared(x), reference).item()
+
+        before = error()
+        chosen = {}
+        for name, fq in acts.items():
+            low, high = fp32[name]
+            best_error, best = math.inf, 1.0
+            for fraction in _RANGE_FRACTIONS:
+                _set_range(fq, low * fraction, high * fraction)
+                value = error()
+                if value < best_error:
+                    best_error, best = value, fraction
+                elif value > 2 * best_error:  # well past the minimum
+                    break
+            _set_range(fq, low * best, high * best)
+            chosen[name] = best
+        return {
+            "mode": mode,
+            "fractions": chosen,
+            "output_mse_minmax": before,
+            "output_mse_searched": error(),
+        }
+
+
+def _set_range(fq: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
+    """Fix a fused fake-quantizer's range: its scale now, and what ``convert_pt2e`` reads."""
+    obs = fq.activation_post_process
+    obs.min_val.copy_(low)
+    obs.max_val.copy_(high)
+    scale, zero_point = obs.calculate_qparams()
+    fq.scale.copy_(scale)
+    fq.zero_point.copy_(zero_point)
 
 
 def fp32_program(model: nn.Module, example: torch.Tensor, out_dir: Path) -> dict[str, Any]:
