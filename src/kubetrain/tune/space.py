@@ -81,7 +81,10 @@ def make_sampler(tune: TuneConfig) -> optuna.samplers.BaseSampler:
             warn_independent_sampling=False,
         )
     if algo == "sobol":
-        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed)
+        # Like CMA-ES it samples numbers only; categoricals come from its random sampler.
+        return optuna.samplers.QMCSampler(
+            qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False
+        )
     if algo == "bayesianoptimization":
         estimator = str(settings.get("base_estimator", "GP"))
         if estimator != "GP":
