@@ -45,18 +45,20 @@ OFF = "KUBETRAIN_WARM"  # "0": never use the step server
 STEPS = ("preprocess", "tune", "train", "quantize", "evaluate")
 # What the steps import, cheapest and earliest needed first: a request that arrives between two
 # of these is served at once and its child imports the rest itself.
+# In the order the steps need them: preprocess, tune (its trials are processes of their own),
+# train (the step only launches torchrun), quantize and evaluate.
 PRELOAD = (
     "numpy",
     "kubetrain.steps",
     "kubetrain.data",
     "sklearn.model_selection",  # the stratified split
-    "torch",
     "optuna",
     "kubetrain.tune.local",
-    "optuna.importance",  # pulls in scikit-learn
-    "kubetrain.train.loop",
-    "kubetrain.launch.local",
+    "optuna.importance",  # fANOVA: scikit-learn's forests
     "kubetrain.evaluate.report",  # matplotlib
+    "kubetrain.launch.local",
+    "torch",
+    "kubetrain.train.loop",
     "kubetrain.evaluate.measure",
     "kubetrain.quantize",
     "torchao.quantization",
@@ -207,7 +209,7 @@ class StepServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=KILL_GRACE_S + 5)  # it ends its steps first
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -235,9 +237,10 @@ class _Server:
         while os.getppid() == self.parent:
             self.poll(1.0)
 
-    def poll(self, timeout: float) -> None:
+    def poll(self, timeout: float, accept: bool = True) -> None:
         """Accept new tasks, notice tasks that went away, reap finished steps."""
-        ready, _, _ = select.select([self.listener, *self.children.values()], [], [], timeout)
+        listen = [self.listener] if accept else []
+        ready, _, _ = select.select([*listen, *self.children.values()], [], [], timeout)
         for sock in ready:
             if sock is self.listener:
                 conn, _ = self.listener.accept()
@@ -245,8 +248,11 @@ class _Server:
             else:  # the task closed its end: it has its result, or it was killed
                 pid = next(p for p, c in self.children.items() if c is sock)
                 self.drop(pid, kill=True)
-        while self.children:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+        while True:  # reap every finished child, dropped ones too (else they stay zombies)
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
             if pid == 0:
                 break
             self.drop(pid, kill=False)
@@ -307,7 +313,7 @@ class _Server:
         self.listener.close()
         deadline = time.monotonic() + KILL_GRACE_S
         while self.ending and time.monotonic() < deadline:
-            self.poll(0.2)
+            self.poll(0.2, accept=False)
         for pgid in self.ending:
             _signal_group(pgid, signal.SIGKILL)
 

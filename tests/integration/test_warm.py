@@ -54,7 +54,7 @@ def server(tmp_path_factory):
         yield srv, log
     assert ENV not in os.environ
     assert not Path(srv.address).exists()  # its private directory is gone
-    assert srv.proc.returncode is not None  # and the server with it
+    assert srv.proc.returncode == 0  # and the server with it, cleanly
 
 
 def test_without_a_server_the_step_runs_in_the_calling_process(tmp_path, monkeypatch):
