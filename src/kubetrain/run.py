@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import time
 import warnings
@@ -22,7 +21,8 @@ from typing import Any
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.io import read_json, write_json
-from kubetrain.warm import OFF, StepServer
+from kubetrain.warm import StepServer
+from kubetrain.warm import enabled as warm_enabled
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def run_local(
     preflight(cfg)
     run_dir = prepare_run_dir(output)
     with contextlib.ExitStack() as stack:
-        if runner == "subprocess" and warm and os.environ.get(OFF, "1") != "0":
+        if runner == "subprocess" and warm and warm_enabled():
             # Started first: its imports overlap the compile and the first task.
             stack.enter_context(StepServer(run_dir / "kfp" / "step-server.log"))
         task, started = _run_pipeline(cfg, run_dir, cache, runner)

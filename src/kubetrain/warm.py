@@ -70,6 +70,11 @@ KILL_GRACE_S = 40.0  # torchrun gives its workers 30 s to stop after a SIGTERM
 
 
 # -- the task side ----------------------------------------------------------------------------
+def enabled() -> bool:
+    """False when ``KUBETRAIN_WARM=0`` asks for every step in its own task process."""
+    return os.environ.get(OFF, "1") != "0"
+
+
 def run_step(name: str, config_json: str, **kwargs: Any) -> dict[str, Any]:
     """Run ``kubetrain.steps.<name>(config, **kwargs)`` in a warm child if a step server is
     announced, else here; the result is the step's JSON-safe dict either way. Arguments named
@@ -78,7 +83,7 @@ def run_step(name: str, config_json: str, **kwargs: Any) -> dict[str, Any]:
         raise ValueError(f"unknown step {name!r}")
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
     address = os.environ.get(ENV)
-    if address and os.environ.get(OFF, "1") != "0":
+    if address and enabled():
         try:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             conn.connect(address)

@@ -163,25 +163,22 @@ class _InProcessLoader:
         stop = threading.Event()
         pin = torch.cuda.is_available()
 
-        def produce() -> None:
-            try:
-                for x, y in self._batches():
-                    item: object = (x.pin_memory(), y.pin_memory()) if pin else (x, y)
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                item = _END
-            except BaseException as err:  # handed to the training thread
-                item = err
+        def put(item: object) -> bool:
+            """Queue ``item``; False if the training thread left first."""
             while not stop.is_set():
                 with contextlib.suppress(queue.Full):
                     ready.put(item, timeout=0.1)
-                    return
+                    return True
+            return False
+
+        def produce() -> None:
+            try:
+                for x, y in self._batches():
+                    if not put((x.pin_memory(), y.pin_memory()) if pin else (x, y)):
+                        return
+                put(_END)
+            except BaseException as err:  # handed to the training thread
+                put(err)
 
         thread = threading.Thread(target=produce, name="kubetrain-prefetch", daemon=True)
         thread.start()

@@ -300,11 +300,14 @@ def _progress(total: int, first: int, epoch: int, enabled: bool):
     return progress
 
 
-def _loss_sum(losses: list[torch.Tensor], micro: int) -> float:
-    """Sum over samples of micro-batch mean losses (every micro-batch has ``micro`` samples)."""
-    if not losses:
-        return 0.0
-    return float(torch.stack(losses).double().sum()) * micro
+def _flush_losses(run: _Run, losses: list[torch.Tensor]) -> None:
+    """Add the micro-batch mean losses (each over ``micro`` samples) and their sample count to
+    the epoch's running totals, and empty the list."""
+    if losses:
+        micro = run.sampler.micro
+        run.partial["loss_sum"] += float(torch.stack(losses).double().sum()) * micro
+        run.partial["count"] += len(losses) * micro
+        losses.clear()
 
 
 def _train_epoch(run: _Run) -> EpochStats:
@@ -358,7 +361,6 @@ def _train_epoch(run: _Run) -> EpochStats:
                 scaled = loss / accum if accum > 1 else loss
                 (run.scaler.scale(scaled) if scaling else scaled).backward()
                 losses.append(loss.detach())
-                run.partial["count"] += len(yb)
                 compute += time.perf_counter() - t_compute
             t_optim = time.perf_counter()
             if tc.max_grad_norm:
@@ -383,13 +385,12 @@ def _train_epoch(run: _Run) -> EpochStats:
             if bar is not None:
                 bar.update(bar.task_ids[0], completed=run.step_in_epoch)
             if tc.checkpoint_every_steps and run.global_step % tc.checkpoint_every_steps == 0:
-                run.partial["loss_sum"] += _loss_sum(losses, run.sampler.micro)
-                losses.clear()
+                _flush_losses(run, losses)
                 run.partial["seconds"] += time.perf_counter() - t0
                 run.save_checkpoint()
                 t0 = time.perf_counter()
     seconds = run.partial["seconds"] + time.perf_counter() - t0
-    run.partial["loss_sum"] += _loss_sum(losses, run.sampler.micro)
+    _flush_losses(run, losses)
     loss_total, samples = all_reduce_sum([run.partial["loss_sum"], run.partial["count"]], ctx)
     resources = run.monitor.sample()
     per_rank = gather_objects(resources, ctx)
