@@ -36,35 +36,58 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
 
 ENV = "KUBETRAIN_STEP_SERVER"
 OFF = "KUBETRAIN_WARM"  # "0": never use the step server
 STEPS = ("preprocess", "tune", "train", "quantize", "evaluate")
-# What the steps import, cheapest and earliest needed first: a request that arrives between two
-# of these is served at once and its child imports the rest itself.
-# In the order the steps need them: preprocess, tune (its trials are processes of their own),
-# train (the step only launches torchrun), quantize and evaluate.
+# What the steps import, in the order they need it. A request waits until its step's last module
+# (NEEDS) is in, so the server and the step never import the same thing at once on a small CPU.
 PRELOAD = (
+    # preprocess
     "numpy",
     "kubetrain.steps",
     "kubetrain.data",
     "sklearn.model_selection",  # the stratified split
+    # tune: the trials fork from the step, so what they import comes first (building any torch
+    # optimizer imports torch._dynamo); then the results: fANOVA (scikit-learn's forests), plots
     "optuna",
-    "kubetrain.tune.local",
-    "optuna.importance",  # fANOVA: scikit-learn's forests
-    "kubetrain.evaluate.report",  # matplotlib
-    "kubetrain.launch.local",
+    "optuna.storages.journal",
     "torch",
+    "torch._dynamo",
     "kubetrain.train.loop",
+    "kubetrain.tune.local",
+    "optuna.importance",
+    "kubetrain.evaluate.report",  # matplotlib
+    "matplotlib.backends.backend_agg",
+    "PIL.PngImagePlugin",
+    # train: the step launches torchrun; the rest comes in while it trains
+    "kubetrain.launch.local",
+    # quantize: torchao, and the inductor compile of the PT2E methods
     "kubetrain.evaluate.measure",
     "kubetrain.quantize",
     "torchao.quantization",
     "torchao.quantization.pt2e.quantize_pt2e",
+    "torchao.quantization.qat",
     "kubetrain.quantize.methods",
+    "torch._inductor.compile_fx",
+    "torch._inductor.codegen.cpp",
+    "torch._inductor.cpp_builder",
+    "torch._inductor.fx_passes.post_grad",
+    "torch._inductor.freezing",
+    "torch.export._trace",
+    "functorch.compile",
 )
+NEEDS = {
+    "preprocess": PRELOAD.index("sklearn.model_selection") + 1,
+    "tune": PRELOAD.index("PIL.PngImagePlugin") + 1,
+    "train": PRELOAD.index("kubetrain.launch.local") + 1,
+    "quantize": len(PRELOAD),
+    "evaluate": len(PRELOAD),
+}
+_IN_STEP = False  # True in a step forked from the server (see in_step())
 _HEADER = struct.Struct("!I")
 KILL_GRACE_S = 40.0  # torchrun gives its workers 30 s to stop after a SIGTERM
 
@@ -73,6 +96,12 @@ KILL_GRACE_S = 40.0  # torchrun gives its workers 30 s to stop after a SIGTERM
 def enabled() -> bool:
     """False when ``KUBETRAIN_WARM=0`` asks for every step in its own task process."""
     return os.environ.get(OFF, "1") != "0"
+
+
+def in_step() -> bool:
+    """True in a step forked from the step server: a process that imported torch but never
+    ran it (no thread pools started), so it may fork processes of its own."""
+    return _IN_STEP
 
 
 def run_step(name: str, config_json: str, **kwargs: Any) -> dict[str, Any]:
@@ -229,6 +258,8 @@ class _Server:
         self.listener.listen(16)
         self.children: dict[int, socket.socket] = {}  # pid (= its process group) -> task conn
         self.ending: dict[int, float] = {}  # process group -> when to SIGKILL what is left
+        self.loaded = 0  # how many of PRELOAD are imported
+        self.waiting: list[tuple[socket.socket, list[int], dict[str, Any]]] = []
 
     def run(self) -> None:
         started = time.perf_counter()
@@ -237,22 +268,30 @@ class _Server:
                 importlib.import_module(module)
             except Exception as err:  # the child imports (and fails) itself
                 log.warning("preload %s: %s", module, err)
+            self.loaded += 1
             self.poll(0)
         log.info("step server ready (%.1f s of imports)", time.perf_counter() - started)
         while os.getppid() == self.parent:
             self.poll(1.0)
 
     def poll(self, timeout: float, accept: bool = True) -> None:
-        """Accept new tasks, notice tasks that went away, reap finished steps."""
+        """Accept new tasks, start the waiting ones whose modules are in, notice tasks that
+        went away, reap finished steps."""
         listen = [self.listener] if accept else []
-        ready, _, _ = select.select([*listen, *self.children.values()], [], [], timeout)
+        waiting = [w[0] for w in self.waiting]
+        ready, _, _ = select.select([*listen, *waiting, *self.children.values()], [], [], timeout)
         for sock in ready:
             if sock is self.listener:
                 conn, _ = self.listener.accept()
                 self.start(conn)
+            elif sock in waiting:  # the task went away before its step started
+                self.forget(next(w for w in self.waiting if w[0] is sock))
             else:  # the task closed its end: it has its result, or it was killed
                 pid = next(p for p, c in self.children.items() if c is sock)
                 self.drop(pid, kill=True)
+        for request in [w for w in self.waiting if self.loaded >= NEEDS[w[2]["step"]]]:
+            self.waiting.remove(request)
+            self.fork(*request)
         while True:  # reap every finished child, dropped ones too (else they stay zombies)
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -268,6 +307,13 @@ class _Server:
             elif now > deadline:
                 _signal_group(pgid, signal.SIGKILL)
                 del self.ending[pgid]
+
+    def forget(self, request: tuple[socket.socket, list[int], dict[str, Any]]) -> None:
+        """Drop a waiting request: its task is gone."""
+        self.waiting.remove(request)
+        request[0].close()
+        for fd in request[1]:
+            os.close(fd)
 
     def drop(self, pid: int, kill: bool) -> None:
         """Forget a step; with ``kill``, end its process group: SIGTERM first, so a torchrun
@@ -294,25 +340,33 @@ class _Server:
             log.warning("bad request: %s", err)
             conn.close()
             return
-        if request is None or len(fds) != 3:
+        if request is None or len(fds) != 3 or request.get("step") not in NEEDS:
             conn.close()
             for fd in fds:
                 os.close(fd)
             return
+        request["task_pid"] = task_pid
+        request["arrived"] = time.monotonic()
+        self.waiting.append((conn, fds, request))  # poll() starts it once its modules are in
+
+    def fork(self, conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None:
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         pid = os.fork()
         if pid == 0:
             self.listener.close()
-            for other in self.children.values():
+            for other in [*self.children.values(), *(w[0] for w in self.waiting)]:
                 other.close()
             _child(conn, fds, request)  # never returns
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
-        log.info("step %s for task pid %d: pid %d", request.get("step"), task_pid, pid)
+        log.info("step %s for task pid %d: pid %d (after %.1f s waiting for its imports)",
+                 request["step"], request["task_pid"], pid, time.monotonic() - request["arrived"])  # fmt: skip
 
     def stop(self) -> None:
+        for request in list(self.waiting):
+            self.forget(request)
         for pid in list(self.children):
             self.drop(pid, kill=True)
         self.listener.close()
@@ -335,6 +389,8 @@ def _signal_group(pgid: int, sig: int) -> bool:
 def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None:
     code = 1
     try:
+        # The server runs as __main__; the step's code asks the module it imports.
+        importlib.import_module("kubetrain.warm")._IN_STEP = True
         os.setpgid(0, 0)  # one group: the server can end the step with everything it started
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -373,7 +429,7 @@ def _child(conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None
         os._exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     ap = argparse.ArgumentParser(description="kubetrain step server (started by kubetrain run)")
     ap.add_argument("--socket", required=True)
     ap.add_argument("--parent", type=int, required=True)
@@ -385,14 +441,23 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _terminate)
+    code = 0
     try:
         server.run()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
+    except BaseException:
+        log.exception("step server failed")
+        code = 1
     finally:
         server.stop()
-    return 0
+        # Without the interpreter's teardown of torch, torchao and scikit-learn (1-2 s), which
+        # `kubetrain run` would wait for.
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +92,27 @@ def test_a_user_error_in_the_step_reaches_the_task_as_the_same_error(server, tmp
     assert not (tmp_path / "ds").exists()
 
 
+def test_a_served_search_forks_its_trials_and_finds_what_fresh_trials_find(
+    server, tmp_path, digits_dir
+):
+    cfg = load_config(overrides=["tune.max_trials=4", "tune.trial_epochs=2"])
+    proc = task("tune", cfg.model_dump_json(), dataset_dir=str(digits_dir),
+                out_dir=str(tmp_path / "warm"))  # fmt: skip
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out + err
+    assert "in forked worker processes" in err  # torch is in: no trial imports it again
+    os.environ.pop(ENV)
+    try:
+        from kubetrain import steps
+
+        cold = steps.tune(cfg, digits_dir, tmp_path / "cold")
+    finally:
+        os.environ[ENV] = server[0].address
+    warm = json.loads(out.split("RESULT", 1)[1])
+    assert warm["best_params"] == cold["best_params"]
+    assert warm["best_value"] == cold["best_value"]
+
+
 def test_killing_the_task_kills_the_step_and_everything_it_started(server, tmp_path, digits_dir):
     _, log = server
     cfg = load_config(
@@ -101,9 +123,8 @@ def test_killing_the_task_kills_the_step_and_everything_it_started(server, tmp_p
     deadline = time.monotonic() + 120
     pid = None
     while pid is None and time.monotonic() < deadline:
-        for line in log.read_text().splitlines():
-            if f"step train for task pid {proc.pid}: pid " in line:
-                pid = int(line.rsplit(" ", 1)[1])
+        found = re.search(rf"step train for task pid {proc.pid}: pid (\d+) ", log.read_text())
+        pid = int(found[1]) if found else None
         time.sleep(0.2)
     assert pid is not None, log.read_text()
     # Wait until torchrun's workers run, so there is a process tree to end.
