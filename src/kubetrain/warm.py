@@ -46,23 +46,19 @@ STEPS = ("preprocess", "tune", "train", "quantize", "evaluate")
 # What the steps import, in the order they need it. A request waits until its step's last module
 # (NEEDS) is in, so the server and the step never import the same thing at once on a small CPU.
 PRELOAD = (
-    # preprocess
+    # preprocess: imports scikit-learn's split itself, beside the server's torch import
     "numpy",
     "kubetrain.steps",
     "kubetrain.data",
-    "sklearn.model_selection",  # the stratified split
     # tune: the trials fork from the step, so what they import comes first (building any torch
-    # optimizer imports torch._dynamo); then the results: fANOVA (scikit-learn's forests), plots
+    # optimizer imports torch._dynamo); the step imports what its results need (fANOVA:
+    # scikit-learn; plots: matplotlib) itself while the trials run
     "optuna",
     "optuna.storages.journal",
     "torch",
     "torch._dynamo",
     "kubetrain.train.loop",
     "kubetrain.tune.local",
-    "optuna.importance",
-    "kubetrain.evaluate.report",  # matplotlib
-    "matplotlib.backends.backend_agg",
-    "PIL.PngImagePlugin",
     # train: the step launches torchrun; the rest comes in while it trains
     "kubetrain.launch.local",
     # quantize: torchao, and the inductor compile of the PT2E methods
@@ -79,12 +75,16 @@ PRELOAD = (
     "torch._inductor.freezing",
     "torch.export._trace",
     "functorch.compile",
+    # evaluate: the report's plots
+    "kubetrain.evaluate.report",
+    "matplotlib.backends.backend_agg",
+    "PIL.PngImagePlugin",
 )
 NEEDS = {
-    "preprocess": PRELOAD.index("sklearn.model_selection") + 1,
-    "tune": PRELOAD.index("PIL.PngImagePlugin") + 1,
+    "preprocess": PRELOAD.index("kubetrain.data") + 1,
+    "tune": PRELOAD.index("kubetrain.tune.local") + 1,
     "train": PRELOAD.index("kubetrain.launch.local") + 1,
-    "quantize": len(PRELOAD),
+    "quantize": PRELOAD.index("functorch.compile") + 1,
     "evaluate": len(PRELOAD),
 }
 _IN_STEP = False  # True in a step forked from the server (see in_step())

@@ -247,3 +247,39 @@ def test_classification_counts_the_confusion_matrix_by_true_row():
     assert got["confusion_matrix"] == [[1, 1, 0, 0], [0, 1, 0, 0], [1, 0, 2, 0], [0, 0, 0, 0]]
     assert got["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": 2 / 3, "d": None}
     assert got["accuracy"] == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 42])
+def test_the_stratified_split_is_scikit_learns_without_importing_it(seed):
+    from sklearn.model_selection import train_test_split
+
+    from kubetrain.data.dataset import stratified_split
+
+    rng = np.random.default_rng(seed)
+    cases = [
+        (np.repeat(np.arange(10), 180)[:1797], 0.3),  # digits-like: near-equal classes
+        (np.repeat(np.arange(10), 180)[:1797], 0.5),
+        (rng.integers(0, 3, 61), 0.3),  # ties in the remainders, broken by the RNG
+        (np.array([0] * 50 + [1] * 7 + [2] * 3), 0.25),  # imbalanced
+        (rng.integers(0, 7, 400), 0.15),
+    ]
+    for y, size in cases:
+        idx = np.arange(100, 100 + len(y))  # not 0..n-1: indices come back, not positions
+        ours = stratified_split(idx, y, size, seed)
+        ref = train_test_split(idx, test_size=size, stratify=y, random_state=seed)
+        for a, b in zip(ours, ref, strict=True):
+            assert np.array_equal(a, b)  # order too: a second split starts from it
+    code = "import sys, numpy as np; from kubetrain.data.dataset import stratified_split; " \
+           "stratified_split(np.arange(30), np.arange(30) % 3, 0.3, 0); print('sklearn' in sys.modules)"  # fmt: skip
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_split_too_small_for_its_classes_is_a_data_error():
+    from kubetrain.data.dataset import split_indices
+
+    with pytest.raises(DataError, match="smaller than the number of classes"):
+        split_indices(np.arange(40) % 10, DataConfig(val_fraction=0.05, test_fraction=0.05))

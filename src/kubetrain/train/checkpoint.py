@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import logging
 import os
 import random
@@ -60,10 +61,13 @@ def save(directory: Path, step: int, state: dict[str, Any], fingerprint: str, ke
     """Write checkpoint ``step`` atomically, then its manifest; prune all but ``keep`` newest."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"ckpt-{step:08d}.pt"
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getbuffer()  # serialised once: written and hashed without reading it back
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     write_json(
         path.with_suffix(".json"),
-        {"step": step, "sha256": _sha256(path), "fingerprint": fingerprint},
+        {"step": step, "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fingerprint},
     )
     for old in sorted(directory.glob("ckpt-*.pt"))[:-keep]:
         old.with_suffix(".json").unlink(missing_ok=True)
@@ -71,13 +75,22 @@ def save(directory: Path, step: int, state: dict[str, Any], fingerprint: str, ke
     return path
 
 
+_ATOMIC = (int, float, bool, str, bytes, type(None))
+
+
 def snapshot(state: Any) -> Any:
     """A copy of ``state`` whose tensors training can no longer change (for a background write)."""
     if isinstance(state, torch.Tensor):
         return state.detach().to("cpu", copy=True)
+    if isinstance(state, _ATOMIC):  # immutable: shared, not copied
+        return state
+    if isinstance(state, np.ndarray):
+        return state.copy()
     if isinstance(state, dict):
         return {k: snapshot(v) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
+        if all(type(v) in _ATOMIC for v in state):  # e.g. Python's RNG state: 625 ints
+            return state if type(state) is tuple else list(state)
         return type(state)(snapshot(v) for v in state)
     return copy.deepcopy(state)
 

@@ -174,6 +174,7 @@ class _Run:
         self.monitor = instrument.ResourceMonitor(ctx.device)
         self.flops_per_sample: float | None = None
         self.history: list[EpochStats] = []
+        self._history_dicts: list[dict[str, Any]] = []  # history as checkpointed, built once
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.partial = {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
         self.fingerprint = job_fingerprint(cfg, data)
@@ -195,8 +196,14 @@ class _Run:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "partial": dict(self.partial),
-            "history": [asdict(h) for h in self.history],
+            "history": self._history_state(),
         }
+
+    def _history_state(self) -> list[dict[str, Any]]:
+        # A recorded epoch never changes: each is converted once, not at every checkpoint.
+        done = self._history_dicts
+        done.extend(asdict(h) for h in self.history[len(done) :])
+        return list(done)
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -208,6 +215,7 @@ class _Run:
         self.global_step = state["global_step"]
         self.partial = dict(state["partial"])
         self.history = [EpochStats(**h) for h in state["history"]]
+        self._history_dicts = []
         self.resumed_from = self.global_step
 
     def save_checkpoint(self) -> None:

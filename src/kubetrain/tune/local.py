@@ -12,9 +12,12 @@ running are marked ``interrupted`` (failed, but not counted against any budget) 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -164,6 +167,7 @@ def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[st
     log.info("%d trial(s), %d at a time, in %s worker processes", budget - done, workers,
              "forked" if start == "fork" else "fresh")  # fmt: skip
     started = time.perf_counter()
+    results_imports: threading.Thread | None = None
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
     ) as pool:
@@ -184,6 +188,8 @@ def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[st
                     trial.params,
                 )
                 running[fut] = trial
+            if results_imports is None:  # after the first submit: forked workers exist now
+                results_imports = _import_in_background(RESULTS_IMPORTS)
             if not running:
                 break
             completed, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -210,7 +216,25 @@ def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[st
             f"tuning failed: {failures} trials failed (tune.max_failed_trials = "
             f"{tune.max_failed_trials}); first error: {errors[0] if errors else 'unknown'}"
         )
+    if results_imports is not None:
+        results_imports.join()
     return _write_results(study, records, cfg, out_dir, time.perf_counter() - started)
+
+
+# What _write_results imports (fANOVA: scikit-learn's forests; the report: matplotlib), imported
+# while the trials run rather than after them.
+RESULTS_IMPORTS = ("optuna.importance", "kubetrain.evaluate.report")
+
+
+def _import_in_background(modules: tuple[str, ...]) -> threading.Thread:
+    def run() -> None:
+        for module in modules:
+            with contextlib.suppress(Exception):  # the import where it is used reports it
+                importlib.import_module(module)
+
+    thread = threading.Thread(target=run, name="kubetrain-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def _tell(study: optuna.Study, trial: optuna.trial.Trial, rec: dict[str, Any]) -> None:
