@@ -46,7 +46,7 @@ STEPS = ("preprocess", "tune", "train", "quantize", "evaluate")
 # What the steps import, in the order they need it. A request waits until its step's last module
 # (NEEDS) is in, so the server and the step never import the same thing at once on a small CPU.
 PRELOAD = (
-    # preprocess: imports scikit-learn's split itself, beside the server's torch import
+    # preprocess (numpy: its split does not import scikit-learn)
     "numpy",
     "kubetrain.steps",
     "kubetrain.data",
@@ -141,6 +141,7 @@ def _remote(conn: socket.socket, name: str, config_json: str, args: dict) -> dic
         "args": args,
         "cwd": os.getcwd(),
         "env": dict(os.environ),
+        "sent": time.time(),  # for the server's log: how long the step waited to start
     }
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -346,7 +347,6 @@ class _Server:
                 os.close(fd)
             return
         request["task_pid"] = task_pid
-        request["arrived"] = time.monotonic()
         self.waiting.append((conn, fds, request))  # poll() starts it once its modules are in
 
     def fork(self, conn: socket.socket, fds: list[int], request: dict[str, Any]) -> None:
@@ -361,8 +361,9 @@ class _Server:
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
-        log.info("step %s for task pid %d: pid %d (after %.1f s waiting for its imports)",
-                 request["step"], request["task_pid"], pid, time.monotonic() - request["arrived"])  # fmt: skip
+        # Waited: in the listen queue during an import, then for the step's own modules.
+        log.info("step %s for task pid %d: pid %d (%.1f s after the task asked)", request["step"],
+                 request["task_pid"], pid, time.time() - request.get("sent", time.time()))  # fmt: skip
 
     def stop(self) -> None:
         for request in list(self.waiting):

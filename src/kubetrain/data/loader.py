@@ -215,18 +215,36 @@ class _Chunks(Sampler):
             yield group[0][0], torch.cat([i for _, i in group]), self.sampler.micro
 
 
+class _ByValue(Dataset):
+    """Hands a worker's chunks over as numpy arrays: pickled through the worker's pipe, with no
+    shared-memory file and no file-descriptor round trip to the worker per tensor (torch's
+    default), which on a busy small CPU costs more than copying the chunk (at most CHUNK_BYTES)."""
+
+    def __init__(self, dataset: ArrayDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, key: tuple) -> tuple[np.ndarray, np.ndarray]:
+        x, y = self.dataset.__getitems__(key)
+        return x.numpy(), y.numpy()
+
+
 class _WorkerLoader:
     """``num_workers`` > 0: a DataLoader over chunks of micro-batches (see ``_Chunks``); each
-    transfer from a worker costs the main process a fixed price (shared-memory hand-off,
-    unpickling), which for small batches is more than the batch itself."""
+    transfer from a worker costs the main process a fixed price (hand-off, unpickling), which
+    for small batches is more than the batch itself. Without a GPU the chunks come by value
+    (``_ByValue``); with one, in shared memory, pinned by DataLoader."""
 
     def __init__(self, dataset: ArrayDataset, sampler: GlobalBatchSampler, workers: int,
                  prefetch: int) -> None:  # fmt: skip
         sample_bytes = dataset.x[0].numel() * dataset.x.element_size()
         per_chunk = max(1, min(CHUNK_BATCHES, CHUNK_BYTES // max(1, sampler.micro * sample_bytes)))
         self.sampler, self.micro = sampler, sampler.micro
+        self.by_value = not torch.cuda.is_available()
         self.loader = DataLoader(
-            dataset,
+            _ByValue(dataset) if self.by_value else dataset,
             batch_sampler=_Chunks(sampler, per_chunk),
             collate_fn=_identity,
             num_workers=workers,
@@ -240,6 +258,8 @@ class _WorkerLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for x, y in self.loader:
+            if self.by_value:
+                x, y = torch.from_numpy(x), torch.from_numpy(y)
             for j in range(0, len(y), self.micro):
                 yield x[j : j + self.micro], y[j : j + self.micro]
 

@@ -218,16 +218,18 @@ class _Run:
         self._history_dicts = []
         self.resumed_from = self.global_step
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, final: bool = False) -> None:
         if self.checkpoint_dir is None:
             return
         started = time.perf_counter()
         if self.ctx.is_main:
-            # Only the snapshot blocks training; the file is written on a background thread.
-            self.writer.submit(
-                self.checkpoint_dir, self.global_step, self.state(), self.fingerprint,
-                self.tc.keep_checkpoints,
-            )  # fmt: skip
+            args = (self.checkpoint_dir, self.global_step, self.state(), self.fingerprint,
+                    self.tc.keep_checkpoints)  # fmt: skip
+            if final:  # training is over: written here, without the snapshot a thread needs
+                self.writer.wait()
+                checkpoint.save(*args)
+            else:  # only the snapshot blocks training; a background thread writes the file
+                self.writer.submit(*args)
             self.checkpoints_written += 1
         self.checkpoint_seconds += time.perf_counter() - started
 
@@ -287,7 +289,7 @@ def _fit(run: _Run, on_epoch: EpochCallback | None) -> FitResult:
         if on_epoch is not None and on_epoch(stats):
             raise Stopped(f"stopped after epoch {stats.epoch}")
     if run.checkpoint_dir is not None and run.resumed_from != run.global_step:
-        run.save_checkpoint()  # the final state, unless we resumed from it
+        run.save_checkpoint(final=True)  # the final state, unless we resumed from it
     waited = time.perf_counter()
     run.writer.wait()  # the job is not done before its last checkpoint is: that wait counts
     run.checkpoint_seconds += time.perf_counter() - waited
