@@ -101,9 +101,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir, m
     assert not thread.is_alive(), "the restarted job did not finish"
     assert not errors, errors
     metrics = read_json(out / "metrics.json")
-    # One kill, one restart; under load gloo's reconnection after a restart can itself fail or
-    # hang until its timeout and cost another restart, which the budget absorbs.
-    assert 1 <= metrics["restarts"] <= 3
+    # One kill, one restart. (With torchrun's store shared across rounds, the restarted workers
+    # could read the dead worker's address and fail or hang again: see NO_SHARED_STORE.)
+    assert metrics["restarts"] == 1
     assert metrics["resumed_from_step"] >= os_kill_step  # lost at most one interval
     weights = torch.load(out / "model.pt", weights_only=True)
     assert _max_diff(weights, reference) == 0.0  # and ended exactly where it would have

@@ -453,3 +453,6 @@ def test_train_max_restarts_maps_to_the_job_restart_policy(elastic):
         assert spec["elasticPolicy"]["maxRestarts"] == 4
         command = replica["template"]["spec"]["containers"][0]["command"]
         assert "--max-restarts=4" in command
+        # each restart round meets in a fresh store (torch 2.13 keeps the old round's keys)
+        env = replica["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in env

@@ -34,6 +34,7 @@ from typing import Any
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import KubetrainError
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError, LogFollower, Poller, Resource
+from kubetrain.launch.local import NO_SHARED_STORE
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ def _container(cfg: PipelineConfig, command: list[str], paths: JobPaths | None) 
         "OMP_NUM_THREADS": str(threads_per_process(cfg)),
         "PYTHONUNBUFFERED": "1",
     }
+    if cl.elastic:  # torchrun's restarts: a fresh store each round (see NO_SHARED_STORE)
+        env[NO_SHARED_STORE] = "1"
     if paths is not None:
         env["KUBETRAIN_CHECKPOINT_DIR"] = paths.checkpoints
     env.update(cl.env)  # the user's settings win

@@ -15,6 +15,13 @@ from kubetrain.io import write_json
 
 log = logging.getLogger(__name__)
 
+# torchrun's c10d rendezvous shares one TCPStore with the workers across restarts, and in torch
+# 2.13 it keeps that store (and its keys) from one round to the next: after a restart a worker can
+# read the previous round's gloo/NCCL addresses and connect to a dead process ("Connection
+# refused", seen here when a killed worker restarted; pytorch/pytorch#135712, #167288). With
+# sharing off, rank 0 of each round hosts a fresh store.
+NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
 
 def threads_per_process(cfg: PipelineConfig, processes: int) -> int:
     """``train.num_threads``, or the CPU cores less one shared out over ``processes`` (≥ 1).
@@ -64,6 +71,7 @@ class LocalLauncher:
         run_id = f"kubetrain-{port}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process(cfg, tc.world_size)))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback too (one machine)
+        env.setdefault(NO_SHARED_STORE, "1")
         agents = []
         for _ in range(tc.nnodes):
             cmd = [

@@ -43,8 +43,9 @@ def init_from_env() -> DistContext:
         if device.type == "cuda":
             dist.init_process_group("nccl")
         else:
-            # Bounded: under load, gloo's mesh connection after a torchrun restart can hang
-            # (seen here); a timeout turns the hang into a failure that the next restart retries.
+            # Bounded: should the mesh connection ever hang (it did after torchrun restarts,
+            # before the launchers gave each round a fresh store), a timeout turns the hang into
+            # a failure that the next restart retries.
             seconds = float(os.environ.get("KUBETRAIN_GLOO_TIMEOUT_S", "120"))
             dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
