@@ -10,8 +10,11 @@ HEADER = """# Benchmark results
 
 Written by `make bench` (each script also runs alone; its command is in its section). Every
 comparison is measured side by side in one run, interleaved and repeated; figures are medians
-with min–max. The machine is a shared 2-core AVX2 CPU without a GPU unless a section says
-otherwise, so absolute numbers move from run to run; the ratios are what to read.
+with min–max. The machine is a shared 2-core x86 CPU without a GPU unless a section says
+otherwise, so absolute numbers move from run to run; the ratios are what to read. Which CPU
+differs between sessions (AVX2-only, or AVX-512 with bf16, which changes the bf16 and int8
+figures): the training section names it; the search and quantization reports were measured on
+the AVX2-only machine (2026-11-27/28).
 """
 
 

@@ -363,9 +363,24 @@ BENCHES = {
 }
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector extension (the shared machines here differ:
+    some are AVX2-only, some have AVX-512 with bf16, which changes the bf16 and int8 figures)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
+                 if ln.startswith("model name")), platform.machine())  # fmt: skip
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                      if ln.startswith("flags")), []))  # fmt: skip
+    isa = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), "")
+    return f"{name} ({isa})" if isa else name
+
+
 def machine() -> dict[str, Any]:
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -485,7 +500,7 @@ def main() -> None:
         print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
         command = "python benchmarks/train_bench.py " + " ".join(sys.argv[1:])
         results.setdefault("runs", {})[name] = (
-            f"`{command.strip()}` at {results['machine']['date']}"
+            f"`{command.strip()}` at {results['machine']['date']} on {results['machine']['cpu']}"
         )
         write(results)  # after each benchmark: a late failure keeps what was measured
 
