@@ -367,13 +367,13 @@ def cpu_model() -> str:
     """The CPU's model name and its widest vector extension (the shared machines here differ:
     some are AVX2-only, some have AVX-512 with bf16, which changes the bf16 and int8 figures)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor() or platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines()
-                 if ln.startswith("model name")), platform.machine())  # fmt: skip
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines()
-                      if ln.startswith("flags")), []))  # fmt: skip
+    first: dict[str, str] = {}  # the first CPU's fields
+    for key, _, value in (ln.partition(":") for ln in lines):
+        first.setdefault(key.strip(), value.strip())
+    name, flags = first.get("model name", platform.machine()), first.get("flags", "").split()
     isa = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), "")
     return f"{name} ({isa})" if isa else name
 

@@ -11,6 +11,13 @@ from typing import Protocol
 
 from kubetrain.config import PipelineConfig
 
+# torchrun's c10d rendezvous shares one TCPStore with the workers across restarts, and in torch
+# 2.13 it keeps that store (and its keys) from one round to the next: after a restart a worker can
+# read the previous round's gloo/NCCL addresses and connect to a dead process ("Connection
+# refused", seen here when a killed worker restarted; pytorch/pytorch#135712, #167288). With
+# sharing off, rank 0 of each round hosts a fresh store.
+NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
 
 class TrainLauncher(Protocol):
     def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:

@@ -33,8 +33,8 @@ from typing import Any
 
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import KubetrainError
+from kubetrain.launch import NO_SHARED_STORE
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError, LogFollower, Poller, Resource
-from kubetrain.launch.local import NO_SHARED_STORE
 
 log = logging.getLogger(__name__)
 

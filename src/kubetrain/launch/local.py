@@ -12,15 +12,9 @@ from pathlib import Path
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import KubetrainError
 from kubetrain.io import write_json
+from kubetrain.launch import NO_SHARED_STORE
 
 log = logging.getLogger(__name__)
-
-# torchrun's c10d rendezvous shares one TCPStore with the workers across restarts, and in torch
-# 2.13 it keeps that store (and its keys) from one round to the next: after a restart a worker can
-# read the previous round's gloo/NCCL addresses and connect to a dead process ("Connection
-# refused", seen here when a killed worker restarted; pytorch/pytorch#135712, #167288). With
-# sharing off, rank 0 of each round hosts a fresh store.
-NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def threads_per_process(cfg: PipelineConfig, processes: int) -> int:
