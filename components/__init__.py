@@ -4,6 +4,7 @@ call into ``kubetrain.steps``; there is no ML logic here. Installed as ``kubetra
 
 from kubetrain.components.evaluate import evaluate
 from kubetrain.components.gate import check_accuracy, check_changed, promote, reject
+from kubetrain.components.params import run_params
 from kubetrain.components.preprocess import preprocess
 from kubetrain.components.quantize import quantize
 from kubetrain.components.train import train
@@ -17,6 +18,7 @@ __all__ = [
     "promote",
     "quantize",
     "reject",
+    "run_params",
     "train",
     "tune",
 ]

@@ -6,6 +6,7 @@ from kubetrain.images import runtime_image
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def evaluate(
     config_json: str,
+    overrides: str,
     min_accuracy: float,
     dataset: dsl.Input[dsl.Dataset],
     model: dsl.Input[dsl.Model],
@@ -23,13 +24,14 @@ def evaluate(
     from kubetrain.io import read_json
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
+    from kubetrain.params import apply_overrides
     from kubetrain.warm import run_step
 
     setup_logging()
     out = Path(evaluation.path)
     result = run_step(
         "evaluate",
-        config_json,
+        apply_overrides(config_json, overrides),
         dataset_dir=dataset.path,
         model_dir=model.path,
         quantized_dir=quantized.path,

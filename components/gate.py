@@ -15,21 +15,24 @@ def check_accuracy(evaluation: dsl.Input[dsl.Artifact], min_accuracy: float) -> 
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
-def check_changed(config_json: str, dataset: dsl.Input[dsl.Dataset]) -> bool:
+def check_changed(config_json: str, overrides: str, dataset: dsl.Input[dsl.Dataset]) -> bool:
     """True unless data and config match the last promoted model (retrain.only_if_changed)."""
     from pathlib import Path
 
     from kubetrain import steps
     from kubetrain.config import config_from_json
     from kubetrain.logs import setup_logging
+    from kubetrain.params import apply_overrides
 
     setup_logging()
-    return steps.needs_training(config_from_json(config_json), Path(dataset.path))
+    cfg = config_from_json(apply_overrides(config_json, overrides))
+    return steps.needs_training(cfg, Path(dataset.path))
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def promote(
     config_json: str,
+    overrides: str,
     model: dsl.Input[dsl.Model],
     quantized: dsl.Input[dsl.Model],
     evaluation: dsl.Input[dsl.Artifact],
@@ -42,11 +45,12 @@ def promote(
     from kubetrain import steps
     from kubetrain.config import config_from_json
     from kubetrain.logs import setup_logging
+    from kubetrain.params import apply_overrides
 
     setup_logging()
     record = steps.promote(
         Path(model.path), Path(quantized.path), Path(evaluation.path) / "metrics.json",
-        Path(promoted.path), cfg=config_from_json(config_json),
+        Path(promoted.path), cfg=config_from_json(apply_overrides(config_json, overrides)),
     )  # fmt: skip
     promoted.metadata.update(record)
 

@@ -6,6 +6,7 @@ from kubetrain.images import runtime_image
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def quantize(
     config_json: str,
+    overrides: str,
     dataset: dsl.Input[dsl.Dataset],
     model: dsl.Input[dsl.Model],
     quantized: dsl.Output[dsl.Model],
@@ -15,12 +16,13 @@ def quantize(
     torch.export program (TorchScript for the fbgemm backend) that reloads without kubetrain."""
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
+    from kubetrain.params import apply_overrides
     from kubetrain.warm import run_step
 
     setup_logging()
     info = run_step(
         "quantize",
-        config_json,
+        apply_overrides(config_json, overrides),
         dataset_dir=dataset.path,
         model_dir=model.path,
         out_dir=quantized.path,

@@ -6,6 +6,7 @@ from kubetrain.images import runtime_image
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def train(
     config_json: str,
+    overrides: str,
     dataset: dsl.Input[dsl.Dataset],
     best_params: dsl.Input[dsl.Artifact],
     model: dsl.Output[dsl.Model],
@@ -16,12 +17,13 @@ def train(
 
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
+    from kubetrain.params import apply_overrides
     from kubetrain.warm import run_step
 
     setup_logging()
     summary = run_step(
         "train",
-        config_json,
+        apply_overrides(config_json, overrides),
         dataset_dir=dataset.path,
         out_dir=model.path,
         params_file=os.path.join(best_params.path, "best_params.json"),

@@ -6,6 +6,7 @@ from kubetrain.images import runtime_image
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def tune(
     config_json: str,
+    overrides: str,
     dataset: dsl.Input[dsl.Dataset],
     best_params: dsl.Output[dsl.Artifact],
     search_metrics: dsl.Output[dsl.Metrics],
@@ -19,11 +20,14 @@ def tune(
 
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
+    from kubetrain.params import apply_overrides
     from kubetrain.warm import run_step
 
     setup_logging()
     out = Path(best_params.path)
-    result = run_step("tune", config_json, dataset_dir=dataset.path, out_dir=out)
+    result = run_step(
+        "tune", apply_overrides(config_json, overrides), dataset_dir=dataset.path, out_dir=out
+    )
     best_params.metadata["best_params"] = result["best_params"]
     search_metrics.log_metric("trials", result["trials_total"])
     report = out / "report.html"

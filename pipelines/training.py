@@ -2,7 +2,10 @@
 
 The pipeline is built from a config: each step receives only the config sections it uses, so a
 change to, say, ``quantize.method`` re-runs quantize and evaluate and takes the rest from cache.
-``min_accuracy`` stays a run-time parameter: the promotion bar can change without recompiling.
+Run-time parameters (``kubetrain.params``) change a run without recompiling: ``min_accuracy``
+(the promotion bar), ``data_source``, ``train_epochs``, ``tune_max_trials`` and ``overrides`` (any
+dotted config keys, a JSON object). A first ``params`` task merges them into the config and hands
+each step the overrides of its own sections, so caching still keys on what a step uses.
 
 With ``retrain.only_if_changed`` a ``check-changed`` step after preprocess compares the
 fingerprint of data and config with the last promoted model (``kubetrain.registry``); everything
@@ -38,23 +41,46 @@ def _on_claim(cfg: PipelineConfig, task):
     return task
 
 
-def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy):
+def _run_params(cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides):
+    """The ``params`` task: the run's parameters merged, validated and split by step."""
+    task = c.run_params(
+        config_json=cfg.sections_json(*type(cfg).model_fields),
+        overrides=overrides,
+        data_source=data_source,
+        train_epochs=train_epochs,
+        tune_max_trials=tune_max_trials,
+        schedule_time=schedule_time,
+    ).set_display_name("params")
+    # Never from cache: "{date}" may need today's date; the steps' caching keys on its outputs.
+    return task.set_caching_options(False)
+
+
+def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
     """tune -> train -> quantize -> evaluate -> [promote | reject]; returns (evaluate, gate)."""
     cfg_train = cfg.sections_json("data", "model", "train", "cluster")
     cfg_tune = cfg.sections_json("data", "model", "train", "tune", "cluster")
     cfg_promote = cfg.sections_json(
         "data", "model", "train", "tune", "quantize", "evaluate", "retrain"
     )
-    search = c.tune(config_json=cfg_tune, dataset=dataset)
+    search = c.tune(config_json=cfg_tune, overrides=params.outputs["tune"], dataset=dataset)
     _on_claim(cfg, search).set_display_name("tune")
-    fit = c.train(config_json=cfg_train, dataset=dataset, best_params=search.outputs["best_params"])
+    fit = c.train(
+        config_json=cfg_train,
+        overrides=params.outputs["train"],
+        dataset=dataset,
+        best_params=search.outputs["best_params"],
+    )
     _on_claim(cfg, fit).set_display_name("train")
     quant = c.quantize(
-        config_json=cfg.sections_json("quantize"), dataset=dataset, model=fit.outputs["model"]
+        config_json=cfg.sections_json("quantize"),
+        overrides=params.outputs["quantize"],
+        dataset=dataset,
+        model=fit.outputs["model"],
     )
     quant.set_display_name("quantize")
     ev = c.evaluate(
         config_json=cfg.sections_json("evaluate"),
+        overrides=params.outputs["evaluate"],
         min_accuracy=min_accuracy,
         dataset=dataset,
         model=fit.outputs["model"],
@@ -68,6 +94,7 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy):
     with dsl.If(gate.output == True, name="accuracy-ok"):  # noqa: E712 (a KFP expression)
         publish = c.promote(
             config_json=cfg_promote,
+            overrides=params.outputs["promote"],
             model=fit.outputs["model"],
             quantized=quant.outputs["quantized"],
             evaluation=ev.outputs["evaluation"],
@@ -79,8 +106,13 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy):
     return ev, gate
 
 
-def build_pipeline(cfg: PipelineConfig):
+def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
     """Return the ``@dsl.pipeline`` function for ``cfg`` (compile it or run it under kfp.local).
+
+    ``schedule_time`` is what the ``params`` task gets as the time a run is for (``{date}`` in
+    ``data.source``): ``kubetrain.params.SCHEDULE_PLACEHOLDER`` when compiling for a KFP backend,
+    which resolves it (the exact placeholder as the whole value); empty under kfp.local, whose
+    2.17 runner fails a task given that placeholder -- the task then takes the current time.
 
     Its outputs: ``evaluation`` and ``promoted``; with ``retrain.only_if_changed`` only
     ``retrained`` (whether the inputs changed and the rest of the pipeline ran).
@@ -93,13 +125,27 @@ def build_pipeline(cfg: PipelineConfig):
         )
 
         @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
-        def retrain_pipeline(min_accuracy: float = cfg.evaluate.min_accuracy) -> bool:
-            prep = c.preprocess(config_json=cfg_data).set_display_name("preprocess")
-            changed = c.check_changed(config_json=cfg_check, dataset=prep.outputs["dataset"])
+        def retrain_pipeline(
+            min_accuracy: float = cfg.evaluate.min_accuracy,
+            data_source: str = "",
+            train_epochs: int = 0,
+            tune_max_trials: int = 0,
+            overrides: dict = {},  # noqa: B006 (KFP reads the default; it is never mutated)
+        ) -> bool:
+            params = _run_params(
+                cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides
+            )
+            prep = c.preprocess(config_json=cfg_data, overrides=params.outputs["preprocess"])
+            prep.set_display_name("preprocess")
+            changed = c.check_changed(
+                config_json=cfg_check,
+                overrides=params.outputs["check_changed"],
+                dataset=prep.outputs["dataset"],
+            )
             # The answer depends on the registry, not only on the inputs: never cache it.
             _on_claim(cfg, changed).set_display_name("check-changed").set_caching_options(False)
             with dsl.If(changed.output == True, name="inputs-changed"):  # noqa: E712
-                _train_and_gate(cfg, prep.outputs["dataset"], min_accuracy)
+                _train_and_gate(cfg, prep.outputs["dataset"], min_accuracy, params)
             return changed.output
 
         return retrain_pipeline
@@ -109,9 +155,19 @@ def build_pipeline(cfg: PipelineConfig):
         promoted: bool
 
     @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
-    def kubetrain_pipeline(min_accuracy: float = cfg.evaluate.min_accuracy) -> Outputs:
-        prep = c.preprocess(config_json=cfg_data).set_display_name("preprocess")
-        ev, gate = _train_and_gate(cfg, prep.outputs["dataset"], min_accuracy)
+    def kubetrain_pipeline(
+        min_accuracy: float = cfg.evaluate.min_accuracy,
+        data_source: str = "",
+        train_epochs: int = 0,
+        tune_max_trials: int = 0,
+        overrides: dict = {},  # noqa: B006 (KFP reads the default; it is never mutated)
+    ) -> Outputs:
+        params = _run_params(
+            cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides
+        )
+        prep = c.preprocess(config_json=cfg_data, overrides=params.outputs["preprocess"])
+        prep.set_display_name("preprocess")
+        ev, gate = _train_and_gate(cfg, prep.outputs["dataset"], min_accuracy, params)
         return Outputs(evaluation=ev.outputs["evaluation"], promoted=gate.output)
 
     return kubetrain_pipeline

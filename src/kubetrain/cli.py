@@ -149,12 +149,10 @@ def dispatch(args: argparse.Namespace) -> int:
         case "config":
             sys.stdout.write(cfg.to_yaml())
         case "compile":
-            from kfp import compiler
-
-            from kubetrain.pipelines import build_pipeline
+            from kubetrain.submit import compile_pipeline
 
             args.output.parent.mkdir(parents=True, exist_ok=True)
-            compiler.Compiler().compile(build_pipeline(cfg), str(args.output))
+            compile_pipeline(cfg, args.output)
             print(f"wrote {args.output}")
         case "run":
             from kubetrain.run import run_local
@@ -191,10 +189,11 @@ def dispatch(args: argparse.Namespace) -> int:
                 raise KubetrainError(
                     f"{args.command}: give --host URL (or set KF_PIPELINES_ENDPOINT)"
                 )
+            req = submit.request(args.config, args.overrides)
             if args.command == "submit":
-                done = submit.submit_run(cfg, args.host, args.experiment, args.run_name)
+                done = submit.submit_run(req, args.host, args.experiment, args.run_name)
             else:
-                done = submit.schedule_run(cfg, args.host, args.name, args.cron, args.experiment)
+                done = submit.schedule_run(req, args.host, args.name, args.cron, args.experiment)
             replaced = f" (replaced {', '.join(done.replaced)})" if done.replaced else ""
             print(f"created {done.kind} '{done.name}' id {done.id}{replaced}")
         case "preprocess":

@@ -1,7 +1,10 @@
 """``kubetrain submit`` / ``kubetrain schedule``: the pipeline on a Kubeflow Pipelines server.
 
 Both compile the pipeline for the given config (the same IR ``kubetrain compile`` writes) and
-hand it to ``kfp.Client``. A recurring run cannot be updated in KFP, so ``schedule`` replaces one
+hand it to ``kfp.Client``. ``--set`` items become run-time parameters of the run (see
+``kubetrain.params``: ``data_source``, ``train_epochs``, ``tune_max_trials``, ``min_accuracy``,
+``overrides``), visible and editable in the KFP UI; only the keys that shape the pipeline itself
+(``params.COMPILE_TIME_KEYS``) are compiled in. A recurring run cannot be updated in KFP, so ``schedule`` replaces one
 of the same name: it creates the new one first and then deletes the old ones, so a failure never
 leaves the pipeline unscheduled.
 """
@@ -17,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetrain.config import PipelineConfig
+from kubetrain.config import PipelineConfig, load_config
 from kubetrain.errors import KubetrainError
+from kubetrain.params import SCHEDULE_PLACEHOLDER, pipeline_arguments, split_sets
 
 log = logging.getLogger(__name__)
 
@@ -123,39 +127,62 @@ class Pipelines:
                 return ids
 
 
-def compile_package(cfg: PipelineConfig, directory: Path) -> Path:
-    """Compile the pipeline of ``cfg`` to ``directory/kubetrain.yaml``."""
+def compile_pipeline(cfg: PipelineConfig, path: Path) -> Path:
+    """Compile the pipeline of ``cfg`` for a KFP backend to ``path`` (IR YAML).
+
+    The ``params`` task gets KFP's scheduled-time placeholder, which the backend resolves
+    (``{date}`` in ``data.source``); kfp.local runs build the pipeline without it.
+    """
     from kfp import compiler
 
     from kubetrain.pipelines import build_pipeline
 
-    path = directory / "kubetrain.yaml"
-    compiler.Compiler().compile(build_pipeline(cfg), str(path))
+    compiler.Compiler().compile(build_pipeline(cfg, SCHEDULE_PLACEHOLDER), str(path))
     return path
 
 
-def submit_run(
-    cfg: PipelineConfig, host: str, experiment: str, run_name: str | None = None
-) -> Submitted:
+def compile_package(cfg: PipelineConfig, directory: Path) -> Path:
+    """Compile the pipeline of ``cfg`` to ``directory/kubetrain.yaml``."""
+    return compile_pipeline(cfg, directory / "kubetrain.yaml")
+
+
+@dataclass
+class Request:
+    """What to compile and what to send: the compiled config and the run's parameters."""
+
+    cfg: PipelineConfig  # compiled: the config file and the compile-time --set keys
+    params: dict[str, Any]  # the run's parameters (min_accuracy always)
+    effective: PipelineConfig  # everything applied: what the run will use (before {date})
+
+
+def request(config: str | Path | None, sets: list[str] | tuple[str, ...] = ()) -> Request:
+    """Split ``--set`` items into the compiled config and run-time parameters, validating the
+    whole (raises ConfigError: the same one line a step would fail with)."""
+    compiled, params = split_sets(sets)
+    effective = load_config(config, list(sets))
+    cfg = load_config(config, compiled)
+    return Request(cfg, pipeline_arguments(cfg, params), effective)
+
+
+def submit_run(req: Request, host: str, experiment: str, run_name: str | None = None) -> Submitted:
     """Compile and start one run of the pipeline in ``experiment`` (created if missing)."""
+    cfg = req.cfg
     kfp = Pipelines(host, cfg.cluster.namespace)
     with tempfile.TemporaryDirectory(prefix="kubetrain-") as tmp:
         package = compile_package(cfg, Path(tmp))
         exp_id = kfp.experiment_id(experiment)
-        name = run_name or f"kubetrain {cfg.model.name} {cfg.data.source}"
+        name = run_name or f"kubetrain {req.effective.model.name} {req.effective.data.source}"
         run = kfp._call(
             "create the run", kfp.client.run_pipeline, experiment_id=exp_id, job_name=name,
-            pipeline_package_path=str(package),
-            params={"min_accuracy": cfg.evaluate.min_accuracy},
+            pipeline_package_path=str(package), params=req.params,
         )  # fmt: skip
     return Submitted("run", run.run_id, name, exp_id, [])
 
 
-def schedule_run(
-    cfg: PipelineConfig, host: str, name: str, cron: str, experiment: str
-) -> Submitted:
+def schedule_run(req: Request, host: str, name: str, cron: str, experiment: str) -> Submitted:
     """Create the recurring run ``name``; recurring runs of that name are replaced."""
     cron = check_cron(cron)
+    cfg = req.cfg
     kfp = Pipelines(host, cfg.cluster.namespace)
     with tempfile.TemporaryDirectory(prefix="kubetrain-") as tmp:
         package = compile_package(cfg, Path(tmp))
@@ -164,8 +191,7 @@ def schedule_run(
         job = kfp._call(
             f"create recurring run {name!r}", kfp.client.create_recurring_run,
             experiment_id=exp_id, job_name=name, cron_expression=cron,
-            pipeline_package_path=str(package),
-            params={"min_accuracy": cfg.evaluate.min_accuracy},
+            pipeline_package_path=str(package), params=req.params,
             max_concurrency=1, no_catchup=True, enabled=True,
         )  # fmt: skip
     for old_id in old:

@@ -1,6 +1,6 @@
 """A fake Kubeflow Pipelines API server (v2beta1 REST) on 127.0.0.1, for ``kfp.Client``.
 
-Served: healthz; list/create experiments; create runs; list/create/delete recurring runs.
+Served: healthz; list/create experiments; create and get runs; list/create/delete recurring runs.
 Everything above HTTP (``kfp.Client``, ``kfp_server_api``, our submit module) is real.
 ``fail[(method, path)] = (code, message)`` answers a call with an error.
 """
@@ -86,9 +86,14 @@ class FakeKfpApiServer:
                 self.experiments.append(exp)
                 return 200, exp
             case ("POST", "/apis/v2beta1/runs"):
-                run = {**body, "run_id": self._id("run")}
+                # (the kfp CLI prints a created run with its creation time)
+                run = {**body, "run_id": self._id("run"), "created_at": "2026-11-30T03:00:00Z"}
                 self.runs.append(run)
                 return 200, run
+            case ("GET", p) if p.startswith("/apis/v2beta1/runs/"):
+                found = [r for r in self.runs if r["run_id"] == p.rsplit("/", 1)[1]]
+                if found:
+                    return 200, {**found[0], "state": "PENDING"}
             case ("GET", "/apis/v2beta1/recurringruns"):
                 name = _equals(query.get("filter"))
                 found = [r for r in self.recurring.values() if r["display_name"] == name

@@ -3,7 +3,13 @@ server (tests/fakes/kfp_apiserver.py, the only stand-in)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
 
 from fakes.kfp_apiserver import FakeKfpApiServer
 from kubetrain.cli import main
@@ -34,7 +40,10 @@ def test_submit_compiles_and_creates_a_run_against_fake_kfp_apiserver(kfp_server
     assert {k for k, v in mounts["executors"].items() if "pvcMount" in v} == {
         "exec-tune", "exec-train",
     }  # fmt: skip
-    assert run["runtime_config"]["parameters"] == {"min_accuracy": 0.9}
+    # cluster.backend shapes the pipeline (compiled in); cluster.image is a run-time override
+    assert run["runtime_config"]["parameters"] == {
+        "min_accuracy": 0.9, "overrides": {"cluster.image": "reg.example/kt:1"},
+    }  # fmt: skip
     assert f"created run '{run['display_name']}' id {run['run_id']}" in capsys.readouterr().out
 
 
@@ -83,3 +92,72 @@ def test_unreachable_kfp_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"kubetrain: cannot reach the Kubeflow Pipelines API at {url}: "
                    "[Errno 111] Connection refused"]  # fmt: skip
+
+
+def test_submit_sends_set_items_as_run_time_parameters_against_fake_kfp_apiserver(kfp_server):
+    sets = ["--set", "data.source=s3://bucket/{date}/", "--set", "train.epochs=3",
+            "--set", "train.lr=0.01", "--set", "evaluate.min_accuracy=0.8"]  # fmt: skip
+    assert main(["submit", "--host", kfp_server.url, *SETTINGS, *sets]) == 0
+    (run,) = kfp_server.runs
+    assert run["runtime_config"]["parameters"] == {
+        "min_accuracy": 0.8, "data_source": "s3://bucket/{date}/", "train_epochs": 3,
+        "overrides": {"cluster.image": "reg.example/kt:1", "train.lr": 0.01},
+    }  # fmt: skip
+    # not baked in: the compiled pipeline is the one of the config file, the run says the rest
+    spec = json.dumps(run["pipeline_spec"]["pipeline_spec"])
+    assert "s3://bucket" not in spec and '\\"source\\": \\"digits\\"' in spec
+    assert "{{$.pipeline_job_schedule_time_utc}}" in spec
+    assert run["display_name"] == "kubetrain mlp s3://bucket/{date}/"
+
+
+def test_schedule_takes_a_dated_source_against_fake_kfp_apiserver(kfp_server):
+    args = ["schedule", "--host", kfp_server.url, "--name", "nightly", "--cron", "0 0 3 * * *"]
+    assert main([*args, *SETTINGS, "--set", "data.source=s3://bucket/{date}/"]) == 0
+    (rec,) = kfp_server.recurring.values()
+    assert rec["runtime_config"]["parameters"]["data_source"] == "s3://bucket/{date}/"
+
+
+def test_a_bad_set_fails_before_contacting_the_server(kfp_server, capsys):
+    assert main(["submit", "--host", kfp_server.url, "--set", "train.epochs=0"]) == 2
+    assert kfp_server.requests == []
+    assert capsys.readouterr().err.strip() == (
+        "kubetrain: config error: train.epochs: Input should be greater than or equal to 1 (got 0)"
+    )
+
+
+def test_kfp_cli_run_create_with_overrides_against_fake_kfp_apiserver(kfp_server, tmp_path):
+    """`kfp run create ... overrides='{...}'` on the IR of `kubetrain compile`; the values the
+    server receives drive the params task as the backend would run it."""
+    from kubetrain import components as c
+    from kubetrain.params import STEP_SECTIONS
+
+    package = tmp_path / "kubetrain.yaml"
+    assert main(["compile", "-o", str(package)]) == 0
+    kfp_cli = Path(sys.executable).with_name("kfp")
+    proc = subprocess.run(
+        [str(kfp_cli), "--endpoint", kfp_server.url, "run", "create", "-e", "nightly",
+         "-f", str(package), 'overrides={"data.source": "s3://bucket/2026-11-30/"}',
+         "tune_max_trials=3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run,) = kfp_server.runs
+    sent = run["runtime_config"]["parameters"]
+    assert sent == {"overrides": {"data.source": "s3://bucket/2026-11-30/"}, "tune_max_trials": 3}
+    # the params task of the IR the server got, run on those values
+    spec = run["pipeline_spec"]
+    task = spec["root"]["dag"]["tasks"]["run-params"]["inputs"]["parameters"]
+    defaults = {k: v.get("defaultValue") for k, v in
+                spec["root"]["inputDefinitions"]["parameters"].items()}  # fmt: skip
+    values = {**defaults, **sent}
+    out = c.run_params.python_func(
+        config_json=task["config_json"]["runtimeValue"]["constant"],
+        overrides=values["overrides"], data_source=values["data_source"],
+        train_epochs=int(values["train_epochs"]), tune_max_trials=int(values["tune_max_trials"]),
+        schedule_time="2026-11-30T03:00:00Z",
+    )  # fmt: skip
+    by_step = {k: json.loads(v) for k, v in zip(STEP_SECTIONS, out, strict=True)}
+    assert by_step["preprocess"] == {"data.source": "s3://bucket/2026-11-30/"}
+    assert by_step["tune"] == {"data.source": "s3://bucket/2026-11-30/", "tune.max_trials": 3}
+    assert by_step["quantize"] == {}
+    assert yaml.safe_load(package.read_text())["pipelineInfo"]["name"] == "kubetrain"
