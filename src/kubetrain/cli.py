@@ -98,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", required=True, help="name of the recurring run")
 
+    p = sub.add_parser("runs", help="list the local runs: time, data, results, promoted")
+    p.add_argument("--root", type=Path, default=Path("runs"), help="where runs are (default: runs)")
+
+    p = sub.add_parser(
+        "compare",
+        help="runs side by side: config differences and results, and an HTML page with their "
+        "training curves overlaid",
+    )
+    p.add_argument(
+        "run_dirs", nargs="+", metavar="RUN", help="run directory, or a name under --root"
+    )
+    p.add_argument("--root", type=Path, default=Path("runs"), help="where runs are (default: runs)")
+    p.add_argument(
+        "-o", "--output", type=Path, help="HTML page to write (default: <root>/compare.html)"
+    )
+
     p = sub.add_parser("config", help="configuration commands")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     show = csub.add_parser("show", help="print the effective, validated config as YAML")
@@ -140,9 +156,52 @@ def _require_dir(path: Path, what: str, marker: str) -> Path:
     return path
 
 
+def _print_table(header: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=240)  # a pipe or a file: never wrap a row
+    table = Table(*header, title=title, title_justify="left", header_style="bold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _runs_command(args: argparse.Namespace) -> int:
+    from kubetrain import runs
+    from kubetrain.io import atomic_write
+
+    if args.command == "runs":
+        found = runs.find_runs(args.root)
+        if not found:
+            print(f"no runs under {args.root}")
+            return 0
+        _print_table(*runs.list_rows(found))
+        return 0
+    if len(args.run_dirs) < 2:
+        raise KubetrainError("compare: give at least two runs")
+    chosen = [runs.resolve_run(text, args.root) for text in args.run_dirs]
+    names, diffs, results = runs.compare_tables(chosen)
+    _print_table(["", *names], [[k, *v] for k, v in results], title="results")
+    if diffs:
+        _print_table(["config", *names], [[k, *v] for k, v in diffs], title="config differences")
+    else:
+        print("config: no differences")
+    out = args.output or args.root / "compare.html"
+    page = runs.render_html(chosen)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(page))
+    print(f"wrote {out}")
+    return 0
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from kubetrain import steps
     from kubetrain.config import load_config
+
+    if args.command in ("runs", "compare"):
+        return _runs_command(args)
 
     cfg = load_config(args.config, args.overrides)
     match args.command:

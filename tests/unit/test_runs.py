@@ -1,0 +1,147 @@
+"""`kubetrain runs` and `kubetrain compare` on run directories laid out as `kubetrain run` leaves
+them (config.yaml, metrics.json, kfp/<run>/train/model/history.json); the compare page rendered
+in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kubetrain.cli import main
+from kubetrain.config import load_config
+from kubetrain.runs import config_differences, find_runs, load_run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)"
+)
+
+
+def make_run(root: Path, name: str, sets=(), metrics=None, history=None, age=0) -> Path:
+    """A run directory as `kubetrain run` writes it (``metrics=None``: it never finished)."""
+    run = root / name
+    (run / "kfp" / "kubetrain-x" / "train" / "model").mkdir(parents=True)
+    (run / ".kubetrain-run").touch()
+    cfg = load_config(overrides=[*sets, f"train.checkpoint_dir={run}/kfp/checkpoints"])
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    if history is not None:
+        path = run / "kfp" / "kubetrain-x" / "train" / "model" / "history.json"
+        path.write_text(json.dumps(history))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    stamp = 1_780_000_000 + age
+    os.utime(run / ".kubetrain-run", (stamp, stamp))
+    return run
+
+
+def history(epochs: int, base: float) -> list[dict]:
+    return [{"epoch": e, "train_loss": base / e, "val_loss": base / e + 0.1,
+             "val_accuracy": 1 - base / (e + 3)} for e in range(1, epochs + 1)]  # fmt: skip
+
+
+def metrics(acc: float, promoted: bool, seconds: float) -> dict:
+    return {"test_accuracy_fp32": acc, "test_accuracy_int8": acc - 0.002, "promoted": promoted,
+            "dataset_version": "fa30d69871e0ce77", "pipeline_seconds": seconds,
+            "quantize_method": "dynamic_int8", "model_size_bytes_int8": 53978,
+            "train_samples_per_second": 12199.4, "train_epochs": 3, "tune_trials": 2}  # fmt: skip
+
+
+@pytest.fixture
+def runs_root(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    make_run(root, "20261130-0300", metrics=metrics(0.9593, True, 45.5), history=history(3, 1.0))
+    make_run(root, "20261130-0400", ["train.epochs=5", "model.hidden_sizes=[64]"],
+             metrics=metrics(0.8370, False, 97.6), history=history(5, 1.6), age=3600)  # fmt: skip
+    make_run(root, "20261130-0500", age=7200)  # failed: no metrics.json
+    broken = make_run(root, "20261130-0600", age=10800)
+    (broken / "metrics.json").write_text("{half a file")
+    (root / "not-a-run").mkdir()
+    return root
+
+
+def test_runs_lists_every_run_and_never_crashes_on_a_broken_one(runs_root, capsys):
+    assert main(["runs", "--root", str(runs_root)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[1]: line for line in out.splitlines() if "20261130-" in line}
+    assert list(lines) == ["20261130-0300", "20261130-0400", "20261130-0500", "20261130-0600"]
+    assert "0.9593" in lines["20261130-0300"] and "yes" in lines["20261130-0300"]
+    assert "45.5s" in lines["20261130-0300"] and "fa30d69871e0ce77" in lines["20261130-0300"]
+    assert "no" in lines["20261130-0400"].split() and "1m38s" in lines["20261130-0400"]
+    assert "incomplete: failed or still running" in lines["20261130-0500"]
+    assert "unreadable: metrics.json is not valid JSON" in lines["20261130-0600"]
+    assert "not-a-run" not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["runs", "--root", "{root}/nowhere"], "nowhere: no such directory"),
+        (["compare", "20261130-0300", "ghost", "--root", "{root}"], "ghost: not a run directory"),
+        (["compare", "20261130-0300", "--root", "{root}"], "compare: give at least two runs"),
+    ],
+    ids=["no-root", "unknown-run", "one-run"],
+)
+def test_bad_arguments_are_one_line(runs_root, capsys, args, message):
+    assert main([a.format(root=runs_root) for a in args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_compare_shows_only_what_differs(runs_root):
+    runs = [load_run(runs_root / n) for n in ("20261130-0300", "20261130-0400", "20261130-0500")]
+    diff = config_differences(runs)
+    # the checkpoint directory inside each run's own directory is not a difference
+    assert diff == {"model.hidden_sizes": [[256, 128], [64], [256, 128]],
+                    "train.epochs": [20, 5, 20]}  # fmt: skip
+    assert [r.status for r in find_runs(runs_root)].count("done") == 2
+
+
+def test_compare_prints_tables_and_writes_the_page(runs_root, capsys):
+    out_html = runs_root / "cmp.html"
+    rc = main(["compare", "20261130-0300", str(runs_root / "20261130-0400"), "20261130-0500",
+               "--root", str(runs_root), "-o", str(out_html)])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "model.hidden_sizes" in out and "[256, 128]" in out and "[64]" in out
+    assert "0.9593" in out and "0.8370" in out and "incomplete" in out
+    assert f"wrote {out_html}" in out
+    page = out_html.read_text()
+    assert page.count("data:image/png;base64,") == 1
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+@needs_chromium
+def test_compare_page_renders_in_headless_chromium(runs_root, tmp_path):
+    out_html = tmp_path / "compare.html"
+    assert main(["compare", "20261130-0300", "20261130-0400", "--root", str(runs_root),
+                 "-o", str(out_html)]) == 0  # fmt: skip
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-background-networking", "--disable-component-update", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1400"]  # fmt: skip
+    url = out_html.as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=120, check=True).stdout  # fmt: skip
+    assert "<h1>kubetrain compare</h1>" in dom
+    assert "<th>model.hidden_sizes</th><td>[256, 128]</td><td>[64]</td>" in dom
+    assert "<th>acc fp32</th><td>0.9593</td><td>0.8370</td>" in dom
+    assert "<th>promoted</th><td>yes</td><td>no</td>" in dom
+    assert '<img id="curves"' in dom
+
+    shot = tmp_path / "compare.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120,
+                   check=True)  # fmt: skip
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    # Both runs' curves were drawn: matplotlib's first two line colours are on the page.
+    for rgb in ((31, 119, 180), (255, 127, 14)):
+        near = (abs(pixels * 255 - rgb) < 12).all(axis=-1)
+        assert near.sum() > 200, rgb
+    keep = os.environ.get("KUBETRAIN_KEEP_SCREENSHOT")
+    if keep:  # to look at it
+        shutil.copyfile(shot, keep)
