@@ -7,6 +7,7 @@ from kubetrain.components.gate import check_accuracy, check_changed, promote, re
 from kubetrain.components.params import run_params
 from kubetrain.components.preprocess import preprocess
 from kubetrain.components.quantize import quantize
+from kubetrain.components.track import track
 from kubetrain.components.train import train
 from kubetrain.components.tune import tune
 
@@ -19,6 +20,7 @@ __all__ = [
     "quantize",
     "reject",
     "run_params",
+    "track",
     "train",
     "tune",
 ]

@@ -16,7 +16,7 @@ def run_params(
 ) -> NamedTuple(
     "StepOverrides",
     [("preprocess", str), ("check_changed", str), ("tune", str), ("train", str),
-     ("quantize", str), ("evaluate", str), ("promote", str)],
+     ("quantize", str), ("evaluate", str), ("promote", str), ("track", str)],
 ):  # fmt: skip
     """Merge the run's parameters into the compiled config, validate it, and give each step the
     overrides of the config sections it uses (JSON); {date} in data.source is the scheduled day."""

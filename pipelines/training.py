@@ -11,6 +11,9 @@ With ``retrain.only_if_changed`` a ``check-changed`` step after preprocess compa
 fingerprint of data and config with the last promoted model (``kubetrain.registry``); everything
 after it runs only if they differ, and the pipeline's output is that decision.
 
+With ``tracking.mlflow_uri`` a ``track`` task after the gate logs the run to MLflow
+(``kubetrain.tracking``).
+
 On ``cluster.backend: kubernetes`` the tune and train steps launch a Katib Experiment and a
 PyTorchJob; they (and the registry steps) mount ``cluster.pvc_name`` at ``cluster.mount_path``,
 through which datasets and models travel to the job pods.
@@ -103,6 +106,18 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
             _on_claim(cfg, publish).set_caching_options(False)  # the registry lives outside
     with dsl.Else(name="accuracy-low"):
         c.reject(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
+    if cfg.tracking.mlflow_uri:
+        logged = c.track(
+            config_json=cfg.sections_json(*type(cfg).model_fields),
+            overrides=params.outputs["track"],
+            run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            promoted=gate.output,
+            evaluation=ev.outputs["evaluation"],
+            model=fit.outputs["model"],
+            quantized=quant.outputs["quantized"],
+        )
+        # It writes to a server outside the pipeline: never from cache.
+        logged.set_display_name("track").set_caching_options(False)
     return ev, gate
 
 

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.tracking import TrackingConfig
 
 # Katib's algorithm names (https://www.kubeflow.org/docs/components/katib/user-guides/hp-tuning/)
 # that have a local equivalent in Optuna; see kubetrain.tune.local for the mapping.
@@ -609,6 +610,7 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _search_space_names_config(self) -> PipelineConfig:

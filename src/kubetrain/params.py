@@ -52,7 +52,9 @@ MIN_ACCURACY = "evaluate.min_accuracy"  # the `min_accuracy` pipeline parameter
 
 # Fields the pipeline's structure depends on (pipelines/training.py reads them while building):
 # a run cannot change them, a recompile can. A key equal to one of these or below it is refused.
-COMPILE_TIME_KEYS = ("cluster.backend", "cluster.pvc_name", "cluster.mount_path", "retrain")
+COMPILE_TIME_KEYS = (
+    "cluster.backend", "cluster.pvc_name", "cluster.mount_path", "retrain", "tracking",
+)  # fmt: skip
 
 # The config sections each step receives (pipelines/training.py passes the same ones).
 STEP_SECTIONS: dict[str, tuple[str, ...]] = {
@@ -63,7 +65,10 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "quantize": ("quantize",),
     "evaluate": ("evaluate",),
     "promote": ("data", "model", "train", "tune", "quantize", "evaluate", "retrain"),
-}
+    # tracking.mlflow_uri set: the track task logs the whole effective config
+    "track": ("data", "model", "train", "tune", "quantize", "evaluate", "cluster", "retrain",
+              "tracking"),
+}  # fmt: skip
 
 SCHEDULE_PLACEHOLDER = "{{$.pipeline_job_schedule_time_utc}}"  # dsl.PIPELINE_JOB_SCHEDULE_...
 DATE_TOKEN = re.compile(r"\{date(?P<shift>[+-]\d+)?(?::(?P<fmt>[^{}]*))?\}")

@@ -1,0 +1,32 @@
+from kfp import dsl
+
+from kubetrain.images import runtime_image
+
+
+@dsl.component(base_image=runtime_image(), install_kfp_package=False)
+def track(
+    config_json: str,
+    overrides: str,
+    run_name: str,
+    promoted: bool,
+    evaluation: dsl.Input[dsl.Artifact],
+    model: dsl.Input[dsl.Model],
+    quantized: dsl.Input[dsl.Model],
+) -> str:
+    """Log the run to MLflow (tracking.mlflow_uri): config as params, per-epoch metrics, trials as
+    nested runs, the report and the fp32/int8 models; register the model if promoted. Returns the
+    MLflow run's URL."""
+    from kubetrain.logs import setup_logging
+    from kubetrain.params import apply_overrides
+    from kubetrain.tracking import track_pipeline_run
+
+    setup_logging()
+    tracked = track_pipeline_run(
+        apply_overrides(config_json, overrides),
+        evaluation.path,
+        model.path,
+        quantized.path,
+        promoted,
+        run_name,
+    )
+    return tracked.url
