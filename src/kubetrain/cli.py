@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(p)
 
-    p = sub.add_parser("submit", help="compile the pipeline and start a run on a KFP server")
+    p = sub.add_parser(
+        "submit",
+        help="compile the pipeline and start a run on a KFP server (--set items go as the run's "
+        "parameters; see README: run-time parameters)",
+    )
     _config_args(p)
     _host_args(p)
     p.add_argument("--run-name", help="display name of the run")
@@ -89,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "schedule",
         help="compile the pipeline and create a recurring run on a KFP server (one of the same "
-        "name is replaced)",
+        "name is replaced; --set items go as its parameters, {date} in data.source is the "
+        "scheduled day)",
     )
     _config_args(p)
     _host_args(p)
