@@ -18,7 +18,7 @@ def track(
     MLflow run's URL."""
     from kubetrain.logs import setup_logging
     from kubetrain.params import apply_overrides
-    from kubetrain.tracking import track_pipeline_run
+    from kubetrain.tracking.log import track_pipeline_run
 
     setup_logging()
     tracked = track_pipeline_run(

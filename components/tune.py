@@ -18,6 +18,7 @@ def tune(
     import shutil
     from pathlib import Path
 
+    from kubetrain.artifacts import SEARCH_REPORT
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
     from kubetrain.params import apply_overrides
@@ -30,7 +31,7 @@ def tune(
     )
     best_params.metadata["best_params"] = result["best_params"]
     search_metrics.log_metric("trials", result["trials_total"])
-    report = out / "report.html"
+    report = out / SEARCH_REPORT
     if result["enabled"]:
         search_metrics.log_metric("best_" + result["metric"], result["best_value"])
         search_metrics.log_metric("trials_pruned", result["trials_pruned"])

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from kubetrain.artifacts import MODEL_HISTORY
 from kubetrain.errors import KubetrainError
 
 MARKER = ".kubetrain-run"  # kubetrain.run.MARKER: every run directory has it
@@ -56,7 +57,7 @@ class Run:
 
     def history(self) -> list[dict[str, Any]]:
         """Per-epoch records of the newest train step (empty if there is none)."""
-        found = sorted(self.path.glob("kfp/*/train/model/history.json"),
+        found = sorted(self.path.glob(f"kfp/*/train/model/{MODEL_HISTORY}"),
                        key=lambda p: p.stat().st_mtime)  # fmt: skip
         for path in reversed(found):
             try:

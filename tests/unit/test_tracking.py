@@ -157,7 +157,7 @@ def test_track_task_logs_the_run_to_a_real_mlflow_server(server, tmp_path, promo
 
 
 def test_a_second_promotion_is_the_next_model_version(server, tmp_path):
-    from kubetrain.tracking import collect, log_run
+    from kubetrain.tracking.log import collect, log_run
 
     cfg = load_config(overrides=[f"tracking.mlflow_uri={server}",
                                  "tracking.registered_model=digits-again"])  # fmt: skip
@@ -171,7 +171,7 @@ def test_a_second_promotion_is_the_next_model_version(server, tmp_path):
 
 def test_an_unreachable_server_is_one_line(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install -e '.[tracking]')")
-    from kubetrain.tracking import collect, log_run
+    from kubetrain.tracking.log import collect, log_run
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     from tests.mlflow_server import _free_port

@@ -1,20 +1,11 @@
-"""Experiment tracking in MLflow (the optional ``tracking`` extra: ``pip install 'kubetrain[tracking]'``).
+"""Logging a pipeline run to MLflow (see ``kubetrain.tracking``).
 
-With ``tracking.mlflow_uri`` set, the pipeline gets a ``track`` task after the accuracy gate
-(locally under kfp.local and on a cluster alike). It logs the run from its artifacts, after the
-fact: the effective config as params, every number of the evaluation as metrics, the training
-history as per-epoch metrics (``step`` = epoch), each search trial as a nested run (its
-parameters, objective and learning curve), and the report, the fp32 model and the int8 model as
-artifacts. A promoted model becomes a new version of ``tracking.registered_model``.
-
-Without the setting nothing changes: no task, no import of mlflow. Setting it without mlflow
-installed is a config error (one line). MLflow's own telemetry and its "View run" lines on
-stdout are switched off: nothing leaves the machine but the calls to the tracking server.
+From the artifacts of the evaluate, train and quantize steps: ``collect`` reads them into a
+``TrackedRun``, ``log_run`` sends it; ``track_pipeline_run`` is the ``track`` task's call.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -23,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
+from kubetrain.artifacts import EVAL_DETAILS, EVAL_METRICS, EVAL_REPORT
+from kubetrain.config import config_from_json
 from kubetrain.errors import KubetrainError
+from kubetrain.tracking.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,35 +25,6 @@ log = logging.getLogger(__name__)
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "lr", "samples_per_second",
                  "data_wait_share", "epoch_seconds")  # fmt: skip
 TRIAL_STATUS = {"complete": "FINISHED", "pruned": "KILLED", "fail": "FAILED"}
-
-
-class TrackingConfig(BaseModel):
-    """Where runs are tracked: an MLflow tracking server (optional)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    mlflow_uri: str = Field(
-        "",
-        description="MLflow tracking URI (http://host:5000, or a local mlruns path); empty: no "
-        "tracking. Needs the tracking extra: pip install 'kubetrain[tracking]'.",
-    )
-    experiment: str = Field(
-        "kubetrain", min_length=1, description="MLflow experiment of the runs (created if missing)."
-    )
-    registered_model: str = Field(
-        "kubetrain",
-        min_length=1,
-        description="Registered model whose new version a promoted model becomes.",
-    )
-
-    @field_validator("mlflow_uri")
-    @classmethod
-    def _mlflow_installed(cls, uri: str) -> str:
-        if uri.strip() and importlib.util.find_spec("mlflow") is None:
-            raise ValueError(
-                "mlflow is not installed: pip install 'kubetrain[tracking]', or unset it"
-            )
-        return uri.strip()
 
 
 @dataclass
@@ -108,8 +71,8 @@ def collect(
     Raises:
         KubetrainError: a file the evaluate step writes is missing or unreadable.
     """
-    metrics = _read_json(evaluation_dir / "metrics.json")
-    details = _read_json(evaluation_dir / "details.json")
+    metrics = _read_json(evaluation_dir / EVAL_METRICS)
+    details = _read_json(evaluation_dir / EVAL_DETAILS)
     tuning = details.get("tuning") or {}
     return TrackedRun(
         name=name,
@@ -120,8 +83,8 @@ def collect(
         objective=tuning.get("metric") or "val_accuracy",
         promoted=promoted,
         artifacts={
-            "report.html": evaluation_dir / "report.html",
-            "metrics.json": evaluation_dir / "metrics.json",
+            EVAL_REPORT: evaluation_dir / EVAL_REPORT,
+            EVAL_METRICS: evaluation_dir / EVAL_METRICS,
             "model/fp32": model_dir,
             "model/int8": quantized_dir,
         },
@@ -284,8 +247,6 @@ def track_pipeline_run(
     Raises:
         KubetrainError: unreadable artifacts, or MLflow unreachable (one line).
     """
-    from kubetrain.config import config_from_json
-
     cfg = config_from_json(config_json)
     config = json.loads(config_json)
     config.pop("tracking", None)  # where it is logged, not what was trained
