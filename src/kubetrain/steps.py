@@ -30,17 +30,19 @@ def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
 def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Search -> the search artifact (``kubetrain.artifacts.SearchResult``).
 
-    Optuna on this machine, or a Katib Experiment on ``cluster.backend: kubernetes``.
+    Optuna in local processes, or a Katib Experiment on ``cluster.backend: kubernetes``.
     """
-    from kubetrain.tune import local
-
     if not cfg.tune.enabled:
-        return local.disabled_result(out_dir)
+        disabled = artifacts.SearchResult.disabled()
+        disabled.save(out_dir)
+        return disabled.summary
     if cfg.cluster.backend == "kubernetes":
         from kubetrain.tune.katib import run_experiment
 
         result = run_experiment(cfg, dataset_dir, out_dir)
     else:
+        from kubetrain.tune import local
+
         result = local.run_search(cfg, dataset_dir, out_dir)
     log.info("best %s %.4f with %s", result["metric"], result["best_value"], result["best_params"])
     return result
