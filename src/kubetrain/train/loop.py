@@ -34,8 +34,8 @@ from kubetrain.models.networks import model_spec
 from kubetrain.train import checkpoint, metrics
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.metrics import EpochMeter, EpochStats
-from kubetrain.train.step import NonFiniteLoss, batch_generator, train_step
-from kubetrain.train.trainer import Trainer, resolve_precision, resume_key
+from kubetrain.train.step import batch_generator, train_step
+from kubetrain.train.trainer import NonFiniteLoss, Trainer, resolve_precision, resume_key
 
 __all__ = [
     "EpochCallback", "EpochStats", "FitResult", "NonFiniteLoss", "Stopped", "Trainer",

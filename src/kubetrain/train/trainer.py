@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 
 from kubetrain.artifacts import DatasetArtifact
 from kubetrain.data.loader import ArrayDataset, GlobalBatchSampler, make_train_loader
-from kubetrain.errors import ConfigError
+from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.models.networks import build_model
 from kubetrain.train import checkpoint, instrument
 from kubetrain.train.config import TrainConfig
@@ -31,6 +32,35 @@ from kubetrain.train.optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
     from kubetrain.config import PipelineConfig
+
+
+class NonFiniteLoss(KubetrainError):
+    """The loss (or the gradients or weights it produced) became NaN or infinite: training
+    stops (``kubetrain.train.step`` checks every step, ``Trainer.save_checkpoint`` the weights)."""
+
+
+def diverged_message(trainer: Trainer, losses: list[torch.Tensor] | None = None) -> str:
+    """The one line that says where training diverged, why that usually happens, and what was
+    kept. ``losses``: the step's micro-batch losses (None: the weights were found non-finite)."""
+    if losses is None:
+        what = "the weights became non-finite"
+    else:
+        loss = float(torch.stack(losses).float().mean())
+        if math.isfinite(loss):  # finite here: another rank's loss, or backward, overflowed
+            what = f"the gradients became non-finite (loss {loss:.3g})"
+        else:
+            what = f"the loss became {loss}"
+    kept = (
+        f"the last good checkpoint is kept in {trainer.checkpoint_dir}"
+        if trainer.checkpoint_dir is not None
+        else "nothing was saved"
+    )
+    return (
+        f"train error: {what} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch + 1} "
+        f"(optimizer step {trainer.global_step + 1}); training stopped. Usual causes: a learning "
+        f"rate too high for this model (train.lr={trainer.tc.lr:g}) or bad input data "
+        f"(NaN/inf or extreme feature values); {kept}"
+    )
 
 
 def resume_key(cfg: PipelineConfig, data: DatasetArtifact) -> str:
@@ -115,6 +145,9 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # One process in fp32: the step needs neither no_sync nor autocast around it.
         self.plain = not ctx.distributed and self.autocast_dtype is None
+        # Its gradient tells whether the loss was finite (kubetrain.train.step): the last
+        # parameter created is the output layer's, which every loss reaches first.
+        self.loss_nearest_parameter = [p for p in self.model.parameters() if p.requires_grad][-1]
         self.monitor = instrument.ResourceMonitor(ctx.device)
         self.flops_per_sample: float | None = None
         self.history: list[EpochStats] = []
@@ -171,9 +204,15 @@ class Trainer:
         self.resumed_from = self.global_step
 
     def save_checkpoint(self, final: bool = False) -> None:
-        """Checkpoint the current state (rank 0 writes; a background thread unless ``final``)."""
+        """Checkpoint the current state (rank 0 writes; a background thread unless ``final``).
+
+        Raises NonFiniteLoss, on every rank alike (their weights are the same), instead of
+        replacing the last good checkpoint with non-finite weights.
+        """
         if self.checkpoint_dir is None:
             return
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise NonFiniteLoss(diverged_message(self))
         started = time.perf_counter()
         if self.ctx.is_main:
             args = (self.checkpoint_dir, self.global_step, self.state(), self.resume_key,

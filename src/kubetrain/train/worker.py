@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             save_model(result, cfg, data, args.output)
         shutdown()
     except KubetrainError as err:
-        from kubetrain.train.step import NonFiniteLoss
+        from kubetrain.train.trainer import NonFiniteLoss
 
         # Every rank stops with the same NonFiniteLoss at the same step: rank 0 says it once.
         if rank == 0 or not isinstance(err, NonFiniteLoss):
