@@ -105,3 +105,12 @@ def test_no_import_cycle_in_kubetrain():
         if source in graph:
             graph[source].discard(target)
     assert find_cycle(graph) is None
+
+
+def test_every_package_is_in_the_wheel():
+    import tomllib
+
+    pyproject = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    packages = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert packages - listed == set()
