@@ -111,8 +111,39 @@ class Trainer:
         if ctx.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere+
             torch.backends.cudnn.allow_tf32 = True
+        self._build_model()
+        self._build_loader()
+        self.optimizer = build_optimizer(self.net.parameters(), tc)
+        self.scheduler = build_scheduler(self.optimizer, tc, self.sampler.steps)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
+        self.scaling = self.scaler.is_enabled()
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        # One process in fp32: the step needs neither no_sync nor autocast around it.
+        self.plain = not ctx.distributed and self.autocast_dtype is None
+        # Its gradient tells whether the loss was finite (kubetrain.train.step): a NaN or
+        # infinite loss always reaches the output layer's; in the built-in networks that is the
+        # last parameter registered.
+        self.loss_nearest_parameter = [p for p in self.model.parameters() if p.requires_grad][-1]
+        self.monitor = instrument.ResourceMonitor(ctx.device)
+        self.flops_per_sample: float | None = None
+        self.history: list[EpochStats] = []
+        self._history_dicts: list[dict[str, Any]] = []  # history as checkpointed, built once
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.partial = {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
+        self.resume_key = resume_key(cfg, data)
+        self.resumed_from: int | None = None
+        self.checkpoints_written = 0
+        self.checkpoint_seconds = 0.0
+        self.checkpoint_dir: Path | None = None
+        self.writer = checkpoint.AsyncWriter()
+
+    def _build_model(self) -> None:
+        """The network on the device (``model``), and what the step calls (``net``): wrapped
+        in DDP over several processes, with a counting comm hook, and compiled if asked."""
+        cfg, ctx, tc = self.cfg, self.ctx, self.tc
         torch.manual_seed(tc.seed)  # same initial weights on every rank
-        self.model = build_model(cfg.model, data.input_shape, data.num_classes).to(ctx.device)
+        shape, classes = self.data.input_shape, self.data.num_classes
+        self.model = build_model(cfg.model, shape, classes).to(ctx.device)
         self.net: nn.Module = self.model
         self.comm = instrument.CommStats()
         if ctx.distributed:
@@ -124,6 +155,10 @@ class Trainer:
         self.compile_seconds: float | None = None
         if tc.compile:
             self.net = torch.compile(self.net)
+
+    def _build_loader(self) -> None:
+        """This rank's share of every global batch of the training split (``loader``)."""
+        cfg, ctx, tc, data = self.cfg, self.ctx, self.tc, self.data
         x_train, y_train = data.split("train")
         augment = None
         if cfg.data.augment and data.is_image:
@@ -138,28 +173,6 @@ class Trainer:
         self.loader = make_train_loader(
             self.dataset, self.sampler, cfg.data.num_workers, cfg.data.prefetch
         )
-        self.optimizer = build_optimizer(self.net.parameters(), tc)
-        self.scheduler = build_scheduler(self.optimizer, tc, self.sampler.steps)
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
-        self.scaling = self.scaler.is_enabled()
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        # One process in fp32: the step needs neither no_sync nor autocast around it.
-        self.plain = not ctx.distributed and self.autocast_dtype is None
-        # Its gradient tells whether the loss was finite (kubetrain.train.step): the last
-        # parameter created is the output layer's, which every loss reaches first.
-        self.loss_nearest_parameter = [p for p in self.model.parameters() if p.requires_grad][-1]
-        self.monitor = instrument.ResourceMonitor(ctx.device)
-        self.flops_per_sample: float | None = None
-        self.history: list[EpochStats] = []
-        self._history_dicts: list[dict[str, Any]] = []  # history as checkpointed, built once
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.partial = {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
-        self.resume_key = resume_key(cfg, data)
-        self.resumed_from: int | None = None
-        self.checkpoints_written = 0
-        self.checkpoint_seconds = 0.0
-        self.checkpoint_dir: Path | None = None
-        self.writer = checkpoint.AsyncWriter()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward pass's autocast context (none in fp32)."""
