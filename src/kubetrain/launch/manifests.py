@@ -18,7 +18,8 @@ def cluster_manifests(
     cfg: PipelineConfig, train_name: str | None = None, tune_name: str | None = None
 ) -> list[dict[str, Any]]:
     """[Experiment (if tuning), PyTorchJob] for ``cfg``; raises KubetrainError without an image."""
-    from kubetrain.launch.kubernetes import build_pytorchjob, new_name
+    from kubetrain.launch.cluster import new_name
+    from kubetrain.launch.kubernetes import build_pytorchjob
     from kubetrain.tune.katib import build_experiment
 
     docs = []
