@@ -1,7 +1,7 @@
 """Fixtures of the cluster suite: a real API server (one per session), fresh namespaces, the
 pipeline's ServiceAccount with a real token, and the test in the controllers' place.
 
-Every test here is marked ``cluster`` and skips, with one reason, where ``../shared/k8s`` or
+Every test module here is marked ``cluster`` (``pytestmark``) and skips, with one reason, where ``../shared/k8s`` or
 etcd is absent (``make test-cluster``; CI installs etcd-server first).
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,13 +24,6 @@ TIMINGS: dict[str, float] = {}
 def pytest_configure(config):
     # The API server's certificate is self-signed (as in envtest); the clients skip verification.
     config.addinivalue_line("filterwarnings", "ignore::urllib3.exceptions.InsecureRequestWarning")
-
-
-def pytest_collection_modifyitems(config, items):
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.cluster)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -3,7 +3,9 @@ identity from our own manifests."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from cluster.controlplane import ROOT
+from cluster.controlplane import ROOT, free_port
+from kubetrain.config import PipelineConfig, load_config
 
 RUNNER_SA = "kubetrain-pipeline-runner"  # manifests/base/serviceaccount.yaml
 
@@ -147,3 +150,156 @@ def in_background(fn: Callable[[], Any]) -> Callable[[float], None]:
             raise errors[0]
 
     return join
+
+
+# -- the Training Operator's part -----------------------------------------------------------
+
+IMAGE = "registry.example/kubetrain:test"
+
+
+def cluster_cfg(namespace: str, claim: Path, *settings: str) -> PipelineConfig:
+    claim.mkdir(exist_ok=True)
+    return load_config(
+        None,
+        [
+            "cluster.backend=kubernetes", f"cluster.namespace={namespace}",
+            f"cluster.image={IMAGE}", f"cluster.mount_path={claim}",
+            "cluster.poll_seconds=1", "cluster.wait_timeout_seconds=120",
+            "train.nproc=1", "train.epochs=1", "tune.enabled=false", *settings,
+        ],
+    )  # fmt: skip
+
+
+def master(job: dict) -> dict:
+    return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+
+
+def run_the_master(job: dict) -> None:
+    """What the pod would do: the container's command with the operator's variables."""
+    container = master(job)
+    values = {"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    command = [sys.executable if a == "python" else a for a in container["command"]]
+    for key, value in values.items():
+        command = [a.replace(f"$({key})", value) for a in command]
+    env = dict(os.environ, **{e["name"]: e["value"] for e in container["env"]}, **values)
+    env["OMP_NUM_THREADS"] = "1"
+    subprocess.run(command, env=env, check=True, timeout=300)
+
+
+def write_model(job: dict) -> None:
+    """A stand-in model where the job's command says it goes (tests that do not train)."""
+    cmd = master(job)["command"]
+    model = Path(cmd[cmd.index("--output") + 1])
+    model.mkdir(parents=True)
+    (model / "model.json").write_text("{}")
+    (model / "metrics.json").write_text("{}")
+
+
+def play_success(op: Operator, train=write_model, between=lambda: None) -> dict:
+    """Created -> Running (a master pod) -> the work -> Succeeded, as the operator writes them."""
+    job = op.created("pytorchjobs")
+    name = job["metadata"]["name"]
+    created = tc_condition("Created", "PyTorchJobCreated", f"PyTorchJob {name} is created.")
+    op.conditions("pytorchjobs", name, [created])
+    op.pod(f"{name}-master-0", name, "Running", {"state": {"running": {}}})
+    running = tc_condition("Running", "PyTorchJobRunning", f"PyTorchJob {name} is running.")
+    op.conditions(
+        "pytorchjobs", name, [created, running], replicaStatuses={"Master": {"active": 1}}
+    )
+    between()
+    train(job)
+    done = tc_condition(
+        "Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {op.ns}/{name} successfully completed."
+    )
+    running["status"] = "False"
+    op.conditions(
+        "pytorchjobs", name, [created, running, done], replicaStatuses={"Master": {"succeeded": 1}}
+    )
+    return job
+
+
+# -- Katib's part ------------------------------------------------------------------------------
+
+SEARCH = [
+    "tune.enabled=true",
+    "tune.max_trials=3",
+    "tune.parameters=[{name: train.lr, parameterType: double, feasibleSpace: {min: 0.001, "
+    "max: 0.1}}, {name: train.batch_size, parameterType: categorical, "
+    "feasibleSpace: {list: [32, 64]}}]",
+]
+
+
+def tune_cfg(namespace: str, claim: Path, *settings: str) -> PipelineConfig:
+    claim.mkdir(exist_ok=True)
+    return load_config(
+        None,
+        [
+            "cluster.backend=kubernetes", f"cluster.namespace={namespace}",
+            "cluster.image=registry.example/kubetrain:test", f"cluster.mount_path={claim}",
+            "cluster.poll_seconds=1", "cluster.wait_timeout_seconds=120", *SEARCH, *settings,
+        ],
+    )  # fmt: skip
+
+
+def assignments(lr: str, batch: str) -> list[dict[str, str]]:
+    return [{"name": "train-lr", "value": lr}, {"name": "train-batch_size", "value": batch}]
+
+
+def observation(accuracy: str) -> dict:
+    return {"metrics": [{"name": "val_accuracy", "latest": accuracy, "max": accuracy,
+                         "min": accuracy}]}  # fmt: skip
+
+
+# name -> (parameters, final condition, observed val_accuracy)
+TRIALS = {
+    "t-ok": (assignments("0.004", "32"), ("Succeeded", "TrialSucceeded", "Trial has succeeded"),
+             "0.93"),
+    "t-failed": (assignments("0.09", "64"), ("Failed", "TrialFailed",
+                 "Trial has failed. Job message: PyTorchJob failed because 1 Master replica(s) "
+                 "failed."), None),
+    "t-stopped": (assignments("0.05", "32"), ("EarlyStopped", "TrialEarlyStopped",
+                  "Trial is early stopped"), "0.41"),
+}  # fmt: skip
+
+
+def play_katib(op: Operator, outcome: str = "Succeeded") -> str:
+    exp = op.created("experiments", "v1beta1")
+    name = exp["metadata"]["name"]
+    created = tc_condition("Created", "ExperimentCreated", "Experiment is created")
+    op.conditions("experiments", name, [created], version="v1beta1")
+    running = tc_condition("Running", "ExperimentRunning", "Experiment is running")
+    op.conditions("experiments", name, [created, running], version="v1beta1", trialsRunning=3)
+    for trial, (params, (kind, reason, message), accuracy) in TRIALS.items():
+        op.custom.create_namespaced_custom_object(
+            "kubeflow.org", "v1beta1", op.ns, "trials",
+            {
+                "apiVersion": "kubeflow.org/v1beta1", "kind": "Trial",
+                "metadata": {"name": f"{name}-{trial}",
+                             "labels": {"katib.kubeflow.org/experiment": name}},
+                "spec": {"parameterAssignments": params,
+                         "objective": exp["spec"]["objective"]},
+            },
+        )  # fmt: skip
+        status = {"conditions": [tc_condition(kind, reason, message)]}
+        if accuracy is not None:
+            status["observation"] = observation(accuracy)
+        op.custom.patch_namespaced_custom_object_status(
+            "kubeflow.org", "v1beta1", op.ns, "trials", f"{name}-{trial}", {"status": status}
+        )
+    running["status"] = "False"
+    if outcome == "Succeeded":
+        params, _, accuracy = TRIALS["t-ok"]
+        final = tc_condition("Succeeded", "ExperimentMaxTrialsReached",
+                             "Experiment has succeeded because max trial count has reached")  # fmt: skip
+        op.conditions(
+            "experiments", name, [created, running, final], version="v1beta1",
+            trialsSucceeded=1, trialsFailed=1, trialsEarlyStopped=1, trials=3,
+            currentOptimalTrial={"bestTrialName": f"{name}-t-ok", "parameterAssignments": params,
+                                 "observation": observation(accuracy)},
+        )  # fmt: skip
+    else:
+        final = tc_condition("Failed", "ExperimentMaxFailedTrialsReached",
+                             "Experiment has failed because max failed count has reached")  # fmt: skip
+        op.conditions("experiments", name, [created, running, final], version="v1beta1",
+                      trialsFailed=1, trials=3)  # fmt: skip
+    return name

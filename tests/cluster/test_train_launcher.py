@@ -7,37 +7,26 @@ writes, an API server killed mid-wait, a stale watch, taken names, bad credentia
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster.controllers import Operator, in_background, tc_condition
-from cluster.controlplane import free_port
+from cluster.controllers import (
+    IMAGE,
+    cluster_cfg,
+    in_background,
+    play_success,
+    run_the_master,
+    tc_condition,
+)
 from kubetrain import steps
-from kubetrain.config import PipelineConfig, load_config
 from kubetrain.errors import KubetrainError
 from kubetrain.launch.cluster import ClusterJob, run_job
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError
 from kubetrain.launch.kubernetes import KubernetesLauncher, PyTorchJobWatcher, build_pytorchjob
 
-IMAGE = "registry.example/kubetrain:test"
-
-
-def cluster_cfg(namespace: str, claim: Path, *settings: str) -> PipelineConfig:
-    claim.mkdir(exist_ok=True)
-    return load_config(
-        None,
-        [
-            "cluster.backend=kubernetes", f"cluster.namespace={namespace}",
-            f"cluster.image={IMAGE}", f"cluster.mount_path={claim}",
-            "cluster.poll_seconds=1", "cluster.wait_timeout_seconds=120",
-            "train.nproc=1", "train.epochs=1", "tune.enabled=false", *settings,
-        ],
-    )  # fmt: skip
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture
@@ -47,54 +36,6 @@ def tiny_dataset(tmp_path) -> Path:
     d.mkdir()
     (d / "meta.json").write_text("{}")
     return d
-
-
-def master(job: dict) -> dict:
-    return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
-
-
-def run_the_master(job: dict) -> None:
-    """What the pod would do: the container's command with the operator's variables."""
-    container = master(job)
-    values = {"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    command = [sys.executable if a == "python" else a for a in container["command"]]
-    for key, value in values.items():
-        command = [a.replace(f"$({key})", value) for a in command]
-    env = dict(os.environ, **{e["name"]: e["value"] for e in container["env"]}, **values)
-    env["OMP_NUM_THREADS"] = "1"
-    subprocess.run(command, env=env, check=True, timeout=300)
-
-
-def write_model(job: dict) -> None:
-    """A stand-in model where the job's command says it goes (tests that do not train)."""
-    cmd = master(job)["command"]
-    model = Path(cmd[cmd.index("--output") + 1])
-    model.mkdir(parents=True)
-    (model / "model.json").write_text("{}")
-    (model / "metrics.json").write_text("{}")
-
-
-def play_success(op: Operator, train=write_model, between=lambda: None) -> dict:
-    """Created -> Running (a master pod) -> the work -> Succeeded, as the operator writes them."""
-    job = op.created("pytorchjobs")
-    name = job["metadata"]["name"]
-    created = tc_condition("Created", "PyTorchJobCreated", f"PyTorchJob {name} is created.")
-    op.conditions("pytorchjobs", name, [created])
-    op.pod(f"{name}-master-0", name, "Running", {"state": {"running": {}}})
-    running = tc_condition("Running", "PyTorchJobRunning", f"PyTorchJob {name} is running.")
-    op.conditions(
-        "pytorchjobs", name, [created, running], replicaStatuses={"Master": {"active": 1}}
-    )
-    between()
-    train(job)
-    done = tc_condition(
-        "Succeeded", "PyTorchJobSucceeded", f"PyTorchJob {op.ns}/{name} successfully completed."
-    )
-    running["status"] = "False"
-    op.conditions(
-        "pytorchjobs", name, [created, running, done], replicaStatuses={"Master": {"succeeded": 1}}
-    )
-    return job
 
 
 def test_the_train_step_returns_the_model_its_job_trained(
@@ -269,3 +210,20 @@ def test_a_revoked_or_invalid_token_is_one_line(
             KubernetesLauncher().run(cfg, tiny_dataset, tmp_path / "model")
         assert err.value.status == 401 and "\n" not in str(err.value)
     assert operator.objects("pytorchjobs") == []
+
+
+@pytest.mark.parametrize("step", ["train", "tune"])
+def test_the_cli_steps_say_a_missing_namespace_in_one_line(
+    control_plane, step, tiny_dataset, tmp_path, capsys, monkeypatch
+):
+    from kubetrain.cli import main
+
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+    args = [step, "--dataset", str(tiny_dataset), "--output", str(tmp_path / "out")]
+    for setting in ("cluster.backend=kubernetes", "cluster.namespace=not-here",
+                    f"cluster.image={IMAGE}", f"cluster.mount_path={tmp_path}"):  # fmt: skip
+        args += ["--set", setting]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "namespace 'not-here' does not exist on the cluster" in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "jobs").exists()
