@@ -379,8 +379,10 @@ class KubernetesLauncher:
         api = self._api_factory(cfg.cluster.namespace)
 
         def collect(run: ClusterJob, _job: dict[str, Any], paths: JobPaths) -> None:
+            from kubetrain.artifacts import TrainedModel
+
             model = Path(paths.model)
-            if not (model / "model.json").is_file():
+            if not TrainedModel.is_complete(model):
                 raise KubetrainError(f"{run.what(name)} succeeded but wrote no model to {model}")
             out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(model, out_dir, dirs_exist_ok=True)

@@ -21,7 +21,6 @@ from typing import Any
 
 from kubetrain.config import PipelineConfig, SearchParameter, parse_override
 from kubetrain.errors import KubetrainError
-from kubetrain.io import write_json
 from kubetrain.launch.cluster import ClusterJob, JobPaths, condition, new_name, run_job
 from kubetrain.launch.kubeapi import KubeApi, Resource
 from kubetrain.launch.kubernetes import (
@@ -324,7 +323,7 @@ class ExperimentWatcher:
 def run_experiment(
     cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, api: KubeApi | None = None
 ) -> dict[str, Any]:
-    """The tune step on ``kubernetes``: best_params.json and trials.json in ``out_dir``.
+    """The tune step on ``kubernetes``: the search artifact (``SearchResult``) in ``out_dir``.
 
     The dataset travels through the shared claim like a PyTorchJob's (``JobPaths``).
 
@@ -344,8 +343,8 @@ def run_experiment(
         records = trial_records(trials, cfg.tune.objective_metric)
         return records, search_result(cfg, exp, records)
 
+    from kubetrain.artifacts import SearchResult
+
     records, result = run_job(cfg, api, ExperimentWatcher(), experiment, dataset_dir, collect)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "trials.json", records)
-    write_json(out_dir / "best_params.json", result)
+    SearchResult(result, records).save(out_dir)
     return result
