@@ -21,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,9 @@ class ControlPlane:
     def _spawn(self, name: str, argv: list[Any]) -> None:
         log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
         self.procs[name] = subprocess.Popen(
-            [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT
+            [str(a) for a in argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -192,7 +195,13 @@ class ControlPlane:
                 tail = (self.dir / "logs" / "kube-apiserver.log").read_text()[-2000:]
                 raise RuntimeError(f"kube-apiserver exited ({proc.returncode}):\n{tail}")
             try:
+                # ready, and its watch cache filled: until then watches get 429 "storage is
+                # (re)initializing" (the launchers ride that out; tests want a settled server)
                 if self.raw("/readyz") == "ok":
+                    self.raw("/apis/kubeflow.org/v1/pytorchjobs?watch=1&timeoutSeconds=1")
+                    return
+            except urllib.error.HTTPError as err:
+                if err.code == 404:  # the CRDs are not installed yet (first start)
                     return
             except OSError:
                 pass

@@ -140,6 +140,28 @@ def test_the_launcher_rides_out_an_api_server_restart_without_a_second_job(
     assert any("waiting for it to come back" in r.getMessage() for r in caplog.records)
 
 
+def test_an_api_server_that_stays_away_ends_the_wait_in_one_line(
+    control_plane, runner, operator, tiny_dataset, tmp_path
+):
+    cfg = cluster_cfg(runner.namespace, tmp_path / "claim", "cluster.wait_timeout_seconds=8")
+
+    def vanish():
+        operator.created("pytorchjobs")
+        control_plane.kill_apiserver()
+
+    join = in_background(vanish)
+    try:
+        with pytest.raises(KubetrainError, match=r"pytorchjob \S+ did not finish within cluster."
+                           r"wait_timeout_seconds = 8 \(the API server at https://127.0.0.1:\d+ "
+                           r"has not answered for \d+ s\)$") as err:  # fmt: skip
+            KubernetesLauncher().run(cfg, tiny_dataset, tmp_path / "model")
+        join()
+    finally:
+        control_plane.start_apiserver()
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "model").exists()
+
+
 def test_a_watch_that_ends_or_expires_is_resumed_from_a_fresh_list(
     control_plane, runner, operator, tmp_path, caplog
 ):
@@ -159,7 +181,9 @@ def test_a_watch_that_ends_or_expires_is_resumed_from_a_fresh_list(
         done = run.wait("kubetrain-train-watch1", since="1")
     join()
     assert done["metadata"]["name"] == "kubetrain-train-watch1"
-    assert any("expired; listing it again" in r.getMessage() for r in caplog.records)
+    assert any("expired; listing it again" in r.getMessage() for r in caplog.records), [
+        r.getMessage() for r in caplog.records
+    ]
     watches = [
         e for e in control_plane.audit(runner.username)
         if e["verb"] == "watch" and e["objectRef"].get("resource") == "pytorchjobs"

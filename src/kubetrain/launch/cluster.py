@@ -8,8 +8,9 @@ is here, once:
 - **submit**: the dataset goes to the shared claim (``JobPaths``), the object is created once;
 - **wait**: list the object (its resourceVersion) and watch it from there in windows of
   ``cluster.poll_seconds``; a watch that ends is resumed, a 410 Gone restarts from a fresh
-  list, and an API server that goes away (restarts, network) is waited for up to
-  ``OUTAGE_SECONDS`` with a warning: the same object is watched again, nothing is created twice;
+  list, and an API server that goes away (restarts, network, the moments after a restart when
+  it still refuses valid tokens) is waited for up to ``OUTAGE_SECONDS`` with a warning: the
+  same object is watched again, nothing is created twice;
 - **explain**: the object's own ``Failed`` condition plus what the watcher saw, in one line;
 - **clean up**: per ``cluster.cleanup``, the object and its directory on the claim.
 """
@@ -141,55 +142,52 @@ class ClusterJob:
         """
         cl = self.cfg.cluster
         deadline = time.monotonic() + cl.wait_timeout_seconds
-        window = max(1, round(cl.poll_seconds))
+        outage = _Outage(self.api.host, deadline)
         version = since
-        lost_since: float | None = None
         try:
             while True:
                 try:
-                    if version is None:  # a fresh list: the state now, and where to watch from
-                        obj, version = self.api.read(self.resource, name)
-                        if (done := self._check(name, obj)) is not None:
-                            return done
-                    left = max(1, min(window, round(deadline - time.monotonic())))
-                    for kind, obj in self.api.watch(self.resource, name, version, left):
-                        version = obj.get("metadata", {}).get("resourceVersion") or version
-                        if kind == "BOOKMARK":
-                            continue
-                        done = self._check(name, None if kind == "DELETED" else obj)
-                        if done is not None:
-                            return done
-                    if lost_since is not None:
-                        log.warning("the API server at %s answers again", self.api.host)
-                        lost_since = None
+                    done, version = self._watch_window(name, version, deadline)
+                    if done is not None:
+                        return done
+                    outage.over()
                 except KubeApiError as err:
                     if err.status == 410:  # the version expired: resume from a fresh list
                         log.info("watch of %s expired; listing it again", self.what(name))
                         version = None
                         continue
-                    # Unreachable, overloaded, or still starting after a restart (until its
-                    # caches fill, a new API server refuses valid tokens and roles): wait.
-                    starting = lost_since is not None and err.status in (401, 403)
-                    if err.status not in TRANSIENT and not starting:
-                        raise
-                    now = time.monotonic()
-                    if lost_since is None:
-                        lost_since = now
-                        log.warning("%s; waiting for it to come back", err)
-                    if now - lost_since >= OUTAGE_SECONDS or now >= deadline:
-                        raise KubeApiError(
-                            f"{err} (no answer for {now - lost_since:.0f} s while waiting for "
-                            f"{self.what(name)}; it was left in place)"
-                        ) from None
+                    outage.record(err, self.what(name))  # raises unless it is worth waiting
                     time.sleep(min(cl.poll_seconds, 1.0))
                     version = None
                 if time.monotonic() >= deadline:
                     raise KubetrainError(
                         f"{self.what(name)} did not finish within cluster.wait_timeout_seconds = "
-                        f"{cl.wait_timeout_seconds}"
+                        f"{cl.wait_timeout_seconds}{outage.describe()}"
                     )
         finally:
             self.watcher.close()
+
+    def _watch_window(
+        self, name: str, version: str | None, deadline: float
+    ) -> tuple[dict[str, Any] | None, str]:
+        """One watch window (``cluster.poll_seconds``, from a fresh list if ``version`` is None).
+
+        Returns (the object if it succeeded, else None; the resourceVersion to resume from).
+        """
+        if version is None:  # the state now, and where to watch from
+            obj, version = self.api.read(self.resource, name)
+            if (done := self._check(name, obj)) is not None:
+                return done, version
+        window = max(1, round(self.cfg.cluster.poll_seconds))
+        left = max(1, min(window, round(deadline - time.monotonic())))
+        for kind, obj in self.api.watch(self.resource, name, version, left):
+            version = obj.get("metadata", {}).get("resourceVersion") or version
+            if kind == "BOOKMARK":
+                continue
+            done = self._check(name, None if kind == "DELETED" else obj)
+            if done is not None:
+                return done, version
+        return None, version
 
     def _check(self, name: str, obj: dict[str, Any] | None) -> dict[str, Any] | None:
         if obj is None:
@@ -209,6 +207,48 @@ class ClusterJob:
                 log.info("deleted %s", self.what(name))
         except KubeApiError as err:
             log.warning("could not delete %s: %s", self.what(name), err)
+
+
+class _Outage:
+    """How long the API server has been away during a wait; raises once that is too long."""
+
+    def __init__(self, host: str, deadline: float):
+        self.host = host
+        self.deadline = deadline
+        self.since: float | None = None
+
+    def record(self, err: KubeApiError, what: str) -> None:
+        """A failed call; raises ``err`` unless it means "not now" and time is left.
+
+        "Not now": no answer, overloaded, or, while the server is coming back, 401/403 (until
+        its caches fill, a restarted API server refuses valid tokens and roles).
+        """
+        starting = self.since is not None and err.status in (401, 403)
+        if err.status not in TRANSIENT and not starting:
+            raise err
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+            log.warning("%s; waiting for it to come back", err)
+        if now - self.since >= OUTAGE_SECONDS or now >= self.deadline:
+            raise KubeApiError(
+                f"{err} (no usable answer for {now - self.since:.0f} s while waiting for {what})"
+            ) from None
+
+    def describe(self) -> str:
+        """`` (the API server at H has not answered for N s)`` during an outage, else ""."""
+        if self.since is None:
+            return ""
+        return (
+            f" (the API server at {self.host} has not answered for "
+            f"{time.monotonic() - self.since:.0f} s)"
+        )
+
+    def over(self) -> None:
+        """A call succeeded."""
+        if self.since is not None:
+            log.warning("the API server at %s answers again", self.host)
+            self.since = None
 
 
 def run_job(
