@@ -4,10 +4,11 @@ This is the one module that knows the train job's kind. ``build_pytorchjob`` is 
 (config -> manifest dict) built with the official ``kubeflow-training`` models;
 ``PyTorchJobWatcher`` reads a running job (its pods, the leader's log, why it failed) for the
 shared lifecycle in ``kubetrain.launch.cluster``; ``KubernetesLauncher`` is the
-``TrainLauncher`` that ties them to artifacts. Katib trials embed the same job
-(``TRIAL_TEMPLATE``, read by ``kubetrain.tune.katib``). **Moving to Kubeflow Trainer v2's
-``TrainJob`` touches this module only**: its builder, ``TRAIN_JOB``, the labels, the watcher's
-pod selector, and what Katib is told about the job.
+``TrainLauncher`` that ties them to artifacts. Katib trials and ``kubetrain manifests`` embed
+the same job through ``build_train_job`` and the ``TRIAL_*`` constants. **Moving to Kubeflow
+Trainer v2's ``TrainJob`` touches this module only**: its builder, ``TRAIN_JOB``, the labels, the
+watcher's pod selector, and what Katib is told about the job (``TRIAL_*``); the lifecycle, the
+client and the tune backend stay as they are.
 
 How data travels (the PVC contract): the launching step (the KFP train task, or ``kubetrain
 train`` on a machine with the claim mounted) and every job pod mount ``cluster.pvc_name`` at
@@ -259,6 +260,10 @@ def build_pytorchjob(
     )
     return ApiClient().sanitize_for_serialization(job)
 
+
+# What the rest of kubetrain (Katib's trial template, ``kubetrain manifests``) calls: the train
+# job of the kind this module builds; a TrainJob builder would take its place here.
+build_train_job = build_pytorchjob
 
 # -- a running job ------------------------------------------------------------------------
 

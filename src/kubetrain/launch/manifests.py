@@ -19,13 +19,13 @@ def cluster_manifests(
 ) -> list[dict[str, Any]]:
     """[Experiment (if tuning), PyTorchJob] for ``cfg``; raises KubetrainError without an image."""
     from kubetrain.launch.cluster import new_name
-    from kubetrain.launch.kubernetes import build_pytorchjob
+    from kubetrain.launch.kubernetes import build_train_job
     from kubetrain.tune.katib import build_experiment
 
     docs = []
     if cfg.tune.enabled:
         docs.append(build_experiment(cfg, tune_name or new_name(cfg, "tune")))
-    docs.append(build_pytorchjob(cfg, train_name or new_name(cfg, "train")))
+    docs.append(build_train_job(cfg, train_name or new_name(cfg, "train")))
     return docs
 
 

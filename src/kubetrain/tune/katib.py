@@ -28,7 +28,7 @@ from kubetrain.launch.kubernetes import (
     TRIAL_FAILURE_CONDITION,
     TRIAL_PRIMARY_POD_LABELS,
     TRIAL_SUCCESS_CONDITION,
-    build_pytorchjob,
+    build_train_job,
     worker_command,
 )
 
@@ -122,7 +122,7 @@ def build_experiment(cfg: PipelineConfig, name: str, dataset_dir: str | None = N
     # A trial's model is not kept: the final train step retrains with the best parameters.
     command = worker_command(trial_cfg, dataset, "/tmp/kubetrain-trial", overrides)
     # Keep a trial's pods until it ends: Katib's collector sidecar reads the finished log.
-    job = build_pytorchjob(
+    job = build_train_job(
         trial_cfg, name, command=command, clean_pod_policy="None", checkpoints=False
     )
     trial_spec = {k: v for k, v in job.items() if k != "metadata"}  # Katib names each trial
