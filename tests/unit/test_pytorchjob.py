@@ -14,10 +14,11 @@ from kubeflow.training.api_client import ApiClient
 from fakes.golden import golden
 from kubetrain.config import load_config
 from kubetrain.errors import ConfigError, KubetrainError
-from kubetrain.launch import get_launcher, torchrun_command
+from kubetrain.launch import get_launcher
 from kubetrain.launch.cluster import JobPaths, should_delete
 from kubetrain.launch.kubeapi import KubeApi
 from kubetrain.launch.kubernetes import KubernetesLauncher, build_pytorchjob
+from kubetrain.launch.torchrun import torchrun_command
 
 JOB = "kubetrain-train-0a1b2c"
 GOLDEN_SETTINGS = [

@@ -36,9 +36,9 @@ from typing import Any
 
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError, KubetrainError
-from kubetrain.launch import NO_SHARED_STORE, torchrun_command
 from kubetrain.launch.cluster import ClusterJob, JobPaths, new_name, run_job
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError, LogFollower, Resource
+from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 
 log = logging.getLogger(__name__)
 

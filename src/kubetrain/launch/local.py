@@ -12,7 +12,7 @@ from pathlib import Path
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import KubetrainError
 from kubetrain.io import write_json
-from kubetrain.launch import NO_SHARED_STORE, torchrun_command
+from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 
 log = logging.getLogger(__name__)
 
