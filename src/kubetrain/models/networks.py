@@ -48,7 +48,12 @@ REGISTRY: dict[str, Callable[[list[int], int, ModelConfig], nn.Module]] = {"mlp"
 
 
 def build_model(cfg: ModelConfig, input_shape: list[int], num_classes: int) -> nn.Module:
-    """Build ``cfg.name`` for inputs of ``input_shape`` (without batch) and ``num_classes``."""
+    """Build ``cfg.name`` for inputs of ``input_shape`` (without batch) and ``num_classes``;
+    ``torchvision:``, ``timm:`` and ``module:factory`` names are built by ``models.vision``."""
+    if cfg.name not in REGISTRY:
+        from kubetrain.models import vision
+
+        return vision.build_model(cfg, list(input_shape), num_classes)
     return REGISTRY[cfg.name](list(input_shape), num_classes, cfg)
 
 
