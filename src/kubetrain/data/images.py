@@ -241,7 +241,11 @@ def build_image_dataset(cfg: DataConfig, out_dir: str) -> ShardManifest:
     ids, classes = encode_labels(labels)
     if len(classes) < 2:
         raise DataError(f"data error: {cfg.source}: needs at least 2 classes, found {classes}")
-    tasks = _plan(listing.refs, ids, split_indices(ids, cfg), cfg, out_dir, options)
+    try:
+        parts = split_indices(ids, cfg)
+    except DataError as err:  # name the source: the split's message cannot
+        raise DataError(str(err).replace("data error:", f"data error: {cfg.source}:", 1)) from None
+    tasks = _plan(listing.refs, ids, parts, cfg, out_dir, options)
     _remove_manifest(out_dir, options)  # a failed build leaves no manifest naming old shards
     results = _run(tasks, cfg.num_workers)
     try:
