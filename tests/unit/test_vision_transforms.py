@@ -7,26 +7,27 @@ import io
 
 import pytest
 
-pytest.importorskip("torchvision", reason="image transforms need the vision extra (make test-vision)")
+pytest.importorskip(
+    "torchvision", reason="image transforms need the vision extra (make test-vision)"
+)
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 
-from kubetrain.config import load_config  # noqa: E402
-from kubetrain.data.config import DataConfig  # noqa: E402
-from kubetrain.data.images import build_image_dataset  # noqa: E402
-from kubetrain.data.streaming import StreamingDataset  # noqa: E402
-from kubetrain.data.transforms import (  # noqa: E402
-    BatchCollate,
+from kubetrain.config import load_config
+from kubetrain.data.config import DataConfig
+from kubetrain.data.images import build_image_dataset
+from kubetrain.data.streaming import StreamingDataset
+from kubetrain.data.transforms import (
     ImageTransform,
     batch_specs,
     build_pipeline,
     decode_image,
     image_transforms,
 )
-from kubetrain.errors import ConfigError  # noqa: E402
-from vision_data import encode, image_folder, render  # noqa: E402
+from kubetrain.errors import ConfigError
+from vision_data import encode, image_folder, render
 
 pytestmark = pytest.mark.vision
 
@@ -81,24 +82,30 @@ def test_pipelines_from_yaml_augment_and_normalise(tmp_path):
     ids=["unknown", "not-a-class", "bad-kwarg", "bad-value", "bad-dtype", "nested", "fails-on-data"],
 )  # fmt: skip
 def test_a_wrong_entry_is_one_line_naming_it(entry, message):
-    cfg = DataConfig.model_validate({"transforms": {"train": [{"name": "RandomHorizontalFlip"}, entry]}})
+    cfg = DataConfig.model_validate(
+        {"transforms": {"train": [{"name": "RandomHorizontalFlip"}, entry]}}
+    )
     with pytest.raises(ConfigError, match=message) as err:
         image_transforms(cfg, num_classes=10)
     assert "\n" not in str(err.value)
 
 
 def test_train_and_eval_sizes_must_agree():
-    cfg = DataConfig.model_validate({"transforms": {"train": [{"name": "RandomCrop", "kwargs": {"size": 16}}]}})
+    cfg = DataConfig.model_validate(
+        {"transforms": {"train": [{"name": "RandomCrop", "kwargs": {"size": 16}}]}}
+    )
     with pytest.raises(ConfigError, match=r"train images come out \(3, 16, 16\) but eval images"):
         image_transforms(cfg, num_classes=10)
 
 
 def test_without_transforms_images_become_float_in_zero_one():
     image = build_pipeline([], "x")(decode_image(record()["image"]))
-    assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
+    assert image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1
 
 
-@pytest.mark.parametrize(("fmt", "mode"), [("PNG", "L"), ("JPEG", "RGB"), ("BMP", "RGB"), ("WEBP", "RGB")])
+@pytest.mark.parametrize(
+    ("fmt", "mode"), [("PNG", "L"), ("JPEG", "RGB"), ("BMP", "RGB"), ("WEBP", "RGB")]
+)
 @pytest.mark.parametrize("target", ["RGB", "L"])
 def test_decoding_gives_the_mode_asked_for(fmt, mode, target):
     img = render(2, 5, mode)
@@ -135,7 +142,9 @@ def test_an_epoch_streams_through_the_transform_in_dataloader_workers(tmp_path):
         label_sum += labels.sum(0)
     assert n == manifest.num_samples("train")
     # MixUp keeps the label mass: the epoch's soft labels add up to its per-class counts.
-    counts = torch.tensor([manifest.class_counts["train"][str(k)] for k in range(10)], dtype=torch.float)
+    counts = torch.tensor(
+        [manifest.class_counts["train"][str(k)] for k in range(10)], dtype=torch.float
+    )
     assert torch.allclose(label_sum.sum(), counts.sum())
 
 
