@@ -213,6 +213,7 @@ def test_a_manifest_source_with_relative_paths_and_any_labels(folder, tmp_path, 
         for p in sorted((tmp_path / "data").rglob("*"))
         if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.parent.name != "data"
     ]
+    rows.append({"path": "class_0/gone.png", "species": "CLASS_0"})  # listed, never written
     table = pd.DataFrame(rows)
     path = tmp_path / "data" / f"index.{fmt}"
     table.to_csv(path, index=False) if fmt == "csv" else table.to_parquet(path)
@@ -221,8 +222,11 @@ def test_a_manifest_source_with_relative_paths_and_any_labels(folder, tmp_path, 
         str(tmp_path / "out"),
     )
     assert manifest.meta["classes"] == [f"CLASS_{k}" for k in range(10)]
-    broken = sum(1 for r in rows if os.path.basename(r["path"]) in CORRUPT)
+    broken = sum(1 for r in rows if os.path.basename(r["path"]) in CORRUPT) + 1
     assert sum(manifest.num_samples(s) for s in manifest.splits) == len(rows) - broken
+    assert manifest.provenance["num_skipped"] == broken
+    gone = str(tmp_path / "data" / "class_0" / "gone.png")
+    assert [gone, "missing"] in manifest.provenance["skipped"]
 
 
 def test_a_manifest_without_its_columns_is_one_line(tmp_path):

@@ -184,9 +184,14 @@ def _write_shard(task: _ShardTask) -> _ShardResult:
         try:
             data = read_bytes(ref, task.storage_options)
             image, shape = convert_image(data, task.mode, task.size)
-        except (ImageDecodeError, FileNotFoundError) as err:
-            skipped.append((ref.name, str(err) or type(err).__name__))
+        except FileNotFoundError:
+            skipped.append((ref.name, "missing"))  # a manifest row whose file is gone
             continue
+        except ImageDecodeError as err:
+            skipped.append((ref.name, str(err)))
+            continue
+        except OSError as err:  # the store itself fails (permissions, network): not one image
+            raise DataError(f"data error: {ref.name}: cannot read ({err})") from None
         writer.write({"image": image, "label": int(label)})
         counts[str(label)] += 1
         shapes.add(shape)
