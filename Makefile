@@ -35,7 +35,7 @@ scan-venv: $(SCAN_STAMP)
 $(VISION_STAMP): pyproject.toml
 	test -x $(VISION_PY) || $(PYTHON) -m venv $(VISION_VENV)
 	$(VISION_PY) -m pip install --quiet --disable-pip-version-check 'torch==2.14.1' 'torchvision==0.29.1'
-	$(VISION_PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,vision]'
+	$(VISION_PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,vision,timm]'
 	touch $(VISION_STAMP)
 
 venv-vision: $(VISION_STAMP)

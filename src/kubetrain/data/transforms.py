@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import io
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -159,7 +160,14 @@ def decode_image(data: bytes, mode: str = "RGB") -> torch.Tensor:
 
     buffer = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
     try:
-        return tv_decode(buffer, mode=ImageReadMode.RGB if mode == "RGB" else ImageReadMode.GRAY)
+        # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not installable
+        # here); they still work, and the warning would repeat in every loader worker.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
+            out = tv_decode(buffer, mode=ImageReadMode.RGB if mode == "RGB" else ImageReadMode.GRAY)
+        if out.shape[0] == len(mode):  # its WebP decoder ignores GRAY: Pillow converts those
+            return out
+        raise RuntimeError(f"decoded {out.shape[0]} channels, not {len(mode)}")
     except RuntimeError:
         from PIL import Image, UnidentifiedImageError
 
