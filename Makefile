@@ -13,7 +13,7 @@ VISION_PY := $(VISION_VENV)/bin/python
 VISION_STAMP := $(VISION_VENV)/.installed
 ARGS ?=
 
-.PHONY: venv scan-venv venv-vision test-vision run test test-fast test-slow lint compile bench clean images image-trainer kind-e2e
+.PHONY: venv scan-venv venv-vision test-vision run test test-fast test-slow test-cluster lint compile bench clean images image-trainer kind-e2e
 
 # (Re)create the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -46,9 +46,13 @@ run: venv
 
 ## test: lint, then unit and local integration tests (everything that needs no cluster)
 test: venv scan-venv lint
-	$(PY) -m pytest -m "not e2e and not slow" $(ARGS)
+	$(PY) -m pytest -m "not e2e and not slow and not cluster" $(ARGS)
 
-## test-vision: the tests marked vision, in the torchvision venv (the core venv skips them)
+## test-cluster: the cluster path against a real kube-apiserver + etcd (../shared/k8s, Debian's etcd-server)
+test-cluster: venv
+	$(PY) -m pytest -m cluster tests/cluster $(ARGS)
+
+## test-vision: the tests marked vision, in the torchvision venv (the core venv skips those needing torchvision)
 test-vision: venv-vision
 	$(VISION_PY) -m pytest -m "vision and not slow" $(ARGS)
 
