@@ -102,3 +102,22 @@ def test_an_epoch_streams_from_s3_through_the_image_transform(s3, uploaded):
             assert images.shape[1:] == (3, 32, 32) and images.dtype.is_floating_point
             seen += len(labels)
     assert seen == manifest.num_samples("train")
+
+
+def test_model_weights_load_from_an_s3_uri(s3, tmp_path):
+    import s3fs
+    import torch
+
+    from kubetrain.models.config import ModelConfig
+    from kubetrain.models.vision import build_model
+
+    source = build_model(ModelConfig(name="vision_factory:tiny_net"), [3, 32, 32], 4)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    s3.make_bucket("weights")
+    s3fs.S3FileSystem(**s3.storage_options).put(str(tmp_path / "w.pt"), "weights/tiny/w.pt")
+    cfg = ModelConfig(name="vision_factory:tiny_net", weights="s3://weights/tiny/w.pt")
+    model = build_model(cfg, [3, 32, 32], 4, storage_options=s3.storage_options)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), source.state_dict().values(), strict=True)
+    )

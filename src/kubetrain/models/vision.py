@@ -285,11 +285,12 @@ def read_state_dict(
     Raises:
         ConfigError: the file is missing or is not a state dict (one line naming it).
     """
-    from kubetrain.data.image_sources import filesystem
+    import fsspec
 
     try:
-        fs, path = filesystem(uri, storage_options)
-        with fs.open(path, "rb") as f:
+        local = (fsspec.core.split_protocol(uri)[0] or "file") in ("file", "local")
+        options = {} if local else dict(storage_options or {})
+        with fsspec.open(uri, "rb", **options) as f:
             data = f.read()
     except (FileNotFoundError, OSError) as err:
         raise ConfigError(f"config error: model.weights: {uri}: cannot read ({err})") from None
