@@ -121,3 +121,22 @@ def test_model_weights_load_from_an_s3_uri(s3, tmp_path):
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), source.state_dict().values(), strict=True)
     )
+
+
+def test_credentials_and_endpoint_from_the_environment_alone(s3, uploaded, tmp_path, monkeypatch):
+    """No data.storage_options: s3fs (botocore) reads the AWS_* variables, as in a pod whose
+    Secret is mounted as environment."""
+    import s3fs
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": s3.key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret,
+        "AWS_ENDPOINT_URL": s3.url,
+        "AWS_DEFAULT_REGION": s3.region,
+    }.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    manifest = build_image_dataset(
+        DataConfig(source="s3://images/tars/train-{000000..000002}.tar"), str(tmp_path / "env")
+    )
+    assert sum(manifest.num_samples(s) for s in manifest.splits) == 80
