@@ -27,6 +27,11 @@ def uploaded(s3, tmp_path_factory):
 
     local = tmp_path_factory.mktemp("upload")
     counts = image_folder(local / "folder", classes=10, per_class=8)
+    # A manifest beside the class folders, with paths relative to it (not a sample itself).
+    rows = sorted(p.relative_to(local / "folder") for p in (local / "folder").glob("*/*"))
+    (local / "folder" / "index.csv").write_text(
+        "image,label\n" + "".join(f"{p},{p.parent}\n" for p in rows if p.suffix != ".txt")
+    )
     tar_shards(local / "tars", classes=10, per_class=8, num_shards=3)
     s3.make_bucket("images")
     fs = s3fs.S3FileSystem(**s3.storage_options)
@@ -37,8 +42,12 @@ def uploaded(s3, tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("source", "local_source"),
-    [("s3://images/folder", "folder"), ("s3://images/tars/train-{000000..000002}.tar", None)],
-    ids=["folder", "tars"],
+    [
+        ("s3://images/folder", "folder"),
+        ("s3://images/folder/index.csv", "folder/index.csv"),
+        ("s3://images/tars/train-{000000..000002}.tar", None),
+    ],
+    ids=["folder", "manifest", "tars"],
 )
 def test_an_s3_source_builds_the_same_shards_as_its_local_copy(
     s3, uploaded, tmp_path, source, local_source
