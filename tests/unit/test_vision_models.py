@@ -32,6 +32,14 @@ def test_a_malformed_model_name_is_a_config_error(name):
         load_config(overrides=[f"model.name={name}"])
 
 
+@pytest.mark.parametrize(
+    "override", ["model.weights=w.pt", "model.freeze_backbone=true", "model.kwargs={depth: 2}"]
+)
+def test_fine_tuning_fields_are_refused_for_the_builtin_networks(override):
+    with pytest.raises(ConfigError, match=r"applies to torchvision:, timm: and module:factory"):
+        load_config(overrides=["model.name=mlp", override])
+
+
 # -- torchvision --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tv():
@@ -74,6 +82,22 @@ def test_torchvision_mistakes_are_one_line(tv, name, kwargs, message, monkeypatc
     with pytest.raises(ConfigError, match=message) as err:
         build_model(model_cfg(name, kwargs=kwargs), [3, 32, 32], 10)
     assert "\n" not in str(err.value)
+
+
+def test_hub_weights_already_in_torch_hub_cache_are_used(tv, monkeypatch, tmp_path):
+    """What a user (or an image) put in the hub cache beforehand is read; nothing is fetched."""
+    import os
+
+    from torchvision.models import ResNet18_Weights, resnet18
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(ResNet18_Weights.DEFAULT.url)
+    cached.parent.mkdir(parents=True)
+    reference = resnet18()
+    torch.save(reference.state_dict(), cached)
+    model = build_model(model_cfg("torchvision:resnet18", kwargs={"weights": "DEFAULT"}), [3, 32, 32], 10)  # fmt: skip
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+    assert model.fc.out_features == 10
 
 
 # -- timm ---------------------------------------------------------------------------------------

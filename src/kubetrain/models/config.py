@@ -63,4 +63,13 @@ class ModelConfig(Section):
             values = getattr(self, field)
             if not values or any(v < 1 for v in values):
                 raise ValueError(f"{field} must be a non-empty list of positive integers")
+        if self.name in BUILTIN:
+            # The built-in networks take their sizes from the fields above; silently ignoring
+            # these would train something else than asked.
+            for field in ("kwargs", "weights", "freeze_backbone"):
+                if getattr(self, field):
+                    raise ValueError(
+                        f"model.{field} applies to torchvision:, timm: and module:factory "
+                        f"models, not to {self.name!r}"
+                    )
         return self
