@@ -202,6 +202,18 @@ def test_a_rebuild_on_unchanged_input_is_a_cache_hit_and_one_changed_image_is_no
     }
 
 
+def test_renaming_a_class_changes_the_version_but_moving_the_data_does_not(tmp_path):
+    image_folder(tmp_path / "a", classes=3, per_class=6, corrupt=False)
+    first = build_image_dataset(cfg(tmp_path / "a"), str(tmp_path / "out-a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    moved = build_image_dataset(cfg(tmp_path / "b"), str(tmp_path / "out-b"))
+    assert moved.version == first.version  # where the data lives is provenance, not content
+    (tmp_path / "b" / "class_0").rename(tmp_path / "b" / "class_00")  # same order, new name
+    renamed = build_image_dataset(cfg(tmp_path / "b"), str(tmp_path / "out-c"))
+    assert renamed.splits == first.splits  # the same shards, byte for byte ...
+    assert renamed.version != first.version  # ... but the class names are content too
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_a_manifest_source_with_relative_paths_and_any_labels(folder, tmp_path, fmt):
     import pandas as pd
