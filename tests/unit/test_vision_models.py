@@ -179,3 +179,16 @@ def test_a_factory_model_fine_tunes_and_freezes_too(tmp_path):
     model = build_model(cfg, [3, 32, 32], 8)
     assert torch.equal(model[0].weight, source[0].weight)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["4.weight", "4.bias"]
+
+
+def test_a_rebuild_from_the_spec_does_not_read_the_initial_weights_again(tmp_path):
+    from kubetrain.models import build_from_spec, model_spec
+
+    source = build_model(model_cfg("vision_factory:tiny_net"), [3, 32, 32], 3)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    cfg = model_cfg("vision_factory:tiny_net", weights=str(tmp_path / "w.pt"), freeze_backbone=True)
+    spec = model_spec(cfg, [3, 32, 32], 3)
+    (tmp_path / "w.pt").unlink()  # e.g. the evaluate pod cannot see the training's input file
+    rebuilt = build_from_spec(spec)
+    rebuilt.load_state_dict(source.state_dict())
+    assert all(p.requires_grad for p in rebuilt.parameters())
