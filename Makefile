@@ -8,7 +8,7 @@ SCAN_VENV ?= .venv-scan
 SCAN_STAMP := $(SCAN_VENV)/.installed
 ARGS ?=
 
-.PHONY: venv scan-venv run test test-fast test-slow lint compile bench clean images image-trainer kind-e2e
+.PHONY: venv scan-venv run test test-unit test-integration test-slow lint compile bench clean images image-trainer kind-e2e
 
 # (Re)create the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -29,13 +29,20 @@ scan-venv: $(SCAN_STAMP)
 run: venv
 	$(VENV)/bin/kubetrain run $(ARGS)
 
-## test: lint, then unit and local integration tests (everything that needs no cluster)
-test: venv scan-venv lint
-	$(PY) -m pytest -m "not e2e and not slow" $(ARGS)
+## test: lint, then the unit tier and the integration tier (not the slow suites)
+test: lint test-unit test-integration
 
-## test-slow: the suites marked slow (run by .ci/run in their own step)
+## test-unit: tests/unit only -- pure and fast, the tier to run all day (about 2 min on 2 cores)
+test-unit: venv scan-venv
+	$(PY) -m pytest tests/unit -m "not e2e and not slow" $(ARGS)
+
+## test-integration: real processes together (kfp.local runs, torchrun, the CLI), not slow
+test-integration: venv
+	$(PY) -m pytest tests -m "integration and not e2e and not slow" $(ARGS)
+
+## test-slow: the suites marked slow (whole pipeline runs, containers; .ci/run's own step)
 test-slow: venv
-	$(PY) -m pytest -m slow $(ARGS)
+	$(PY) -m pytest -m "slow and not e2e" $(ARGS)
 
 # Only the folders that exist (benchmarks/ may not yet).
 LINT_DIRS := $(wildcard src components pipelines tests benchmarks images)

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -112,8 +113,29 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_once(tree: Path, out: Path, probe_dir: Path, probe_out: Path) -> float:
-    """One `kubetrain run --no-cache` of ``tree``'s venv into ``out``; its wall time."""
+_TASK_LINE = re.compile(
+    r"^(\d\d):(\d\d):(\d\d\.\d+) - INFO - (?:Executing task '([\w-]+)'|Task '([\w-]+)' finished)"
+)
+
+
+def task_seconds(kfp_log: str) -> dict[str, float]:
+    """Each KFP task's wall time, from kfp.local's "Executing task" / "finished" lines."""
+    began: dict[str, float] = {}
+    took: dict[str, float] = {}
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", kfp_log).splitlines():
+        m = _TASK_LINE.match(line.strip())
+        if m:
+            t = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+            if m[4]:
+                began[m[4]] = t
+            elif m[5] in began:
+                took[m[5]] = (t - began[m[5]]) % 86400
+    return took
+
+
+def run_once(tree: Path, out: Path, probe_dir: Path, probe_out: Path) -> tuple[float, str]:
+    """One `kubetrain run --no-cache` of ``tree``'s venv into ``out``: its wall time and
+    kfp.local's output (printed by older versions, in ``out/logs`` since the task view)."""
     env = dict(os.environ, PYTHONPATH=str(probe_dir), **{PROBE_ENV: str(probe_out)})
     env.pop("PYTHONSTARTUP", None)
     t0 = time.perf_counter()
@@ -124,7 +146,8 @@ def run_once(tree: Path, out: Path, probe_dir: Path, probe_out: Path) -> float:
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         sys.exit(f"{tree}: kubetrain run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return wall
+    combined = out / "logs" / "pipeline.log"
+    return wall, done.stdout + done.stderr + (combined.read_text() if combined.is_file() else "")
 
 
 def task_overheads(probe_out: Path) -> dict[str, dict[str, float]]:
@@ -161,9 +184,11 @@ def main() -> None:
             for name, tree in trees.items():
                 probe_out = work / f"probe-{name}-{r}"
                 probe_out.mkdir()
-                wall = run_once(tree, work / f"run-{name}-{r}", probe_dir, probe_out)
+                wall, kfp_log = run_once(tree, work / f"run-{name}-{r}", probe_dir, probe_out)
                 walls[name].append(wall)
-                print(f"round {r + 1} {name:<6} kubetrain run: {wall:.1f} s", flush=True)
+                took = " ".join(f"{t} {s:.1f}" for t, s in task_seconds(kfp_log).items())
+                print(f"round {r + 1} {name:<6} kubetrain run: {wall:.1f} s  tasks (s): {took}",
+                      flush=True)  # fmt: skip
                 for task, o in task_overheads(probe_out).items():
                     tasks[name].setdefault(task, []).append((o["to_call"], o["to_work"]))
     print()

@@ -13,7 +13,15 @@ from kubetrain.config import PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
+INTEGRATION = Path(__file__).parent / "integration"
 KUBETRAIN = [sys.executable, "-m", "kubetrain.cli"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration ``integration`` (the tiers: README, Testing)."""
+    for item in items:
+        if Path(item.path).is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session", autouse=True)
