@@ -30,7 +30,7 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path, di
     import sys
     import time
 
-    from kubetrain.tune.local import STUDY_NAME, storage
+    from kubetrain.tune.study import STUDY_NAME, storage
 
     sets = [*FAST, "tune.max_trials=5", "tune.parallel_trials=1", "tune.trial_epochs=3"]
     args = [a for s in sets for a in ("--set", s)]

@@ -28,25 +28,14 @@ from typing import TYPE_CHECKING, Any
 from kubetrain.config import PipelineConfig, TuneConfig, config_from_json
 from kubetrain.errors import KubetrainError
 from kubetrain.io import write_json
+from kubetrain.tune.study import JOURNAL, STUDY_NAME, storage
 
 if TYPE_CHECKING:
     import optuna
 
 log = logging.getLogger(__name__)
 
-STUDY_NAME = "kubetrain"
-JOURNAL = "study.journal"
-
-
 INTERRUPTED = "interrupted"  # user attribute of a trial cut off by an interrupted search
-
-
-def storage(path: Path) -> optuna.storages.JournalStorage:
-    """The study's journal file (appends only; safe for several processes)."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
 def trial_config(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
