@@ -143,3 +143,13 @@ def test_on_a_terminal_the_view_is_one_line_per_task_redrawn_in_place(plain_run,
     }, screen  # fmt: skip
     assert "test accuracy fp32" in screen and "promoted:           no (below the bar)" in screen
     assert screen.count("preprocess") == 1  # redrawn in place, not printed once per refresh
+
+
+def test_verbose_streams_kfp_output_as_before(plain_run):
+    out, _ = plain_run
+    proc = run_cli("run", "-v", "--output", str(out), *sets(*SMALL))  # all from the cache
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for task in ("preprocess", "tune", "train", "quantize", "evaluate"):
+        assert f"Task {task} cache hit" in proc.stdout
+    assert "cached" not in [line.split()[-1] for line in proc.stdout.splitlines() if line.strip()]
+    assert proc.stdout.splitlines()[-1].startswith("pipeline time:")
