@@ -34,7 +34,7 @@ test: lint test-unit test-integration
 
 ## test-unit: tests/unit only -- pure and fast, the tier to run all day (about 2 min on 2 cores)
 test-unit: venv scan-venv
-	$(PY) -m pytest tests/unit -m "not e2e and not slow" $(ARGS)
+	$(PY) -m pytest tests/unit -m "not integration and not e2e and not slow" $(ARGS)
 
 ## test-integration: real processes together (kfp.local runs, torchrun, the CLI), not slow
 test-integration: venv

@@ -21,6 +21,7 @@ def evaluate(
     from pathlib import Path
 
     from kubetrain import steps
+    from kubetrain.artifacts import EVAL_DETAILS, EVAL_REPORT
     from kubetrain.config import config_from_json
     from kubetrain.io import read_json
     from kubetrain.kfp_outputs import persist
@@ -40,8 +41,8 @@ def evaluate(
     for key, value in result.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)
-    details = read_json(out / "details.json")
+    details = read_json(out / EVAL_DETAILS)
     classification.log_confusion_matrix(details["classes"], details["confusion_matrix"])
     persist(metrics)
     persist(classification)
-    shutil.copyfile(out / "report.html", report.path)
+    shutil.copyfile(out / EVAL_REPORT, report.path)

@@ -15,6 +15,7 @@ def train(
     from pathlib import Path
 
     from kubetrain import steps
+    from kubetrain.artifacts import SearchResult
     from kubetrain.config import config_from_json
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
@@ -24,7 +25,7 @@ def train(
         config_from_json(config_json),
         dataset_dir=Path(dataset.path),
         out_dir=Path(model.path),
-        params_file=Path(best_params.path) / "best_params.json",
+        params_file=SearchResult.best_params_file(best_params.path),
     )
     model.metadata["framework"] = "pytorch"
     for key in ("samples_per_second", "train_seconds", "data_wait_share", "final_val_accuracy"):

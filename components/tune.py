@@ -18,6 +18,7 @@ def tune(
     from pathlib import Path
 
     from kubetrain import steps
+    from kubetrain.artifacts import SEARCH_REPORT
     from kubetrain.config import config_from_json
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
@@ -27,7 +28,7 @@ def tune(
     result = steps.tune(config_from_json(config_json), dataset_dir=Path(dataset.path), out_dir=out)
     best_params.metadata["best_params"] = result["best_params"]
     search_metrics.log_metric("trials", result["trials_total"])
-    report = out / "report.html"
+    report = out / SEARCH_REPORT
     if result["enabled"]:
         search_metrics.log_metric("best_" + result["metric"], result["best_value"])
         search_metrics.log_metric("trials_pruned", result["trials_pruned"])
