@@ -13,14 +13,16 @@ from kubetrain.config import PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
-INTEGRATION = Path(__file__).parent / "integration"
+UNIT = Path(__file__).parent / "unit"
 KUBETRAIN = [sys.executable, "-m", "kubetrain.cli"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test under tests/integration ``integration`` (the tiers: README, Testing)."""
+    """Mark every test outside tests/unit ``integration``: the unit tier is tests/unit and
+    nothing else, and a new suite elsewhere still runs in CI's integration step (README,
+    Testing)."""
     for item in items:
-        if Path(item.path).is_relative_to(INTEGRATION):
+        if not Path(item.path).is_relative_to(UNIT):
             item.add_marker(pytest.mark.integration)
 
 
