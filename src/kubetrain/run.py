@@ -250,7 +250,7 @@ def _run_pipeline(
         live = view if isinstance(view, LiveView) else live
     failure: RuntimeError | None = None
     started = time.perf_counter()
-    with warnings.catch_warnings(), live, _output_into(task_log):
+    with task_log, warnings.catch_warnings(), live, _output_into(task_log):
         # kfp warns for every task whose base image name lacks "python"; ours is a Python image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
@@ -258,8 +258,7 @@ def _run_pipeline(
         except RuntimeError as err:
             failure = err
         finally:
-            task_log.finish()
-    task_log.close()
+            task_log.finish()  # also on Ctrl-C: the view ends with every task's last state
     if failure is not None:
         raise _step_failure(task_log, failure, run_dir, None if verbose else out)
     return task, started
