@@ -8,7 +8,7 @@ SCAN_VENV ?= .venv-scan
 SCAN_STAMP := $(SCAN_VENV)/.installed
 ARGS ?=
 
-.PHONY: venv scan-venv run test test-unit test-integration test-slow lint compile bench clean images image-trainer kind-e2e
+.PHONY: venv scan-venv run test test-unit test-integration test-slow test-cluster lint compile bench clean images image-trainer kind-e2e
 
 # (Re)create the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -32,17 +32,21 @@ run: venv
 ## test: lint, then the unit tier and the integration tier (not the slow suites)
 test: lint test-unit test-integration
 
+## test-cluster: the cluster path against a real kube-apiserver + etcd (../shared/k8s, Debian's etcd-server)
+test-cluster: venv
+	$(PY) -m pytest -m cluster tests/cluster $(ARGS)
+
 ## test-unit: tests/unit only -- pure and fast, the tier to run all day (about 2 min on 2 cores)
 test-unit: venv scan-venv
-	$(PY) -m pytest tests/unit -m "not integration and not e2e and not slow" $(ARGS)
+	$(PY) -m pytest tests/unit -m "not integration and not e2e and not slow and not cluster" $(ARGS)
 
 ## test-integration: real processes together (kfp.local runs, torchrun, the CLI), not slow
 test-integration: venv
-	$(PY) -m pytest tests -m "integration and not e2e and not slow" $(ARGS)
+	$(PY) -m pytest tests -m "integration and not e2e and not slow and not cluster" $(ARGS)
 
 ## test-slow: the suites marked slow (whole pipeline runs, containers; .ci/run's own step)
 test-slow: venv
-	$(PY) -m pytest -m "slow and not e2e" $(ARGS)
+	$(PY) -m pytest -m "slow and not e2e and not cluster" $(ARGS)
 
 # Only the folders that exist (benchmarks/ may not yet).
 LINT_DIRS := $(wildcard src components pipelines tests benchmarks images)
