@@ -13,7 +13,7 @@ ARGS ?=
 # (Re)create the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,text]'
 	touch $(STAMP)
 
 venv: $(STAMP)

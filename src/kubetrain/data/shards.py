@@ -123,6 +123,8 @@ class ShardWriter:
     ``max_bytes`` bytes of payload, whichever comes first, and collects them for the manifest.
 
     Use as a context manager (or call ``close``); then ``shards`` lists what was written.
+    ``part`` lets several writers fill one split at once (one per worker process): writer
+    ``part`` names its shards ``<split>-<part>-<n>.parquet``, so their names never collide.
     """
 
     def __init__(
@@ -133,12 +135,13 @@ class ShardWriter:
         max_bytes: int = 64 << 20,
         storage_options: Mapping[str, Any] | None = None,
         label_column: str | None = "label",
+        part: int | None = None,
     ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
         self.fs, self.root = _filesystem(root, storage_options)
         self.split, self.max_samples, self.max_bytes = split, max_samples, max_bytes
-        self.label_column = label_column
+        self.label_column, self.part = label_column, part
         self.columns: dict[str, str] = {}
         self.shards: list[ShardInfo] = []
         self.class_counts: Counter[str] = Counter()
@@ -190,7 +193,11 @@ class ShardWriter:
         buf = io.BytesIO()
         pq.write_table(pa.table(arrays), buf, compression="zstd")
         data = buf.getvalue()
-        name = f"{self.split}-{len(self.shards):06d}.parquet"
+        name = (
+            f"{self.split}-{len(self.shards):06d}.parquet"
+            if self.part is None
+            else f"{self.split}-{self.part:06d}-{len(self.shards):04d}.parquet"
+        )
         final = posixpath.join(self.root, name)
         tmp = posixpath.join(self.root, f".{name}.tmp")
         with self.fs.open(tmp, "wb") as f:
