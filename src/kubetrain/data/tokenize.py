@@ -13,8 +13,9 @@ Sequences are stored with their special tokens, so every step reads the same ids
 
 Each record also keeps ``row``, its row in the source, to put predictions beside their text.
 
-Tokenization runs in ``num_processes`` worker processes (``spawn``: a worker never inherits a
-parent's thread pools, which ``tokenizers`` and torch both keep). The examples are cut into parts
+Tokenization runs in ``num_processes`` worker processes started from a ``forkserver`` (a fresh
+process that has only imported the modules they need: a worker never inherits a parent's thread
+pools, which ``tokenizers`` and torch both keep, and pays no imports of its own). The examples are cut into parts
 of ``shard_samples``; each worker tokenizes a part and writes it as its own shard
 (``ShardWriter(part=...)``), so shards need not pass back through the parent; the parent writes
 the manifest. Parts and shard names depend only on the input, so N processes write exactly the
@@ -340,7 +341,10 @@ def tokenize_to_shards(
         _WORKER["encoder"] = Encoder(tok, task, max_length)
         results = [_encode_part(p, root, shard_samples, opts) for p in parts]
     else:
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context("forkserver")
+        # Workers fork from a server that imported these once (pyarrow imports pandas when it
+        # builds list arrays): N workers do not each pay ~2 s of imports.
+        ctx.set_forkserver_preload(["kubetrain.data.tokenize", "pyarrow.parquet", "pandas"])
         with ctx.Pool(num_processes, initializer=_init_worker, initargs=args) as pool:
             pending: deque = deque()
             for p in parts:
