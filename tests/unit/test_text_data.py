@@ -257,6 +257,16 @@ def test_bad_source_is_one_line_and_nothing_is_written(tmp_path, name, make, tas
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({name} - {"missing.csv"})
 
 
+def test_an_output_that_is_not_a_text_dataset_is_not_replaced(tmp_path):
+    source = write_source(table(), tmp_path / "d.csv")
+    with pytest.raises(DataError, match="exists and is not a text dataset; refusing"):
+        build_text_dataset(cfg(source), tmp_path)
+    assert (tmp_path / "d.csv").is_file()
+    build_text_dataset(cfg(source), tmp_path / "ds")
+    build_text_dataset(cfg(source, seed=1), tmp_path / "ds")  # an earlier one is replaced
+    assert (tmp_path / "ds" / "text.json").is_file()
+
+
 def test_only_empty_text_is_refused(tmp_path):
     source = tmp_path / "d.csv"
     source.write_text("text,label\n  ,a\n\t,b\n")
@@ -323,3 +333,38 @@ def test_meta_json_round_trips(tmp_path):
         TextMeta.load(tmp_path)
     with pytest.raises(DataError, match="missing"):
         TextMeta.load(tmp_path / "none")
+
+
+@pytest.mark.parametrize("task", ["text_classification", "seq2seq"])
+def test_token_shards_stream_bucketed_into_a_transformer(tmp_path, task):
+    """The pieces fit: preprocess output -> StreamingDataset + bucketing -> model loss."""
+    import torch
+
+    from kubetrain.data.batching import BucketingCollate, iter_batches
+    from kubetrain.data.streaming import StreamingDataset
+    from kubetrain.models.transformer import (
+        Seq2SeqTransformer,
+        TransformerClassifier,
+        TransformerConfig,
+        label_smoothed_loss,
+        seq2seq_loss,
+    )
+
+    out = tmp_path / "ds"
+    meta = build_text_dataset(cfg(write_source(table(120), tmp_path / "d.csv"), task), out)
+    sp = meta.special_ids
+    ds = StreamingDataset(
+        str(out), "train", 32, collate=BucketingCollate(sp["pad"], batch_tokens=200)
+    )
+    size = TransformerConfig(d_model=16, heads=2, layers=1, ff=32, max_len=meta.max_length)
+    rows = []
+    for batch in iter_batches(ds):
+        rows += batch["row"].tolist()
+        if task == "text_classification":
+            model = TransformerClassifier(meta.vocab_size, len(meta.classes), size, sp["pad"])
+            loss = label_smoothed_loss(model(batch["input_ids"]), batch["label"])
+        else:
+            model = Seq2SeqTransformer(meta.vocab_size, size, sp["pad"], sp["bos"], sp["eos"])
+            loss = seq2seq_loss(model, batch["src_ids"], batch["tgt_ids"])
+        assert torch.isfinite(loss)
+    assert len(rows) == len(set(rows)) == meta.samples["train"]

@@ -300,7 +300,8 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
 
     Args:
         cfg: the ``data`` config section (``task`` one of the text tasks).
-        out: the dataset directory to create (local); replaced if it exists.
+        out: the dataset directory to create (local); an earlier text dataset there is
+            replaced, anything else is refused.
         num_processes: tokenizer processes (default ``cfg.num_workers``, at least 1).
 
     Returns:
@@ -308,11 +309,14 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
 
     Raises:
         ConfigError: not a text task.
-        DataError: bad source (see the module docstring), a bad tokenizer file, no training text.
+        DataError: bad source (see the module docstring), a bad tokenizer file, no training
+            text, ``out`` holds something other than a text dataset.
     """
     from kubetrain.data import tokenize
 
     out = Path(out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / TEXT_META).is_file()):
+        raise DataError(f"{out}: exists and is not a text dataset; refusing to replace it")
     stats = ReadStats()
     classes: Counter[str] = Counter()
     is_cls = cfg.task == "text_classification"
