@@ -51,7 +51,11 @@ def windows(root, collate, *, rank=0, world=1, workers=0, window=64, epoch=0, re
     return list(DataLoader(ds, batch_size=None, num_workers=workers))
 
 
-@pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 0), (2, 2)], ids=str)
+@pytest.mark.parametrize(
+    ("world", "workers"),
+    [(1, 0), (2, 0), pytest.param(2, 2, marks=pytest.mark.integration)],  # workers: processes
+    ids=str,
+)
 def test_bucketing_keeps_every_sample_once_and_pads_less(token_shards, world, workers):
     bucketed, plain = PaddingMeter(PAD), PaddingMeter(PAD)
     rows = []
