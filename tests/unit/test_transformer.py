@@ -135,3 +135,19 @@ def test_sizes_are_checked():
     model = tiny(max_len=4)
     with pytest.raises(ValueError, match="longer than max_len 4"):
         model(torch.tensor([[3, 4, 5, 6, EOS]]), torch.tensor([[BOS]]))
+
+
+def test_every_linear_quantizes_to_dynamic_int8():
+    """The reason attention is built from nn.Linear: int8 covers every projection."""
+    import warnings
+
+    model = tiny()
+    src, tgt = torch.tensor([[5, 6, 7, EOS]]), torch.tensor([[BOS, 3, 4]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantize_dynamic and its tensors are deprecated
+        q = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert not [m for m in q.modules() if type(m) is nn.Linear]  # none left in fp32
+    with torch.no_grad():
+        ref, got = model(src, tgt), q(src, tgt)
+    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.5
+    assert float((ref - got).abs().max()) < 0.5 * float(ref.abs().max())
