@@ -151,3 +151,35 @@ def test_every_linear_quantizes_to_dynamic_int8():
         ref, got = model(src, tgt), q(src, tgt)
     assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.5
     assert float((ref - got).abs().max()) < 0.5 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "max_len", "expected"),
+    [
+        ("transformer", "text_classification", 64, TransformerClassifier),
+        ("seq2seq_transformer", "seq2seq", 64, Seq2SeqTransformer),
+        ("transformer", "seq2seq", 64, "needs data.task='text_classification'"),
+        ("seq2seq_transformer", "seq2seq", 16, "max_len 16 is below data.max_length 32"),
+        ("lstm", "seq2seq", 64, "not a built-in text model"),
+    ],
+    ids=["classifier", "seq2seq", "wrong-task", "max-len-too-small", "unknown"],
+)
+def test_build_text_model_from_dataset_meta(name, task, max_len, expected):
+    from types import SimpleNamespace
+
+    from kubetrain.errors import ConfigError
+    from kubetrain.models.transformer import build_text_model
+
+    meta = SimpleNamespace(
+        task=task, max_length=32, vocab_size=30, classes=["a", "b", "c"],
+        special_ids={"pad": 0, "unk": 1, "bos": 2, "eos": 3, "cls": 4},
+    )  # fmt: skip
+    size = TransformerConfig(d_model=16, heads=2, layers=1, ff=32, max_len=max_len)
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            build_text_model(name, meta, size)
+    else:
+        model = build_text_model(name, meta, size)
+        assert type(model) is expected
+        if name == "transformer":
+            assert model(torch.tensor([[4, 7, 8]])).shape == (1, 3)

@@ -364,3 +364,38 @@ def sequence_log_prob(model: Seq2SeqTransformer, src: torch.Tensor, ids: list[in
         tgt = torch.tensor([[model.bos_id, *ids]], dtype=torch.long, device=src.device)
         logp = model(src, tgt).float().log_softmax(-1)[0]
         return float(sum(logp[i, t] for i, t in enumerate(ids)))
+
+
+def build_text_model(name: str, meta, config: TransformerConfig) -> nn.Module:
+    """The built-in text model ``name`` for a text dataset, sized by ``config``.
+
+    Args:
+        name: ``transformer`` (needs a ``text_classification`` dataset) or
+            ``seq2seq_transformer`` (needs ``seq2seq``).
+        meta: the dataset's :class:`kubetrain.data.text.TextMeta` (vocabulary, classes,
+            special ids, ``max_length``).
+        config: the sizes.
+
+    Raises:
+        ConfigError: the model does not fit the task, or ``max_len`` is below the data's
+            ``max_length`` (the stored sequences would not fit).
+    """
+    from kubetrain.errors import ConfigError
+
+    wanted = {"transformer": "text_classification", "seq2seq_transformer": "seq2seq"}
+    if name not in wanted:
+        raise ConfigError(f"config error: model.name: {name!r} is not a built-in text model")
+    if meta.task != wanted[name]:
+        raise ConfigError(
+            f"config error: model.name: {name!r} needs data.task={wanted[name]!r}, the dataset "
+            f"is {meta.task!r}"
+        )
+    if config.max_len < meta.max_length:
+        raise ConfigError(
+            f"config error: model max_len {config.max_len} is below data.max_length "
+            f"{meta.max_length}: raise it or shorten the data"
+        )
+    sp = meta.special_ids
+    if name == "transformer":
+        return TransformerClassifier(meta.vocab_size, len(meta.classes), config, sp["pad"])
+    return Seq2SeqTransformer(meta.vocab_size, config, sp["pad"], sp["bos"], sp["eos"])
