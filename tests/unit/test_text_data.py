@@ -112,6 +112,15 @@ def test_fsspec_uri_and_glob_sources(tmp_path):
     assert [(e.text, e.other) for e in got] == list(zip(df.text, df.target, strict=True))
 
 
+def test_local_glob_reads_files_in_name_order(tmp_path):
+    df = table()
+    write_source(df.iloc[30:], tmp_path / "b.csv")
+    write_source(df.iloc[:30], tmp_path / "a.parquet")  # formats may mix
+    got = list(iter_examples(cfg(str(tmp_path / "*.*"))))
+    assert [e.text for e in got] == list(df.text)
+    assert got[30].where.endswith("b.csv:2")
+
+
 def test_split_is_seeded_and_stable(tmp_path):
     source = write_source(table(200), tmp_path / "d.csv")
     a = [e.split for e in iter_examples(cfg(source))]
