@@ -12,7 +12,7 @@ from pathlib import Path
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import KubetrainError
 from kubetrain.io import write_json
-from kubetrain.launch import NO_SHARED_STORE
+from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,23 @@ class LocalLauncher:
         env.setdefault(NO_SHARED_STORE, "1")
         agents = []
         for _ in range(tc.nnodes):
-            cmd = [
-                sys.executable, "-m", "torch.distributed.run",
-                f"--nnodes={tc.nnodes}", f"--nproc-per-node={tc.nproc}",
-                # c10d rendezvous (not a static master address): after a failure the restarted
-                # group meets again through the agents' store. Everything on loopback: the
-                # host name may resolve to an address this sandbox cannot connect to.
-                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}",
-                "--local-addr=127.0.0.1",
-                f"--max-restarts={tc.max_restarts}", "--monitor-interval=0.2",
-                "-m", "kubetrain.train.worker",
-                "--dataset", str(dataset_dir), "--config-json", str(config_file),
-                "--output", str(out_dir),
-            ]  # fmt: skip
+            cmd = torchrun_command(
+                tc.nproc,
+                [
+                    f"--nnodes={tc.nnodes}",
+                    # c10d rendezvous (not a static master address): after a failure the
+                    # restarted group meets again through the agents' store. Everything on
+                    # loopback: the host name may resolve to an address this sandbox cannot
+                    # connect to.
+                    "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                    f"--rdzv-id={run_id}", "--local-addr=127.0.0.1",
+                ],
+                ["--dataset", str(dataset_dir), "--config-json", str(config_file),
+                 "--output", str(out_dir)],
+                max_restarts=tc.max_restarts,
+                python=sys.executable,
+                options=["--monitor-interval=0.2"],
+            )  # fmt: skip
             agents.append(subprocess.Popen(cmd, env=env))
         log.info("launched %d torchrun agent(s) x %d processes", tc.nnodes, tc.nproc)
         codes = [agent.wait() for agent in agents]
