@@ -195,6 +195,20 @@ def test_build_text_dataset_writes_tokenizer_shards_and_meta(tmp_path, task, cap
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ds")]  # no temporary left
 
 
+def test_a_class_sorted_source_gives_mixed_shards(tmp_path):
+    """The stream shuffles locally (a shard and a buffer): shards in source order would feed
+    a sorted source's classes one at a time."""
+    df = table(400).sort_values("label", kind="stable")
+    source = write_source(df, tmp_path / "sorted.csv")
+    build_text_dataset(cfg(source, shard_samples=16), tmp_path / "ds")
+    manifest = read_manifest(str(tmp_path / "ds"))
+    full = [s for s in manifest.splits["train"] if s.num_samples == 16]
+    assert len(full) >= 4
+    for shard in full:
+        counts = np.bincount(read_shard(str(tmp_path / "ds"), shard)["label"], minlength=2)
+        assert counts.min() >= 2, counts  # both classes in every full shard
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("task", ["text_classification", "seq2seq"])
 def test_parallel_tokenization_writes_exactly_what_one_process_writes(tmp_path, task):

@@ -361,6 +361,7 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
             max_length=cfg.max_length,
             num_processes=num_processes if num_processes is not None else max(1, cfg.num_workers),
             shard_samples=cfg.shard_samples,
+            seed=cfg.seed,
         )
         seconds = time.perf_counter() - start
         meta = TextMeta(

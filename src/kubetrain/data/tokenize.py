@@ -12,6 +12,8 @@ Sequences are stored with their special tokens, so every step reads the same ids
 - seq2seq: source ``text </s>`` (``src_ids``), target ``<s> text </s>`` (``tgt_ids``).
 
 Each record also keeps ``row``, its row in the source, to put predictions beside their text.
+Shards are not in source order: each split's examples are scattered over several parts at once
+(see ``_parts``), so a sorted source does not give single-class shards.
 
 Tokenization runs in ``num_processes`` worker processes started from a ``forkserver`` (a fresh
 process that has only imported the modules they need: a worker never inherits a parent's thread
@@ -278,20 +280,38 @@ def _encode_part(part: Part, root: str, shard_samples: int, opts: dict[str, Any]
     )  # fmt: skip
 
 
-def _parts(examples: Iterable[tuple[str, int, str, Any]], size: int) -> Iterator[Part]:
-    open_parts: dict[str, Part] = {}
+def _slot(row: int, slots: int, seed: int) -> int:
+    # A splitmix64-style hash of the row: the same slot in every run and every process.
+    z = (row * 0x9E3779B97F4A7C15 + (seed + 7) * 0xD1B54A32D192ED03) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 31)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 29)) % slots
+
+
+def _parts(
+    examples: Iterable[tuple[str, int, str, Any]], size: int, mix: int = 16, seed: int = 0
+) -> Iterator[Part]:
+    """Cut examples into parts of ``size``, scattering each split over ``mix`` open parts by a
+    seeded hash of the row.
+
+    Why: a source is often sorted (WordNet by category, catalogs by file), and the stream's
+    shuffle is local (a shard and a buffer), so shards written in source order would feed
+    training one class at a time. Scattered, each shard is a random sample of ``mix * size``
+    consecutive examples (of the whole split when it is smaller than that).
+    """
+    open_parts: dict[tuple[str, int], Part] = {}
     counts: Counter[str] = Counter()
     for split, row, text, other in examples:
-        part = open_parts.get(split)
+        key = (split, _slot(row, mix, seed))
+        part = open_parts.get(key)
         if part is None:
-            part = open_parts[split] = Part(split, counts[split])
+            part = open_parts[key] = Part(split, counts[split])
             counts[split] += 1
         part.rows.append(row)
         part.texts.append(text)
         part.others.append(other)
         if len(part.rows) >= size:
-            yield open_parts.pop(split)
-    yield from open_parts.values()
+            yield open_parts.pop(key)
+    yield from sorted(open_parts.values(), key=lambda p: (p.split, p.index))
 
 
 @dataclass
@@ -314,6 +334,8 @@ def tokenize_to_shards(
     num_processes: int = 1,
     shard_samples: int = 4096,
     storage_options: Mapping[str, Any] | None = None,
+    mix_parts: int = 16,
+    seed: int = 0,
 ) -> TokenizeSummary:
     """Tokenize ``(split, row, text, label or target)`` examples into token shards at ``root``.
 
@@ -326,6 +348,9 @@ def tokenize_to_shards(
         num_processes: worker processes; 1 tokenizes in this process.
         shard_samples: examples per part (one shard each).
         storage_options: fsspec options of ``root`` (the manifest writer's).
+        mix_parts: parts of a split filled at once, examples scattered over them by a hash
+            of their row seeded by ``seed`` (so a sorted source still gives mixed shards).
+        seed: the seed of that scattering.
 
     Returns:
         Samples and tokens per split, sequences truncated, processes used.
@@ -336,7 +361,7 @@ def tokenize_to_shards(
     args = (tok.to_str(), task, max_length)
     opts = dict(storage_options or {})
     results: list[PartResult] = []
-    parts = _parts(examples, shard_samples)
+    parts = _parts(examples, shard_samples, mix=mix_parts, seed=seed)
     if num_processes <= 1:
         _WORKER["encoder"] = Encoder(tok, task, max_length)
         results = [_encode_part(p, root, shard_samples, opts) for p in parts]
