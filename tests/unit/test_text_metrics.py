@@ -58,3 +58,12 @@ def test_baselines():
 def test_mismatched_lengths_are_refused(metric):
     with pytest.raises(DataError, match="1 predictions for 2 references"):
         metric(["a"], ["a", "b"])
+
+
+def test_numpy_labels_and_empty_input():
+    import numpy as np
+
+    assert accuracy(np.array([1, 2]), np.array([1, 1])) == 0.5
+    assert majority_baseline(np.array([3, 3, 1]), np.array([3, 1])) == 0.5
+    with pytest.raises(DataError, match="no references to score"):
+        macro_f1(np.array([]), np.array([]))

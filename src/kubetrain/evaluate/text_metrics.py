@@ -20,7 +20,7 @@ from kubetrain.errors import DataError
 def _same_length(hyps: Sequence, refs: Sequence) -> None:
     if len(hyps) != len(refs):
         raise DataError(f"{len(hyps)} predictions for {len(refs)} references")
-    if not refs:
+    if len(refs) == 0:
         raise DataError("no references to score")
 
 
