@@ -174,8 +174,8 @@ def test_build_text_dataset_writes_tokenizer_shards_and_meta(tmp_path, task, cap
     assert sum(meta.samples.values()) == 79
     assert len(manifest.splits["train"]) > 1  # several shards, one per tokenizer part
     assert [s.path for s in manifest.splits["train"][:2]] == [
-        "train-000000-0000.parquet",
-        "train-000001-0000.parquet",
+        "train-000000.parquet",
+        "train-000001.parquet",
     ]
     cols = read_shard(str(out), manifest.splits["train"][0])
     tok = load_tokenizer(out)

@@ -48,14 +48,23 @@ class ShardManifest:
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     columns: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
+    # What a reader needs beyond the records (an image set's class names, colour mode, size);
+    # part of the content: it enters the version when present.
+    meta: dict[str, Any] = field(default_factory=dict)
+    # Where the data came from (source, input fingerprint, what was skipped): recorded, but not
+    # content, so not part of the version (the same images from another bucket, same version).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
-        """A digest of every shard's digest, in split and shard order: the content version."""
+        """A digest of every shard's digest, in split and shard order (and of ``meta`` when
+        there is one): the content version."""
         h = hashlib.sha256()
         for split in sorted(self.splits):
             for shard in self.splits[split]:
                 h.update(f"{split}/{shard.path}:{shard.sha256}\n".encode())
+        if self.meta:
+            h.update(json.dumps(self.meta, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
     def num_samples(self, split: str) -> int:
@@ -69,6 +78,8 @@ class ShardManifest:
             "columns": self.columns,
             "class_counts": self.class_counts,
             "splits": {k: [asdict(s) for s in v] for k, v in self.splits.items()},
+            **({"meta": self.meta} if self.meta else {}),
+            **({"provenance": self.provenance} if self.provenance else {}),
         }
 
     @classmethod
@@ -80,7 +91,13 @@ class ShardManifest:
             splits = {k: [ShardInfo(**s) for s in v] for k, v in data["splits"].items()}
         except (KeyError, TypeError) as err:
             raise DataError(f"{where}: malformed shard manifest ({err})") from None
-        return cls(splits, dict(data.get("class_counts", {})), dict(data.get("columns", {})))
+        return cls(
+            splits,
+            dict(data.get("class_counts", {})),
+            dict(data.get("columns", {})),
+            meta=dict(data.get("meta", {})),
+            provenance=dict(data.get("provenance", {})),
+        )
 
 
 def _filesystem(root: str, storage_options: Mapping[str, Any] | None):
@@ -123,8 +140,6 @@ class ShardWriter:
     ``max_bytes`` bytes of payload, whichever comes first, and collects them for the manifest.
 
     Use as a context manager (or call ``close``); then ``shards`` lists what was written.
-    ``part`` lets several writers fill one split at once (one per worker process): writer
-    ``part`` names its shards ``<split>-<part>-<n>.parquet``, so their names never collide.
     """
 
     def __init__(
@@ -135,15 +150,18 @@ class ShardWriter:
         max_bytes: int = 64 << 20,
         storage_options: Mapping[str, Any] | None = None,
         label_column: str | None = "label",
-        part: int | None = None,
+        first_index: int = 0,
     ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
         self.fs, self.root = _filesystem(root, storage_options)
         self.split, self.max_samples, self.max_bytes = split, max_samples, max_bytes
-        self.label_column, self.part = label_column, part
+        self.label_column = label_column
         self.columns: dict[str, str] = {}
         self.shards: list[ShardInfo] = []
+        # Where this writer's shard numbering starts: parallel writers of one split each take
+        # their own range (``<split>-<first_index + k>``).
+        self.first_index = first_index
         self.class_counts: Counter[str] = Counter()
         self._pending: list[dict[str, Any]] = []
         self._pending_bytes = 0
@@ -199,11 +217,7 @@ class ShardWriter:
         buf = io.BytesIO()
         pq.write_table(pa.table(arrays), buf, compression="zstd")
         data = buf.getvalue()
-        name = (
-            f"{self.split}-{len(self.shards):06d}.parquet"
-            if self.part is None
-            else f"{self.split}-{self.part:06d}-{len(self.shards):04d}.parquet"
-        )
+        name = f"{self.split}-{self.first_index + len(self.shards):06d}.parquet"
         final = posixpath.join(self.root, name)
         tmp = posixpath.join(self.root, f".{name}.tmp")
         with self.fs.open(tmp, "wb") as f:
@@ -240,12 +254,20 @@ def write_manifest(
         class_counts={w.split: dict(sorted(w.class_counts.items())) for w in writers},
         columns=columns,
     )
+    save_manifest(root, manifest, storage_options)
+    return manifest
+
+
+def save_manifest(
+    root: str, manifest: ShardManifest, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``manifest`` as ``root/shards.json`` atomically (for shards written elsewhere,
+    e.g. by parallel workers; ``write_manifest`` covers the one-writer-per-split case)."""
     fs, path = _filesystem(root, storage_options)
     tmp = posixpath.join(path, f".{MANIFEST}.tmp")
     with fs.open(tmp, "w") as f:
         json.dump(manifest.to_json(), f, indent=2)
     fs.mv(tmp, posixpath.join(path, MANIFEST))
-    return manifest
 
 
 def read_manifest(root: str, storage_options: Mapping[str, Any] | None = None) -> ShardManifest:

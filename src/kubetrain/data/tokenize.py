@@ -17,11 +17,11 @@ Shards are not in source order: each split's examples are scattered over several
 
 Tokenization runs in ``num_processes`` worker processes started from a ``forkserver`` (a fresh
 process that has only imported the modules they need: a worker never inherits a parent's thread
-pools, which ``tokenizers`` and torch both keep, and pays no imports of its own). The examples are cut into parts
-of ``shard_samples``; each worker tokenizes a part and writes it as its own shard
-(``ShardWriter(part=...)``), so shards need not pass back through the parent; the parent writes
-the manifest. Parts and shard names depend only on the input, so N processes write exactly the
-shards one process writes (tested).
+pools, which ``tokenizers`` and torch both keep, and pays no imports of its own). The examples
+are cut into parts of ``shard_samples``; each worker tokenizes a part and writes it as one shard
+numbered by the part (``ShardWriter(first_index=part)``), so shards need not pass back through
+the parent; the parent writes the manifest. Parts and shard names depend only on the input, so
+N processes write exactly the shards one process writes (tested).
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def _init_worker(tok_json: str, task: str, max_length: int) -> None:
     _WORKER["encoder"] = Encoder(tok, task, max_length)
 
 
-def _encode_part(part: Part, root: str, shard_samples: int, opts: dict[str, Any]) -> PartResult:
+def _encode_part(part: Part, root: str, opts: dict[str, Any]) -> PartResult:
     enc: Encoder = _WORKER["encoder"]
     if enc.task == "text_classification":
         ids, cut = enc.classification(part.texts)
@@ -269,9 +269,10 @@ def _encode_part(part: Part, root: str, shard_samples: int, opts: dict[str, Any]
         ]
         cut, tokens = cut_s + cut_t, sum(len(x) for x in src) + sum(len(x) for x in tgt)
     label = "label" if enc.task == "text_classification" else None
+    # One part, one shard, numbered by the part: parallel writers never collide.
     with ShardWriter(
-        root, part.split, max_samples=shard_samples, storage_options=opts, label_column=label,
-        part=part.index,
+        root, part.split, max_samples=len(records) + 1, max_bytes=1 << 62, storage_options=opts,
+        label_column=label, first_index=part.index,
     ) as w:  # fmt: skip
         w.write_all(records)
     return PartResult(
@@ -364,7 +365,7 @@ def tokenize_to_shards(
     parts = _parts(examples, shard_samples, mix=mix_parts, seed=seed)
     if num_processes <= 1:
         _WORKER["encoder"] = Encoder(tok, task, max_length)
-        results = [_encode_part(p, root, shard_samples, opts) for p in parts]
+        results = [_encode_part(p, root, opts) for p in parts]
     else:
         ctx = multiprocessing.get_context("forkserver")
         # Workers fork from a server that imported these once (pyarrow imports pandas when it
@@ -373,7 +374,7 @@ def tokenize_to_shards(
         with ctx.Pool(num_processes, initializer=_init_worker, initargs=args) as pool:
             pending: deque = deque()
             for p in parts:
-                pending.append(pool.apply_async(_encode_part, (p, root, shard_samples, opts)))
+                pending.append(pool.apply_async(_encode_part, (p, root, opts)))
                 if len(pending) >= 2 * num_processes:
                     results.append(pending.popleft().get())
             results += [r.get() for r in pending]
