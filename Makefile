@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and exactly: the range in pyproject.toml alone would pull a multi-GB CUDA 2.14.
 	$(PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.*'
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,text]'
 	touch $(STAMP)
 
 venv: $(STAMP)
