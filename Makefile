@@ -13,14 +13,14 @@ VISION_PY := $(VISION_VENV)/bin/python
 VISION_STAMP := $(VISION_VENV)/.installed
 ARGS ?=
 
-.PHONY: venv scan-venv venv-vision test-vision run test test-fast test-slow test-cluster lint compile bench clean images image-trainer kind-e2e
+.PHONY: venv scan-venv venv-vision run test test-unit test-integration test-slow test-cluster test-vision lint compile bench clean images image-trainer kind-e2e
 
 # (Re)create the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and exactly: the range in pyproject.toml alone would pull a multi-GB CUDA 2.14.
 	$(PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.*'
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,tracking]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,text,tracking]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -44,9 +44,8 @@ venv-vision: $(VISION_STAMP)
 run: venv
 	$(VENV)/bin/kubetrain run $(ARGS)
 
-## test: lint, then unit and local integration tests (everything that needs no cluster)
-test: venv scan-venv lint
-	$(PY) -m pytest -m "not e2e and not slow and not cluster" $(ARGS)
+## test: lint, then the unit tier and the integration tier (not the slow suites)
+test: lint test-unit test-integration
 
 ## test-cluster: the cluster path against a real kube-apiserver + etcd (../shared/k8s, Debian's etcd-server)
 test-cluster: venv
@@ -56,9 +55,17 @@ test-cluster: venv
 test-vision: venv-vision
 	$(VISION_PY) -m pytest -m "vision and not slow" $(ARGS)
 
-## test-slow: the suites marked slow (run by .ci/run in their own step)
+## test-unit: tests/unit only -- pure and fast, the tier to run all day (about 2 min on 2 cores)
+test-unit: venv scan-venv
+	$(PY) -m pytest tests/unit -m "not integration and not e2e and not slow and not cluster" $(ARGS)
+
+## test-integration: real processes together (kfp.local runs, torchrun, the CLI), not slow
+test-integration: venv
+	$(PY) -m pytest tests -m "integration and not e2e and not slow and not cluster" $(ARGS)
+
+## test-slow: the suites marked slow (whole pipeline runs, containers; .ci/run's own step)
 test-slow: venv
-	$(PY) -m pytest -m slow $(ARGS)
+	$(PY) -m pytest -m "slow and not e2e and not cluster" $(ARGS)
 
 # Only the folders that exist (benchmarks/ may not yet).
 LINT_DIRS := $(wildcard src components pipelines tests benchmarks images)

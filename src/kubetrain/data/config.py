@@ -5,9 +5,48 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kubetrain.config_base import Section
+
+# The special tokens every kubetrain tokenizer has, in this order (a trained one gets ids 0..4).
+SPECIAL_TOKENS: dict[str, str] = {
+    "pad": "<pad>",
+    "unk": "<unk>",
+    "bos": "<s>",
+    "eos": "</s>",
+    "cls": "<cls>",
+}
+# Fewer pieces than this beyond the special tokens leaves no room for any real subword.
+MIN_LEARNED_PIECES = 32
+
+
+class TokenizerConfig(Section):
+    """The tokenizer of text data: trained on the training split, or loaded from a file."""
+
+    kind: Literal["bpe", "wordpiece", "unigram"] = Field(
+        "bpe", description="Subword model trained on the training split (Hugging Face tokenizers)."
+    )
+    vocab_size: int = Field(
+        8000, ge=1, le=1_000_000, description="Vocabulary size of a trained tokenizer."
+    )
+    min_frequency: int = Field(2, ge=1, description="Fewest occurrences of a merged piece (BPE).")
+    lowercase: bool = Field(False, description="Lower-case text before tokenizing.")
+    path: str | None = Field(
+        None,
+        description="A local tokenizer.json, or a directory holding one, to use instead of "
+        "training; it must know the special tokens <pad> <unk> <s> </s> <cls>.",
+    )
+
+    @model_validator(mode="after")
+    def _room_for_pieces(self) -> TokenizerConfig:
+        least = len(SPECIAL_TOKENS) + MIN_LEARNED_PIECES
+        if self.path is None and self.vocab_size < least:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} leaves no room beside the {len(SPECIAL_TOKENS)} "
+                f"special tokens: use at least {least}"
+            )
+        return self
 
 
 class TransformSpec(Section):
@@ -82,6 +121,24 @@ class DataConfig(Section):
         "num_workers is 0 (0 = no thread), per worker process otherwise (at least 1).",
     )
     seed: int = Field(0, description="Seed of the train/val/test split.")
+    task: Literal["classification", "text_classification", "seq2seq"] = Field(
+        "classification",
+        description="'classification' (tabular or image features, the default), "
+        "'text_classification' (text + label) or 'seq2seq' (text -> target text: translation, "
+        "summarization).",
+    )
+    text_column: str = Field("text", description="Column of the input text (text tasks).")
+    target_column: str = Field("target", description="Column of the output text of seq2seq pairs.")
+    max_length: int = Field(
+        128,
+        ge=4,
+        le=65536,
+        description="Most tokens per sequence, special tokens included (text tasks); longer "
+        "text is truncated and counted in a warning. The model's max_len must be at least this.",
+    )
+    tokenizer: TokenizerConfig = Field(
+        default_factory=TokenizerConfig, description="Tokenizer of text tasks."
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for data.source and the shards (e.g. endpoint_url, "
@@ -111,8 +168,8 @@ class DataConfig(Section):
     shard_samples: int = Field(
         2048,
         ge=1,
-        description="Images per shard file of the sharded dataset (the unit of parallel "
-        "preprocessing and of streaming).",
+        description="Samples (images, or token sequences of text tasks) per shard file of the "
+        "sharded dataset (the unit of parallel preprocessing and of streaming).",
     )
     transforms: TransformsConfig = Field(
         default_factory=TransformsConfig,

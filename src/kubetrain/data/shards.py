@@ -203,8 +203,14 @@ class ShardWriter:
             if kind == "bytes":
                 arrays[name] = pa.array([bytes(v) for v in values], type=pa.binary())
             elif kind == "ints":
-                arrays[name] = pa.array(
-                    [np.asarray(v) for v in values], type=pa.list_(_narrow_int_type(values))
+                # One flat array plus offsets: converting each row's array on its own costs
+                # more than tokenizing it (and makes pyarrow import pandas).
+                item = _narrow_int_type(values)
+                flat = np.concatenate([np.asarray(v) for v in values])
+                offsets = np.zeros(len(values) + 1, dtype=np.int32)
+                np.cumsum([len(v) for v in values], out=offsets[1:])
+                arrays[name] = pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(flat, type=item)
                 )
             else:
                 arrays[name] = pa.array(values)
