@@ -17,7 +17,21 @@ def evaluate(
     classification: dsl.Output[dsl.ClassificationMetrics],
     report: dsl.Output[dsl.HTML],
 ):
-    """Accuracy and efficiency, fp32 vs int8: KFP metrics, metrics.json and an HTML report."""
+    """Accuracy and efficiency, fp32 vs int8: KFP metrics, metrics.json and an HTML report.
+
+    Args:
+        config_json: the config sections this step uses (JSON), fixed at compile time.
+        overrides: the run's overrides of those sections (JSON), from the params task.
+        min_accuracy: the promotion bar on test accuracy (fp32 and int8).
+        dataset: the dataset artifact (its test split is evaluated).
+        model: the trained fp32 model.
+        quantized: the int8 model.
+        best_params: the search artifact (its summary goes into the report).
+        evaluation: metrics.json, details.json and report.html.
+        metrics: every numeric result (KFP Metrics).
+        classification: the fp32 confusion matrix (KFP ClassificationMetrics).
+        report: the HTML report (KFP HTML, shown in the UI).
+    """
     import shutil
     from pathlib import Path
 

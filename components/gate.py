@@ -5,7 +5,12 @@ from kubetrain.images import runtime_image
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def check_accuracy(evaluation: dsl.Input[dsl.Artifact], min_accuracy: float) -> bool:
-    """True if the model clears the promotion bar (a single return value: safe for dsl.If)."""
+    """True if the model clears the promotion bar (a single return value: safe for dsl.If).
+
+    Args:
+        evaluation: the evaluate step's artifact (metrics.json).
+        min_accuracy: the promotion bar on test accuracy (fp32 and int8).
+    """
 
     from kubetrain import steps
     from kubetrain.artifacts import Evaluation
@@ -15,7 +20,13 @@ def check_accuracy(evaluation: dsl.Input[dsl.Artifact], min_accuracy: float) -> 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def check_changed(config_json: str, overrides: str, dataset: dsl.Input[dsl.Dataset]) -> bool:
-    """True unless data and config match the last promoted model (retrain.only_if_changed)."""
+    """True unless data and config match the last promoted model (retrain.only_if_changed).
+
+    Args:
+        config_json: the config sections this step uses (JSON), fixed at compile time.
+        overrides: the run's overrides of those sections (JSON), from the params task.
+        dataset: the dataset artifact (its version is compared).
+    """
     from pathlib import Path
 
     from kubetrain import steps
@@ -38,7 +49,16 @@ def promote(
     promoted: dsl.Output[dsl.Model],
 ):
     """Publish the fp32 and int8 models with their metrics as the promoted-model artifact
-    (and to retrain.registry, if set)."""
+    (and to retrain.registry, if set).
+
+    Args:
+        config_json: the config sections this step uses (JSON), fixed at compile time.
+        overrides: the run's overrides of those sections (JSON), from the params task.
+        model: the trained fp32 model.
+        quantized: the int8 model.
+        evaluation: the evaluate step's artifact (metrics.json).
+        promoted: the promoted fp32 and int8 models with their metrics.
+    """
     from pathlib import Path
 
     from kubetrain import steps
@@ -59,7 +79,13 @@ def promote(
 def reject(
     evaluation: dsl.Input[dsl.Artifact], min_accuracy: float, decision: dsl.Output[dsl.Artifact]
 ):
-    """Record why the model was not promoted."""
+    """Record why the model was not promoted.
+
+    Args:
+        evaluation: the evaluate step's artifact (metrics.json).
+        min_accuracy: the promotion bar on test accuracy (fp32 and int8).
+        decision: why the model was not promoted.
+    """
     from kubetrain.artifacts import Evaluation, Rejection
 
     m = Evaluation.load_metrics(evaluation.path)

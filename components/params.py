@@ -19,7 +19,16 @@ def run_params(
      ("quantize", str), ("evaluate", str), ("promote", str), ("track", str)],
 ):  # fmt: skip
     """Merge the run's parameters into the compiled config, validate it, and give each step the
-    overrides of the config sections it uses (JSON); {date} in data.source is the scheduled day."""
+    overrides of the config sections it uses (JSON); {date} in data.source is the scheduled day.
+
+    Args:
+        config_json: the whole compiled config (JSON).
+        overrides: dotted config keys and values (a JSON object) for this run.
+        data_source: data.source for this run ('' keeps the compiled one); {date} is the scheduled day.
+        train_epochs: train.epochs for this run (0 keeps the compiled value).
+        tune_max_trials: tune.max_trials for this run (0 keeps the compiled value).
+        schedule_time: the time a run is for (a backend's scheduled-time placeholder; '' = now).
+    """
     from kubetrain.logs import setup_logging
     from kubetrain.params import STEP_SECTIONS, resolve
 

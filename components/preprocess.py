@@ -5,7 +5,13 @@ from kubetrain.images import runtime_image
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def preprocess(config_json: str, overrides: str, dataset: dsl.Output[dsl.Dataset]):
-    """Load, clean, split and normalise the data into a versioned dataset artifact."""
+    """Load, clean, split and normalise the data into a versioned dataset artifact.
+
+    Args:
+        config_json: the config sections this step uses (JSON), fixed at compile time.
+        overrides: the run's overrides of those sections (JSON), from the params task.
+        dataset: the versioned dataset artifact (arrays and metadata).
+    """
     from pathlib import Path
 
     from kubetrain import steps

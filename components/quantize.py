@@ -13,7 +13,16 @@ def quantize(
     quant_metrics: dsl.Output[dsl.Metrics],
 ):
     """fp32 -> int8 (auto-chosen or named method) behind an accuracy gate; the artifact is a
-    torch.export program (TorchScript for the fbgemm backend) that reloads without kubetrain."""
+    torch.export program (TorchScript for the fbgemm backend) that reloads without kubetrain.
+
+    Args:
+        config_json: the config sections this step uses (JSON), fixed at compile time.
+        overrides: the run's overrides of those sections (JSON), from the params task.
+        dataset: the dataset artifact (calibration and the accuracy gate use it).
+        model: the trained fp32 model.
+        quantized: the int8 model and what was tried.
+        quant_metrics: the chosen method, sizes and accuracy (KFP Metrics).
+    """
     from pathlib import Path
 
     from kubetrain import steps

@@ -12,7 +12,16 @@ def train(
     model: dsl.Output[dsl.Model],
     train_metrics: dsl.Output[dsl.Metrics],
 ):
-    """Distributed training (torchrun locally) with the tuned parameters."""
+    """Distributed training (torchrun locally) with the tuned parameters.
+
+    Args:
+        config_json: the config sections this step uses (JSON), fixed at compile time.
+        overrides: the run's overrides of those sections (JSON), from the params task.
+        dataset: the dataset artifact from preprocess.
+        best_params: the search artifact; its best parameters are applied to the config.
+        model: the trained fp32 model, its history and training metrics.
+        train_metrics: throughput, data-wait share and final validation accuracy (KFP Metrics).
+    """
     from pathlib import Path
 
     from kubetrain import steps

@@ -13,7 +13,16 @@ def tune(
     search_report: dsl.Output[dsl.HTML],
 ) -> str:
     """Hyperparameter search (Optuna locally); writes the best parameters, every trial and a
-    report. Returns the best trial's parameters as JSON (dotted config keys)."""
+    report. Returns the best trial's parameters as JSON (dotted config keys).
+
+    Args:
+        config_json: the config sections this step uses (JSON), fixed at compile time.
+        overrides: the run's overrides of those sections (JSON), from the params task.
+        dataset: the dataset artifact from preprocess.
+        best_params: the best parameters and every trial (the search artifact).
+        search_metrics: the best objective and the number of trials (KFP Metrics).
+        search_report: the search's HTML report (KFP HTML).
+    """
     import json
     import shutil
     from pathlib import Path

@@ -35,6 +35,23 @@ DESCRIPTION = (
 )
 
 
+# What the KFP UI shows for each task (its taskInfo.name); kfp.local's logs and `kubetrain run`'s
+# task view use the task keys (preprocess, run-params, ...) instead.
+DISPLAY_NAMES = {
+    "run-params": "Run parameters",
+    "preprocess": "Preprocess: read, split, normalise",
+    "check-changed": "Check for new data or config",
+    "tune": "Hyperparameter search",
+    "train": "Train (DDP)",
+    "quantize": "Quantize to int8",
+    "evaluate": "Evaluate fp32 vs int8",
+    "check-accuracy": "Accuracy gate",
+    "promote": "Promote the model",
+    "reject": "Reject the model",
+    "track": "Log to MLflow",
+}
+
+
 def _on_claim(cfg: PipelineConfig, task):
     """Mount the cluster's shared claim into a task that hands files to cluster jobs."""
     if cfg.cluster.backend == "kubernetes":
@@ -53,7 +70,7 @@ def _run_params(cfg, schedule_time, data_source, train_epochs, tune_max_trials, 
         train_epochs=train_epochs,
         tune_max_trials=tune_max_trials,
         schedule_time=schedule_time,
-    ).set_display_name("params")
+    ).set_display_name(DISPLAY_NAMES["run-params"])
     # Never from cache: "{date}" may need today's date; the steps' caching keys on its outputs.
     return task.set_caching_options(False)
 
@@ -66,21 +83,21 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
         "data", "model", "train", "tune", "quantize", "evaluate", "retrain"
     )
     search = c.tune(config_json=cfg_tune, overrides=params.outputs["tune"], dataset=dataset)
-    _on_claim(cfg, search).set_display_name("tune")
+    _on_claim(cfg, search).set_display_name(DISPLAY_NAMES["tune"])
     fit = c.train(
         config_json=cfg_train,
         overrides=params.outputs["train"],
         dataset=dataset,
         best_params=search.outputs["best_params"],
     )
-    _on_claim(cfg, fit).set_display_name("train")
+    _on_claim(cfg, fit).set_display_name(DISPLAY_NAMES["train"])
     quant = c.quantize(
         config_json=cfg.sections_json("quantize"),
         overrides=params.outputs["quantize"],
         dataset=dataset,
         model=fit.outputs["model"],
     )
-    quant.set_display_name("quantize")
+    quant.set_display_name(DISPLAY_NAMES["quantize"])
     ev = c.evaluate(
         config_json=cfg.sections_json("evaluate"),
         overrides=params.outputs["evaluate"],
@@ -89,9 +106,9 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
         model=fit.outputs["model"],
         quantized=quant.outputs["quantized"],
         best_params=search.outputs["best_params"],
-    ).set_display_name("evaluate")
+    ).set_display_name(DISPLAY_NAMES["evaluate"])
     gate = c.check_accuracy(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
-    gate.set_display_name("check-accuracy")
+    gate.set_display_name(DISPLAY_NAMES["check-accuracy"])
     # Gate on the component's single return value: dsl.If on a *named* output of a
     # NamedTuple silently evaluates false under kfp.local.
     with dsl.If(gate.output == True, name="accuracy-ok"):  # noqa: E712 (a KFP expression)
@@ -101,11 +118,13 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
             model=fit.outputs["model"],
             quantized=quant.outputs["quantized"],
             evaluation=ev.outputs["evaluation"],
-        ).set_display_name("promote")
+        ).set_display_name(DISPLAY_NAMES["promote"])
         if cfg.retrain.registry:
             _on_claim(cfg, publish).set_caching_options(False)  # the registry lives outside
     with dsl.Else(name="accuracy-low"):
-        c.reject(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
+        c.reject(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy).set_display_name(
+            DISPLAY_NAMES["reject"]
+        )
     if cfg.tracking.mlflow_uri:
         logged = c.track(
             config_json=cfg.sections_json(*type(cfg).model_fields),
@@ -117,7 +136,7 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
             quantized=quant.outputs["quantized"],
         )
         # It writes to a server outside the pipeline: never from cache.
-        logged.set_display_name("track").set_caching_options(False)
+        logged.set_display_name(DISPLAY_NAMES["track"]).set_caching_options(False)
     return ev, gate
 
 
@@ -151,14 +170,16 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
                 cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides
             )
             prep = c.preprocess(config_json=cfg_data, overrides=params.outputs["preprocess"])
-            prep.set_display_name("preprocess")
+            prep.set_display_name(DISPLAY_NAMES["preprocess"])
             changed = c.check_changed(
                 config_json=cfg_check,
                 overrides=params.outputs["check_changed"],
                 dataset=prep.outputs["dataset"],
             )
             # The answer depends on the registry, not only on the inputs: never cache it.
-            _on_claim(cfg, changed).set_display_name("check-changed").set_caching_options(False)
+            _on_claim(cfg, changed).set_display_name(
+                DISPLAY_NAMES["check-changed"]
+            ).set_caching_options(False)
             with dsl.If(changed.output == True, name="inputs-changed"):  # noqa: E712
                 _train_and_gate(cfg, prep.outputs["dataset"], min_accuracy, params)
             return changed.output
@@ -181,7 +202,7 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
             cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides
         )
         prep = c.preprocess(config_json=cfg_data, overrides=params.outputs["preprocess"])
-        prep.set_display_name("preprocess")
+        prep.set_display_name(DISPLAY_NAMES["preprocess"])
         ev, gate = _train_and_gate(cfg, prep.outputs["dataset"], min_accuracy, params)
         return Outputs(evaluation=ev.outputs["evaluation"], promoted=gate.output)
 
