@@ -32,7 +32,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,7 +218,9 @@ class StepServer:
 
     def __init__(self, log_file: Path) -> None:
         self.log_file = log_file
-        self.dir = Path(tempfile.mkdtemp(prefix="kubetrain-steps-"))  # 0700: ours alone
+        from kubetrain.io import make_temp_dir
+
+        self.dir = make_temp_dir("steps")  # 0700: ours alone
         self.address = str(self.dir / "socket")
         self.proc: subprocess.Popen | None = None
         self._saved: str | None = None
