@@ -9,8 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import types
 from pathlib import Path
-from typing import Any, ClassVar, List, Literal  # noqa: UP035 (List: a field is named "list")
+from typing import (  # noqa: UP035 (List: a field is named "list")
+    Any,
+    ClassVar,
+    List,
+    Literal,
+    Union,
+    get_args,
+    get_origin,
+)
 
 import yaml
 from pydantic import (
@@ -18,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -62,7 +72,55 @@ QUANT_CANDIDATES = (
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_quiet_conversions(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse what pydantic would otherwise convert without a word: ``true`` for a number
+        (``train.epochs=true`` would train 1 epoch), ``1`` or ``"yes"`` for a switch, and
+        inf/nan anywhere (``train.lr=.inf``, a ``.nan`` in a search-space list)."""
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = _union_members(annotation)
+        if bool in kinds:
+            if value is not None and not isinstance(value, bool):
+                raise ValueError("Input should be true or false")
+        elif isinstance(value, bool) and (int in kinds or float in kinds):
+            raise ValueError("Input should be a number, not true/false")
+        elif _bool_in_number_list(value, kinds):
+            raise ValueError("Input should be a list of numbers, not true/false")
+        if not _holds_section(annotation) and _non_finite(value):
+            raise ValueError("Input should be a finite number (not inf or nan)")
+        return value
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+def _bool_in_number_list(value: Any, kinds: tuple[Any, ...]) -> bool:
+    numbers = any(get_origin(k) is list and get_args(k)[0] in (int, float) for k in kinds)
+    return numbers and isinstance(value, list) and any(isinstance(v, bool) for v in value)
+
+
+def _holds_section(annotation: Any) -> bool:
+    """True if values of ``annotation`` are (or contain) config sections: they check their own
+    fields, so an error names the field inside."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_section(a) for a in get_args(annotation))
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
 
 
 class DataConfig(_Section):
@@ -103,6 +161,13 @@ class DataConfig(_Section):
         "num_workers is 0 (0 = no thread), per worker process otherwise (at least 1).",
     )
     seed: int = Field(0, description="Seed of the train/val/test split.")
+
+    @field_validator("image_shape")
+    @classmethod
+    def _shape_is_positive(cls, shape: list[int] | None) -> list[int] | None:
+        if shape is not None and (not shape or any(v < 1 for v in shape)):
+            raise ValueError("every entry must be a positive integer, e.g. [1, 28, 28] (C,H,W)")
+        return shape
 
 
 class ModelConfig(_Section):
@@ -325,6 +390,20 @@ class TuneConfig(_Section):
         if algo not in KATIB_LOCAL_ALGORITHMS:
             raise ValueError(f"unknown algorithm '{algo}'; locally supported: {supported}")
         return algo
+
+    @field_validator("parameters")
+    @classmethod
+    def _space_not_empty(
+        cls, parameters: list[SearchParameter], info: ValidationInfo
+    ) -> list[SearchParameter]:
+        # Katib refuses an Experiment without parameters; locally it would run max_trials
+        # identical trials. Training without a search is tune.enabled=false.
+        if not parameters and info.data.get("enabled", True):
+            raise ValueError(
+                "an empty search space; add parameters, or set tune.enabled=false to train "
+                "without a search"
+            )
+        return parameters
 
     @model_validator(mode="after")
     def _settings_map(self) -> TuneConfig:
@@ -712,13 +791,47 @@ def validate_config(data: Any) -> PipelineConfig:
         raise ConfigError(_format_validation_error(err)) from None
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in YAML names the same key twice (PyYAML would keep the last silently)."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key '{key}' on line {line} (first on line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys in a mapping (merge keys ``<<`` allowed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise DuplicateKeyError(key, line, first[key])
+                first[key] = line
+            except TypeError:  # an unhashable key: the base constructor says so
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises DuplicateKeyError for a key given twice in a mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``a.b=value``; the value is parsed as a YAML scalar (``1e-3``, ``true``, ``[1, 2]``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"config error: --set {text!r}: expected KEY=VALUE, e.g. train.lr=0.01")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config error: --set {text!r}: duplicate key '{err.key}'") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and value.strip().lower() not in ("nan", "inf", "-inf"):
@@ -748,12 +861,28 @@ def load_config(
         path = Path(path)
         if not path.is_file() and str(path) in recipes():
             path = RECIPES / f"{path}.yaml"
+        if path.is_dir():
+            raise ConfigError(f"config error: {path}: is a directory, not a YAML config file")
         if not path.is_file():
             raise ConfigError(
                 f"config error: {path}: no such file (bundled recipes: {', '.join(recipes())})"
             )
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config error: {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                f"offset {err.start}); save the config as UTF-8"
+            ) from None
+        except OSError as err:
+            raise ConfigError(f"config error: {path}: cannot read ({err.strerror})") from None
+        try:
+            loaded = load_yaml(text)
+        except DuplicateKeyError as err:
+            raise ConfigError(
+                f"config error: {path}:{err.line}: duplicate key '{err.key}' (first on line "
+                f"{err.first_line})"
+            ) from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)

@@ -183,9 +183,6 @@ def _split_frame(frame, path: str, label_column: str) -> _Part:
             f"data error: {path}: non-numeric feature column(s) {', '.join(bad[:5])}"
             f"{' …' if len(bad) > 5 else ''} (only the label may be text)"
         )
-    dupes = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
-    if dupes:
-        raise DataError(f"data error: {path}: column '{dupes[0]}' appears more than once")
     labels = frame[label_column].to_numpy()
     x = _as_float32(features.to_numpy(dtype=np.float64, na_value=np.nan))
     return _Part(path, x, labels, [str(c) for c in features.columns])
