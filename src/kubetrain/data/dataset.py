@@ -199,9 +199,19 @@ def load_dataset(path: str | Path) -> DatasetArtifact:
     path = Path(path)
     if not (path / "meta.json").is_file() or not (path / "data.npz").is_file():
         raise DataError(f"data error: {path}: not a kubetrain dataset (no meta.json/data.npz)")
-    meta = read_json(path / "meta.json")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"data error: {path}: dataset format {meta.get('format_version')} unknown")
-    with np.load(path / "data.npz", allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    try:
+        meta = read_json(path / "meta.json")
+    except ValueError as err:  # a damaged artifact: one line, not a traceback
+        raise DataError(f"data error: {path / 'meta.json'}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise DataError(f"data error: {path}: dataset format {version} unknown")
+    import zipfile
+
+    try:
+        with np.load(path / "data.npz", allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data error: {path / 'data.npz'}: unreadable ({first})") from None
     return DatasetArtifact(path=path, meta=meta, arrays=arrays)
