@@ -257,9 +257,12 @@ def _terminate(signum: int, frame: object) -> None:
     # had (a KFP task, the step server, torchrun: each stops what it runs), then unwind here.
     import psutil
 
+    local = sys.modules.get("kubetrain.launch.local")
+    own_stop = local.OWN_STOP if local else set()  # torchrun agents: stopped by their launcher
     for child in psutil.Process().children():
-        with contextlib.suppress(psutil.Error):
-            child.send_signal(signal.SIGINT)
+        if child.pid not in own_stop:
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signal.SIGINT)
     raise Terminated()
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kubetrain.config import PipelineConfig
@@ -119,13 +121,14 @@ class LocalLauncher:
                     "--output", str(out_dir),
                 ]  # fmt: skip
                 agents.append(subprocess.Popen(cmd, env=env))
+                OWN_STOP.add(agents[-1].pid)
             log.info("launched %d torchrun agent(s) x %d processes", tc.nnodes, tc.nproc)
             codes = [agent.wait() for agent in agents]
         except BaseException:
-            # Interrupted (SIGINT, SIGTERM): torchrun stops its workers on SIGTERM.
-            _stop(agents)
+            _stop(agents)  # interrupted (Ctrl-C, SIGTERM): the workers go with this process
             raise
         finally:
+            OWN_STOP.difference_update(agent.pid for agent in agents)
             config_file.unlink(missing_ok=True)
             shutil.rmtree(log_dir, ignore_errors=True)
         if any(codes):
@@ -136,14 +139,43 @@ class LocalLauncher:
             raise KubetrainError(f"training failed: no model was written to {out_dir}")
 
 
-def _stop(agents: list[subprocess.Popen], grace: float = 40.0) -> None:
-    """SIGTERM the agents that still run, then wait (torchrun gives its workers 30 s)."""
+# torchrun agents this process runs. They are stopped by ``_stop``, never by a forwarded SIGINT
+# (kubetrain.cli): a signalled torchrun prints a traceback per process it runs.
+OWN_STOP: set[int] = set()
+
+
+def _stop(agents: list[subprocess.Popen], grace: float = 30.0) -> None:
+    """Stop torchrun agents and their workers quietly: freeze each agent (so it does not report
+    its workers' deaths as failures), end the workers with SIGTERM, then kill the agent."""
+    import psutil
+
     for agent in agents:
-        if agent.poll() is None:
-            agent.terminate()
-    for agent in agents:
+        if agent.poll() is not None:
+            continue
         try:
-            agent.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+            parent = psutil.Process(agent.pid)
+            parent.suspend()
+            workers = parent.children(recursive=True)
+        except psutil.Error:
+            workers = []
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.terminate()
+        deadline = time.monotonic() + grace
+        # Ended workers stay zombies until the (frozen) agent is gone: those count as ended.
+        while (alive := [w for w in workers if _running(w)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for worker in alive:
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
+        agent.kill()
+        agent.wait()
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
