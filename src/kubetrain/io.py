@@ -40,13 +40,15 @@ def _host() -> str:
 
 
 def _alive(pid: int) -> bool:
+    """True if process ``pid`` runs; a zombie (ended, not yet reaped) does not."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:  # someone else's process: alive
+    except psutil.Error:  # someone else's process: alive
         return True
-    return True
 
 
 def _free_bytes(directory: Path) -> int | None:

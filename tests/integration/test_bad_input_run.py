@@ -62,6 +62,21 @@ def assert_one_line(code: int, err: str, want_code: int, names: str, root: Path)
     assert not list(root.rglob("metrics.json"))
 
 
+def still_running(tree: list[psutil.Process], limit: float = 90.0) -> list[str]:
+    """Wait until every process of ``tree`` has ended (a zombie has); the ones left, named."""
+    deadline = time.monotonic() + limit
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while (left := [p for p in tree if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [" ".join(p.cmdline()[:4]) for p in left if running(p)]
+
+
 def kill_tree(proc: subprocess.Popen, sig: int) -> list[psutil.Process]:
     """Send ``sig`` to ``proc`` and to every process below it; returns them."""
     tree = [psutil.Process(proc.pid)]
@@ -86,15 +101,15 @@ def test_a_signal_stops_training_with_one_line_and_leaves_nothing(
     proc, out, err = start(args, tmp_path)
     try:
         wait_for(training_started(tmp_path, err, out), proc, "training")
+        tree = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, sig)  # only the kubetrain process, as `kill` or a container stop
         proc.wait(timeout=120)
-        children = psutil.Process().children(recursive=True)
     finally:
         if proc.poll() is None:
             kill_tree(proc, signal.SIGKILL)
     assert_one_line(proc.returncode, err.read_text(), code, line, tmp_path)
     assert kubetrain_temp_dirs(tmp_path) == []  # torchrun's log directory went with it
-    assert not [c for c in children if "kubetrain.train.worker" in " ".join(c.cmdline())]
+    assert still_running(tree, limit=5) == []  # torchrun and its workers too
 
 
 @pytest.mark.integration
@@ -136,12 +151,14 @@ def test_sigterm_stops_a_whole_run_with_one_line(tmp_path):
                             "tune.enabled=false", *LONG_TRAIN], tmp_path)  # fmt: skip
     try:
         wait_for(training_started(tmp_path, err, out), proc, "training", limit=400)
+        tree = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             kill_tree(proc, signal.SIGKILL)
     assert_one_line(proc.returncode, err.read_text(), 143, "terminated (SIGTERM)", tmp_path)
+    assert still_running(tree) == []  # the KFP task, the step server, its step, torchrun
     # what the killed step left (its torchrun log directory) goes at the next start
     nxt, _, _ = start(["config", "show"], tmp_path)
     assert nxt.wait(timeout=120) == 0
