@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from kubetrain.config import QUANT_CANDIDATES, QuantizeConfig, load_config
+from kubetrain.config import QuantizeConfig, load_config
 from kubetrain.data import build_dataset, load_dataset
 from kubetrain.evaluate.measure import compare_latency, predict
 from kubetrain.quantize import artifact, load_model, load_quantized, methods, quantize_artifact
+from kubetrain.quantize.config import CANDIDATES
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.loop import fit, save_model
 
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
         # one folder per model (not per label's first word: both MLPs' labels start "mlp")
         mdir = trained[label] = train(work / f"model{len(trained)}", ds, overrides)
         qcfg = QuantizeConfig(
-            auto_candidates=list(QUANT_CANDIDATES), latency_repeats=args.repeats, num_threads=1
+            auto_candidates=list(CANDIDATES), latency_repeats=args.repeats, num_threads=1
         )
         info = quantize_artifact(mdir, ds, work / "q", qcfg)
         print(f"\n{label}: kept {info['name']} — {info['decision'].split(' (others')[0]}")

@@ -20,6 +20,7 @@ def evaluate(
     import shutil
     from pathlib import Path
 
+    from kubetrain.artifacts import EVAL_DETAILS, EVAL_REPORT
     from kubetrain.io import read_json
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
@@ -40,8 +41,8 @@ def evaluate(
     for key, value in result.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)
-    details = read_json(out / "details.json")
+    details = read_json(out / EVAL_DETAILS)
     classification.log_confusion_matrix(details["classes"], details["confusion_matrix"])
     persist(metrics)
     persist(classification)
-    shutil.copyfile(out / "report.html", report.path)
+    shutil.copyfile(out / EVAL_REPORT, report.path)

@@ -6,12 +6,11 @@ from kubetrain.images import runtime_image
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def check_accuracy(evaluation: dsl.Input[dsl.Artifact], min_accuracy: float) -> bool:
     """True if the model clears the promotion bar (a single return value: safe for dsl.If)."""
-    from pathlib import Path
 
     from kubetrain import steps
-    from kubetrain.io import read_json
+    from kubetrain.artifacts import Evaluation
 
-    return steps.is_promotable(read_json(Path(evaluation.path) / "metrics.json"), min_accuracy)
+    return steps.is_promotable(Evaluation.load_metrics(evaluation.path), min_accuracy)
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -40,12 +39,13 @@ def promote(
     from pathlib import Path
 
     from kubetrain import steps
+    from kubetrain.artifacts import EVAL_METRICS
     from kubetrain.config import config_from_json
     from kubetrain.logs import setup_logging
 
     setup_logging()
     record = steps.promote(
-        Path(model.path), Path(quantized.path), Path(evaluation.path) / "metrics.json",
+        Path(model.path), Path(quantized.path), Path(evaluation.path) / EVAL_METRICS,
         Path(promoted.path), cfg=config_from_json(config_json),
     )  # fmt: skip
     promoted.metadata.update(record)
@@ -56,16 +56,13 @@ def reject(
     evaluation: dsl.Input[dsl.Artifact], min_accuracy: float, decision: dsl.Output[dsl.Artifact]
 ):
     """Record why the model was not promoted."""
-    from pathlib import Path
+    from kubetrain.artifacts import Evaluation, Rejection
 
-    from kubetrain.io import read_json, write_json
-
-    m = read_json(Path(evaluation.path) / "metrics.json")
-    record = {
-        "promoted": False,
-        "reason": f"test accuracy fp32 {m['test_accuracy_fp32']:.4f} / int8 "
-        f"{m['test_accuracy_int8']:.4f} below the bar {min_accuracy:.4f}",
-    }
-    print(record["reason"])
-    write_json(Path(decision.path) / "decision.json", record)
-    decision.metadata.update(record)
+    m = Evaluation.load_metrics(evaluation.path)
+    rejection = Rejection(
+        f"test accuracy fp32 {m['test_accuracy_fp32']:.4f} / int8 "
+        f"{m['test_accuracy_int8']:.4f} below the bar {min_accuracy:.4f}"
+    )
+    print(rejection.reason)
+    rejection.save(decision.path)
+    decision.metadata.update({"promoted": False, "reason": rejection.reason})

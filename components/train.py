@@ -12,8 +12,7 @@ def train(
     train_metrics: dsl.Output[dsl.Metrics],
 ):
     """Distributed training (torchrun locally) with the tuned parameters."""
-    import os
-
+    from kubetrain.artifacts import SearchResult
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
     from kubetrain.warm import run_step
@@ -24,7 +23,7 @@ def train(
         config_json,
         dataset_dir=dataset.path,
         out_dir=model.path,
-        params_file=os.path.join(best_params.path, "best_params.json"),
+        params_file=str(SearchResult.best_params_file(best_params.path)),
     )
     model.metadata["framework"] = "pytorch"
     for key in ("samples_per_second", "train_seconds", "data_wait_share", "final_val_accuracy"):

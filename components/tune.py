@@ -17,6 +17,7 @@ def tune(
     import shutil
     from pathlib import Path
 
+    from kubetrain.artifacts import SEARCH_REPORT
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
     from kubetrain.warm import run_step
@@ -26,7 +27,7 @@ def tune(
     result = run_step("tune", config_json, dataset_dir=dataset.path, out_dir=out)
     best_params.metadata["best_params"] = result["best_params"]
     search_metrics.log_metric("trials", result["trials_total"])
-    report = out / "report.html"
+    report = out / SEARCH_REPORT
     if result["enabled"]:
         search_metrics.log_metric("best_" + result["metric"], result["best_value"])
         search_metrics.log_metric("trials_pruned", result["trials_pruned"])

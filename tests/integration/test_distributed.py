@@ -61,7 +61,7 @@ def test_gradient_accumulation_skips_the_allreduce_on_micro_steps(tmp_path, digi
 
 
 @pytest.mark.slow
-def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir, monkeypatch):
+def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir):
     """SIGKILL one real worker mid-training: torchrun restarts the group, which resumes."""
     import signal
     import threading
@@ -73,8 +73,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir, m
             "train.checkpoint_every_steps=20"]  # fmt: skip
     reference, _ = _train(tmp_path, digits_dir, "reference", *slow)
     out = tmp_path / "killed"
-    monkeypatch.setenv("KUBETRAIN_GLOO_TIMEOUT_S", "60")
-    cfg = load_config(overrides=[*BASE, *slow, "train.max_restarts=3"])
+    cfg = load_config(
+        overrides=[*BASE, *slow, "train.max_restarts=3", "train.collective_timeout_seconds=60"]
+    )
     errors: list[BaseException] = []
 
     def train() -> None:

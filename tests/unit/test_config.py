@@ -144,3 +144,51 @@ def test_bundled_recipes_load_by_name_and_an_unknown_name_lists_them():
     assert gpu.cluster.num_gpus == 1 and gpu.train.precision == "bf16" and gpu.train.nnodes == 1
     with pytest.raises(ConfigError, match=r"nope: no such file \(bundled recipes: gpu, smoke\)"):
         load_config("nope")
+
+
+def _sections(model: type, where: str = ""):
+    """Every config model reachable from ``model``, with its dotted place in the tree."""
+    from pydantic import BaseModel
+
+    yield where, model
+    for name, info in model.model_fields.items():
+        for kind in (info.annotation, *getattr(info.annotation, "__args__", ())):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from _sections(kind, f"{where}{name}.")
+
+
+def test_every_config_field_has_a_description():
+    missing = [
+        f"{where}{name}"
+        for where, model in _sections(PipelineConfig)
+        for name, info in model.model_fields.items()
+        if not (info.description or "").strip()
+    ]
+    assert missing == []
+
+
+def test_each_section_lives_beside_its_package_and_derives_from_the_base():
+    from kubetrain.config_base import Section
+
+    owners = {
+        "data": "kubetrain.data.config", "model": "kubetrain.models.config",
+        "train": "kubetrain.train.config", "tune": "kubetrain.tune.config",
+        "quantize": "kubetrain.quantize.config", "evaluate": "kubetrain.evaluate.config",
+        "cluster": "kubetrain.launch.config", "retrain": "kubetrain.registry.config",
+    }  # fmt: skip
+    for section, module in owners.items():
+        model = PipelineConfig.model_fields[section].annotation
+        assert (model.__module__, issubclass(model, Section)) == (module, True), section
+
+
+def test_loading_a_config_imports_neither_torch_nor_numpy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from kubetrain.config import load_config; load_config(None, "
+        "['tune.algorithm=grid', 'tune.parameters.0.feasibleSpace.step=0.003']); "
+        "print(sorted(m for m in ('torch', 'numpy', 'optuna', 'pandas') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

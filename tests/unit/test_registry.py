@@ -1,4 +1,4 @@
-"""Retrain only when it matters: fingerprint, the registry record, the decision."""
+"""Retrain only when it matters: the model-inputs fingerprint, the registry record, the decision."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kubetrain import registry, steps
+from kubetrain.artifacts import Promotion
 from kubetrain.config import load_config
 
 BASE = ["retrain.only_if_changed=true"]
@@ -32,12 +33,16 @@ def cfg_with(reg: Path, *settings: str):
 def test_fingerprint_covers_what_shapes_the_model(tmp_path, setting, same):
     a = cfg_with(tmp_path)
     b = cfg_with(tmp_path, setting)
-    assert (registry.fingerprint(a, "v1") == registry.fingerprint(b, "v1")) is same
+    assert (
+        registry.model_inputs_fingerprint(a, "v1") == registry.model_inputs_fingerprint(b, "v1")
+    ) is same
 
 
 def test_fingerprint_changes_with_the_data(tmp_path):
     cfg = cfg_with(tmp_path)
-    assert registry.fingerprint(cfg, "v1") != registry.fingerprint(cfg, "v2")
+    assert registry.model_inputs_fingerprint(cfg, "v1") != registry.model_inputs_fingerprint(
+        cfg, "v2"
+    )
 
 
 def promoted_artifact(tmp_path: Path) -> Path:
@@ -52,10 +57,9 @@ def test_publish_then_decide(tmp_path):
     reg = tmp_path / "registry"
     cfg = cfg_with(reg)
     assert registry.needs_training(cfg, "v1") == (True, f"no model has been promoted to {reg} yet")
-    record = registry.publish(
-        str(reg), promoted_artifact(tmp_path), {"dataset_version": "v1", "promoted": True}, cfg
-    )
-    fp = registry.fingerprint(cfg, "v1")
+    promotion = Promotion("v1", test_accuracy_fp32=0.95, test_accuracy_int8=0.94, min_accuracy=0.9)
+    record = registry.publish(str(reg), promoted_artifact(tmp_path), promotion, cfg).to_record()
+    fp = registry.model_inputs_fingerprint(cfg, "v1")
     assert record["fingerprint"] == fp and record["model_uri"] == f"{reg}/models/{fp}"
     assert (reg / "models" / fp / "int8" / "model.pt").read_bytes() == b"weights-int8"
     assert json.loads((reg / "promoted.json").read_text()) == record
@@ -79,7 +83,7 @@ def test_promote_step_publishes_to_the_registry(tmp_path):
     metrics.write_text(json.dumps({"dataset_version": "v9", "test_accuracy_fp32": 0.95,
                                    "test_accuracy_int8": 0.94, "min_accuracy": 0.9}))  # fmt: skip
     record = steps.promote(model, quant, metrics, tmp_path / "out", cfg=cfg)
-    assert record["fingerprint"] == registry.fingerprint(cfg, "v9")
+    assert record["fingerprint"] == registry.model_inputs_fingerprint(cfg, "v9")
     assert json.loads((tmp_path / "out" / "promotion.json").read_text()) == record
     assert not registry.needs_training(cfg, "v9")[0]
 
@@ -90,7 +94,7 @@ def test_only_if_changed_needs_a_registry():
 
 
 def test_fingerprint_ignores_how_a_job_runs_but_not_what_it_computes():
-    from kubetrain.registry import fingerprint
+    from kubetrain.registry import model_inputs_fingerprint as fingerprint
 
     cfg = load_config(None, [])
     same = cfg.with_params({"train.checkpoint_dir": "/elsewhere", "train.nproc": 1,

@@ -3,9 +3,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from kubetrain.config import KATIB_LOCAL_ALGORITHMS, load_config
+from kubetrain.config import load_config
 from kubetrain.errors import ConfigError
 from kubetrain.io import read_json
+from kubetrain.tune.config import LOCAL_ALGORITHMS
 from kubetrain.tune.local import run_search
 from kubetrain.tune.space import grid_size, make_pruner, make_sampler, search_space
 from tests.conftest import run_cli
@@ -13,7 +14,7 @@ from tests.conftest import run_cli
 FAST = ["tune.trial_epochs=2", "tune.parallel_trials=2", "train.epochs=2"]
 
 
-@pytest.mark.parametrize("algorithm", KATIB_LOCAL_ALGORITHMS)
+@pytest.mark.parametrize("algorithm", LOCAL_ALGORITHMS)
 def test_every_katib_name_maps_to_a_sampler(algorithm):
     cfg = load_config(overrides=[f"tune.algorithm={algorithm}"])
     sampler = make_sampler(cfg.tune)

@@ -1,54 +1,22 @@
-"""The dataset artifact: split, normalised arrays plus everything needed to use them again.
-
-Layout of an artifact directory::
-
-    data.npz    x_train y_train x_val y_val x_test y_test (float32 features, int64 class ids)
-    meta.json   version, source, classes, input shape, normalisation statistics, split sizes
-"""
+"""Building the dataset artifact: read, clean, split, normalise (``kubetrain.artifacts``
+defines the artifact itself: ``DatasetArtifact``, its files and its loader)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from math import ceil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from kubetrain.config import DataConfig
+from kubetrain.artifacts import DATASET_FORMAT_VERSION, SPLITS, DatasetArtifact, load_dataset
+from kubetrain.data.config import DataConfig
 from kubetrain.data.sources import RawData, load_source
 from kubetrain.errors import DataError
-from kubetrain.io import atomic_write, read_json, write_json
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class DatasetArtifact:
-    """A loaded dataset artifact: ``arrays['x_train']`` etc. and its ``meta``."""
-
-    path: Path
-    meta: dict[str, Any]
-    arrays: dict[str, np.ndarray]
-
-    @property
-    def input_shape(self) -> list[int]:
-        return self.meta["input_shape"]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.meta["classes"])
-
-    @property
-    def is_image(self) -> bool:
-        return len(self.input_shape) == 3
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.arrays[f"x_{name}"], self.arrays[f"y_{name}"]
+__all__ = ["DatasetArtifact", "build_dataset", "load_dataset"]
 
 
 def encode_labels(y: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -158,9 +126,9 @@ def build_dataset(cfg: DataConfig, out_dir: str | Path) -> DatasetArtifact:
     for name in SPLITS:
         arrays[f"x_{name}"] = ((raw.x[parts[name]] - shift) / scale).astype(np.float32)
         arrays[f"y_{name}"] = y[parts[name]]
-    version = _fingerprint(arrays, cfg)
+    version = _dataset_version(arrays, cfg)
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": DATASET_FORMAT_VERSION,
         "version": version,
         "source": raw.source,
         "files": raw.files,
@@ -173,45 +141,16 @@ def build_dataset(cfg: DataConfig, out_dir: str | Path) -> DatasetArtifact:
         "config": cfg.model_dump(mode="json"),
         "preprocess_seconds": round(time.perf_counter() - started, 4),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "data.npz", lambda tmp: _save_npz(tmp, arrays))
-    write_json(out / "meta.json", meta)  # written last: its presence marks a complete artifact
-    return DatasetArtifact(path=out, meta=meta, arrays=arrays)
+    artifact = DatasetArtifact(path=Path(out_dir), meta=meta, arrays=arrays)
+    artifact.save(out_dir)
+    return artifact
 
 
-def _save_npz(tmp: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def _fingerprint(arrays: dict[str, np.ndarray], cfg: DataConfig) -> str:
+def _dataset_version(arrays: dict[str, np.ndarray], cfg: DataConfig) -> str:
+    """16 hex digits of the arrays and the data config: the dataset's version."""
     h = hashlib.sha256()
     for key in sorted(arrays):
         h.update(key.encode())
         h.update(np.ascontiguousarray(arrays[key]).tobytes())
     h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
     return h.hexdigest()[:16]
-
-
-def load_dataset(path: str | Path) -> DatasetArtifact:
-    """Load an artifact written by ``build_dataset``; raises DataError if it is not one."""
-    path = Path(path)
-    if not (path / "meta.json").is_file() or not (path / "data.npz").is_file():
-        raise DataError(f"data error: {path}: not a kubetrain dataset (no meta.json/data.npz)")
-    try:
-        meta = read_json(path / "meta.json")
-    except ValueError as err:  # a damaged artifact: one line, not a traceback
-        raise DataError(f"data error: {path / 'meta.json'}: not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise DataError(f"data error: {path}: dataset format {version} unknown")
-    import zipfile
-
-    try:
-        with np.load(path / "data.npz", allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"data error: {path / 'data.npz'}: unreadable ({first})") from None
-    return DatasetArtifact(path=path, meta=meta, arrays=arrays)

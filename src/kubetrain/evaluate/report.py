@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+if TYPE_CHECKING:
+    from kubetrain.artifacts import Evaluation, TrainEfficiency
 
 
 def _png(fig) -> str:
@@ -83,26 +86,24 @@ def _efficiency(history: list[dict]) -> str:
     return _png(fig)
 
 
-def _efficiency_rows(m: dict[str, Any]) -> list[tuple[str, Any]]:
+def _efficiency_rows(t: TrainEfficiency) -> list[tuple[str, Any]]:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f} %"
 
     rows = [
-        ("precision", m.get("train_precision")),
-        ("FLOPs per sample (forward + backward)", m.get("train_flops_per_sample")),
-        ("MFU (vs a measured dense-GEMM peak of this device)", pct(m.get("train_mfu"))),
-        ("step time: forward+backward / optimizer", f"{pct(m.get('train_compute_share'))} / "
-         f"{pct(m.get('train_optimizer_share'))}"),
-        ("all-reduce calls / time (s)", f"{m.get('train_allreduce_calls')} / "
-         f"{(m.get('train_comm_seconds') or 0):.3f}"),
-        ("CPU % per rank (100 = one core)", m.get("train_rank_cpu_percent")),
-        ("peak memory per rank (MiB)", m.get("train_rank_peak_rss_mib")),
-        ("GPU peak memory (MiB)", m.get("train_gpu_peak_mib") or "no GPU"),
-        ("checkpoints written / time (s)", f"{m.get('train_checkpoints_written')} / "
-         f"{(m.get('train_checkpoint_seconds') or 0):.3f}"),
-        ("torch.compile time (s)", m.get("train_compile_seconds") or "not compiled"),
-        ("resumed from step / restarts", f"{m.get('train_resumed_from_step')} / "
-         f"{m.get('train_restarts') or 0}"),
+        ("precision", t.precision),
+        ("FLOPs per sample (forward + backward)", t.flops_per_sample),
+        ("MFU (vs a measured dense-GEMM peak of this device)", pct(t.mfu)),
+        ("step time: forward+backward / optimizer",
+         f"{pct(t.compute_share)} / {pct(t.optimizer_share)}"),
+        ("all-reduce calls / time (s)", f"{t.allreduce_calls} / {(t.comm_seconds or 0):.3f}"),
+        ("CPU % per rank (100 = one core)", t.rank_cpu_percent),
+        ("peak memory per rank (MiB)", t.rank_peak_rss_mib),
+        ("GPU peak memory (MiB)", t.gpu_peak_mib or "no GPU"),
+        ("checkpoints written / time (s)",
+         f"{t.checkpoints_written} / {(t.checkpoint_seconds or 0):.3f}"),
+        ("torch.compile time (s)", t.compile_seconds or "not compiled"),
+        ("resumed from step / restarts", f"{t.resumed_from_step} / {t.restarts or 0}"),
     ]  # fmt: skip
     return [(k, [round(x, 1) for x in v] if isinstance(v, list) else v) for k, v in rows]
 
@@ -235,18 +236,15 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def _compare(m: dict[str, Any]) -> str:
+def _compare(e: Evaluation) -> str:
+    by_batch = {lat.batch_size: lat for lat in e.latency}
+    panels = [("test accuracy", e.fp32.accuracy, e.int8.accuracy)]
+    for batch in (1, 64):
+        lat = by_batch.get(batch)
+        panels.append((f"latency batch {batch} (ms)", lat and lat.fp32_ms, lat and lat.int8_ms))
+    panels.append(("size (KiB)", e.sizes.weights_fp32 / 1024, e.sizes.weights_int8 / 1024))
     fig, axes = plt.subplots(1, 4, figsize=(12, 3))
-    panels = [
-        ("test accuracy", "test_accuracy"),
-        ("latency batch 1 (ms)", "latency_ms_b1"),
-        ("latency batch 64 (ms)", "latency_ms_b64"),
-        ("size (KiB)", "model_size_bytes"),
-    ]
-    for ax, (title, key) in zip(axes, panels, strict=True):
-        values = [m.get(f"{key}_fp32"), m.get(f"{key}_int8")]
-        if key == "model_size_bytes":
-            values = [v / 1024 if v is not None else None for v in values]
+    for ax, (title, *values) in zip(axes, panels, strict=True):
         ax.bar(["fp32", "int8"], [v or 0 for v in values], color=["tab:blue", "tab:purple"])
         ax.set_title(title, fontsize=10)
         for i, v in enumerate(values):
@@ -286,55 +284,57 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return f"<table>{body}</table>"
 
 
-def render(metrics: dict[str, Any], details: dict[str, Any]) -> str:
-    """HTML of the run: ``metrics`` is metrics.json; ``details`` holds history, trials, tuning."""
-    m = metrics
-    verdict = "promoted" if m.get("promoted") else "not promoted"
-    headline = [
-        ("test accuracy fp32", m["test_accuracy_fp32"]),
-        ("test accuracy int8", m["test_accuracy_int8"]),
-        ("quantization", m["quantize_method"]),
-        ("model size fp32 / int8 (bytes)", f"{m['model_size_bytes_fp32']} / {m['model_size_bytes_int8']}"),
-        ("latency batch 1 fp32 / int8 (ms)", f"{m['latency_ms_b1_fp32']:.3f} / {m['latency_ms_b1_int8']:.3f}"),
-        ("latency batch 64 fp32 / int8 (ms)", f"{m['latency_ms_b64_fp32']:.3f} / {m['latency_ms_b64_int8']:.3f}"),
-        ("training time (s)", m["train_seconds"]),
-        ("time per step (ms)", 1e3 * m["train_step_seconds"]),
-        ("training samples/s", m["train_samples_per_second"]),
-        ("data-wait share of step time", m["train_data_wait_share"]),
-        ("processes (world size)", m["train_world_size"]),
-        ("ranks ended with identical weights", m["train_ranks_identical"]),
-        ("dataset version", m["dataset_version"]),
-        ("promotion bar (min accuracy)", m["min_accuracy"]),
+def render(e: Evaluation) -> str:
+    """HTML of the run's evaluation: accuracy, training, the search, fp32 vs int8, per class."""
+    verdict = "promoted" if e.promoted else "not promoted"
+    latency = [
+        (f"latency batch {lat.batch_size} fp32 / int8 (ms)",
+         f"{lat.fp32_ms:.3f} / {lat.int8_ms:.3f}")
+        for lat in e.latency
     ]  # fmt: skip
-    tuning = details.get("tuning") or {}
+    t = e.train
+    headline = [
+        ("test accuracy fp32", e.fp32.accuracy),
+        ("test accuracy int8", e.int8.accuracy),
+        ("quantization", e.quantization["method"]),
+        ("model size fp32 / int8 (bytes)", f"{e.sizes.weights_fp32} / {e.sizes.weights_int8}"),
+        *latency,
+        ("training time (s)", t.seconds),
+        ("time per step (ms)", 1e3 * t.step_seconds),
+        ("training samples/s", t.samples_per_second),
+        ("data-wait share of step time", t.data_wait_share),
+        ("processes (world size)", t.world_size),
+        ("ranks ended with identical weights", t.ranks_identical),
+        ("dataset version", e.dataset_version),
+        ("promotion bar (min accuracy)", e.min_accuracy),
+    ]
     parts = [
         f"<h1>kubetrain run report</h1><p class='verdict {verdict.split()[0]}'>Model {verdict}: "
-        f"test accuracy fp32 {m['test_accuracy_fp32']:.4f}, int8 {m['test_accuracy_int8']:.4f}, "
-        f"bar {m['min_accuracy']:.4f}.</p>",
+        f"test accuracy fp32 {e.fp32.accuracy:.4f}, int8 {e.int8.accuracy:.4f}, "
+        f"bar {e.min_accuracy:.4f}.</p>",
         "<h2>Summary</h2>" + _table(headline),
         "<h2>Training</h2>",
-        f"<img src='{_curves(details['history'])}' alt='loss and accuracy curves'>",
+        f"<img src='{_curves(e.history)}' alt='loss and accuracy curves'>",
         "<h3>Efficiency</h3>",
-        f"<img src='{_efficiency(details['history'])}' alt='step time split, throughput, CPU'>",
-        _table(_efficiency_rows(m)),
+        f"<img src='{_efficiency(e.history)}' alt='step time split, throughput, CPU'>",
+        _table(_efficiency_rows(t)),
         "<h2>Tuning</h2>",
     ]
-    if tuning.get("enabled"):
-        parts.append(search_section(tuning, details["trials"]))
+    if e.search.enabled:
+        parts.append(search_section(e.search.summary, e.search.trials))
     else:
         parts.append("<p>Tuning was disabled (tune.enabled=false).</p>")
-    quant = details.get("quantization") or {}
+    quant = e.quantization
     parts += [
         "<h2>fp32 vs int8</h2>",
         f"<p>{html.escape(quant.get('decision', ''))}</p>",
-        f"<img src='{_compare(m)}' alt='fp32 vs int8'>",
+        f"<img src='{_compare(e)}' alt='fp32 vs int8'>",
         _quant_table(quant.get("candidates") or []),
         "<p>Latency: median of repeated forward passes in this process "
-        f"({m['latency_threads']} torch thread(s)); measure on the target hardware before "
+        f"({e.latency_threads} torch thread(s)); measure on the target hardware before "
         "relying on it.</p>",
         "<h2>Per class (fp32)</h2>",
-        f"<img src='{_confusion(details['confusion_matrix'], details['classes'])}' "
-        "alt='confusion matrix'>",
-        _table(list(details["per_class_accuracy"].items())),
+        f"<img src='{_confusion(e.fp32.confusion_matrix, e.classes)}' alt='confusion matrix'>",
+        _table(list(e.fp32.per_class_accuracy.items())),
     ]
     return _page("kubetrain report", "".join(parts))

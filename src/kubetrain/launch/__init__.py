@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from kubetrain.config import PipelineConfig
+if TYPE_CHECKING:  # kubetrain.config imports kubetrain.launch.config, which runs this file
+    from kubetrain.config import PipelineConfig
 
 # torchrun's c10d rendezvous shares one TCPStore with the workers across restarts, and in torch
 # 2.13 it keeps that store (and its keys) from one round to the next: after a restart a worker can

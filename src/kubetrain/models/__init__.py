@@ -1,65 +1,19 @@
-"""Model zoo: small networks built from a name and the data's shape. Knows nothing of distribution."""
+"""Model zoo: small networks built from a name and the data's shape. Knows nothing of distribution.
+
+``networks`` builds them (and imports torch); ``config`` is the ``model`` config section. The
+names below are loaded on first use, so that importing the config section stays cheap.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from typing import Any
 
-from torch import nn
-
-from kubetrain.config import ModelConfig
-from kubetrain.errors import ConfigError
+__all__ = ["REGISTRY", "build_from_spec", "build_model", "model_spec"]
 
 
-def mlp(input_shape: list[int], num_classes: int, cfg: ModelConfig) -> nn.Module:
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = math.prod(input_shape)
-    for hidden in cfg.hidden_sizes:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        if cfg.dropout:
-            layers.append(nn.Dropout(cfg.dropout))
-        width = hidden
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from kubetrain.models import networks
 
-
-def cnn(input_shape: list[int], num_classes: int, cfg: ModelConfig) -> nn.Module:
-    if len(input_shape) != 3:
-        raise ConfigError(
-            f"config error: model.name: 'cnn' needs image data (C,H,W); this data has shape "
-            f"{input_shape} (set data.image_shape for images stored as columns, or use 'mlp')"
-        )
-    channels, height, width = input_shape
-    layers: list[nn.Module] = []
-    for out in cfg.channels:
-        layers += [nn.Conv2d(channels, out, kernel_size=3, padding=1), nn.ReLU()]
-        channels = out
-    if min(height, width) >= 2:
-        layers.append(nn.MaxPool2d(2))
-        height, width = height // 2, width // 2
-    layers += [nn.Flatten(), nn.Linear(channels * height * width, cfg.hidden_sizes[0]), nn.ReLU()]
-    if cfg.dropout:
-        layers.append(nn.Dropout(cfg.dropout))
-    layers.append(nn.Linear(cfg.hidden_sizes[0], num_classes))
-    return nn.Sequential(*layers)
-
-
-REGISTRY: dict[str, Callable[[list[int], int, ModelConfig], nn.Module]] = {"mlp": mlp, "cnn": cnn}
-
-
-def build_model(cfg: ModelConfig, input_shape: list[int], num_classes: int) -> nn.Module:
-    """Build ``cfg.name`` for inputs of ``input_shape`` (without batch) and ``num_classes``."""
-    return REGISTRY[cfg.name](list(input_shape), num_classes, cfg)
-
-
-def model_spec(cfg: ModelConfig, input_shape: list[int], num_classes: int) -> dict:
-    """What ``build_from_spec`` needs to rebuild the network in another process."""
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "input_shape": list(input_shape),
-        "num_classes": num_classes,
-    }
-
-
-def build_from_spec(spec: dict) -> nn.Module:
-    return build_model(ModelConfig(**spec["config"]), spec["input_shape"], spec["num_classes"])
+        return getattr(networks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,11 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kubetrain.artifacts import QUANT_INFO
 from kubetrain.errors import KubetrainError
 
-PROGRAM = "model.pt2"
-SCRIPT = "model.ts"
-INFO = "quant.json"
 MAX_BATCH = 1 << 16
 
 # Custom-op namespaces a graph may call -> the module whose import registers them.
@@ -97,9 +95,9 @@ class Compiled(nn.Module):
 
 def load_artifact(qdir: Path) -> tuple[nn.Module, dict[str, Any]]:
     """The runnable model of a quantized artifact directory and its ``quant.json``."""
-    info_file = qdir / INFO
+    info_file = qdir / QUANT_INFO
     if not info_file.is_file():
-        raise KubetrainError(f"{qdir}: not a kubetrain quantized model (no {INFO})")
+        raise KubetrainError(f"{qdir}: not a kubetrain quantized model (no {QUANT_INFO})")
     info = json.loads(info_file.read_text())
     if info["format"] == "torchscript":
         return torch.jit.load(str(qdir / info["file"])).eval(), info

@@ -25,17 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubetrain.config import QuantizeConfig
+from kubetrain.artifacts import QUANT_INFO, QUANT_PROGRAM, QUANT_SCRIPT
 from kubetrain.errors import KubetrainError
 from kubetrain.quantize import artifact
+from kubetrain.quantize.config import CANDIDATES, QuantizeConfig
 
-CHEAP_FIRST = (
-    "weight_only_int8/torchao",
-    "dynamic_int8/torchao",
-    "dynamic_int8/fbgemm",
-    "static_int8/x86_inductor",
-    "qat_int8/x86_inductor",
-)
+CHEAP_FIRST = CANDIDATES  # the order auto tries them in
 
 
 def candidate_for(method: str, qcfg: QuantizeConfig) -> str:
@@ -78,10 +73,10 @@ def build(
                 model = _pt2e_static(model, _batch(x_train, input_shape, idx), example, qcfg)
             elif method == "qat_int8":
                 model, info["qat"] = _pt2e_qat(model, x_train, y_train, input_shape, qcfg)
-            imports = artifact.export_program(model, example, out_dir / artifact.PROGRAM)
+            imports = artifact.export_program(model, example, out_dir / QUANT_PROGRAM)
             info.update(
                 format="torch.export",
-                file=artifact.PROGRAM,
+                file=QUANT_PROGRAM,
                 runtime="inductor" if backend == "x86_inductor" else "eager",
                 imports=imports,
             )
@@ -89,7 +84,7 @@ def build(
     info["size_bytes"] = artifact.tensor_bytes(path)
     info["file_bytes"] = path.stat().st_size
     info["quantize_seconds"] = time.perf_counter() - started
-    (out_dir / artifact.INFO).write_text(json.dumps(info, indent=2))
+    (out_dir / QUANT_INFO).write_text(json.dumps(info, indent=2))
     return info
 
 
@@ -120,8 +115,8 @@ def _fbgemm_dynamic(model: nn.Module, example: torch.Tensor, out_dir: Path) -> d
     qmodel = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
     with torch.inference_mode():
         script = torch.jit.freeze(torch.jit.trace(qmodel, example))
-    script.save(str(out_dir / artifact.SCRIPT))
-    return {"format": "torchscript", "file": artifact.SCRIPT, "runtime": "torchscript"}
+    script.save(str(out_dir / QUANT_SCRIPT))
+    return {"format": "torchscript", "file": QUANT_SCRIPT, "runtime": "torchscript"}
 
 
 def _x86_quantizer(qcfg: QuantizeConfig, is_qat: bool = False):
@@ -303,17 +298,17 @@ def _set_range(fq: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
 def fp32_program(model: nn.Module, example: torch.Tensor, out_dir: Path) -> dict[str, Any]:
     """The fp32 model as an exported program (what ``on_drop: keep_fp32`` ships)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    imports = artifact.export_program(model.eval(), example, out_dir / artifact.PROGRAM)
+    imports = artifact.export_program(model.eval(), example, out_dir / QUANT_PROGRAM)
     info = {
         "name": "none/fp32",
         "method": "none",
         "backend": "fp32",
         "format": "torch.export",
-        "file": artifact.PROGRAM,
+        "file": QUANT_PROGRAM,
         "runtime": "eager",
         "imports": imports,
-        "size_bytes": artifact.tensor_bytes(out_dir / artifact.PROGRAM),
-        "file_bytes": (out_dir / artifact.PROGRAM).stat().st_size,
+        "size_bytes": artifact.tensor_bytes(out_dir / QUANT_PROGRAM),
+        "file_bytes": (out_dir / QUANT_PROGRAM).stat().st_size,
     }
-    (out_dir / artifact.INFO).write_text(json.dumps(info, indent=2))
+    (out_dir / QUANT_INFO).write_text(json.dumps(info, indent=2))
     return info

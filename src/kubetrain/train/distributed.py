@@ -29,8 +29,12 @@ class DistContext:
         return self.rank == 0
 
 
-def init_from_env() -> DistContext:
-    """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK (gloo on CPU, nccl on GPU)."""
+def init_from_env(timeout_seconds: float = 120.0) -> DistContext:
+    """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK (gloo on CPU, nccl on GPU).
+
+    ``timeout_seconds`` (``train.collective_timeout_seconds``) bounds the gloo group's set-up and
+    collectives. Returns who this process is.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,8 +50,7 @@ def init_from_env() -> DistContext:
             # Bounded: should the mesh connection ever hang (it did after torchrun restarts,
             # before the launchers gave each round a fresh store), a timeout turns the hang into
             # a failure that the next restart retries.
-            seconds = float(os.environ.get("KUBETRAIN_GLOO_TIMEOUT_S", "120"))
-            dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
+            dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_seconds))
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubetrain.config import PipelineConfig, TrainConfig
-from kubetrain.data.dataset import DatasetArtifact
+from kubetrain.artifacts import DatasetArtifact, TrainedModel
+from kubetrain.config import PipelineConfig
 from kubetrain.data.loader import ArrayDataset, GlobalBatchSampler, make_train_loader
 from kubetrain.errors import ConfigError
-from kubetrain.io import atomic_write, write_json
-from kubetrain.models import build_model, model_spec
+from kubetrain.models.networks import build_model, model_spec
 from kubetrain.train import checkpoint, instrument
+from kubetrain.train.config import TrainConfig
 from kubetrain.train.distributed import DistContext, all_reduce_sum, gather_objects, ranks_agree
 from kubetrain.train.optim import build_optimizer, build_scheduler
 
@@ -480,12 +480,7 @@ def _summary(run: _Run, wall: float) -> dict[str, Any]:
 def save_model(
     result: FitResult, cfg: PipelineConfig, data: DatasetArtifact, out_dir: Path
 ) -> None:
-    """Write model.pt (state dict), model.json (how to rebuild it), history.json, metrics.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
-    atomic_write(out_dir / "model.pt", lambda tmp: torch.save(state, tmp))
-    write_json(out_dir / "history.json", [asdict(s) for s in result.history])
-    write_json(out_dir / "metrics.json", result.summary)
+    """Write the model artifact (``kubetrain.artifacts.TrainedModel``) to ``out_dir``."""
     spec = model_spec(cfg.model, data.input_shape, data.num_classes)
     spec.update(
         {
@@ -495,4 +490,10 @@ def save_model(
             "train": cfg.train.model_dump(mode="json"),
         }
     )
-    write_json(out_dir / "model.json", spec)  # last: marks a complete model artifact
+    TrainedModel(
+        path=out_dir,
+        spec=spec,
+        history=[asdict(s) for s in result.history],
+        summary=result.summary,
+        state_dict={k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+    ).save(out_dir)

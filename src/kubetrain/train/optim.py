@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from kubetrain.config import TrainConfig
+from kubetrain.train.config import TrainConfig
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or cfg.train.num_threads or 1
         torch.set_num_threads(threads)
         data = load_dataset(args.dataset)
-        ctx = init_from_env()
+        ctx = init_from_env(cfg.train.collective_timeout_seconds)
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restarts and rank == 0:
             logging.getLogger(__name__).warning("worker group restart %d", restarts)

@@ -6,8 +6,8 @@ from typing import Any
 
 import optuna
 
-from kubetrain.config import SearchParameter, TuneConfig
 from kubetrain.errors import ConfigError
+from kubetrain.tune.config import SearchParameter, TuneConfig
 
 
 def distribution(param: SearchParameter, algorithm: str) -> optuna.distributions.BaseDistribution:

@@ -1,6 +1,6 @@
-"""Retrain only when it matters: the promoted-model registry and the input fingerprint.
+"""Retrain only when it matters: the promoted-model registry and the model-inputs fingerprint.
 
-A *fingerprint* names everything that shapes a trained model: the dataset artifact's version
+The *model-inputs fingerprint* names everything that shapes a trained model: the dataset artifact's version
 (a hash of its arrays and the data config, see ``kubetrain.data.dataset``) and the config
 sections that drive tuning, training, quantization and evaluation. Where the work runs
 (``cluster``) is not part of it. Promotion publishes the model and its fingerprint to
@@ -22,23 +22,28 @@ import hashlib
 import json
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubetrain.config import PipelineConfig
+from kubetrain.artifacts import PROMOTED_FP32, PROMOTED_INT8, REGISTRY_RECORD, Promotion
 from kubetrain.errors import KubetrainError
+
+if TYPE_CHECKING:  # kubetrain.config imports kubetrain.registry.config, which runs this file
+    from kubetrain.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
-RECORD = "promoted.json"
 # The config sections whose change must retrain the model.
-FINGERPRINT_SECTIONS = ("data", "model", "train", "tune", "quantize", "evaluate")
+MODEL_INPUT_SECTIONS = ("data", "model", "train", "tune", "quantize", "evaluate")
 
 
-def fingerprint(cfg: PipelineConfig, dataset_version: str) -> str:
-    """16 hex digits naming the dataset version and the model-shaping config."""
+def model_inputs_fingerprint(cfg: PipelineConfig, dataset_version: str) -> str:
+    """16 hex digits naming what shapes a trained model: the dataset version and the config
+    sections of ``MODEL_INPUT_SECTIONS`` (without the train fields that only change how a job
+    runs). Equal fingerprints: retraining would make the same model."""
     h = hashlib.sha256(dataset_version.encode())
-    h.update(cfg.fingerprint_json(*FINGERPRINT_SECTIONS).encode())
+    h.update(cfg.model_inputs_json(*MODEL_INPUT_SECTIONS).encode())
     return h.hexdigest()[:16]
 
 
@@ -54,14 +59,16 @@ def _fs(registry: str) -> tuple[Any, str]:
 def last_promotion(registry: str) -> dict[str, Any] | None:
     """The registry's ``promoted.json``, or None if nothing was promoted there yet."""
     fs, root = _fs(registry)
-    path = f"{root.rstrip('/')}/{RECORD}"
+    path = f"{root.rstrip('/')}/{REGISTRY_RECORD}"
     if not fs.exists(path):
         return None
     try:
         with fs.open(path, "r") as f:
             return json.load(f)
     except (OSError, ValueError) as err:
-        raise KubetrainError(f"retrain.registry: cannot read {registry}/{RECORD}: {err}") from None
+        raise KubetrainError(
+            f"retrain.registry: cannot read {registry}/{REGISTRY_RECORD}: {err}"
+        ) from None
 
 
 def needs_training(cfg: PipelineConfig, dataset_version: str) -> tuple[bool, str]:
@@ -69,7 +76,7 @@ def needs_training(cfg: PipelineConfig, dataset_version: str) -> tuple[bool, str
     registry = cfg.retrain.registry
     if not cfg.retrain.only_if_changed or not registry:
         return True, "retrain.only_if_changed is off"
-    current = fingerprint(cfg, dataset_version)
+    current = model_inputs_fingerprint(cfg, dataset_version)
     last = last_promotion(registry)
     if last is None:
         return True, f"no model has been promoted to {registry} yet"
@@ -86,9 +93,21 @@ def needs_training(cfg: PipelineConfig, dataset_version: str) -> tuple[bool, str
 
 
 def publish(
-    registry: str, promoted_dir: Path, record: dict[str, Any], cfg: PipelineConfig
-) -> dict[str, Any]:
-    """Copy the promoted artifact to ``models/<fingerprint>/`` and then write ``promoted.json``.
+    registry: str, promoted_dir: Path, promotion: Promotion, cfg: PipelineConfig
+) -> Promotion:
+    """Copy the promoted artifact to ``models/<key>/`` and then write ``promoted.json``.
+
+    Args:
+        registry: directory or fsspec URI (``retrain.registry``).
+        promoted_dir: the promote step's artifact (``fp32/`` and ``int8/``).
+        promotion: what was promoted (accuracy, dataset version).
+        cfg: the config the model was made with (part of its key).
+
+    Returns:
+        ``promotion`` with its registry key, model URI and time.
+
+    Raises:
+        KubetrainError: the registry URI cannot be used.
 
     The record is written last (and through a temporary name), so a reader never sees a
     promotion whose model is not complete.
@@ -97,22 +116,22 @@ def publish(
 
     fs, root = _fs(registry)
     root = root.rstrip("/")
-    fp = fingerprint(cfg, record["dataset_version"])
-    target = f"{root}/models/{fp}"
+    key = model_inputs_fingerprint(cfg, promotion.dataset_version)
+    target = f"{root}/models/{key}"
     fs.makedirs(target, exist_ok=True)
-    for part in ("fp32", "int8"):
+    for part in (PROMOTED_FP32, PROMOTED_INT8):
         fs.put(str(promoted_dir / part), f"{target}/", recursive=True)
-    full = {
-        **record,
-        "fingerprint": fp,
-        "model_uri": f"{registry.rstrip('/')}/models/{fp}",
-        "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    full = replace(
+        promotion,
+        fingerprint=key,
+        model_uri=f"{registry.rstrip('/')}/models/{key}",
+        promoted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as tmp:
-        json.dump(full, tmp, indent=2)
-    tmp_remote = f"{root}/.{RECORD}.tmp"
+        json.dump(full.to_record(), tmp, indent=2)
+    tmp_remote = f"{root}/.{REGISTRY_RECORD}.tmp"
     fs.put(tmp.name, tmp_remote)
     Path(tmp.name).unlink()
-    fs.mv(tmp_remote, f"{root}/{RECORD}")
-    log.info("published the promoted model to %s", full["model_uri"])
+    fs.mv(tmp_remote, f"{root}/{REGISTRY_RECORD}")
+    log.info("published the promoted model to %s", full.model_uri)
     return full
