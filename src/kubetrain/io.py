@@ -129,7 +129,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 def clean_stale_files(directory: Path) -> int:
     """Remove temporary files of atomic writes in ``directory`` whose process (on this host)
-    is gone: a SIGKILL between the write and the rename leaves one. Returns how many."""
+    is gone: a SIGKILL between the write and the rename leaves one.
+
+    Args:
+        directory: where to look (not recursive).
+
+    Returns:
+        How many were removed. Those of live processes, or of another host (a shared volume),
+        are left alone.
+    """
     removed = 0
     host = _host()
     try:
@@ -151,7 +159,16 @@ def make_temp_dir(purpose: str) -> Path:
     """A new private directory ``kubetrain-<purpose>-<pid>-*`` in the system temp directory.
 
     The caller removes it; if the process is killed first, ``clean_stale_temp_dirs`` does on a
-    later start. ``purpose`` is lower-case letters (``steps``, ``torchrun``).
+    later start.
+
+    Args:
+        purpose: lower-case letters naming the use (``steps``, ``torchrun``).
+
+    Returns:
+        The new directory (mode 0700).
+
+    Raises:
+        ValueError: ``purpose`` is not lower-case letters.
     """
     if not purpose.isalpha() or not purpose.islower():
         raise ValueError(f"purpose must be lower-case letters: {purpose!r}")
@@ -195,8 +212,8 @@ def check_writable_dir(path: Path, what: str = "--output") -> None:
         what: how the user named it, for the message (``--output``).
 
     Raises:
-        KubetrainError (exit 2): ``path`` is a file, lies under a file, or its directory (or
-            the nearest existing parent) is read-only or not writable by this user.
+        UsageError (exit 2): ``path`` is a file, lies under a file, or its directory (or the
+            nearest existing parent) is read-only or not writable by this user.
     """
     from kubetrain.errors import UsageError
 
