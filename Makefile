@@ -8,7 +8,7 @@ SCAN_VENV ?= .venv-scan
 SCAN_STAMP := $(SCAN_VENV)/.installed
 ARGS ?=
 
-.PHONY: venv scan-venv run test test-fast test-slow lint compile bench clean images image-trainer kind-e2e
+.PHONY: venv scan-venv run test test-fast test-slow test-cluster lint compile bench clean images image-trainer kind-e2e
 
 # (Re)create the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -31,7 +31,11 @@ run: venv
 
 ## test: lint, then unit and local integration tests (everything that needs no cluster)
 test: venv scan-venv lint
-	$(PY) -m pytest -m "not e2e and not slow" $(ARGS)
+	$(PY) -m pytest -m "not e2e and not slow and not cluster" $(ARGS)
+
+## test-cluster: the cluster path against a real kube-apiserver + etcd (../shared/k8s, Debian's etcd-server)
+test-cluster: venv
+	$(PY) -m pytest -m cluster tests/cluster $(ARGS)
 
 ## test-slow: the suites marked slow (run by .ci/run in their own step)
 test-slow: venv

@@ -36,12 +36,9 @@ def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any
 
     if not cfg.tune.enabled:
         return local.disabled_result(out_dir)
-    if cfg.cluster.backend == "kubernetes":
-        from kubetrain.tune.katib import run_experiment
+    from kubetrain.tune.backend import get_tune_backend
 
-        result = run_experiment(cfg, dataset_dir, out_dir)
-    else:
-        result = local.run_search(cfg, dataset_dir, out_dir)
+    result = get_tune_backend(cfg).run(cfg, dataset_dir, out_dir)
     log.info("best %s %.4f with %s", result["metric"], result["best_value"], result["best_params"])
     return result
 

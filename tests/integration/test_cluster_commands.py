@@ -2,7 +2,8 @@
 
 A PyTorchJob's or Katib trial's container command is executed the way the kubelet would (its
 ``$(VAR)`` references expanded from the container's env plus the variables the operator adds);
-only the Kubernetes API is a stand-in (tests/fakes/kube_apiserver.py).
+no API server is involved (the launcher running a job's own command against a real API server:
+tests/cluster/test_train_launcher.py).
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fakes.kube_apiserver import condition, pod, running
 from kubetrain.config import load_config
 from kubetrain.data import build_dataset
 from kubetrain.io import read_json
-from kubetrain.launch import get_launcher
 from kubetrain.launch.local import free_port
 from kubetrain.tune.katib import METRICS_FILTER, build_experiment, parse_metrics
 
@@ -97,42 +96,3 @@ def test_katib_trial_command_runs_the_worker_and_the_collector_parses_its_output
     # Katib reads the leading RFC 3339 timestamp of a metrics line as the observation's time.
     line = next(ln for ln in done.stdout.splitlines() if "val_accuracy=" in ln)
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z epoch=1 ", line)
-
-
-def test_launcher_runs_the_jobs_own_command_against_fake_apiserver(dataset, tmp_path, monkeypatch):
-    claim = tmp_path / "claim"
-    claim.mkdir()
-    cfg = load_config(
-        None,
-        [*SMALL, "train.epochs=2", "cluster.backend=kubernetes", "cluster.namespace=team-a",
-         f"cluster.mount_path={claim}", "cluster.poll_seconds=0.05"],
-    )  # fmt: skip
-    with running(tmp_path, monkeypatch) as cluster:
-        ran = {}
-
-        def operator(plural, body):  # the pods run to completion; their log is kept
-            name = body["metadata"]["name"]
-            master = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-            done = kubelet_run(master["containers"][0], {})
-            ran["rc"] = done.returncode
-            cluster.logs[f"{name}-master-0"] = done.stdout + done.stderr
-            cluster.pods = [[pod(f"{name}-master-0", job=name, phase="Succeeded")]]
-            cluster.statuses["pytorchjobs"] = [
-                {
-                    "conditions": [
-                        condition(
-                            "Succeeded" if done.returncode == 0 else "Failed",
-                            "Done",
-                            done.stderr[-300:],
-                        )
-                    ]
-                }
-            ]
-
-        cluster.on_create = operator
-        out = tmp_path / "model"
-        get_launcher(cfg).run(cfg, dataset, out)
-    assert ran["rc"] == 0
-    assert read_json(out / "metrics.json")["epochs"] == 2
-    assert (out / "model.pt").is_file() and (out / "model.json").is_file()
-    assert list((claim / "jobs").iterdir()) == []

@@ -1,17 +1,18 @@
 """`kubetrain manifests` and the cluster backend's bad input, through the real CLI entry point.
 
-Where an API server is needed it is the fake one (tests/fakes/kube_apiserver.py).
+Only what needs no API server; the answers of a real one (missing namespace, refusals, failed
+jobs): tests/cluster.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fakes.kube_apiserver import FakeKubeApiServer, running
 from kubetrain.cli import main
 from kubetrain.config import load_config
 from kubetrain.launch.manifests import cluster_manifests
@@ -77,9 +78,7 @@ def test_unreachable_cluster(step, artifacts, capsys, monkeypatch, tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    fake = FakeKubeApiServer()
-    fake.url = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, f"http://127.0.0.1:{port}")))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     rc = run_step(step, artifacts)
     assert_one_line_and_nothing_left(
@@ -88,26 +87,49 @@ def test_unreachable_cluster(step, artifacts, capsys, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("step", ["train", "tune"])
-def test_missing_namespace_against_fake_apiserver(step, artifacts, capsys, monkeypatch, tmp_path):
-    with running(tmp_path, monkeypatch, namespaces=("other",)) as cluster:
-        rc = run_step(step, artifacts)
-    assert_one_line_and_nothing_left(
-        capsys, artifacts, rc, "namespace 'team-a' does not exist on the cluster"
-    )
-    assert cluster.created == []
-
-
-@pytest.mark.parametrize("step", ["train", "tune"])
-def test_image_not_set_against_fake_apiserver(step, artifacts, capsys, monkeypatch, tmp_path):
+def test_image_not_set_is_refused_before_contacting_the_cluster(
+    step, artifacts, capsys, monkeypatch, tmp_path
+):
     monkeypatch.setenv("KUBETRAIN_IMAGE", "")
-    with running(tmp_path, monkeypatch) as cluster:
-        args = [step, "--dataset", str(artifacts["dataset"]), "--output", str(artifacts["out"])]
-        for s in ("cluster.backend=kubernetes", f"cluster.mount_path={artifacts['claim']}",
-                  "cluster.namespace=team-a"):  # fmt: skip
-            args += ["--set", s]
-        rc = main(args)
+    with socket.socket() as s:  # contacting it would be "cannot reach", not the image
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, url)))
+    args = [step, "--dataset", str(artifacts["dataset"]), "--output", str(artifacts["out"])]
+    for s in ("cluster.backend=kubernetes", f"cluster.mount_path={artifacts['claim']}",
+              "cluster.namespace=team-a"):  # fmt: skip
+        args += ["--set", s]
+    rc = main(args)
     assert_one_line_and_nothing_left(capsys, artifacts, rc, "cluster.image is not set")
-    assert cluster.requests == []  # refused before talking to the cluster
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (["train.nproc=4", "train.batch_size=64"], "train.nproc (4) is more than the CPU cores"),
+        (["cluster.num_gpus=3"], "train.nproc (2) must equal cluster.num_gpus (3)"),
+    ],
+    ids=["nproc-over-cpu", "nproc-vs-gpus"],
+)
+def test_processes_the_pods_cannot_serve_are_config_errors(settings, expected, capsys):
+    args = ["manifests", "--set", "cluster.image=i:1"]
+    for s in settings:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def kubeconfig(tmp_path: Path, server: str) -> Path:
+    """A kubeconfig for ``server`` (nothing needs to answer there)."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": server}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+    }))  # fmt: skip
+    return path
 
 
 def test_empty_image_is_a_config_error(capsys):

@@ -335,7 +335,9 @@ def test_npz_files_must_agree_in_width_and_not_mix_with_tables(tmp_path):
     (tmp_path / "b.npz").unlink()
     _csv(tmp_path, _frame(30), "c.csv")
     with pytest.raises(DataError, match=r"a\.npz: \.npz features have no column names"):
-        build_dataset(DataConfig(source=str(tmp_path / "*.*"), label_column="kind"), tmp_path / "o2")
+        build_dataset(
+            DataConfig(source=str(tmp_path / "*.*"), label_column="kind"), tmp_path / "o2"
+        )
 
 
 def test_a_folder_with_no_data_files_says_so(tmp_path):

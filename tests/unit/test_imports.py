@@ -20,10 +20,6 @@ ALLOWED = {
     # tune.local launches tune.trial_worker, which reads the study's name and storage back from
     # tune.local: to be untied where run_search is split (issue #12 item 5, tune/local.py).
     ("kubetrain.tune.trial_worker", "kubetrain.tune.local"),
-    # The launchers import NO_SHARED_STORE from the package whose get_launcher imports them:
-    # to be untied by the one job lifecycle (issue #12 item 3, launch/).
-    ("kubetrain.launch.local", "kubetrain.launch"),
-    ("kubetrain.launch.kubernetes", "kubetrain.launch"),
 }
 
 

@@ -1,22 +1,18 @@
-"""Katib Experiment: the builder (golden YAML, official models) and the client against a fake API
-server (tests/fakes/kube_apiserver.py, the only stand-in)."""
+"""Katib Experiment: the builder (golden YAML, official models), trial records, the tune backend
+seam. The tune step against a real API server, the test playing Katib: tests/cluster."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from pathlib import Path
 
 import pytest
 from kubeflow_katib_api.models import V1beta1Experiment
 from pydantic import ValidationError
 
 from fakes.golden import golden
-from fakes.kube_apiserver import condition, running
-from kubetrain import steps
 from kubetrain.config import load_config
-from kubetrain.errors import KubetrainError
-from kubetrain.io import read_json
+from kubetrain.tune.backend import KatibBackend, OptunaBackend, get_tune_backend
 from kubetrain.tune.katib import (
     METRICS_FILTER,
     build_experiment,
@@ -43,6 +39,10 @@ GOLDEN_SETTINGS = [
     "feasibleSpace: {list: [32, 64]}}, {name: model.dropout, parameterType: double, "
     "feasibleSpace: {min: 0.0, max: 0.3, step: 0.1}}]",
 ]
+
+
+def condition(kind: str, reason: str = "", message: str = "") -> dict:
+    return {"type": kind, "status": "True", "reason": reason, "message": message}
 
 
 def roundtrip(manifest: dict) -> dict:
@@ -168,120 +168,7 @@ def test_trial_records_map_katib_trials_like_the_local_engine():
     assert records[2]["error"] == "TrialFailed: OOMKilled"
 
 
-# -- the tune step against the fake API server ---------------------------------------------
-
-
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    with running(tmp_path, monkeypatch) as fake:
-        yield fake
-
-
-def cfg_for(tmp_path: Path, *settings: str):
-    claim = tmp_path / "claim"
-    claim.mkdir(exist_ok=True)
-    return load_config(
-        None,
-        [
-            *GOLDEN_SETTINGS,
-            f"cluster.mount_path={claim}",
-            "cluster.poll_seconds=0.02",
-            "cluster.wait_timeout_seconds=5",
-            *settings,
-        ],
-    )
-
-
-def dataset_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "dataset"
-    d.mkdir()
-    (d / "meta.json").write_text("{}")
-    return d
-
-
-OPTIMAL = {
-    "bestTrialName": "t-a",
-    "parameterAssignments": [
-        {"name": "train-lr", "value": "0.0042"},
-        {"name": "train-batch_size", "value": "32"},
-        {"name": "model-dropout", "value": "0.1"},
-    ],
-    "observation": {"metrics": [{"name": "val_accuracy", "latest": "0.975", "max": "0.98"}]},
-}
-
-
-def test_tune_step_returns_katibs_best_parameters_against_fake_apiserver(cluster, tmp_path):
-    cluster.statuses["experiments"] = [
-        {"conditions": [condition("Created")]},
-        {"conditions": [condition("Running")], "trialsRunning": 3},
-        {"conditions": [condition("Succeeded", "ExperimentMaxTrialsReached", "done")],
-         "currentOptimalTrial": OPTIMAL, "trialsSucceeded": 1},
-    ]  # fmt: skip
-    cluster.objects[("trials", "t-a")] = {
-        "metadata": {"name": "t-a", "labels": {"katib.kubeflow.org/experiment": "other"}},
-    }
-
-    def on_create(plural, body):  # Katib makes a trial, labelled with its experiment
-        name = body["metadata"]["name"]
-        cluster.objects[("trials", "t-a")]["metadata"]["labels"] = {
-            "katib.kubeflow.org/experiment": name
-        }
-        cluster.objects[("trials", "t-a")]["status"] = {
-            "conditions": [condition("Succeeded")], "observation": OPTIMAL["observation"],
-        }  # fmt: skip
-        assert (Path(cfg.cluster.mount_path) / "jobs" / name / "dataset" / "meta.json").is_file()
-
-    cluster.on_create = on_create
-    cfg = cfg_for(tmp_path)
-    result = steps.tune(cfg, dataset_dir(tmp_path), tmp_path / "tune")
-    assert result["best_params"] == {
-        "train.lr": 0.0042,
-        "train.batch_size": 32,
-        "model.dropout": 0.1,
-    }
-    assert result["best_value"] == 0.975 and result["best_trial"] == 0
-    assert read_json(tmp_path / "tune" / "best_params.json") == result
-    assert read_json(tmp_path / "tune" / "trials.json")[0]["state"] == "complete"
-    # the train step applies them as it would the local engine's
-    tuned = steps.tuned_config(cfg, tmp_path / "tune" / "best_params.json")
-    assert tuned.train.lr == 0.0042 and tuned.train.batch_size == 32
-    assert cluster.live_objects == ["trials/t-a"]  # the experiment is gone (cleanup on_success)
-    assert list((tmp_path / "claim" / "jobs").iterdir()) == []
-
-
-def test_failed_experiment_names_katibs_reason_against_fake_apiserver(cluster, tmp_path):
-    cluster.statuses["experiments"] = [
-        {"conditions": [condition("Failed", "ExperimentMaxFailedTrialsReached",
-                                  "Experiment has failed because max failed count has reached")]},
-    ]  # fmt: skip
-    with pytest.raises(
-        KubetrainError,
-        match=r"experiment team-a/kubetrain-tune-\w+ failed: ExperimentMaxFailedTrialsReached: ",
-    ):
-        steps.tune(cfg_for(tmp_path), dataset_dir(tmp_path), tmp_path / "tune")
-    assert len(cluster.live_objects) == 1  # kept to inspect (cleanup on_success)
-    assert not (tmp_path / "tune").exists()
-
-
-def test_experiment_that_never_finishes_times_out_and_is_removed_against_fake_apiserver(
-    cluster, tmp_path
-):
-    cluster.statuses["experiments"] = [{"conditions": [condition("Running")]}]
-    with pytest.raises(KubetrainError, match=r"did not finish within .*wait_timeout_seconds = 1"):
-        steps.tune(
-            cfg_for(tmp_path, "cluster.wait_timeout_seconds=1"), dataset_dir(tmp_path),
-            tmp_path / "tune",
-        )  # fmt: skip
-    assert cluster.live_objects == [] and len(cluster.deleted) == 1
-
-
-def test_katib_not_installed_is_one_line_against_fake_apiserver(cluster, tmp_path):
-    cluster.fail[("POST", "experiments")] = (
-        404,
-        "the server could not find the requested resource",
-    )
-    with pytest.raises(KubetrainError, match=r"no experiments.kubeflow.org/v1beta1 resource"):
-        steps.tune(cfg_for(tmp_path), dataset_dir(tmp_path), tmp_path / "tune")
-    assert not (tmp_path / "claim" / "jobs").exists() or not any(
-        (tmp_path / "claim" / "jobs").iterdir()
-    )
+def test_the_tune_backend_is_chosen_by_cluster_backend():
+    assert isinstance(get_tune_backend(load_config(None, ["cluster.backend=kubernetes"])),
+                      KatibBackend)  # fmt: skip
+    assert isinstance(get_tune_backend(load_config(None, [])), OptunaBackend)

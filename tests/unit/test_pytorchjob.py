@@ -1,7 +1,5 @@
-"""PyTorchJob: the builder (golden YAML, official models) and the client against a fake API server.
-
-The fake Kubernetes API server (tests/fakes/kube_apiserver.py) is the only stand-in: the real
-``kubernetes`` client, kubeconfig loading and our launcher talk HTTP to it.
+"""PyTorchJob: the builder (golden YAML, official models), the torchrun command, what the
+launcher refuses before it talks to anything. The launcher against a real API server: tests/cluster.
 """
 
 from __future__ import annotations
@@ -9,24 +7,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from pathlib import Path
 
 import pytest
 from kubeflow.training.api_client import ApiClient
 
 from fakes.golden import golden
-from fakes.kube_apiserver import condition, pod, running
 from kubetrain.config import load_config
-from kubetrain.errors import KubetrainError
+from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.launch import get_launcher
+from kubetrain.launch.cluster import JobPaths, should_delete
 from kubetrain.launch.kubeapi import KubeApi
-from kubetrain.launch.kubernetes import (
-    JobPaths,
-    KubernetesLauncher,
-    PyTorchJobClient,
-    build_pytorchjob,
-    should_delete,
-)
+from kubetrain.launch.kubernetes import KubernetesLauncher, build_pytorchjob
+from kubetrain.launch.torchrun import torchrun_command
 
 JOB = "kubetrain-train-0a1b2c"
 GOLDEN_SETTINGS = [
@@ -191,244 +183,29 @@ def test_cleanup_rule(cleanup, succeeded, finished, delete):
     assert should_delete(cleanup, succeeded, finished) is delete
 
 
-# -- client against the fake API server ----------------------------------------------------
+# -- what needs no API server (the rest runs against a real one: tests/cluster) ---------------
 
 
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    with running(tmp_path, monkeypatch) as fake:
-        yield fake
-
-
-def cfg_for(tmp_path: Path, *settings: str):
-    claim = tmp_path / "claim"
-    claim.mkdir(exist_ok=True)
-    return load_config(
+def test_launcher_without_the_claim_mounted_fails_before_contacting_anything(tmp_path):
+    cfg = load_config(
         None,
-        [
-            "cluster.backend=kubernetes",
-            "cluster.namespace=team-a",
-            "cluster.image=registry.example/kubetrain:test",
-            f"cluster.mount_path={claim}",
-            "cluster.poll_seconds=0.02",
-            "cluster.wait_timeout_seconds=5",
-            *settings,
-        ],
-    )
-
-
-def submit_and_wait(cfg, lines: list[str] | None = None) -> str:
-    client = PyTorchJobClient(cfg)
-    name = client.submit(build_pytorchjob(cfg, JOB))
-    client.wait(name, emit=(lines.append if lines is not None else lambda _: None))
-    return name
-
-
-def test_job_succeeds_and_master_log_is_streamed_against_fake_apiserver(cluster, tmp_path):
-    cluster.statuses["pytorchjobs"] = [
-        {"conditions": [condition("Created")]},
-        {"conditions": [condition("Running")]},
-        {"conditions": [condition("Running")]},
-        {"conditions": [condition("Succeeded", "PyTorchJobSucceeded", "done")]},
-    ]
-    cluster.pods = [[], [pod(f"{JOB}-master-0", job=JOB)]]
-    cluster.logs[f"{JOB}-master-0"] = "epoch=1 val_accuracy=0.5\nepoch=2 val_accuracy=0.9\n"
-    lines: list[str] = []
-    submit_and_wait(cfg_for(tmp_path), lines)
-    assert lines == [
-        f"[{JOB}-master-0] epoch=1 val_accuracy=0.5",
-        f"[{JOB}-master-0] epoch=2 val_accuracy=0.9",
-    ]
-    assert cluster.created[0]["metadata"]["name"] == JOB
-    assert ("POST", "/apis/kubeflow.org/v1/namespaces/team-a/pytorchjobs") in cluster.requests
-
-
-@pytest.mark.parametrize(
-    ("status", "pods", "expected"),
-    [
-        pytest.param(
-            [{"conditions": [condition("Failed", "PyTorchJobFailed", "Master replica failed")]}],
-            [[]],
-            r"pytorchjob team-a/kubetrain-train-0a1b2c failed: PyTorchJobFailed: Master replica",
-            id="failed-condition",
-        ),
-        pytest.param(
-            [{"conditions": [condition("Running")]}, {"conditions": [condition("Failed", "x")]}],
-            [[pod(f"{JOB}-master-0", job=JOB, phase="Failed", terminated="OOMKilled")]],
-            r"failed: x \(pod kubetrain-train-0a1b2c-master-0: container pytorch was OOMKilled; "
-            r"raise cluster.memory, now 2Gi\)",
-            id="oomkilled",
-        ),
-        pytest.param(
-            [{"conditions": [condition("Created")]}],
-            [
-                [
-                    pod(
-                        f"{JOB}-master-0",
-                        job=JOB,
-                        phase="Pending",
-                        waiting=("ImagePullBackOff", 'Back-off pulling image "registry.example/k"'),
-                    )
-                ]
-            ],
-            r"cannot start: pod kubetrain-train-0a1b2c-master-0: ImagePullBackOff: Back-off",
-            id="image-pull-backoff",
-        ),
-        pytest.param(
-            [
-                {
-                    "conditions": [
-                        condition(
-                            "Failed",
-                            "DeadlineExceeded",
-                            "PyTorchJob was active longer than specified deadline",
-                        )
-                    ]
-                }
-            ],
-            [[]],
-            r"longer than specified deadline \(cluster.active_deadline_seconds = 60\)",
-            id="deadline",
-        ),
-    ],
-)
-def test_job_failure_names_its_reason_against_fake_apiserver(
-    cluster, tmp_path, status, pods, expected
-):
-    cluster.statuses["pytorchjobs"] = status
-    cluster.pods = pods
-    with pytest.raises(KubetrainError, match=expected) as err:
-        submit_and_wait(cfg_for(tmp_path, "cluster.active_deadline_seconds=60"))
-    assert "\n" not in str(err.value)
-
-
-def test_job_that_never_finishes_times_out_against_fake_apiserver(cluster, tmp_path):
-    cluster.statuses["pytorchjobs"] = [{"conditions": [condition("Running")]}]
-    cluster.pods = [[pod(f"{JOB}-worker-0", "worker", JOB, "Pending", unschedulable="0/3 nodes")]]
-    cfg = cfg_for(tmp_path, "cluster.wait_timeout_seconds=1")
-    with pytest.raises(KubetrainError, match=r"did not finish within .* = 1 \(pod .* 0/3 nodes\)"):
-        submit_and_wait(cfg)
-
-
-@pytest.mark.parametrize(
-    ("code", "message", "expected"),
-    [
-        pytest.param(
-            403,
-            'pytorchjobs.kubeflow.org is forbidden: User "tester" cannot create resource',
-            r"not allowed to create pytorchjob team-a/kubetrain-train-0a1b2c: pytorchjobs",
-            id="403-forbidden",
-        ),
-        pytest.param(
-            422,
-            "spec.pytorchReplicaSpecs: Required value",
-            r"rejected pytorchjob team-a/kubetrain-train-0a1b2c: spec.pytorchReplicaSpecs",
-            id="422-invalid",
-        ),
-        pytest.param(
-            404,
-            "the server could not find the requested resource",
-            r"no pytorchjobs.kubeflow.org/v1 resource \(is the operator that serves PyTorchJob",
-            id="404-no-crd",
-        ),
-    ],
-)
-def test_create_errors_are_one_line_against_fake_apiserver(
-    cluster, tmp_path, code, message, expected
-):
-    cluster.fail[("POST", "pytorchjobs")] = (code, message)
-    with pytest.raises(KubetrainError, match=expected) as err:
-        submit_and_wait(cfg_for(tmp_path))
-    assert "\n" not in str(err.value)
-    assert cluster.live_objects == []
-
-
-def test_409_already_exists_is_reported_and_the_other_job_is_kept_against_fake_apiserver(
-    cluster, tmp_path
-):
-    cfg = cfg_for(tmp_path)
-    PyTorchJobClient(cfg).submit(build_pytorchjob(cfg, JOB))
-    with pytest.raises(KubetrainError, match=r"team-a/kubetrain-train-0a1b2c: it already exists"):
-        PyTorchJobClient(cfg).submit(build_pytorchjob(cfg, JOB))
-    assert cluster.live_objects == [f"pytorchjobs/{JOB}"]
-
-
-def test_server_gone_while_waiting_against_fake_apiserver(cluster, tmp_path):
-    cluster.statuses["pytorchjobs"] = [{"conditions": [condition("Running")]}]
-    cfg = cfg_for(tmp_path, "cluster.wait_timeout_seconds=30")
-    client = PyTorchJobClient(cfg)
-    name = client.submit(build_pytorchjob(cfg, JOB))
-    cluster.stop_after(0.2)
-    with pytest.raises(KubetrainError, match=r"cannot reach the Kubernetes API at http://127") as e:
-        client.wait(name)
-    assert "polls in a row" in str(e.value) and "\n" not in str(e.value)
-
-
-# -- the launcher: preflight, data through the claim, cleanup ------------------------------
-
-
-def fake_operator(cluster, tmp_path: Path, outcome: str = "Succeeded"):
-    """On create: 'run' the job by writing a model where the job's command says, then finish."""
-
-    def on_create(plural, body):
-        cmd = body["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
-            "command"
-        ]
-        model = Path(cmd[cmd.index("--output") + 1])
-        assert (Path(cmd[cmd.index("--dataset") + 1]) / "meta.json").is_file()
-        if outcome == "Succeeded":
-            model.mkdir(parents=True)
-            (model / "model.json").write_text("{}")
-            (model / "metrics.json").write_text('{"world_size": 1}')
-
-    cluster.on_create = on_create
-    cluster.statuses["pytorchjobs"] = [{"conditions": [condition(outcome, "Done", "by the fake")]}]
-
-
-def dataset_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "dataset"
-    d.mkdir()
-    (d / "meta.json").write_text("{}")
-    (d / "data.npz").write_text("")
-    return d
-
-
-def test_launcher_moves_data_through_the_claim_and_cleans_up_against_fake_apiserver(
-    cluster, tmp_path
-):
-    fake_operator(cluster, tmp_path)
-    cfg = cfg_for(tmp_path)
-    assert isinstance(get_launcher(cfg), KubernetesLauncher)
-    out = tmp_path / "model-out"
-    get_launcher(cfg).run(cfg, dataset_dir(tmp_path), out)
-    assert (out / "model.json").is_file()
-    assert cluster.live_objects == [] and len(cluster.deleted) == 1
-    assert list((tmp_path / "claim" / "jobs").iterdir()) == []
-
-
-def test_launcher_keeps_a_failed_job_to_inspect_against_fake_apiserver(cluster, tmp_path):
-    fake_operator(cluster, tmp_path, outcome="Failed")
-    cfg = cfg_for(tmp_path)
-    with pytest.raises(KubetrainError, match="failed: Done: by the fake"):
-        get_launcher(cfg).run(cfg, dataset_dir(tmp_path), tmp_path / "out")
-    assert len(cluster.live_objects) == 1 and cluster.deleted == []
-    assert not (tmp_path / "out").exists()
-
-
-def test_launcher_with_missing_namespace_leaves_nothing_behind_against_fake_apiserver(
-    cluster, tmp_path
-):
-    cfg = cfg_for(tmp_path, "cluster.namespace=nope")
-    with pytest.raises(KubetrainError, match=r"namespace 'nope' does not exist on the cluster"):
-        get_launcher(cfg).run(cfg, dataset_dir(tmp_path), tmp_path / "out")
-    assert cluster.created == [] and not (tmp_path / "claim" / "jobs").exists()
-
-
-def test_launcher_without_the_claim_mounted_fails_before_contacting_anything(cluster, tmp_path):
-    cfg = cfg_for(tmp_path, f"cluster.mount_path={tmp_path / 'not-mounted'}")
+        ["cluster.backend=kubernetes", "cluster.image=registry.example/kubetrain:test",
+         f"cluster.mount_path={tmp_path / 'not-mounted'}"],
+    )  # fmt: skip
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
     with pytest.raises(KubetrainError, match=r"not-mounted does not exist here: .* mount PVC"):
-        get_launcher(cfg).run(cfg, dataset_dir(tmp_path), tmp_path / "out")
-    assert cluster.created == []
+        KubernetesLauncher(api_factory=_Offline).run(cfg, dataset, tmp_path / "out")
+
+
+class _Offline:
+    """Stands in for the client where no call may be made (the claim check comes first)."""
+
+    def __init__(self, namespace: str):
+        self.namespace = namespace
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the launcher called the API ({name}) before checking the claim")
 
 
 def test_no_kubeconfig_is_one_line(tmp_path, monkeypatch):
@@ -456,3 +233,42 @@ def test_train_max_restarts_maps_to_the_job_restart_policy(elastic):
         # each restart round meets in a fresh store (torch 2.13 keeps the old round's keys)
         env = replica["template"]["spec"]["containers"][0]["env"]
         assert {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"} in env
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (["train.nproc=4", "train.batch_size=64"], r"train.nproc \(4\) is more than the CPU cores"),
+        (["train.nproc=3", "cluster.cpu=2500m", "train.batch_size=63"], None),
+        (
+            ["train.nproc=2", "cluster.cpu=500m"],
+            r"train.nproc \(2\) is more .*\(cluster.cpu = 500m\)",
+        ),
+        (["train.nproc=1", "cluster.cpu=100m"], None),
+    ],
+    ids=["4-on-2-cores", "3-on-2.5-cores", "2-on-half-a-core", "1-on-a-tenth"],
+)
+def test_processes_are_checked_against_the_pod_cpu(settings, message):
+    cfg = load_config(None, ["cluster.image=img:1", *settings])
+    if message is None:
+        build_pytorchjob(cfg, JOB)
+        return
+    with pytest.raises(ConfigError, match=message) as err:
+        build_pytorchjob(cfg, JOB)
+    assert "\n" not in str(err.value) and err.value.exit_code == 2
+
+
+def test_the_launchers_are_chosen_by_cluster_backend():
+    assert isinstance(get_launcher(load_config(None, ["cluster.backend=kubernetes"])),
+                      KubernetesLauncher)  # fmt: skip
+    assert not isinstance(get_launcher(load_config(None, [])), KubernetesLauncher)
+
+
+def test_one_torchrun_command_for_every_launcher():
+    cmd = torchrun_command(2, ["--nnodes=1"], ["--output", "o"], max_restarts=3, python="py",
+                           options=["--monitor-interval=0.2"])  # fmt: skip
+    assert cmd == [
+        "py", "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+        "--max-restarts=3", "--monitor-interval=0.2", "-m", "kubetrain.train.worker",
+        "--output", "o",
+    ]  # fmt: skip

@@ -1,7 +1,10 @@
 """Launchers: where a training job runs. One interface; the maths is the same everywhere.
 
 ``local``: the current process (1 process) or torchrun worker processes on this machine.
-``kubernetes``: a Kubeflow Training Operator PyTorchJob (``kubetrain.launch.kubernetes``).
+``kubernetes``: a Kubeflow Training Operator PyTorchJob (``kubetrain.launch.kubernetes``), through
+the one cluster lifecycle (``kubetrain.launch.cluster``) that Katib's search uses too. The tune
+step's seam with the same shape is ``kubetrain.tune.backend``; the one torchrun command line all
+of them start is ``kubetrain.launch.torchrun``.
 """
 
 from __future__ import annotations
@@ -11,13 +14,6 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # kubetrain.config imports kubetrain.launch.config, which runs this file
     from kubetrain.config import PipelineConfig
-
-# torchrun's c10d rendezvous shares one TCPStore with the workers across restarts, and in torch
-# 2.13 it keeps that store (and its keys) from one round to the next: after a restart a worker can
-# read the previous round's gloo/NCCL addresses and connect to a dead process ("Connection
-# refused", seen here when a killed worker restarted; pytorch/pytorch#135712, #167288). With
-# sharing off, rank 0 of each round hosts a fresh store.
-NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 class TrainLauncher(Protocol):

@@ -65,7 +65,12 @@ class ClusterConfig(Section):
         pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
         description="Prefix of the PyTorchJob/Experiment names (a random suffix follows).",
     )
-    cpu: str = Field("1", pattern=_QUANTITY, description="CPU request of each job pod.")
+    cpu: str = Field(
+        "2",
+        pattern=_QUANTITY,
+        description="CPU request of each job pod; without GPUs train.nproc may not exceed it "
+        "(the default matches train.nproc's).",
+    )
     memory: str = Field(
         "2Gi", pattern=_QUANTITY, description="Memory request and limit of each job pod."
     )

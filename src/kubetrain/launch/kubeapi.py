@@ -1,8 +1,10 @@
 """The one thin client that talks to the Kubernetes API (through the ``kubernetes`` package).
 
 Everything else in ``kubetrain.launch`` and ``kubetrain.tune.katib`` builds plain dicts; this
-module sends them, reads them back, and turns every API failure into one ``KubetrainError`` line
-that names the object (``pytorchjob kubeflow/kubetrain-train-1a2b3c``) and says what to do.
+module sends them, reads and watches them, and turns every API failure into one
+``KubeApiError`` line that names the object (``pytorchjob kubeflow/kubetrain-train-1a2b3c``)
+and says what to do. The calls it makes are exactly what the pipeline's Role in
+``manifests/base/rbac.yaml`` grants (tests/cluster proves both directions).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +22,6 @@ log = logging.getLogger(__name__)
 
 # Seconds to connect / to read one API answer; log streams read without a limit.
 REQUEST_TIMEOUT = (10, 60)
-# Consecutive failed polls (API server unreachable) before a wait gives up.
-MAX_POLL_FAILURES = 3
 
 
 class KubeApiError(KubetrainError):
@@ -85,7 +84,7 @@ class KubeApi:
                 f"{str(err).strip().splitlines()[0]}); point KUBECONFIG at your cluster's "
                 "kubeconfig or run inside the cluster"
             ) from None
-        # No silent urllib3 retries: Poller tolerates short outages and says so.
+        # No silent urllib3 retries: the lifecycle's wait rides out outages and says so.
         configuration.retries = 0
         return client.ApiClient(configuration)
 
@@ -146,12 +145,14 @@ class KubeApi:
     # -- custom objects --------------------------------------------------------------------
 
     def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]:
+        """Create ``body``; the server refuses unknown or duplicate fields (Strict validation)
+        instead of dropping them. Raises KubeApiError (409: the name is taken, 422: invalid)."""
         name = body["metadata"]["name"]
         what = res.describe(self.namespace, name)
         try:
             return self.custom.create_namespaced_custom_object(
                 res.group, res.version, self.namespace, res.plural, body,
-                _request_timeout=REQUEST_TIMEOUT,
+                field_validation="Strict", _request_timeout=REQUEST_TIMEOUT,
             )  # fmt: skip
         except Exception as err:
             mapped = self.error(err, "create", what)
@@ -164,14 +165,54 @@ class KubeApi:
                 ) from None
             raise mapped from None
 
-    def get(self, res: Resource, name: str) -> dict[str, Any]:
-        return self._call(
-            "get", res.describe(self.namespace, name), self.custom.get_namespaced_custom_object,
-            res.group, res.version, self.namespace, res.plural, name,
-            _request_timeout=REQUEST_TIMEOUT,
+    def read(self, res: Resource, name: str) -> tuple[dict[str, Any] | None, str]:
+        """(the object or None if it is gone, the list's resourceVersion to watch from).
+
+        A list with a name selector rather than a GET: its resourceVersion is where a watch
+        resumes without missing a change (the informer pattern), and RBAC needs no ``get``.
+        """
+        found = self._call(
+            "read", res.describe(self.namespace, name), self.custom.list_namespaced_custom_object,
+            res.group, res.version, self.namespace, res.plural,
+            field_selector=f"metadata.name={name}", _request_timeout=REQUEST_TIMEOUT,
         )  # fmt: skip
+        items = found.get("items") or []
+        return (items[0] if items else None), found["metadata"]["resourceVersion"]
+
+    def watch(
+        self, res: Resource, name: str, resource_version: str, timeout_seconds: int
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (event type, object) for one object from ``resource_version`` on.
+
+        The server ends the stream after ``timeout_seconds`` (the caller lists again and
+        resumes). Raises KubeApiError with status 410 when ``resource_version`` is too old
+        (resume from a fresh ``read``), status 0 when the connection drops.
+        """
+        import json
+
+        what = res.describe(self.namespace, name)
+        resp = self._call(
+            "watch", what, self.custom.list_namespaced_custom_object,
+            res.group, res.version, self.namespace, res.plural,
+            field_selector=f"metadata.name={name}", watch=True, allow_watch_bookmarks=True,
+            resource_version=resource_version, timeout_seconds=timeout_seconds,
+            _preload_content=False, _request_timeout=(REQUEST_TIMEOUT[0], timeout_seconds + 30),
+        )  # fmt: skip
+        try:
+            for line in _lines(resp, what, self):
+                event = json.loads(line)
+                obj = event.get("object") or {}
+                if event.get("type") == "ERROR":  # a Status: 410 Gone when the version expired
+                    raise KubeApiError(
+                        f"watch of {what} ended: {obj.get('message') or obj.get('reason')}",
+                        status=int(obj.get("code") or 500),
+                    )
+                yield event["type"], obj
+        finally:
+            resp.release_conn()
 
     def list(self, res: Resource, label_selector: str) -> list[dict[str, Any]]:
+        """The objects of ``res`` in the namespace that match ``label_selector``."""
         found = self._call(
             "list", f"{res.plural} in namespace {self.namespace}",
             self.custom.list_namespaced_custom_object,
@@ -204,23 +245,43 @@ class KubeApi:
         return list(found.items or [])
 
     def follow_log(self, pod: str, container: str) -> Iterator[str]:
-        """Yield the container's log lines as they come, until the container ends."""
+        """Yield the container's log lines as they come, until the container ends.
+
+        Raises KubeApiError when there is no log to read: HTTP 204, the API server's answer for
+        a pod that no kubelet runs (not scheduled yet, or a control plane without nodes).
+        """
         resp = self._call(
             "read the log of", f"pod {self.namespace}/{pod}", self.core.read_namespaced_pod_log,
             pod, self.namespace, container=container, follow=True, _preload_content=False,
             _request_timeout=(REQUEST_TIMEOUT[0], None),
         )  # fmt: skip
-        pending = b""
         try:
-            for chunk in resp.stream(4096, decode_content=True):
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    yield line.decode("utf-8", "replace")
-            if pending:
-                yield pending.decode("utf-8", "replace")
+            if resp.status == 204:
+                raise KubeApiError(
+                    f"no log of pod {self.namespace}/{pod}: no kubelet serves it (HTTP 204; "
+                    "the pod has no node)",
+                    status=204,
+                )
+            yield from _lines(resp, f"pod {self.namespace}/{pod}", self)
         finally:
             resp.release_conn()
+
+
+def _lines(resp: Any, what: str, api: KubeApi) -> Iterator[str]:
+    """The lines of a streamed answer; a dropped connection is a KubeApiError (status 0)."""
+    pending = b""
+    try:
+        for chunk in resp.stream(4096, decode_content=True):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace")
+    except KubetrainError:
+        raise
+    except Exception as err:  # urllib3 ProtocolError / ReadTimeoutError: the server went away
+        raise api.error(err, "stream", what) from None
+    if pending.strip():
+        yield pending.decode("utf-8", "replace")
 
 
 def _status_message(err: Any) -> str:
@@ -230,42 +291,11 @@ def _status_message(err: Any) -> str:
     try:
         body = json.loads(err.body or "")
         if isinstance(body, dict) and body.get("message"):
-            return str(body["message"])
+            # One line, whatever the server sends (validation lists causes on several lines).
+            return " ".join(str(body["message"]).split())[:600]
     except (TypeError, ValueError):
         pass
     return str(err.reason or "no message")
-
-
-class Poller:
-    """Calls ``fetch`` every ``interval`` seconds until ``timeout``; tolerates short outages."""
-
-    def __init__(self, timeout: float, interval: float):
-        self.deadline = time.monotonic() + timeout
-        self.interval = interval
-        self.failures = 0
-
-    def fetch(self, fn: Callable[[], Any]) -> Any | None:
-        """``fn()``; None after a connection failure (re-raised after MAX_POLL_FAILURES in a row)."""
-        try:
-            value = fn()
-        except KubeApiError as err:
-            if err.status != 0:
-                raise
-            self.failures += 1
-            if self.failures >= MAX_POLL_FAILURES:
-                raise KubeApiError(
-                    f"{err} (lost the API server for {self.failures} polls in a row)"
-                ) from None
-            log.warning("%s; retrying", err)
-            return None
-        self.failures = 0
-        return value
-
-    def expired(self) -> bool:
-        return time.monotonic() >= self.deadline
-
-    def sleep(self) -> None:
-        time.sleep(max(0.0, min(self.interval, self.deadline - time.monotonic())))
 
 
 class LogFollower:
@@ -283,7 +313,7 @@ class LogFollower:
             for line in api.follow_log(self.pod, container):
                 emit(f"[{self.pod}] {line}")
         except KubetrainError as err:  # the job's status decides the outcome, not the log
-            log.warning("log of pod %s: %s", self.pod, err)
+            log.warning("log of pod %s not shown: %s", self.pod, err)
 
     def join(self, timeout: float = 5.0) -> None:
         self._thread.join(timeout)

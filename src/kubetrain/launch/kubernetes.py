@@ -1,9 +1,14 @@
 """Kubernetes launcher: training as a Kubeflow Training Operator ``PyTorchJob`` (kubeflow.org/v1).
 
-``build_pytorchjob`` is a pure function (config -> manifest dict) built with the official
-``kubeflow-training`` models; ``PyTorchJobClient`` submits it, waits, streams the master's log
-and turns a failure into one line with the job's own reason; ``KubernetesLauncher`` is the
-``TrainLauncher`` that ties them to artifacts.
+This is the one module that knows the train job's kind. ``build_pytorchjob`` is a pure function
+(config -> manifest dict) built with the official ``kubeflow-training`` models;
+``PyTorchJobWatcher`` reads a running job (its pods, the leader's log, why it failed) for the
+shared lifecycle in ``kubetrain.launch.cluster``; ``KubernetesLauncher`` is the
+``TrainLauncher`` that ties them to artifacts. Katib trials and ``kubetrain manifests`` embed
+the same job through ``build_train_job`` and the ``TRIAL_*`` constants. **Moving to Kubeflow
+Trainer v2's ``TrainJob`` touches this module only**: its builder, ``TRAIN_JOB``, the labels, the
+watcher's pod selector, and what Katib is told about the job (``TRIAL_*``); the lifecycle, the
+client and the tune backend stay as they are.
 
 How data travels (the PVC contract): the launching step (the KFP train task, or ``kubetrain
 train`` on a machine with the claim mounted) and every job pod mount ``cluster.pvc_name`` at
@@ -12,7 +17,7 @@ train`` on a machine with the claim mounted) and every job pod mount ``cluster.p
 ``<mount>/jobs/J/checkpoints``, passed as ``KUBETRAIN_CHECKPOINT_DIR``); the launcher copies
 the model back into the step's output artifact and removes ``<mount>/jobs/J`` with the job.
 
-How the pods start: the container runs ``python -m torch.distributed.run`` (torchrun) with
+How the pods start: the container runs ``torchrun_command()`` with
 ``--nproc-per-node=train.nproc``; the node rank and rendezvous address come from the
 variables the operator puts in every pod (``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), which the
 kubelet expands in ``$(VAR)`` arguments. With ``cluster.elastic`` the operator sets the
@@ -24,26 +29,30 @@ from __future__ import annotations
 import logging
 import math
 import re
-import secrets
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from kubetrain.config import PipelineConfig
-from kubetrain.errors import KubetrainError
-from kubetrain.launch import NO_SHARED_STORE
-from kubetrain.launch.kubeapi import KubeApi, KubeApiError, LogFollower, Poller, Resource
+from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.launch.cluster import ClusterJob, JobPaths, new_name, run_job
+from kubetrain.launch.kubeapi import KubeApi, KubeApiError, LogFollower, Resource
+from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 
 log = logging.getLogger(__name__)
 
-PYTORCHJOB = Resource("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
+TRAIN_JOB = PYTORCHJOB = Resource("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")
 CONTAINER = "pytorch"  # the operator finds the training container by this name
 PORT_NAME, PORT = "pytorchjob-port", 23456
 CONFIG_ENV = "KUBETRAIN_CONFIG"
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+# What Katib needs to know about a trial's job: when it is done (GJSON paths into its status) and
+# which pod's log holds the metrics.
+TRIAL_SUCCESS_CONDITION = 'status.conditions.#(type=="Succeeded")#|#(status=="True")#'
+TRIAL_FAILURE_CONDITION = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
+TRIAL_PRIMARY_POD_LABELS = {"training.kubeflow.org/job-role": "master"}
 # Waiting reasons that never resolve by themselves: fail at once instead of at the timeout.
 FATAL_WAITING = {
     "ErrImagePull",
@@ -52,30 +61,6 @@ FATAL_WAITING = {
     "CreateContainerConfigError",
     "CreateContainerError",
 }
-
-
-class JobFailed(KubetrainError):
-    """The job ran and failed (as opposed to: could not start, or was not waited for)."""
-
-
-@dataclass(frozen=True)
-class JobPaths:
-    """Where one job's files live on the shared claim (see the module docstring)."""
-
-    root: str
-    dataset: str
-    model: str
-    checkpoints: str
-
-    @classmethod
-    def for_job(cls, cfg: PipelineConfig, name: str) -> JobPaths:
-        root = PurePosixPath(cfg.cluster.mount_path) / "jobs" / name
-        return cls(str(root), str(root / "dataset"), str(root / "model"), str(root / "checkpoints"))
-
-
-def new_name(cfg: PipelineConfig, kind: str) -> str:
-    """A fresh object name: ``<cluster.name_prefix>-<kind>-<6 hex>`` (a DNS-1035 label)."""
-    return f"{cfg.cluster.name_prefix}-{kind}-{secrets.token_hex(3)}"
 
 
 def _cpu_cores(quantity: str) -> float:
@@ -104,21 +89,40 @@ def worker_command(
     ``overrides`` become ``--set KEY=VALUE`` arguments of the worker (Katib's trial parameters).
     """
     tc = cfg.train
-    cmd = ["python", "-m", "torch.distributed.run", f"--nproc-per-node={tc.nproc}"]
-    if cfg.cluster.elastic:
-        cmd += [f"--max-restarts={max_restarts(cfg)}"]
+    if cfg.cluster.elastic:  # the operator's PET_* variables tell torchrun how to meet
+        rendezvous, restarts = [], max_restarts(cfg)
     else:
-        cmd += [
+        rendezvous = [
             f"--nnodes={tc.nnodes}", "--node-rank=$(RANK)", "--master-addr=$(MASTER_ADDR)",
-            "--master-port=$(MASTER_PORT)", "--max-restarts=0",
+            "--master-port=$(MASTER_PORT)",
         ]  # fmt: skip
-    cmd += [
-        "-m", "kubetrain.train.worker", "--dataset", dataset, "--config-env", CONFIG_ENV,
-        "--output", output,
-    ]  # fmt: skip
+        restarts = 0
+    worker = ["--dataset", dataset, "--config-env", CONFIG_ENV, "--output", output]
     for item in overrides:
-        cmd += ["--set", item]
-    return cmd
+        worker += ["--set", item]
+    return torchrun_command(tc.nproc, rendezvous, worker, max_restarts=restarts)
+
+
+def check_processes(cfg: PipelineConfig) -> None:
+    """Refuse a ``train.nproc`` that the job's pods cannot serve.
+
+    With GPUs, one process per GPU (``cluster.num_gpus``, checked by the config); without, no
+    more processes than
+    the CPU cores each pod requests (``cluster.cpu``, rounded up): more only time-share the
+    cores and multiply the memory.
+
+    Raises:
+        ConfigError: naming both fields.
+    """
+    tc, cl = cfg.train, cfg.cluster
+    if cl.num_gpus:  # nproc == num_gpus is checked with the config itself
+        return
+    cores = math.ceil(_cpu_cores(cl.cpu))
+    if tc.nproc > max(1, cores):
+        raise ConfigError(
+            f"config error: train.nproc ({tc.nproc}) is more than the CPU cores each job pod "
+            f"requests (cluster.cpu = {cl.cpu}): raise cluster.cpu or lower train.nproc"
+        )
 
 
 def _container(cfg: PipelineConfig, command: list[str], paths: JobPaths | None) -> Any:
@@ -208,13 +212,15 @@ def build_pytorchjob(
     ``JobPaths.for_job(cfg, name)``; ``command`` replaces the worker command (Katib trials).
     ``checkpoints=False`` gives the pods no checkpoint directory: Katib trials of one experiment
     share a name prefix, and one trial must never resume another's checkpoint.
-    Raises KubetrainError if no image is set.
+    Raises ConfigError if ``train.nproc`` does not fit the pods (``check_processes``),
+    KubetrainError if no image is set.
     """
     from kubeflow.training import models
     from kubeflow.training.api_client import ApiClient
     from kubernetes import client as k8s
 
     cl, tc = cfg.cluster, cfg.train
+    check_processes(cfg)
     paths = paths or JobPaths.for_job(cfg, name)
     if command is None:
         command = worker_command(cfg, paths.dataset, paths.model)
@@ -255,21 +261,29 @@ def build_pytorchjob(
     return ApiClient().sanitize_for_serialization(job)
 
 
-# -- status -------------------------------------------------------------------------------
+# What the rest of kubetrain (Katib's trial template, ``kubetrain manifests``) calls: the train
+# job of the kind this module builds; a TrainJob builder would take its place here.
+build_train_job = build_pytorchjob
 
-
-def job_outcome(job: dict[str, Any]) -> tuple[str | None, str]:
-    """("Succeeded" | "Failed" | None, "reason: message") from the job's status conditions."""
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("status") == "True" and cond.get("type") in ("Succeeded", "Failed"):
-            text = ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
-            return cond["type"], text or cond["type"]
-    return None, ""
+# -- a running job ------------------------------------------------------------------------
 
 
 def pod_problems(pods: list[Any]) -> tuple[str | None, list[str]]:
-    """(a fatal problem that will not heal, notes worth adding to a failure message)."""
+    """Read pods as the kubelet reports them.
+
+    Args:
+        pods: ``V1Pod`` objects of one job.
+
+    Returns:
+        (a problem that will not heal, e.g. ``ImagePullBackOff``, or None; notes worth adding
+        to a failure message: containers OOMKilled or ended with an error, unschedulable pods).
+    """
     fatal, notes = None, []
+
+    def note(text: str) -> None:
+        if text not in notes:
+            notes.append(text)
+
     for pod in pods:
         name = pod.metadata.name
         for cs in (pod.status and pod.status.container_statuses) or []:
@@ -279,103 +293,76 @@ def pod_problems(pods: list[Any]) -> tuple[str | None, list[str]]:
             for state in (cs.state, cs.last_state):
                 term = state and state.terminated
                 if term and term.reason == "OOMKilled":
-                    note = f"pod {name}: container {cs.name} was OOMKilled"
-                    if note not in notes:
-                        notes.append(note)
+                    note(f"pod {name}: container {cs.name} was OOMKilled")
+                elif term and term.exit_code:
+                    note(
+                        f"pod {name}: container {cs.name} exited with code {term.exit_code} "
+                        f"({term.reason or 'Error'})"
+                    )
         for cond in (pod.status and pod.status.conditions) or []:
             if cond.reason == "Unschedulable" and cond.status == "False":
-                note = f"pod {name} cannot be scheduled: {cond.message}"
-                if note not in notes:
-                    notes.append(note)
+                note(f"pod {name} cannot be scheduled: {cond.message}")
     return fatal, notes
 
 
-class PyTorchJobClient:
-    """Submit a PyTorchJob, wait for it while streaming the master's log, clean up."""
+class PyTorchJobWatcher:
+    """The lifecycle's ``Watcher`` for a PyTorchJob: its pods, the leader's log, its failure."""
 
-    def __init__(self, cfg: PipelineConfig, api: KubeApi | None = None):
+    resource = TRAIN_JOB
+
+    def __init__(self, cfg: PipelineConfig, emit: Callable[[str], None] = print):
         self.cfg = cfg
-        self.api = api or KubeApi(cfg.cluster.namespace)
+        self.emit = emit
+        self.leader = "worker" if cfg.cluster.elastic else "master"
+        self.notes: list[str] = []
+        self.follower: LogFollower | None = None
 
-    def what(self, name: str) -> str:
-        return PYTORCHJOB.describe(self.api.namespace, name)
+    def observe(self, api: KubeApi, obj: dict[str, Any]) -> None:
+        """Read the job's pods; start following the leader's log once it runs.
 
-    def submit(self, job: dict[str, Any]) -> str:
-        name = job["metadata"]["name"]
-        self.api.create(PYTORCHJOB, job)
-        log.info("submitted %s", self.what(name))
-        return name
+        Raises:
+            KubetrainError: a pod cannot start (image pull, container config).
+        """
+        name = obj["metadata"]["name"]
+        try:
+            pods = api.pods(f"{JOB_NAME_LABEL}={name}")
+        except KubeApiError as err:
+            if err.status == 0:
+                raise  # the lifecycle waits for the server
+            log.warning("cannot read the pods of %s: %s", name, err)
+            return
+        fatal, notes = pod_problems(pods)
+        self.notes += [n for n in notes if n not in self.notes]
+        if self.follower is None:
+            self.follower = self._follow_leader(api, pods)
+        if fatal:
+            where = TRAIN_JOB.describe(api.namespace, name)
+            raise KubetrainError(f"{where} cannot start: {fatal}")
 
-    def wait(self, name: str, emit: Callable[[str], None] = print) -> None:
-        """Block until the job succeeds; raise KubetrainError with its reason otherwise."""
-        cl = self.cfg.cluster
-        leader = "worker" if cl.elastic else "master"
-        selector = f"{JOB_NAME_LABEL}={name}"
-        poller = Poller(cl.wait_timeout_seconds, cl.poll_seconds)
-        follower: LogFollower | None = None
-        notes: list[str] = []
-        while True:
-            job = poller.fetch(lambda: self.api.get(PYTORCHJOB, name))
-            if job is not None:
-                outcome, text = job_outcome(job)
-                pods = poller.fetch(lambda: self.api.pods(selector)) or []
-                fatal, new_notes = pod_problems(pods)
-                notes += [n for n in new_notes if n not in notes]
-                if follower is None:
-                    follower = self._follow_leader(pods, leader, emit)
-                if outcome == "Succeeded":
-                    if follower:
-                        follower.join()
-                    return
-                if outcome == "Failed":
-                    if follower:
-                        follower.join()
-                    raise JobFailed(self._failure(name, text, notes))
-                if fatal:
-                    raise KubetrainError(f"{self.what(name)} cannot start: {fatal}")
-            if poller.expired():
-                detail = f" ({'; '.join(notes)})" if notes else ""
-                raise KubetrainError(
-                    f"{self.what(name)} did not finish within cluster.wait_timeout_seconds = "
-                    f"{cl.wait_timeout_seconds}{detail}"
-                )
-            poller.sleep()
-
-    def _follow_leader(self, pods: list[Any], leader: str, emit) -> LogFollower | None:
+    def _follow_leader(self, api: KubeApi, pods: list[Any]) -> LogFollower | None:
         for pod in pods:
             labels = pod.metadata.labels or {}
             started = pod.status and pod.status.phase in ("Running", "Succeeded", "Failed")
-            if labels.get(REPLICA_TYPE_LABEL) == leader and started:
-                return LogFollower(self.api, pod.metadata.name, CONTAINER, emit)
+            if labels.get(REPLICA_TYPE_LABEL) == self.leader and started:
+                return LogFollower(api, pod.metadata.name, CONTAINER, self.emit)
         return None
 
-    def _failure(self, name: str, text: str, notes: list[str]) -> str:
-        msg = f"{self.what(name)} failed: {text}"
-        if any("OOMKilled" in n for n in notes):
-            msg += f" ({'; '.join(notes)}; raise cluster.memory, now {self.cfg.cluster.memory})"
-        elif notes:
-            msg += f" ({'; '.join(notes)})"
-        if "deadline" in text.lower() and self.cfg.cluster.active_deadline_seconds:
-            msg += (
-                f" (cluster.active_deadline_seconds = {self.cfg.cluster.active_deadline_seconds})"
-            )
+    def explain(self, what: str, reason: str) -> str:
+        """``"<what> failed: <reason> (<pod notes>; <what to change>)"``."""
+        cl = self.cfg.cluster
+        msg = f"{what} failed: {reason}"
+        if any("OOMKilled" in n for n in self.notes):
+            msg += f" ({'; '.join(self.notes)}; raise cluster.memory, now {cl.memory})"
+        elif self.notes:
+            msg += f" ({'; '.join(self.notes)})"
+        if "deadline" in reason.lower() and cl.active_deadline_seconds:
+            msg += f" (cluster.active_deadline_seconds = {cl.active_deadline_seconds})"
         return msg
 
-    def delete(self, name: str) -> None:
-        try:
-            if self.api.delete(PYTORCHJOB, name):
-                log.info("deleted %s", self.what(name))
-        except KubeApiError as err:
-            log.warning("could not delete %s: %s", self.what(name), err)
-
-
-def should_delete(cleanup: str, succeeded: bool, finished: bool) -> bool:
-    """The ``cluster.cleanup`` rule; a job we stopped watching (not finished) is removed."""
-    if cleanup == "never":
-        return False
-    if cleanup == "always" or not finished:
-        return True
-    return succeeded
+    def close(self) -> None:
+        """Let the leader's log reach its end (briefly)."""
+        if self.follower is not None:
+            self.follower.join()
 
 
 class KubernetesLauncher:
@@ -385,39 +372,24 @@ class KubernetesLauncher:
         self._api_factory = api_factory
 
     def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+        """Train ``cfg`` as a PyTorchJob; the model lands in ``out_dir``.
+
+        Raises:
+            ConfigError: ``train.nproc`` does not fit the pods.
+            KubetrainError: see ``kubetrain.launch.cluster.run_job``; or the job succeeded
+                without writing a model.
+        """
         name = new_name(cfg, "train")
-        paths = JobPaths.for_job(cfg, name)
-        job = build_pytorchjob(cfg, name, paths)  # raises first if no image is set
+        job = build_pytorchjob(cfg, name)  # raises first if no image is set
         api = self._api_factory(cfg.cluster.namespace)
-        mount = Path(cfg.cluster.mount_path)
-        if not mount.is_dir():
-            raise KubetrainError(
-                f"cluster.mount_path {mount} does not exist here: the step that launches a "
-                f"PyTorchJob must mount PVC '{cfg.cluster.pvc_name}' there (the pipeline does "
-                "this on a cluster)"
-            )
-        api.check_namespace()
-        client = PyTorchJobClient(cfg, api)
-        root = Path(paths.root)
-        shutil.copytree(dataset_dir, paths.dataset)
-        submitted = succeeded = finished = False
-        try:
-            client.submit(job)
-            submitted = True
-            try:
-                client.wait(name)
-                succeeded = finished = True
-            except JobFailed:
-                finished = True
-                raise
+
+        def collect(run: ClusterJob, _job: dict[str, Any], paths: JobPaths) -> None:
+            from kubetrain.artifacts import TrainedModel
+
             model = Path(paths.model)
-            if not (model / "model.json").is_file():
-                raise KubetrainError(f"{client.what(name)} succeeded but wrote no model to {model}")
+            if not TrainedModel.is_complete(model):
+                raise KubetrainError(f"{run.what(name)} succeeded but wrote no model to {model}")
             out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(model, out_dir, dirs_exist_ok=True)
-        finally:
-            delete = should_delete(cfg.cluster.cleanup, succeeded, finished)
-            if submitted and delete:
-                client.delete(name)
-            if not submitted or delete:
-                shutil.rmtree(root, ignore_errors=True)
+
+        run_job(cfg, api, PyTorchJobWatcher(cfg), job, dataset_dir, collect)

@@ -15,7 +15,7 @@ from pathlib import Path
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.io import make_temp_dir, write_json
-from kubetrain.launch import NO_SHARED_STORE
+from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 
 log = logging.getLogger(__name__)
 
@@ -105,21 +105,23 @@ class LocalLauncher:
         agents: list[subprocess.Popen] = []
         try:
             for _ in range(tc.nnodes):
-                cmd = [
-                    sys.executable, "-m", "torch.distributed.run",
-                    f"--nnodes={tc.nnodes}", f"--nproc-per-node={tc.nproc}",
-                    # c10d rendezvous (not a static master address): after a failure the
-                    # restarted group meets again through the agents' store. Everything on
-                    # loopback: the host name may resolve to an address this sandbox cannot
-                    # connect to.
-                    "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                    f"--rdzv-id={run_id}", "--local-addr=127.0.0.1",
-                    f"--max-restarts={tc.max_restarts}", "--monitor-interval=0.2",
-                    f"--log-dir={log_dir}",
-                    "-m", "kubetrain.train.worker",
-                    "--dataset", str(dataset_dir), "--config-json", str(config_file),
-                    "--output", str(out_dir),
-                ]  # fmt: skip
+                cmd = torchrun_command(
+                    tc.nproc,
+                    [
+                        f"--nnodes={tc.nnodes}",
+                        # c10d rendezvous (not a static master address): after a failure the
+                        # restarted group meets again through the agents' store. Everything on
+                        # loopback: the host name may resolve to an address this sandbox cannot
+                        # connect to.
+                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                        f"--rdzv-id={run_id}", "--local-addr=127.0.0.1",
+                    ],
+                    ["--dataset", str(dataset_dir), "--config-json", str(config_file),
+                     "--output", str(out_dir)],
+                    max_restarts=tc.max_restarts,
+                    python=sys.executable,
+                    options=["--monitor-interval=0.2", f"--log-dir={log_dir}"],
+                )  # fmt: skip
                 agents.append(subprocess.Popen(cmd, env=env))
                 OWN_STOP.add(agents[-1].pid)
             log.info("launched %d torchrun agent(s) x %d processes", tc.nnodes, tc.nproc)

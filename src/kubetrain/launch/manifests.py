@@ -18,13 +18,14 @@ def cluster_manifests(
     cfg: PipelineConfig, train_name: str | None = None, tune_name: str | None = None
 ) -> list[dict[str, Any]]:
     """[Experiment (if tuning), PyTorchJob] for ``cfg``; raises KubetrainError without an image."""
-    from kubetrain.launch.kubernetes import build_pytorchjob, new_name
+    from kubetrain.launch.cluster import new_name
+    from kubetrain.launch.kubernetes import build_train_job
     from kubetrain.tune.katib import build_experiment
 
     docs = []
     if cfg.tune.enabled:
         docs.append(build_experiment(cfg, tune_name or new_name(cfg, "tune")))
-    docs.append(build_pytorchjob(cfg, train_name or new_name(cfg, "train")))
+    docs.append(build_train_job(cfg, train_name or new_name(cfg, "train")))
     return docs
 
 

@@ -21,14 +21,14 @@ from typing import Any
 
 from kubetrain.config import PipelineConfig, SearchParameter, parse_override
 from kubetrain.errors import KubetrainError
-from kubetrain.io import write_json
-from kubetrain.launch.kubeapi import KubeApi, KubeApiError, Poller, Resource
+from kubetrain.launch.cluster import ClusterJob, JobPaths, condition, new_name, run_job
+from kubetrain.launch.kubeapi import KubeApi, Resource
 from kubetrain.launch.kubernetes import (
     CONTAINER,
-    JobPaths,
-    build_pytorchjob,
-    new_name,
-    should_delete,
+    TRIAL_FAILURE_CONDITION,
+    TRIAL_PRIMARY_POD_LABELS,
+    TRIAL_SUCCESS_CONDITION,
+    build_train_job,
     worker_command,
 )
 
@@ -40,9 +40,6 @@ EXPERIMENT_LABEL = "katib.kubeflow.org/experiment"
 # name=value pairs of the worker's metrics line; Katib keeps those whose name is a metric.
 # Group 1 is the name, group 2 the value (RE2 and Python's re read it the same way).
 METRICS_FILTER = r"([a-z_]+)=([-+]?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?)"
-# Katib's conditions for a PyTorchJob trial (GJSON paths into the job's status).
-SUCCESS_CONDITION = 'status.conditions.#(type=="Succeeded")#|#(status=="True")#'
-FAILURE_CONDITION = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
 # Katib algorithms whose suggestion service takes a random_state setting.
 SEEDED_ALGORITHMS = ("random", "tpe", "multivariate-tpe", "cmaes", "bayesianoptimization")
 OTHER_METRIC = {"val_accuracy": "val_loss", "val_loss": "val_accuracy"}
@@ -125,7 +122,7 @@ def build_experiment(cfg: PipelineConfig, name: str, dataset_dir: str | None = N
     # A trial's model is not kept: the final train step retrains with the best parameters.
     command = worker_command(trial_cfg, dataset, "/tmp/kubetrain-trial", overrides)
     # Keep a trial's pods until it ends: Katib's collector sidecar reads the finished log.
-    job = build_pytorchjob(
+    job = build_train_job(
         trial_cfg, name, command=command, clean_pod_policy="None", checkpoints=False
     )
     trial_spec = {k: v for k, v in job.items() if k != "metadata"}  # Katib names each trial
@@ -171,9 +168,9 @@ def build_experiment(cfg: PipelineConfig, name: str, dataset_dir: str | None = N
         ),
         trial_template=models.V1beta1TrialTemplate(
             primary_container_name=CONTAINER,
-            primary_pod_labels={"training.kubeflow.org/job-role": "master"},
-            success_condition=SUCCESS_CONDITION,
-            failure_condition=FAILURE_CONDITION,
+            primary_pod_labels=dict(TRIAL_PRIMARY_POD_LABELS),
+            success_condition=TRIAL_SUCCESS_CONDITION,
+            failure_condition=TRIAL_FAILURE_CONDITION,
             trial_parameters=[
                 models.V1beta1TrialParameterSpec(
                     name=katib_name(p.name), reference=katib_name(p.name), description=p.name
@@ -216,14 +213,6 @@ def _early_stopping(cfg: PipelineConfig) -> Any:
 # -- results ------------------------------------------------------------------------------
 
 
-def _condition(obj: dict[str, Any], *types: str) -> tuple[str | None, str]:
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("status") == "True" and cond.get("type") in types:
-            text = ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
-            return cond["type"], text or cond["type"]
-    return None, ""
-
-
 def _metric_value(observation: dict[str, Any] | None, metric: str) -> float | None:
     for m in (observation or {}).get("metrics") or []:
         if m.get("name") == metric:
@@ -252,7 +241,7 @@ def trial_records(trials: list[dict[str, Any]], metric: str) -> list[dict[str, A
     ordered = sorted(trials, key=lambda t: t["metadata"].get("creationTimestamp") or "")
     records = []
     for number, trial in enumerate(ordered):
-        kind, text = _condition(trial, *TRIAL_STATES)
+        kind, text = condition(trial, *TRIAL_STATES)
         records.append(
             {
                 "number": number,
@@ -305,107 +294,57 @@ def search_result(
     }
 
 
-class KatibClient:
-    """Create an Experiment, wait for it, read the best trial; clean up per ``cluster.cleanup``."""
+class ExperimentWatcher:
+    """The lifecycle's ``Watcher`` for a Katib Experiment: logs trial progress as it changes."""
 
-    def __init__(self, cfg: PipelineConfig, api: KubeApi | None = None):
-        self.cfg = cfg
-        self.api = api or KubeApi(cfg.cluster.namespace)
+    resource = EXPERIMENT
 
-    def what(self, name: str) -> str:
-        return EXPERIMENT.describe(self.api.namespace, name)
+    def __init__(self) -> None:
+        self.seen: tuple[int, int, int] | None = None
 
-    def create(self, experiment: dict[str, Any]) -> str:
-        name = experiment["metadata"]["name"]
-        self.api.create(EXPERIMENT, experiment)
-        log.info("created %s", self.what(name))
-        return name
+    def observe(self, api: KubeApi, obj: dict[str, Any]) -> None:
+        """Log "N trial(s) done, R running, F failed" whenever those counts change."""
+        status = obj.get("status") or {}
+        done = sum(status.get(k) or 0 for k in ("trialsSucceeded", "trialsEarlyStopped"))
+        counts = (done, status.get("trialsRunning") or 0, status.get("trialsFailed") or 0)
+        if counts != self.seen:
+            self.seen = counts
+            where = EXPERIMENT.describe(api.namespace, obj["metadata"]["name"])
+            log.info("%s: %d trial(s) done, %d running, %d failed", where, *counts)
 
-    def wait(self, name: str) -> dict[str, Any]:
-        """The Experiment once it has succeeded; KubetrainError with Katib's reason otherwise."""
-        cl = self.cfg.cluster
-        poller = Poller(cl.wait_timeout_seconds, cl.poll_seconds)
-        seen = -1
-        while True:
-            exp = poller.fetch(lambda: self.api.get(EXPERIMENT, name))
-            if exp is not None:
-                kind, text = _condition(exp, "Succeeded", "Failed")
-                if kind == "Succeeded":
-                    return exp
-                if kind == "Failed":
-                    raise ExperimentFailed(f"{self.what(name)} failed: {text}")
-                status = exp.get("status") or {}
-                done = sum(status.get(k) or 0 for k in ("trialsSucceeded", "trialsEarlyStopped"))
-                if done != seen:
-                    seen = done
-                    log.info(
-                        "%s: %d trial(s) done, %d running, %d failed", self.what(name), done,
-                        status.get("trialsRunning") or 0, status.get("trialsFailed") or 0,
-                    )  # fmt: skip
-            if poller.expired():
-                raise KubetrainError(
-                    f"{self.what(name)} did not finish within cluster.wait_timeout_seconds = "
-                    f"{cl.wait_timeout_seconds}"
-                )
-            poller.sleep()
+    def explain(self, what: str, reason: str) -> str:
+        """``"<what> failed: <Katib's reason>"`` (e.g. too many failed trials)."""
+        return f"{what} failed: {reason}"
 
-    def trials(self, name: str) -> list[dict[str, Any]]:
-        return self.api.list(TRIAL, f"{EXPERIMENT_LABEL}={name}")
-
-    def delete(self, name: str) -> None:
-        try:
-            if self.api.delete(EXPERIMENT, name):
-                log.info("deleted %s", self.what(name))
-        except KubeApiError as err:
-            log.warning("could not delete %s: %s", self.what(name), err)
-
-
-class ExperimentFailed(KubetrainError):
-    """Katib marked the Experiment failed (e.g. too many failed trials)."""
+    def close(self) -> None:
+        """Nothing to stop: trial logs are Katib's collector's to read."""
 
 
 def run_experiment(
     cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, api: KubeApi | None = None
 ) -> dict[str, Any]:
-    """The tune step on ``kubernetes``: best_params.json and trials.json in ``out_dir``.
+    """The tune step on ``kubernetes``: the search artifact (``SearchResult``) in ``out_dir``.
 
     The dataset travels through the shared claim like a PyTorchJob's (``JobPaths``).
-    """
-    import shutil
 
+    Returns:
+        The search result (best_params.json's fields, as the local engine writes them).
+
+    Raises:
+        KubetrainError: no image, the claim or namespace is missing, the API refused the
+            Experiment, Katib failed it, or its best trial reported no metric.
+    """
     name = new_name(cfg, "tune")
-    paths = JobPaths.for_job(cfg, name)
-    experiment = build_experiment(cfg, name, paths.dataset)  # raises first if no image is set
+    experiment = build_experiment(cfg, name, JobPaths.for_job(cfg, name).dataset)
     api = api or KubeApi(cfg.cluster.namespace)
-    mount = Path(cfg.cluster.mount_path)
-    if not mount.is_dir():
-        raise KubetrainError(
-            f"cluster.mount_path {mount} does not exist here: the step that creates a Katib "
-            f"Experiment must mount PVC '{cfg.cluster.pvc_name}' there"
-        )
-    api.check_namespace()
-    client = KatibClient(cfg, api)
-    shutil.copytree(dataset_dir, paths.dataset)
-    created = succeeded = finished = False
-    try:
-        client.create(experiment)
-        created = True
-        try:
-            exp = client.wait(name)
-            finished = True
-        except ExperimentFailed:
-            finished = True
-            raise
-        records = trial_records(client.trials(name), cfg.tune.objective_metric)
-        result = search_result(cfg, exp, records)
-        succeeded = True
-    finally:
-        delete = should_delete(cfg.cluster.cleanup, succeeded, finished)
-        if created and delete:
-            client.delete(name)
-        if not created or delete:
-            shutil.rmtree(paths.root, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "trials.json", records)
-    write_json(out_dir / "best_params.json", result)
+
+    def collect(run: ClusterJob, exp: dict[str, Any], _paths: JobPaths) -> tuple[list, dict]:
+        trials = api.list(TRIAL, f"{EXPERIMENT_LABEL}={name}")
+        records = trial_records(trials, cfg.tune.objective_metric)
+        return records, search_result(cfg, exp, records)
+
+    from kubetrain.artifacts import SearchResult
+
+    records, result = run_job(cfg, api, ExperimentWatcher(), experiment, dataset_dir, collect)
+    SearchResult(result, records).save(out_dir)
     return result
