@@ -9,10 +9,10 @@ promise the README makes:
 - no traceback anywhere in stderr;
 - no ``metrics.json`` under the case's directory: nothing that looks like a result.
 
-Cases are grouped by class: CONFIG, CONFIG_FILES, PATHS (CLI arguments), DATA, CLUSTER (answers
-of the fake Kubernetes API server, tests/fakes/kube_apiserver.py) and FAULTS (full disk, stale
-temporary files). Cases that need a whole process (signals, ``kubetrain run``'s pipeline) are in
-tests/integration/test_bad_input_run.py.
+Cases are grouped by class: CONFIG, CONFIG_FILES, PATHS (CLI arguments), DATA, a cluster that is
+not there, and FAULTS (full disk, stale temporary files). Cases that need a whole process
+(signals, ``kubetrain run``'s pipeline) are in tests/integration/test_bad_input_run.py; the
+answers of a real Kubernetes API server in tests/cluster/test_bad_input_cluster.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fakes.kube_apiserver import FakeKubeApiServer, condition, pod, running
 from kubetrain.cli import main
 from kubetrain.launch.local import cpu_cores
 
@@ -612,133 +611,45 @@ def test_an_output_that_cannot_be_written_is_named(argv, read_only_dir, tmp_path
         assert "read-only file system" in last
 
 
-# -- answers of a cluster (the fake Kubernetes API server) --------------------------------------
-
-JOB_STEP = {"pytorchjobs": "train", "experiments": "tune"}
+# -- answers of a cluster that is not there (answers of a real one: tests/cluster) -------------
 
 
 def cluster_argv(step: str, tmp: Path, *settings: str) -> list[str]:
     (tmp / "ds").mkdir(exist_ok=True)
     (tmp / "ds" / "meta.json").write_text("{}")
-    (tmp / "ds" / "data.npz").write_text("")
     (tmp / "claim").mkdir(exist_ok=True)
-    return [
-        step,
-        "--dataset",
-        str(tmp / "ds"),
-        "--output",
-        str(tmp / "out"),
-        *_sets(
-            "cluster.backend=kubernetes",
-            f"cluster.mount_path={tmp / 'claim'}",
-            "cluster.namespace=team-a",
-            "cluster.image=registry.example/kubetrain:test",
-            "cluster.poll_seconds=0.02",
-            "cluster.wait_timeout_seconds=5",
-            *settings,
-        ),
-    ]
+    sets = _sets("cluster.backend=kubernetes", f"cluster.mount_path={tmp / 'claim'}",
+                 "cluster.namespace=team-a", "cluster.image=registry.example/kubetrain:test",
+                 *settings)  # fmt: skip
+    return [step, "--dataset", str(tmp / "ds"), "--output", str(tmp / "out"), *sets]
 
 
-@pytest.mark.parametrize(
-    ("plural", "code", "message", "names"),
-    [
-        (
-            "pytorchjobs",
-            403,
-            "pytorchjobs.kubeflow.org is forbidden",
-            "not allowed to create pytorchjob team-a/",
-        ),
-        (
-            "pytorchjobs",
-            422,
-            "spec.pytorchReplicaSpecs: Required value",
-            "rejected pytorchjob team-a/",
-        ),
-        (
-            "pytorchjobs",
-            404,
-            "the server could not find the requested resource",
-            "no pytorchjobs.kubeflow.org/v1 resource",
-        ),
-        (
-            "experiments",
-            404,
-            "the server could not find the requested resource",
-            "no experiments.kubeflow.org/v1beta1 resource",
-        ),
-        (
-            "experiments",
-            403,
-            "experiments.kubeflow.org is forbidden",
-            "not allowed to create experiment team-a/",
-        ),
-    ],
-    ids=[
-        "train-403-forbidden",
-        "train-422-invalid",
-        "train-404-no-operator",
-        "tune-404-no-katib",
-        "tune-403-forbidden",
-    ],
-)
-def test_cluster_refusals_are_one_line_against_fake_apiserver(
-    plural, code, message, names, tmp_path, capsys, monkeypatch
-):
-    with running(tmp_path, monkeypatch) as cluster:
-        cluster.fail[("POST", plural)] = (code, message)
-        result = run_main(cluster_argv(JOB_STEP[plural], tmp_path), capsys)
-    assert_one_line(*result, 1, names, tmp_path)
-    assert cluster.live_objects == []
+@pytest.mark.parametrize("step", ["train", "tune"])
+def test_no_kubeconfig_is_one_line(step, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    result = run_main(cluster_argv(step, tmp_path), capsys)
+    assert_one_line(*result, 1, "no usable Kubernetes configuration", tmp_path)
+    assert not (tmp_path / "out").exists()
 
 
-def test_a_job_killed_for_memory_says_what_to_raise_against_fake_apiserver(
-    tmp_path, capsys, monkeypatch
-):
-    with running(tmp_path, monkeypatch) as cluster:
-        cluster.statuses["pytorchjobs"] = [
-            {"conditions": [condition("Running")]},
-            {"conditions": [condition("Failed", "PyTorchJobFailed", "master failed")]},
-        ]
-        cluster.pods = [[pod("x-master-0", phase="Failed", terminated="OOMKilled")]]
-        argv = cluster_argv("train", tmp_path)
-        # the job's name is random: the pod list is made to match it when it is created
-        cluster.on_create = lambda plural, body: cluster.pods.__setitem__(
-            0,
-            [
-                pod(
-                    f"{body['metadata']['name']}-master-0",
-                    job=body["metadata"]["name"],
-                    phase="Failed",
-                    terminated="OOMKilled",
-                )
-            ],
-        )
-        result = run_main(argv, capsys)
-    assert_one_line(*result, 1, "OOMKilled; raise cluster.memory", tmp_path)
-
-
-def test_a_missing_namespace_is_named_against_fake_apiserver(tmp_path, capsys, monkeypatch):
-    with running(tmp_path, monkeypatch, namespaces=("other",)) as cluster:
-        result = run_main(cluster_argv("train", tmp_path), capsys)
-    assert_one_line(*result, 1, "namespace 'team-a' does not exist", tmp_path)
-    assert cluster.created == []
-
-
-def test_an_unreachable_cluster_is_named(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("step", ["train", "tune"])
+def test_an_unreachable_cluster_is_named(step, tmp_path, capsys, monkeypatch):
     import socket
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    fake = FakeKubeApiServer()
-    fake.url = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("KUBECONFIG", str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    result = run_main(cluster_argv("tune", tmp_path), capsys)
-    assert_one_line(
-        *result, 1, f"cannot reach the Kubernetes API at http://127.0.0.1:{port}", tmp_path
+    (tmp_path / "kubeconfig").write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters: [{{name: c, cluster: {{server: 'http://127.0.0.1:{port}'}}}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u, namespace: team-a}}]\n"
     )
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    result = run_main(cluster_argv(step, tmp_path), capsys)
+    assert_one_line(*result, 1, f"http://127.0.0.1:{port}", tmp_path)
 
 
 # -- faults: a full disk ------------------------------------------------------------------------
