@@ -143,6 +143,7 @@ class PipelineConfig(Section):
         return json.dumps(self.model_dump(mode="json", include=set(sections)), sort_keys=True)
 
     def to_yaml(self) -> str:
+        """The whole config as YAML (what ``kubetrain config show`` prints; loads back)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 

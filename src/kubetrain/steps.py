@@ -30,12 +30,12 @@ def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
 def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Search -> the search artifact (``kubetrain.artifacts.SearchResult``).
 
-    Optuna on this machine, or a Katib Experiment on ``cluster.backend: kubernetes``.
+    Optuna in local processes, or a Katib Experiment on ``cluster.backend: kubernetes``.
     """
-    from kubetrain.tune import local
-
     if not cfg.tune.enabled:
-        return local.disabled_result(out_dir)
+        disabled = artifacts.SearchResult.disabled()
+        disabled.save(out_dir)
+        return disabled.summary
     from kubetrain.tune.backend import get_tune_backend
 
     result = get_tune_backend(cfg).run(cfg, dataset_dir, out_dir)

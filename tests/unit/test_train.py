@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -136,3 +137,77 @@ def test_step_time_is_split_and_flops_counted(digits_dir):
     assert 2.5 * forward <= s["flops_per_sample"] <= 3.5 * forward
     assert 0 < s["mfu"] < 1
     assert s["cpu_percent"] > 0 and s["peak_rss_mib"] > 50
+
+
+def _poisoned(digits_dir, tmp_path):
+    """The digits dataset with training features that overflow float32 matmuls."""
+    import numpy as np
+
+    from kubetrain.artifacts import DatasetArtifact
+
+    data = load_dataset(digits_dir)
+    arrays = dict(data.arrays)
+    arrays["x_train"] = arrays["x_train"].copy()
+    arrays["x_train"][:, :] = np.float32(3e38)
+    DatasetArtifact(tmp_path / "poisoned", data.meta, arrays).save(tmp_path / "poisoned")
+    return load_dataset(tmp_path / "poisoned")
+
+
+@pytest.mark.parametrize(
+    ("setting", "data"),
+    [(["train.lr=1e6"], "digits"), ([], "poisoned")],
+    ids=["learning-rate-too-high", "overflowing-features"],
+)
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
+    digits_dir, tmp_path, setting, data
+):
+    from kubetrain.train import checkpoint
+    from kubetrain.train.loop import NonFiniteLoss, resume_key
+
+    dataset = load_dataset(digits_dir) if data == "digits" else _poisoned(digits_dir, tmp_path)
+    cfg = load_config(
+        overrides=["train.nproc=1", "train.epochs=2", "train.checkpoint_every_steps=1", *setting]
+    )
+    ckpts = tmp_path / "ckpt"
+    with pytest.raises(NonFiniteLoss) as info:
+        fit(cfg, dataset, DistContext(), checkpoint_dir=ckpts)
+    message = str(info.value)
+    assert info.value.exit_code == 1 and "\n" not in message
+    assert re.search(r"at epoch 1, step \d+ \(optimizer step \d+\)", message)
+    assert "learning rate" in message and "bad input data" in message
+    failed_at = int(re.search(r"optimizer step (\d+)", message).group(1))
+    state = checkpoint.load_latest(ckpts, resume_key(cfg, dataset))
+    if failed_at == 1:  # nothing good was ever reached: nothing is kept
+        assert state is None
+    else:  # the checkpoint of the step before, with finite weights
+        assert state["global_step"] == failed_at - 1
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_non_finite_loss_stops_every_torchrun_worker_with_one_line(digits_dir, tmp_path, capfd):
+    from kubetrain.errors import KubetrainError
+    from kubetrain.launch.local import LocalLauncher
+
+    settings = ["train.nproc=2", "train.epochs=2", "train.lr=1e6", "train.num_threads=1",
+                "train.checkpoint_every_steps=1"]  # fmt: skip
+    cfg = load_config(overrides=settings)
+    with pytest.raises(KubetrainError, match="training failed"):
+        LocalLauncher().run(cfg, digits_dir, tmp_path / "model")
+    errors = [line for line in capfd.readouterr().err.splitlines() if "train error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("[rank 0] train error: ")
+    assert re.search(r"at epoch \d+, step \d+", errors[0])
+    assert not (tmp_path / "model" / "model.json").exists()
+
+
+def test_the_train_step_exits_1_with_one_line_on_a_non_finite_loss(digits_dir, tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli(
+        "train", "--dataset", str(digits_dir), "--output", str(tmp_path / "m"),
+        "--set", "train.nproc=1", "--set", "train.lr=1e6", "--set", "train.epochs=1",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.search(r"train error: .* at epoch 1, step \d+", last), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "m" / "model.json").exists()

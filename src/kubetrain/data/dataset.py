@@ -53,7 +53,7 @@ def stratified_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``sklearn.model_selection.train_test_split(idx, test_size=test_size, stratify=y,
     random_state=seed)``, order included: the same per-class counts, tie-breaks and draws from
-    the same ``RandomState`` stream, without importing scikit-learn (1.7 s on a small CPU) into
+    the same ``RandomState`` stream, without importing scikit-learn (seconds of import time) into
     the preprocess step. A test compares the two over many sizes, fractions and seeds."""
     n = len(y)
     n_test = ceil(test_size * n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from kubetrain.artifacts import MODEL_WEIGHTS, QUANT_INFO, QuantizedModel, TrainedModel
+from kubetrain.artifacts import (
+    MODEL_WEIGHTS,
+    QUANT_INFO,
+    DatasetArtifact,
+    QuantizedModel,
+    TrainedModel,
+)
 from kubetrain.errors import KubetrainError
 from kubetrain.models.networks import build_from_spec
 from kubetrain.quantize import artifact, select
@@ -57,110 +64,171 @@ def quantize_artifact(
         torch.set_num_threads(threads)
 
 
-def _quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig) -> dict:
+@dataclass
+class _Reference:
+    """The fp32 model and what each candidate is built from and measured against."""
+
+    model: nn.Module
+    data: DatasetArtifact
+    qcfg: QuantizeConfig
+    work: Path  # candidates are built here
+    accuracy: float  # fp32 validation accuracy
+    info: dict[str, Any]  # the fp32 model exported like a candidate: size, file, latency
+
+    @property
+    def shape(self) -> list[int]:
+        return self.data.input_shape
+
+
+def _reference(
+    model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig
+) -> _Reference:
     from kubetrain.data import load_dataset
-    from kubetrain.evaluate.measure import compare_latency
     from kubetrain.quantize import methods
 
-    started = time.perf_counter()
     model = load_model(model_dir)
     data = load_dataset(dataset_dir)
-    shape = data.input_shape
-    x_train, y_train = data.split("train")
-    x_val, y_val = data.split("val")
+    x_train, _ = data.split("train")
     work = out_dir / "candidates"
-    fp32_acc = _accuracy(model, x_val, y_val, shape)
-    example = torch.from_numpy(x_train[:64]).view(-1, *shape)
-    fp32_info = methods.fp32_program(model, example, work / "none_fp32")
-    fp32_size = fp32_info["size_bytes"]
+    example = torch.from_numpy(x_train[:64]).view(-1, *data.input_shape)
+    return _Reference(
+        model=model,
+        data=data,
+        qcfg=qcfg,
+        work=work,
+        accuracy=_accuracy(model, *data.split("val"), data.input_shape),
+        info=methods.fp32_program(model, example, work / "none_fp32"),
+    )
 
-    def attempt(name: str) -> tuple[dict[str, Any], nn.Module | None]:
-        cdir = work / name.replace("/", "_")
-        try:
-            info = methods.build(name, model, x_train, y_train, shape, qcfg, cdir)
-            runnable, _ = artifact.load_artifact(cdir)  # measure what was saved
-            info["val_accuracy"] = _accuracy(runnable, x_val, y_val, shape)
-        except Exception as err:  # one broken backend must not stop auto
-            if qcfg.method != "auto":
-                raise KubetrainError(
-                    f"quantize: {name} failed: {type(err).__name__}: {err}"
-                ) from err
-            first = (str(err).strip().splitlines() or [""])[0][:200]
-            log.warning("quantize: %s failed: %s: %s", name, type(err).__name__, first)
-            return {"name": name, "error": f"{type(err).__name__}: {first}"}, None
-        info["dir"] = str(cdir)
-        info["accuracy_drop"] = fp32_acc - info["val_accuracy"]
-        info["size_ratio"] = info["size_bytes"] / fp32_size
-        info["file_ratio"] = info["file_bytes"] / fp32_info["file_bytes"]
-        log.info("%s: val accuracy %.4f (fp32 %.4f)", name, info["val_accuracy"], fp32_acc)
-        return info, runnable
+
+def _candidate_names(qcfg: QuantizeConfig) -> list[str]:
+    """What to try first: ``auto``'s candidates cheapest first, or the one named method."""
+    from kubetrain.quantize import methods
 
     if qcfg.method == "none":
-        names: list[str] = []
-    elif qcfg.method == "auto":
-        names = [n for n in methods.CHEAP_FIRST if n in qcfg.auto_candidates]
-    else:
-        names = [methods.candidate_for(qcfg.method, qcfg)]
-    tried = [attempt(n) for n in names]
-    budget = qcfg.max_accuracy_drop
+        return []
+    if qcfg.method == "auto":
+        return [n for n in methods.CHEAP_FIRST if n in qcfg.auto_candidates]
+    return [methods.candidate_for(qcfg.method, qcfg)]
+
+
+def _attempt(ref: _Reference, name: str) -> tuple[dict[str, Any], nn.Module | None]:
+    """Build candidate ``name``, reload it from its saved artifact and measure its accuracy.
+
+    Returns its info and runnable model, or (under ``auto``) an info with the error and None:
+    one broken backend must not stop auto. Raises KubetrainError for an explicit method.
+    """
+    from kubetrain.quantize import methods
+
+    cdir = ref.work / name.replace("/", "_")
+    x_train, y_train = ref.data.split("train")
+    try:
+        info = methods.build(name, ref.model, x_train, y_train, ref.shape, ref.qcfg, cdir)
+        runnable, _ = artifact.load_artifact(cdir)  # measure what was saved
+        info["val_accuracy"] = _accuracy(runnable, *ref.data.split("val"), ref.shape)
+    except Exception as err:
+        if ref.qcfg.method != "auto":
+            raise KubetrainError(f"quantize: {name} failed: {type(err).__name__}: {err}") from err
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        log.warning("quantize: %s failed: %s: %s", name, type(err).__name__, first)
+        return {"name": name, "error": f"{type(err).__name__}: {first}"}, None
+    info["dir"] = str(cdir)
+    info["accuracy_drop"] = ref.accuracy - info["val_accuracy"]
+    info["size_ratio"] = info["size_bytes"] / ref.info["size_bytes"]
+    info["file_ratio"] = info["file_bytes"] / ref.info["file_bytes"]
+    log.info("%s: val accuracy %.4f (fp32 %.4f)", name, info["val_accuracy"], ref.accuracy)
+    return info, runnable
+
+
+def _try_candidates(ref: _Reference, names: list[str]) -> list[tuple[dict, nn.Module | None]]:
+    """Every candidate of ``names``, then QAT if none is within budget (``qat_on_drop``)."""
+    tried = [_attempt(ref, n) for n in names]
+    budget = ref.qcfg.max_accuracy_drop
     if (
         names
-        and qcfg.qat_on_drop
+        and ref.qcfg.qat_on_drop
         and QAT not in names
         and not any(select.within_budget(c, budget) for c, _ in tried)
     ):
         log.info("no post-training int8 model within %.4f: trying QAT", budget)
-        tried.append(attempt(QAT))
+        tried.append(_attempt(ref, QAT))
+    return tried
+
+
+def _measure_latency(ref: _Reference, tried: list[tuple[dict, nn.Module | None]]) -> None:
+    """Batch-1 and batch-64 latency of fp32 and every built candidate, timed side by side;
+    written into the candidates' infos and ``ref.info``."""
+    from kubetrain.evaluate.measure import compare_latency
 
     built = {c["name"]: m for c, m in tried if m is not None}
-    candidates = [c for c, _ in tried]
-    if built:
-        fp32_name = "none/fp32"
-        runs = {fp32_name: model, **built}
-        for batch in (1, 64):
-            lat = compare_latency(runs, x_val, shape, batch, qcfg.latency_repeats)
-            for c in candidates:
-                if c["name"] in lat:
-                    c[f"latency_ms_b{batch}"] = lat[c["name"]]["median"]
-                    c[f"latency_ms_b{batch}_min"] = lat[c["name"]]["min"]
-                    c[f"latency_ms_b{batch}_max"] = lat[c["name"]]["max"]
-            fp32_info[f"latency_ms_b{batch}"] = lat[fp32_name]["median"]
-        for c in candidates:
-            if "latency_ms_b64" in c:
-                c["latency_ratio_b64"] = c["latency_ms_b64"] / fp32_info["latency_ms_b64"]
-                c["latency_ratio_b1"] = c["latency_ms_b1"] / fp32_info["latency_ms_b1"]
-                c["samples_per_second_b64"] = 64e3 / c["latency_ms_b64"]
-        fp32_info["samples_per_second_b64"] = 64e3 / fp32_info["latency_ms_b64"]
+    if not built:
+        return
+    fp32_name = "none/fp32"
+    runs = {fp32_name: ref.model, **built}
+    x_val, _ = ref.data.split("val")
+    for batch in (1, 64):
+        lat = compare_latency(runs, x_val, ref.shape, batch, ref.qcfg.latency_repeats)
+        for c, _ in tried:
+            if c["name"] in lat:
+                c[f"latency_ms_b{batch}"] = lat[c["name"]]["median"]
+                c[f"latency_ms_b{batch}_min"] = lat[c["name"]]["min"]
+                c[f"latency_ms_b{batch}_max"] = lat[c["name"]]["max"]
+        ref.info[f"latency_ms_b{batch}"] = lat[fp32_name]["median"]
+    for c, _ in tried:
+        if "latency_ms_b64" in c:
+            c["latency_ratio_b64"] = c["latency_ms_b64"] / ref.info["latency_ms_b64"]
+            c["latency_ratio_b1"] = c["latency_ms_b1"] / ref.info["latency_ms_b1"]
+            c["samples_per_second_b64"] = 64e3 / c["latency_ms_b64"]
+    ref.info["samples_per_second_b64"] = 64e3 / ref.info["latency_ms_b64"]
 
+
+def _decide(ref: _Reference, candidates: list[dict], tried_any: bool) -> tuple[dict | None, str]:
+    """The gate and the choice: (chosen candidate or None for fp32, the one-line decision).
+
+    Raises KubetrainError when nothing passes the gate and ``on_drop`` is ``fail``.
+    """
+    budget = ref.qcfg.max_accuracy_drop
     chosen = select.choose(candidates, budget)
     select.verdicts(candidates, chosen, budget)
-    decision = select.explain(chosen, candidates, budget) if names else "quantize.method none"
-    if chosen is None and names:
-        if qcfg.on_drop == "fail":
+    if not tried_any:
+        return None, "quantize.method none"
+    decision = select.explain(chosen, candidates, budget)
+    if chosen is None:
+        if ref.qcfg.on_drop == "fail":
             raise KubetrainError(
-                f"quantize: {decision} (fp32 validation accuracy {fp32_acc:.4f}); raise "
+                f"quantize: {decision} (fp32 validation accuracy {ref.accuracy:.4f}); raise "
                 "quantize.max_accuracy_drop or set quantize.on_drop=keep_fp32"
             )
         decision += "; keeping fp32 (quantize.on_drop=keep_fp32)"
-    source = Path(chosen["dir"]) if chosen else work / "none_fp32"
-    kept = chosen or fp32_info
+    return chosen, decision
+
+
+def _quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig) -> dict:
+    started = time.perf_counter()
+    ref = _reference(model_dir, dataset_dir, out_dir, qcfg)
+    names = _candidate_names(qcfg)
+    tried = _try_candidates(ref, names)
+    _measure_latency(ref, tried)
+    candidates = [c for c, _ in tried]
+    chosen, decision = _decide(ref, candidates, bool(names))
     log.info("quantize: %s", decision)
-    _publish(source, out_dir)
-    fp32_info.update(val_accuracy=fp32_acc, size_ratio=1.0, accuracy_drop=0.0)
+    _publish(Path(chosen["dir"]) if chosen else ref.work / "none_fp32", out_dir)
+    fp32 = ref.info
+    fp32.update(val_accuracy=ref.accuracy, size_ratio=1.0, accuracy_drop=0.0)
     info = {
-        **{k: v for k, v in kept.items() if k not in ("dir", "verdict")},
+        **{k: v for k, v in (chosen or fp32).items() if k not in ("dir", "verdict")},
         "decision": decision,
         "gate_passed": chosen is not None or not names,
-        "max_accuracy_drop": budget,
-        "fp32": {k: v for k, v in fp32_info.items() if k != "dir"},
-        "fp32_size_bytes": fp32_size,
-        "fp32_file_bytes": fp32_info["file_bytes"],
+        "max_accuracy_drop": qcfg.max_accuracy_drop,
+        "fp32": {k: v for k, v in fp32.items() if k != "dir"},
+        "fp32_size_bytes": fp32["size_bytes"],
+        "fp32_file_bytes": fp32["file_bytes"],
         "fp32_state_dict_bytes": (model_dir / MODEL_WEIGHTS).stat().st_size,
         "candidates": [{k: v for k, v in c.items() if k != "dir"} for c in candidates],
         "quantize_seconds": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
     }
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(ref.work, ignore_errors=True)
     QuantizedModel(out_dir, info).save(out_dir)  # last: marks a complete artifact
     return info
 

@@ -1,9 +1,10 @@
 """Atomic checkpoints and finding the newest good one.
 
 A checkpoint is ``ckpt-<step>.pt`` written to a temporary file and renamed into place, followed
-by ``ckpt-<step>.json`` (its SHA-256, the job fingerprint and the step). A checkpoint without its
+by ``ckpt-<step>.json`` (its SHA-256, the job's resume key and the step). A checkpoint without its
 manifest, with a wrong digest or that fails to load is skipped with a warning, and the next older
-one is tried. The fingerprint keeps a job from resuming another job's checkpoint.
+one is tried. The resume key (``kubetrain.train.trainer.resume_key``) keeps a job from resuming
+another job's checkpoint; the manifest stores it under its old name, ``fingerprint``.
 """
 
 from __future__ import annotations
@@ -17,17 +18,20 @@ import random
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from kubetrain.config import PipelineConfig
 from kubetrain.io import atomic_write, read_json, write_json
+
+if TYPE_CHECKING:
+    from kubetrain.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"ckpt-(\d+)\.pt$")
+MANIFEST_KEY = "fingerprint"  # the resume key's name in a manifest (kept: older checkpoints)
 
 
 def _sha256(path: Path) -> str:
@@ -57,8 +61,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(directory: Path, step: int, state: dict[str, Any], fingerprint: str, keep: int) -> Path:
+def save(directory: Path, step: int, state: dict[str, Any], resume_key: str, keep: int) -> Path:
     """Write checkpoint ``step`` atomically, then its manifest; prune all but ``keep`` newest.
+
+    Returns the checkpoint's path.
 
     Raises:
         KubetrainError: the write failed (e.g. "no space left on device while writing <path>");
@@ -75,7 +81,7 @@ def save(directory: Path, step: int, state: dict[str, Any], fingerprint: str, ke
     try:
         write_json(
             path.with_suffix(".json"),
-            {"step": step, "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fingerprint},
+            {"step": step, "sha256": hashlib.sha256(data).hexdigest(), MANIFEST_KEY: resume_key},
         )
     except BaseException:
         path.unlink(missing_ok=True)  # without its manifest it would only be skipped later
@@ -118,10 +124,11 @@ class AsyncWriter:
         self._pending: Future | None = None
 
     def submit(
-        self, directory: Path, step: int, state: dict[str, Any], fingerprint: str, keep: int
+        self, directory: Path, step: int, state: dict[str, Any], resume_key: str, keep: int
     ) -> None:
+        """Snapshot ``state`` and write it (``save``) in the background."""
         self.wait()
-        self._pending = self._pool.submit(save, directory, step, snapshot(state), fingerprint, keep)
+        self._pending = self._pool.submit(save, directory, step, snapshot(state), resume_key, keep)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -129,7 +136,7 @@ class AsyncWriter:
             pending.result()
 
 
-def load_latest(directory: Path, fingerprint: str) -> dict[str, Any] | None:
+def load_latest(directory: Path, resume_key: str) -> dict[str, Any] | None:
     """The newest checkpoint of this job that is complete and intact, or None."""
     if not directory.is_dir():
         return None
@@ -142,7 +149,7 @@ def load_latest(directory: Path, fingerprint: str) -> dict[str, Any] | None:
             log.warning("skipping checkpoint %s: no manifest (partial write)", path)
             continue
         meta = read_json(manifest)
-        if meta.get("fingerprint") != fingerprint:
+        if meta.get(MANIFEST_KEY) != resume_key:
             log.warning("skipping checkpoint %s: it belongs to another job/config", path)
             continue
         if _sha256(path) != meta.get("sha256"):

@@ -55,6 +55,7 @@ def init_from_env(timeout_seconds: float = 120.0) -> DistContext:
 
 
 def shutdown() -> None:
+    """Leave the process group, if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -63,9 +64,18 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     """Sum a few floats over ranks (float64, so sums of many samples stay exact enough)."""
     if not ctx.distributed:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)  # NCCL: on the GPU
     dist.all_reduce(t)
     return t.tolist()
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if ``flag`` is true on any rank (a collective: all ranks call it)."""
+    if not ctx.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def gather_objects(obj, ctx: DistContext) -> list:
@@ -78,6 +88,7 @@ def gather_objects(obj, ctx: DistContext) -> list:
 
 
 def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's state dict (names and bytes)."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())

@@ -54,7 +54,7 @@ def _load_config(args: argparse.Namespace):
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="kubetrain.train.worker")
     parser.add_argument("--dataset", required=True, type=Path)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -65,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         help="override one config field (Katib substitutes trial parameters here)",
     )  # fmt: skip
     parser.add_argument("--output", required=True, type=Path)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train as one rank of a torchrun job; rank 0 writes the model artifact to ``--output``.
+
+    Returns the exit code: 0, or the ``KubetrainError``'s (its one line printed to stderr).
+    """
+    args = _parse_args(argv)
 
     import torch
 
@@ -101,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             save_model(result, cfg, data, args.output)
         shutdown()
     except KubetrainError as err:
-        print(f"[rank {rank}] {err}", file=sys.stderr)
+        from kubetrain.train.trainer import NonFiniteLoss
+
+        # Every rank stops with the same NonFiniteLoss at the same step: rank 0 says it once.
+        if rank == 0 or not isinstance(err, NonFiniteLoss):
+            print(f"[rank {rank}] {err}", file=sys.stderr)
         return err.exit_code
     return 0
 

@@ -1,0 +1,131 @@
+"""One optimizer step, in its parts: batch production, forward/backward, the optimizer step.
+
+The loss of a micro-batch is its mean divided by the accumulation count, and DDP averages
+gradients over ranks, so each optimizer step follows the gradient of the mean loss over exactly
+``train.batch_size`` samples, whatever the process count and accumulation.
+
+Before the optimizer step the gradients are checked: a NaN or infinite loss makes every gradient
+NaN (back-propagation carries it to all of them), and after DDP's all-reduce every rank holds the
+same gradients, so every rank stops at the same step with no extra collective (no rank is left
+waiting in one) and the weights are never updated with them. Checking one gradient, that of the
+parameter nearest the loss, is enough for that and costs microseconds a step (the norm of all of
+them costs a tenth of a small model's step); a checkpoint also checks every weight before it is
+written, so an overflow that reached the weights another way never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from kubetrain.train import instrument
+from kubetrain.train.distributed import any_rank
+from kubetrain.train.metrics import EpochMeter
+from kubetrain.train.trainer import NonFiniteLoss, Trainer, diverged_message
+
+
+def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[tuple[torch.Tensor, ...]]:
+    """This rank's micro-batches for the rest of the epoch, on the training device.
+
+    The time spent waiting for each goes to ``meter.data_seconds``.
+    """
+    device = trainer.ctx.device
+    to_device = device.type != "cpu"
+    batches = iter(trainer.loader)
+    while True:
+        started = time.perf_counter()
+        try:
+            xb, yb = next(batches)
+        except StopIteration:
+            return
+        if to_device:
+            xb = xb.to(device, non_blocking=True)
+            yb = yb.to(device, non_blocking=True)
+        meter.data_seconds += time.perf_counter() - started
+        yield xb, yb
+
+
+def forward_backward_step(
+    trainer: Trainer, xb: torch.Tensor, yb: torch.Tensor, sync_gradients: bool
+) -> torch.Tensor:
+    """Forward and backward of one micro-batch; gradients accumulate in the parameters.
+
+    ``sync_gradients``: False skips DDP's all-reduce (``no_sync``) on all but the last
+    micro-batch of a step. Returns the micro-batch's mean loss, detached, on the device.
+    """
+    accum = trainer.tc.grad_accum_steps
+    if trainer.plain:  # one process, fp32: nothing to wrap the step in
+        loss = F.cross_entropy(trainer.net(xb), yb)
+    else:
+        skip_sync = trainer.ctx.distributed and not sync_gradients
+        with trainer.net.no_sync() if skip_sync else contextlib.nullcontext(), trainer.autocast():
+            loss = F.cross_entropy(trainer.net(xb).float(), yb)
+    scaled = loss / accum if accum > 1 else loss
+    (trainer.scaler.scale(scaled) if trainer.scaling else scaled).backward()
+    return loss.detach()
+
+
+def optimizer_step(trainer: Trainer, losses: list[torch.Tensor]) -> None:
+    """Check, clip and apply the accumulated gradients; advance the schedule; clear them.
+
+    Raises NonFiniteLoss (on every rank alike) instead of stepping with non-finite gradients.
+    """
+    tc = trainer.tc
+    norm = None
+    if tc.max_grad_norm:
+        if trainer.scaling:
+            trainer.scaler.unscale_(trainer.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(trainer.net.parameters(), tc.max_grad_norm)
+    _check_finite(trainer, losses, norm)
+    if trainer.scaling:
+        trainer.scaler.step(trainer.optimizer)
+        trainer.scaler.update()
+    else:
+        trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if trainer.ctx.device.type == "cuda":
+        torch.cuda.synchronize(trainer.ctx.device)
+
+
+def _check_finite(trainer: Trainer, losses: list[torch.Tensor], norm: torch.Tensor | None) -> None:
+    if trainer.scaling:
+        # fp16: infinite gradients are the scaler's to handle (it skips the step and lowers
+        # its scale); the loss itself decides, agreed over ranks.
+        local_loss = torch.stack(losses).sum()
+        bad = any_rank(not bool(torch.isfinite(local_loss)), trainer.ctx)
+    elif norm is not None:  # clipping computed the norm of every gradient anyway
+        bad = not bool(torch.isfinite(norm))
+    else:
+        grad = trainer.loss_nearest_parameter.grad
+        bad = grad is not None and not bool(torch.isfinite(grad).all())
+    if bad:
+        raise NonFiniteLoss(diverged_message(trainer, losses))
+
+
+def train_step(trainer: Trainer, batches: Iterator[tuple[torch.Tensor, ...]], meter: EpochMeter):
+    """One optimizer step over ``train.grad_accum_steps`` micro-batches from ``batches``.
+
+    Times go to ``meter`` (forward/backward, optimizer), the detached losses to
+    ``meter.losses``. Raises NonFiniteLoss if the step's gradients are not finite.
+    """
+    accum = trainer.tc.grad_accum_steps
+    no_sync = trainer.tc.no_sync
+    losses = []
+    for micro in range(accum):
+        xb, yb = next(batches)
+        if trainer.flops_per_sample is None:
+            with torch.random.fork_rng(devices=[]):  # leaves the RNG stream untouched
+                trainer.flops_per_sample = instrument.flops_per_sample(trainer.model, xb, yb)
+        started = time.perf_counter()
+        sync = not no_sync or micro == accum - 1
+        losses.append(forward_backward_step(trainer, xb, yb, sync_gradients=sync))
+        meter.compute_seconds += time.perf_counter() - started
+    started = time.perf_counter()
+    optimizer_step(trainer, losses)
+    meter.optimizer_seconds += time.perf_counter() - started
+    meter.losses.extend(losses)

@@ -1,0 +1,239 @@
+"""One rank's trainer: the model and everything its steps and checkpoints need.
+
+A checkpoint is the state of the stateful parts (model, optimizer, schedule, gradient scaler, RNG
+states) plus where training stands (epoch, step, the epoch's running loss); ``resume_key`` says
+which checkpoints a job may resume from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from kubetrain.artifacts import DatasetArtifact
+from kubetrain.data.loader import ArrayDataset, GlobalBatchSampler, make_train_loader
+from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.models.networks import build_model
+from kubetrain.train import checkpoint, instrument
+from kubetrain.train.config import TrainConfig
+from kubetrain.train.distributed import DistContext
+from kubetrain.train.metrics import EpochStats
+from kubetrain.train.optim import build_optimizer, build_scheduler
+
+if TYPE_CHECKING:
+    from kubetrain.config import PipelineConfig
+
+
+class NonFiniteLoss(KubetrainError):
+    """The loss (or the gradients or weights it produced) became NaN or infinite: training
+    stops (``kubetrain.train.step`` checks every step, ``Trainer.save_checkpoint`` the weights)."""
+
+
+def diverged_message(trainer: Trainer, losses: list[torch.Tensor] | None = None) -> str:
+    """The one line that says where training diverged, why that usually happens, and what was
+    kept. ``losses``: the step's micro-batch losses (None: the weights were found non-finite)."""
+    if losses is None:
+        what = "the weights became non-finite"
+    else:
+        loss = float(torch.stack(losses).float().mean())
+        if math.isfinite(loss):  # finite here: another rank's loss, or backward, overflowed
+            what = f"the gradients became non-finite (loss {loss:.3g})"
+        else:
+            what = f"the loss became {loss}"
+    kept = (
+        f"the last good checkpoint is kept in {trainer.checkpoint_dir}"
+        if trainer.checkpoint_dir is not None
+        else "nothing was saved"
+    )
+    return (
+        f"train error: {what} at epoch {trainer.epoch + 1}, step {trainer.step_in_epoch + 1} "
+        f"(optimizer step {trainer.global_step + 1}); training stopped. Usual causes: a learning "
+        f"rate too high for this model (train.lr={trainer.tc.lr:g}) or bad input data "
+        f"(NaN/inf or extreme feature values); {kept}"
+    )
+
+
+def resume_key(cfg: PipelineConfig, data: DatasetArtifact) -> str:
+    """16 hex digits naming what a training job computes (model, optimisation, augmentation and
+    the dataset version), without the fields that only change how it runs
+    (``TrainConfig.RUN_ONLY_FIELDS``): a job resumes only checkpoints with its own key, so it may
+    resume on another number of processes but never another job's weights."""
+    train = cfg.train.model_dump(mode="json", exclude=set(TrainConfig.RUN_ONLY_FIELDS))
+    blob = {
+        "train": train,
+        "model": cfg.model.model_dump(mode="json"),
+        "data": cfg.data.model_dump(
+            mode="json", include={"augment", "augment_shift", "augment_noise"}
+        ),
+        "dataset": data.version,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The precision to train in; ``auto`` picks bf16 only where the hardware computes it.
+
+    Raises ConfigError for fp16 without a GPU.
+    """
+    import logging
+
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError("config error: train.precision: fp16 needs a GPU (use bf16 or fp32)")
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if instrument.cpu_has_native_bf16():
+        return "bf16"
+    logging.getLogger(__name__).info(
+        "train.precision=auto: this CPU has no native bf16 (it would be emulated): fp32"
+    )
+    return "fp32"
+
+
+class Trainer:
+    """The state of one training job on one rank (built by ``kubetrain.train.loop.fit``)."""
+
+    def __init__(self, cfg: PipelineConfig, data: DatasetArtifact, ctx: DistContext) -> None:
+        tc = cfg.train
+        self.cfg, self.data, self.ctx, self.tc = cfg, data, ctx, tc
+        self.precision = resolve_precision(tc.precision, ctx.device)
+        if ctx.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere+
+            torch.backends.cudnn.allow_tf32 = True
+        self._build_model()
+        self._build_loader()
+        self.optimizer = build_optimizer(self.net.parameters(), tc)
+        self.scheduler = build_scheduler(self.optimizer, tc, self.sampler.steps)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
+        self.scaling = self.scaler.is_enabled()
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        # One process in fp32: the step needs neither no_sync nor autocast around it.
+        self.plain = not ctx.distributed and self.autocast_dtype is None
+        # Its gradient tells whether the loss was finite (kubetrain.train.step): a NaN or
+        # infinite loss always reaches the output layer's; in the built-in networks that is the
+        # last parameter registered.
+        self.loss_nearest_parameter = [p for p in self.model.parameters() if p.requires_grad][-1]
+        self.monitor = instrument.ResourceMonitor(ctx.device)
+        self.flops_per_sample: float | None = None
+        self.history: list[EpochStats] = []
+        self._history_dicts: list[dict[str, Any]] = []  # history as checkpointed, built once
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.partial = {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
+        self.resume_key = resume_key(cfg, data)
+        self.resumed_from: int | None = None
+        self.checkpoints_written = 0
+        self.checkpoint_seconds = 0.0
+        self.checkpoint_dir: Path | None = None
+        self.writer = checkpoint.AsyncWriter()
+
+    def _build_model(self) -> None:
+        """The network on the device (``model``), and what the step calls (``net``): wrapped
+        in DDP over several processes, with a counting comm hook, and compiled if asked."""
+        cfg, ctx, tc = self.cfg, self.ctx, self.tc
+        torch.manual_seed(tc.seed)  # same initial weights on every rank
+        shape, classes = self.data.input_shape, self.data.num_classes
+        self.model = build_model(cfg.model, shape, classes).to(ctx.device)
+        self.net: nn.Module = self.model
+        self.comm = instrument.CommStats()
+        if ctx.distributed:
+            ddp = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
+            self.comm = instrument.register_comm_hook(ddp, tc.grad_compression)
+            self.net = ddp
+        self.compile_seconds: float | None = None
+        if tc.compile:
+            self.net = torch.compile(self.net)
+
+    def _build_loader(self) -> None:
+        """This rank's share of every global batch of the training split (``loader``)."""
+        cfg, ctx, tc, data = self.cfg, self.ctx, self.tc, self.data
+        x_train, y_train = data.split("train")
+        augment = None
+        if cfg.data.augment and data.is_image:
+            augment = {"shift": cfg.data.augment_shift, "noise": cfg.data.augment_noise}
+        self.dataset = ArrayDataset(
+            x_train, y_train, data.input_shape, augment=augment, seed=tc.seed
+        )
+        self.sampler = GlobalBatchSampler(
+            len(self.dataset), tc.batch_size, ctx.world_size, ctx.rank, tc.grad_accum_steps,
+            tc.seed,
+        )  # fmt: skip
+        self.loader = make_train_loader(
+            self.dataset, self.sampler, cfg.data.num_workers, cfg.data.prefetch
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward pass's autocast context (none in fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return functools.partial(torch.autocast, self.ctx.device.type, dtype=self.autocast_dtype)()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything the next step depends on (what a checkpoint holds)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "partial": dict(self.partial),
+            "history": self._history_state(),
+        }
+
+    def _history_state(self) -> list[dict[str, Any]]:
+        # A recorded epoch never changes: each is converted once, not at every checkpoint.
+        done = self._history_dicts
+        done.extend(asdict(h) for h in self.history[len(done) :])
+        return list(done)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's ``state``."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.partial = dict(state["partial"])
+        self.history = [EpochStats(**h) for h in state["history"]]
+        self._history_dicts = []
+        self.resumed_from = self.global_step
+
+    def save_checkpoint(self, final: bool = False) -> None:
+        """Checkpoint the current state (rank 0 writes; a background thread unless ``final``).
+
+        Raises NonFiniteLoss, on every rank alike (their weights are the same), instead of
+        replacing the last good checkpoint with non-finite weights.
+        """
+        if self.checkpoint_dir is None:
+            return
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise NonFiniteLoss(diverged_message(self))
+        started = time.perf_counter()
+        if self.ctx.is_main:
+            args = (self.checkpoint_dir, self.global_step, self.state(), self.resume_key,
+                    self.tc.keep_checkpoints)  # fmt: skip
+            if final:  # training is over: written here, without the snapshot a thread needs
+                self.writer.wait()
+                checkpoint.save(*args)
+            else:  # only the snapshot blocks training; a background thread writes the file
+                self.writer.submit(*args)
+            self.checkpoints_written += 1
+        self.checkpoint_seconds += time.perf_counter() - started
