@@ -229,9 +229,10 @@ def dispatch(args: argparse.Namespace) -> int:
         case "train":
             _require_dir(args.dataset, "dataset", "meta.json")
             if args.params is not None and not args.params.is_file():
-                kind = "is a directory, not a" if args.params.is_dir() else "no such file (a"
-                close = "" if args.params.is_dir() else ")"
-                raise KubetrainError(f"{args.params}: {kind} best_params.json file{close}")
+                what = "is a directory, not a best_params.json file"
+                raise KubetrainError(
+                    f"{args.params}: {what if args.params.is_dir() else 'no such file'}"
+                )
             steps.train(cfg, args.dataset, args.output, params_file=args.params)
         case "quantize":
             _require_dir(args.dataset, "dataset", "meta.json")
