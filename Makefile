@@ -6,14 +6,21 @@ STAMP := $(VENV)/.installed
 # checkov (the manifest/Dockerfile scanner) lives in its own venv: its pins clash with kfp's.
 SCAN_VENV ?= .venv-scan
 SCAN_STAMP := $(SCAN_VENV)/.installed
+# Vision (torchvision) lives in its own venv: the torchvision that imports beside a CPU torch here
+# is 0.29.1, which needs torch 2.14.1 (a ~5.5 GB CUDA build locally); the core stays on torch 2.13.
+VISION_VENV ?= .venv-vision
+VISION_PY := $(VISION_VENV)/bin/python
+VISION_STAMP := $(VISION_VENV)/.installed
 ARGS ?=
 
-.PHONY: venv scan-venv run test test-fast test-slow test-cluster lint compile bench clean images image-trainer kind-e2e
+.PHONY: venv scan-venv venv-vision run test test-unit test-integration test-slow test-cluster test-vision lint compile bench clean images image-trainer kind-e2e
 
 # (Re)create the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# torch first and exactly: the range in pyproject.toml alone would pull a multi-GB CUDA 2.14.
+	$(PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.*'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,text]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,21 +32,40 @@ $(SCAN_STAMP):
 
 scan-venv: $(SCAN_STAMP)
 
+$(VISION_STAMP): pyproject.toml
+	test -x $(VISION_PY) || $(PYTHON) -m venv $(VISION_VENV)
+	$(VISION_PY) -m pip install --quiet --disable-pip-version-check 'torch==2.14.1' 'torchvision==0.29.1'
+	$(VISION_PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,vision,timm]'
+	touch $(VISION_STAMP)
+
+venv-vision: $(VISION_STAMP)
+
 ## run: the whole pipeline on the bundled digits data (pass options with ARGS="--set train.epochs=5")
 run: venv
 	$(VENV)/bin/kubetrain run $(ARGS)
 
-## test: lint, then unit and local integration tests (everything that needs no cluster)
-test: venv scan-venv lint
-	$(PY) -m pytest -m "not e2e and not slow and not cluster" $(ARGS)
+## test: lint, then the unit tier and the integration tier (not the slow suites)
+test: lint test-unit test-integration
 
 ## test-cluster: the cluster path against a real kube-apiserver + etcd (../shared/k8s, Debian's etcd-server)
 test-cluster: venv
 	$(PY) -m pytest -m cluster tests/cluster $(ARGS)
 
-## test-slow: the suites marked slow (run by .ci/run in their own step)
+## test-vision: the tests marked vision, in the torchvision venv (the core venv skips those needing torchvision)
+test-vision: venv-vision
+	$(VISION_PY) -m pytest -m "vision and not slow" $(ARGS)
+
+## test-unit: tests/unit only -- pure and fast, the tier to run all day (about 2 min on 2 cores)
+test-unit: venv scan-venv
+	$(PY) -m pytest tests/unit -m "not integration and not e2e and not slow and not cluster" $(ARGS)
+
+## test-integration: real processes together (kfp.local runs, torchrun, the CLI), not slow
+test-integration: venv
+	$(PY) -m pytest tests -m "integration and not e2e and not slow and not cluster" $(ARGS)
+
+## test-slow: the suites marked slow (whole pipeline runs, containers; .ci/run's own step)
 test-slow: venv
-	$(PY) -m pytest -m slow $(ARGS)
+	$(PY) -m pytest -m "slow and not e2e and not cluster" $(ARGS)
 
 # Only the folders that exist (benchmarks/ may not yet).
 LINT_DIRS := $(wildcard src components pipelines tests benchmarks images)

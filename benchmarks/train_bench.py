@@ -266,18 +266,18 @@ def bench_checkpoint(data, rounds: int) -> dict[str, Any]:
 
 # -- 6. pipeline overhead: `kubetrain run` vs the same steps called in one process ----------------
 # The reference: the five steps called one after another in a fresh process that imported their
-# libraries first (not timed), its tune trials forked as under the step server. A fresh process
+# libraries first (not timed). A fresh process
 # per round, so no round reuses another's in-memory compiled graphs.
 REFERENCE = """
 import importlib, json, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
-from kubetrain import warm
 from kubetrain.tune.local import RESULTS_IMPORTS
-for module in (*warm.PRELOAD, *RESULTS_IMPORTS):
+for module in ("kubetrain.steps", "kubetrain.data", "optuna", "torch", "kubetrain.train.loop",
+               "kubetrain.tune.local", "kubetrain.launch.local", "kubetrain.quantize",
+               "kubetrain.quantize.methods", "kubetrain.evaluate.measure", *RESULTS_IMPORTS):
     importlib.import_module(module)
 imports = time.perf_counter() - t0
-warm._IN_STEP = True  # torch imported and unused: the trials fork, as in a served step
 from kubetrain import steps
 from kubetrain.config import load_config
 cfg, d, took = load_config(), Path(sys.argv[1]), {}
@@ -313,22 +313,23 @@ def task_seconds(kfp_log: str) -> dict[str, float]:
 
 
 def bench_pipeline(rounds: int) -> dict[str, Any]:
-    """The default pipeline (what `make run` runs): `kubetrain run --no-cache` with its warm step
-    server, the same with `--cold` (every step imports its libraries in a fresh interpreter, as a
-    pod does), and REFERENCE; interleaved, one of each per round."""
+    """The default pipeline (what `make run` runs): `kubetrain run --no-cache` (every step a
+    fresh KFP task process, as a pod) and REFERENCE; interleaved, one of each per round.
+    Per-task overhead: benchmarks/pipeline_overhead.py."""
     exe = Path(sys.executable).parent / "kubetrain"
-    walls: dict[str, list[float]] = {"warm": [], "cold": []}
-    tasks: dict[str, dict[str, list[float]]] = {"warm": {}, "cold": {}}
+    walls: dict[str, list[float]] = {"run": []}
+    tasks: dict[str, dict[str, list[float]]] = {"run": {}}
     sums, scripts, imports, per_step = [], [], [], {}
     for r in range(rounds):
-        for mode, flags in (("warm", []), ("cold", ["--cold"])):
+        for mode, flags in (("run", []),):
             t0 = time.perf_counter()
             done = subprocess.run(
                 [str(exe), "run", "--no-cache", "--output", str(WORK / f"pipe-{mode}-{r}"), *flags],
                 check=True, capture_output=True, text=True,
             )  # fmt: skip
             walls[mode].append(time.perf_counter() - t0)
-            for name, sec in task_seconds(done.stdout + done.stderr).items():
+            kfp_log = (WORK / f"pipe-{mode}-{r}" / "logs" / "pipeline.log").read_text()
+            for name, sec in task_seconds(kfp_log).items():
                 tasks[mode].setdefault(name, []).append(sec)
         t0 = time.perf_counter()
         done = subprocess.run(
@@ -446,8 +447,7 @@ def render(results: dict[str, Any]) -> str:
         lines += ["### Pipeline overhead (the default pipeline: `kubetrain run --no-cache` vs the same "
                   "five steps called in one process)", "",
                   "Two references, both a fresh Python process per round that imports the steps' "
-                  "libraries, then calls the five steps one after another (its tune trials fork, as "
-                  "under the step server):", "",
+                  "libraries, then calls the five steps one after another:", "",
                   "- *steps' compute*: the time inside the five step calls only (imports, interpreter "
                   "start and exit not counted) — the strictest reading of the target;",
                   "- *one script*: that process's whole wall time, imports included — what the same "
@@ -456,21 +456,16 @@ def render(results: dict[str, Any]) -> str:
                   f"- steps' compute: {fmt(p['steps_in_one_process_s'], 1, 1)} s; one script: "
                   + (f"{fmt(p['script_wall_s'], 1, 1)} s (of it imports {fmt(p['script_imports_s'], 1, 1)} s)"
                      if "script_wall_s" in p else "not measured"),
-                  f"- `kubetrain run` (warm step server, the default): {fmt(p['run_wall_warm_s'], 1, 1)} s;"
-                  f" overhead share vs steps' compute {fmt(p['overhead_share_warm'], 100, 1)} %"
-                  + (f", vs one script {fmt(p['overhead_vs_script_warm'], 100, 1)} %" if "script_wall_s" in p else ""),
-                  f"- `kubetrain run --cold` (each step imports its libraries itself, as a pod does): "
-                  f"{fmt(p['run_wall_cold_s'], 1, 1)} s; overhead share vs steps' compute "
-                  f"{fmt(p['overhead_share_cold'], 100, 1)} %"
-                  + (f", vs one script {fmt(p['overhead_vs_script_cold'], 100, 1)} %" if "script_wall_s" in p else ""),
+                  f"- `kubetrain run` (each task a fresh process): {fmt(p['run_wall_run_s'], 1, 1)} s;"
+                  f" overhead share vs steps' compute {fmt(p['overhead_share_run'], 100, 1)} %"
+                  + (f", vs one script {fmt(p['overhead_vs_script_run'], 100, 1)} %" if "script_wall_s" in p else ""),
                   ""]  # fmt: skip
         if "step_s" in p:
-            lines += ["| step | in one process (s) | KFP task, warm (s) | KFP task, `--cold` (s) |",
-                      "|---|---|---|---|"]  # fmt: skip
-            for name in p["task_s_warm"]:
-                ref, cold = p["step_s"].get(name), p["task_s_cold"].get(name)
+            lines += ["| step | in one process (s) | KFP task (s) |", "|---|---|---|"]
+            for name in p["task_s_run"]:
+                ref = p["step_s"].get(name)
                 lines.append(f"| {name} | {fmt(ref, 1, 2) if ref else '–'} | "
-                             f"{fmt(p['task_s_warm'][name], 1, 2)} | {fmt(cold, 1, 2) if cold else '–'} |")  # fmt: skip
+                             f"{fmt(p['task_s_run'][name], 1, 2)} |")  # fmt: skip
             lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -20,22 +20,22 @@ def evaluate(
     import shutil
     from pathlib import Path
 
+    from kubetrain import steps
     from kubetrain.artifacts import EVAL_DETAILS, EVAL_REPORT
+    from kubetrain.config import config_from_json
     from kubetrain.io import read_json
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
-    from kubetrain.warm import run_step
 
     setup_logging()
     out = Path(evaluation.path)
-    result = run_step(
-        "evaluate",
-        config_json,
-        dataset_dir=dataset.path,
-        model_dir=model.path,
-        quantized_dir=quantized.path,
+    result = steps.evaluate(
+        config_from_json(config_json),
+        dataset_dir=Path(dataset.path),
+        model_dir=Path(model.path),
+        quantized_dir=Path(quantized.path),
         out_dir=out,
-        tune_dir=best_params.path,
+        tune_dir=Path(best_params.path),
         min_accuracy=min_accuracy,
     )
     for key, value in result.items():

@@ -6,11 +6,14 @@ from kubetrain.images import runtime_image
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
 def preprocess(config_json: str, dataset: dsl.Output[dsl.Dataset]):
     """Load, clean, split and normalise the data into a versioned dataset artifact."""
+    from pathlib import Path
+
+    from kubetrain import steps
+    from kubetrain.config import config_from_json
     from kubetrain.logs import setup_logging
-    from kubetrain.warm import run_step
 
     setup_logging()
-    meta = run_step("preprocess", config_json, out_dir=dataset.path)
+    meta = steps.preprocess(config_from_json(config_json), out_dir=Path(dataset.path))
     dataset.metadata.update(
         {"version": meta["version"], "source": meta["source"], "sizes": meta["sizes"]}
     )

@@ -13,17 +13,19 @@ def quantize(
 ):
     """fp32 -> int8 (auto-chosen or named method) behind an accuracy gate; the artifact is a
     torch.export program (TorchScript for the fbgemm backend) that reloads without kubetrain."""
+    from pathlib import Path
+
+    from kubetrain import steps
+    from kubetrain.config import config_from_json
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
-    from kubetrain.warm import run_step
 
     setup_logging()
-    info = run_step(
-        "quantize",
-        config_json,
-        dataset_dir=dataset.path,
-        model_dir=model.path,
-        out_dir=quantized.path,
+    info = steps.quantize(
+        config_from_json(config_json),
+        dataset_dir=Path(dataset.path),
+        model_dir=Path(model.path),
+        out_dir=Path(quantized.path),
     )
     quantized.metadata.update(
         {"method": info["method"], "candidate": info["name"], "decision": info["decision"]}

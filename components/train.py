@@ -12,18 +12,20 @@ def train(
     train_metrics: dsl.Output[dsl.Metrics],
 ):
     """Distributed training (torchrun locally) with the tuned parameters."""
+    from pathlib import Path
+
+    from kubetrain import steps
     from kubetrain.artifacts import SearchResult
+    from kubetrain.config import config_from_json
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
-    from kubetrain.warm import run_step
 
     setup_logging()
-    summary = run_step(
-        "train",
-        config_json,
-        dataset_dir=dataset.path,
-        out_dir=model.path,
-        params_file=str(SearchResult.best_params_file(best_params.path)),
+    summary = steps.train(
+        config_from_json(config_json),
+        dataset_dir=Path(dataset.path),
+        out_dir=Path(model.path),
+        params_file=SearchResult.best_params_file(best_params.path),
     )
     model.metadata["framework"] = "pytorch"
     for key in ("samples_per_second", "train_seconds", "data_wait_share", "final_val_accuracy"):

@@ -17,14 +17,15 @@ def tune(
     import shutil
     from pathlib import Path
 
+    from kubetrain import steps
     from kubetrain.artifacts import SEARCH_REPORT
+    from kubetrain.config import config_from_json
     from kubetrain.kfp_outputs import persist
     from kubetrain.logs import setup_logging
-    from kubetrain.warm import run_step
 
     setup_logging()
     out = Path(best_params.path)
-    result = run_step("tune", config_json, dataset_dir=dataset.path, out_dir=out)
+    result = steps.tune(config_from_json(config_json), dataset_dir=Path(dataset.path), out_dir=out)
     best_params.metadata["best_params"] = result["best_params"]
     search_metrics.log_metric("trials", result["trials_total"])
     report = out / SEARCH_REPORT

@@ -13,7 +13,17 @@ from kubetrain.config import PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
+UNIT = Path(__file__).parent / "unit"
 KUBETRAIN = [sys.executable, "-m", "kubetrain.cli"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test outside tests/unit ``integration``: the unit tier is tests/unit and
+    nothing else, and a new suite elsewhere still runs in CI's integration step (README,
+    Testing)."""
+    for item in items:
+        if not Path(item.path).is_relative_to(UNIT):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -68,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         "of the runtime image (`make images`; KUBETRAIN_IMAGE overrides), as on a cluster",
     )
     p.add_argument(
-        "--cold",
+        "-v",
+        "--verbose",
         action="store_true",
-        help="subprocess runner: every step imports its libraries in its own fresh process, "
-        "as a pod does (default: steps fork from one warm step server; see README)",
+        default=argparse.SUPPRESS,
+        help="stream kfp.local's whole output (default: one line per task; the output goes to "
+        "<run>/logs/ either way)",
     )
 
     p = sub.add_parser("compile", help="write the pipeline as KFP IR YAML")
@@ -184,7 +186,7 @@ def dispatch(args: argparse.Namespace) -> int:
             from kubetrain.run import run_local
 
             result = run_local(
-                cfg, args.output, cache=not args.no_cache, runner=args.runner, warm=not args.cold
+                cfg, args.output, cache=not args.no_cache, runner=args.runner, verbose=args.verbose
             )
             if not result.retrained:
                 print(f"run directory:      {result.run_dir}")
@@ -203,6 +205,7 @@ def dispatch(args: argparse.Namespace) -> int:
             verdict = f"yes -> {result.promoted_model}" if m["promoted"] else "no (below the bar)"
             print(f"promoted:           {verdict}")
             print(f"report:             {result.report}")
+            print(f"logs:               {result.run_dir / 'logs'}")
             print(f"pipeline time:      {result.seconds:.1f} s")
         case "manifests":
             from kubetrain.launch.manifests import cluster_manifests, to_yaml

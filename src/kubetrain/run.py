@@ -4,6 +4,10 @@ Every step runs as a KFP task: with the ``subprocess`` runner a subprocess of th
 (exactly the component code a cluster runs), with the ``docker`` runner a container of the
 runtime image (``kubetrain.images``), as on a cluster. Caching makes a re-run into the same
 directory skip finished steps.
+
+kfp.local's output goes to ``<run>/logs/`` (``kubetrain.live``); the terminal shows one line per
+task, or everything with ``verbose``. A step that fails says why in the one line it would print
+alone, with its exit code and the path of its log.
 """
 
 from __future__ import annotations
@@ -11,18 +15,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.errors import ConfigError, DataError, KubetrainError
 from kubetrain.io import read_json, write_json
-from kubetrain.warm import StepServer
-from kubetrain.warm import enabled as warm_enabled
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +45,26 @@ class RunResult:
     reason: str = ""
 
 
+class StepFailed(KubetrainError):
+    """A pipeline task failed. The message is the step's own line (or its last log line) with
+    the path of its log; the exit code is the one the step's error carries."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def preflight(cfg: PipelineConfig) -> None:
-    """Check what can be checked before anything is written: data readable, model fits it."""
+    """Check what can be checked before anything is written, so that a run fails in seconds
+    rather than after the search: the data can be read and split with every class in every
+    part, the training split holds at least ``train.batch_size`` samples, the model fits.
+
+    Raises:
+        KubetrainError: the cluster backend is chosen (``kubetrain run`` is local).
+        DataError: the data cannot be read, has one class, or cannot be split.
+        ConfigError: the model or the batch size does not fit the data.
+    """
+    from kubetrain.data.dataset import encode_labels, split_indices
     from kubetrain.data.sources import load_source
 
     if cfg.cluster.backend != "local":
@@ -55,6 +77,25 @@ def preflight(cfg: PipelineConfig) -> None:
         raise ConfigError(
             "config error: model.name: 'cnn' needs image data; set data.image_shape (C,H,W) "
             "for images stored as columns, or use 'mlp'"
+        )
+    # The preprocess step's own checks and split (the same functions), without writing.
+    y, classes = encode_labels(raw.y)
+    if len(classes) < 2:
+        raise DataError(f"data error: {raw.source}: needs at least 2 classes, found {len(classes)}")
+    parts = split_indices(y, cfg.data)
+    for name, idx in parts.items():
+        missing = len(classes) - len(set(y[idx].tolist()))
+        if missing:
+            raise DataError(
+                f"data error: {raw.source}: the {name} split ({len(idx)} samples) lacks "
+                f"{missing} of the {len(classes)} classes; use more data or change "
+                "data.val_fraction / data.test_fraction"
+            )
+    n_train = len(parts["train"])
+    if cfg.train.batch_size > n_train:
+        raise ConfigError(
+            f"config error: train.batch_size {cfg.train.batch_size} exceeds the {n_train} "
+            "training samples"
         )
 
 
@@ -137,22 +178,32 @@ def run_local(
     output: Path | None = None,
     cache: bool = True,
     runner: str = "subprocess",
-    warm: bool = True,
+    verbose: bool = False,
+    out: IO[str] | None = None,
 ) -> RunResult:
-    """Run the pipeline under kfp.local (``runner``: one of RUNNERS); return metrics and paths.
+    """Run the pipeline under kfp.local; return its metrics and paths.
 
-    With the subprocess runner and ``warm``, the steps fork from one step server that imported
-    their libraries once (``kubetrain.warm``); each task is still its own KFP subprocess.
+    Args:
+        cfg: the validated config.
+        output: the run directory (default ``runs/<timestamp>``).
+        cache: reuse the outputs of tasks that ran before with the same inputs.
+        runner: one of RUNNERS.
+        verbose: pass kfp.local's whole output on to ``out`` instead of the task view.
+        out: where the task view goes (default stdout; redrawn in place on a terminal).
+
+    Returns:
+        The run's metrics, report and promoted model (or why nothing was trained).
+
+    Raises:
+        KubetrainError: bad input found before the run (nothing written), or ``StepFailed``.
     """
     if runner not in RUNNERS:
         raise KubetrainError(f"runner {runner!r}: expected one of {', '.join(RUNNERS)}")
     preflight(cfg)
     run_dir = prepare_run_dir(output)
-    with contextlib.ExitStack() as stack:
-        if runner == "subprocess" and warm and warm_enabled():
-            # Started first: its imports overlap the compile and the first task.
-            stack.enter_context(StepServer(run_dir / "kfp" / "step-server.log"))
-        task, started = _run_pipeline(cfg, run_dir, cache, runner)
+    for result_file in ("metrics.json", "report.html"):  # a failed re-run leaves no old result
+        (run_dir / result_file).unlink(missing_ok=True)
+    task, started = _run_pipeline(cfg, run_dir, cache, runner, verbose, out or sys.stdout)
     seconds = time.perf_counter() - started
     if cfg.retrain.only_if_changed:
         # This pipeline's one output is the decision; the evaluation is found on disk.
@@ -177,11 +228,16 @@ def run_local(
 
 
 def _run_pipeline(
-    cfg: PipelineConfig, run_dir: Path, cache: bool, runner: str
+    cfg: PipelineConfig, run_dir: Path, cache: bool, runner: str, verbose: bool, out: IO[str]
 ) -> tuple[Any, float]:
-    """Compile and run the pipeline under kfp.local; the final task and the start time."""
+    """Compile and run the pipeline under kfp.local; the final task and the start time.
+
+    Raises:
+        StepFailed: a task failed.
+    """
     from kfp import local
 
+    from kubetrain.live import LiveView, PlainView, TaskLog
     from kubetrain.pipelines import build_pipeline
 
     if cfg.train.checkpoint_dir is None:
@@ -200,19 +256,96 @@ def _run_pipeline(
         enable_caching=cache,
         cache_root=str(run_dir / "kfp" / ".cache"),
     )
+    task_log = TaskLog(run_dir / "logs", task_names(pipeline), echo=out if verbose else None)
+    live: Any = contextlib.nullcontext()
+    if not verbose:
+        view = LiveView(task_log, out) if out.isatty() else PlainView(out)
+        task_log.views.append(view)
+        live = view if isinstance(view, LiveView) else live
+    failure: RuntimeError | None = None
     started = time.perf_counter()
-    with warnings.catch_warnings():
+    with task_log, warnings.catch_warnings(), live, _output_into(task_log):
         # kfp warns for every task whose base image name lacks "python"; ours is a Python image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
             task = pipeline(min_accuracy=cfg.evaluate.min_accuracy)
         except RuntimeError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else "a task failed"
-            raise KubetrainError(
-                f"pipeline failed: {first} (the task's log above says why; outputs so far are "
-                f"in {run_dir / 'kfp'})"
-            ) from None
+            failure = err
+        finally:
+            task_log.finish()  # also on Ctrl-C: the view ends with every task's last state
+    if failure is not None:
+        raise _step_failure(task_log, failure, run_dir, None if verbose else out)
     return task, started
+
+
+@contextlib.contextmanager
+def _output_into(stream: IO[str]) -> Iterator[None]:
+    """Send this process's stdout, stderr and root-logger records to ``stream`` meanwhile
+    (kfp.local prints to stdout and logs through the root logger)."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    handler = logging.StreamHandler(stream)
+    if handlers and handlers[0].formatter is not None:
+        handler.setFormatter(handlers[0].formatter)
+    root.handlers[:] = [handler]
+    try:
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+            yield
+    finally:
+        root.handlers[:] = handlers
+
+
+def _step_failure(task_log: Any, err: RuntimeError, run_dir: Path, out: IO[str] | None):
+    """What ``kubetrain run`` reports for a failed pipeline: the failing step's own line (its
+    ERROR_MARKER record) or else its last log line, with its log path. Its last lines go to
+    ``out`` (unless None: they were streamed already)."""
+    failed = task_log.failed()
+    if failed is None:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "a task failed"
+        return StepFailed(f"pipeline failed: {first} (log: {task_log.combined_path})")
+    log_file = failed.log_file or task_log.combined_path
+    if out is not None and failed.tail:
+        out.write(f"last lines of {failed.name} ({log_file}):\n")
+        out.writelines(f"  {line}\n" for line in failed.tail)
+        out.flush()
+    if failed.error is not None:
+        message = failed.error.get("message", "failed")
+        code = int(failed.error.get("exit_code", 1))
+        return StepFailed(f"{failed.name}: {message} (log: {log_file})", code)
+    last = failed.tail[-1] if failed.tail else "no output"
+    return StepFailed(
+        f"{failed.name} failed: {last} (log: {log_file}; outputs so far in {run_dir / 'kfp'})"
+    )
+
+
+def task_names(pipeline: Any) -> list[str]:
+    """The pipeline's tasks (those inside conditions too), each after the tasks it needs.
+
+    Args:
+        pipeline: a compiled ``@dsl.pipeline`` (its ``pipeline_spec``).
+
+    Returns:
+        Task names, e.g. ``["preprocess", "tune", ..., "promote", "reject"]``.
+    """
+    spec = pipeline.pipeline_spec
+    needs: dict[str, list[str]] = {}
+
+    def collect(dag: Any, inherited: list[str]) -> None:
+        for name, task in dag.tasks.items():
+            component = spec.components[task.component_ref.name]
+            after = [*inherited, *task.dependent_tasks]
+            if component.WhichOneof("implementation") == "dag":
+                collect(component.dag, after)
+            else:
+                needs[name] = after
+
+    collect(spec.root.dag, [])
+    ordered: list[str] = []
+    while len(ordered) < len(needs):
+        waiting = [n for n in needs if n not in ordered]
+        ready = [n for n in waiting if all(d in ordered or d not in needs for d in needs[n])]
+        ordered.extend(ready or waiting)  # a cycle cannot happen in KFP; never loop forever
+    return ordered
 
 
 def _find_output(pipeline_root: Path, task: str, output: str) -> Path | None:

@@ -66,7 +66,7 @@ def _executed(captured) -> list[str]:
 def test_pipeline_runs_every_step_in_the_image(runtime_image_built, tmp_path, capfd):
     from kubetrain.run import run_local
 
-    result = run_local(load_config(), tmp_path / "run", runner="docker")
+    result = run_local(load_config(), tmp_path / "run", runner="docker", verbose=True)
     captured = capfd.readouterr()
     print(f"pipeline in containers: {result.seconds:.0f} s")
 
@@ -89,7 +89,7 @@ def test_pipeline_runs_every_step_in_the_image(runtime_image_built, tmp_path, ca
     # The other branch of the gate: an unreachable bar rejects the model. (Steps the cache
     # holds are not re-run; evaluate, which takes the bar, and the gate always are.)
     strict = load_config(overrides=["evaluate.min_accuracy=1.0"])
-    rejected = run_local(strict, tmp_path / "run", runner="docker")
+    rejected = run_local(strict, tmp_path / "run", runner="docker", verbose=True)
     captured = capfd.readouterr()
     assert rejected.metrics["promoted"] is False and rejected.promoted_model is None
     executed = _executed(captured)

@@ -1,16 +1,29 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
+from kubetrain.config import load_config
 from tests.conftest import run_cli
 
 
 def check_one_line_error(proc, code: int, expected: str) -> None:
+    """Exit ``code``; stderr ends in the one ``kubetrain:`` line, which holds ``expected``."""
     assert proc.returncode == code, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("kubetrain:")]
     assert len(lines) == 1 and expected in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def write_csv(path, rows_per_class: dict[str, int]):
+    lines = ["a,b,label"]
+    for label, n in rows_per_class.items():
+        lines += [f"{i},{i * 2 % 7},{label}" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def test_config_show_prints_the_effective_config():
@@ -39,6 +52,26 @@ def test_run_rejects_bad_input_before_writing_anything(tmp_path, args, code, exp
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("rows", "args", "code", "expected"),
+    [
+        ({"x": 30}, [], 1, "one.csv: needs at least 2 classes, found 1"),
+        ({"x": 3, "y": 3, "z": 3}, [], 1, "cannot split 9 samples"),
+        ({"x": 40, "y": 40}, ["--set", "train.batch_size=100"], 2,
+         "config error: train.batch_size 100 exceeds the 56 training samples"),
+    ],
+    ids=["one-class", "too-few-rows-for-the-split", "batch-larger-than-train-split"],
+)  # fmt: skip
+def test_run_checks_the_data_against_the_split_before_the_pipeline(
+    tmp_path, rows, args, code, expected
+):
+    data = write_csv(tmp_path / "one.csv", rows)
+    out = tmp_path / "run"
+    proc = run_cli("run", "--output", str(out), "--set", f"data.source={data}", *args)
+    check_one_line_error(proc, code, expected)
+    assert not out.exists()  # found before anything was written, the pipeline never started
+
+
 def test_run_refuses_a_foreign_directory(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     proc = run_cli("run", "--output", str(tmp_path))
@@ -64,27 +97,10 @@ def test_compile_writes_the_pipeline_ir(tmp_path):
     for step in ("preprocess", "tune", "train", "quantize", "evaluate", "check-accuracy"):
         assert step in tasks
     assert spec["root"]["inputDefinitions"]["parameters"]["min_accuracy"]["defaultValue"] == 0.9
-    assert "dynamic_int8" in out.read_text()  # the config slice reaches the quantize step
-
-
-def test_each_step_runs_alone_on_artifacts_on_disk(tmp_path):
-    ds, model, q, ev = (tmp_path / n for n in ("dataset", "model", "q", "eval"))
-    fast = ["--set", "train.nproc=1", "--set", "train.epochs=2"]
-    assert run_cli("preprocess", "--output", str(ds)).returncode == 0
-    assert (ds / "meta.json").is_file()
-    proc = run_cli("train", "--dataset", str(ds), "--output", str(model), *fast)
-    assert proc.returncode == 0, proc.stderr
-    assert (model / "model.pt").is_file()
-    quant = ["--set", "quantize.method=dynamic_int8", "--set", "quantize.max_accuracy_drop=0.05"]
-    proc = run_cli("quantize", "--dataset", str(ds), "--model", str(model), "--output", str(q),
-                   *quant)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    proc = run_cli("evaluate", "--dataset", str(ds), "--model", str(model), "--quantized",
-                   str(q), "--output", str(ev))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    metrics = yaml.safe_load((ev / "metrics.json").read_text())
-    assert metrics["test_accuracy_fp32"] > 0.85
-    assert "<img" in (ev / "report.html").read_text()
+    # The config slice the quantize task gets carries the override (not the default method).
+    assert load_config().quantize.method != "dynamic_int8"
+    config_json = tasks["quantize"]["inputs"]["parameters"]["config_json"]["runtimeValue"]
+    assert json.loads(config_json["constant"])["quantize"]["method"] == "dynamic_int8"
 
 
 def test_step_rejects_a_path_that_is_not_an_artifact(tmp_path):

@@ -14,15 +14,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[2] / "src" / "kubetrain"
 
-# Edges allowed to close a cycle, each only while it exists, each with the change that removes it.
-ALLOWED = {
-    # The step server's cycle (steps -> tune.local -> warm -> steps): goes with kubetrain.warm
-    # (issue #12 item 1).
-    ("kubetrain.warm", "kubetrain.steps"),
-    # tune.local launches tune.trial_worker, which reads the study's name and storage back from
-    # tune.local: to be untied where run_search is split (issue #12 item 5, tune/local.py).
-    ("kubetrain.tune.trial_worker", "kubetrain.tune.local"),
-}
+# Edges allowed to close a cycle, each only while it exists, each with the change that removes it
+# (none left: the step server went with issue #12 item 1, the study moved to tune.study).
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -3,11 +3,84 @@ augmented (used by ``kubetrain.data`` and the training loader)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from kubetrain.config_base import Section
+
+# The special tokens every kubetrain tokenizer has, in this order (a trained one gets ids 0..4).
+SPECIAL_TOKENS: dict[str, str] = {
+    "pad": "<pad>",
+    "unk": "<unk>",
+    "bos": "<s>",
+    "eos": "</s>",
+    "cls": "<cls>",
+}
+# Fewer pieces than this beyond the special tokens leaves no room for any real subword.
+MIN_LEARNED_PIECES = 32
+
+
+class TokenizerConfig(Section):
+    """The tokenizer of text data: trained on the training split, or loaded from a file."""
+
+    kind: Literal["bpe", "wordpiece", "unigram"] = Field(
+        "bpe", description="Subword model trained on the training split (Hugging Face tokenizers)."
+    )
+    vocab_size: int = Field(
+        8000, ge=1, le=1_000_000, description="Vocabulary size of a trained tokenizer."
+    )
+    min_frequency: int = Field(2, ge=1, description="Fewest occurrences of a merged piece (BPE).")
+    lowercase: bool = Field(False, description="Lower-case text before tokenizing.")
+    path: str | None = Field(
+        None,
+        description="A local tokenizer.json, or a directory holding one, to use instead of "
+        "training; it must know the special tokens <pad> <unk> <s> </s> <cls>.",
+    )
+
+    @model_validator(mode="after")
+    def _room_for_pieces(self) -> TokenizerConfig:
+        least = len(SPECIAL_TOKENS) + MIN_LEARNED_PIECES
+        if self.path is None and self.vocab_size < least:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} leaves no room beside the {len(SPECIAL_TOKENS)} "
+                f"special tokens: use at least {least}"
+            )
+        return self
+
+
+class TransformSpec(Section):
+    """One ``torchvision.transforms.v2`` transform: its class name and keyword arguments."""
+
+    name: str = Field(
+        ..., min_length=1, description="A class of torchvision.transforms.v2 (e.g. RandomCrop)."
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Its keyword arguments; a list of {name, kwargs} entries (the transforms of "
+        "RandomApply, RandomChoice, ...) is built the same way.",
+    )
+
+
+class TransformsConfig(Section):
+    """Image augmentation and preparation, applied per sample in the loader's workers."""
+
+    train: list[TransformSpec] = Field(
+        default_factory=list,
+        description="Transforms of training images, in order. Images enter as uint8 tensors "
+        "(C,H,W); a ToDtype(float32, scale=True) is added before the first Normalize (or at "
+        "the end) unless the list has a ToDtype.",
+    )
+    eval: list[TransformSpec] = Field(
+        default_factory=list,
+        description="Transforms of validation/test images (deterministic: resize, crop, "
+        "normalise), with the same ToDtype rule.",
+    )
+    batch: list[TransformSpec] = Field(
+        default_factory=list,
+        description="Transforms of whole training batches (MixUp, CutMix, RandomChoice of "
+        "them); num_classes is filled in. data.mixup_alpha/cutmix_alpha are the short form.",
+    )
 
 
 class DataConfig(Section):
@@ -55,3 +128,67 @@ class DataConfig(Section):
         if shape is not None and (not shape or any(v < 1 for v in shape)):
             raise ValueError("every entry must be a positive integer, e.g. [1, 28, 28] (C,H,W)")
         return shape
+
+    task: Literal["classification", "text_classification", "seq2seq"] = Field(
+        "classification",
+        description="'classification' (tabular or image features, the default), "
+        "'text_classification' (text + label) or 'seq2seq' (text -> target text: translation, "
+        "summarization).",
+    )
+    text_column: str = Field("text", description="Column of the input text (text tasks).")
+    target_column: str = Field("target", description="Column of the output text of seq2seq pairs.")
+    max_length: int = Field(
+        128,
+        ge=4,
+        le=65536,
+        description="Most tokens per sequence, special tokens included (text tasks); longer "
+        "text is truncated and counted in a warning. The model's max_len must be at least this.",
+    )
+    tokenizer: TokenizerConfig = Field(
+        default_factory=TokenizerConfig, description="Tokenizer of text tasks."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for data.source and the shards (e.g. endpoint_url, "
+        "key/secret for s3://). Prefer the environment for credentials (AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS): s3fs and "
+        "gcsfs read them, and they stay out of the run's recorded config.",
+    )
+    image_column: str = Field(
+        "image",
+        min_length=1,
+        description="Column of a CSV/Parquet image manifest holding each image's path or URI "
+        "(relative paths are relative to the manifest's folder).",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="Resize images when the shards are written: the shorter side to this many "
+        "pixels (aspect kept), then centre-cropped to a square, so every stored image has one "
+        "shape (None: stored as they are).",
+    )
+    image_mode: Literal["RGB", "L"] = Field(
+        "RGB",
+        description="Colour mode every image is converted to when the shards are written "
+        "(grayscale, palette, RGBA and 16-bit images included): 'RGB' (3 channels) or 'L'.",
+    )
+    shard_samples: int = Field(
+        2048,
+        ge=1,
+        description="Samples (images, or token sequences of text tasks) per shard file of the "
+        "sharded dataset (the unit of parallel preprocessing and of streaming).",
+    )
+    transforms: TransformsConfig = Field(
+        default_factory=TransformsConfig,
+        description="torchvision.transforms.v2 pipelines for images: train, eval, batch.",
+    )
+    mixup_alpha: float = Field(
+        0.0, ge=0, description="MixUp's Beta(alpha, alpha) on training batches (0 = off)."
+    )
+    cutmix_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="CutMix's Beta(alpha, alpha) on training batches (0 = off); with "
+        "mixup_alpha too, each batch gets one of the two at random.",
+    )

@@ -48,14 +48,23 @@ class ShardManifest:
     class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     columns: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
+    # What a reader needs beyond the records (an image set's class names, colour mode, size);
+    # part of the content: it enters the version when present.
+    meta: dict[str, Any] = field(default_factory=dict)
+    # Where the data came from (source, input fingerprint, what was skipped): recorded, but not
+    # content, so not part of the version (the same images from another bucket, same version).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
-        """A digest of every shard's digest, in split and shard order: the content version."""
+        """A digest of every shard's digest, in split and shard order (and of ``meta`` when
+        there is one): the content version."""
         h = hashlib.sha256()
         for split in sorted(self.splits):
             for shard in self.splits[split]:
                 h.update(f"{split}/{shard.path}:{shard.sha256}\n".encode())
+        if self.meta:
+            h.update(json.dumps(self.meta, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
     def num_samples(self, split: str) -> int:
@@ -69,6 +78,8 @@ class ShardManifest:
             "columns": self.columns,
             "class_counts": self.class_counts,
             "splits": {k: [asdict(s) for s in v] for k, v in self.splits.items()},
+            **({"meta": self.meta} if self.meta else {}),
+            **({"provenance": self.provenance} if self.provenance else {}),
         }
 
     @classmethod
@@ -80,7 +91,13 @@ class ShardManifest:
             splits = {k: [ShardInfo(**s) for s in v] for k, v in data["splits"].items()}
         except (KeyError, TypeError) as err:
             raise DataError(f"{where}: malformed shard manifest ({err})") from None
-        return cls(splits, dict(data.get("class_counts", {})), dict(data.get("columns", {})))
+        return cls(
+            splits,
+            dict(data.get("class_counts", {})),
+            dict(data.get("columns", {})),
+            meta=dict(data.get("meta", {})),
+            provenance=dict(data.get("provenance", {})),
+        )
 
 
 def _filesystem(root: str, storage_options: Mapping[str, Any] | None):
@@ -133,6 +150,7 @@ class ShardWriter:
         max_bytes: int = 64 << 20,
         storage_options: Mapping[str, Any] | None = None,
         label_column: str | None = "label",
+        first_index: int = 0,
     ) -> None:
         if max_samples < 1 or max_bytes < 1:
             raise ValueError("max_samples and max_bytes must be positive")
@@ -141,6 +159,9 @@ class ShardWriter:
         self.label_column = label_column
         self.columns: dict[str, str] = {}
         self.shards: list[ShardInfo] = []
+        # Where this writer's shard numbering starts: parallel writers of one split each take
+        # their own range (``<split>-<first_index + k>``).
+        self.first_index = first_index
         self.class_counts: Counter[str] = Counter()
         self._pending: list[dict[str, Any]] = []
         self._pending_bytes = 0
@@ -182,15 +203,21 @@ class ShardWriter:
             if kind == "bytes":
                 arrays[name] = pa.array([bytes(v) for v in values], type=pa.binary())
             elif kind == "ints":
-                arrays[name] = pa.array(
-                    [np.asarray(v) for v in values], type=pa.list_(_narrow_int_type(values))
+                # One flat array plus offsets: converting each row's array on its own costs
+                # more than tokenizing it (and makes pyarrow import pandas).
+                item = _narrow_int_type(values)
+                flat = np.concatenate([np.asarray(v) for v in values])
+                offsets = np.zeros(len(values) + 1, dtype=np.int32)
+                np.cumsum([len(v) for v in values], out=offsets[1:])
+                arrays[name] = pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(flat, type=item)
                 )
             else:
                 arrays[name] = pa.array(values)
         buf = io.BytesIO()
         pq.write_table(pa.table(arrays), buf, compression="zstd")
         data = buf.getvalue()
-        name = f"{self.split}-{len(self.shards):06d}.parquet"
+        name = f"{self.split}-{self.first_index + len(self.shards):06d}.parquet"
         final = posixpath.join(self.root, name)
         tmp = posixpath.join(self.root, f".{name}.tmp")
         with self.fs.open(tmp, "wb") as f:
@@ -227,12 +254,20 @@ def write_manifest(
         class_counts={w.split: dict(sorted(w.class_counts.items())) for w in writers},
         columns=columns,
     )
+    save_manifest(root, manifest, storage_options)
+    return manifest
+
+
+def save_manifest(
+    root: str, manifest: ShardManifest, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """Write ``manifest`` as ``root/shards.json`` atomically (for shards written elsewhere,
+    e.g. by parallel workers; ``write_manifest`` covers the one-writer-per-split case)."""
     fs, path = _filesystem(root, storage_options)
     tmp = posixpath.join(path, f".{MANIFEST}.tmp")
     with fs.open(tmp, "w") as f:
         json.dump(manifest.to_json(), f, indent=2)
     fs.mv(tmp, posixpath.join(path, MANIFEST))
-    return manifest
 
 
 def read_manifest(root: str, storage_options: Mapping[str, Any] | None = None) -> ShardManifest:

@@ -48,7 +48,12 @@ REGISTRY: dict[str, Callable[[list[int], int, ModelConfig], nn.Module]] = {"mlp"
 
 
 def build_model(cfg: ModelConfig, input_shape: list[int], num_classes: int) -> nn.Module:
-    """Build ``cfg.name`` for inputs of ``input_shape`` (without batch) and ``num_classes``."""
+    """Build ``cfg.name`` for inputs of ``input_shape`` (without batch) and ``num_classes``;
+    ``torchvision:``, ``timm:`` and ``module:factory`` names are built by ``models.vision``."""
+    if cfg.name not in REGISTRY:
+        from kubetrain.models import vision
+
+        return vision.build_model(cfg, list(input_shape), num_classes)
     return REGISTRY[cfg.name](list(input_shape), num_classes, cfg)
 
 
@@ -62,5 +67,9 @@ def model_spec(cfg: ModelConfig, input_shape: list[int], num_classes: int) -> di
 
 
 def build_from_spec(spec: dict) -> nn.Module:
-    """The network described by ``model_spec`` (untrained: load its weights next)."""
-    return build_model(ModelConfig(**spec["config"]), spec["input_shape"], spec["num_classes"])
+    """The network described by ``model_spec`` (untrained: load its weights next).
+
+    The initial ``model.weights`` are not read again: the trained weights replace them, and the
+    process rebuilding the model (quantize, evaluate, a pod) may not reach that file."""
+    config = {**spec["config"], "weights": None, "freeze_backbone": False}
+    return build_model(ModelConfig(**config), spec["input_shape"], spec["num_classes"])

@@ -17,6 +17,13 @@ class TrainConfig(Section):
     batch_size: int = Field(
         64, ge=1, description="Global batch: summed over processes, nodes and accumulation."
     )
+    batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Text tasks: a global budget of tokens per step (padding included, summed "
+        "over processes and accumulation) instead of batch_size samples; length-bucketed "
+        "batches are cut to fit it. A sequence longer than a process's share is a batch alone.",
+    )
     lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
     optimizer: Literal["adam", "adamw", "rmsprop", "sgd"] = Field(
         "adamw", description="Optimizer (fused kernels where PyTorch has them; sgd: Nesterov)."
@@ -94,3 +101,19 @@ class TrainConfig(Section):
                 f"= {parts}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tokens_divide(self) -> TrainConfig:
+        parts = self.world_size * self.grad_accum_steps
+        if self.batch_tokens is not None and self.batch_tokens < parts:
+            raise ValueError(
+                f"batch_tokens {self.batch_tokens} is less than one token per micro-batch: "
+                f"nnodes*nproc*grad_accum_steps = {parts}"
+            )
+        return self
+
+    def tokens_per_micro_batch(self) -> int | None:
+        """One process's share of ``batch_tokens`` per micro-batch (None without a budget)."""
+        if self.batch_tokens is None:
+            return None
+        return self.batch_tokens // (self.world_size * self.grad_accum_steps)

@@ -21,30 +21,21 @@ import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
-
-from kubetrain.config import PipelineConfig, config_from_json
+from kubetrain.config import PipelineConfig, TuneConfig, config_from_json
+from kubetrain.errors import KubetrainError
 from kubetrain.io import write_json
-from kubetrain.tune.space import grid_size, make_pruner, make_sampler, search_space
-from kubetrain.warm import in_step
+from kubetrain.tune.study import JOURNAL, STUDY_NAME, storage
+
+if TYPE_CHECKING:
+    import optuna
 
 log = logging.getLogger(__name__)
 
-STUDY_NAME = "kubetrain"
-JOURNAL = "study.journal"
-
-
 INTERRUPTED = "interrupted"  # user attribute of a trial cut off by an interrupted search
-
-
-def storage(path: Path) -> optuna.storages.JournalStorage:
-    """The study's journal file (appends only; safe for several processes)."""
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
 def trial_config(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
@@ -59,6 +50,7 @@ _DATASETS: dict[str, Any] = {}
 
 
 def _init_worker(threads: int) -> None:
+    import optuna
     import torch
 
     torch.set_num_threads(threads)
@@ -70,9 +62,12 @@ def run_trial(
     cfg_json: str, dataset_dir: str, journal: str, trial_id: int, params: dict[str, Any]
 ) -> dict[str, Any]:
     """Train one trial (in a worker process); never raises: failures come back as data."""
+    import optuna
+
     from kubetrain.data import load_dataset
     from kubetrain.train.distributed import DistContext
     from kubetrain.train.loop import Stopped, fit
+    from kubetrain.tune.space import make_pruner
 
     started = time.perf_counter()
     curve: list[float] = []
@@ -125,49 +120,101 @@ def run_trial(
     }
 
 
+@dataclass
+class _Progress:
+    """Where a search stands: trials finished (failed ones count, as in Katib), failures, and
+    this run's records by trial number."""
+
+    budget: int
+    done: int = 0
+    failures: int = 0
+    best: float | None = None
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
 def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Run the search; write best_params.json and trials.json to ``out_dir`` and return the best."""
-    tune = cfg.tune
+    """Run the search; write best_params.json and trials.json to ``out_dir``.
+
+    Args:
+        cfg: the pipeline config; ``cfg.tune`` is the search, ``cfg.train`` each trial's base.
+        dataset_dir: the dataset artifact the trials train on.
+        out_dir: the search artifact directory (its journal makes a re-run resume).
+
+    Returns:
+        The search result (best parameters and value, trial counts, parameter importance).
+
+    Raises:
+        KubetrainError: more trials failed than ``tune.max_failed_trials``, or none completed.
+    """
+    import optuna
+
+    from kubetrain.tune.space import make_pruner, make_sampler
+
     out_dir.mkdir(parents=True, exist_ok=True)
     journal = out_dir / JOURNAL
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=STUDY_NAME,
         storage=storage(journal),
-        sampler=make_sampler(tune),
-        pruner=make_pruner(tune),
-        direction=tune.goal,
+        sampler=make_sampler(cfg.tune),
+        pruner=make_pruner(cfg.tune),
+        direction=cfg.tune.goal,
         load_if_exists=True,
     )
-    dists = search_space(tune)
-    budget = tune.max_trials
+    progress = _resume(study, _budget(cfg.tune))
+    started = time.perf_counter()
+    results_imports = _import_in_background(RESULTS_IMPORTS)
+    _run_trials(study, cfg, dataset_dir, journal, progress)
+    _check_failures(study, cfg.tune, progress.failures)
+    results_imports.join()
+    seconds = time.perf_counter() - started
+    return _write_results(study, progress.records, cfg, out_dir, seconds)
+
+
+def _budget(tune: TuneConfig) -> int:
+    """How many trials the search runs in all: ``max_trials``, or fewer if the grid is smaller."""
+    from kubetrain.tune.space import grid_size
+
     if tune.algorithm == "grid":
-        budget = min(budget, grid_size(tune))
-    # Trials left RUNNING by an interrupted search are re-run; finished ones count.
-    for stale in (t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING):
+        return min(tune.max_trials, grid_size(tune))
+    return tune.max_trials
+
+
+def _resume(study: optuna.Study, budget: int) -> _Progress:
+    """Mark trials an interrupted search left running (re-run, not counted) and count the
+    finished ones against the budget."""
+    from optuna.trial import TrialState
+
+    for stale in (t for t in study.trials if t.state == TrialState.RUNNING):
         study._storage.set_trial_user_attr(stale._trial_id, INTERRUPTED, True)
-        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+        study.tell(stale.number, state=TrialState.FAIL)
     finished = [
         t for t in study.trials if t.state.is_finished() and not t.user_attrs.get(INTERRUPTED)
     ]
-    # As in Katib, every finished trial (failed ones too) counts against max_trials.
-    failures = sum(t.state == optuna.trial.TrialState.FAIL for t in finished)
-    done = len(finished)
+    progress = _Progress(budget=budget, done=len(finished))
+    progress.failures = sum(t.state == TrialState.FAIL for t in finished)
+    complete = [t.value for t in finished if t.state == TrialState.COMPLETE]
+    if complete:
+        progress.best = max(complete) if study.direction.name == "MAXIMIZE" else min(complete)
     if finished:
         log.info("resuming search: %d trial(s) already finished", len(finished))
-    records: dict[int, dict[str, Any]] = {}
-    cfg_json = cfg.model_dump_json()
-    workers = min(tune.parallel_trials, budget)
+    return progress
+
+
+def _run_trials(
+    study: optuna.Study, cfg: PipelineConfig, dataset_dir: Path, journal: Path, progress: _Progress
+) -> None:
+    """Ask, run and tell trials, ``tune.parallel_trials`` at a time, in fresh worker processes,
+    until the budget is spent or too many have failed."""
+    from kubetrain.tune.space import search_space
+
+    tune = cfg.tune
+    dists = search_space(tune)
+    workers = max(1, min(tune.parallel_trials, progress.budget))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    # Fresh interpreters (torch may have started thread pools here), except in a step forked
-    # from the warm step server: torch is imported and unused there, so the trials fork from
-    # it and skip their imports (~3 s each on a small CPU).
-    start = "fork" if in_step() else "spawn"
-    ctx = multiprocessing.get_context(start)
-    log.info("%d trial(s), %d at a time, in %s worker processes", budget - done, workers,
-             "forked" if start == "fork" else "fresh")  # fmt: skip
-    started = time.perf_counter()
-    results_imports: threading.Thread | None = None
+    log.info("%d trial(s), %d at a time", progress.budget - progress.done, workers)
+    cfg_json = cfg.model_dump_json()
+    ctx = _trial_processes()
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
     ) as pool:
@@ -175,50 +222,72 @@ def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[st
         while True:
             while (
                 len(running) < workers
-                and done + len(running) < budget
-                and failures <= tune.max_failed_trials
+                and progress.done + len(running) < progress.budget
+                and progress.failures <= tune.max_failed_trials
             ):
                 trial = study.ask(dists)
-                fut = pool.submit(
-                    run_trial,
-                    cfg_json,
-                    str(dataset_dir),
-                    str(journal),
-                    trial._trial_id,
-                    trial.params,
-                )
-                running[fut] = trial
-            if results_imports is None:  # after the first submit: forked workers exist now
-                results_imports = _import_in_background(RESULTS_IMPORTS)
+                args = (cfg_json, str(dataset_dir), str(journal), trial._trial_id, trial.params)
+                running[pool.submit(run_trial, *args)] = trial
             if not running:
-                break
+                return
             completed, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in completed:
                 trial = running.pop(fut)
-                rec = fut.result()
-                _tell(study, trial, rec)
-                records[trial.number] = {"number": trial.number, "params": trial.params, **rec}
-                done += 1
-                if rec["state"] == "failed":
-                    failures += 1
-                    log.warning("trial %d failed: %s", trial.number, rec["error"])
-                else:
-                    log.info(
-                        "trial %d %s %s=%.4f after %d epoch(s) %s",
-                        trial.number, rec["state"], tune.objective_metric, rec["value"] or float("nan"),
-                        rec["epochs"], trial.params,
-                    )  # fmt: skip
-    if failures > tune.max_failed_trials:
-        from kubetrain.errors import KubetrainError
+                _finish(study, trial, fut.result(), tune, progress)
 
-        errors = [t.user_attrs.get("error") for t in study.trials if t.user_attrs.get("error")]
-        raise KubetrainError(
-            f"tuning failed: {failures} trials failed (tune.max_failed_trials = "
-            f"{tune.max_failed_trials}); first error: {errors[0] if errors else 'unknown'}"
-        )
-    if results_imports is not None:
-        results_imports.join()
-    return _write_results(study, records, cfg, out_dir, time.perf_counter() - started)
+
+# What every trial imports. The trial processes fork from one fresh server process that has
+# imported these (and run nothing): each trial process starts with them loaded instead of
+# importing torch itself, and no trial inherits this process's threads or state.
+TRIAL_IMPORTS = ["kubetrain.tune.local", "kubetrain.data", "kubetrain.train.loop", "torch._dynamo"]
+
+
+def _trial_processes() -> multiprocessing.context.BaseContext:
+    """The multiprocessing context the trials run in: forkserver with TRIAL_IMPORTS preloaded
+    where the platform has it, else spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(TRIAL_IMPORTS)
+    return ctx
+
+
+def _finish(
+    study: optuna.Study,
+    trial: optuna.trial.Trial,
+    rec: dict[str, Any],
+    tune: TuneConfig,
+    progress: _Progress,
+) -> None:
+    """Tell the study a trial's result, count it and log one line (the live view reads it)."""
+    _tell(study, trial, rec)
+    progress.records[trial.number] = {"number": trial.number, "params": trial.params, **rec}
+    progress.done += 1
+    if rec["state"] == "failed":
+        progress.failures += 1
+        log.warning("trial %d/%d failed: %s", progress.done, progress.budget, rec["error"])
+        return
+    value = rec["value"]
+    if rec["state"] == "complete" and value is not None:
+        better = max if tune.goal == "maximize" else min
+        progress.best = value if progress.best is None else better(progress.best, value)
+    best = "nan" if progress.best is None else f"{progress.best:.4f}"
+    log.info(
+        "trial %d/%d %s %s=%.4f best=%s after %d epoch(s) %s",
+        progress.done, progress.budget, rec["state"], tune.objective_metric,
+        float("nan") if value is None else value, best, rec["epochs"], trial.params,
+    )  # fmt: skip
+
+
+def _check_failures(study: optuna.Study, tune: TuneConfig, failures: int) -> None:
+    """Raise if more trials failed than ``tune.max_failed_trials`` allows."""
+    if failures <= tune.max_failed_trials:
+        return
+    errors = [t.user_attrs.get("error") for t in study.trials if t.user_attrs.get("error")]
+    raise KubetrainError(
+        f"tuning failed: {failures} trials failed (tune.max_failed_trials = "
+        f"{tune.max_failed_trials}); first error: {errors[0] if errors else 'unknown'}"
+    )
 
 
 # What _write_results imports (fANOVA: scikit-learn's forests; the report: matplotlib), imported
@@ -238,7 +307,8 @@ def _import_in_background(modules: tuple[str, ...]) -> threading.Thread:
 
 
 def _tell(study: optuna.Study, trial: optuna.trial.Trial, rec: dict[str, Any]) -> None:
-    states = optuna.trial.TrialState
+    from optuna.trial import TrialState as states
+
     # Kept in the study, so a resumed search still reports them.
     for key in ("error", "seconds", "world_size"):
         if rec.get(key) is not None:
@@ -280,8 +350,6 @@ def _write_results(
     trials = [t for t in trials if t["state"] != INTERRUPTED]
     complete = [t for t in trials if t["state"] == "complete"]
     if not complete:
-        from kubetrain.errors import KubetrainError
-
         raise KubetrainError("tuning failed: no trial completed")
     best = study.best_trial
     result = {
@@ -312,8 +380,9 @@ def _write_results(
 def param_importance(study: optuna.Study, seed: int = 0) -> dict[str, float]:
     """fANOVA importance of each searched parameter over the completed trials ({} if too few)."""
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
+    from optuna.trial import TrialState
 
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2:
         return {}
     try:

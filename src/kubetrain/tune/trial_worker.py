@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     from kubetrain.data import load_dataset
     from kubetrain.train.distributed import all_reduce_sum, init_from_env, shutdown
     from kubetrain.train.loop import Stopped, fit
-    from kubetrain.tune.local import STUDY_NAME, storage
     from kubetrain.tune.space import make_pruner
+    from kubetrain.tune.study import STUDY_NAME, storage
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format=f"[trial rank {rank}] %(message)s")

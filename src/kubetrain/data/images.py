@@ -1,0 +1,434 @@
+"""Image datasets: list a source, decode-check, split, convert and write shards, in parallel.
+
+``build_image_dataset`` turns an image source (``kubetrain.data.image_sources``) into a sharded
+dataset (``kubetrain.data.shards``): records ``{"image": <encoded bytes>, "label": <class id>}``
+in ``train``/``val``/``test`` shards, and a manifest whose ``meta`` holds the class names, the
+colour mode and the image shape, and whose ``provenance`` says where the data came from, what
+was skipped and the input fingerprint.
+
+Why it is laid out this way:
+
+- The stratified split is drawn on the *listing* (labels are known before any pixel is read), so
+  each output shard is a fixed list of images from the start: a worker process decodes, converts
+  and writes one shard on its own, and memory per worker is one shard, whatever the dataset's
+  size. An image that does not decode is dropped from its split and counted.
+- Every image is converted to one colour mode (``data.image_mode``) and, with ``data.image_size``,
+  one square size, so that batches stack and a model sees one input shape. A JPEG or PNG that
+  needs no change is stored with its original bytes (no re-encoding loss, no time spent).
+- Output is a function of the input bytes and the config: re-running on unchanged input writes
+  the same shards and the same content version; a rebuild whose listing matches the fingerprint
+  of the dataset already at ``out_dir`` is skipped altogether.
+
+Only Pillow, numpy, pyarrow and fsspec are imported (no torch): worker processes start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import posixpath
+import time
+from collections import Counter
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kubetrain.data.config import DataConfig
+from kubetrain.data.dataset import encode_labels, split_indices
+from kubetrain.data.image_sources import ImageRef, filesystem, list_images, read_bytes
+from kubetrain.data.shards import (
+    MANIFEST,
+    ShardInfo,
+    ShardManifest,
+    ShardWriter,
+    read_manifest,
+    save_manifest,
+)
+from kubetrain.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+# Bump when the way images are converted or stored changes: old shards are then rebuilt.
+IMAGE_FORMAT = 1
+KEPT_FORMATS = ("JPEG", "PNG")  # stored as they are when nothing needs changing
+SKIPPED_SHOWN = 20  # skipped images named in the manifest's provenance
+
+
+class ImageDecodeError(Exception):
+    """One image cannot be used (corrupt, truncated, not an image)."""
+
+
+def convert_image(data: bytes, mode: str = "RGB", size: int | None = None) -> tuple[bytes, tuple]:
+    """Decode ``data``, convert it to ``mode`` and (with ``size``) resize the shorter side to
+    ``size`` and centre-crop a square; encode the result.
+
+    Grayscale, palette (with or without transparency), RGBA/LA (composited on white), CMYK and
+    16-bit images are all converted; EXIF orientation is applied. A JPEG or PNG that needs no
+    change is returned as it is.
+
+    Args:
+        data: an encoded image (any format Pillow reads).
+        mode: ``"RGB"`` or ``"L"``.
+        size: the square side to resize to, or None to keep the size.
+
+    Returns:
+        ``(encoded bytes, (height, width))``: JPEG (quality 95) for JPEG input, PNG otherwise.
+
+    Raises:
+        ImageDecodeError: the bytes are not a complete image Pillow can decode.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        img.load()  # decodes everything: a truncated file fails here, not later in training
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image format Pillow knows") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(str(err) or type(err).__name__) from None
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(str(err)) from None
+    changed = False
+    if img.getexif().get(0x0112, 1) != 1:
+        img, changed = ImageOps.exif_transpose(img), True
+    if img.mode != mode:
+        img, changed = _to_mode(img, mode), True
+    if size is not None and img.size != (size, size):
+        img, changed = _resize_square(img, size), True
+    if not changed and fmt in KEPT_FORMATS:
+        return data, (img.height, img.width)
+    out = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(out, format="JPEG", quality=95)
+    else:
+        img.save(out, format="PNG")
+    return out.getvalue(), (img.height, img.width)
+
+
+def _to_mode(img, mode: str):
+    from PIL import Image
+
+    if img.mode.startswith("I"):
+        # 16-bit (and 32-bit integer) grayscale: Pillow's convert would clip at 255; scale the
+        # 16-bit range down instead.
+        a = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert(mode)
+
+
+def _resize_square(img, size: int):
+    from PIL import Image
+
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+@dataclass(frozen=True)
+class _ShardTask:
+    """One output shard: which images, in which order, with which class ids."""
+
+    root: str
+    split: str
+    index: int
+    refs: tuple[ImageRef, ...]
+    labels: tuple[int, ...]
+    mode: str
+    size: int | None
+    storage_options: Mapping[str, Any]
+
+
+@dataclass
+class _ShardResult:
+    task: _ShardTask
+    shard: ShardInfo | None  # None: every image of the task was skipped
+    class_counts: Counter
+    skipped: list[tuple[str, str]]
+    shapes: set[tuple[int, int]]
+
+
+def _write_shard(task: _ShardTask) -> _ShardResult:
+    """Decode, convert and write one shard (runs in a worker process)."""
+    writer = ShardWriter(
+        task.root,
+        task.split,
+        max_samples=len(task.refs) + 1,
+        max_bytes=1 << 62,  # one task, one shard
+        storage_options=task.storage_options,
+        first_index=task.index,
+    )
+    counts: Counter = Counter()
+    skipped: list[tuple[str, str]] = []
+    shapes: set[tuple[int, int]] = set()
+    for ref, label in zip(task.refs, task.labels, strict=True):
+        try:
+            data = read_bytes(ref, task.storage_options)
+            image, shape = convert_image(data, task.mode, task.size)
+        except FileNotFoundError:
+            skipped.append((ref.name, "missing"))  # a manifest row whose file is gone
+            continue
+        except ImageDecodeError as err:
+            skipped.append((ref.name, str(err)))
+            continue
+        except OSError as err:  # the store itself fails (permissions, network): not one image
+            raise DataError(f"data error: {ref.name}: cannot read ({err})") from None
+        writer.write({"image": image, "label": int(label)})
+        counts[str(label)] += 1
+        shapes.add(shape)
+    writer.close()
+    return _ShardResult(task, writer.shards[0] if writer.shards else None, counts, skipped, shapes)
+
+
+def build_image_dataset(cfg: DataConfig, out_dir: str) -> ShardManifest:
+    """Build the sharded image dataset that ``cfg`` describes at ``out_dir``.
+
+    Lists ``cfg.source`` (an image folder, a CSV/Parquet manifest or tar shards), maps labels to
+    class ids (sorted names), draws a stratified train/val/test split (seeded by ``cfg.seed``),
+    then decodes, converts and writes the shards of every split with ``cfg.num_workers`` worker
+    processes (0: in this process), and writes the manifest last. Images that do not decode
+    are skipped and counted in a warning.
+
+    Args:
+        cfg: the ``data`` section (source, storage_options, image_column, label_column,
+            image_mode, image_size, shard_samples, val/test fractions, seed, num_workers).
+        out_dir: where the shards and ``shards.json`` go (a local path or fsspec URI; remote
+            URIs use ``cfg.storage_options``).
+
+    Returns:
+        The manifest; ``meta`` has ``classes``, ``image_mode``, ``image_size`` and
+        ``input_shape`` ([C, H, W], or None when sizes differ), ``provenance`` has ``source``,
+        ``num_listed``, ``num_skipped``, ``skipped`` (the first few, with reasons) and
+        ``fingerprint``.
+
+    Raises:
+        DataError: the source is missing or malformed, a class folder has no images, a class
+            has too few images to split, or no image (or no image of a class) decodes.
+        ConfigError: a malformed brace pattern in ``cfg.source``.
+    """
+    started = time.perf_counter()
+    out_dir = str(out_dir)
+    options = dict(cfg.storage_options)
+    listing = list_images(
+        cfg.source,
+        label_column=cfg.label_column,
+        image_column=cfg.image_column,
+        storage_options=options,
+        num_threads=max(4, cfg.num_workers * 2),
+    )
+    fingerprint = _fingerprint(listing.fingerprint, cfg)
+    cached = _cached(out_dir, fingerprint, options)
+    if cached is not None:
+        log.info("%s: unchanged input, reusing dataset %s", out_dir, cached.version)
+        return cached
+    labels = np.array([ref.label for ref in listing.refs])
+    if labels.dtype.kind in "OUS":
+        labels = _numeric_if_possible(labels)
+    ids, classes = encode_labels(labels)
+    if len(classes) < 2:
+        raise DataError(f"data error: {cfg.source}: needs at least 2 classes, found {classes}")
+    try:
+        parts = split_indices(ids, cfg)
+    except DataError as err:  # name the source: the split's message cannot
+        raise DataError(str(err).replace("data error:", f"data error: {cfg.source}:", 1)) from None
+    tasks = _plan(listing.refs, ids, parts, cfg, out_dir, options)
+    _remove_manifest(out_dir, options)  # a failed build leaves no manifest naming old shards
+    results = _run(tasks, cfg.num_workers)
+    try:
+        manifest = _manifest(results, classes, listing.refs, cfg, fingerprint)
+    except DataError:
+        _remove_shards(out_dir, [], options)
+        raise
+    save_manifest(out_dir, manifest, options)
+    _remove_shards(out_dir, [s.path for v in manifest.splits.values() for s in v], options)
+    skipped = manifest.provenance["num_skipped"]
+    if skipped:
+        first = manifest.provenance["skipped"][0]
+        log.warning(
+            "%s: skipped %d of %d images that do not decode (e.g. %s: %s)",
+            cfg.source,
+            skipped,
+            len(listing.refs),
+            *first,
+        )
+    log.info(
+        "%s: %d images, %d classes -> %s (version %s) in %.1f s",
+        cfg.source,
+        len(listing.refs) - skipped,
+        len(classes),
+        out_dir,
+        manifest.version,
+        time.perf_counter() - started,
+    )
+    return manifest
+
+
+def _numeric_if_possible(labels: np.ndarray) -> np.ndarray:
+    """Integer labels written as text (tar ``.cls`` members) sort as numbers, not strings."""
+    try:
+        return np.array([int(str(v)) for v in labels])
+    except ValueError:
+        return labels.astype(str)
+
+
+def _fingerprint(listing: str, cfg: DataConfig) -> str:
+    """The listing's digest and every setting that changes the shards: the cache key."""
+    settings = {
+        "format": IMAGE_FORMAT,
+        "listing": listing,
+        **cfg.model_dump(
+            include={
+                "image_mode", "image_size", "shard_samples", "seed",
+                "val_fraction", "test_fraction", "label_column", "image_column",
+            }
+        ),
+    }  # fmt: skip
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cached(out_dir: str, fingerprint: str, options: Mapping[str, Any]) -> ShardManifest | None:
+    try:
+        manifest = read_manifest(out_dir, options)
+    except DataError:
+        return None
+    if manifest.provenance.get("fingerprint") != fingerprint:
+        return None
+    fs, root = filesystem(out_dir, options)
+    shards = [s.path for v in manifest.splits.values() for s in v]
+    if not all(fs.exists(posixpath.join(root, p)) for p in shards):
+        return None
+    return manifest
+
+
+def _plan(
+    refs: list[ImageRef],
+    ids: np.ndarray,
+    parts: dict[str, np.ndarray],
+    cfg: DataConfig,
+    out_dir: str,
+    options: Mapping[str, Any],
+) -> list[_ShardTask]:
+    tasks = []
+    for n, split in enumerate(SPLITS):
+        # Shuffled within the split (seeded): a shard mixes classes, as a shuffle buffer wants.
+        order = np.random.default_rng([cfg.seed, n]).permutation(parts[split])
+        for index, start in enumerate(range(0, len(order), cfg.shard_samples)):
+            chunk = order[start : start + cfg.shard_samples]
+            tasks.append(
+                _ShardTask(
+                    out_dir,
+                    split,
+                    index,
+                    tuple(refs[int(i)] for i in chunk),
+                    tuple(int(ids[i]) for i in chunk),
+                    cfg.image_mode,
+                    cfg.image_size,
+                    options,
+                )
+            )
+    return tasks
+
+
+def _run(tasks: list[_ShardTask], num_workers: int) -> list[_ShardResult]:
+    if num_workers <= 0 or len(tasks) == 1:
+        return [_write_shard(t) for t in tasks]
+    # fork where there is one: workers start in milliseconds, and a caller's script needs no
+    # ``__main__`` guard (spawn re-runs it). fsspec is fork-safe: it drops cached filesystems
+    # and its event loop in the child, so each worker opens its own connections.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=ctx) as pool:
+        return list(pool.map(_write_shard, tasks))
+
+
+def _manifest(
+    results: list[_ShardResult],
+    classes: list[str],
+    refs: list[ImageRef],
+    cfg: DataConfig,
+    fingerprint: str,
+) -> ShardManifest:
+    splits: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
+    counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    skipped: list[tuple[str, str]] = []
+    shapes: set[tuple[int, int]] = set()
+    for r in results:
+        if r.shard is not None:
+            splits[r.task.split].append(r.shard)
+        counts[r.task.split].update(r.class_counts)
+        skipped += r.skipped
+        shapes |= r.shapes
+    if len(skipped) == len(refs):
+        raise DataError(
+            f"data error: {cfg.source}: none of its {len(refs)} images decodes "
+            f"(e.g. {skipped[0][0]}: {skipped[0][1]})"
+        )
+    total = Counter()
+    for c in counts.values():
+        total.update(c)
+    for class_id, name in enumerate(classes):
+        if not total[str(class_id)]:
+            raise DataError(f"data error: {cfg.source}: none of class {name!r}'s images decodes")
+    channels = 3 if cfg.image_mode == "RGB" else 1
+    (height, width), *others = sorted(shapes)
+    meta = {
+        "kind": "images",
+        "classes": classes,
+        "image_mode": cfg.image_mode,
+        "image_size": cfg.image_size,
+        "input_shape": None if others else [channels, height, width],
+        "bytes": {s: sum(x.bytes for x in v) for s, v in splits.items()},
+    }
+    provenance = {
+        "source": cfg.source,
+        "num_listed": len(refs),
+        "num_skipped": len(skipped),
+        "skipped": [list(s) for s in skipped[:SKIPPED_SHOWN]],
+        "fingerprint": fingerprint,
+    }
+    return ShardManifest(
+        splits=splits,
+        class_counts={
+            s: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for s, c in counts.items()
+        },
+        columns={"image": "bytes", "label": "int"},
+        meta=meta,
+        provenance=provenance,
+    )
+
+
+def _remove_manifest(out_dir: str, options: Mapping[str, Any]) -> None:
+    fs, root = filesystem(out_dir, options)
+    path = posixpath.join(root, MANIFEST)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def _remove_shards(out_dir: str, keep: list[str], options: Mapping[str, Any]) -> None:
+    """Delete shard files of ``out_dir`` that ``keep`` does not name (a previous build's)."""
+    fs, root = filesystem(out_dir, options)
+    if not fs.exists(root):
+        return
+    for path in fs.find(root, maxdepth=1):
+        name = posixpath.basename(path)
+        if name.endswith(".parquet") and name.split("-")[0] in SPLITS and name not in keep:
+            fs.rm(path)

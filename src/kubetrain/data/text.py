@@ -1,0 +1,397 @@
+"""Text sources and the text preprocess: CSV / JSONL / Parquet (local or any fsspec URI) in,
+a tokenizer and token shards out.
+
+Reading streams row by row (CSV and JSONL line by line, Parquet by record batch), so a source
+larger than memory works. Each row gets its split from a seeded hash of its row number, not from a
+shuffle of the whole table, for the same reason. Bad input is one ``DataError`` line naming the
+file and the line (CSV, JSONL) or row (Parquet):
+
+- a missing column names the file and the columns it has;
+- bytes that are not UTF-8 name the file and line;
+- empty or whitespace-only text (or target) is *skipped and counted*: real corpora have blank
+  rows, and refusing the whole source for one of them helps nobody; the count is logged and
+  stored in ``text.json``;
+- text longer than ``data.max_length`` tokens is truncated and counted (see
+  :mod:`kubetrain.data.tokenize`).
+
+``build_text_dataset`` writes the dataset directory: ``tokenizer.json``, the token shards with
+their ``shards.json`` manifest (streamed by :class:`kubetrain.data.streaming.StreamingDataset`)
+and ``text.json`` (task, classes, special token ids, counts). It writes into a temporary
+directory beside the output and renames it at the end: nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetrain.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+TEXT_META = "text.json"
+TEXT_TASKS = ("text_classification", "seq2seq")
+_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+}
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+@dataclass
+class TextExample:
+    """One usable row: its text, its label or target (None if the task has neither), its split,
+    its row number in the whole source, and where it came from (``file:line``)."""
+
+    text: str
+    other: str | None
+    split: str
+    row: int
+    where: str
+
+
+@dataclass
+class ReadStats:
+    """What reading a source found: rows seen, and rows skipped because text was empty."""
+
+    rows: int = 0
+    skipped_empty: int = 0
+    per_split: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0, "test": 0})
+
+
+def text_format(path: str) -> str:
+    """The reader for ``path`` from its suffix (``.csv``, ``.tsv``, ``.jsonl``/``.ndjson``,
+    ``.parquet``, optionally compressed: ``.csv.gz``).
+
+    Raises:
+        DataError: the suffix is none of these.
+    """
+    name = path.lower()
+    for ext in _COMPRESSIONS:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    for ext, kind in _FORMATS.items():
+        if name.endswith(ext):
+            return kind
+    raise DataError(f"{path}: unknown text source format (use .csv, .tsv, .jsonl or .parquet)")
+
+
+def source_files(source: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The files of ``source``: one path or URI, or a glob pattern (sorted matches).
+
+    Raises:
+        DataError: nothing matches.
+    """
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(source, **dict(storage_options or {}))
+    if any(c in path for c in "*?["):
+        found = sorted(fs.glob(path))
+        if not found:
+            raise DataError(f"{source}: no files match")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return [p if protocol in ("file", "local") else f"{protocol}://{p}" for p in found]
+    if not fs.exists(path):
+        raise DataError(f"{source}: no such file")
+    return [source]
+
+
+def _decode_lines(lines: Iterator[bytes], where: str) -> Iterator[str]:
+    for n, raw in enumerate(lines, 1):
+        try:
+            # A byte-order mark on the first line is a UTF-8 encoder's habit, not text.
+            yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"{where}:{n}: bytes that are not UTF-8 ({err.reason} at byte {err.start + 1} "
+                "of the line); re-encode the file as UTF-8"
+            ) from None
+
+
+def _missing(where: str, wanted: Sequence[str], have: Sequence[str]) -> None:
+    lost = [c for c in wanted if c not in have]
+    if lost:
+        raise DataError(
+            f"{where}: no column {lost[0]!r} (columns: {', '.join(map(str, have)) or 'none'})"
+        )
+
+
+def _rows_csv(f, where: str, columns: Sequence[str], delimiter: str):
+    csv.field_size_limit(2**31 - 1)
+    reader = csv.reader(_decode_lines(iter(f), where), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(f"{where}: empty file (no header row)") from None
+    _missing(where, columns, header)
+    index = [header.index(c) for c in columns]
+    for values in reader:
+        if not values:
+            continue
+        if len(values) != len(header):
+            raise DataError(
+                f"{where}:{reader.line_num}: {len(values)} fields, the header has {len(header)}"
+            )
+        yield f"{where}:{reader.line_num}", [values[i] for i in index]
+
+
+def _rows_jsonl(f, where: str, columns: Sequence[str]):
+    for n, line in enumerate(_decode_lines(iter(f), where), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}:{n}: not JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}:{n}: a JSON object per line expected")
+        _missing(f"{where}:{n}", columns, list(obj))
+        yield f"{where}:{n}", [obj[c] for c in columns]
+
+
+def _rows_parquet(f, where: str, columns: Sequence[str]):
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f)
+    _missing(where, columns, pf.schema_arrow.names)
+    row = 0
+    for batch in pf.iter_batches(columns=list(columns), batch_size=4096):
+        cols = [batch.column(c).to_pylist() for c in columns]
+        for values in zip(*cols, strict=True):
+            row += 1
+            out = []
+            for v in values:
+                if isinstance(v, bytes):  # a binary column: text only if it is UTF-8
+                    try:
+                        v = v.decode("utf-8")
+                    except UnicodeDecodeError as err:
+                        raise DataError(
+                            f"{where}: row {row}: bytes that are not UTF-8 ({err.reason})"
+                        ) from None
+                out.append(v)
+            yield f"{where}: row {row}", out
+
+
+def iter_rows(
+    source: str, columns: Sequence[str], storage_options: Mapping[str, Any] | None = None
+) -> Iterator[tuple[str, list[Any]]]:
+    """``(where, values)`` for every row of every file of ``source``, ``values`` in the order of
+    ``columns``; ``where`` is ``file:line`` (CSV, JSONL) or ``file: row N`` (Parquet).
+
+    Raises:
+        DataError: no such file, unknown format, a missing column, bytes that are not UTF-8,
+            a malformed line.
+    """
+    import fsspec
+
+    for path in source_files(source, storage_options):
+        kind = text_format(path)
+        with fsspec.open(path, "rb", compression="infer", **dict(storage_options or {})) as f:
+            if kind == "parquet":
+                yield from _rows_parquet(f, path, columns)
+            elif kind == "jsonl":
+                yield from _rows_jsonl(f, path, columns)
+            else:
+                yield from _rows_csv(f, path, columns, "\t" if kind == "tsv" else ",")
+
+
+def split_of(row: int, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split of source row ``row``: a seeded hash, so every reader of the same source agrees
+    without holding it in memory (fractions hold in expectation, not exactly)."""
+    # splitmix64 of (seed, row): cheap, well mixed, the same on every platform.
+    z = (row * 0x9E3779B97F4A7C15 + (seed + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    u = (z ^ (z >> 31)) / 2**64
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
+
+
+def _as_text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def iter_examples(cfg, stats: ReadStats | None = None) -> Iterator[TextExample]:
+    """The usable examples of the text source ``cfg`` (a ``DataConfig`` with a text task), with
+    their split; empty texts (and empty targets of seq2seq) are skipped and counted in ``stats``.
+
+    Raises:
+        ConfigError: ``cfg.task`` is not a text task.
+        DataError: as :func:`iter_rows`; a missing label.
+    """
+    if cfg.task not in TEXT_TASKS:
+        raise ConfigError(f"config error: data.task: {cfg.task!r} is not a text task {TEXT_TASKS}")
+    other = cfg.label_column if cfg.task == "text_classification" else cfg.target_column
+    stats = stats if stats is not None else ReadStats()
+    for row, (where, (text, value)) in enumerate(
+        iter_rows(cfg.source, [cfg.text_column, other], cfg.storage_options)
+    ):
+        stats.rows += 1
+        text = _as_text(text)
+        value = _as_text(value)
+        if cfg.task == "text_classification" and not value.strip():
+            raise DataError(f"{where}: empty label in column {other!r}")
+        if not text.strip() or not value.strip():
+            stats.skipped_empty += 1
+            continue
+        split = split_of(row, cfg.seed, cfg.val_fraction, cfg.test_fraction)
+        stats.per_split[split] += 1
+        yield TextExample(text, value, split, row, where)
+
+
+def _sorted_classes(names) -> list[str]:
+    names = list(names)
+    try:  # integer labels sort as numbers (2 before 10)
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
+@dataclass
+class TextMeta:
+    """``text.json``: what a later step needs to read the token shards the same way."""
+
+    task: str
+    max_length: int
+    special_ids: dict[str, int]
+    vocab_size: int
+    classes: list[str] | None
+    rows: int
+    skipped_empty: int
+    truncated: int
+    tokens: dict[str, int]
+    samples: dict[str, int]
+    tokenize_seconds: float
+    tokenize_processes: int
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, TEXT_META).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TextMeta:
+        """Read ``text.json``; raises DataError if it is missing or not one."""
+        where = Path(directory, TEXT_META)
+        try:
+            return cls(**json.loads(where.read_text()))
+        except FileNotFoundError:
+            raise DataError(f"{where}: missing (not a text dataset)") from None
+        except (json.JSONDecodeError, TypeError) as err:
+            raise DataError(f"{where}: unreadable ({err})") from None
+
+
+def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None) -> TextMeta:
+    """Preprocess a text source into ``out``: tokenizer, token shards, ``text.json``.
+
+    Args:
+        cfg: the ``data`` config section (``task`` one of the text tasks).
+        out: the dataset directory to create (local); an earlier text dataset there is
+            replaced, anything else is refused.
+        num_processes: tokenizer processes (default ``cfg.num_workers``, at least 1).
+
+    Returns:
+        The ``text.json`` contents.
+
+    Raises:
+        ConfigError: not a text task.
+        DataError: bad source (see the module docstring), a bad tokenizer file, no training
+            text, ``out`` holds something other than a text dataset.
+    """
+    from kubetrain.data import tokenize
+
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / TEXT_META).is_file()):
+        raise DataError(f"{out}: exists and is not a text dataset; refusing to replace it")
+    stats = ReadStats()
+    classes: Counter[str] = Counter()
+    is_cls = cfg.task == "text_classification"
+
+    # Pass 1 reads everything (and so finds any bad row before a byte is written): it collects
+    # the classes and feeds the training split's text to the tokenizer trainer.
+    def train_texts() -> Iterator[str]:
+        for ex in iter_examples(cfg, stats):
+            if is_cls:
+                classes[ex.other] += 1
+            if ex.split == "train":
+                yield ex.text
+                if not is_cls:  # one vocabulary for both sides of a pair (tied embeddings)
+                    yield ex.other
+
+    if cfg.tokenizer.path:
+        tok = tokenize.load_tokenizer(cfg.tokenizer.path)
+        for _ in train_texts():
+            pass
+    else:
+        tok = tokenize.train_tokenizer(train_texts(), cfg.tokenizer)
+    if stats.per_split["train"] == 0:
+        raise DataError(f"{cfg.source}: no usable training text ({stats.rows} rows read)")
+    special = tokenize.special_ids(tok, cfg.tokenizer.path or "trained tokenizer")
+    class_list = _sorted_classes(classes) if is_cls else None
+    label_index = {c: i for i, c in enumerate(class_list or [])}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tokenize.save_tokenizer(tok, tmp)
+        examples = (
+            (ex.split, ex.row, ex.text, label_index[ex.other] if is_cls else ex.other)
+            for ex in iter_examples(cfg, ReadStats())
+        )
+        start = time.perf_counter()
+        summary = tokenize.tokenize_to_shards(
+            examples,
+            tok,
+            str(tmp),
+            task=cfg.task,
+            max_length=cfg.max_length,
+            num_processes=num_processes if num_processes is not None else max(1, cfg.num_workers),
+            shard_samples=cfg.shard_samples,
+            seed=cfg.seed,
+        )
+        seconds = time.perf_counter() - start
+        meta = TextMeta(
+            task=cfg.task,
+            max_length=cfg.max_length,
+            special_ids=special,
+            vocab_size=tok.get_vocab_size(),
+            classes=class_list,
+            rows=stats.rows,
+            skipped_empty=stats.skipped_empty,
+            truncated=summary.truncated,
+            tokens=summary.tokens,
+            samples=summary.samples,
+            tokenize_seconds=round(seconds, 3),
+            tokenize_processes=summary.processes,
+        )
+        meta.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if stats.skipped_empty:
+        log.warning("%s: skipped %d rows with empty text", cfg.source, stats.skipped_empty)
+    if summary.truncated:
+        log.warning(
+            "%s: truncated %d sequences longer than data.max_length=%d tokens",
+            cfg.source,
+            summary.truncated,
+            cfg.max_length,
+        )
+    return meta
