@@ -42,8 +42,9 @@ def test_config_show_prints_the_effective_config():
         (["--config", "nope.yaml"], 2, "nope.yaml: no such file"),
         (["--set", "data.source=missing.csv"], 1, "data error: missing.csv: no such file"),
         (["--set", "cluster.backend=kubernetes"], 1, "cluster.backend 'kubernetes'"),
+        (["--set", "data.task=seq2seq"], 2, "data.task: 'seq2seq' is not available in the"),
     ],
-    ids=["bad-value", "bad-set", "no-config", "no-data", "cluster-backend"],
+    ids=["bad-value", "bad-set", "no-config", "no-data", "cluster-backend", "text-task"],
 )
 def test_run_rejects_bad_input_before_writing_anything(tmp_path, args, code, expected):
     out = tmp_path / "run"
