@@ -101,8 +101,22 @@ def preflight(cfg: PipelineConfig) -> None:
 
 
 def prepare_run_dir(output: Path | None) -> Path:
-    """The run directory: ``output`` or ``runs/<timestamp>``; never someone else's files."""
+    """The run directory: ``output`` or ``runs/<timestamp>``; never someone else's files.
+
+    Args:
+        output: ``--output``, or None for a new ``runs/<timestamp>``.
+
+    Returns:
+        The run directory, created and marked as a kubetrain run, as an absolute path.
+
+    Raises:
+        UsageError: ``output`` is a file or cannot be written in (exit 2).
+        KubetrainError: ``output`` holds files that are not a kubetrain run's (exit 1).
+    """
+    from kubetrain.io import check_writable_dir
+
     run_dir = output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    check_writable_dir(run_dir, "--output" if output is not None else "run directory")
     if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / MARKER).exists():
         raise KubetrainError(
             f"{run_dir}: exists, is not empty and is not a kubetrain run directory; "
