@@ -21,13 +21,13 @@ import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetrain.config import PipelineConfig, TuneConfig, config_from_json
 from kubetrain.errors import KubetrainError
-from kubetrain.io import write_json
 from kubetrain.tune.study import JOURNAL, STUDY_NAME, storage
 
 if TYPE_CHECKING:
@@ -233,7 +233,18 @@ def _run_trials(
             completed, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in completed:
                 trial = running.pop(fut)
-                _finish(study, trial, fut.result(), tune, progress)
+                try:
+                    rec = fut.result()
+                except BrokenProcessPool:
+                    # A trial process was killed (the OOM killer, a signal): the pool is gone
+                    # with every trial in it. Say so in one line; the finished trials stay in
+                    # the journal, so a re-run resumes the search.
+                    raise KubetrainError(
+                        f"tune: a trial process died (trial {trial.number}, params "
+                        f"{trial.params}); out of memory? lower train.batch_size or "
+                        "tune.parallel_trials, then re-run to resume the search"
+                    ) from None
+                _finish(study, trial, rec, tune, progress)
 
 
 # What every trial imports. The trial processes fork from one fresh server process that has
@@ -369,11 +380,11 @@ def _write_results(
         "param_importance": param_importance(study, cfg.tune.seed),
         "search_seconds": seconds,
     }
-    write_json(out_dir / "trials.json", trials)
+    from kubetrain.artifacts import SearchResult
     from kubetrain.evaluate.report import render_search
 
-    (out_dir / "report.html").write_text(render_search(result, trials))
-    write_json(out_dir / "best_params.json", result)  # last: marks a complete search artifact
+    # Trials and report first, the summary last: it marks a complete search artifact.
+    SearchResult(result, trials).save(out_dir, render_search(result, trials))
     return result
 
 
@@ -391,12 +402,3 @@ def param_importance(study: optuna.Study, seed: int = 0) -> dict[str, float]:
         log.info("no parameter importance: %s", err)
         return {}
     return {name: float(value) for name, value in found.items()}
-
-
-def disabled_result(out_dir: Path) -> dict[str, Any]:
-    """What the tune step writes when tuning is off: no parameters to change."""
-    result = {"enabled": False, "best_params": {}, "trials_total": 0}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "trials.json", [])
-    write_json(out_dir / "best_params.json", result)
-    return result
