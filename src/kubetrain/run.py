@@ -64,15 +64,16 @@ def preflight(cfg: PipelineConfig) -> None:
         DataError: the data cannot be read, has one class, or cannot be split.
         ConfigError: the model or the batch size does not fit the data.
     """
-    from kubetrain.data.dataset import check_pipeline_task, encode_labels, split_indices
+    from kubetrain.data.dataset import encode_labels, split_indices
     from kubetrain.data.sources import load_source
+    from kubetrain.steps import check_supported
 
     if cfg.cluster.backend != "local":
         raise KubetrainError(
             "cluster.backend 'kubernetes' is for cluster runs; `kubetrain run` runs locally "
             "(use cluster.backend=local)"
         )
-    check_pipeline_task(cfg.data)
+    check_supported(cfg)
     raw = load_source(cfg.data)
     if cfg.model.name == "cnn" and raw.image_shape is None:
         raise ConfigError(
