@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
@@ -66,6 +66,7 @@ def preflight(cfg: PipelineConfig) -> None:
     """
     from kubetrain.data.dataset import encode_labels, split_indices
     from kubetrain.data.sources import load_source
+    from kubetrain.params import expand_date
     from kubetrain.steps import check_supported
 
     if cfg.cluster.backend != "local":
@@ -74,7 +75,9 @@ def preflight(cfg: PipelineConfig) -> None:
             "(use cluster.backend=local)"
         )
     check_supported(cfg)
-    raw = load_source(cfg.data)
+    # The params task expands {date} in data.source (today, for a local run); so does this check.
+    source = expand_date(cfg.data.source, datetime.now(timezone.utc))
+    raw = load_source(cfg.data.model_copy(update={"source": source}))
     if cfg.model.name == "cnn" and raw.image_shape is None:
         raise ConfigError(
             "config error: model.name: 'cnn' needs image data; set data.image_shape (C,H,W) "

@@ -120,3 +120,15 @@ def test_compile_writes_the_pipeline_ir(tmp_path):
 def test_step_rejects_a_path_that_is_not_an_artifact(tmp_path):
     proc = run_cli("train", "--dataset", str(tmp_path), "--output", str(tmp_path / "m"))
     check_one_line_error(proc, 1, "not a dataset artifact (no meta.json)")
+
+
+def test_run_reads_a_dated_source_as_the_params_task_does(tmp_path):
+    """{date} in data.source is today for a local run, in the preflight as in the params task."""
+    from datetime import datetime, timezone
+
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    (tmp_path / today).mkdir()
+    write_csv(tmp_path / today / "one.csv", {"x": 30})
+    proc = run_cli("run", "--output", str(tmp_path / "run"),
+                   "--set", f"data.source={tmp_path}/{{date}}/one.csv")  # fmt: skip
+    check_one_line_error(proc, 1, f"{today}/one.csv: needs at least 2 classes, found 1")
