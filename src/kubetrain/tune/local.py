@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetrain.config import PipelineConfig, TuneConfig, config_from_json
-from kubetrain.errors import KubetrainError
+from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.tune.study import JOURNAL, STUDY_NAME, storage
 
 if TYPE_CHECKING:
@@ -201,6 +201,34 @@ def _resume(study: optuna.Study, budget: int) -> _Progress:
     return progress
 
 
+def _trials_at_once(tune: TuneConfig, budget: int) -> int:
+    """How many trials run at once: ``tune.parallel_trials``, within the budget and the CPU
+    cores (each trial runs ``tune.trial_nproc`` processes; past one per core they only take
+    turns while each holds the model and the data).
+
+    Raises:
+        ConfigError: one trial alone needs more processes than there are cores.
+    """
+    from kubetrain.launch.local import cpu_cores
+
+    cores, per_trial = cpu_cores(), tune.trial_nproc
+    if per_trial > cores:
+        raise ConfigError(
+            f"config error: tune.trial_nproc: {per_trial} processes per trial, but this machine "
+            f"has {cores} CPU core(s) (set it to {cores} or less)"
+        )
+    wanted = max(1, min(tune.parallel_trials, budget))
+    fit = max(1, cores // per_trial)
+    if wanted > fit:
+        log.warning(
+            "tune.parallel_trials=%d x tune.trial_nproc=%d processes exceed the %d CPU core(s): "
+            "running %d trial(s) at a time",
+            tune.parallel_trials, per_trial, cores, fit,
+        )  # fmt: skip
+        return fit
+    return wanted
+
+
 def _run_trials(
     study: optuna.Study, cfg: PipelineConfig, dataset_dir: Path, journal: Path, progress: _Progress
 ) -> None:
@@ -210,7 +238,7 @@ def _run_trials(
 
     tune = cfg.tune
     dists = search_space(tune)
-    workers = max(1, min(tune.parallel_trials, progress.budget))
+    workers = _trials_at_once(tune, progress.budget)
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("%d trial(s), %d at a time", progress.budget - progress.done, workers)
     cfg_json = cfg.model_dump_json()
