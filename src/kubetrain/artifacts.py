@@ -50,6 +50,9 @@ PROMOTED_INT8 = "int8"
 REJECTION_RECORD = "decision.json"
 # The registry's record of the last promotion (kubetrain.registry), beside models/<key>/.
 REGISTRY_RECORD = "promoted.json"
+# What `kubetrain run` leaves at the top of a run directory (copies of the evaluation's).
+RUN_METRICS = "metrics.json"
+RUN_REPORT = "report.html"
 
 
 # -- dataset ------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from kubetrain import __version__
+from kubetrain import __version__, artifacts
 from kubetrain.errors import KubetrainError, UsageError
 
 log = logging.getLogger("kubetrain")
@@ -289,10 +289,10 @@ def dispatch(args: argparse.Namespace) -> int:
         case "preprocess":
             steps.preprocess(cfg, args.output)
         case "tune":
-            _require_dir(args.dataset, "dataset", "meta.json")
+            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
             steps.tune(cfg, args.dataset, args.output)
         case "train":
-            _require_dir(args.dataset, "dataset", "meta.json")
+            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
             if args.params is not None and not args.params.is_file():
                 what = "is a directory, not a best_params.json file"
                 raise KubetrainError(
@@ -300,15 +300,15 @@ def dispatch(args: argparse.Namespace) -> int:
                 )
             steps.train(cfg, args.dataset, args.output, params_file=args.params)
         case "quantize":
-            _require_dir(args.dataset, "dataset", "meta.json")
-            _require_dir(args.model, "model", "model.json")
+            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
+            _require_dir(args.model, "model", artifacts.MODEL_SPEC)
             steps.quantize(cfg, args.dataset, args.model, args.output)
         case "evaluate":
-            _require_dir(args.dataset, "dataset", "meta.json")
-            _require_dir(args.model, "model", "model.json")
-            _require_dir(args.quantized, "quantized model", "quant.json")
+            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
+            _require_dir(args.model, "model", artifacts.MODEL_SPEC)
+            _require_dir(args.quantized, "quantized model", artifacts.QUANT_INFO)
             if args.tune is not None:
-                _require_dir(args.tune, "tune", "best_params.json")
+                _require_dir(args.tune, "tune", artifacts.SEARCH_RESULT)
             steps.evaluate(cfg, args.dataset, args.model, args.quantized, args.output, args.tune)
     return 0
 

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from kubetrain import artifacts
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError, DataError, KubetrainError
 from kubetrain.io import read_json, write_json
@@ -206,7 +207,10 @@ def run_local(
         raise KubetrainError(f"runner {runner!r}: expected one of {', '.join(RUNNERS)}")
     preflight(cfg)
     run_dir = prepare_run_dir(output)
-    for result_file in ("metrics.json", "report.html"):  # a failed re-run leaves no old result
+    for result_file in (
+        artifacts.RUN_METRICS,
+        artifacts.RUN_REPORT,
+    ):  # a failed re-run leaves no old result
         (run_dir / result_file).unlink(missing_ok=True)
     task, started = _run_pipeline(cfg, run_dir, cache, runner, verbose, out or sys.stdout)
     seconds = time.perf_counter() - started
@@ -219,17 +223,17 @@ def run_local(
         if found is None:
             raise KubetrainError(f"pipeline ran but wrote no evaluation under {run_dir / 'kfp'}")
         evaluation = found
-        promoted = bool(read_json(evaluation / "metrics.json")["promoted"])
+        promoted = bool(read_json(evaluation / artifacts.EVAL_METRICS)["promoted"])
     else:
         evaluation = Path(task.outputs["evaluation"].path)
         promoted = bool(task.outputs["promoted"])
-    metrics = read_json(evaluation / "metrics.json")
+    metrics = read_json(evaluation / artifacts.EVAL_METRICS)
     metrics["promoted"] = promoted
     metrics["pipeline_seconds"] = seconds
-    write_json(run_dir / "metrics.json", metrics)
-    shutil.copyfile(evaluation / "report.html", run_dir / "report.html")
+    write_json(run_dir / artifacts.RUN_METRICS, metrics)
+    shutil.copyfile(evaluation / artifacts.EVAL_REPORT, run_dir / artifacts.RUN_REPORT)
     promoted_dir = _find_output(run_dir / "kfp", "promote", "promoted") if promoted else None
-    return RunResult(run_dir, metrics, run_dir / "report.html", promoted_dir, seconds)
+    return RunResult(run_dir, metrics, run_dir / artifacts.RUN_REPORT, promoted_dir, seconds)
 
 
 def _run_pipeline(

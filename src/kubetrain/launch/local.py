@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from kubetrain.artifacts import MODEL_SPEC
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.io import make_temp_dir, write_json
@@ -137,7 +138,7 @@ class LocalLauncher:
             raise KubetrainError(
                 f"training failed: torchrun exited with {codes} (the workers' log lines above say why)"
             )
-        if not (out_dir / "model.json").is_file():
+        if not (out_dir / MODEL_SPEC).is_file():
             raise KubetrainError(f"training failed: no model was written to {out_dir}")
 
 
