@@ -199,10 +199,8 @@ def test_every_loader_path_yields_the_same_augmented_batches(workers, prefetch):
     assert torch.equal(resumed[1], reference[1][3 * 32 :])
 
 
-def test_prefetch_thread_stops_when_the_epoch_is_abandoned_and_passes_errors_on():
+def test_prefetch_thread_stops_when_the_epoch_is_abandoned_and_passes_errors_on(monkeypatch):
     import threading
-
-    import torch
 
     from kubetrain.data.loader import GlobalBatchSampler, make_train_loader
 
@@ -214,8 +212,16 @@ def test_prefetch_thread_stops_when_the_epoch_is_abandoned_and_passes_errors_on(
     batches.close()  # what leaving the epoch early (an exception in the step) does
     assert not [t for t in threading.enumerate() if t.name == "kubetrain-prefetch"]
 
-    ds.x = torch.zeros(64, 2, 8)  # 2-D samples: the shift's image padding fails in the thread
-    with pytest.raises(Exception):  # noqa: B017 - whatever torch raises, it must surface here
+    from kubetrain.data import loader
+
+    class Boom(Exception):
+        pass
+
+    def fail(*args, **kwargs):
+        raise Boom("raised in the prefetch thread")
+
+    monkeypatch.setattr(loader, "augment_images", fail)
+    with pytest.raises(Boom, match="raised in the prefetch thread"):  # surfaces in the step
         list(make_train_loader(ds, sampler, 0, prefetch=2))
     assert not [t for t in threading.enumerate() if t.name == "kubetrain-prefetch"]
 
