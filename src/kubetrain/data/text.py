@@ -295,29 +295,16 @@ class TextMeta:
             raise DataError(f"{where}: unreadable ({err})") from None
 
 
-def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None) -> TextMeta:
-    """Preprocess a text source into ``out``: tokenizer, token shards, ``text.json``.
-
-    Args:
-        cfg: the ``data`` config section (``task`` one of the text tasks).
-        out: the dataset directory to create (local); an earlier text dataset there is
-            replaced, anything else is refused.
-        num_processes: tokenizer processes (default ``cfg.num_workers``, at least 1).
-
-    Returns:
-        The ``text.json`` contents.
-
-    Raises:
-        ConfigError: not a text task.
-        DataError: bad source (see the module docstring), a bad tokenizer file, no training
-            text, ``out`` holds something other than a text dataset.
-    """
-    from kubetrain.data import tokenize
-
-    out = Path(out)
+def _refuse_foreign_out(out: Path) -> None:
+    """Raise DataError if ``out`` holds something other than a text dataset."""
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / TEXT_META).is_file()):
         raise DataError(f"{out}: exists and is not a text dataset; refusing to replace it")
-    stats = ReadStats()
+
+
+def _fit_tokenizer(cfg, stats: ReadStats) -> tuple[Any, list[str] | None]:
+    """Pass 1: load or train the tokenizer; returns it and the sorted classes (None: seq2seq)."""
+    from kubetrain.data import tokenize
+
     classes: Counter[str] = Counter()
     is_cls = cfg.task == "text_classification"
 
@@ -338,60 +325,115 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
             pass
     else:
         tok = tokenize.train_tokenizer(train_texts(), cfg.tokenizer)
+    return tok, (_sorted_classes(classes) if is_cls else None)
+
+
+def _tokenize(
+    cfg, tok, tmp: Path, class_list: list[str] | None, num_processes: int | None
+) -> tuple[Any, float]:
+    """Pass 2: tokenize every example into shards in ``tmp``; returns the summary and seconds."""
+    from kubetrain.data import tokenize
+
+    is_cls = class_list is not None
+    label_index = {c: i for i, c in enumerate(class_list or [])}
+    examples = (
+        (ex.split, ex.row, ex.text, label_index[ex.other] if is_cls else ex.other)
+        for ex in iter_examples(cfg, ReadStats())
+    )
+    start = time.perf_counter()
+    summary = tokenize.tokenize_to_shards(
+        examples,
+        tok,
+        str(tmp),
+        task=cfg.task,
+        max_length=cfg.max_length,
+        num_processes=num_processes if num_processes is not None else max(1, cfg.num_workers),
+        shard_samples=cfg.shard_samples,
+        seed=cfg.seed,
+    )
+    return summary, time.perf_counter() - start
+
+
+def _write_dataset(
+    cfg,
+    tok,
+    tmp: Path,
+    special: dict[str, int],
+    class_list: list[str] | None,
+    stats: ReadStats,
+    num_processes: int | None,
+) -> TextMeta:
+    """Write the tokenizer, the token shards and ``text.json`` into ``tmp``."""
+    from kubetrain.data import tokenize
+
+    tokenize.save_tokenizer(tok, tmp)
+    summary, seconds = _tokenize(cfg, tok, tmp, class_list, num_processes)
+    meta = TextMeta(
+        task=cfg.task,
+        max_length=cfg.max_length,
+        special_ids=special,
+        vocab_size=tok.get_vocab_size(),
+        classes=class_list,
+        rows=stats.rows,
+        skipped_empty=stats.skipped_empty,
+        truncated=summary.truncated,
+        tokens=summary.tokens,
+        samples=summary.samples,
+        tokenize_seconds=round(seconds, 3),
+        tokenize_processes=summary.processes,
+    )
+    meta.save(tmp)
+    return meta
+
+
+def _warn_counts(source: str, meta: TextMeta) -> None:
+    """Log the rows skipped for empty text and the sequences truncated, if any."""
+    if meta.skipped_empty:
+        log.warning("%s: skipped %d rows with empty text", source, meta.skipped_empty)
+    if meta.truncated:
+        log.warning(
+            "%s: truncated %d sequences longer than data.max_length=%d tokens",
+            source,
+            meta.truncated,
+            meta.max_length,
+        )
+
+
+def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None) -> TextMeta:
+    """Preprocess a text source into ``out``: tokenizer, token shards, ``text.json``.
+
+    Args:
+        cfg: the ``data`` config section (``task`` one of the text tasks).
+        out: the dataset directory to create (local); an earlier text dataset there is
+            replaced, anything else is refused.
+        num_processes: tokenizer processes (default ``cfg.num_workers``, at least 1).
+
+    Returns:
+        The ``text.json`` contents.
+
+    Raises:
+        ConfigError: not a text task.
+        DataError: bad source (see the module docstring), a bad tokenizer file, no training
+            text, ``out`` holds something other than a text dataset.
+    """
+    from kubetrain.data import tokenize
+
+    out = Path(out)
+    _refuse_foreign_out(out)
+    stats = ReadStats()
+    tok, class_list = _fit_tokenizer(cfg, stats)
     if stats.per_split["train"] == 0:
         raise DataError(f"{cfg.source}: no usable training text ({stats.rows} rows read)")
     special = tokenize.special_ids(tok, cfg.tokenizer.path or "trained tokenizer")
-    class_list = _sorted_classes(classes) if is_cls else None
-    label_index = {c: i for i, c in enumerate(class_list or [])}
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tokenize.save_tokenizer(tok, tmp)
-        examples = (
-            (ex.split, ex.row, ex.text, label_index[ex.other] if is_cls else ex.other)
-            for ex in iter_examples(cfg, ReadStats())
-        )
-        start = time.perf_counter()
-        summary = tokenize.tokenize_to_shards(
-            examples,
-            tok,
-            str(tmp),
-            task=cfg.task,
-            max_length=cfg.max_length,
-            num_processes=num_processes if num_processes is not None else max(1, cfg.num_workers),
-            shard_samples=cfg.shard_samples,
-            seed=cfg.seed,
-        )
-        seconds = time.perf_counter() - start
-        meta = TextMeta(
-            task=cfg.task,
-            max_length=cfg.max_length,
-            special_ids=special,
-            vocab_size=tok.get_vocab_size(),
-            classes=class_list,
-            rows=stats.rows,
-            skipped_empty=stats.skipped_empty,
-            truncated=summary.truncated,
-            tokens=summary.tokens,
-            samples=summary.samples,
-            tokenize_seconds=round(seconds, 3),
-            tokenize_processes=summary.processes,
-        )
-        meta.save(tmp)
+        meta = _write_dataset(cfg, tok, tmp, special, class_list, stats, num_processes)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if stats.skipped_empty:
-        log.warning("%s: skipped %d rows with empty text", cfg.source, stats.skipped_empty)
-    if summary.truncated:
-        log.warning(
-            "%s: truncated %d sequences longer than data.max_length=%d tokens",
-            cfg.source,
-            summary.truncated,
-            cfg.max_length,
-        )
+    _warn_counts(cfg.source, meta)
     return meta
