@@ -359,25 +359,48 @@ def tokenize_to_shards(
     Raises:
         DataError: the tokenizer lacks a special token; whatever reading ``examples`` raises.
     """
+    parts = _parts(examples, shard_samples, mix=mix_parts, seed=seed)
+    results = _encode_parts(parts, tok, root, task, max_length, num_processes, storage_options)
+    return _write_splits(results, root, num_processes, storage_options)
+
+
+def _encode_parts(
+    parts: Iterable[Part],
+    tok,
+    root: str,
+    task: str,
+    max_length: int,
+    num_processes: int,
+    storage_options: Mapping[str, Any] | None,
+) -> list[PartResult]:
+    """Encode and write every part, here (1 process) or in a pool of ``num_processes``."""
     args = (tok.to_str(), task, max_length)
     opts = dict(storage_options or {})
     results: list[PartResult] = []
-    parts = _parts(examples, shard_samples, mix=mix_parts, seed=seed)
     if num_processes <= 1:
         _WORKER["encoder"] = Encoder(tok, task, max_length)
-        results = [_encode_part(p, root, opts) for p in parts]
-    else:
-        ctx = multiprocessing.get_context("forkserver")
-        # Workers fork from a server that imported these once (pyarrow imports pandas when it
-        # builds list arrays): N workers do not each pay ~2 s of imports.
-        ctx.set_forkserver_preload(["kubetrain.data.tokenize", "pyarrow.parquet", "pandas"])
-        with ctx.Pool(num_processes, initializer=_init_worker, initargs=args) as pool:
-            pending: deque = deque()
-            for p in parts:
-                pending.append(pool.apply_async(_encode_part, (p, root, opts)))
-                if len(pending) >= 2 * num_processes:
-                    results.append(pending.popleft().get())
-            results += [r.get() for r in pending]
+        return [_encode_part(p, root, opts) for p in parts]
+    ctx = multiprocessing.get_context("forkserver")
+    # Workers fork from a server that imported these once (pyarrow imports pandas when it
+    # builds list arrays): N workers do not each pay ~2 s of imports.
+    ctx.set_forkserver_preload(["kubetrain.data.tokenize", "pyarrow.parquet", "pandas"])
+    with ctx.Pool(num_processes, initializer=_init_worker, initargs=args) as pool:
+        pending: deque = deque()
+        for p in parts:
+            pending.append(pool.apply_async(_encode_part, (p, root, opts)))
+            if len(pending) >= 2 * num_processes:
+                results.append(pending.popleft().get())
+        results += [r.get() for r in pending]
+    return results
+
+
+def _write_splits(
+    results: list[PartResult],
+    root: str,
+    num_processes: int,
+    storage_options: Mapping[str, Any] | None,
+) -> TokenizeSummary:
+    """Gather the parts' shards by split in part order, write the manifest, sum the counts."""
     splits = {s: _SplitShards(s) for s in SPLITS}
     tokens: Counter[str] = Counter()
     samples: Counter[str] = Counter()
