@@ -41,7 +41,7 @@ import numpy as np
 
 from kubetrain.data.config import DataConfig
 from kubetrain.data.dataset import encode_labels, split_indices
-from kubetrain.data.image_sources import ImageRef, filesystem, list_images, read_bytes
+from kubetrain.data.image_sources import ImageListing, ImageRef, filesystem, list_images, read_bytes
 from kubetrain.data.shards import (
     MANIFEST,
     ShardInfo,
@@ -228,19 +228,34 @@ def build_image_dataset(cfg: DataConfig, out_dir: str) -> ShardManifest:
     started = time.perf_counter()
     out_dir = str(out_dir)
     options = dict(cfg.storage_options)
-    listing = list_images(
+    listing = _list(cfg, options)
+    fingerprint = _fingerprint(listing.fingerprint, cfg)
+    cached = _cached(out_dir, fingerprint, options)
+    if cached is not None:
+        log.info("%s: unchanged input, reusing dataset %s", out_dir, cached.version)
+        return cached
+    ids, classes, parts = _classes_and_splits(listing.refs, cfg)
+    manifest = _write_shards(listing.refs, ids, classes, parts, cfg, out_dir, fingerprint)
+    _log_built(cfg, out_dir, manifest, len(listing.refs), len(classes), started)
+    return manifest
+
+
+def _list(cfg: DataConfig, options: Mapping[str, Any]) -> ImageListing:
+    """The images of ``cfg.source`` with their labels (listed with up to 2 threads a worker)."""
+    return list_images(
         cfg.source,
         label_column=cfg.label_column,
         image_column=cfg.image_column,
         storage_options=options,
         num_threads=max(4, cfg.num_workers * 2),
     )
-    fingerprint = _fingerprint(listing.fingerprint, cfg)
-    cached = _cached(out_dir, fingerprint, options)
-    if cached is not None:
-        log.info("%s: unchanged input, reusing dataset %s", out_dir, cached.version)
-        return cached
-    labels = np.array([ref.label for ref in listing.refs])
+
+
+def _classes_and_splits(
+    refs: list[ImageRef], cfg: DataConfig
+) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
+    """Class ids of the images (sorted names), the class names and the stratified split."""
+    labels = np.array([ref.label for ref in refs])
     if labels.dtype.kind in "OUS":
         labels = _numeric_if_possible(labels)
     ids, classes = encode_labels(labels)
@@ -250,16 +265,42 @@ def build_image_dataset(cfg: DataConfig, out_dir: str) -> ShardManifest:
         parts = split_indices(ids, cfg)
     except DataError as err:  # name the source: the split's message cannot
         raise DataError(str(err).replace("data error:", f"data error: {cfg.source}:", 1)) from None
-    tasks = _plan(listing.refs, ids, parts, cfg, out_dir, options)
+    return ids, classes, parts
+
+
+def _write_shards(
+    refs: list[ImageRef],
+    ids: np.ndarray,
+    classes: list[str],
+    parts: dict[str, np.ndarray],
+    cfg: DataConfig,
+    out_dir: str,
+    fingerprint: str,
+) -> ShardManifest:
+    """Write every split's shards, then the manifest; old shards it does not name are removed."""
+    options = dict(cfg.storage_options)
+    tasks = _plan(refs, ids, parts, cfg, out_dir, options)
     _remove_manifest(out_dir, options)  # a failed build leaves no manifest naming old shards
     results = _run(tasks, cfg.num_workers)
     try:
-        manifest = _manifest(results, classes, listing.refs, cfg, fingerprint)
+        manifest = _manifest(results, classes, refs, cfg, fingerprint)
     except DataError:
         _remove_shards(out_dir, [], options)
         raise
     save_manifest(out_dir, manifest, options)
     _remove_shards(out_dir, [s.path for v in manifest.splits.values() for s in v], options)
+    return manifest
+
+
+def _log_built(
+    cfg: DataConfig,
+    out_dir: str,
+    manifest: ShardManifest,
+    num_listed: int,
+    num_classes: int,
+    started: float,
+) -> None:
+    """Log the images skipped (a warning, if any) and what was built in how long."""
     skipped = manifest.provenance["num_skipped"]
     if skipped:
         first = manifest.provenance["skipped"][0]
@@ -267,19 +308,18 @@ def build_image_dataset(cfg: DataConfig, out_dir: str) -> ShardManifest:
             "%s: skipped %d of %d images that do not decode (e.g. %s: %s)",
             cfg.source,
             skipped,
-            len(listing.refs),
+            num_listed,
             *first,
         )
     log.info(
         "%s: %d images, %d classes -> %s (version %s) in %.1f s",
         cfg.source,
-        len(listing.refs) - skipped,
-        len(classes),
+        num_listed - skipped,
+        num_classes,
         out_dir,
         manifest.version,
         time.perf_counter() - started,
     )
-    return manifest
 
 
 def _numeric_if_possible(labels: np.ndarray) -> np.ndarray:
