@@ -226,7 +226,89 @@ def _check_paths(args: argparse.Namespace) -> None:
         check_writable_dir(output, "--output")
 
 
+def _compile(cfg, args: argparse.Namespace) -> None:
+    """``compile``: write the pipeline YAML to ``--output``."""
+    from kubetrain.submit import compile_pipeline
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    compile_pipeline(cfg, args.output)
+    print(f"wrote {args.output}")
+
+
+def _run(cfg, args: argparse.Namespace) -> None:
+    """``run``: the whole pipeline locally, then a summary of its result."""
+    from kubetrain.run import run_local
+
+    result = run_local(
+        cfg, args.output, cache=not args.no_cache, runner=args.runner, verbose=args.verbose
+    )
+    if not result.retrained:
+        print(f"run directory:      {result.run_dir}")
+        print(f"nothing trained:    {result.reason}")
+        print(f"pipeline time:      {result.seconds:.1f} s")
+        return
+    m = result.metrics
+    print(f"run directory:      {result.run_dir}")
+    print(f"test accuracy fp32: {m['test_accuracy_fp32']:.4f}")
+    print(f"test accuracy int8: {m['test_accuracy_int8']:.4f} ({m['quantize_method']})")
+    print(f"model size:         {m['model_size_bytes_fp32']} -> {m['model_size_bytes_int8']} bytes")
+    print(f"train samples/s:    {m['train_samples_per_second']:.0f}")
+    verdict = f"yes -> {result.promoted_model}" if m["promoted"] else "no (below the bar)"
+    print(f"promoted:           {verdict}")
+    print(f"report:             {result.report}")
+    print(f"logs:               {result.run_dir / 'logs'}")
+    print(f"pipeline time:      {result.seconds:.1f} s")
+
+
+def _submit(args: argparse.Namespace) -> None:
+    """``submit`` / ``schedule``: create a run (or a recurring one) on a KFP host."""
+    from kubetrain import submit
+
+    if not args.host:
+        raise KubetrainError(f"{args.command}: give --host URL (or set KF_PIPELINES_ENDPOINT)")
+    req = submit.request(args.config, args.overrides)
+    if args.command == "submit":
+        done = submit.submit_run(req, args.host, args.experiment, args.run_name)
+    else:
+        done = submit.schedule_run(req, args.host, args.name, args.cron, args.experiment)
+    replaced = f" (replaced {', '.join(done.replaced)})" if done.replaced else ""
+    print(f"created {done.kind} '{done.name}' id {done.id}{replaced}")
+
+
+def _train(cfg, args: argparse.Namespace) -> None:
+    """``train``: one training run on a dataset, with tuned parameters if given."""
+    from kubetrain import steps
+
+    _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
+    if args.params is not None and not args.params.is_file():
+        what = "is a directory, not a best_params.json file"
+        raise KubetrainError(f"{args.params}: {what if args.params.is_dir() else 'no such file'}")
+    steps.train(cfg, args.dataset, args.output, params_file=args.params)
+
+
+def _quantize(cfg, args: argparse.Namespace) -> None:
+    """``quantize``: an int8 model from a trained one."""
+    from kubetrain import steps
+
+    _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
+    _require_dir(args.model, "model", artifacts.MODEL_SPEC)
+    steps.quantize(cfg, args.dataset, args.model, args.output)
+
+
+def _evaluate(cfg, args: argparse.Namespace) -> None:
+    """``evaluate``: both models on the test split, the report and the promotion verdict."""
+    from kubetrain import steps
+
+    _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
+    _require_dir(args.model, "model", artifacts.MODEL_SPEC)
+    _require_dir(args.quantized, "quantized model", artifacts.QUANT_INFO)
+    if args.tune is not None:
+        _require_dir(args.tune, "tune", artifacts.SEARCH_RESULT)
+    steps.evaluate(cfg, args.dataset, args.model, args.quantized, args.output, args.tune)
+
+
 def dispatch(args: argparse.Namespace) -> int:
+    """Run the subcommand of parsed ``args``; returns the exit status (errors raise)."""
     from kubetrain import steps
     from kubetrain.config import load_config
 
@@ -238,78 +320,26 @@ def dispatch(args: argparse.Namespace) -> int:
         case "config":
             sys.stdout.write(cfg.to_yaml())
         case "compile":
-            from kubetrain.submit import compile_pipeline
-
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            compile_pipeline(cfg, args.output)
-            print(f"wrote {args.output}")
+            _compile(cfg, args)
         case "run":
-            from kubetrain.run import run_local
-
-            result = run_local(
-                cfg, args.output, cache=not args.no_cache, runner=args.runner, verbose=args.verbose
-            )
-            if not result.retrained:
-                print(f"run directory:      {result.run_dir}")
-                print(f"nothing trained:    {result.reason}")
-                print(f"pipeline time:      {result.seconds:.1f} s")
-                return 0
-            m = result.metrics
-            print(f"run directory:      {result.run_dir}")
-            print(f"test accuracy fp32: {m['test_accuracy_fp32']:.4f}")
-            print(f"test accuracy int8: {m['test_accuracy_int8']:.4f} ({m['quantize_method']})")
-            print(
-                f"model size:         {m['model_size_bytes_fp32']} -> {m['model_size_bytes_int8']}"
-                " bytes"
-            )
-            print(f"train samples/s:    {m['train_samples_per_second']:.0f}")
-            verdict = f"yes -> {result.promoted_model}" if m["promoted"] else "no (below the bar)"
-            print(f"promoted:           {verdict}")
-            print(f"report:             {result.report}")
-            print(f"logs:               {result.run_dir / 'logs'}")
-            print(f"pipeline time:      {result.seconds:.1f} s")
+            _run(cfg, args)
         case "manifests":
             from kubetrain.launch.manifests import cluster_manifests, to_yaml
 
             sys.stdout.write(to_yaml(cluster_manifests(cfg)))
         case "submit" | "schedule":
-            from kubetrain import submit
-
-            if not args.host:
-                raise KubetrainError(
-                    f"{args.command}: give --host URL (or set KF_PIPELINES_ENDPOINT)"
-                )
-            req = submit.request(args.config, args.overrides)
-            if args.command == "submit":
-                done = submit.submit_run(req, args.host, args.experiment, args.run_name)
-            else:
-                done = submit.schedule_run(req, args.host, args.name, args.cron, args.experiment)
-            replaced = f" (replaced {', '.join(done.replaced)})" if done.replaced else ""
-            print(f"created {done.kind} '{done.name}' id {done.id}{replaced}")
+            _submit(args)
         case "preprocess":
             steps.preprocess(cfg, args.output)
         case "tune":
             _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
             steps.tune(cfg, args.dataset, args.output)
         case "train":
-            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
-            if args.params is not None and not args.params.is_file():
-                what = "is a directory, not a best_params.json file"
-                raise KubetrainError(
-                    f"{args.params}: {what if args.params.is_dir() else 'no such file'}"
-                )
-            steps.train(cfg, args.dataset, args.output, params_file=args.params)
+            _train(cfg, args)
         case "quantize":
-            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
-            _require_dir(args.model, "model", artifacts.MODEL_SPEC)
-            steps.quantize(cfg, args.dataset, args.model, args.output)
+            _quantize(cfg, args)
         case "evaluate":
-            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
-            _require_dir(args.model, "model", artifacts.MODEL_SPEC)
-            _require_dir(args.quantized, "quantized model", artifacts.QUANT_INFO)
-            if args.tune is not None:
-                _require_dir(args.tune, "tune", artifacts.SEARCH_RESULT)
-            steps.evaluate(cfg, args.dataset, args.model, args.quantized, args.output, args.tune)
+            _evaluate(cfg, args)
     return 0
 
 
