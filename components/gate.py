@@ -14,7 +14,9 @@ def check_accuracy(evaluation: dsl.Input[dsl.Artifact], min_accuracy: float) -> 
 
     from kubetrain import steps
     from kubetrain.artifacts import Evaluation
+    from kubetrain.logs import setup_logging
 
+    setup_logging()  # an error is the step's one line, as in every step
     return steps.is_promotable(Evaluation.load_metrics(evaluation.path), min_accuracy)
 
 
@@ -87,7 +89,9 @@ def reject(
         decision: why the model was not promoted.
     """
     from kubetrain.artifacts import Evaluation, Rejection
+    from kubetrain.logs import setup_logging
 
+    setup_logging()
     m = Evaluation.load_metrics(evaluation.path)
     rejection = Rejection(
         f"test accuracy fp32 {m['test_accuracy_fp32']:.4f} / int8 "

@@ -21,3 +21,28 @@ def not_a_model(spec, num_classes: int):
 
 
 NOT_CALLABLE = 3
+
+
+def dies(spec, num_classes: int):
+    """A model whose construction kills its own process, as the OOM killer would."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _WithUnusedHead(nn.Module):
+    def __init__(self, features: int, num_classes: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes))
+        self.unused = nn.Linear(1, 1)  # registered last, never reached by the loss
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def unused_last_parameter(spec, num_classes: int) -> nn.Module:
+    """A model whose last parameter gets no gradient (an aux head the loss does not use)."""
+    import math
+
+    return _WithUnusedHead(math.prod(spec.shape), num_classes)

@@ -50,6 +50,9 @@ PROMOTED_INT8 = "int8"
 REJECTION_RECORD = "decision.json"
 # The registry's record of the last promotion (kubetrain.registry), beside models/<key>/.
 REGISTRY_RECORD = "promoted.json"
+# What `kubetrain run` leaves at the top of a run directory (copies of the evaluation's).
+RUN_METRICS = "metrics.json"
+RUN_REPORT = "report.html"
 
 
 # -- dataset ------------------------------------------------------------------------------------
@@ -122,11 +125,13 @@ class DatasetArtifact:
             raise DataError(
                 f"data error: {path}: not a kubetrain dataset (no {DATASET_META}/{DATASET_ARRAYS})"
             )
-        meta = read_json(path / DATASET_META)
-        if meta.get("format_version") != DATASET_FORMAT_VERSION:
-            raise DataError(
-                f"data error: {path}: dataset format {meta.get('format_version')} unknown"
-            )
+        try:
+            meta = read_json(path / DATASET_META)
+        except ValueError as err:  # a damaged artifact: one line, not a traceback
+            raise DataError(f"data error: {path / DATASET_META}: not valid JSON ({err})") from None
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if version != DATASET_FORMAT_VERSION:
+            raise DataError(f"data error: {path}: dataset format {version} unknown")
         return meta
 
     @classmethod
@@ -136,8 +141,14 @@ class DatasetArtifact:
 
         path = Path(directory)
         meta = cls.read_meta(path)
-        with np.load(path / DATASET_ARRAYS, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        import zipfile
+
+        try:
+            with np.load(path / DATASET_ARRAYS, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"data error: {path / DATASET_ARRAYS}: unreadable ({first})") from None
         return cls(path=path, meta=meta, arrays=arrays)
 
 

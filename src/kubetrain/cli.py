@@ -1,19 +1,23 @@
 """The ``kubetrain`` command line.
 
 User mistakes (config, data, arguments) print one line and exit non-zero: 2 for an invalid
-config or arguments, 1 for anything else that went wrong.
+config or arguments, 1 for anything else that went wrong. SIGTERM ends a command as Ctrl-C does
+(what it started is stopped, one line, exit 143 instead of 130). The catalogue of bad inputs and
+faults in tests/unit/test_bad_input.py holds every command to that.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
-from kubetrain import __version__
-from kubetrain.errors import KubetrainError
+from kubetrain import __version__, artifacts
+from kubetrain.errors import KubetrainError, UsageError
 
 log = logging.getLogger("kubetrain")
 
@@ -158,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _require_dir(path: Path, what: str, marker: str) -> Path:
+    if not path.exists():
+        raise KubetrainError(f"{path}: no such directory (expected a {what} artifact)")
+    if not path.is_dir():
+        raise KubetrainError(f"{path}: is a file, not a {what} artifact directory")
     if not (path / marker).is_file():
         raise KubetrainError(f"{path}: not a {what} artifact (no {marker})")
     return path
@@ -203,13 +211,28 @@ def _runs_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse unusable path arguments before any work: one line naming the path (exit 2)."""
+    from kubetrain.io import check_writable_dir
+
+    output = getattr(args, "output", None)
+    if output is None:
+        return
+    if args.command == "compile":  # -o is a file
+        if output.is_dir():
+            raise UsageError(f"--output {output}: is a directory; give the YAML file to write")
+        check_writable_dir(output.parent, "--output")
+    else:
+        check_writable_dir(output, "--output")
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from kubetrain import steps
     from kubetrain.config import load_config
 
     if args.command in ("runs", "compare"):
         return _runs_command(args)
-
+    _check_paths(args)
     cfg = load_config(args.config, args.overrides)
     match args.command:
         case "config":
@@ -266,38 +289,89 @@ def dispatch(args: argparse.Namespace) -> int:
         case "preprocess":
             steps.preprocess(cfg, args.output)
         case "tune":
-            _require_dir(args.dataset, "dataset", "meta.json")
+            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
             steps.tune(cfg, args.dataset, args.output)
         case "train":
-            _require_dir(args.dataset, "dataset", "meta.json")
+            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
             if args.params is not None and not args.params.is_file():
-                raise KubetrainError(f"{args.params}: no such file")
+                what = "is a directory, not a best_params.json file"
+                raise KubetrainError(
+                    f"{args.params}: {what if args.params.is_dir() else 'no such file'}"
+                )
             steps.train(cfg, args.dataset, args.output, params_file=args.params)
         case "quantize":
-            _require_dir(args.dataset, "dataset", "meta.json")
-            _require_dir(args.model, "model", "model.json")
+            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
+            _require_dir(args.model, "model", artifacts.MODEL_SPEC)
             steps.quantize(cfg, args.dataset, args.model, args.output)
         case "evaluate":
-            _require_dir(args.dataset, "dataset", "meta.json")
-            _require_dir(args.model, "model", "model.json")
-            _require_dir(args.quantized, "quantized model", "quant.json")
+            _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
+            _require_dir(args.model, "model", artifacts.MODEL_SPEC)
+            _require_dir(args.quantized, "quantized model", artifacts.QUANT_INFO)
+            if args.tune is not None:
+                _require_dir(args.tune, "tune", artifacts.SEARCH_RESULT)
             steps.evaluate(cfg, args.dataset, args.model, args.quantized, args.output, args.tune)
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so it unwinds exactly as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # Ctrl-C reaches every process of the terminal's foreground group, a SIGTERM (kill, a
+    # container stop) only this one: pass it on to our children as the SIGINT they would have
+    # had (a KFP task, the step server, torchrun: each stops what it runs), then unwind here.
+    import psutil
+
+    local = sys.modules.get("kubetrain.launch.local")
+    own_stop = local.OWN_STOP if local else set()  # torchrun agents: stopped by their launcher
+    for child in psutil.Process().children():
+        if child.pid not in own_stop:
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signal.SIGINT)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``kubetrain`` command.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 done, 1 failed, 2 bad config or arguments, 130 Ctrl-C, 143 SIGTERM.
+    """
     args = build_parser().parse_args(argv)
+    from kubetrain.io import clean_stale_temp_dirs
     from kubetrain.logs import setup_logging
 
     setup_logging(args.verbose)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        previous = None
+    try:
+        for stale in clean_stale_temp_dirs():
+            log.debug("removed %s (left by a process that is gone)", stale)
         return dispatch(args)
     except KubetrainError as err:
         print(f"kubetrain: {err}", file=sys.stderr)
         return err.exit_code
+    except Terminated:
+        print("kubetrain: terminated (SIGTERM); stopped what was running", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("kubetrain: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        # A file-system failure outside kubetrain's own writes (which say which file and why).
+        log.debug("file system error", exc_info=True)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"kubetrain: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -209,13 +209,47 @@ def validate_config(data: Any) -> PipelineConfig:
         raise ConfigError(_format_validation_error(err)) from None
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in YAML names the same key twice (PyYAML would keep the last silently)."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key '{key}' on line {line} (first on line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys in a mapping (merge keys ``<<`` allowed)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise DuplicateKeyError(key, line, first[key])
+                first[key] = line
+            except TypeError:  # an unhashable key: the base constructor says so
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises DuplicateKeyError for a key given twice in a mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``a.b=value``; the value is parsed as a YAML scalar (``1e-3``, ``true``, ``[1, 2]``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"config error: --set {text!r}: expected KEY=VALUE, e.g. train.lr=0.01")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
+    except DuplicateKeyError as err:
+        raise ConfigError(f"config error: --set {text!r}: duplicate key '{err.key}'") from None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and value.strip().lower() not in ("nan", "inf", "-inf"):
@@ -245,12 +279,28 @@ def load_config(
         path = Path(path)
         if not path.is_file() and str(path) in recipes():
             path = RECIPES / f"{path}.yaml"
+        if path.is_dir():
+            raise ConfigError(f"config error: {path}: is a directory, not a YAML config file")
         if not path.is_file():
             raise ConfigError(
                 f"config error: {path}: no such file (bundled recipes: {', '.join(recipes())})"
             )
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config error: {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                f"offset {err.start}); save the config as UTF-8"
+            ) from None
+        except OSError as err:
+            raise ConfigError(f"config error: {path}: cannot read ({err.strerror})") from None
+        try:
+            loaded = load_yaml(text)
+        except DuplicateKeyError as err:
+            raise ConfigError(
+                f"config error: {path}:{err.line}: duplicate key '{err.key}' (first on line "
+                f"{err.first_line})"
+            ) from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)

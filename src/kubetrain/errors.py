@@ -15,3 +15,9 @@ class ConfigError(KubetrainError):
 
 class DataError(KubetrainError):
     """The input data cannot be used; the message names the file or column."""
+
+
+class UsageError(KubetrainError):
+    """A command-line argument cannot be used (a path that is a file, a read-only directory)."""
+
+    exit_code = 2

@@ -20,10 +20,11 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+from kubetrain import artifacts
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError, DataError, KubetrainError
 from kubetrain.io import read_json, write_json
@@ -64,16 +65,20 @@ def preflight(cfg: PipelineConfig) -> None:
         DataError: the data cannot be read, has one class, or cannot be split.
         ConfigError: the model or the batch size does not fit the data.
     """
-    from kubetrain.data.dataset import check_pipeline_task, encode_labels, split_indices
+    from kubetrain.data.dataset import encode_labels, split_indices
     from kubetrain.data.sources import load_source
+    from kubetrain.params import expand_date
+    from kubetrain.steps import check_supported
 
     if cfg.cluster.backend != "local":
         raise KubetrainError(
             "cluster.backend 'kubernetes' is for cluster runs; `kubetrain run` runs locally "
             "(use cluster.backend=local)"
         )
-    check_pipeline_task(cfg.data)
-    raw = load_source(cfg.data)
+    check_supported(cfg)
+    # The params task expands {date} in data.source (today, for a local run); so does this check.
+    source = expand_date(cfg.data.source, datetime.now(timezone.utc))
+    raw = load_source(cfg.data.model_copy(update={"source": source}))
     if cfg.model.name == "cnn" and raw.image_shape is None:
         raise ConfigError(
             "config error: model.name: 'cnn' needs image data; set data.image_shape (C,H,W) "
@@ -101,8 +106,22 @@ def preflight(cfg: PipelineConfig) -> None:
 
 
 def prepare_run_dir(output: Path | None) -> Path:
-    """The run directory: ``output`` or ``runs/<timestamp>``; never someone else's files."""
+    """The run directory: ``output`` or ``runs/<timestamp>``; never someone else's files.
+
+    Args:
+        output: ``--output``, or None for a new ``runs/<timestamp>``.
+
+    Returns:
+        The run directory, created and marked as a kubetrain run, as an absolute path.
+
+    Raises:
+        UsageError: ``output`` is a file or cannot be written in (exit 2).
+        KubetrainError: ``output`` holds files that are not a kubetrain run's (exit 1).
+    """
+    from kubetrain.io import check_writable_dir
+
     run_dir = output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    check_writable_dir(run_dir, "--output" if output is not None else "run directory")
     if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / MARKER).exists():
         raise KubetrainError(
             f"{run_dir}: exists, is not empty and is not a kubetrain run directory; "
@@ -188,7 +207,10 @@ def run_local(
         raise KubetrainError(f"runner {runner!r}: expected one of {', '.join(RUNNERS)}")
     preflight(cfg)
     run_dir = prepare_run_dir(output)
-    for result_file in ("metrics.json", "report.html"):  # a failed re-run leaves no old result
+    for result_file in (
+        artifacts.RUN_METRICS,
+        artifacts.RUN_REPORT,
+    ):  # a failed re-run leaves no old result
         (run_dir / result_file).unlink(missing_ok=True)
     task, started = _run_pipeline(cfg, run_dir, cache, runner, verbose, out or sys.stdout)
     seconds = time.perf_counter() - started
@@ -201,17 +223,17 @@ def run_local(
         if found is None:
             raise KubetrainError(f"pipeline ran but wrote no evaluation under {run_dir / 'kfp'}")
         evaluation = found
-        promoted = bool(read_json(evaluation / "metrics.json")["promoted"])
+        promoted = bool(read_json(evaluation / artifacts.EVAL_METRICS)["promoted"])
     else:
         evaluation = Path(task.outputs["evaluation"].path)
         promoted = bool(task.outputs["promoted"])
-    metrics = read_json(evaluation / "metrics.json")
+    metrics = read_json(evaluation / artifacts.EVAL_METRICS)
     metrics["promoted"] = promoted
     metrics["pipeline_seconds"] = seconds
-    write_json(run_dir / "metrics.json", metrics)
-    shutil.copyfile(evaluation / "report.html", run_dir / "report.html")
+    write_json(run_dir / artifacts.RUN_METRICS, metrics)
+    shutil.copyfile(evaluation / artifacts.EVAL_REPORT, run_dir / artifacts.RUN_REPORT)
     promoted_dir = _find_output(run_dir / "kfp", "promote", "promoted") if promoted else None
-    return RunResult(run_dir, metrics, run_dir / "report.html", promoted_dir, seconds)
+    return RunResult(run_dir, metrics, run_dir / artifacts.RUN_REPORT, promoted_dir, seconds)
 
 
 def _run_pipeline(

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from kubetrain.artifacts import MODEL_HISTORY
+from kubetrain.artifacts import MODEL_HISTORY, RUN_METRICS
 from kubetrain.errors import KubetrainError
 
 MARKER = ".kubetrain-run"  # kubetrain.run.MARKER: every run directory has it
@@ -97,7 +97,7 @@ def load_run(path: Path) -> Run:
             started = datetime.fromtimestamp(stamp.stat().st_mtime)
             break
     config, config_problem = _read_yaml(path / "config.yaml")
-    metrics, metrics_problem = _read_json(path / "metrics.json")
+    metrics, metrics_problem = _read_json(path / RUN_METRICS)
     if not metrics_problem:
         status, problem = "done", config_problem
     elif metrics_problem.startswith("no "):

@@ -96,3 +96,18 @@ def test_early_stopping_prunes_trials_from_their_epoch_reports(tmp_path, digits_
     assert result["trial_epochs_total"] < 8 * 4  # epochs saved
     best = max((t for t in trials if t["state"] == "complete"), key=lambda t: t["value"])
     assert best["value"] == result["best_value"] > 0.8
+
+
+def test_a_killed_trial_process_is_one_line_not_a_traceback(tmp_path, digits_dir):
+    from kubetrain.errors import KubetrainError
+
+    cfg = load_config(
+        overrides=[
+            *FAST,
+            "tune.max_trials=1",
+            "tune.parallel_trials=1",
+            "model.name=vision_factory:dies",
+        ]
+    )
+    with pytest.raises(KubetrainError, match=r"tune: a trial process died \(trial 0, params"):
+        run_search(cfg, digits_dir, tmp_path)

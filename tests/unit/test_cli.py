@@ -43,8 +43,21 @@ def test_config_show_prints_the_effective_config():
         (["--set", "data.source=missing.csv"], 1, "data error: missing.csv: no such file"),
         (["--set", "cluster.backend=kubernetes"], 1, "cluster.backend 'kubernetes'"),
         (["--set", "data.task=seq2seq"], 2, "data.task: 'seq2seq' is not available in the"),
+        (["--set", "data.mixup_alpha=0.2"], 2, "data.mixup_alpha: not used by the pipeline"),
+        (["--set", "train.batch_tokens=4096"], 2, "train.batch_tokens: not used by the pipeline"),
+        (["--set", "evaluate.beam_size=4"], 2, "evaluate.beam_size: not used by the pipeline"),
     ],
-    ids=["bad-value", "bad-set", "no-config", "no-data", "cluster-backend", "text-task"],
+    ids=[
+        "bad-value",
+        "bad-set",
+        "no-config",
+        "no-data",
+        "cluster-backend",
+        "text-task",
+        "mixup",
+        "batch-tokens",
+        "beam-size",
+    ],  # fmt: skip
 )
 def test_run_rejects_bad_input_before_writing_anything(tmp_path, args, code, expected):
     out = tmp_path / "run"
@@ -107,3 +120,15 @@ def test_compile_writes_the_pipeline_ir(tmp_path):
 def test_step_rejects_a_path_that_is_not_an_artifact(tmp_path):
     proc = run_cli("train", "--dataset", str(tmp_path), "--output", str(tmp_path / "m"))
     check_one_line_error(proc, 1, "not a dataset artifact (no meta.json)")
+
+
+def test_run_reads_a_dated_source_as_the_params_task_does(tmp_path):
+    """{date} in data.source is today for a local run, in the preflight as in the params task."""
+    from datetime import datetime, timezone
+
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    (tmp_path / today).mkdir()
+    write_csv(tmp_path / today / "one.csv", {"x": 30})
+    proc = run_cli("run", "--output", str(tmp_path / "run"),
+                   "--set", f"data.source={tmp_path}/{{date}}/one.csv")  # fmt: skip
+    check_one_line_error(proc, 1, f"{today}/one.csv: needs at least 2 classes, found 1")

@@ -199,10 +199,8 @@ def test_every_loader_path_yields_the_same_augmented_batches(workers, prefetch):
     assert torch.equal(resumed[1], reference[1][3 * 32 :])
 
 
-def test_prefetch_thread_stops_when_the_epoch_is_abandoned_and_passes_errors_on():
+def test_prefetch_thread_stops_when_the_epoch_is_abandoned_and_passes_errors_on(monkeypatch):
     import threading
-
-    import torch
 
     from kubetrain.data.loader import GlobalBatchSampler, make_train_loader
 
@@ -214,8 +212,16 @@ def test_prefetch_thread_stops_when_the_epoch_is_abandoned_and_passes_errors_on(
     batches.close()  # what leaving the epoch early (an exception in the step) does
     assert not [t for t in threading.enumerate() if t.name == "kubetrain-prefetch"]
 
-    ds.x = torch.zeros(64, 2, 8)  # 2-D samples: the shift's image padding fails in the thread
-    with pytest.raises(Exception):  # noqa: B017 - whatever torch raises, it must surface here
+    from kubetrain.data import loader
+
+    class Boom(Exception):
+        pass
+
+    def fail(*args, **kwargs):
+        raise Boom("raised in the prefetch thread")
+
+    monkeypatch.setattr(loader, "augment_images", fail)
+    with pytest.raises(Boom, match="raised in the prefetch thread"):  # surfaces in the step
         list(make_train_loader(ds, sampler, 0, prefetch=2))
     assert not [t for t in threading.enumerate() if t.name == "kubetrain-prefetch"]
 
@@ -283,3 +289,120 @@ def test_a_split_too_small_for_its_classes_is_a_data_error():
 
     with pytest.raises(DataError, match="smaller than the number of classes"):
         split_indices(np.arange(40) % 10, DataConfig(val_fraction=0.05, test_fraction=0.05))
+
+
+# -- several files of one source: joined by column name --------------------------------------
+def test_files_with_their_columns_in_another_order_are_joined_by_name(tmp_path):
+    a, b = _frame(30, seed=1), _frame(30, seed=2)
+    _csv(tmp_path, a, "part-1.csv")
+    _csv(tmp_path, b[["kind", "b", "a"]], "part-2.csv")  # same columns, another order
+    (tmp_path / "same").mkdir()
+    _csv(tmp_path / "same", a, "part-1.csv")
+    _csv(tmp_path / "same", b, "part-2.csv")
+    cfg = dict(label_column="kind", normalize="none")
+    mixed = build_dataset(DataConfig(source=str(tmp_path / "part-*.csv"), **cfg), tmp_path / "m")
+    same = build_dataset(DataConfig(source=str(tmp_path / "same"), **cfg), tmp_path / "s")
+    for name in ("x_train", "x_val", "x_test"):
+        assert np.array_equal(mixed.arrays[name], same.arrays[name])
+    # and the values really are the files' "a" and "b", not the text column shifted in
+    x = np.concatenate([mixed.arrays[f"x_{s}"] for s in ("train", "val", "test")])
+    expected = pd.concat([a, b])[["a", "b"]].to_numpy(np.float32)
+    assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, expected.tolist()))
+
+
+@pytest.mark.parametrize(
+    ("second", "expected"),
+    [
+        (lambda f: f.drop(columns=["b"]), "part-2.csv: missing column 'b' (that "),
+        (lambda f: f.assign(c=1.0), "part-2.csv: extra column 'c' (not in "),
+        (lambda f: f.rename(columns={"b": "B"}), "part-2.csv: missing column 'b'"),
+        (lambda f: f.drop(columns=["kind"]), "part-2.csv: no label column 'kind'"),
+    ],
+    ids=["missing-column", "extra-column", "renamed-column", "no-label-in-one-file"],
+)
+def test_files_that_differ_in_columns_are_refused_naming_file_and_column(
+    tmp_path, second, expected
+):
+    _csv(tmp_path, _frame(30, seed=1), "part-1.csv")
+    _csv(tmp_path, second(_frame(30, seed=2)), "part-2.csv")
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as info:
+        build_dataset(DataConfig(source=str(tmp_path / "part-*.csv"), label_column="kind"), out)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_npz_files_must_agree_in_width_and_not_mix_with_tables(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "a.npz", x=rng.normal(size=(30, 4)), y=np.arange(30) % 3)
+    np.savez(tmp_path / "b.npz", x=rng.normal(size=(30, 5)), y=np.arange(30) % 3)
+    with pytest.raises(DataError, match=r"b\.npz: x has 5 features per row but .*a\.npz has 4"):
+        build_dataset(DataConfig(source=str(tmp_path / "*.npz")), tmp_path / "o1")
+    (tmp_path / "b.npz").unlink()
+    _csv(tmp_path, _frame(30), "c.csv")
+    with pytest.raises(DataError, match=r"a\.npz: \.npz features have no column names"):
+        build_dataset(
+            DataConfig(source=str(tmp_path / "*.*"), label_column="kind"), tmp_path / "o2"
+        )
+
+
+def test_a_folder_with_no_data_files_says_so(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("not data")
+    with pytest.raises(DataError, match=r"d: a directory with no readable data"):
+        build_dataset(DataConfig(source=str(tmp_path / "d")), tmp_path / "o")
+
+
+def test_a_parquet_file_with_a_duplicated_column_is_one_line(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = [pa.array([1.0, 2.0]), pa.array([3.0, 4.0]), pa.array(["x", "y"])]
+    pq.write_table(pa.Table.from_arrays(columns, names=["a", "a", "kind"]), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d\.parquet: cannot parse \(.*\ba\b") as info:
+        build_dataset(
+            DataConfig(source=str(tmp_path / "d.parquet"), label_column="kind"), tmp_path / "o"
+        )
+    assert "\n" not in str(info.value)
+
+
+# -- non-finite features: dropped like missing values, counted --------------------------------
+@pytest.mark.parametrize(
+    "bad", [np.inf, -np.inf, 1e39, -3.5e38], ids=["inf", "-inf", "beyond-f32", "beyond-f32-neg"]
+)
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_rows_with_non_finite_features_are_dropped_and_counted(tmp_path, caplog, bad, suffix):
+    frame = _frame()
+    frame.loc[[3, 7], "b"] = bad
+    frame.loc[11, "a"] = np.nan
+    path = tmp_path / f"d.{suffix}"
+    frame.to_csv(path, index=False) if suffix == "csv" else frame.to_parquet(path)
+    with caplog.at_level("WARNING", logger="kubetrain.data.sources"):
+        ds = build_dataset(DataConfig(source=str(path), label_column="kind"), tmp_path / "out")
+    assert sum(ds.meta["sizes"].values()) == 57
+    for split in ("train", "val", "test"):  # nothing non-finite reaches the artifact
+        assert np.isfinite(ds.split(split)[0]).all()
+    assert np.isfinite(ds.meta["normalization"]["scale"]).all()
+    (record,) = [r for r in caplog.records if "dropped" in r.getMessage()]
+    message = record.getMessage()
+    assert f"dropped 3 of 60 rows from {path}" in message
+    assert "1 with missing values" in message and "2 with infinite values" in message
+
+
+def test_non_finite_npz_features_are_dropped_too(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    x[0, 1], x[1, 2] = np.inf, 1e300
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(40) % 4)
+    ds = build_dataset(DataConfig(source=str(tmp_path / "d.npz")), tmp_path / "out")
+    assert sum(ds.meta["sizes"].values()) == 38
+    assert all(np.isfinite(ds.split(s)[0]).all() for s in ("train", "val", "test"))
+
+
+def test_a_source_with_no_finite_row_is_refused(tmp_path):
+    frame = _frame()
+    frame["a"] = np.inf
+    with pytest.raises(DataError, match="every row has a missing or non-finite value"):
+        build_dataset(
+            DataConfig(source=str(_csv(tmp_path, frame)), label_column="kind"), tmp_path / "o"
+        )

@@ -6,7 +6,9 @@ mirroring of this host's pip settings leaves nothing of the host in a layer.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,13 +93,30 @@ def test_trainer_gets_cuda_torch_never_a_local_cpu_wheel():
     assert SpecifierSet(pin).contains(f"{spec}.0"), (spec, pin)
 
 
-def test_trainer_is_skipped_not_built_on_a_cpu_base_by_default():
+def test_trainer_is_skipped_not_built_on_a_cpu_base_by_default(tmp_path):
     """``make images`` (IMAGE_BASE=auto) never builds the multi-GB trainer on the debootstrap
-    base by itself: without its CUDA base it is skipped with a message naming the opt-in."""
-    build = (ROOT / "images" / "build.sh").read_text()
-    skip = build[build.index('if [ "$target" = trainer ]') :]
-    skip = skip[: skip.index("continue")]
-    assert '"${IMAGE_BASE:-auto}" = auto' in skip and "IMAGE_BASE=local" in skip
+    base by itself: without its CUDA base it is skipped with a message naming the opt-in.
+    Run for real against a stand-in engine CLI (named so: a fake at the engine's boundary) that
+    has no images, cannot pull, and records what it was asked to do."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "fake-docker"
+    fake.write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\ncase "$1" in buildx|info) exit 0 ;; *) exit 1 ;; esac\n'
+    )
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "IMAGE_BASE"}
+    env |= {"DOCKER": str(fake), "ENGINE": "docker", "PULL_TIMEOUT": "5"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "images" / "build.sh"), "trainer"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "skipping the trainer image" in proc.stderr and "IMAGE_BASE=local" in proc.stderr
+    asked = calls.read_text().splitlines()
+    assert any(line.startswith("pull ") for line in asked)  # it tried the CUDA base first
+    assert not [
+        line for line in asked if line.split()[:1] == ["build"] or line.startswith("buildx build")
+    ]
 
 
 def test_components_and_images_agree_on_the_runtime_image(monkeypatch):

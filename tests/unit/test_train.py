@@ -155,8 +155,12 @@ def _poisoned(digits_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("setting", "data"),
-    [(["train.lr=1e6"], "digits"), ([], "poisoned")],
-    ids=["learning-rate-too-high", "overflowing-features"],
+    [
+        (["train.lr=1e6"], "digits"),
+        ([], "poisoned"),
+        (["train.lr=1e6", "model.name=vision_factory:unused_last_parameter"], "digits"),
+    ],
+    ids=["learning-rate-too-high", "overflowing-features", "last-parameter-without-gradient"],
 )
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     digits_dir, tmp_path, setting, data

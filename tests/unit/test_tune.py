@@ -165,3 +165,34 @@ def test_hyperband_maps_katib_settings():
     assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (1, 6, 2)
     assert isinstance(make_sampler(cfg.tune), optuna.samplers.RandomSampler)
     assert cfg.tune.epochs_per_trial == 6
+
+
+@pytest.mark.parametrize(
+    ("cores", "settings", "expected"),
+    [
+        (2, ["tune.parallel_trials=2", "tune.trial_nproc=1"], 2),
+        (2, ["tune.parallel_trials=4", "tune.trial_nproc=1"], 2),
+        (4, ["tune.parallel_trials=4", "tune.trial_nproc=2"], 2),
+        (2, ["tune.parallel_trials=2", "tune.max_trials=1"], 1),
+    ],
+    ids=["fits", "capped-to-cores", "capped-by-ddp-trials", "capped-by-budget"],
+)
+def test_trials_at_once_stay_within_the_cores(monkeypatch, caplog, cores, settings, expected):
+    from kubetrain.launch import local as launch_local
+    from kubetrain.tune.local import _trials_at_once
+
+    monkeypatch.setattr(launch_local, "cpu_cores", lambda: cores)
+    tune = load_config(overrides=settings).tune
+    assert _trials_at_once(tune, tune.max_trials) == expected
+    capped = "exceed the" in caplog.text
+    assert capped == (expected < min(tune.parallel_trials, tune.max_trials))
+
+
+def test_a_trial_with_more_processes_than_cores_is_refused(monkeypatch):
+    from kubetrain.launch import local as launch_local
+    from kubetrain.tune.local import _trials_at_once
+
+    monkeypatch.setattr(launch_local, "cpu_cores", lambda: 2)
+    tune = load_config(overrides=["tune.trial_nproc=4"]).tune
+    with pytest.raises(ConfigError, match=r"tune.trial_nproc: 4 processes per trial, but .* 2 CPU"):
+        _trials_at_once(tune, 8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kubetrain.config_base import Section
 
@@ -121,6 +121,14 @@ class DataConfig(Section):
         "num_workers is 0 (0 = no thread), per worker process otherwise (at least 1).",
     )
     seed: int = Field(0, description="Seed of the train/val/test split.")
+
+    @field_validator("image_shape")
+    @classmethod
+    def _shape_is_positive(cls, shape: list[int] | None) -> list[int] | None:
+        if shape is not None and (not shape or any(v < 1 for v in shape)):
+            raise ValueError("every entry must be a positive integer, e.g. [1, 28, 28] (C,H,W)")
+        return shape
+
     task: Literal["classification", "text_classification", "seq2seq"] = Field(
         "classification",
         description="'classification' (tabular or image features, the default), "

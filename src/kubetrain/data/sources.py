@@ -1,4 +1,11 @@
-"""Read raw samples from the bundled digits or from CSV/Parquet/NPZ files (local or fsspec URIs)."""
+"""Read raw samples from the bundled digits or from CSV/Parquet/NPZ files (local or fsspec URIs).
+
+A source of several files (a glob, a folder) is joined by column *name*: every file must have
+the same feature columns as the first one, in any order; a missing or extra column is an error
+naming the file and the column. Rows with a missing value, or a feature that is not a finite
+float32 (``inf``, ``-inf``, beyond float32's range), are dropped with a warning that counts
+them: a non-finite value would turn its whole column into NaN after normalisation.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from kubetrain.config import DataConfig
-from kubetrain.errors import DataError
+from kubetrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".csv", ".parquet", ".npz")
+
+
+@dataclass
+class _Part:
+    """One file as read: features (named for tabular files, unnamed for .npz) and labels."""
+
+    path: str
+    x: np.ndarray
+    y: np.ndarray
+    columns: list[str] | None
 
 
 @dataclass
@@ -28,7 +45,24 @@ class RawData:
 
 
 def load_source(cfg: DataConfig) -> RawData:
-    """Load every sample ``cfg.source`` names; raises DataError naming the file on bad input."""
+    """Load every sample ``cfg.source`` names.
+
+    Args:
+        cfg: the data section (``source``, ``label_column``, ``image_shape``, ``num_workers``).
+
+    Returns:
+        The features of all files joined by column name, their labels, and the image shape.
+
+    Raises:
+        ConfigError: ``data.source`` is empty.
+        DataError: a file is missing, unreadable or does not fit the others (the message names
+            the file and the column), or no row is left after dropping bad ones.
+    """
+    if not cfg.source.strip():
+        raise ConfigError(
+            "config error: data.source: empty; give 'digits' or a path/URI of .csv, .parquet "
+            "or .npz files"
+        )
     if cfg.source == "digits":
         x, y = load_digits()
         return RawData(x=x, y=y, image_shape=[1, 8, 8], source="digits", files=[])
@@ -36,9 +70,12 @@ def load_source(cfg: DataConfig) -> RawData:
     workers = max(1, min(cfg.num_workers, len(files)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         parts = list(pool.map(lambda f: _read_file(f, cfg.label_column), files))
-    x = np.concatenate([p[0] for p in parts])
-    y = np.concatenate([p[1] for p in parts])
-    x, y = _drop_missing(x, y, cfg.source)
+    parts = _align_columns(parts)
+    kept = [_drop_bad_rows(p) for p in parts]
+    x = np.concatenate([k[0] for k in kept])
+    y = np.concatenate([k[1] for k in kept])
+    if len(y) == 0:
+        raise DataError(f"data error: {cfg.source}: every row has a missing or non-finite value")
     image_shape = cfg.image_shape
     if image_shape is not None and int(np.prod(image_shape)) != x.shape[1]:
         raise DataError(
@@ -73,6 +110,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _expand(source: str) -> list[str]:
+    """The files of ``source``: one file, the matches of a glob, or the data files of a folder."""
     import fsspec
 
     try:
@@ -81,6 +119,16 @@ def _expand(source: str) -> list[str]:
         raise DataError(f"data error: {source}: cannot open ({err})") from None
     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     prefix = "" if protocol in ("file", "local") else f"{protocol}://"
+    if len(paths) == 1 and fs.isdir(paths[0]):
+        # A folder: its data files (hidden files, such as our own temporaries, are not data).
+        inside = [p for p in fs.find(paths[0]) if not p.rsplit("/", 1)[-1].startswith(".")]
+        files = sorted(prefix + p for p in inside if p.lower().endswith(SUFFIXES))
+        if not files:
+            raise DataError(
+                f"data error: {source}: a directory with no readable data "
+                f"(no {', '.join(SUFFIXES)} files in it)"
+            )
+        return files
     files = sorted(prefix + p for p in paths if fs.isfile(p))
     if not files:
         raise DataError(f"data error: {source}: no such file")
@@ -90,27 +138,34 @@ def _expand(source: str) -> list[str]:
     return files
 
 
-def _read_file(path: str, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_file(path: str, label_column: str) -> _Part:
     import fsspec
 
     lower = path.lower()
-    with fsspec.open(path, "rb") as f:
-        if lower.endswith(".npz"):
-            return _read_npz(f, path)
-        import pandas as pd
+    try:
+        with fsspec.open(path, "rb") as f:
+            if lower.endswith(".npz"):
+                x, y = _read_npz(f, path)
+                return _Part(path, x, y, None)
+            import pandas as pd
 
-        try:
-            frame = pd.read_parquet(f) if lower.endswith(".parquet") else pd.read_csv(f)
-        except pd.errors.EmptyDataError:
-            raise DataError(f"data error: {path}: the file is empty") from None
-        except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as err:
-            raise DataError(
-                f"data error: {path}: cannot parse ({str(err).splitlines()[0]})"
-            ) from None
+            try:
+                frame = pd.read_parquet(f) if lower.endswith(".parquet") else pd.read_csv(f)
+            except pd.errors.EmptyDataError:
+                raise DataError(f"data error: {path}: the file is empty") from None
+            except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+                raise DataError(f"data error: {path}: cannot parse ({_first_line(err)})") from None
+    except OSError as err:  # permission denied, a vanished file, a failing remote store
+        raise DataError(f"data error: {path}: cannot read ({err.strerror or err})") from None
     return _split_frame(frame, path, label_column)
 
 
-def _split_frame(frame, path: str, label_column: str) -> tuple[np.ndarray, np.ndarray]:
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _split_frame(frame, path: str, label_column: str) -> _Part:
     if frame.shape[0] == 0:
         raise DataError(f"data error: {path}: the file has a header but no rows")
     if label_column not in frame.columns:
@@ -129,7 +184,52 @@ def _split_frame(frame, path: str, label_column: str) -> tuple[np.ndarray, np.nd
             f"{' …' if len(bad) > 5 else ''} (only the label may be text)"
         )
     labels = frame[label_column].to_numpy()
-    return features.to_numpy(dtype=np.float32, na_value=np.nan), labels
+    x = _as_float32(features.to_numpy(dtype=np.float64, na_value=np.nan))
+    return _Part(path, x, labels, [str(c) for c in features.columns])
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32; a finite value beyond float32's range becomes inf (then dropped)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(np.float32)
+
+
+def _align_columns(parts: list[_Part]) -> list[_Part]:
+    """Put every file's feature columns in the first file's order, matching them by name.
+
+    Raises DataError naming the file and the column when a file lacks a column of the first
+    or has one the first lacks, or when unnamed (.npz) and named features are mixed.
+    """
+    first = parts[0]
+    aligned = [first]
+    for part in parts[1:]:
+        if (first.columns is None) != (part.columns is None):
+            named, unnamed = (first, part) if part.columns is None else (part, first)
+            raise DataError(
+                f"data error: {unnamed.path}: .npz features have no column names and cannot "
+                f"be joined with the named columns of {named.path}; use one file type"
+            )
+        if first.columns is None:
+            if part.x.shape[1] != first.x.shape[1]:
+                raise DataError(
+                    f"data error: {part.path}: x has {part.x.shape[1]} features per row but "
+                    f"{first.path} has {first.x.shape[1]}"
+                )
+            aligned.append(part)
+            continue
+        missing = [c for c in first.columns if c not in part.columns]
+        if missing:
+            raise DataError(
+                f"data error: {part.path}: missing column '{missing[0]}' (that {first.path} has)"
+            )
+        extra = [c for c in part.columns if c not in first.columns]
+        if extra:
+            raise DataError(
+                f"data error: {part.path}: extra column '{extra[0]}' (not in {first.path})"
+            )
+        order = [part.columns.index(c) for c in first.columns]
+        aligned.append(_Part(part.path, part.x[:, order], part.y, list(first.columns)))
+    return aligned
 
 
 def _is_numeric(column) -> bool:
@@ -155,16 +255,27 @@ def _read_npz(f, path: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"data error: {path}: x has {x.shape[0]} rows but y has {y.shape[0]}")
     if x.dtype.kind not in "fiub":
         raise DataError(f"data error: {path}: x must be numeric (is {x.dtype})")
-    return x.reshape(x.shape[0], -1).astype(np.float32), y
+    return _as_float32(x.reshape(x.shape[0], -1)), y
 
 
-def _drop_missing(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """Cleaning: drop rows with a missing feature or label, and say how many."""
+def _drop_bad_rows(part: _Part) -> tuple[np.ndarray, np.ndarray]:
+    """Cleaning: drop rows with a missing label, or a feature that is missing (NaN) or not a
+    finite float32 (inf, -inf, beyond float32's range), and say how many of each, per file."""
     import pandas as pd
 
-    bad = np.isnan(x).any(axis=1) | pd.isna(y)
-    if bad.all():
-        raise DataError(f"data error: {source}: every row has a missing value")
+    x, y = part.x, part.y
+    missing = np.isnan(x).any(axis=1) | pd.isna(y)
+    if y.dtype.kind == "f":
+        missing |= np.isinf(y)
+    infinite = ~missing & ~np.isfinite(x).all(axis=1)
+    bad = missing | infinite
     if bad.any():
-        log.warning("dropped %d of %d rows with missing values from %s", bad.sum(), len(y), source)
+        why = []
+        if missing.any():
+            why.append(f"{int(missing.sum())} with missing values")
+        if infinite.any():
+            why.append(f"{int(infinite.sum())} with infinite values (inf, or beyond float32)")
+        log.warning(
+            "dropped %d of %d rows from %s: %s", int(bad.sum()), len(y), part.path, ", ".join(why)
+        )
     return x[~bad], y[~bad]

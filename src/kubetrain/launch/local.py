@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from kubetrain.artifacts import MODEL_SPEC
 from kubetrain.config import PipelineConfig
-from kubetrain.errors import KubetrainError
-from kubetrain.io import write_json
+from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.io import make_temp_dir, write_json
 from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,35 @@ def threads_per_local_process(cfg: PipelineConfig, processes: int) -> int:
     return max(1, ((os.cpu_count() or 1) - 1) // processes)
 
 
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's cpuset counts)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_processes(cfg: PipelineConfig) -> None:
+    """Refuse a local job with more worker processes than this machine has CPU cores.
+
+    Every worker needs a core of its own: beyond that they only take turns (one torch thread
+    per process is already the fastest here) while each holds a full copy of the model and the
+    data (``train.nproc=64`` on 2 cores once started 64 workers and used 19 GB). Refused rather
+    than capped: a cap would silently run another job than the config describes.
+
+    Raises:
+        ConfigError: ``train.nproc`` x ``train.nnodes`` exceeds the CPU cores (exit 2).
+    """
+    tc, cores = cfg.train, cpu_cores()
+    if tc.world_size > cores:
+        nodes = f" x {tc.nnodes} nodes" if tc.nnodes > 1 else ""
+        raise ConfigError(
+            f"config error: train.nproc: {tc.nproc} processes{nodes} = {tc.world_size} workers, "
+            f"but this machine has {cores} CPU core(s); a local run uses at most one worker per "
+            f"core (set train.nproc to {max(1, cores // tc.nnodes)} or less)"
+        )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,6 +73,7 @@ class LocalLauncher:
     """Runs training on this machine; ``train.nnodes`` agents emulate nodes over 127.0.0.1."""
 
     def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+        check_processes(cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.train.world_size == 1:
             self._run_in_process(cfg, dataset_dir, out_dir)
@@ -67,32 +101,85 @@ class LocalLauncher:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_local_process(cfg, tc.world_size)))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback too (one machine)
         env.setdefault(NO_SHARED_STORE, "1")
-        agents = []
-        for _ in range(tc.nnodes):
-            cmd = torchrun_command(
-                tc.nproc,
-                [
-                    f"--nnodes={tc.nnodes}",
-                    # c10d rendezvous (not a static master address): after a failure the
-                    # restarted group meets again through the agents' store. Everything on
-                    # loopback: the host name may resolve to an address this sandbox cannot
-                    # connect to.
-                    "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                    f"--rdzv-id={run_id}", "--local-addr=127.0.0.1",
-                ],
-                ["--dataset", str(dataset_dir), "--config-json", str(config_file),
-                 "--output", str(out_dir)],
-                max_restarts=tc.max_restarts,
-                python=sys.executable,
-                options=["--monitor-interval=0.2"],
-            )  # fmt: skip
-            agents.append(subprocess.Popen(cmd, env=env))
-        log.info("launched %d torchrun agent(s) x %d processes", tc.nnodes, tc.nproc)
-        codes = [agent.wait() for agent in agents]
-        config_file.unlink(missing_ok=True)
+        # torchrun makes a log directory per run and never removes it; ours goes with the job
+        # (and, if this process is killed, with the next start: kubetrain.io).
+        log_dir = make_temp_dir("torchrun")
+        agents: list[subprocess.Popen] = []
+        try:
+            for _ in range(tc.nnodes):
+                cmd = torchrun_command(
+                    tc.nproc,
+                    [
+                        f"--nnodes={tc.nnodes}",
+                        # c10d rendezvous (not a static master address): after a failure the
+                        # restarted group meets again through the agents' store. Everything on
+                        # loopback: the host name may resolve to an address this sandbox cannot
+                        # connect to.
+                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                        f"--rdzv-id={run_id}", "--local-addr=127.0.0.1",
+                    ],
+                    ["--dataset", str(dataset_dir), "--config-json", str(config_file),
+                     "--output", str(out_dir)],
+                    max_restarts=tc.max_restarts,
+                    python=sys.executable,
+                    options=["--monitor-interval=0.2", f"--log-dir={log_dir}"],
+                )  # fmt: skip
+                agents.append(subprocess.Popen(cmd, env=env))
+                OWN_STOP.add(agents[-1].pid)
+            log.info("launched %d torchrun agent(s) x %d processes", tc.nnodes, tc.nproc)
+            codes = [agent.wait() for agent in agents]
+        except BaseException:
+            _stop(agents)  # interrupted (Ctrl-C, SIGTERM): the workers go with this process
+            raise
+        finally:
+            OWN_STOP.difference_update(agent.pid for agent in agents)
+            config_file.unlink(missing_ok=True)
+            shutil.rmtree(log_dir, ignore_errors=True)
         if any(codes):
             raise KubetrainError(
                 f"training failed: torchrun exited with {codes} (the workers' log lines above say why)"
             )
-        if not (out_dir / "model.json").is_file():
+        if not (out_dir / MODEL_SPEC).is_file():
             raise KubetrainError(f"training failed: no model was written to {out_dir}")
+
+
+# torchrun agents this process runs. They are stopped by ``_stop``, never by a forwarded SIGINT
+# (kubetrain.cli): a signalled torchrun prints a traceback per process it runs.
+OWN_STOP: set[int] = set()
+
+
+def _stop(agents: list[subprocess.Popen], grace: float = 30.0) -> None:
+    """Stop torchrun agents and their workers quietly: freeze each agent (so it does not report
+    its workers' deaths as failures), end the workers with SIGTERM, then kill the agent."""
+    import psutil
+
+    for agent in agents:
+        if agent.poll() is not None:
+            continue
+        try:
+            parent = psutil.Process(agent.pid)
+            parent.suspend()
+            workers = parent.children(recursive=True)
+        except psutil.Error:
+            workers = []
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.terminate()
+        deadline = time.monotonic() + grace
+        # Ended workers stay zombies until the (frozen) agent is gone: those count as ended.
+        while (alive := [w for w in workers if _running(w)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for worker in alive:
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
+        agent.kill()
+        agent.wait()
+
+
+def _running(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -65,17 +65,27 @@ def save(directory: Path, step: int, state: dict[str, Any], resume_key: str, kee
     """Write checkpoint ``step`` atomically, then its manifest; prune all but ``keep`` newest.
 
     Returns the checkpoint's path.
+
+    Raises:
+        KubetrainError: the write failed (e.g. "no space left on device while writing <path>");
+            the checkpoints already there are kept.
     """
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"ckpt-{step:08d}.pt"
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getbuffer()  # serialised once: written and hashed without reading it back
+    # A failed write (a full disk: KubetrainError "no space left ... <path>") leaves the older
+    # checkpoints as they were: nothing is pruned before the new one and its manifest are in.
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-    write_json(
-        path.with_suffix(".json"),
-        {"step": step, "sha256": hashlib.sha256(data).hexdigest(), MANIFEST_KEY: resume_key},
-    )
+    try:
+        write_json(
+            path.with_suffix(".json"),
+            {"step": step, "sha256": hashlib.sha256(data).hexdigest(), MANIFEST_KEY: resume_key},
+        )
+    except BaseException:
+        path.unlink(missing_ok=True)  # without its manifest it would only be skipped later
+        raise
     for old in sorted(directory.glob("ckpt-*.pt"))[:-keep]:
         old.with_suffix(".json").unlink(missing_ok=True)
         old.unlink(missing_ok=True)

@@ -100,9 +100,13 @@ def _check_finite(trainer: Trainer, losses: list[torch.Tensor], norm: torch.Tens
         bad = any_rank(not bool(torch.isfinite(local_loss)), trainer.ctx)
     elif norm is not None:  # clipping computed the norm of every gradient anyway
         bad = not bool(torch.isfinite(norm))
+    elif (grad := trainer.loss_nearest_parameter.grad) is not None:
+        bad = not bool(torch.isfinite(grad).all())
     else:
-        grad = trainer.loss_nearest_parameter.grad
-        bad = grad is not None and not bool(torch.isfinite(grad).all())
+        # A model whose last parameter the loss does not reach (a user's model, a frozen or
+        # unused head): the loss decides, agreed over ranks. The model is the same on every
+        # rank, so every rank takes this branch alike.
+        bad = any_rank(not bool(torch.isfinite(torch.stack(losses).sum())), trainer.ctx)
     if bad:
         raise NonFiniteLoss(diverged_message(trainer, losses))
 

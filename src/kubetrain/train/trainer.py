@@ -122,7 +122,8 @@ class Trainer:
         self.plain = not ctx.distributed and self.autocast_dtype is None
         # Its gradient tells whether the loss was finite (kubetrain.train.step): a NaN or
         # infinite loss always reaches the output layer's; in the built-in networks that is the
-        # last parameter registered.
+        # last parameter registered (elsewhere, if the loss leaves it without a gradient, the
+        # step checks the loss itself).
         self.loss_nearest_parameter = [p for p in self.model.parameters() if p.requires_grad][-1]
         self.monitor = instrument.ResourceMonitor(ctx.device)
         self.flops_per_sample: float | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, List, Literal  # noqa: UP035 (List: a field is named "list")
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from kubetrain.config_base import Section
 
@@ -176,6 +176,20 @@ class TuneConfig(Section):
         if algo not in LOCAL_ALGORITHMS:
             raise ValueError(f"unknown algorithm '{algo}'; locally supported: {supported}")
         return algo
+
+    @field_validator("parameters")
+    @classmethod
+    def _space_not_empty(
+        cls, parameters: list[SearchParameter], info: ValidationInfo
+    ) -> list[SearchParameter]:
+        # Katib refuses an Experiment without parameters; locally it would run max_trials
+        # identical trials. Training without a search is tune.enabled=false.
+        if not parameters and info.data.get("enabled", True):
+            raise ValueError(
+                "an empty search space; add parameters, or set tune.enabled=false to train "
+                "without a search"
+            )
+        return parameters
 
     @model_validator(mode="after")
     def _settings_map(self) -> TuneConfig:

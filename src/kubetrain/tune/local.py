@@ -21,13 +21,13 @@ import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetrain.config import PipelineConfig, TuneConfig, config_from_json
-from kubetrain.errors import KubetrainError
-from kubetrain.io import write_json
+from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.tune.study import JOURNAL, STUDY_NAME, storage
 
 if TYPE_CHECKING:
@@ -201,6 +201,34 @@ def _resume(study: optuna.Study, budget: int) -> _Progress:
     return progress
 
 
+def _trials_at_once(tune: TuneConfig, budget: int) -> int:
+    """How many trials run at once: ``tune.parallel_trials``, within the budget and the CPU
+    cores (each trial runs ``tune.trial_nproc`` processes; past one per core they only take
+    turns while each holds the model and the data).
+
+    Raises:
+        ConfigError: one trial alone needs more processes than there are cores.
+    """
+    from kubetrain.launch.local import cpu_cores
+
+    cores, per_trial = cpu_cores(), tune.trial_nproc
+    if per_trial > cores:
+        raise ConfigError(
+            f"config error: tune.trial_nproc: {per_trial} processes per trial, but this machine "
+            f"has {cores} CPU core(s) (set it to {cores} or less)"
+        )
+    wanted = max(1, min(tune.parallel_trials, budget))
+    fit = max(1, cores // per_trial)
+    if wanted > fit:
+        log.warning(
+            "tune.parallel_trials=%d x tune.trial_nproc=%d processes exceed the %d CPU core(s): "
+            "running %d trial(s) at a time",
+            tune.parallel_trials, per_trial, cores, fit,
+        )  # fmt: skip
+        return fit
+    return wanted
+
+
 def _run_trials(
     study: optuna.Study, cfg: PipelineConfig, dataset_dir: Path, journal: Path, progress: _Progress
 ) -> None:
@@ -210,7 +238,7 @@ def _run_trials(
 
     tune = cfg.tune
     dists = search_space(tune)
-    workers = max(1, min(tune.parallel_trials, progress.budget))
+    workers = _trials_at_once(tune, progress.budget)
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("%d trial(s), %d at a time", progress.budget - progress.done, workers)
     cfg_json = cfg.model_dump_json()
@@ -233,7 +261,18 @@ def _run_trials(
             completed, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in completed:
                 trial = running.pop(fut)
-                _finish(study, trial, fut.result(), tune, progress)
+                try:
+                    rec = fut.result()
+                except BrokenProcessPool:
+                    # A trial process was killed (the OOM killer, a signal): the pool is gone
+                    # with every trial in it. Say so in one line; the finished trials stay in
+                    # the journal, so a re-run resumes the search.
+                    raise KubetrainError(
+                        f"tune: a trial process died (trial {trial.number}, params "
+                        f"{trial.params}); out of memory? lower train.batch_size or "
+                        "tune.parallel_trials, then re-run to resume the search"
+                    ) from None
+                _finish(study, trial, rec, tune, progress)
 
 
 # What every trial imports. The trial processes fork from one fresh server process that has
@@ -369,11 +408,11 @@ def _write_results(
         "param_importance": param_importance(study, cfg.tune.seed),
         "search_seconds": seconds,
     }
-    write_json(out_dir / "trials.json", trials)
+    from kubetrain.artifacts import SearchResult
     from kubetrain.evaluate.report import render_search
 
-    (out_dir / "report.html").write_text(render_search(result, trials))
-    write_json(out_dir / "best_params.json", result)  # last: marks a complete search artifact
+    # Trials and report first, the summary last: it marks a complete search artifact.
+    SearchResult(result, trials).save(out_dir, render_search(result, trials))
     return result
 
 
@@ -391,12 +430,3 @@ def param_importance(study: optuna.Study, seed: int = 0) -> dict[str, float]:
         log.info("no parameter importance: %s", err)
         return {}
     return {name: float(value) for name, value in found.items()}
-
-
-def disabled_result(out_dir: Path) -> dict[str, Any]:
-    """What the tune step writes when tuning is off: no parameters to change."""
-    result = {"enabled": False, "best_params": {}, "trials_total": 0}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "trials.json", [])
-    write_json(out_dir / "best_params.json", result)
-    return result

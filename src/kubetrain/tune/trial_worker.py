@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetrain.config import PipelineConfig
-from kubetrain.io import read_json, write_json
+from kubetrain.io import make_temp_dir, read_json, write_json
 
 
 def launch(
@@ -35,16 +36,21 @@ def launch(
     result_file = work_dir / "result.json"
     result_file.unlink(missing_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_local_process(cfg, tc.world_size)))
+    log_dir = make_temp_dir("torchrun")
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes=1", f"--nproc-per-node={tc.nproc}", "--master-addr=127.0.0.1",
         f"--master-port={free_port()}", "--max-restarts=0", "--monitor-interval=0.2",
+        f"--log-dir={log_dir}",  # torchrun never removes its log directory: ours, removed below
         "-m", "kubetrain.tune.trial_worker",
         "--dataset", dataset_dir, "--config-json", str(config_file), "--journal", journal,
         "--trial-id", str(trial_id), "--result", str(result_file),
     ]  # fmt: skip
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
     if proc.returncode == 0 and result_file.is_file():
         return read_json(result_file)
     tail = [line for line in proc.stderr.splitlines() if line.strip()][-3:]

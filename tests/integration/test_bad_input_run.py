@@ -1,0 +1,221 @@
+"""The catalogue's cases that need whole processes: signals, and errors inside ``kubetrain run``.
+
+Each case runs ``kubetrain`` as a subprocess with its own temporary directory (``TMPDIR``), so
+what a killed process leaves behind is visible and nothing else's is touched. The checks are the
+catalogue's (tests/unit/test_bad_input.py): exit code, one last line naming what and where, no
+traceback, no ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kubetrain.launch.local import cpu_cores
+
+KUBETRAIN = [sys.executable, "-m", "kubetrain.cli"]
+LONG_TRAIN = ["--set", "train.nproc=2", "--set", "train.epochs=100000", "--set",
+              "train.checkpoint_every_steps=0"]  # fmt: skip
+
+
+def start(args: list[str], tmp: Path, **kwargs) -> tuple[subprocess.Popen, Path, Path]:
+    """``kubetrain ARGS`` in its own session with TMPDIR=tmp/tmp; its stdout and stderr files."""
+    (tmp / "tmp").mkdir(exist_ok=True)
+    out, err = tmp / "stdout.txt", tmp / "stderr.txt"
+    env = dict(os.environ, TMPDIR=str(tmp / "tmp"), PYTHONUNBUFFERED="1")
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen([*KUBETRAIN, *args], stdout=o, stderr=e, env=env, cwd=tmp,
+                                start_new_session=True, **kwargs)  # fmt: skip
+    return proc, out, err
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, limit: float = 240.0) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert proc.poll() is None, f"exited with {proc.returncode} before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {limit:.0f} s"
+        time.sleep(0.2)
+
+
+def training_started(tmp: Path, err: Path, out: Path):
+    """True once a worker has finished an epoch (the workers' log lines: on the terminal for a
+    step, in ``<run>/logs/pipeline.log`` under ``kubetrain run``)."""
+    pipeline_log = tmp / "run" / "logs" / "pipeline.log"
+
+    def started() -> bool:
+        text = err.read_text() + out.read_text()
+        if pipeline_log.is_file():
+            text += pipeline_log.read_text(errors="replace")
+        return "epoch 1/" in text
+
+    return started
+
+
+def kubetrain_temp_dirs(tmp: Path) -> list[str]:
+    return sorted(p.name for p in (tmp / "tmp").glob("kubetrain-*"))
+
+
+def assert_one_line(code: int, err: str, want_code: int, names: str, root: Path) -> None:
+    assert code == want_code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("kubetrain") and names in lines[-1], lines[-3:]
+    assert not list(root.rglob("metrics.json"))
+
+
+def still_running(tree: list[psutil.Process], limit: float = 90.0) -> list[str]:
+    """Wait until every process of ``tree`` has ended (a zombie has); the ones left, named."""
+    deadline = time.monotonic() + limit
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    while (left := [p for p in tree if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [" ".join(p.cmdline()[:4]) for p in left if running(p)]
+
+
+def kill_tree(proc: subprocess.Popen, sig: int) -> list[psutil.Process]:
+    """Send ``sig`` to ``proc`` and to every process below it; returns them."""
+    tree = [psutil.Process(proc.pid)]
+    tree += tree[0].children(recursive=True)
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+    return tree
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("sig", "code", "line"),
+    [(signal.SIGTERM, 143, "kubetrain: terminated (SIGTERM)"),
+     (signal.SIGINT, 130, "kubetrain: interrupted")],
+    ids=["sigterm", "sigint"],
+)  # fmt: skip
+def test_a_signal_stops_training_with_one_line_and_leaves_nothing(
+    sig, code, line, tmp_path, digits_dir
+):
+    args = ["train", "--dataset", str(digits_dir), "--output", str(tmp_path / "m"), *LONG_TRAIN]
+    proc, out, err = start(args, tmp_path)
+    try:
+        wait_for(training_started(tmp_path, err, out), proc, "training")
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, sig)  # only the kubetrain process, as `kill` or a container stop
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc, signal.SIGKILL)
+    assert_one_line(proc.returncode, err.read_text(), code, line, tmp_path)
+    assert kubetrain_temp_dirs(tmp_path) == []  # torchrun's log directory went with it
+    assert still_running(tree, limit=5) == []  # torchrun and its workers too
+
+
+@pytest.mark.integration
+def test_after_sigkill_the_next_start_removes_the_stale_temporary_dirs(tmp_path, digits_dir):
+    args = ["train", "--dataset", str(digits_dir), "--output", str(tmp_path / "m"), *LONG_TRAIN]
+    proc, out, err = start(args, tmp_path)
+    try:
+        wait_for(training_started(tmp_path, err, out), proc, "training")
+        left = kubetrain_temp_dirs(tmp_path)
+        assert [d for d in left if d.startswith(f"kubetrain-torchrun-{proc.pid}-")], left
+    finally:
+        tree = kill_tree(proc, signal.SIGKILL)  # nothing runs its clean-up
+        psutil.wait_procs(tree, timeout=30)
+    assert kubetrain_temp_dirs(tmp_path) == left  # still there: nobody cleaned up
+    nxt, _, nxt_err = start(["config", "show"], tmp_path)
+    assert nxt.wait(timeout=120) == 0, nxt_err.read_text()
+    assert kubetrain_temp_dirs(tmp_path) == []
+
+
+# -- `kubetrain run`: the same line when a step fails inside the pipeline ---------------------
+FAST_RUN = ["--set", "tune.enabled=false", "--set", "train.epochs=1", "--set", "train.nproc=1"]
+
+
+def run_case(tmp: Path, *args: str, timeout: float = 400) -> tuple[int, str]:
+    proc, _, err = start(["run", "--output", str(tmp / "run"), *FAST_RUN, *args], tmp)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc, signal.SIGKILL)
+    return proc.returncode, err.read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sigterm_stops_a_whole_run_with_one_line(tmp_path):
+    proc, out, err = start(["run", "--output", str(tmp_path / "run"), "--set",
+                            "tune.enabled=false", *LONG_TRAIN], tmp_path)  # fmt: skip
+    try:
+        wait_for(training_started(tmp_path, err, out), proc, "training", limit=400)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc, signal.SIGKILL)
+    assert_one_line(proc.returncode, err.read_text(), 143, "terminated (SIGTERM)", tmp_path)
+    assert still_running(tree) == []  # the KFP task, the step server, its step, torchrun
+    # what the killed step left (its torchrun log directory) goes at the next start
+    nxt, _, _ = start(["config", "show"], tmp_path)
+    assert nxt.wait(timeout=120) == 0
+    assert kubetrain_temp_dirs(tmp_path) == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_with_one_class_is_the_data_line(tmp_path):
+    (tmp_path / "d.csv").write_text("a,b,label\n" + "".join(f"{i},{i},x\n" for i in range(30)))
+    code, err = run_case(tmp_path, "--set", f"data.source={tmp_path / 'd.csv'}")
+    assert_one_line(code, err, 1, "d.csv: needs at least 2 classes", tmp_path)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_more_workers_than_cores_is_a_config_error(tmp_path):
+    n = cpu_cores() + 1
+    if n > 64:
+        pytest.skip("more than 63 cores")
+    code, err = run_case(
+        tmp_path, "--set", f"train.nproc={n}", "--set", f"train.batch_size={8 * n}"
+    )
+    assert_one_line(code, err, 2, "train.nproc", tmp_path)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_batch_larger_than_the_training_set_is_a_config_error(tmp_path):
+    code, err = run_case(tmp_path, "--set", "train.batch_size=4096")
+    assert_one_line(code, err, 2, "train.batch_size", tmp_path)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_run_on_a_full_disk_says_no_space_left(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        proc, _, err = start(["run", "--output", str(disk / "run"), *FAST_RUN], tmp_path)
+        try:
+            proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc, signal.SIGKILL)
+        assert_one_line(proc.returncode, err.read_text(), 1, "no space left on device", tmp_path)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

@@ -1,0 +1,748 @@
+"""The catalogue of bad inputs and faults (issue #11): one line, the right exit code, nothing left.
+
+Every case runs the real CLI entry point (``kubetrain.cli.main``) in this process and checks the
+promise the README makes:
+
+- the exit code: 2 for a bad config or argument, 1 for bad data, a failed outside service or a
+  fault (argparse's own usage errors exit 2 too);
+- stderr ends in one line, ``kubetrain...``, that names the field or the file;
+- no traceback anywhere in stderr;
+- no ``metrics.json`` under the case's directory: nothing that looks like a result.
+
+Cases are grouped by class: CONFIG, CONFIG_FILES, PATHS (CLI arguments), DATA, a cluster that is
+not there, and FAULTS (full disk, stale temporary files). Cases that need a whole process
+(signals, ``kubetrain run``'s pipeline) are in tests/integration/test_bad_input_run.py; the
+answers of a real Kubernetes API server in tests/cluster/test_bad_input_cluster.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kubetrain.cli import main
+from kubetrain.launch.local import cpu_cores
+
+# -- the check every case makes ---------------------------------------------------------------
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """``kubetrain ARGV`` in this process: its exit code and stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code if isinstance(exc.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(code: int, err: str, want_code: int, names: str, root: Path) -> str:
+    """The catalogue's promise; returns the last line."""
+    assert code == want_code, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "nothing said"
+    last = lines[-1]
+    assert last.startswith("kubetrain"), err
+    assert names in last, f"expected {names!r} in the last line: {last!r}"
+    assert not list(root.rglob("metrics.json")), "a result was left behind"
+    return last
+
+
+# -- builders of the files the cases read -----------------------------------------------------
+
+
+def frame(n: int = 60, seed: int = 0, labels=("cat", "dog", "eel")) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    y = np.array(labels)[np.arange(n) % len(labels)]
+    return pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n), "kind": y})
+
+
+def csv(tmp: Path, name: str, data: pd.DataFrame) -> None:
+    data.to_csv(tmp / name, index=False)
+
+
+def text(tmp: Path, name: str, content: str | bytes) -> None:
+    path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+
+def npz(tmp: Path, name: str, width: int, **extra) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.normal(size=(30, width)), "y": np.arange(30) % 3, **extra}
+    np.savez(tmp / name, **arrays)
+
+
+def fake_artifacts(tmp: Path, *names: str) -> None:
+    """Directories with only an artifact's marker file: enough to pass the path checks."""
+    markers = {"m": "model.json", "q": "quant.json", "t": "best_params.json", "ds": "meta.json"}
+    for name in names:
+        (tmp / name).mkdir()
+        (tmp / name / markers[name]).write_text("{}")
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """``argv`` may hold ``{tmp}`` (the case's directory) and ``{digits}`` (a dataset artifact);
+    ``setup(tmp)`` writes the files it reads."""
+
+    argv: list[str]
+    code: int
+    names: str
+    setup: Callable[[Path], None] | None = None
+    kept: dict[str, str] = field(default_factory=dict)  # files that must be left as they were
+
+
+def _sets(*settings: str) -> list[str]:
+    return [arg for s in settings for arg in ("--set", s)]
+
+
+def show(*settings: str) -> list[str]:
+    return ["config", "show", *_sets(*settings)]
+
+
+def prep(*settings: str) -> list[str]:
+    return ["preprocess", "--output", "{tmp}/ds", *_sets(*settings)]
+
+
+def source(path: str, *settings: str) -> list[str]:
+    return prep(f"data.source={{tmp}}/{path}", "data.label_column=kind", *settings)
+
+
+CONFIG = {
+    "lr-negative": Case(show("train.lr=-1"), 2, "train.lr: Input should be greater than 0"),
+    "lr-inf": Case(show("train.lr=.inf"), 2, "train.lr: Input should be a finite number"),
+    "lr-nan-text": Case(show("train.lr=nan"), 2, "train.lr: Input should be a finite number"),
+    "nan-in-search-list": Case(
+        show("tune.parameters.1.feasibleSpace.list=[.nan, 0.1]"),
+        2,
+        "tune.parameters.1.feasibleSpace.list: Input should be a finite number",
+    ),
+    "inf-bar": Case(show("evaluate.min_accuracy=-.inf"), 2, "evaluate.min_accuracy"),
+    "inf-search-bound": Case(
+        show("tune.parameters.0.feasibleSpace.max=.inf"), 2, "tune.parameters.0.feasibleSpace.max"
+    ),
+    "epochs-true": Case(show("train.epochs=true"), 2, "train.epochs: Input should be a number"),
+    "epochs-fraction": Case(show("train.epochs=2.5"), 2, "train.epochs"),
+    "switch-as-number": Case(show("train.compile=1"), 2, "train.compile: Input should be true"),
+    "switch-as-text": Case(show('data.augment="on"'), 2, "data.augment: Input should be true"),
+    "bool-in-int-list": Case(show("model.hidden_sizes=[true, 8]"), 2, "model.hidden_sizes"),
+    "nproc-zero": Case(show("train.nproc=0"), 2, "train.nproc"),
+    "unknown-field": Case(show("train.learning_rate=0.1"), 2, "train.learning_rate: no such"),
+    "unknown-section": Case(show("trainer.lr=0.1"), 2, "trainer: no such field"),
+    "bad-choice": Case(show("model.name=resnet"), 2, "model.name"),
+    "fraction-out-of-range": Case(show("data.val_fraction=0.6"), 2, "data.val_fraction"),
+    "batch-not-divisible": Case(show("train.batch_size=63"), 2, "batch_size 63 must be divisible"),
+    "image-shape-negative": Case(show("data.image_shape=[1,-8,8]"), 2, "data.image_shape"),
+    "image-shape-zero": Case(show("data.image_shape=[0,8,8]"), 2, "data.image_shape"),
+    "image-shape-empty": Case(show("data.image_shape=[]"), 2, "data.image_shape"),
+    "empty-search-space": Case(
+        show("tune.parameters=[]"), 2, "tune.parameters: an empty search space"
+    ),
+    "cluster-only-algorithm": Case(show("tune.algorithm=enas"), 2, "tune.algorithm"),
+    "search-names-no-field": Case(
+        show("tune.parameters.0.name=train.nope"), 2, "tune.parameters.0.name"
+    ),
+    "gpus-vs-nproc": Case(show("cluster.num_gpus=1"), 2, "must equal cluster.num_gpus"),
+    "registry-needed": Case(show("retrain.only_if_changed=true"), 2, "retrain.registry"),
+    "namespace-not-dns": Case(show("cluster.namespace=Team_A"), 2, "cluster.namespace"),
+    "quantity-not-k8s": Case(show("cluster.memory=lots"), 2, "cluster.memory"),
+    "set-without-value": Case(show("train.epochs"), 2, "expected KEY=VALUE"),
+    "set-duplicate-key": Case(show("cluster.env={A: x, A: y}"), 2, "duplicate key 'A'"),
+    # the same rules hold on the steps and on `run`, before anything is written
+    "train-step-lr-inf": Case(
+        ["train", "--dataset", "{digits}", "--output", "{tmp}/m", *_sets("train.lr=.inf")],
+        2,
+        "train.lr",
+    ),
+    "preprocess-step-image-shape": Case(prep("data.image_shape=[1,-8,8]"), 2, "data.image_shape"),
+    "run-epochs-true": Case(
+        ["run", "--output", "{tmp}/r", *_sets("train.epochs=true")], 2, "epochs"
+    ),
+    "run-empty-search-space": Case(
+        ["run", "--output", "{tmp}/r", *_sets("tune.parameters=[]")], 2, "tune.parameters"
+    ),
+}
+
+CONFIG_FILES = {
+    "missing": Case(["config", "show", "--config", "{tmp}/nope.yaml"], 2, "nope.yaml: no such"),
+    "a-directory": Case(
+        ["config", "show", "--config", "{tmp}/conf"],
+        2,
+        "conf: is a directory, not a YAML config file",
+        setup=lambda t: (t / "conf").mkdir(),
+    ),
+    "not-utf8": Case(
+        ["config", "show", "--config", "{tmp}/c.yaml"],
+        2,
+        "c.yaml: not UTF-8 text (byte 0xe9",
+        setup=lambda t: text(t, "c.yaml", "train:\n  lr: 0.1  # café\n".encode("latin-1")),
+    ),
+    "duplicate-section": Case(
+        ["config", "show", "--config", "{tmp}/c.yaml"],
+        2,
+        "c.yaml:4: duplicate key 'train' (first on line 1)",
+        setup=lambda t: text(t, "c.yaml", "train:\n  lr: 0.1\ndata: {}\ntrain:\n  epochs: 2\n"),
+    ),
+    "duplicate-field": Case(
+        ["train", "--dataset", "{digits}", "--output", "{tmp}/m", "--config", "{tmp}/c.yaml"],
+        2,
+        "c.yaml:3: duplicate key 'epochs' (first on line 2)",
+        setup=lambda t: text(t, "c.yaml", "train:\n  epochs: 2\n  epochs: 3\n"),
+    ),
+    "not-yaml": Case(
+        ["config", "show", "--config", "{tmp}/c.yaml"],
+        2,
+        "c.yaml:3: not valid YAML",
+        setup=lambda t: text(t, "c.yaml", "train:\n  lr: [0.1\n"),
+    ),
+    "top-level-list": Case(
+        ["config", "show", "--config", "{tmp}/c.yaml"],
+        2,
+        "the top level must be a mapping",
+        setup=lambda t: text(t, "c.yaml", "- train\n"),
+    ),
+    "unknown-field-in-file": Case(
+        ["run", "--output", "{tmp}/r", "--config", "{tmp}/c.yaml"],
+        2,
+        "train.epochz: unknown field",
+        setup=lambda t: text(t, "c.yaml", "train:\n  epochz: 2\n"),
+    ),
+}
+
+PATHS = {
+    "output-is-a-file": Case(
+        ["preprocess", "--output", "{tmp}/f"],
+        2,
+        "--output {tmp}/f: exists and is a file",
+        setup=lambda t: text(t, "f", "keep me"),
+        kept={"f": "keep me"},
+    ),
+    "output-under-a-file": Case(
+        ["train", "--dataset", "{digits}", "--output", "{tmp}/f/model"],
+        2,
+        "is a file, not a directory",
+        setup=lambda t: text(t, "f", "keep me"),
+        kept={"f": "keep me"},
+    ),
+    "run-output-is-a-file": Case(
+        ["run", "--output", "{tmp}/f"],
+        2,
+        "--output {tmp}/f: exists and is a file",
+        setup=lambda t: text(t, "f", "keep me"),
+        kept={"f": "keep me"},
+    ),
+    "run-output-foreign-dir": Case(
+        ["run", "--output", "{tmp}/mine"],
+        1,
+        "not a kubetrain run directory",
+        setup=lambda t: text(t, "mine/thesis.tex", "keep me"),
+        kept={"mine/thesis.tex": "keep me"},
+    ),
+    "compile-output-is-a-dir": Case(
+        ["compile", "-o", "{tmp}/d"],
+        2,
+        "--output {tmp}/d: is a directory",
+        setup=lambda t: (t / "d").mkdir(),
+    ),
+    "dataset-missing": Case(
+        ["train", "--dataset", "{tmp}/none", "--output", "{tmp}/m"], 1, "none: no such directory"
+    ),
+    "dataset-is-a-file": Case(
+        ["tune", "--dataset", "{tmp}/f", "--output", "{tmp}/t"],
+        1,
+        "f: is a file, not a dataset artifact directory",
+        setup=lambda t: text(t, "f", "x"),
+    ),
+    "dataset-not-an-artifact": Case(
+        ["train", "--dataset", "{tmp}", "--output", "{tmp}/m"], 1, "not a dataset artifact"
+    ),
+    "dataset-corrupt-arrays": Case(
+        ["train", "--dataset", "{tmp}/ds", "--output", "{tmp}/m", *_sets("train.nproc=1")],
+        1,
+        "ds/data.npz: unreadable",
+        setup=lambda t: (
+            text(t, "ds/meta.json", '{"format_version": 1}'),
+            text(t, "ds/data.npz", "PK garbage"),
+        ),
+    ),
+    "dataset-corrupt-meta": Case(
+        ["train", "--dataset", "{tmp}/ds", "--output", "{tmp}/m", *_sets("train.nproc=1")],
+        1,
+        "ds/meta.json: not valid JSON",
+        setup=lambda t: (text(t, "ds/meta.json", '{"format_'), text(t, "ds/data.npz", "")),
+    ),
+    "params-is-a-dir": Case(
+        ["train", "--dataset", "{digits}", "--params", "{tmp}", "--output", "{tmp}/m"],
+        1,
+        "is a directory, not a best_params.json file",
+    ),
+    "params-missing": Case(
+        ["train", "--dataset", "{digits}", "--params", "{tmp}/b.json", "--output", "{tmp}/m"],
+        1,
+        "b.json: no such file",
+    ),
+    "model-not-an-artifact": Case(
+        ["quantize", "--dataset", "{digits}", "--model", "{tmp}", "--output", "{tmp}/q"],
+        1,
+        "not a model artifact (no model.json)",
+    ),
+    "quantized-missing": Case(
+        [
+            "evaluate",
+            "--dataset",
+            "{digits}",
+            "--model",
+            "{tmp}/m",
+            "--quantized",
+            "{tmp}/q",
+            "--output",
+            "{tmp}/e",
+        ],
+        1,
+        "q: no such directory (expected a quantized model artifact)",
+        setup=lambda t: fake_artifacts(t, "m"),
+    ),
+    "tune-dir-not-an-artifact": Case(
+        [
+            "evaluate",
+            "--dataset",
+            "{digits}",
+            "--model",
+            "{tmp}/m",
+            "--quantized",
+            "{tmp}/q",
+            "--tune",
+            "{tmp}/m",
+            "--output",
+            "{tmp}/e",
+        ],
+        1,
+        "not a tune artifact (no best_params.json)",
+        setup=lambda t: fake_artifacts(t, "m", "q"),
+    ),
+    "unknown-command": Case(["trian"], 2, "invalid choice: 'trian'"),
+    "unknown-runner": Case(["run", "--runner", "k8s"], 2, "argument --runner: invalid choice"),
+    "missing-argument": Case(["train", "--output", "{tmp}/m"], 2, "--dataset"),
+    "schedule-without-cron": Case(["schedule", "--name", "n"], 2, "--cron"),
+    "submit-without-host": Case(["submit", "--host", ""], 1, "submit: give --host URL"),
+}
+
+DATA = {
+    "source-missing": Case(source("missing.csv"), 1, "missing.csv: no such file"),
+    "source-empty": Case(prep("data.source="), 2, "data.source: empty"),
+    "source-dir-without-data": Case(
+        source("d"),
+        1,
+        "d: a directory with no readable data",
+        setup=lambda t: text(t, "d/README.txt", "no data here"),
+    ),
+    "file-empty": Case(
+        source("e.csv"), 1, "e.csv: the file is empty", lambda t: text(t, "e.csv", "")
+    ),
+    "header-only": Case(
+        source("h.csv"),
+        1,
+        "h.csv: the file has a header but no rows",
+        lambda t: text(t, "h.csv", "a,kind\n"),
+    ),
+    "no-label-column": Case(
+        prep("data.source={tmp}/d.csv"),
+        1,
+        "d.csv: no label column 'label'",
+        lambda t: csv(t, "d.csv", frame()),
+    ),
+    "text-feature": Case(
+        source("d.csv"),
+        1,
+        "non-numeric feature column(s) colour",
+        lambda t: csv(t, "d.csv", frame().assign(colour="red")),
+    ),
+    "unsupported-suffix": Case(
+        source("d.txt"), 1, "d.txt: unsupported file type", lambda t: text(t, "d.txt", "1")
+    ),
+    "one-class": Case(
+        source("d.csv"),
+        1,
+        "needs at least 2 classes",
+        lambda t: csv(t, "d.csv", frame(labels=("a",))),
+    ),
+    "rare-class": Case(
+        source("d.csv"),
+        1,
+        "at least 3 per class",
+        lambda t: csv(t, "d.csv", frame(30).assign(kind=lambda f: f.kind.where(f.index > 0, "z"))),
+    ),
+    "glob-missing-column": Case(
+        source("part-*.csv"),
+        1,
+        "part-2.csv: missing column 'b'",
+        lambda t: (
+            csv(t, "part-1.csv", frame(30)),
+            csv(t, "part-2.csv", frame(30, 1).drop(columns=["b"])),
+        ),
+    ),
+    "glob-extra-column": Case(
+        source("part-*.csv"),
+        1,
+        "part-2.csv: extra column 'c'",
+        lambda t: (csv(t, "part-1.csv", frame(30)), csv(t, "part-2.csv", frame(30, 1).assign(c=1))),
+    ),
+    "folder-renamed-column": Case(
+        source("parts"),
+        1,
+        "missing column 'b'",
+        lambda t: (
+            (t / "parts").mkdir(),
+            csv(t, "parts/1.csv", frame(30)),
+            csv(t, "parts/2.csv", frame(30, 1).rename(columns={"b": "B"})),
+        ),
+    ),
+    "npz-width-mismatch": Case(
+        prep("data.source={tmp}/*.npz"),
+        1,
+        "b.npz: x has 5 features per row",
+        lambda t: (npz(t, "a.npz", 4), npz(t, "b.npz", 5)),
+    ),
+    "npz-mixed-with-csv": Case(
+        source("*.*"),
+        1,
+        ".npz features have no column names",
+        lambda t: (npz(t, "a.npz", 2), csv(t, "b.csv", frame(30))),
+    ),
+    "npz-without-x-y": Case(
+        prep("data.source={tmp}/a.npz"),
+        1,
+        "a.npz: an .npz needs arrays 'x' and 'y'",
+        lambda t: np.savez(t / "a.npz", features=np.zeros((3, 2))),
+    ),
+    "all-rows-non-finite": Case(
+        source("d.csv"),
+        1,
+        "every row has a missing or non-finite value",
+        lambda t: csv(t, "d.csv", frame().assign(a=np.inf)),
+    ),
+    "image-shape-product": Case(
+        source("d.csv", "data.image_shape=[1,3,3]"),
+        1,
+        "data.image_shape [1, 3, 3] has 9 values",
+        lambda t: csv(t, "d.csv", frame()),
+    ),
+    "csv-not-utf8": Case(
+        source("d.csv"),
+        1,
+        "d.csv: cannot parse",
+        lambda t: text(t, "d.csv", "a,kind\n1,caf\xe9\n".encode("latin-1")),
+    ),
+    "parquet-duplicate-column": Case(
+        source("d.parquet"), 1, "d.parquet: cannot parse", lambda t: _duplicate_parquet(t)
+    ),
+    # `run` checks the data before it writes anything (preflight)
+    "run-glob-missing-column": Case(
+        [
+            "run",
+            "--output",
+            "{tmp}/r",
+            *_sets("data.source={tmp}/part-*.csv", "data.label_column=kind"),
+        ],
+        1,
+        "part-2.csv: missing column 'b'",
+        lambda t: (
+            csv(t, "part-1.csv", frame(30)),
+            csv(t, "part-2.csv", frame(30, 1).drop(columns=["b"])),
+        ),
+    ),
+    "run-source-dir-without-data": Case(
+        ["run", "--output", "{tmp}/r", *_sets("data.source={tmp}/d")],
+        1,
+        "d: a directory with no readable data",
+        setup=lambda t: (t / "d").mkdir(),
+    ),
+    "run-cnn-on-tabular-data": Case(
+        [
+            "run",
+            "--output",
+            "{tmp}/r",
+            *_sets("data.source={tmp}/d.csv", "data.label_column=kind", "model.name=cnn"),
+        ],
+        2,
+        "model.name: 'cnn' needs image data",
+        lambda t: csv(t, "d.csv", frame()),
+    ),
+}
+
+
+def _duplicate_parquet(tmp: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = [pa.array([1.0, 2.0]), pa.array([3.0, 4.0]), pa.array(["x", "y"])]
+    pq.write_table(pa.Table.from_arrays(columns, names=["a", "a", "kind"]), tmp / "d.parquet")
+
+
+TABLE = {
+    **{f"config/{k}": v for k, v in CONFIG.items()},
+    **{f"config-file/{k}": v for k, v in CONFIG_FILES.items()},
+    **{f"cli/{k}": v for k, v in PATHS.items()},
+    **{f"data/{k}": v for k, v in DATA.items()},
+}
+
+
+@pytest.mark.parametrize("case", list(TABLE.values()), ids=list(TABLE))
+def test_bad_input_is_one_line(case: Case, tmp_path, digits_dir, capsys, monkeypatch):
+    monkeypatch.delenv("KF_PIPELINES_ENDPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)  # `run` without --output would write runs/ here
+    if case.setup:
+        case.setup(tmp_path)
+    argv = [
+        a.replace("{tmp}", str(tmp_path)).replace("{digits}", str(digits_dir)) for a in case.argv
+    ]
+    before = _files(tmp_path)
+    code, err = run_main(argv, capsys)
+    assert_one_line(code, err, case.code, case.names.replace("{tmp}", str(tmp_path)), tmp_path)
+    for name, content in case.kept.items():
+        assert (tmp_path / name).read_text() == content
+    assert _files(tmp_path) == before, "a failed command left files behind"
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*") if not p.is_dir())
+
+
+# -- requests this machine cannot serve -------------------------------------------------------
+
+
+def test_more_local_workers_than_cores_is_refused(tmp_path, digits_dir, capsys):
+    n = cpu_cores() + 1
+    if n > 64:
+        pytest.skip("more than 63 cores: train.nproc cannot exceed them")
+    argv = [
+        "train",
+        "--dataset",
+        str(digits_dir),
+        "--output",
+        str(tmp_path / "m"),
+        *_sets(f"train.nproc={n}", f"train.batch_size={8 * n}"),
+    ]
+    last = assert_one_line(*run_main(argv, capsys), 2, "train.nproc", tmp_path)
+    assert f"{n} workers, but this machine has {n - 1} CPU core(s)" in last
+    assert not (tmp_path / "m").exists()
+
+
+def test_emulated_nodes_count_against_the_cores_too(tmp_path, digits_dir, capsys):
+    cores = cpu_cores()
+    if cores > 32:
+        pytest.skip("more than 32 cores")
+    nproc = cores // 2 + 1
+    argv = [
+        "train",
+        "--dataset",
+        str(digits_dir),
+        "--output",
+        str(tmp_path / "m"),
+        *_sets("train.nnodes=2", f"train.nproc={nproc}", f"train.batch_size={16 * nproc}"),
+    ]
+    last = assert_one_line(*run_main(argv, capsys), 2, "train.nproc", tmp_path)
+    assert f"x 2 nodes = {2 * nproc} workers" in last
+
+
+# -- read-only places -------------------------------------------------------------------------
+
+
+@contextmanager
+def mounted_tmpfs(path: Path, options: str):
+    """A tmpfs at ``path`` (root only here); skips the test where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write in: mode 555, or for root a read-only tmpfs."""
+    path = tmp_path / "ro"
+    if os.geteuid() != 0:
+        path.mkdir()
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    with mounted_tmpfs(path, "ro,size=64k"):
+        yield path
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["preprocess", "--output", "{ro}/ds"],
+        ["run", "--output", "{ro}/run"],
+        ["compile", "-o", "{ro}/p.yaml"],
+    ],
+    ids=["preprocess", "run", "compile"],
+)
+def test_an_output_that_cannot_be_written_is_named(argv, read_only_dir, tmp_path, capsys):
+    argv = [a.format(ro=read_only_dir) for a in argv]
+    last = assert_one_line(*run_main(argv, capsys), 2, f"--output {read_only_dir}", tmp_path)
+    assert f"cannot write in {read_only_dir}" in last
+    if os.geteuid() == 0:
+        assert "read-only file system" in last
+
+
+# -- answers of a cluster that is not there (answers of a real one: tests/cluster) -------------
+
+
+def cluster_argv(step: str, tmp: Path, *settings: str) -> list[str]:
+    (tmp / "ds").mkdir(exist_ok=True)
+    (tmp / "ds" / "meta.json").write_text("{}")
+    (tmp / "claim").mkdir(exist_ok=True)
+    sets = _sets("cluster.backend=kubernetes", f"cluster.mount_path={tmp / 'claim'}",
+                 "cluster.namespace=team-a", "cluster.image=registry.example/kubetrain:test",
+                 *settings)  # fmt: skip
+    return [step, "--dataset", str(tmp / "ds"), "--output", str(tmp / "out"), *sets]
+
+
+@pytest.mark.parametrize("step", ["train", "tune"])
+def test_no_kubeconfig_is_one_line(step, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    result = run_main(cluster_argv(step, tmp_path), capsys)
+    assert_one_line(*result, 1, "no usable Kubernetes configuration", tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("step", ["train", "tune"])
+def test_an_unreachable_cluster_is_named(step, tmp_path, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "kubeconfig").write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters: [{{name: c, cluster: {{server: 'http://127.0.0.1:{port}'}}}}]\n"
+        "users: [{name: u, user: {token: t}}]\n"
+        "contexts: [{name: c, context: {cluster: c, user: u, namespace: team-a}}]\n"
+    )
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    result = run_main(cluster_argv(step, tmp_path), capsys)
+    assert_one_line(*result, 1, f"http://127.0.0.1:{port}", tmp_path)
+
+
+# -- faults: a full disk ------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_writing_a_dataset_says_so_and_where(tmp_path, capsys):
+    with mounted_tmpfs(tmp_path / "disk", "size=128k") as disk:
+        code, err = run_main(["preprocess", "--output", str(disk / "ds")], capsys)
+        last = assert_one_line(code, err, 1, "no space left on device", tmp_path)
+        assert f"{disk / 'ds' / 'data.npz'}" in last
+        assert not (disk / "ds" / "meta.json").exists()  # no half artifact
+        assert [p.name for p in (disk / "ds").iterdir()] == []  # temporary file gone too
+
+
+def _digest_ok(checkpoint: Path) -> bool:
+    meta = json.loads(checkpoint.with_suffix(".json").read_text())
+    return hashlib.sha256(checkpoint.read_bytes()).hexdigest() == meta["sha256"]
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
+    tmp_path, digits_dir, capsys
+):
+    tiny = [
+        "train.nproc=1",
+        "train.epochs=1",
+        "model.hidden_sizes=[8]",
+        "tune.enabled=false",
+        "train.checkpoint_every_steps=1",
+        "train.keep_checkpoints=5",
+    ]
+    # How big one checkpoint is, measured on a normal disk.
+    probe = tmp_path / "probe"
+    argv = [
+        "train",
+        "--dataset",
+        str(digits_dir),
+        "--output",
+        str(tmp_path / "m0"),
+        *_sets(*tiny, f"train.checkpoint_dir={probe}", "train.checkpoint_every_steps=0"),
+    ]
+    assert run_main(argv, capsys)[0] == 0
+    size = sum(p.stat().st_size for p in probe.iterdir())
+    # Room for one checkpoint and a half: the second one cannot fit.
+    room = (size * 3 // 2 // 4096 + 1) * 4096
+    with mounted_tmpfs(tmp_path / "disk", f"size={room}") as disk:
+        argv = [
+            "train",
+            "--dataset",
+            str(digits_dir),
+            "--output",
+            str(tmp_path / "m"),
+            *_sets(*tiny, f"train.checkpoint_dir={disk}"),
+        ]
+        shutil.rmtree(tmp_path / "m0")  # its metrics.json is a result of the probe run
+        code, err = run_main(argv, capsys)
+        last = assert_one_line(code, err, 1, "no space left on device while writing", tmp_path)
+        assert str(disk / "ckpt-") in last
+        kept = sorted(disk.glob("ckpt-*.pt"))
+        assert len(kept) == 1 and _digest_ok(kept[0])  # the previous checkpoint, intact
+        assert not list(disk.glob(".*.tmp"))
+
+
+# -- faults: what a killed process leaves behind ------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporary_dirs_are_removed_at_the_next_start(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = _dead_pid()
+    stale = [tmp_path / f"kubetrain-torchrun-{dead}-abc", tmp_path / f"kubetrain-steps-{dead}-x1"]
+    live = tmp_path / f"kubetrain-steps-{os.getpid()}-x2"
+    foreign = tmp_path / f"someone-{dead}-else"
+    for d in (*stale, live, foreign):
+        (d / "inner").mkdir(parents=True)
+    assert run_main(["config", "show"], capsys)[0] == 0
+    assert not any(d.exists() for d in stale)
+    assert live.exists() and foreign.exists()
+
+
+def test_stale_temporary_files_of_atomic_writes_are_removed(tmp_path):
+    from kubetrain.io import _host, write_json
+
+    dead = _dead_pid()
+    stale = tmp_path / f".ckpt-00000004.pt.{_host()}-{dead}.k2j4h1.tmp"
+    live = tmp_path / f".ckpt-00000006.pt.{_host()}-{os.getpid()}.a9d8s7.tmp"
+    other_host = tmp_path / f".ckpt-00000005.pt.otherhost-{dead}.a9d8s7.tmp"
+    for p in (stale, live, other_host):
+        p.write_bytes(b"half a checkpoint")
+    write_json(tmp_path / "manifest.json", {"ok": True})
+    assert not stale.exists()
+    assert live.exists() and other_host.exists()  # alive, or another pod's on a shared volume
