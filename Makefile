@@ -47,7 +47,7 @@ run: venv
 ## test: lint, then the unit tier and the integration tier (not the slow suites)
 test: lint test-unit test-integration
 
-## test-cluster: the cluster path against a real kube-apiserver + etcd (../shared/k8s, Debian's etcd-server)
+## test-cluster: the cluster path against a real kube-apiserver + etcd (../shared/k8s, etcd-server, kubectl, openssl; fails instead of skipping when CI is set)
 test-cluster: venv
 	$(PY) -m pytest -m cluster tests/cluster $(ARGS)
 

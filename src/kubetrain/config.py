@@ -45,7 +45,13 @@ from kubetrain.quantize.config import QuantizeConfig
 from kubetrain.registry.config import RetrainConfig
 from kubetrain.tracking.config import TrackingConfig
 from kubetrain.train.config import TrainConfig
-from kubetrain.tune.config import EarlyStopping, FeasibleSpace, SearchParameter, TuneConfig
+from kubetrain.tune.config import (
+    EarlyStopping,
+    FeasibleSpace,
+    SearchParameter,
+    TuneConfig,
+    check_searchable_on,
+)
 
 # The base of every section, under the name it had when the sections were defined here.
 _Section = Section
@@ -117,6 +123,7 @@ class PipelineConfig(Section):
                 type(getattr(self, section)).model_validate(dumped[section])
             except ValidationError as err:
                 raise ValueError(f"{where}: '{param.name}': {err.errors()[0]['msg']}") from None
+        check_searchable_on(self.cluster.backend, self.tune)
         if self.tune.enabled and self.tune.algorithm == "grid":
             for param in self.tune.parameters:
                 param.grid_values()

@@ -34,7 +34,10 @@ urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 ROOT = Path(__file__).resolve().parents[2]
 # The shared tools sit beside the checkout (../shared/k8s); KUBETRAIN_K8S_DIR points elsewhere.
 K8S_DIR = Path(os.environ.get("KUBETRAIN_K8S_DIR") or ROOT.parent / "shared" / "k8s")
-CRDS = [*sorted((K8S_DIR / "crds").glob("*.yaml")), Path(__file__).parent / "crds"]
+# PyTorchJob and Experiment from ../shared/k8s (see its README for their sources), the Trial
+# CRD from here.
+SHARED_CRDS = ("kubeflow.org_pytorchjobs.yaml", "kubeflow.org_experiments.yaml")
+CRDS = [*(K8S_DIR / "crds" / name for name in SHARED_CRDS), Path(__file__).parent / "crds"]
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -51,6 +54,8 @@ def missing() -> str | None:
             f"no kube-apiserver at {K8S_DIR}/bin (the shared/k8s tools; set KUBETRAIN_K8S_DIR): "
             "on a machine with a cluster use `make kind-e2e`"
         )
+    if not all((K8S_DIR / "crds" / name).is_file() for name in SHARED_CRDS):
+        return f"no {' and '.join(SHARED_CRDS)} in {K8S_DIR}/crds (the shared/k8s tools)"
     if not etcd_binary():
         return "no etcd: install Debian's etcd-server (apt-get install etcd-server) or set ETCD"
     if shutil.which("kubectl") is None:
@@ -180,12 +185,14 @@ class ControlPlane:
                 proc.wait(10)
 
     def _spawn(self, name: str, argv: list[Any]) -> None:
-        log = open(self.dir / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
-        self.procs[name] = subprocess.Popen(
-            [str(a) for a in argv],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        # The child gets its own copy of the file descriptor: ours is closed at once, so that
+        # restarts do not pile up open files.
+        with open(self.dir / "logs" / f"{name}.log", "ab") as log:
+            self.procs[name] = subprocess.Popen(
+                [str(a) for a in argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -268,8 +275,14 @@ class ControlPlane:
     def audit(self, username: str) -> list[dict[str, Any]]:
         """Audit events (ResponseComplete) of requests made by ``username``."""
         events = []
-        for line in self.audit_log.read_text().splitlines():
-            event = json.loads(line)
+        lines = self.audit_log.read_text().splitlines()
+        for i, line in enumerate(lines):
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # the server is still writing it
+                    continue
+                raise
             if event.get("user", {}).get("username") == username:
                 events.append(event)
         return events

@@ -6,8 +6,6 @@ another namespace, on Secrets and on cluster-scoped objects.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from cluster.controllers import (
@@ -53,22 +51,14 @@ def used_permissions(events: list[dict]) -> tuple[set, set]:
     return used, refused
 
 
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    d = tmp_path / "dataset"
-    d.mkdir()
-    (d / "meta.json").write_text("{}")
-    return d
-
-
 def test_the_launchers_use_every_permission_of_the_role_and_no_other(
-    control_plane, runner, operator, dataset, tmp_path
+    control_plane, runner, operator, tiny_dataset, tmp_path
 ):
     # a training that succeeds (its job is deleted), one that fails (deleted: cleanup=always),
     # and a search: everything a pipeline run does on the cluster
     cfg = cluster_cfg(runner.namespace, tmp_path / "claim")
     join = in_background(lambda: play_success(operator))
-    steps.train(cfg, dataset, tmp_path / "model")
+    steps.train(cfg, tiny_dataset, tmp_path / "model")
     join()
 
     def fail():
@@ -80,11 +70,11 @@ def test_the_launchers_use_every_permission_of_the_role_and_no_other(
     with pytest.raises(KubetrainError, match="failed: PyTorchJobFailed"):
         steps.train(
             cluster_cfg(runner.namespace, tmp_path / "claim", "cluster.cleanup=always"),
-            dataset, tmp_path / "model2",
+            tiny_dataset, tmp_path / "model2",
         )  # fmt: skip
     join()
     join = in_background(lambda: play_katib(operator))
-    steps.tune(tune_cfg(runner.namespace, tmp_path / "claim"), dataset, tmp_path / "tune")
+    steps.tune(tune_cfg(runner.namespace, tmp_path / "claim"), tiny_dataset, tmp_path / "tune")
     join()
 
     used, refused = used_permissions(control_plane.audit(runner.username))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import pytest
 
@@ -27,15 +26,6 @@ from kubetrain.launch.kubeapi import KubeApi, KubeApiError
 from kubetrain.launch.kubernetes import KubernetesLauncher, PyTorchJobWatcher, build_pytorchjob
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def tiny_dataset(tmp_path) -> Path:
-    """A dataset artifact's files; the tests that do not run the job's command never read it."""
-    d = tmp_path / "dataset"
-    d.mkdir()
-    (d / "meta.json").write_text("{}")
-    return d
 
 
 def test_the_train_step_returns_the_model_its_job_trained(

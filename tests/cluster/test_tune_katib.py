@@ -5,8 +5,6 @@ the Experiment's status and optimal trial written as Katib's controller writes t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from cluster.controllers import in_background, play_katib, tune_cfg
@@ -17,18 +15,10 @@ from kubetrain.io import read_json
 pytestmark = pytest.mark.cluster
 
 
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    d = tmp_path / "dataset"
-    d.mkdir()
-    (d / "meta.json").write_text("{}")
-    return d
-
-
-def test_the_tune_step_returns_katibs_best_trial(runner, operator, dataset, tmp_path):
+def test_the_tune_step_returns_katibs_best_trial(runner, operator, tiny_dataset, tmp_path):
     cfg = tune_cfg(runner.namespace, tmp_path / "claim")
     join = in_background(lambda: play_katib(operator))
-    result = steps.tune(cfg, dataset, tmp_path / "tune")
+    result = steps.tune(cfg, tiny_dataset, tmp_path / "tune")
     join()
     assert result["engine"] == "katib"
     assert result["best_params"] == {"train.lr": 0.004, "train.batch_size": 32}
@@ -51,32 +41,57 @@ def test_the_tune_step_returns_katibs_best_trial(runner, operator, dataset, tmp_
     assert list((tmp_path / "claim" / "jobs").iterdir()) == []
 
 
-def test_a_failed_experiment_names_katibs_reason_and_is_kept(runner, operator, dataset, tmp_path):
+def test_a_failed_experiment_names_katibs_reason_and_is_kept(
+    runner, operator, tiny_dataset, tmp_path
+):
     cfg = tune_cfg(runner.namespace, tmp_path / "claim")
     join = in_background(lambda: play_katib(operator, outcome="Failed"))
     with pytest.raises(
         KubetrainError,
         match=r"experiment \S+/kubetrain-tune-\w+ failed: ExperimentMaxFailedTrialsReached: ",
     ) as err:
-        steps.tune(cfg, dataset, tmp_path / "tune")
+        steps.tune(cfg, tiny_dataset, tmp_path / "tune")
     join()
     assert "\n" not in str(err.value)
     assert len(operator.objects("experiments", "v1beta1")) == 1  # kept to inspect
     assert not (tmp_path / "tune").exists()
 
 
-def test_a_kind_the_server_does_not_serve_is_one_line(control_plane, namespace, monkeypatch):
+@pytest.mark.parametrize(
+    "where, kind, expected",
+    [
+        # a namespace whose name says "namespace": the message names it, the verdict must not
+        # depend on that
+        ("my-namespace", "trainjob", r"no trainjobs.trainer.kubeflow.org/v1alpha1 resource"),
+        ("no-such-namespace", "pytorchjob", r"cannot create pytorchjob no-such-namespace-\w+/"
+         r"kubetrain-train-x: not found \(namespaces \"no-such-namespace-\w+\" not found\)"),
+    ],
+    ids=["kind-not-served", "namespace-missing"],
+)  # fmt: skip
+def test_a_kind_the_server_does_not_serve_is_one_line(
+    control_plane, admin, monkeypatch, where, kind, expected
+):
     """What a cluster without the operator answers (here: Trainer v2's TrainJob, not installed;
-    as admin: our Role would refuse the unknown kind before the server looked)."""
-    from kubetrain.launch.kubeapi import KubeApi, KubeApiError, Resource
+    as admin: our Role would refuse the unknown kind before the server looked), told apart from
+    a namespace that does not exist by the Status's details, not by the words in the message."""
+    import secrets
 
+    from kubernetes import client
+
+    from kubetrain.launch.kubeapi import KubeApi, KubeApiError, Resource
+    from kubetrain.launch.kubernetes import TRAIN_JOB
+
+    namespace = f"{where}-{secrets.token_hex(3)}"
+    if where == "my-namespace":
+        client.CoreV1Api(admin).create_namespace({"metadata": {"name": namespace}})
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
     api = KubeApi(namespace)
-    trainjob = Resource("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob")
-    body = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+    resource = {
+        "trainjob": Resource("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"),
+        "pytorchjob": TRAIN_JOB,
+    }[kind]
+    body = {"apiVersion": f"{resource.group}/{resource.version}", "kind": resource.kind,
             "metadata": {"name": "kubetrain-train-x"}, "spec": {}}  # fmt: skip
-    with pytest.raises(
-        KubeApiError, match=r"no trainjobs.trainer.kubeflow.org/v1alpha1 resource"
-    ) as e:
-        api.create(trainjob, body)
+    with pytest.raises(KubeApiError, match=expected) as e:
+        api.create(resource, body)
     assert e.value.status == 404 and "\n" not in str(e.value)

@@ -57,7 +57,7 @@ def test_config_show_prints_the_effective_config():
         "mixup",
         "batch-tokens",
         "beam-size",
-    ],  # fmt: skip
+    ],
 )
 def test_run_rejects_bad_input_before_writing_anything(tmp_path, args, code, expected):
     out = tmp_path / "run"

@@ -172,3 +172,39 @@ def test_the_tune_backend_is_chosen_by_cluster_backend():
     assert isinstance(get_tune_backend(load_config(None, ["cluster.backend=kubernetes"])),
                       KatibBackend)  # fmt: skip
     assert isinstance(get_tune_backend(load_config(None, [])), OptunaBackend)
+
+
+PROCESS_SPACE = {
+    "train.nproc": "{name: train.nproc, parameterType: int, feasibleSpace: {min: 1, max: 2}}",
+    "train.nnodes": "{name: train.nnodes, parameterType: int, feasibleSpace: {min: 1, max: 2}}",
+}
+
+
+@pytest.mark.parametrize(
+    "key, backend, refused",
+    [
+        ("train.nproc", "kubernetes", True),
+        ("train.nnodes", "kubernetes", True),
+        ("train.nproc", "local", False),  # the local engine runs a trial with the searched count
+    ],
+    ids=["nproc-on-katib", "nnodes-on-katib", "nproc-locally"],
+)
+def test_a_process_count_in_the_search_space_is_refused_on_katib(key, backend, refused):
+    from kubetrain.errors import ConfigError
+
+    lr = "{name: train.lr, parameterType: double, feasibleSpace: {min: 0.001, max: 0.1}}"
+    settings = [f"cluster.backend={backend}", f"tune.parameters=[{lr}, {PROCESS_SPACE[key]}]"]
+    with pytest.raises(ConfigError) if refused else contextlib.nullcontext() as err:
+        load_config(None, settings)
+    if refused:
+        message = str(err.value)
+        assert "\n" not in message
+        expected = f"tune.parameters.1.name: '{key}' cannot be searched with cluster.backend="
+        assert expected + "kubernetes" in message, message
+        assert "tune.trial_nproc" in message
+
+
+def test_a_process_count_is_not_refused_when_tune_is_off():
+    settings = ["cluster.backend=kubernetes", "tune.enabled=false",
+                f"tune.parameters=[{PROCESS_SPACE['train.nproc']}]"]  # fmt: skip
+    assert load_config(None, settings).tune.parameters[0].name == "train.nproc"

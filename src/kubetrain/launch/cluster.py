@@ -142,7 +142,7 @@ class ClusterJob:
         """
         cl = self.cfg.cluster
         deadline = time.monotonic() + cl.wait_timeout_seconds
-        outage = _Outage(self.api.host, deadline)
+        outage = _Outage(self.api.host)
         version = since
         try:
             while True:
@@ -159,6 +159,7 @@ class ClusterJob:
                     outage.record(err, self.what(name))  # raises unless it is worth waiting
                     time.sleep(min(cl.poll_seconds, 1.0))
                     version = None
+                # The one place the deadline is checked, outage or not: one message for it.
                 if time.monotonic() >= deadline:
                     raise KubetrainError(
                         f"{self.what(name)} did not finish within cluster.wait_timeout_seconds = "
@@ -210,15 +211,19 @@ class ClusterJob:
 
 
 class _Outage:
-    """How long the API server has been away during a wait; raises once that is too long."""
+    """How long the API server has been away during a wait; raises once that is too long.
 
-    def __init__(self, host: str, deadline: float):
+    It enforces ``OUTAGE_SECONDS`` only: ``ClusterJob.wait`` owns the wait's deadline, so that
+    a wait that runs out says so in one message whether the server answers or not.
+    """
+
+    def __init__(self, host: str):
         self.host = host
-        self.deadline = deadline
         self.since: float | None = None
 
     def record(self, err: KubeApiError, what: str) -> None:
-        """A failed call; raises ``err`` unless it means "not now" and time is left.
+        """A failed call; raises ``err`` unless it means "not now" and the outage is not yet
+        ``OUTAGE_SECONDS`` long.
 
         "Not now": no answer, overloaded, or, while the server is coming back, 401/403 (until
         its caches fill, a restarted API server refuses valid tokens and roles).
@@ -230,7 +235,7 @@ class _Outage:
         if self.since is None:
             self.since = now
             log.warning("%s; waiting for it to come back", err)
-        if now - self.since >= OUTAGE_SECONDS or now >= self.deadline:
+        if now - self.since >= OUTAGE_SECONDS:
             raise KubeApiError(
                 f"{err} (no usable answer for {now - self.since:.0f} s while waiting for {what})"
             ) from None
@@ -273,8 +278,9 @@ def run_job(
         What ``collect`` returns.
 
     Raises:
-        KubetrainError: the claim is not mounted here, the namespace is missing, the API
-            refused the object, the object failed or was not waited for.
+        KubetrainError: the claim is not mounted here, the job's directory on it exists or
+            the dataset cannot be copied there, the namespace is missing, the API refused the
+            object, the object failed or was not waited for.
     """
     name = body["metadata"]["name"]
     paths = JobPaths.for_job(cfg, name)
@@ -286,10 +292,23 @@ def run_job(
             "(the pipeline does this on a cluster)"
         )
     api.check_namespace()
+    if Path(paths.root).exists():  # not ours to overwrite, nor to remove below
+        raise KubetrainError(
+            f"{paths.root} already exists on the claim: another job of the name "
+            f"{name}? Remove it or retry (names are random)"
+        )
     job = ClusterJob(cfg, api, watcher)
-    shutil.copytree(dataset_dir, paths.dataset)
     submitted = succeeded = finished = False
     try:
+        # Inside the try: a copy that fails half-way (disk full) leaves nothing on the claim.
+        try:
+            shutil.copytree(dataset_dir, paths.dataset)
+        except OSError as err:  # shutil.Error (one per file) is an OSError too
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise KubetrainError(
+                f"cannot copy the dataset {dataset_dir} to {paths.dataset} on the claim: "
+                f"{type(err).__name__}: {first[:300]}"
+            ) from None
         job.submit(body)
         submitted = True
         try:

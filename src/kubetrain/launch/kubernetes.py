@@ -15,7 +15,8 @@ train`` on a machine with the claim mounted) and every job pod mount ``cluster.p
 ``cluster.mount_path``. For job ``J`` the launcher copies the dataset artifact to
 ``<mount>/jobs/J/dataset``; the job writes ``<mount>/jobs/J/model`` (checkpoints may go to
 ``<mount>/jobs/J/checkpoints``, passed as ``KUBETRAIN_CHECKPOINT_DIR``); the launcher copies
-the model back into the step's output artifact and removes ``<mount>/jobs/J`` with the job.
+the model back into the step's output artifact and removes ``<mount>/jobs/J`` when it deletes
+the job (``cluster.cleanup``: by default on success; a failed job's directory is kept with it).
 
 How the pods start: the container runs ``torchrun_command()`` with
 ``--nproc-per-node=train.nproc``; the node rank and rendezvous address come from the
@@ -69,8 +70,10 @@ def _cpu_cores(quantity: str) -> float:
     return float(re.sub(r"[A-Za-z]+$", "", quantity))
 
 
-def threads_per_process(cfg: PipelineConfig) -> int:
-    """``train.num_threads`` or the pod's CPU request shared out over ``train.nproc``."""
+def threads_per_pod_process(cfg: PipelineConfig) -> int:
+    """Torch/OpenMP threads of each process in a job pod (``OMP_NUM_THREADS``):
+    ``train.num_threads``, else the pod's CPU request (``cluster.cpu``) shared out over
+    ``train.nproc``, at least 1."""
     if cfg.train.num_threads:
         return cfg.train.num_threads
     return max(1, math.floor(_cpu_cores(cfg.cluster.cpu) / cfg.train.nproc))
@@ -131,7 +134,7 @@ def _container(cfg: PipelineConfig, command: list[str], paths: JobPaths | None) 
     cl = cfg.cluster
     env = {
         CONFIG_ENV: cfg.sections_json("data", "model", "train"),
-        "OMP_NUM_THREADS": str(threads_per_process(cfg)),
+        "OMP_NUM_THREADS": str(threads_per_pod_process(cfg)),
         "PYTHONUNBUFFERED": "1",
     }
     if cl.elastic:  # torchrun's restarts: a fresh store each round (see NO_SHARED_STORE)

@@ -21,8 +21,9 @@ from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 log = logging.getLogger(__name__)
 
 
-def threads_per_process(cfg: PipelineConfig, processes: int) -> int:
-    """``train.num_threads``, or the CPU cores less one shared out over ``processes`` (≥ 1).
+def threads_per_local_process(cfg: PipelineConfig, processes: int) -> int:
+    """Torch/OpenMP threads of each of ``processes`` on this machine: ``train.num_threads``, or
+    this machine's CPU cores less one shared out over ``processes`` (≥ 1).
 
     One core is left for everything else (the KFP task, data workers, the OS): on a small CPU a
     process with more threads than free cores stalls whenever another process takes a core
@@ -87,7 +88,7 @@ class LocalLauncher:
         from kubetrain.train.distributed import DistContext
         from kubetrain.train.loop import fit, save_model
 
-        torch.set_num_threads(threads_per_process(cfg, 1))
+        torch.set_num_threads(threads_per_local_process(cfg, 1))
         data = load_dataset(dataset_dir)
         result = fit(cfg, data, DistContext(), checkpoint_dir=checkpoint_dir(cfg, out_dir))
         save_model(result, cfg, data, out_dir)
@@ -97,7 +98,7 @@ class LocalLauncher:
         config_file = write_json(out_dir / ".train-config.json", cfg.model_dump(mode="json"))
         port = free_port()
         run_id = f"kubetrain-{port}"
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process(cfg, tc.world_size)))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_local_process(cfg, tc.world_size)))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback too (one machine)
         env.setdefault(NO_SHARED_STORE, "1")
         # torchrun makes a log directory per run and never removes it; ours goes with the job

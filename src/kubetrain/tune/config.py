@@ -138,7 +138,8 @@ class TuneConfig(Section):
         ge=1,
         le=64,
         description="Processes per trial; > 1 runs each trial as a DDP job of torchrun workers "
-        "(a searched train.nproc overrides it).",
+        "(locally a searched train.nproc overrides it; on cluster.backend=kubernetes "
+        "train.nproc and train.nnodes cannot be searched).",
     )
     objective_metric: Literal["val_accuracy", "val_loss"] = Field(
         "val_accuracy",
@@ -211,3 +212,30 @@ class TuneConfig(Section):
                 "resource is the trial's epochs (use train.epochs)"
             )
         return self
+
+
+# A trial's process count on a cluster: Katib's trial template is one PyTorchJob built with
+# tune.trial_nproc processes on one node, so a searched value would contradict it.
+CLUSTER_FIXED_KEYS = ("train.nproc", "train.nnodes")
+
+
+def check_searchable_on(backend: str, tune: TuneConfig) -> None:
+    """Refuse a search space that ``backend`` cannot run.
+
+    Args:
+        backend: ``cluster.backend`` (``"local"`` or ``"kubernetes"``).
+        tune: the search settings.
+
+    Raises:
+        ValueError: on ``kubernetes``, ``tune.parameters`` searches ``train.nproc`` or
+            ``train.nnodes`` (one line, naming the entry).
+    """
+    if backend != "kubernetes" or not tune.enabled:
+        return
+    for i, param in enumerate(tune.parameters):
+        if param.name in CLUSTER_FIXED_KEYS:
+            raise ValueError(
+                f"tune.parameters.{i}.name: '{param.name}' cannot be searched with "
+                "cluster.backend=kubernetes (each Katib trial runs tune.trial_nproc processes "
+                "on one node); set tune.trial_nproc instead"
+            )

@@ -2,8 +2,11 @@
 
 ``build_experiment`` is a pure function built with ``kubeflow-katib-api``'s models from the same
 ``TuneConfig`` the local Optuna engine reads: same algorithm names and settings, same budget,
-same ``medianstop``, same trial semantics (``tune.trial_epochs`` epochs in one process, see
-``kubetrain.tune.local.trial_config``), same objective (the *last* epoch's value).
+same ``medianstop``, same trial semantics (``tune.trial_epochs`` epochs, ``tune.trial_nproc``
+processes on one node, see ``kubetrain.tune.local.trial_config``), same objective (the *last*
+epoch's value). Unlike locally, a trial's process count cannot be searched here: the trial
+template fixes it, so ``PipelineConfig`` refuses ``train.nproc``/``train.nnodes`` in
+``tune.parameters`` on this backend.
 
 Katib parameter names cannot carry the dots of config keys, so ``train.lr`` is searched as
 ``train-lr`` (config fields never contain ``-``) and mapped back in ``best_params``. Each trial
@@ -101,7 +104,9 @@ def _parameter(param: SearchParameter, grid: bool) -> Any:
 
 
 def trial_config(cfg: PipelineConfig) -> PipelineConfig:
-    """A trial's config: the local engine's rule (``tune.trial_epochs`` epochs, one process)."""
+    """A trial's config: the local engine's rule (``tune.trial_epochs`` epochs,
+    ``tune.trial_nproc`` processes on one node); the searched parameters come later, as
+    ``--set`` overrides of each trial's command."""
     from kubetrain.tune.local import trial_config as local_trial_config
 
     return local_trial_config(cfg, {})

@@ -28,14 +28,14 @@ def launch(
 
     Never raises for a failed trial: the result says ``failed`` with the workers' last lines.
     """
-    from kubetrain.launch.local import free_port, threads_per_process
+    from kubetrain.launch.local import free_port, threads_per_local_process
 
     tc = cfg.train
     work_dir.mkdir(parents=True, exist_ok=True)
     config_file = write_json(work_dir / "config.json", cfg.model_dump(mode="json"))
     result_file = work_dir / "result.json"
     result_file.unlink(missing_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_process(cfg, tc.world_size)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_local_process(cfg, tc.world_size)))
     log_dir = make_temp_dir("torchrun")
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
