@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and exactly: the range in pyproject.toml alone would pull a multi-GB CUDA 2.14.
 	$(PY) -m pip install --quiet --disable-pip-version-check 'torch==2.13.*'
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,text,tracking]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,text,text-hf,tracking]'
 	touch $(STAMP)
 
 venv: $(STAMP)
