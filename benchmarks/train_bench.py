@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -292,24 +291,8 @@ timed("quantize", steps.quantize, d / "ds", d / "model", d / "q")
 timed("evaluate", steps.evaluate, d / "ds", d / "model", d / "q", d / "eval", d / "tune")
 print("STEPS", json.dumps({"imports": imports, "steps": took}))
 """
-_TASK_LINE = re.compile(
-    r"^(\d\d):(\d\d):(\d\d\.\d+) - INFO - (?:Executing task '([\w-]+)'|Task '([\w-]+)' finished)"
-)
-
-
-def task_seconds(kfp_log: str) -> dict[str, float]:
-    """Each KFP task's wall time, from kfp.local's "Executing task" / "finished" lines."""
-    began: dict[str, float] = {}
-    took: dict[str, float] = {}
-    for line in re.sub(r"\x1b\[[0-9;]*m", "", kfp_log).splitlines():
-        m = _TASK_LINE.match(line)
-        if m:
-            t = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
-            if m[4]:
-                began[m[4]] = t
-            else:
-                took[m[5]] = (t - began[m[5]]) % 86400
-    return took
+# kfp.local's per-task wall times: the same reading as the per-task overhead benchmark's.
+from pipeline_overhead import task_seconds  # noqa: E402 (benchmarks/ is the script's folder)
 
 
 def bench_pipeline(rounds: int) -> dict[str, Any]:

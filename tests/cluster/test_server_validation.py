@@ -7,7 +7,6 @@ with our one-line error.
 from __future__ import annotations
 
 import copy
-import socket
 
 import pytest
 import yaml
@@ -18,6 +17,7 @@ from kubetrain.cli import main
 from kubetrain.config import load_config
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError
 from kubetrain.launch.kubernetes import TRAIN_JOB, build_pytorchjob
+from tests.conftest import needs_github
 
 pytestmark = pytest.mark.cluster
 
@@ -44,21 +44,9 @@ def test_every_overlay_is_accepted_by_the_api_server(control_plane, overlay):
 PLATFORM = sorted(p.name for p in (ROOT / "manifests" / "platform").iterdir() if p.is_dir())
 
 
-def _github_reachable() -> bool:
-    try:
-        socket.create_connection(("github.com", 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("part", PLATFORM)
 def test_platform_installs_are_accepted_by_the_api_server(control_plane, part):
-    if not _github_reachable():
-        pytest.skip(
-            f"manifests/platform/{part} has a remote base (github.com, a pinned ref) and "
-            "github.com cannot be reached; `make kind-e2e` applies it on a real cluster"
-        )
+    needs_github(f"manifests/platform/{part} (a remote base; `make kind-e2e` applies it)")
     control_plane.kubectl("create", "namespace", "kubeflow", check=False)
     docs = control_plane.kubectl("kustomize", str(ROOT / "manifests" / "platform" / part)).stdout
     done = control_plane.kubectl(
