@@ -21,7 +21,7 @@ from kubetrain.images import runtime_image
 from kubetrain.io import read_json
 
 ROOT = Path(__file__).resolve().parents[2]
-TASKS = ("preprocess", "tune", "train", "quantize", "evaluate", "check-accuracy")
+TASKS = ("run-params", "preprocess", "tune", "train", "quantize", "evaluate", "check-accuracy")
 METRIC_KEYS = {
     "test_accuracy_fp32", "test_accuracy_int8", "quantize_method", "model_size_bytes_fp32",
     "model_size_bytes_int8", "train_samples_per_second",
