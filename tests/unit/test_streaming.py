@@ -158,6 +158,7 @@ print(sum(ds), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.integration  # two ranks' worth of processes reading 400 MiB: not the unit tier
 def test_memory_does_not_grow_with_the_dataset(tmp_path):
     """A rank's peak RSS while streaming 10x more data stays within 15 %: 6000 samples of
     64 KiB (375 MiB) against 600 (37 MiB), on top of the interpreter and torch. Holding the

@@ -1,5 +1,6 @@
 """Hugging Face models from a local directory behind the built-in models' interface: tiny,
-randomly initialised configs that the tests save themselves; no hub."""
+randomly initialised configs that the tests save themselves; no hub. (Integration tier: importing
+transformers and building models costs more than the unit tier can spend.)"""
 
 from __future__ import annotations
 
