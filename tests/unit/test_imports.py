@@ -2,9 +2,8 @@
 
 A cycle that only lazy imports close still ties the modules together: neither can be understood,
 tested or moved without the other. Edges are read with ``ast`` from every ``import`` and
-``from ... import`` anywhere in a module (functions and methods included), except under
-``if TYPE_CHECKING:``: those never run, and two modules whose annotations name each other's
-types do not depend on each other's behaviour.
+``from ... import`` anywhere in a module (functions and methods included), ``if TYPE_CHECKING:``
+blocks too: two modules whose annotations name each other's types cannot be read apart either.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -46,16 +45,6 @@ def import_graph() -> dict[str, set[str]]:
                 continue
             graph[name].update(t for t in targets if t in modules and t != name)
     return graph
-
-
-def _runtime_nodes(tree: ast.AST):
-    """Every node of ``tree`` except the bodies of ``if TYPE_CHECKING:`` blocks."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            yield from (n for child in node.orelse for n in [child, *_runtime_nodes(child)])
-            continue
-        yield node
-        yield from _runtime_nodes(node)
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -33,9 +33,15 @@ from kubetrain.errors import ConfigError
 from kubetrain.models.networks import model_spec
 from kubetrain.train import checkpoint, metrics
 from kubetrain.train.distributed import DistContext
-from kubetrain.train.metrics import EpochMeter, EpochStats
+from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.step import batch_generator, train_step
-from kubetrain.train.trainer import NonFiniteLoss, Trainer, resolve_precision, resume_key
+from kubetrain.train.trainer import (
+    EpochStats,
+    NonFiniteLoss,
+    Trainer,
+    resolve_precision,
+    resume_key,
+)
 
 __all__ = [
     "EpochCallback", "EpochStats", "FitResult", "NonFiniteLoss", "Stopped", "Trainer",

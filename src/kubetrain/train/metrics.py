@@ -9,44 +9,14 @@ the run's totals (the model artifact's metrics.json).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from kubetrain.train import instrument
 from kubetrain.train.distributed import all_reduce_sum, gather_objects, ranks_agree
-
-if TYPE_CHECKING:
-    from kubetrain.train.trainer import Trainer
-
-
-@dataclass
-class EpochStats:
-    """One epoch of training, over all ranks (``rank_*``: one entry per rank)."""
-
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_accuracy: float
-    lr: float
-    samples_per_second: float
-    data_wait_share: float
-    epoch_seconds: float
-    step_seconds: float
-    compute_seconds: float = 0.0
-    optimizer_seconds: float = 0.0
-    data_seconds: float = 0.0
-    comm_seconds: float = 0.0
-    allreduce_calls: int = 0
-    cpu_percent: float = 0.0
-    peak_rss_mib: float = 0.0
-    gpu_percent: float | None = None
-    gpu_peak_mib: float | None = None
-    mfu: float | None = None
-    rank_cpu_percent: list[float] = field(default_factory=list)
-    rank_peak_rss_mib: list[float] = field(default_factory=list)
+from kubetrain.train.trainer import EpochStats, Trainer
 
 
 class EpochMeter:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +27,38 @@ from kubetrain.models.networks import build_model
 from kubetrain.train import checkpoint, instrument
 from kubetrain.train.config import TrainConfig
 from kubetrain.train.distributed import DistContext
-from kubetrain.train.metrics import EpochStats
 from kubetrain.train.optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
     from kubetrain.config import PipelineConfig
+
+
+@dataclass
+class EpochStats:
+    """One epoch of training, over all ranks (``rank_*``: one entry per rank); the trainer's
+    history and its checkpoints hold these, ``kubetrain.train.metrics`` makes them."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    samples_per_second: float
+    data_wait_share: float
+    epoch_seconds: float
+    step_seconds: float
+    compute_seconds: float = 0.0
+    optimizer_seconds: float = 0.0
+    data_seconds: float = 0.0
+    comm_seconds: float = 0.0
+    allreduce_calls: int = 0
+    cpu_percent: float = 0.0
+    peak_rss_mib: float = 0.0
+    gpu_percent: float | None = None
+    gpu_peak_mib: float | None = None
+    mfu: float | None = None
+    rank_cpu_percent: list[float] = field(default_factory=list)
+    rank_peak_rss_mib: list[float] = field(default_factory=list)
 
 
 class NonFiniteLoss(KubetrainError):
