@@ -75,6 +75,17 @@ def _run_params(cfg, schedule_time, data_source, train_epochs, tune_max_trials, 
     return task.set_caching_options(False)
 
 
+def _params_and_preprocess(cfg, schedule_time, data_source, train_epochs, tune_max_trials,
+                           overrides):  # fmt: skip
+    """The first two tasks of either pipeline: the run's parameters, then preprocess."""
+    params = _run_params(cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides)
+    prep = c.preprocess(
+        config_json=cfg.sections_json("data"), overrides=params.outputs["preprocess"]
+    )
+    prep.set_display_name(DISPLAY_NAMES["preprocess"])
+    return params, prep
+
+
 def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
     """tune -> train -> quantize -> evaluate -> [promote | reject]; returns (evaluate, gate)."""
     cfg_train = cfg.sections_json("data", "model", "train", "cluster")
@@ -151,7 +162,6 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
     Its outputs: ``evaluation`` and ``promoted``; with ``retrain.only_if_changed`` only
     ``retrained`` (whether the inputs changed and the rest of the pipeline ran).
     """
-    cfg_data = cfg.sections_json("data")
 
     if cfg.retrain.only_if_changed:
         cfg_check = cfg.sections_json(
@@ -166,11 +176,9 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
             tune_max_trials: int = 0,
             overrides: dict = {},  # noqa: B006 (KFP reads the default; it is never mutated)
         ) -> bool:
-            params = _run_params(
+            params, prep = _params_and_preprocess(
                 cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides
             )
-            prep = c.preprocess(config_json=cfg_data, overrides=params.outputs["preprocess"])
-            prep.set_display_name(DISPLAY_NAMES["preprocess"])
             changed = c.check_changed(
                 config_json=cfg_check,
                 overrides=params.outputs["check_changed"],
@@ -198,11 +206,9 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
         tune_max_trials: int = 0,
         overrides: dict = {},  # noqa: B006 (KFP reads the default; it is never mutated)
     ) -> Outputs:
-        params = _run_params(
+        params, prep = _params_and_preprocess(
             cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides
         )
-        prep = c.preprocess(config_json=cfg_data, overrides=params.outputs["preprocess"])
-        prep.set_display_name(DISPLAY_NAMES["preprocess"])
         ev, gate = _train_and_gate(cfg, prep.outputs["dataset"], min_accuracy, params)
         return Outputs(evaluation=ev.outputs["evaluation"], promoted=gate.output)
 

@@ -69,3 +69,24 @@ def needs_github(what: str) -> None:
     """Skip unless ``KUBETRAIN_REMOTE_TESTS=1`` says github.com can be reached."""
     if os.environ.get(REMOTE_OPT_IN) != "1":
         pytest.skip(f"{what} needs github.com (set {REMOTE_OPT_IN}=1 where it is reachable)")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, digits_dir) -> Path:
+    """An MLP trained on digits for 4 epochs in this process: what the quantize tests start from."""
+    from kubetrain.data import load_dataset
+    from kubetrain.train.distributed import DistContext
+    from kubetrain.train.loop import fit, save_model
+
+    cfg = load_config(overrides=["train.nproc=1", "train.epochs=4"])
+    data = load_dataset(digits_dir)
+    out = tmp_path_factory.mktemp("model")
+    save_model(fit(cfg, data, DistContext()), cfg, data, out)
+    return out
+
+
+def quick_quantize_config(**kw):
+    """A QuantizeConfig that measures little (5 latency repeats, 1 QAT epoch)."""
+    from kubetrain.quantize.config import QuantizeConfig
+
+    return QuantizeConfig(latency_repeats=5, qat_epochs=1, **kw)

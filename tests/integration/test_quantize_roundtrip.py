@@ -9,12 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from kubetrain.config import QuantizeConfig, load_config
 from kubetrain.data import load_dataset
 from kubetrain.evaluate.measure import predict
 from kubetrain.quantize import load_model, load_quantized, quantize_artifact
-from kubetrain.train.distributed import DistContext
-from kubetrain.train.loop import fit, save_model
+from tests.conftest import quick_quantize_config
 
 # What a user without kubetrain runs: torch (+ torchao for its ops) and quant.json.
 FRESH_LOADER = """
@@ -39,19 +37,6 @@ print(",".join(map(str, pred)))
 """
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, digits_dir):
-    cfg = load_config(overrides=["train.nproc=1", "train.epochs=4"])
-    data = load_dataset(digits_dir)
-    out = tmp_path_factory.mktemp("model")
-    save_model(fit(cfg, data, DistContext()), cfg, data, out)
-    return out
-
-
-def _qcfg(**kw) -> QuantizeConfig:
-    return QuantizeConfig(latency_repeats=5, qat_epochs=1, **kw)
-
-
 @pytest.mark.parametrize(
     "method,backend",
     [
@@ -72,7 +57,9 @@ def test_every_method_round_trips_in_a_fresh_process_without_kubetrain(
         model_dir,
         digits_dir,
         out,
-        _qcfg(method=method, dynamic_backend=backend, max_accuracy_drop=0.02, qat_on_drop=False),
+        quick_quantize_config(
+            method=method, dynamic_backend=backend, max_accuracy_drop=0.02, qat_on_drop=False
+        ),
     )
     assert info["method"] == method
     if method != "none":

@@ -10,30 +10,18 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kubetrain.config import QuantizeConfig, load_config
+from kubetrain.config import QuantizeConfig
 from kubetrain.data import load_dataset
 from kubetrain.errors import KubetrainError
 from kubetrain.evaluate.measure import predict
 from kubetrain.quantize import load_model, load_quantized, quantize_artifact, select
-from kubetrain.train.distributed import DistContext
-from kubetrain.train.loop import fit, save_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, digits_dir):
-    cfg = load_config(overrides=["train.nproc=1", "train.epochs=4"])
-    data = load_dataset(digits_dir)
-    out = tmp_path_factory.mktemp("model")
-    save_model(fit(cfg, data, DistContext()), cfg, data, out)
-    return out
-
-
-def _qcfg(**kw) -> QuantizeConfig:
-    return QuantizeConfig(latency_repeats=5, qat_epochs=1, **kw)
+from tests.conftest import quick_quantize_config
 
 
 def test_auto_keeps_the_fastest_within_budget_and_records_why(tmp_path, model_dir, digits_dir):
-    qcfg = _qcfg(auto_candidates=["weight_only_int8/torchao", "dynamic_int8/fbgemm"])
+    qcfg = quick_quantize_config(
+        auto_candidates=["weight_only_int8/torchao", "dynamic_int8/fbgemm"]
+    )
     info = quantize_artifact(model_dir, digits_dir, tmp_path, qcfg)
     saved = json.loads((tmp_path / "quant.json").read_text())
     assert saved["name"] == info["name"] and saved["gate_passed"] is True
@@ -70,14 +58,19 @@ BAD_STATIC = {"method": "static_int8", "max_accuracy_drop": 0.005}
 
 def test_gate_fails_with_the_numbers(tmp_path, outlier_dir, digits_dir):
     with pytest.raises(KubetrainError, match=r"no int8 candidate within the accuracy budget") as e:
-        quantize_artifact(outlier_dir, digits_dir, tmp_path, _qcfg(**BAD_STATIC, qat_on_drop=False))
+        quantize_artifact(
+            outlier_dir,
+            digits_dir,
+            tmp_path,
+            quick_quantize_config(**BAD_STATIC, qat_on_drop=False),
+        )
     assert "static_int8/x86_inductor (over budget: drop +0." in str(e.value)
     assert "fp32 validation accuracy 0." in str(e.value)
     assert not (tmp_path / "quant.json").exists()  # nothing half-written
 
 
 def test_gate_can_keep_fp32(tmp_path, outlier_dir, digits_dir):
-    qcfg = _qcfg(**BAD_STATIC, qat_on_drop=False, on_drop="keep_fp32")
+    qcfg = quick_quantize_config(**BAD_STATIC, qat_on_drop=False, on_drop="keep_fp32")
     info = quantize_artifact(outlier_dir, digits_dir, tmp_path, qcfg)
     assert info["method"] == "none" and info["gate_passed"] is False
     assert "keeping fp32" in info["decision"]
@@ -88,7 +81,7 @@ def test_gate_can_keep_fp32(tmp_path, outlier_dir, digits_dir):
 
 
 def test_gate_tries_qat_when_post_training_int8_loses_too_much(tmp_path, outlier_dir, digits_dir):
-    qcfg = _qcfg(**BAD_STATIC, on_drop="keep_fp32")
+    qcfg = quick_quantize_config(**BAD_STATIC, on_drop="keep_fp32")
     info = quantize_artifact(outlier_dir, digits_dir, tmp_path, qcfg)
     static, qat = info["candidates"]
     assert static["name"] == "static_int8/x86_inductor" and static["accuracy_drop"] > 0.5
@@ -104,7 +97,7 @@ def test_gate_tries_qat_when_post_training_int8_loses_too_much(tmp_path, outlier
 def test_qat_activation_ranges(tmp_path, outlier_dir, digits_dir, mode, drop_from, drop_to):
     """The outlier channels (1000x) take a min-max range, leaving the other channels a level or
     two: fine-tuning does not get that back. The range search clips them (they matter little)."""
-    qcfg = _qcfg(method="qat_int8", qat_activation_ranges=mode, on_drop="keep_fp32")
+    qcfg = quick_quantize_config(method="qat_int8", qat_activation_ranges=mode, on_drop="keep_fp32")
     info = quantize_artifact(outlier_dir, digits_dir, tmp_path, qcfg)
     qat = info["candidates"][0]
     assert drop_from <= qat["accuracy_drop"] <= drop_to
