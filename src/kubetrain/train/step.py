@@ -93,20 +93,17 @@ def optimizer_step(trainer: Trainer, losses: list[torch.Tensor]) -> None:
 
 
 def _check_finite(trainer: Trainer, losses: list[torch.Tensor], norm: torch.Tensor | None) -> None:
-    if trainer.scaling:
-        # fp16: infinite gradients are the scaler's to handle (it skips the step and lowers
-        # its scale); the loss itself decides, agreed over ranks.
-        local_loss = torch.stack(losses).sum()
-        bad = any_rank(not bool(torch.isfinite(local_loss)), trainer.ctx)
+    grad = trainer.loss_nearest_parameter.grad
+    if trainer.scaling or (norm is None and grad is None):
+        # The loss decides, agreed over ranks: under fp16 infinite gradients are the scaler's to
+        # handle (it skips the step and lowers its scale); and a model whose last parameter the
+        # loss does not reach (a user's model, a frozen or unused head) has no gradient to read
+        # there (the model is the same on every rank, so every rank takes this branch alike).
+        bad = any_rank(not bool(torch.isfinite(torch.stack(losses).sum())), trainer.ctx)
     elif norm is not None:  # clipping computed the norm of every gradient anyway
         bad = not bool(torch.isfinite(norm))
-    elif (grad := trainer.loss_nearest_parameter.grad) is not None:
-        bad = not bool(torch.isfinite(grad).all())
     else:
-        # A model whose last parameter the loss does not reach (a user's model, a frozen or
-        # unused head): the loss decides, agreed over ranks. The model is the same on every
-        # rank, so every rank takes this branch alike.
-        bad = any_rank(not bool(torch.isfinite(torch.stack(losses).sum())), trainer.ctx)
+        bad = not bool(torch.isfinite(grad).all())
     if bad:
         raise NonFiniteLoss(diverged_message(trainer, losses))
 
