@@ -207,10 +207,8 @@ def run_local(
         raise KubetrainError(f"runner {runner!r}: expected one of {', '.join(RUNNERS)}")
     preflight(cfg)
     run_dir = prepare_run_dir(output)
-    for result_file in (
-        artifacts.RUN_METRICS,
-        artifacts.RUN_REPORT,
-    ):  # a failed re-run leaves no old result
+    # A failed re-run leaves no old result behind.
+    for result_file in (artifacts.RUN_METRICS, artifacts.RUN_REPORT):
         (run_dir / result_file).unlink(missing_ok=True)
     task, started = _run_pipeline(cfg, run_dir, cache, runner, verbose, out or sys.stdout)
     seconds = time.perf_counter() - started
@@ -223,11 +221,12 @@ def run_local(
         if found is None:
             raise KubetrainError(f"pipeline ran but wrote no evaluation under {run_dir / 'kfp'}")
         evaluation = found
-        promoted = bool(read_json(evaluation / artifacts.EVAL_METRICS)["promoted"])
+        metrics = read_json(evaluation / artifacts.EVAL_METRICS)
+        promoted = bool(metrics["promoted"])
     else:
         evaluation = Path(task.outputs["evaluation"].path)
+        metrics = read_json(evaluation / artifacts.EVAL_METRICS)
         promoted = bool(task.outputs["promoted"])
-    metrics = read_json(evaluation / artifacts.EVAL_METRICS)
     metrics["promoted"] = promoted
     metrics["pipeline_seconds"] = seconds
     write_json(run_dir / artifacts.RUN_METRICS, metrics)
