@@ -79,6 +79,18 @@ class DatasetArtifact:
         return self.meta["version"]
 
     @property
+    def kind(self) -> str:
+        """``tabular`` (arrays in ``data.npz``) or a streamed kind (``images``, the text tasks:
+        shards beside ``meta.json``, or at ``meta["root"]``); see ``kubetrain.workloads``."""
+        return self.meta.get("kind", "tabular")
+
+    @property
+    def root(self) -> str:
+        """Where a streamed kind's shards are: ``meta["root"]`` (e.g. an ``s3://`` URI the
+        shards were published to) or the artifact's own directory."""
+        return self.meta.get("root") or str(self.path)
+
+    @property
     def classes(self) -> list[str]:
         return self.meta["classes"]
 
@@ -95,7 +107,9 @@ class DatasetArtifact:
         return len(self.input_shape) == 3
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(x, y)`` of split ``name`` (train, val or test)."""
+        """``(x, y)`` of split ``name`` (train, val or test); tabular datasets only."""
+        if self.kind != "tabular":
+            raise DataError(f"data error: {self.path}: a {self.kind} dataset has no arrays")
         return self.arrays[f"x_{name}"], self.arrays[f"y_{name}"]
 
     def save(self, directory: str | Path) -> None:
@@ -114,8 +128,17 @@ class DatasetArtifact:
 
     @staticmethod
     def is_complete(directory: str | Path) -> bool:
+        """``meta.json`` is written last: a streamed kind is complete with it; a tabular one
+        needs its arrays too."""
         path = Path(directory)
-        return (path / DATASET_META).is_file() and (path / DATASET_ARRAYS).is_file()
+        if not (path / DATASET_META).is_file():
+            return False
+        if (path / DATASET_ARRAYS).is_file():
+            return True
+        try:
+            return read_json(path / DATASET_META).get("kind", "tabular") != "tabular"
+        except (ValueError, AttributeError):
+            return False
 
     @classmethod
     def read_meta(cls, directory: str | Path) -> dict[str, Any]:
@@ -141,6 +164,8 @@ class DatasetArtifact:
 
         path = Path(directory)
         meta = cls.read_meta(path)
+        if meta.get("kind", "tabular") != "tabular":
+            return cls(path=path, meta=meta, arrays={})
         import zipfile
 
         try:
@@ -327,11 +352,16 @@ class QuantizedModel:
 # -- evaluation ---------------------------------------------------------------------------------
 @dataclass
 class ModelScores:
-    """One model on the test split."""
+    """One model on the test split: the workload's ``kubetrain.workloads.base.Scores``."""
 
     accuracy: float
     per_class_accuracy: dict[str, float]
     confusion_matrix: list[list[int]]
+    # The workload's other metrics (top-5 accuracy, macro-F1, BLEU, ...), by name.
+    extra: dict[str, Any] = field(default_factory=dict)
+    # A few predictions beside their references, for the report.
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    samples_per_second: float | None = None
 
 
 @dataclass

@@ -52,9 +52,9 @@ def check_supported(cfg: PipelineConfig) -> None:
 def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     """Source -> versioned dataset artifact (``kubetrain.artifacts.DatasetArtifact``)."""
     check_supported(cfg)
-    from kubetrain.data import build_dataset
+    from kubetrain.workloads import build_dataset
 
-    meta = build_dataset(cfg.data, out_dir).meta
+    meta = build_dataset(cfg.data, out_dir)
     log.info("dataset %s: %s samples from %s", meta["version"], meta["sizes"], meta["source"])
     return meta
 

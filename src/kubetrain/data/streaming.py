@@ -203,6 +203,12 @@ class StreamingDataset(IterableDataset):
         """Batches this rank yields in the current epoch (from its start)."""
         return sum(self._worker_batches(self.plan(), self.rank))
 
+    def min_batches(self) -> int:
+        """The smallest per-rank batch count of the current epoch: the same on every rank (a
+        training loop that drops each rank's batches beyond it takes equal steps everywhere)."""
+        plan = self.plan()
+        return min(sum(self._worker_batches(plan, r)) for r in range(self.world_size))
+
     def max_batches(self) -> int:
         """The largest per-rank batch count of the current epoch: the same on every rank."""
         plan = self.plan()

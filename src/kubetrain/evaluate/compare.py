@@ -20,28 +20,37 @@ from kubetrain.artifacts import (
 )
 from kubetrain.evaluate import measure
 from kubetrain.evaluate.config import EvaluateConfig
+from kubetrain.workloads.base import Workload
 
 
-def score(model: nn.Module, data: DatasetArtifact) -> ModelScores:
-    """Accuracy, per-class accuracy and confusion matrix of ``model`` on the test split."""
-    x_test, y_test = data.split("test")
-    result = measure.classification(
-        y_test, measure.predict(model, x_test, data.input_shape), data.classes
+_SCORE_FIELDS = ("accuracy", "per_class_accuracy", "confusion_matrix")
+
+
+def score(model: nn.Module, workload: Workload) -> ModelScores:
+    """The workload's scores of ``model`` on the test split: accuracy, per-class accuracy and
+    confusion matrix, and the workload's other metrics and examples."""
+    scores = workload.score(model, "test")
+    values = scores.values
+    return ModelScores(
+        **{k: values.get(k) for k in _SCORE_FIELDS},
+        extra={k: v for k, v in values.items() if k not in _SCORE_FIELDS},
+        examples=scores.examples,
+        samples_per_second=scores.samples / scores.seconds if scores.seconds else None,
     )
-    return ModelScores(**result)
 
 
 def latencies(
-    fp32: nn.Module, int8: nn.Module, data: DatasetArtifact, cfg: EvaluateConfig
+    fp32: nn.Module, int8: nn.Module, workload: Workload, cfg: EvaluateConfig
 ) -> list[Latency]:
     """Median latency of both models at each of ``cfg.latency_batch_sizes``, timed in turns so
     that load from other processes hits both alike."""
-    x_test, _ = data.split("test")
+    x_test, _ = workload.examples("test", max(cfg.latency_batch_sizes))
     out = []
     for batch in cfg.latency_batch_sizes:
         lat = measure.compare_latency(
-            {"fp32": fp32, "int8": int8}, x_test, data.input_shape, batch, cfg.latency_repeats
-        )
+            {"fp32": fp32, "int8": int8}, x_test.numpy(), workload.data.input_shape, batch,
+            cfg.latency_repeats,
+        )  # fmt: skip
         out.append(Latency(batch, lat["fp32"]["median"], lat["int8"]["median"]))
     return out
 
@@ -86,13 +95,16 @@ def evaluate(
 
     from kubetrain.quantize.driver import load_model, load_quantized
 
+    from kubetrain.workloads import workload_for_model
+
     trained = TrainedModel.load(model_dir)
     quantized = QuantizedModel.load(quantized_dir)
     fp32, int8 = load_model(model_dir), load_quantized(quantized_dir)
+    workload = workload_for_model(data.path, model_dir)
     return Evaluation(
-        fp32=score(fp32, data),
-        int8=score(int8, data),
-        latency=latencies(fp32, int8, data, cfg),
+        fp32=score(fp32, workload),
+        int8=score(int8, workload),
+        latency=latencies(fp32, int8, workload, cfg),
         latency_threads=torch.get_num_threads(),
         sizes=sizes(quantized, Path(model_dir)),
         train=TrainEfficiency.from_summary(trained.summary),
@@ -101,6 +113,6 @@ def evaluate(
         history=trained.history,
         classes=data.classes,
         dataset_version=data.version,
-        test_samples=len(data.split("test")[1]),
+        test_samples=data.meta["sizes"]["test"],
         min_accuracy=min_accuracy,
     )

@@ -48,7 +48,7 @@ def compare_latency(
     model ``repeats // rounds`` times in turn, so load from other processes hits all alike.
     Returns median/min/max ms of one forward pass per model."""
     reps = -(-batch // len(x))
-    xb = torch.from_numpy(np.tile(x, (reps, 1))[:batch]).view(-1, *input_shape)
+    xb = torch.from_numpy(np.concatenate([x] * reps)[:batch]).view(-1, *input_shape)
     per_round = max(1, repeats // rounds)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():  # not inference_mode: inductor freezing fails under it

@@ -87,6 +87,12 @@ class QuantizeConfig(Section):
         "that an outlier channel that matters little does not cost every other channel its "
         "resolution); minmax: moving-average min-max observers, never clipping.",
     )
+    qat_samples: int = Field(
+        8192,
+        ge=64,
+        description="Training samples that calibration and QAT draw from: all of a smaller "
+        "training split, else a seeded random subset (decoded into memory: mind the image size).",
+    )
     qat_lr: float = Field(1e-4, gt=0, description="Learning rate of the QAT fine-tuning (Adam).")
     qat_batch_size: int = Field(64, ge=1, description="Batch size of the QAT fine-tuning.")
     latency_repeats: int = Field(

@@ -16,7 +16,6 @@ from torch import nn
 from kubetrain.artifacts import (
     MODEL_WEIGHTS,
     QUANT_INFO,
-    DatasetArtifact,
     QuantizedModel,
     TrainedModel,
 )
@@ -24,6 +23,7 @@ from kubetrain.errors import KubetrainError
 from kubetrain.models.networks import build_from_spec
 from kubetrain.quantize import artifact, select
 from kubetrain.quantize.config import QAT, QuantizeConfig
+from kubetrain.workloads.base import Workload
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,6 @@ def load_model(model_dir: str | Path) -> nn.Module:
 def load_quantized(qdir: str | Path) -> nn.Module:
     """The runnable model of a quantized artifact (needs torch, and torchao for its ops)."""
     return artifact.load_artifact(Path(qdir))[0]
-
-
-def _accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, input_shape: list[int]) -> float:
-    from kubetrain.evaluate.measure import predict
-
-    return float((predict(model, x, input_shape) == y).mean())
 
 
 def quantize_artifact(
@@ -69,35 +63,41 @@ class _Reference:
     """The fp32 model and what each candidate is built from and measured against."""
 
     model: nn.Module
-    data: DatasetArtifact
+    workload: Workload
+    x_train: np.ndarray  # the training samples calibration and QAT use (qcfg.qat_samples)
+    y_train: np.ndarray
     qcfg: QuantizeConfig
     work: Path  # candidates are built here
-    accuracy: float  # fp32 validation accuracy
+    accuracy: float  # fp32 validation score (the workload's primary metric)
     info: dict[str, Any]  # the fp32 model exported like a candidate: size, file, latency
 
     @property
     def shape(self) -> list[int]:
-        return self.data.input_shape
+        return self.workload.data.input_shape
+
+    def val_score(self, model: nn.Module) -> float:
+        return self.workload.score(model, "val").value
 
 
 def _reference(
     model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig
 ) -> _Reference:
-    from kubetrain.data import load_dataset
     from kubetrain.quantize import methods
+    from kubetrain.workloads import workload_for_model
 
     model = load_model(model_dir)
-    data = load_dataset(dataset_dir)
-    x_train, _ = data.split("train")
+    workload = workload_for_model(dataset_dir, model_dir)
+    x_train, y_train = workload.examples("train", qcfg.qat_samples, seed=qcfg.seed)
     work = out_dir / "candidates"
-    example = torch.from_numpy(x_train[:64]).view(-1, *data.input_shape)
     return _Reference(
         model=model,
-        data=data,
+        workload=workload,
+        x_train=x_train.numpy(),
+        y_train=y_train.numpy(),
         qcfg=qcfg,
         work=work,
-        accuracy=_accuracy(model, *data.split("val"), data.input_shape),
-        info=methods.fp32_program(model, example, work / "none_fp32"),
+        accuracy=workload.score(model, "val").value,
+        info=methods.fp32_program(model, x_train[:64], work / "none_fp32"),
     )
 
 
@@ -121,11 +121,10 @@ def _attempt(ref: _Reference, name: str) -> tuple[dict[str, Any], nn.Module | No
     from kubetrain.quantize import methods
 
     cdir = ref.work / name.replace("/", "_")
-    x_train, y_train = ref.data.split("train")
     try:
-        info = methods.build(name, ref.model, x_train, y_train, ref.shape, ref.qcfg, cdir)
+        info = methods.build(name, ref.model, ref.x_train, ref.y_train, ref.shape, ref.qcfg, cdir)
         runnable, _ = artifact.load_artifact(cdir)  # measure what was saved
-        info["val_accuracy"] = _accuracy(runnable, *ref.data.split("val"), ref.shape)
+        info["val_accuracy"] = ref.val_score(runnable)
     except Exception as err:
         if ref.qcfg.method != "auto":
             raise KubetrainError(f"quantize: {name} failed: {type(err).__name__}: {err}") from err
@@ -165,9 +164,9 @@ def _measure_latency(ref: _Reference, tried: list[tuple[dict, nn.Module | None]]
         return
     fp32_name = "none/fp32"
     runs = {fp32_name: ref.model, **built}
-    x_val, _ = ref.data.split("val")
+    x_val, _ = ref.workload.examples("val", 64, seed=ref.qcfg.seed)
     for batch in (1, 64):
-        lat = compare_latency(runs, x_val, ref.shape, batch, ref.qcfg.latency_repeats)
+        lat = compare_latency(runs, x_val.numpy(), ref.shape, batch, ref.qcfg.latency_repeats)
         for c, _ in tried:
             if c["name"] in lat:
                 c[f"latency_ms_b{batch}"] = lat[c["name"]]["median"]

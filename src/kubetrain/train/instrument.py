@@ -82,16 +82,18 @@ class ResourceMonitor:
         return out
 
 
-def flops_per_sample(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> float:
-    """FLOPs of forward + backward per sample, counted by ``torch.utils.flop_counter``."""
+def flops_per_sample(model: nn.Module, batch, loss_fn, samples: int) -> float:
+    """FLOPs of forward + backward per sample of ``batch`` (``(inputs, target)``, ``samples``
+    of them) under ``loss_fn(output, target)``, counted by ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    inputs, target = batch
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = nn.functional.cross_entropy(model(xb), yb)
+        loss = loss_fn(model(*inputs), target)
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / max(1, len(yb))
+    return counter.get_total_flops() / max(1, samples)
 
 
 @functools.cache

@@ -30,11 +30,11 @@ from torch import nn
 from kubetrain.artifacts import DatasetArtifact, TrainedModel
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError
-from kubetrain.models.networks import model_spec
 from kubetrain.train import checkpoint, metrics
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.step import batch_generator, train_step
+from kubetrain.workloads import open_workload
 from kubetrain.train.trainer import (
     EpochStats,
     NonFiniteLoss,
@@ -45,7 +45,7 @@ from kubetrain.train.trainer import (
 
 __all__ = [
     "EpochCallback", "EpochStats", "FitResult", "NonFiniteLoss", "Stopped", "Trainer",
-    "evaluate_split", "fit", "resolve_precision", "resume_key", "save_model",
+    "fit", "resolve_precision", "resume_key", "save_model",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -65,23 +65,6 @@ class FitResult:
     model: nn.Module
     history: list[EpochStats]
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-def evaluate_split(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, input_shape: list[int], device: torch.device
-) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on one split, in eval mode."""
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(y), 1024):
-            xb = torch.from_numpy(x[start : start + 1024]).view(-1, *input_shape).to(device)
-            yb = torch.from_numpy(y[start : start + 1024]).to(device)
-            logits = model(xb).float()
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-            correct += (logits.argmax(1) == yb).sum().item()
-    model.train()
-    return loss_sum / len(y), correct / len(y)
 
 
 def fit(
@@ -115,7 +98,7 @@ def fit(
             f"config error: train.nnodes*train.nproc = {tc.world_size} but this job has "
             f"{ctx.world_size} processes"
         )
-    n_train = len(data.split("train")[1])
+    n_train = data.meta["sizes"]["train"]
     if n_train < tc.batch_size:
         raise ConfigError(
             f"config error: train.batch_size {tc.batch_size} exceeds the {n_train} training samples"
@@ -133,14 +116,11 @@ def fit(
 
 
 def _fit(trainer: Trainer, on_epoch: EpochCallback | None) -> FitResult:
-    tc, ctx, data = trainer.tc, trainer.ctx, trainer.data
-    x_val, y_val = data.split("val")
+    tc, ctx = trainer.tc, trainer.ctx
     started = time.perf_counter()
     while trainer.epoch < tc.epochs:
         stats = _train_epoch(trainer)
-        val_loss, val_acc = evaluate_split(
-            trainer.model, x_val, y_val, data.input_shape, ctx.device
-        )
+        val_loss, val_acc = trainer.workload.validate(trainer.model, ctx)
         stats.val_loss, stats.val_accuracy = val_loss, val_acc
         trainer.history.append(stats)
         if ctx.is_main:
@@ -180,8 +160,7 @@ def _train_epoch(trainer: Trainer) -> EpochStats:
     """The rest of the current epoch (from ``step_in_epoch``, after a resume), checkpointing on
     the configured cadence; returns its stats (validation left to the caller)."""
     tc = trainer.tc
-    trainer.sampler.set_epoch(trainer.epoch)
-    trainer.sampler.start_step = trainer.step_in_epoch
+    trainer.batches.set_epoch(trainer.epoch, trainer.step_in_epoch)
     trainer.net.train()
     meter = EpochMeter(trainer)
     batches = batch_generator(trainer, meter)
@@ -191,8 +170,8 @@ def _train_epoch(trainer: Trainer) -> EpochStats:
         and sys.stderr.isatty()
         and os.environ.get("KUBETRAIN_PROGRESS", "1") != "0"
     )
-    with _progress(trainer.sampler.steps, trainer.step_in_epoch, trainer.epoch + 1, show) as bar:
-        while trainer.step_in_epoch < trainer.sampler.steps:
+    with _progress(trainer.batches.steps, trainer.step_in_epoch, trainer.epoch + 1, show) as bar:
+        while trainer.step_in_epoch < trainer.batches.steps:
             step_started = time.perf_counter()
             train_step(trainer, batches, meter)
             if tc.compile and trainer.compile_seconds is None:
@@ -219,12 +198,13 @@ def save_model(
     """Write the model artifact (``kubetrain.artifacts.TrainedModel``) to ``out_dir``: the
     weights, how to rebuild the network (with the dataset's classes and normalisation), the
     history and the summary."""
-    spec = model_spec(cfg.model, data.input_shape, data.num_classes)
+    spec = open_workload(cfg, data).model_spec(cfg.model)
     spec.update(
         {
             "dataset_version": data.meta["version"],
-            "classes": data.meta["classes"],
-            "normalization": data.meta["normalization"],
+            "classes": data.meta.get("classes"),
+            "data_config": cfg.data.model_dump(mode="json"),
+            "normalization": data.meta.get("normalization"),
             "train": cfg.train.model_dump(mode="json"),
         }
     )

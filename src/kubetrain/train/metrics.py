@@ -30,6 +30,7 @@ class EpochMeter:
         # Micro-batch losses stay on the device, summed once per epoch/checkpoint (no per-step
         # sync; a list append is cheaper than an in-place add on a small model's step).
         self.losses: list[torch.Tensor] = []
+        self.sizes: list[int] = []  # samples of each micro-batch loss
         self._since = time.perf_counter()
 
     def flush(self, trainer: Trainer) -> None:
@@ -37,10 +38,11 @@ class EpochMeter:
         checkpoint saves), and start counting afresh."""
         partial = trainer.partial
         if self.losses:
-            micro = trainer.sampler.micro
-            partial["loss_sum"] += float(torch.stack(self.losses).double().sum()) * micro
-            partial["count"] += len(self.losses) * micro
+            sizes = torch.tensor(self.sizes, dtype=torch.float64)
+            partial["loss_sum"] += float(torch.stack(self.losses).double().cpu() @ sizes)
+            partial["count"] += int(sizes.sum())
             self.losses.clear()
+            self.sizes.clear()
         now = time.perf_counter()
         partial["seconds"] += now - self._since
         self._since = now
@@ -58,7 +60,7 @@ class EpochMeter:
         loss_total, samples = all_reduce_sum([partial["loss_sum"], partial["count"]], ctx)
         resources = trainer.monitor.sample()
         per_rank = gather_objects(resources, ctx)
-        steps = max(1, trainer.sampler.steps)
+        steps = max(1, trainer.batches.steps)
         stats = EpochStats(
             epoch=trainer.epoch + 1,
             train_loss=loss_total / max(samples, 1),
@@ -89,7 +91,7 @@ def summary(trainer: Trainer, wall: float) -> dict[str, Any]:
     """The run's totals (metrics.json of the model artifact); a collective (``ranks_agree``)."""
     history, tc = trainer.history, trainer.tc
     train_seconds = sum(s.epoch_seconds for s in history)
-    steps = trainer.sampler.steps * tc.epochs
+    steps = trainer.batches.steps * tc.epochs
     mfus = [s.mfu for s in history if s.mfu is not None]
     return {
         "world_size": trainer.ctx.world_size,

@@ -20,50 +20,47 @@ import time
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from kubetrain.train import instrument
 from kubetrain.train.distributed import any_rank
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.trainer import NonFiniteLoss, Trainer, diverged_message
+from kubetrain.workloads.base import Batch
 
 
-def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[tuple[torch.Tensor, ...]]:
+def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[Batch]:
     """This rank's micro-batches for the rest of the epoch, on the training device.
 
     The time spent waiting for each goes to ``meter.data_seconds``.
     """
     device = trainer.ctx.device
-    to_device = device.type != "cpu"
-    batches = iter(trainer.loader)
+    workload = trainer.workload
+    batches = iter(trainer.batches)
     while True:
         started = time.perf_counter()
         try:
-            xb, yb = next(batches)
+            batch = next(batches)
         except StopIteration:
             return
-        if to_device:
-            xb = xb.to(device, non_blocking=True)
-            yb = yb.to(device, non_blocking=True)
+        batch = workload.to_device(batch, device)
         meter.data_seconds += time.perf_counter() - started
-        yield xb, yb
+        yield batch
 
 
-def forward_backward_step(
-    trainer: Trainer, xb: torch.Tensor, yb: torch.Tensor, sync_gradients: bool
-) -> torch.Tensor:
+def forward_backward_step(trainer: Trainer, batch: Batch, sync_gradients: bool) -> torch.Tensor:
     """Forward and backward of one micro-batch; gradients accumulate in the parameters.
 
     ``sync_gradients``: False skips DDP's all-reduce (``no_sync``) on all but the last
     micro-batch of a step. Returns the micro-batch's mean loss, detached, on the device.
     """
     accum = trainer.tc.grad_accum_steps
+    inputs, target = batch
     if trainer.plain:  # one process, fp32: nothing to wrap the step in
-        loss = F.cross_entropy(trainer.net(xb), yb)
+        loss = trainer.workload.loss(trainer.net(*inputs), target)
     else:
         skip_sync = trainer.ctx.distributed and not sync_gradients
         with trainer.net.no_sync() if skip_sync else contextlib.nullcontext(), trainer.autocast():
-            loss = F.cross_entropy(trainer.net(xb).float(), yb)
+            loss = trainer.workload.loss(trainer.net(*inputs).float(), target)
     scaled = loss / accum if accum > 1 else loss
     (trainer.scaler.scale(scaled) if trainer.scaling else scaled).backward()
     return loss.detach()
@@ -108,7 +105,7 @@ def _check_finite(trainer: Trainer, losses: list[torch.Tensor], norm: torch.Tens
         raise NonFiniteLoss(diverged_message(trainer, losses))
 
 
-def train_step(trainer: Trainer, batches: Iterator[tuple[torch.Tensor, ...]], meter: EpochMeter):
+def train_step(trainer: Trainer, batches: Iterator[Batch], meter: EpochMeter):
     """One optimizer step over ``train.grad_accum_steps`` micro-batches from ``batches``.
 
     Times go to ``meter`` (forward/backward, optimizer), the detached losses to
@@ -117,14 +114,18 @@ def train_step(trainer: Trainer, batches: Iterator[tuple[torch.Tensor, ...]], me
     accum = trainer.tc.grad_accum_steps
     no_sync = trainer.tc.no_sync
     losses = []
+    workload = trainer.workload
     for micro in range(accum):
-        xb, yb = next(batches)
+        batch = next(batches)
         if trainer.flops_per_sample is None:
             with torch.random.fork_rng(devices=[]):  # leaves the RNG stream untouched
-                trainer.flops_per_sample = instrument.flops_per_sample(trainer.model, xb, yb)
+                trainer.flops_per_sample = instrument.flops_per_sample(
+                    trainer.model, batch, workload.loss, workload.batch_samples(batch)
+                )
         started = time.perf_counter()
         sync = not no_sync or micro == accum - 1
-        losses.append(forward_backward_step(trainer, xb, yb, sync_gradients=sync))
+        losses.append(forward_backward_step(trainer, batch, sync_gradients=sync))
+        meter.sizes.append(workload.batch_samples(batch))
         meter.compute_seconds += time.perf_counter() - started
     started = time.perf_counter()
     optimizer_step(trainer, losses)

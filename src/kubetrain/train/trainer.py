@@ -21,13 +21,12 @@ import torch
 from torch import nn
 
 from kubetrain.artifacts import DatasetArtifact
-from kubetrain.data.loader import ArrayDataset, GlobalBatchSampler, make_train_loader
 from kubetrain.errors import ConfigError, KubetrainError
-from kubetrain.models.networks import build_model
 from kubetrain.train import checkpoint, instrument
 from kubetrain.train.config import TrainConfig
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.optim import build_optimizer, build_scheduler
+from kubetrain.workloads import open_workload
 
 if TYPE_CHECKING:
     from kubetrain.config import PipelineConfig
@@ -138,10 +137,12 @@ class Trainer:
         if ctx.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere+
             torch.backends.cudnn.allow_tf32 = True
+        self.workload = open_workload(cfg, data)
         self._build_model()
-        self._build_loader()
+        # This rank's share of every global batch of the training split.
+        self.batches = self.workload.train_batches(tc, ctx)
         self.optimizer = build_optimizer(self.net.parameters(), tc)
-        self.scheduler = build_scheduler(self.optimizer, tc, self.sampler.steps)
+        self.scheduler = build_scheduler(self.optimizer, tc, self.batches.steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
         self.scaling = self.scaler.is_enabled()
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -170,8 +171,7 @@ class Trainer:
         in DDP over several processes, with a counting comm hook, and compiled if asked."""
         cfg, ctx, tc = self.cfg, self.ctx, self.tc
         torch.manual_seed(tc.seed)  # same initial weights on every rank
-        shape, classes = self.data.input_shape, self.data.num_classes
-        self.model = build_model(cfg.model, shape, classes).to(ctx.device)
+        self.model = self.workload.prepare_model(self.workload.build_model(cfg.model), ctx.device)
         self.net: nn.Module = self.model
         self.comm = instrument.CommStats()
         if ctx.distributed:
@@ -183,24 +183,6 @@ class Trainer:
         self.compile_seconds: float | None = None
         if tc.compile:
             self.net = torch.compile(self.net)
-
-    def _build_loader(self) -> None:
-        """This rank's share of every global batch of the training split (``loader``)."""
-        cfg, ctx, tc, data = self.cfg, self.ctx, self.tc, self.data
-        x_train, y_train = data.split("train")
-        augment = None
-        if cfg.data.augment and data.is_image:
-            augment = {"shift": cfg.data.augment_shift, "noise": cfg.data.augment_noise}
-        self.dataset = ArrayDataset(
-            x_train, y_train, data.input_shape, augment=augment, seed=tc.seed
-        )
-        self.sampler = GlobalBatchSampler(
-            len(self.dataset), tc.batch_size, ctx.world_size, ctx.rank, tc.grad_accum_steps,
-            tc.seed,
-        )  # fmt: skip
-        self.loader = make_train_loader(
-            self.dataset, self.sampler, cfg.data.num_workers, cfg.data.prefetch
-        )
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward pass's autocast context (none in fp32)."""

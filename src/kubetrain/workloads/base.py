@@ -1,0 +1,141 @@
+"""What differs between kinds of data, behind one interface the steps call.
+
+A *workload* is one kind of dataset artifact and what the steps do with it: how preprocess
+builds it, how its training batches are produced (per rank, resumable), how the model is built
+for it and rebuilt later, what the loss is, how a model is scored on a split, and which inputs
+quantize calibrates and times with. The trainer, the quantize driver and the evaluation call
+these; they never ask which kind of data they have.
+
+Kinds (``DatasetArtifact.kind``): ``tabular`` (features in memory: ``kubetrain.workloads
+.tabular``), ``images`` (sharded images streamed from disk or object storage), and the text
+tasks ``text_classification`` and ``seq2seq`` (token shards).
+
+A training batch is ``(inputs, target)``: ``inputs`` a tuple of tensors passed to the model as
+positional arguments, ``target`` class ids (N,), soft labels (N, C) or token ids (N, T).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from kubetrain.artifacts import DatasetArtifact
+    from kubetrain.config import PipelineConfig
+    from kubetrain.models.config import ModelConfig
+    from kubetrain.train.config import TrainConfig
+    from kubetrain.train.distributed import DistContext
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+
+
+class TrainBatches(ABC):
+    """One rank's training micro-batches, epoch by epoch.
+
+    ``steps`` is the number of optimizer steps per epoch, the same on every rank (a rank that
+    would have one batch more drops it: DDP needs every rank in every all-reduce).
+    """
+
+    steps: int
+    micro: int  # nominal samples per micro-batch (logs, throughput)
+
+    @abstractmethod
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Produce ``epoch``'s batches from optimizer step ``start_step`` on (a resume)."""
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the epoch: ``(steps - start_step) * grad_accum_steps`` micro-batches."""
+
+
+@dataclass
+class Scores:
+    """A model's results on one split: the primary metric, everything else, and examples.
+
+    ``metric``: the name of the primary metric (``accuracy``, ``bleu``, ...); ``values`` holds
+    it and the rest (top-5, macro-F1, per-class accuracy, confusion matrix ...); ``examples``:
+    a few predictions beside references for the report.
+    """
+
+    metric: str
+    values: dict[str, Any]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def value(self) -> float:
+        return float(self.values[self.metric])
+
+
+class Workload(ABC):
+    """One kind of data through the steps. Built with ``open_workload(cfg, data)``."""
+
+    kind: ClassVar[str]
+    # The primary metric of this kind, and whether higher is better (for the search).
+    metric: ClassVar[str] = "accuracy"
+
+    def __init__(self, cfg: PipelineConfig, data: DatasetArtifact) -> None:
+        self.cfg, self.data = cfg, data
+
+    # -- the model -----------------------------------------------------------------------------
+    def model_spec(self, model: ModelConfig) -> dict[str, Any]:
+        """What ``kubetrain.models.networks.build_from_spec`` needs to rebuild the network in
+        another process (quantize, evaluate, a serving pod)."""
+        from kubetrain.models.networks import model_spec
+
+        return model_spec(model, self.data.input_shape, self.data.num_classes)
+
+    def build_model(self, model: ModelConfig) -> nn.Module:
+        from kubetrain.models.networks import build_model
+
+        return build_model(model, self.data.input_shape, self.data.num_classes)
+
+    def prepare_model(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The model on ``device``, in the layout its batches come in (e.g. channels_last)."""
+        return model.to(device)
+
+    # -- training ----------------------------------------------------------------------------
+    @abstractmethod
+    def train_batches(self, tc: TrainConfig, ctx: DistContext) -> TrainBatches:
+        """This rank's training batches (``tc.batch_size`` is the global batch)."""
+
+    def to_device(self, batch: Batch, device: torch.device) -> Batch:
+        """A batch on the training device (non-blocking: batches come pinned on a GPU)."""
+        if device.type == "cpu":
+            return batch
+        inputs, target = batch
+        return (
+            tuple(t.to(device, non_blocking=True) for t in inputs),
+            target.to(device, non_blocking=True),
+        )
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss of a micro-batch: cross-entropy over classes (soft targets allowed)."""
+        return F.cross_entropy(output, target)
+
+    @staticmethod
+    def batch_samples(batch: Batch) -> int:
+        return len(batch[1])
+
+    @abstractmethod
+    def validate(self, model: nn.Module, ctx: DistContext) -> tuple[float, float]:
+        """(mean loss, primary metric) on the validation split, agreed over ranks (a
+        collective where the split is streamed in parts), in eval mode."""
+
+    # -- quantize and evaluate ---------------------------------------------------------------
+    @abstractmethod
+    def examples(self, split: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to ``n`` model inputs of ``split`` as one tensor, and their class ids, drawn at
+        random (seeded) and prepared as for evaluation: calibration, QAT, export examples and
+        latency batches."""
+
+    @abstractmethod
+    def score(self, model: nn.Module, split: str) -> Scores:
+        """``model`` (fp32 or int8, in eval mode) on the whole of ``split``."""
