@@ -22,7 +22,6 @@ from kubetrain.evaluate import measure
 from kubetrain.evaluate.config import EvaluateConfig
 from kubetrain.workloads.base import Workload
 
-
 _SCORE_FIELDS = ("accuracy", "per_class_accuracy", "confusion_matrix")
 
 
@@ -94,7 +93,6 @@ def evaluate(
     import torch
 
     from kubetrain.quantize.driver import load_model, load_quantized
-
     from kubetrain.workloads import workload_for_model
 
     trained = TrainedModel.load(model_dir)

@@ -22,9 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kubetrain.artifacts import DatasetArtifact, TrainedModel
@@ -34,7 +31,6 @@ from kubetrain.train import checkpoint, metrics
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.step import batch_generator, train_step
-from kubetrain.workloads import open_workload
 from kubetrain.train.trainer import (
     EpochStats,
     NonFiniteLoss,
@@ -42,6 +38,7 @@ from kubetrain.train.trainer import (
     resolve_precision,
     resume_key,
 )
+from kubetrain.workloads import open_workload
 
 __all__ = [
     "EpochCallback", "EpochStats", "FitResult", "NonFiniteLoss", "Stopped", "Trainer",
