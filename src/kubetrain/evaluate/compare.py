@@ -85,6 +85,7 @@ def evaluate(
     quantized_dir: Path,
     search: SearchResult,
     min_value: float | None = None,
+    workload: Workload | None = None,
 ) -> Evaluation:
     """Evaluate the fp32 model in ``model_dir`` against its int8 twin in ``quantized_dir``.
 
@@ -95,6 +96,7 @@ def evaluate(
         quantized_dir: the quantize step's artifact.
         search: the tune step's result (reported, not used).
         min_value: the promotion bar on the primary metric (default: ``cfg.bar(data.kind)``).
+        workload: the workload to score with (default: the model's, ``workload_for_model``).
 
     Returns:
         The evaluation (``to_metrics()`` is metrics.json).
@@ -112,7 +114,7 @@ def evaluate(
     metric = cfg.primary_metric(data.kind)
     trained = TrainedModel.load(model_dir)
     quantized = QuantizedModel.load(quantized_dir)
-    workload = workload_for_model(data.path, model_dir)
+    workload = workload or workload_for_model(data.path, model_dir)
     # The evaluate section (metric, beam size, decode length) is this step's, not training's.
     workload.cfg = workload.cfg.model_copy(update={"evaluate": cfg})
     fp32 = load_model(model_dir, workload)

@@ -73,18 +73,34 @@ def load_quantized(
 
 
 def quantize_artifact(
-    model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path, qcfg: QuantizeConfig
+    model_dir: str | Path,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    qcfg: QuantizeConfig,
+    workload: Workload | None = None,
 ) -> dict[str, Any]:
     """Quantize the model in ``model_dir`` as ``qcfg`` says into ``out_dir``; returns quant.json.
 
-    Raises KubetrainError when no int8 model is within ``max_accuracy_drop`` and
-    ``on_drop`` is ``fail`` (the message has every candidate's numbers).
+    Args:
+        model_dir: the train step's model artifact.
+        dataset_dir: its dataset artifact (calibration: train split; the gate: val split).
+        out_dir: where the quantized artifact is written.
+        qcfg: the quantize section.
+        workload: the workload to read the data and score with (default: the model's,
+            ``workload_for_model``).
+
+    Raises:
+        KubetrainError: no int8 model is within ``max_accuracy_drop`` (on the workload's
+            primary metric) and ``on_drop`` is ``fail`` (the message has every candidate's
+            numbers), or an explicit method failed.
+        ConfigError: the explicit method does not apply to the model (e.g. static_int8 for a
+            text model).
     """
     threads = torch.get_num_threads()
     if qcfg.num_threads:
         torch.set_num_threads(qcfg.num_threads)
     try:
-        return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg)
+        return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, workload)
     finally:
         torch.set_num_threads(threads)
 
@@ -118,12 +134,13 @@ class _Reference:
 
 
 def _reference(
-    model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig
-) -> _Reference:
+    model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig,
+    workload: Workload | None,
+) -> _Reference:  # fmt: skip
     from kubetrain.quantize import methods
     from kubetrain.workloads import workload_for_model
 
-    workload = workload_for_model(dataset_dir, model_dir)
+    workload = workload or workload_for_model(dataset_dir, model_dir)
     model = load_model(model_dir, workload)
     x_train, y_train = workload.examples("train", qcfg.qat_samples, seed=qcfg.seed)
     work = out_dir / "candidates"
@@ -268,7 +285,7 @@ def _decide(ref: _Reference, candidates: list[dict], tried_any: bool) -> tuple[d
     select.verdicts(candidates, chosen, budget)
     if not tried_any:
         return None, "quantize.method none"
-    decision = select.explain(chosen, candidates, budget)
+    decision = select.explain(chosen, candidates, budget, ref.metric)
     if chosen is None:
         if ref.qcfg.on_drop == "fail":
             raise KubetrainError(
@@ -279,9 +296,12 @@ def _decide(ref: _Reference, candidates: list[dict], tried_any: bool) -> tuple[d
     return chosen, decision
 
 
-def _quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig) -> dict:
+def _quantize(
+    model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig,
+    workload: Workload | None,
+) -> dict:  # fmt: skip
     started = time.perf_counter()
-    ref = _reference(model_dir, dataset_dir, out_dir, qcfg)
+    ref = _reference(model_dir, dataset_dir, out_dir, qcfg, workload)
     names = _candidate_names(qcfg, ref.token_inputs)
     tried = _try_candidates(ref, names)
     _measure_latency(ref, tried)
