@@ -224,3 +224,30 @@ def test_an_evaluation_round_trips_through_its_files(tmp_path, kind):
     assert loaded.to_metrics() == json.loads(json.dumps(e.to_metrics()))
     assert loaded.fp32.examples == e.fp32.examples
     assert (loaded.metric, loaded.kind, loaded.promoted) == (e.metric, kind, True)
+
+
+class FakeBleuWorkload:
+    """Stands in for a registered workload class: only its ``metric`` is read."""
+
+    metric = "bleu"
+
+
+@pytest.mark.parametrize(
+    ("objective", "kind", "name"),
+    [
+        ("val_accuracy", "tabular", "val_accuracy"),
+        ("val_accuracy", "fake_seq2seq", "val_bleu"),
+        ("val_loss", "fake_seq2seq", "val_loss"),
+        ("val_accuracy", "not_registered", "val_accuracy"),
+    ],
+    ids=["tabular", "the-workloads-metric", "loss", "unknown-kind"],
+)
+def test_the_search_objective_is_named_after_the_workloads_metric(monkeypatch, objective, kind,
+                                                                  name):  # fmt: skip
+    from kubetrain import workloads
+    from kubetrain.tune.config import TuneConfig
+
+    monkeypatch.setitem(
+        workloads.KINDS, "fake_seq2seq", "tests.unit.test_evaluate_gate:FakeBleuWorkload"
+    )
+    assert TuneConfig(objective_metric=objective).objective_name(kind) == name

@@ -109,7 +109,7 @@ def _efficiency_rows(t: TrainEfficiency) -> list[tuple[str, Any]]:
     return [(k, [round(x, 1) for x in v] if isinstance(v, list) else v) for k, v in rows]
 
 
-def _trials(trials: list[dict], goal: str) -> str:
+def _trials(trials: list[dict], goal: str, objective: str = "objective") -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     colours = {"complete": "tab:blue", "pruned": "tab:orange", "fail": "tab:red"}
     best, best_line = None, []
@@ -129,9 +129,9 @@ def _trials(trials: list[dict], goal: str) -> str:
     unique = dict(zip(labels, handles, strict=False))
     ax1.legend(unique.values(), unique.keys())
     ax1.set_xlabel("trial")
-    ax1.set_ylabel("objective")
+    ax1.set_ylabel(objective)
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("objective per epoch")
+    ax2.set_ylabel(f"{objective} per epoch")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     return _png(fig)
@@ -165,14 +165,15 @@ def _search_summary(trials: list[dict], importance: dict[str, float]) -> str:
 
 def search_section(tuning: dict[str, Any], trials: list[dict]) -> str:
     """HTML of a search: summary line, plots and the trials table."""
+    objective = tuning.get("objective", tuning["metric"])
     html_parts = [
         f"<p>{tuning['trials_total']} trials ({tuning['trials_complete']} complete, "
         f"{tuning['trials_pruned']} stopped early, {tuning['trials_failed']} failed; "
         f"{tuning.get('trial_epochs_total', '?')} trial-epochs) with "
-        f"<code>{html.escape(tuning['algorithm'])}</code>; best {tuning['metric']} "
+        f"<code>{html.escape(tuning['algorithm'])}</code>; best {html.escape(objective)} "
         f"{tuning['best_value']:.4f} at trial {tuning['best_trial']}: "
         f"<code>{html.escape(str(tuning['best_params']))}</code></p>",
-        f"<img src='{_trials(trials, tuning['goal'])}' alt='objective vs trial'>",
+        f"<img src='{_trials(trials, tuning['goal'], objective)}' alt='objective vs trial'>",
         f"<img src='{_search_summary(trials, tuning.get('param_importance') or {})}' "
         "alt='pruned vs completed, parameter importance'>",
     ]
