@@ -7,7 +7,10 @@ by side), applies the gate and the ``auto`` choice (``select``), and writes the 
 
 Artifact directory: ``model.pt2`` (a ``torch.export`` program) or ``model.ts`` (TorchScript, the
 fbgemm backend only) and ``quant.json`` (how to run it; written last). Reload it anywhere with
-``load_quantized`` or with plain torch (see ``artifact``).
+``load_quantized`` or with plain torch (see ``artifact``). Text models (token-id inputs) get
+int8 Linear layers only and are saved as an int8 state dict (``model_state.pt``) that
+``load_quantized`` loads into the rebuilt fp32 network: a seq2seq model decodes through
+``encode``/``decode``, which an exported ``forward`` graph does not keep.
 
 The names below are loaded on first use (``driver`` imports torch), so that importing the
 ``quantize`` config section (``config``) stays cheap.

@@ -42,7 +42,10 @@ def load_model(model_dir: str | Path, workload: Workload | None = None) -> nn.Mo
     """
     trained = TrainedModel.load(model_dir)
     if workload is not None and workload.kind != "tabular":
-        model = workload.build_model(workload.cfg.model)
+        # As build_from_spec: the initial weights are not read again (the trained ones replace
+        # them, and this process may not reach that file).
+        cfg = workload.cfg.model.model_copy(update={"weights": None, "freeze_backbone": False})
+        model = workload.build_model(cfg)
     else:
         model = build_from_spec(trained.spec)
     model.load_state_dict(torch.load(trained.weights, weights_only=True))

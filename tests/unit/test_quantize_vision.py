@@ -1,0 +1,151 @@
+"""Every int8 method on torchvision CNNs (ResNet-18, MobileNetV3-small at 32 px) through the real
+quantize driver: built, saved, reloaded, scored for the accuracy gate, timed.
+
+The images come from ``FakeImageWorkload``, a fake of kubetrain's own ``Workload`` interface:
+noise tinted with one colour per class, 32 px; each model is trained on them for a
+few steps here (an untrained CNN's logits are near ties, which any int8 rounding flips).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubetrain.artifacts import DatasetArtifact, TrainedModel
+from kubetrain.config import load_config
+from kubetrain.errors import KubetrainError
+from kubetrain.quantize.config import CANDIDATES
+from kubetrain.quantize.driver import load_quantized, quantize_artifact
+from kubetrain.workloads.base import Scores, Workload
+from tests.conftest import quick_quantize_config
+
+pytestmark = pytest.mark.vision
+torchvision = pytest.importorskip("torchvision")
+
+SIZE, CLASSES, SAMPLES = 32, 10, 64
+
+
+def resnet18() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=CLASSES).eval()
+
+
+def mobilenet_v3_small() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v3_small(num_classes=CLASSES).eval()
+
+
+def images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` noisy 32-px images whose class is their tint (one fixed colour per class)."""
+    gen = torch.Generator().manual_seed(seed)
+    colours = torch.randn(CLASSES, 3, 1, 1, generator=torch.Generator().manual_seed(99))
+    y = torch.arange(n) % CLASSES
+    x = torch.randn(n, 3, SIZE, SIZE, generator=gen) * 0.5 + 1.5 * colours[y]
+    return x, y
+
+
+def trained(factory) -> torch.nn.Module:
+    """``factory()`` trained for a few steps on ``images`` (Adam, 4 epochs of 320)."""
+    model = factory().train()
+    x, y = images(320, seed=10)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(4):
+        for i in range(0, len(y), 32):
+            loss = torch.nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    # Batch-norm statistics of the final weights (MobileNetV3's momentum of 0.01 would leave
+    # them near their initial values after so few steps).
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+                bn.reset_running_stats()
+                bn.momentum = None  # a cumulative average
+        model(x)
+    return model.eval()
+
+
+class FakeImageWorkload(Workload):
+    """Splits of ``images`` (see the module docstring); the model from ``factory``."""
+
+    kind = "images"
+
+    def __init__(self, root: Path, factory) -> None:
+        meta = {"kind": "images", "input_shape": [3, SIZE, SIZE], "version": "fake",
+                "classes": [str(i) for i in range(CLASSES)],
+                "sizes": dict.fromkeys(("train", "val", "test"), SAMPLES)}  # fmt: skip
+        super().__init__(load_config(), DatasetArtifact(root, meta, {}))
+        self.factory = factory
+        self.x, self.y = {}, {}
+        for seed, split in enumerate(meta["sizes"]):
+            self.x[split], self.y[split] = images(SAMPLES, seed)
+
+    def build_model(self, model):
+        return self.factory()
+
+    def train_batches(self, tc, ctx):
+        raise NotImplementedError
+
+    def validate(self, model, ctx):
+        raise NotImplementedError
+
+    def examples(self, split: str, n: int, seed: int = 0):
+        return self.x[split][:n], self.y[split][:n]
+
+    def score(self, model, split: str) -> Scores:
+        with torch.no_grad():
+            pred = model(self.x[split]).argmax(1)
+        accuracy = float((pred == self.y[split]).float().mean())
+        return Scores("accuracy", {"accuracy": accuracy}, samples=SAMPLES, seconds=1.0)
+
+
+# The x86 inductor PT2E methods: their int8 kernels compile with inductor (minutes on 2 shared
+# cores: slow); and on ResNet-18 they fail in the vision venv (torch 2.14.1, torchao 0.18): the
+# quantizer's conv+add+ReLU pattern finds a partition with two outputs, whether or not the graph
+# is functionalized first. Strict xfail: it will say when that is fixed.
+PT2E = ("static_int8/x86_inductor", "qat_int8/x86_inductor")
+RESNET_PT2E = pytest.mark.xfail(
+    strict=True, raises=KubetrainError,
+    reason="torchao 0.18 X86InductorQuantizer on torch 2.14.1: 'Input partition has more than "
+    "one output node' on ResNet's conv+add+ReLU",
+)  # fmt: skip
+CASES = [
+    pytest.param(factory, candidate, id=f"{factory.__name__}-{candidate}",
+                 marks=[RESNET_PT2E] if factory is resnet18 and candidate in PT2E
+                 else [pytest.mark.slow] if candidate in PT2E else [])
+    for factory in (resnet18, mobilenet_v3_small)
+    for candidate in CANDIDATES
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(request, tmp_path_factory):
+    """The trained model as a model artifact, and the fake workload of its data."""
+    root = tmp_path_factory.mktemp(request.param.__name__)
+    summary = {"train_seconds": 1.0, "step_seconds": 0.1, "samples_per_second": 10.0,
+               "data_wait_share": 0.0, "world_size": 1, "ranks_identical": True, "epochs": 1}  # fmt: skip
+    torch.manual_seed(0)
+    state = trained(request.param).state_dict()
+    TrainedModel(None, {"config": {}}, [], summary, state).save(root / "m")
+    return root / "m", FakeImageWorkload(root, request.param)
+
+
+@pytest.mark.parametrize(("model_dir", "candidate"), CASES, indirect=["model_dir"])
+def test_every_int8_method_quantizes_a_torchvision_cnn(tmp_path, model_dir, candidate):
+    mdir, workload = model_dir
+    qcfg = quick_quantize_config(
+        method="auto", auto_candidates=[candidate], max_accuracy_drop=0.05, qat_on_drop=False,
+        qat_samples=SAMPLES, calibration_samples=SAMPLES, qat_batch_size=16,
+    )  # fmt: skip
+    info = quantize_artifact(mdir, tmp_path, tmp_path / "q", qcfg, workload=workload)
+    (built,) = info["candidates"]
+    assert "error" not in built, built.get("error")
+    assert info["fp32"]["val_accuracy"] >= 0.9  # trained: the gate measures something
+    assert built["verdict"] == "chosen" and info["gate_passed"]  # within 5 points of fp32
+    assert info["name"] == candidate
+    assert built["size_bytes"] < info["fp32_size_bytes"]
+    model = load_quantized(tmp_path / "q")
+    assert workload.score(model, "val").value == pytest.approx(built["val_accuracy"])
