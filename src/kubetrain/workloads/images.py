@@ -351,7 +351,7 @@ def model_input_shape(
     """
     channels = len(mode)
     sizes = [tuple(stored[1:])] if stored else [(32, 32), (37, 53)]
-    _, evaluate, _ = transforms(cfg, num_classes, mode, mean, std, check=False)
+    _, evaluate, _ = transforms(cfg, num_classes, mode, mean, std)
     shapes = {tuple(evaluate.blank(h, w).shape) for h, w in sizes}
     if len(shapes) > 1:
         raise DataError(
