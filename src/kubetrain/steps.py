@@ -18,9 +18,8 @@ from kubetrain.io import read_json
 log = logging.getLogger(__name__)
 
 
-# Settings of the vision and language modules that the steps do not use yet: set away from their
-# defaults they would be silently ignored, so they are refused instead (README: "Vision (in
-# progress)", "Language (in progress)").
+# Settings of the language modules that the steps do not use yet: set away from their defaults
+# they would be silently ignored, so they are refused instead (README: "Language (in progress)").
 _NOT_IN_THE_STEPS_YET = {
     "train.batch_tokens": lambda c: c.train.batch_tokens is not None,
     "evaluate.beam_size": lambda c: c.evaluate.beam_size != type(c.evaluate)().beam_size,

@@ -73,6 +73,7 @@ def test_a_text_task_is_never_images(sources):
     assert kind_of(cfg) == "text_classification"
 
 
+@pytest.mark.integration  # whole CLI processes
 @pytest.mark.parametrize("command", ["preprocess", "run"])
 def test_image_data_without_torchvision_is_one_line_naming_the_vision_extra(
     sources, tmp_path, command
