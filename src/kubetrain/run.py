@@ -76,6 +76,12 @@ def preflight(cfg: PipelineConfig) -> None:
             "(use cluster.backend=local)"
         )
     check_supported(cfg)
+    from kubetrain.workloads import kind_of
+    from kubetrain.workloads import preflight as kind_preflight
+
+    if kind_of(cfg.data) != "tabular":  # streamed kinds check what they can themselves
+        kind_preflight(cfg)
+        return
     # The params task expands {date} in data.source (today, for a local run); so does this check.
     source = expand_date(cfg.data.source, datetime.now(timezone.utc))
     raw = load_source(cfg.data.model_copy(update={"source": source}))

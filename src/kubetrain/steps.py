@@ -18,15 +18,17 @@ from kubetrain.io import read_json
 log = logging.getLogger(__name__)
 
 
-# Settings of the vision and language modules that the steps do not use yet: set away from their
-# defaults they would be silently ignored, so they are refused instead (README: "Vision (in
-# progress)", "Language (in progress)").
+# Settings of the language modules that the steps do not use yet: set away from their defaults
+# they would be silently ignored, so they are refused instead (README: "Language (in progress)").
 _NOT_IN_THE_STEPS_YET = {
+    "train.batch_tokens": lambda c: c.train.batch_tokens is not None,
+    "evaluate.beam_size": lambda c: c.evaluate.beam_size != type(c.evaluate)().beam_size,
+}
+# Settings only image data uses: on other data they would be silently ignored.
+_IMAGES_ONLY = {
     "data.mixup_alpha": lambda c: c.data.mixup_alpha,
     "data.cutmix_alpha": lambda c: c.data.cutmix_alpha,
     "data.transforms": lambda c: any(c.data.transforms.model_dump().values()),
-    "train.batch_tokens": lambda c: c.train.batch_tokens is not None,
-    "evaluate.beam_size": lambda c: c.evaluate.beam_size != type(c.evaluate)().beam_size,
 }
 
 
@@ -41,6 +43,16 @@ def check_supported(cfg: PipelineConfig) -> None:
     from kubetrain.errors import ConfigError
 
     check_pipeline_task(cfg.data)
+    image_only = [key for key, is_set in _IMAGES_ONLY.items() if is_set(cfg)]
+    if image_only:
+        from kubetrain.workloads import kind_of
+
+        kind = kind_of(cfg.data)
+        if kind != "images":
+            raise ConfigError(
+                f"config error: {image_only[0]}: applies to image data only; data.source "
+                f"{cfg.data.source!r} is {kind} data"
+            )
     for key, is_set in _NOT_IN_THE_STEPS_YET.items():
         if is_set(cfg):
             raise ConfigError(
