@@ -88,3 +88,21 @@ def test_fsdp_checkpoint_resumes_on_another_number_of_processes(
     assert metrics["resumed_from_step"] == 28 and metrics["world_size"] == resumes
     assert _max_diff(weights, reference) < 1e-5
     assert [h["epoch"] for h in read_json(tmp_path / "resumed" / "history.json")] == [1, 2, 3]
+
+
+def test_ranks_may_validate_unequal_parts_of_a_sharded_model(tmp_path):
+    import subprocess
+    import sys
+
+    worker = Path(__file__).parents[1] / "fsdp_uneven_worker.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--standalone", str(worker), str(tmp_path)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    ranks = [read_json(tmp_path / f"rank{r}.json") for r in (0, 1)]
+    assert [r["batches"] for r in ranks] == [1, 4]
+    assert ranks[0]["last"] == ranks[1]["last"]  # the same whole model on both ranks
+    assert ranks[0]["shard_rows"] == [8, 8, 2, 2]  # and sharded again after
+    assert ranks[1]["shard_rows"] == [8, 8, 1, 1]

@@ -4,8 +4,10 @@ whole model needs (weights digest, gradient norm)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -192,6 +194,26 @@ def shard_model(
         fully_shard(unit, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return units
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within it, the FSDP-sharded ``model`` is whole on every rank: its weights are gathered
+    once on entry (a collective) and kept through every forward, so a rank may run more
+    forwards than another (no collective inside); sharded again on exit (memory: the whole
+    model's weights, as under DDP, for that while)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(True)
+            unit.reshard()
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:

@@ -120,7 +120,8 @@ def _fit(trainer: Trainer, on_epoch: EpochCallback | None) -> FitResult:
     started = time.perf_counter()
     while trainer.epoch < tc.epochs:
         stats = _train_epoch(trainer)
-        val_loss, val_acc = trainer.workload.validate(trainer.model, ctx)
+        with trainer.whole_model() as model:  # FSDP: ranks may validate unequal parts
+            val_loss, val_acc = trainer.workload.validate(model, ctx)
         stats.val_loss, stats.val_accuracy = val_loss, val_acc
         trainer.history.append(stats)
         if ctx.is_main:

@@ -30,7 +30,13 @@ from kubetrain.artifacts import DatasetArtifact
 from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.train import checkpoint, instrument
 from kubetrain.train.config import TrainConfig
-from kubetrain.train.distributed import DistContext, any_rank, local_tensor, shard_model
+from kubetrain.train.distributed import (
+    DistContext,
+    any_rank,
+    gathered,
+    local_tensor,
+    shard_model,
+)
 from kubetrain.train.optim import build_optimizer, build_scheduler
 from kubetrain.workloads import open_workload
 
@@ -199,6 +205,14 @@ class Trainer:
         self.compile_seconds: float | None = None
         if tc.compile:
             self.net = torch.compile(self.net)
+
+    def whole_model(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """Within it, every rank holds the whole model and its forward needs no collective
+        (``distributed.gathered`` under FSDP), so validation may run a different number of
+        batches on each rank (a streamed split's parts)."""
+        if self.sharded and self.ctx.distributed:
+            return gathered(self.model)
+        return contextlib.nullcontext(self.model)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward pass's autocast context (none in fp32)."""
