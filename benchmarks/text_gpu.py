@@ -70,30 +70,8 @@ def measure(shape_name: str, ctx: DistContext, compiled: bool, warmup: int, step
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
-    parser.add_argument("--steps", type=int, default=20)
-    args = parser.parse_args()
-    cuda = torch.cuda.is_available() and not args.smoke
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    ctx = DistContext(device=device)
-    shape_name = "gpu" if cuda else "gpu-smoke"
-    gpu = torch.cuda.get_device_name() if cuda else "cpu (smoke)"
-    peak = peak_flops(device.type, torch.bfloat16 if cuda else torch.float32)
-    sheet = next((v for k, v in DATASHEET_BF16.items() if k in gpu), None)
-    runs = []
-    for compiled in (False, True) if cuda else (False,):
-        run = measure(shape_name, ctx, compiled, warmup=10 if compiled else 5, steps=args.steps)
-        run["mfu_vs_measured_peak"] = run["achieved_flops"] / peak
-        if sheet:
-            run["mfu_vs_datasheet"] = run["achieved_flops"] / sheet
-        runs.append(run)
-        print(json.dumps(run), flush=True)
-        if cuda:
-            torch.cuda.empty_cache()
+def report(runs: list[dict], shape_name: str, gpu: str, peak: float, write: bool) -> None:
+    """Print the runs so far as a table; with ``write``, also to results/gpu_text.{json,md}."""
     first = runs[0]
     lines = [
         f"## GPU check, language ({gpu})", "",
@@ -109,13 +87,42 @@ def main() -> int:
         vs_sheet = f"{100 * r['mfu_vs_datasheet']:.1f} %" if "mfu_vs_datasheet" in r else "–"
         lines.append(f"| {r['name']} | {1e3 * r['step_s']:.1f} | {r['tokens_per_s']:.0f} | "
                      f"{100 * r['mfu_vs_measured_peak']:.1f} % | {vs_sheet} |")  # fmt: skip
-    if cuda:  # a smoke run on the CPU checks the script; its figures mean nothing
+    print("\n".join(lines), flush=True)
+    if write:  # a smoke run on the CPU checks the script; its figures mean nothing
         RESULTS.mkdir(exist_ok=True)
         results = {"device": gpu, "shape": SHAPES[shape_name], "torch": torch.__version__,
                    "measured_peak": peak, "runs": runs}  # fmt: skip
         (RESULTS / "gpu_text.json").write_text(json.dumps(results, indent=2) + "\n")
         (RESULTS / "gpu_text.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    ctx = DistContext(device=device)
+    shape_name = "gpu" if cuda else "gpu-smoke"
+    gpu = torch.cuda.get_device_name() if cuda else "cpu (smoke)"
+    peak = peak_flops(device.type, torch.bfloat16 if cuda else torch.float32)
+    sheet = next((v for k, v in DATASHEET_BF16.items() if k in gpu), None)
+    runs: list[dict] = []
+    for compiled in (False, True) if cuda else (False,):
+        run = measure(shape_name, ctx, compiled, warmup=10 if compiled else 5, steps=args.steps)
+        run["mfu_vs_measured_peak"] = run["achieved_flops"] / peak
+        if sheet:
+            run["mfu_vs_datasheet"] = run["achieved_flops"] / sheet
+        runs.append(run)
+        print(json.dumps(run), flush=True)
+        # Written after every run: should compiling outlast gpu_check.sh's timeout, the eager
+        # figures are kept.
+        report(runs, shape_name, gpu, peak, write=cuda)
+        if cuda:
+            torch.cuda.empty_cache()
     return 0
 
 

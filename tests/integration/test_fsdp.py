@@ -106,3 +106,23 @@ def test_ranks_may_validate_unequal_parts_of_a_sharded_model(tmp_path):
     assert ranks[0]["last"] == ranks[1]["last"]  # the same whole model on both ranks
     assert ranks[0]["shard_rows"] == [8, 8, 2, 2]  # and sharded again after
     assert ranks[1]["shard_rows"] == [8, 8, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "check", [[], ["train.max_grad_norm=1.0"]], ids=["gradient-shard", "whole-norm"]
+)
+def test_a_non_finite_loss_stops_both_fsdp_workers_with_one_line(
+    tmp_path, digits_dir, capfd, check
+):
+    import re
+
+    from kubetrain.errors import KubetrainError
+
+    cfg = load_config(overrides=[*BASE, "train.nproc=2", "train.strategy=fsdp", "train.lr=1e6",
+                                 "train.checkpoint_every_steps=1", *check])  # fmt: skip
+    with pytest.raises(KubetrainError, match="training failed"):
+        LocalLauncher().run(cfg, digits_dir, tmp_path / "model")
+    errors = [line for line in capfd.readouterr().err.splitlines() if "train error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("[rank 0] train error: ")
+    assert re.search(r"at epoch \d+, step \d+", errors[0])
+    assert not (tmp_path / "model" / "model.json").exists()
