@@ -178,3 +178,15 @@ def test_translation_gpu_recipe_is_a_sharded_bf16_cluster_run_of_about_100m_para
                               layers=cfg.model.layers, ff=cfg.model.ff)  # fmt: skip
     model = Seq2SeqTransformer(cfg.data.tokenizer.vocab_size, sizes, 0, 1, 2)
     assert 90e6 < sum(p.numel() for p in model.parameters()) < 130e6
+
+
+def test_a_sharded_checkpoint_that_cannot_be_written_is_one_line_naming_it(tmp_path, digits_dir):
+    from kubetrain.errors import KubetrainError
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the checkpoints should go")
+    with pytest.raises(KubetrainError, match=r"cannot write .*not-a-directory") as info:
+        fit(load_config(overrides=BASE), load_dataset(digits_dir), DistContext(),
+            checkpoint_dir=blocker)  # fmt: skip
+    assert "\n" not in str(info.value)
+    assert blocker.read_text() == "a file where the checkpoints should go"

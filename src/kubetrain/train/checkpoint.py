@@ -270,7 +270,7 @@ def save_sharded(
     if ctx.is_main:
         try:
             _finish_sharded(partial, final, step, progress, resume_key, keep)
-        except BaseException as err:
+        except Exception as err:  # shared with the other ranks, which would wait otherwise
             shutil.rmtree(partial, ignore_errors=True)
             error = err if isinstance(err, KubetrainError) else write_error(final, err)
     _agree(error, ctx)
