@@ -223,11 +223,14 @@ class HFWrapped(nn.Module):
         return {"loss": seq2seq_loss(self.model(src, tgt_in), labels)}
 
 
-def interleaved_round(shape_name: str, warmup: int, steps: int, work: Path) -> dict[str, float]:
+def interleaved_round(
+    shape_name: str, warmup: int, steps: int, work: Path
+) -> dict[str, list[float]]:
     """tokens/s of HF ``Trainer``, kubetrain's step and the hand loop, one step of each in
     turn: HF's loop runs, and at the end of each of its steps a callback runs one kubetrain step
     and one hand-loop step, in alternating order (each timed; HF's step is the time from the
-    callback's return to its next call). The machine's load then weighs on all three alike."""
+    callback's return to its next call). The machine's load then weighs on all three alike.
+    Returns each one's step times after ``warmup``, in step order (step i of each adjacent)."""
     import transformers
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -279,25 +282,38 @@ def interleaved_round(shape_name: str, warmup: int, steps: int, work: Path) -> d
     with contextlib.redirect_stdout(io.StringIO()):  # its end-of-training summary line
         Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
                 callbacks=[Interleave()]).train()  # fmt: skip
-    tokens = tokens_per_step(shape)
-    return {k: tokens * len(v[warmup:]) / sum(v[warmup:]) for k, v in times.items()}
+    return {k: v[warmup:] for k, v in times.items()}
 
 
 def bench_throughput(rounds: int, work: Path) -> dict[str, Any]:
+    """tokens/s per round; the ratios pair step i of kubetrain with step i of the other (taken
+    within a second of each other): their median over all steps, and its range over rounds."""
     warmup, steps = 3, 12
-    runs: dict[str, list[float]] = {"kubetrain": [], "hand": [], "hf_trainer": []}
+    tokens = tokens_per_step(SHAPES["step"])
+    rates: dict[str, list[float]] = {"kubetrain": [], "hand": [], "hf_trainer": []}
+    paired: dict[str, list[list[float]]] = {"hand": [], "hf_trainer": []}
     for r in range(rounds):
-        for name, value in interleaved_round("step", warmup, steps, work).items():
-            runs[name].append(value)
-        print(f"  throughput round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()),
+        times = interleaved_round("step", warmup, steps, work)
+        for name, values in times.items():
+            rates[name].append(tokens * len(values) / sum(values))
+        for other in paired:  # tokens/s ratio = inverse time ratio
+            paired[other].append([o / k for k, o in zip(times["kubetrain"], times[other],
+                                                         strict=False)])  # fmt: skip
+        print(f"  throughput round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()),
               flush=True)  # fmt: skip
-    kt = runs["kubetrain"]
+
+    def ratio(other: str) -> dict[str, float]:
+        per_round = [statistics.median(v) for v in paired[other]]
+        pooled = statistics.median([x for v in paired[other] for x in v])
+        return {"median": pooled, "min": min(per_round), "max": max(per_round),
+                "n": sum(len(v) for v in paired[other])}  # fmt: skip
+
     return {
         "shape": SHAPES["step"],
         "parameters": sum(p.numel() for p in build_model(SHAPES["step"]).parameters()),
-        "tokens_per_second": {k: stats(v) for k, v in runs.items()},
-        "kubetrain_over_hand": stats([a / b for a, b in zip(kt, runs["hand"], strict=True)]),
-        "kubetrain_over_hf": stats([a / b for a, b in zip(kt, runs["hf_trainer"], strict=True)]),
+        "tokens_per_second": {k: stats(v) for k, v in rates.items()},
+        "kubetrain_over_hand": ratio("hand"),
+        "kubetrain_over_hf": ratio("hf_trainer"),
     }
 
 
@@ -519,7 +535,10 @@ def render(results: dict[str, Any]) -> str:
             f"Seq2SeqTransformer ({t['parameters'] / 1e6:.1f} M parameters; "
             f"{shape_text(t['shape'])}), fused AdamW + cosine schedule, no clipping, dropout "
             "0.1, fp32. HF `Trainer` trains the same model class, wrapped in an `nn.Module` "
-            "that returns `{\"loss\": ...}` (not an HF config), with `adamw_torch_fused`.", "",
+            "that returns `{\"loss\": ...}` (not an HF config), with `adamw_torch_fused`. "
+            "One step of each in turn (kubetrain's and the hand loop's run from a callback at "
+            "the end of each HF step). tokens/s: median (min–max) of rounds; ratios: median "
+            "over all steps of step i's time ratio (min–max of the rounds' medians).", "",
             "| kubetrain | hand loop | HF Trainer | kubetrain / hand (target ≥ 0.97) | "
             "kubetrain / HF (target ≥ 1.0) |",
             "|---|---|---|---|---|",
