@@ -121,16 +121,25 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
+# Trained models by factory name, built once per test session: each case of CASES is its own
+# fixture parameter, so a module-scoped fixture alone would train again for every case.
+_TRAINED: dict[str, tuple[Path, FakeImageWorkload]] = {}
+
+
+@pytest.fixture
 def model_dir(request, tmp_path_factory):
     """The trained model as a model artifact, and the fake workload of its data."""
-    root = tmp_path_factory.mktemp(request.param.__name__)
-    summary = {"train_seconds": 1.0, "step_seconds": 0.1, "samples_per_second": 10.0,
-               "data_wait_share": 0.0, "world_size": 1, "ranks_identical": True, "epochs": 1}  # fmt: skip
-    torch.manual_seed(0)
-    state = trained(request.param).state_dict()
-    TrainedModel(None, {"config": {}}, [], summary, state).save(root / "m")
-    return root / "m", FakeImageWorkload(root, request.param)
+    factory = request.param
+    if factory.__name__ not in _TRAINED:
+        root = tmp_path_factory.mktemp(factory.__name__)
+        summary = {"train_seconds": 1.0, "step_seconds": 0.1, "samples_per_second": 10.0,
+                   "data_wait_share": 0.0, "world_size": 1, "ranks_identical": True,
+                   "epochs": 1}  # fmt: skip
+        torch.manual_seed(0)
+        state = trained(factory).state_dict()
+        TrainedModel(None, {"config": {}}, [], summary, state).save(root / "m")
+        _TRAINED[factory.__name__] = (root / "m", FakeImageWorkload(root, factory))
+    return _TRAINED[factory.__name__]
 
 
 @pytest.mark.parametrize(("model_dir", "candidate"), CASES, indirect=["model_dir"])
