@@ -545,17 +545,28 @@ class ImageWorkload(Workload):
                 position += 1
 
     def examples(self, split: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        total = self.manifest.num_samples(split)
+        """Up to ``n`` images of ``split`` drawn at random (seeded), eval-transformed; only the
+        shards that hold them are read."""
+        import bisect
+
+        from kubetrain.data.shards import read_shard
+
+        shards = self.manifest.splits.get(split, [])
+        starts = list(np.cumsum([0] + [s.num_samples for s in shards]))
+        total = int(starts[-1])
         if total == 0:
             raise DataError(f"data error: {self.data.root}: the {split} split has no images")
         chosen = np.random.default_rng(seed).permutation(total)[: min(n, total)]
-        wanted = {int(p): k for k, p in enumerate(chosen)}
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for k, position in enumerate(chosen.tolist()):
+            j = bisect.bisect_right(starts, position) - 1
+            by_shard.setdefault(j, []).append((position - int(starts[j]), k))
         xs: list[torch.Tensor | None] = [None] * len(chosen)
         ys = torch.empty(len(chosen), dtype=torch.long)
-        for position, record in self._records(split):
-            k = wanted.get(position)
-            if k is not None:
-                xs[k], ys[k] = self.eval_transform(record)
+        for j, rows in sorted(by_shard.items()):
+            columns = read_shard(self.data.root, shards[j], self.options)
+            for row, k in rows:
+                xs[k], ys[k] = self.eval_transform({c: v[row] for c, v in columns.items()})
         return torch.stack(xs), ys  # type: ignore[arg-type]
 
     def score(self, model: nn.Module, split: str) -> Scores:
