@@ -92,9 +92,29 @@ def is_image_source(cfg: DataConfig) -> bool:
         return False
     try:
         fs, path = filesystem(source, cfg.storage_options)
-        return bool(fs.isdir(path))
+        return bool(fs.isdir(path)) and _folder_of_images(fs, path)
     except (OSError, ValueError, ImportError):
         return False  # the tabular reader names the problem
+
+
+def _folder_of_images(fs, path: str) -> bool:
+    """A directory holds images unless it holds tabular files (.csv/.parquet/.npz) and no
+    images, looking at its top level and its first subfolder only (two listings, whatever the
+    size of the tree): a sharded dataset and an image-folder tree are images, a folder of
+    CSV or Parquet parts is a table."""
+    from kubetrain.data.image_sources import IMAGE_SUFFIXES
+    from kubetrain.data.shards import MANIFEST
+    from kubetrain.data.sources import SUFFIXES as TABLE_SUFFIXES
+
+    entries = fs.ls(path, detail=True)
+    names = [str(e["name"]).lower() for e in entries if e.get("type") != "directory"]
+    folders = sorted(str(e["name"]) for e in entries if e.get("type") == "directory")
+    if folders:
+        inside = fs.ls(folders[0], detail=True)
+        names += [str(e["name"]).lower() for e in inside if e.get("type") != "directory"]
+    if any(n.endswith(MANIFEST) or n.endswith(IMAGE_SUFFIXES) for n in names):
+        return True
+    return not any(n.endswith(TABLE_SUFFIXES) for n in names)
 
 
 def _header(source: str, storage_options: Mapping[str, Any]) -> list[str]:
