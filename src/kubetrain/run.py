@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from kubetrain import artifacts
+from kubetrain import artifacts, steps
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError, DataError, KubetrainError
 from kubetrain.io import read_json, write_json
@@ -282,7 +282,7 @@ def _run_pipeline(
         # kfp warns for every task whose base image name lacks "python"; ours is a Python image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
-            task = pipeline(min_accuracy=cfg.evaluate.min_accuracy)
+            task = pipeline(min_accuracy=steps.promotion_bar(cfg))
         except RuntimeError as err:
             failure = err
         finally:
