@@ -134,6 +134,20 @@ def test_compiling_a_pipeline_refuses_inline_credentials(tmp_path, capsys):
     assert "data.storage_options.token" in capsys.readouterr().err
 
 
+def test_pipeline_tasks_that_read_data_take_the_secret(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "-o", str(out), "--set", f"cluster.storage_secret={SECRET}"]) == 0
+    _, platform = yaml.safe_load_all(out.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in ("preprocess", "tune", "train", "quantize", "evaluate"):
+        refs = executors[f"exec-{step}"]["secretAsEnv"]
+        assert {r["secretName"] for r in refs} == {SECRET}
+        mapped = {k["envVar"]: r["optional"] for r in refs for k in r["keyToEnv"]}
+        assert mapped == {
+            "AWS_ACCESS_KEY_ID": False, "AWS_SECRET_ACCESS_KEY": False, "AWS_ENDPOINT_URL": True
+        }  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "name", ["Bad_Name", "-leading", "trailing-", "x" * 254], ids=["case", "lead", "trail", "long"]
 )
