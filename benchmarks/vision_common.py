@@ -90,15 +90,38 @@ def image_folder(
     done = root / ".complete"
     if done.exists():
         return root
-    for label in range(classes):
-        count = num_images // classes + (label < num_images % classes)
-        folder = root / f"class_{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng([label, num_images])
-        for i in range(count):
-            _render(rng, label, min_px, max_px).save(folder / f"{i:05d}.jpg", quality=90)
+    jobs = [
+        (
+            root,
+            label,
+            num_images,
+            num_images // classes + (label < num_images % classes),
+            min_px,
+            max_px,
+        )
+        for label in range(classes)
+    ]
+    # One process per class where there are cores (a GPU machine renders 10 000s of images).
+    workers = min(classes, os.cpu_count() or 1)
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_render_class, jobs))
+    else:
+        for job in jobs:
+            _render_class(job)
     done.touch()
     return root
+
+
+def _render_class(job: tuple[Path, int, int, int, int, int]) -> None:
+    root, label, num_images, count, min_px, max_px = job
+    folder = root / f"class_{label}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([label, num_images])
+    for i in range(count):
+        _render(rng, label, min_px, max_px).save(folder / f"{i:05d}.jpg", quality=90)
 
 
 def build_shards(folder: Path, out_dir: Path, num_workers: int = 2, **fields: Any) -> float:

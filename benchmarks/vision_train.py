@@ -58,6 +58,7 @@ def config(args: argparse.Namespace, data_cfg: Any, workers: int):
 
     data = data_cfg.model_dump(mode="json")
     data["num_workers"] = workers
+    data["prefetch"] = args.prefetch
     return PipelineConfig.model_validate(
         {
             "data": data,
@@ -241,6 +242,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18", help="a torchvision builder")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prefetch", type=int, default=4, help="data.prefetch (per worker)")
     parser.add_argument("--images", type=int, default=3000)
     parser.add_argument("--min-px", type=int, default=64)
     parser.add_argument("--max-px", type=int, default=96)
@@ -248,7 +250,16 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the process")
     parser.add_argument("--tag", default="vision_train", help="results/<tag>.{json,md}")
+    parser.add_argument(
+        "--max-data-wait",
+        type=float,
+        default=None,
+        help="fail (exit 1) if kubetrain's median data-wait share exceeds this at any worker "
+        "count (e.g. 0.05)",
+    )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is visible to torch")
     res = run(args)
     if args.device == "cuda":
         res["machine"]["gpu"] = torch.cuda.get_device_name(0)
@@ -257,6 +268,14 @@ def main() -> None:
     text = render(res)
     (RESULTS / f"{args.tag}.md").write_text(text)
     print(text)
+    if args.max_data_wait is not None:
+        worst = max(s["median"] for s in res["data_wait_share"]["kubetrain"].values())
+        verdict = "PASS" if worst <= args.max_data_wait else "FAIL"
+        print(
+            f"{verdict}: kubetrain's data-wait {100 * worst:.1f} % (limit {100 * args.max_data_wait:.0f} %)"
+        )
+        if verdict == "FAIL":
+            sys.exit(1)
 
 
 if __name__ == "__main__":
