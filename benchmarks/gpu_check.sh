@@ -10,21 +10,21 @@ timeout 300 python3 benchmarks/gpu_check.py "$@"
 
 # Vision (≤ 5 minutes): ResNet-50, bf16, channels_last, one GPU, fed by kubetrain's loader
 # (sharded stream, decode + RandomResizedCrop + flip + normalise in DataLoader workers, pinned
-# memory) through kubetrain's Trainer, beside a hand-written loop on the same stream; fails if
-# kubetrain's data-wait share is above 5 %. The measured epoch (60 steps) includes its loader
-# workers' start, as every epoch does; real epochs are longer. Float batches in flight live in
+# memory) through kubetrain's fit, beside a hand-written loop on the same stream; fails if
+# kubetrain's data-wait share is above 5 %. Two epochs of about 60 steps (~22 000 generated JPEGs,
+# 224-288 px, 10 classes); the second is measured, its loader workers' start included, as in
+# every epoch (real epochs are longer). Float batches in flight live in
 # /dev/shm (workers x prefetch x batch x 3 x size^2 x 4 bytes: ~3.7 GB at the defaults).
 # Writes benchmarks/results/gpu_vision.{json,md}. Knobs (environment): VISION_WORKERS (default:
-# cores - 2, at most 12), VISION_SIZE (crop side, 224), VISION_BATCH (256), VISION_IMAGES (30000
-# generated JPEGs of 224-288 px, 10 classes).
+# cores - 2, at most 12), VISION_SIZE (crop side, 224), VISION_BATCH (256).
 if python3 -c "import torchvision" 2>/dev/null; then
   df -h /dev/shm | tail -1 || true
   cores=$(nproc)
   workers=${VISION_WORKERS:-$(( cores > 14 ? 12 : (cores > 3 ? cores - 2 : 1) ))}
   timeout 300 python3 benchmarks/vision_train.py --device cuda --model resnet50 --precision bf16 \
-    --size "${VISION_SIZE:-224}" --batch "${VISION_BATCH:-256}" --images "${VISION_IMAGES:-30000}" \
-    --min-px 224 --max-px 288 --workers "$workers" --prefetch 2 --rounds 1 --warmup 5 --steps 60 \
-    --threads 2 --tag gpu_vision --max-data-wait 0.05
+    --size "${VISION_SIZE:-224}" --batch "${VISION_BATCH:-256}" --steps 60 --min-px 224 \
+    --max-px 288 --workers "$workers" --prefetch 2 --rounds 1 --threads 2 --tag gpu_vision \
+    --max-data-wait 0.05
 else
   echo "vision part skipped: torchvision is not importable (pip install -e '.[vision]')"
 fi

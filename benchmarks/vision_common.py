@@ -18,9 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-
-from kubetrain.workloads.base import Workload
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -43,6 +40,7 @@ def train_specs(size: int) -> list[dict[str, Any]]:
 def user_transform(size: int):
     """The same transforms as users write them for ``torchvision.datasets.ImageFolder`` (the
     torchvision v2 getting-started form: PIL image -> ``ToImage`` first, then tensor ops)."""
+    import torch
     from torchvision.transforms import v2
 
     return v2.Compose(
@@ -191,52 +189,26 @@ def machine() -> dict[str, Any]:
 
 
 # -- kubetrain's training path on the images --------------------------------------------------
-def images_workload_landed() -> bool:
-    """Whether kubetrain registers an ``images`` workload (``kubetrain.workloads.images``)."""
-    from kubetrain.workloads import KINDS
-
-    return "images" in KINDS and "vision_common" not in KINDS["images"]
-
-
 def dataset_artifact(folder: Path, out_dir: Path, size: int, num_workers: int = 2):
-    """The dataset artifact of ``folder`` as kubetrain's preprocess writes it, loaded.
+    """kubetrain's preprocess of ``folder`` (the ``images`` workload's ``build``) into the
+    dataset artifact ``out_dir``, with the benchmark's train and eval transforms.
 
-    With ``kubetrain.workloads.images`` on this branch, its own ``build``. Without it (the
-    images workload not merged yet), the shards ``build_image_dataset`` writes plus the
-    ``meta.json`` the workloads contract asks for (``kubetrain.workloads``), and the stand-in
-    ``BenchImages`` workload registered for the kind ``images``.
+    Returns:
+        ``(data config, the loaded DatasetArtifact)``.
 
     Raises:
         KubetrainError: what the preprocess raises.
     """
     from kubetrain.artifacts import DatasetArtifact
     from kubetrain.config import PipelineConfig
-    from kubetrain.io import write_json
+    from kubetrain.workloads import build_dataset
 
     data = PipelineConfig.model_validate(
         {"data": {"source": str(folder), "num_workers": num_workers,
                   "transforms": {"train": train_specs(size), "eval": eval_specs(size)}}}
     ).data  # fmt: skip
     if not (out_dir / "meta.json").exists():
-        if images_workload_landed():
-            from kubetrain.workloads import build_dataset
-
-            build_dataset(data, out_dir)
-        else:
-            from kubetrain.data.images import build_image_dataset
-
-            manifest = build_image_dataset(data, str(out_dir))
-            meta = {
-                "format_version": 1, "kind": "images", "version": manifest.version,
-                "classes": manifest.meta["classes"], "input_shape": [3, size, size],
-                "sizes": {s: manifest.num_samples(s) for s in ("train", "val", "test")},
-                "source": str(folder), "config": data.model_dump(mode="json"),
-            }  # fmt: skip
-            write_json(out_dir / "meta.json", meta)
-    if not images_workload_landed():
-        from kubetrain.workloads import KINDS
-
-        KINDS["images"] = "vision_common:BenchImages"
+        build_dataset(data, out_dir)
     return data, DatasetArtifact.load(out_dir)
 
 
@@ -247,49 +219,3 @@ def eval_specs(size: int) -> list[dict[str, Any]]:
         {"name": "CenterCrop", "kwargs": {"size": size}},
         {"name": "Normalize", "kwargs": {"mean": MEAN, "std": STD}},
     ]
-
-
-class BenchImages(Workload):
-    """A stand-in ``images`` workload until ``kubetrain.workloads.images`` lands: the
-    training half only (what the benchmarks run), built from kubetrain's parts: the
-    model from ``kubetrain.models``, batches from ``StreamingDataset`` + ``ImageTransform``
-    / ``BatchCollate`` behind ``StreamBatches``; on a GPU, the model and its batches in
-    channels_last."""
-
-    kind = "images"
-
-    def prepare_model(self, model, device):
-        if device.type == "cuda":
-            return model.to(device, memory_format=torch.channels_last)
-        return model.to(device)
-
-    def train_batches(self, tc, ctx):
-        from kubetrain.data.streaming import StreamingDataset
-        from kubetrain.data.transforms import image_transforms
-        from kubetrain.workloads.stream import StreamBatches
-
-        cfg = self.cfg.data
-        train, _, collate = image_transforms(cfg, self.data.num_classes)
-        micro = tc.batch_size // (ctx.world_size * tc.grad_accum_steps)
-        dataset = StreamingDataset(
-            self.data.root, "train", micro, rank=ctx.rank, world_size=ctx.world_size,
-            num_workers=cfg.num_workers, seed=tc.seed, transform=train, collate=collate,
-            storage_options=cfg.storage_options,
-        )  # fmt: skip
-        return StreamBatches(dataset, tc.grad_accum_steps, cfg.num_workers, cfg.prefetch)
-
-    def to_device(self, batch, device):
-        if device.type == "cpu":
-            return batch
-        (images,), target = batch
-        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-        return (images,), target.to(device, non_blocking=True)
-
-    def validate(self, model, ctx):
-        raise NotImplementedError("the benchmark's stand-in trains only")
-
-    def examples(self, split, n, seed=0):
-        raise NotImplementedError("the benchmark's stand-in trains only")
-
-    def score(self, model, split):
-        raise NotImplementedError("the benchmark's stand-in trains only")

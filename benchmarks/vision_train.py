@@ -1,25 +1,25 @@
-"""Image-classifier training throughput: kubetrain's training step path against a hand-written
-loop on the same data path, and the share of step time spent waiting for data.
+"""Image-classifier training throughput: kubetrain's training path against a hand-written loop
+on the same data path, and the share of step time spent waiting for data.
 
 Both train a torchvision ResNet-18 (10 classes) at 64 px in one process on the training split
-of the sharded dataset kubetrain's preprocess wrote from a generated image folder, streamed by
-kubetrain's ``StreamingDataset`` (``ImageTransform``: RandomResizedCrop, flip, ToDtype,
-Normalize) through a ``DataLoader`` with 0/1/2 workers, with the same optimizer and schedule
-(kubetrain's AdamW and cosine schedule), seed and batch:
+of the dataset kubetrain's preprocess (the ``images`` workload) wrote from a generated image
+folder, streamed by kubetrain's ``StreamingDataset`` (``ImageTransform``: RandomResizedCrop,
+flip, ToDtype, Normalize) through a ``DataLoader`` with 0/1/2 workers, with the same optimizer
+and schedule (kubetrain's AdamW and cosine schedule), seed and batch:
 
-- **kubetrain**: a ``Trainer`` (model, optimizer, schedule, ``StreamBatches``) driven by
-  kubetrain's epoch loop (``kubetrain.train.loop._train_epoch``: ``batch_generator`` +
-  ``train_step`` + ``EpochMeter``, as ``fit`` runs it, without validation). While
-  ``kubetrain.workloads.images`` has not landed, the ``images`` workload is the benchmark's
-  stand-in (``vision_common.BenchImages``: kubetrain's model builder and stream; see there);
+- **kubetrain**: ``kubetrain.train.loop.fit`` (Trainer, ``ImageWorkload``, ``StreamBatches``,
+  ``train_step``, the epoch's meter and validation), two epochs;
 - **hand loop**: ``for x, y in DataLoader(stream): loss = cross_entropy(model(x), y);
-  backward; step; schedule; zero_grad`` with the model built by ``torchvision.models``.
+  backward; step; schedule; zero_grad`` with the model built by ``torchvision.models``, two
+  epochs of the same batches.
 
-Each run is a warm-up epoch of ``--warmup`` steps and a measured epoch of ``--steps`` steps
-(worker start-up included, as in every epoch); rounds interleave the two loops, rotating which
-goes first. Data-wait: the time the loop waited for its next batch over the epoch's time.
+The image folder is sized so that an epoch is about ``--steps`` steps; the second epoch is the
+one measured (the first warms up), worker start-up included as in every epoch; rounds
+interleave the two loops, rotating which goes first. Samples/s and data-wait (the time the loop
+waited for its next batch over the epoch's time) are kubetrain's own epoch figures for it, and
+measured the same way in the hand loop.
 
-    .venv-vision/bin/python benchmarks/vision_train.py [--rounds 2] [--steps 12] [--workers 0 1 2]
+    .venv-vision/bin/python benchmarks/vision_train.py [--rounds 3] [--steps 8] [--workers 0 1 2]
 
 On a GPU (``--device cuda``) the same comparison runs with ``--model``, ``--precision`` bf16 and
 channels_last (``benchmarks/gpu_check.sh`` does this with ResNet-50). Writes
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import tempfile
 import time
@@ -45,7 +46,6 @@ from vision_common import (
     dataset_artifact,
     fmt,
     image_folder,
-    images_workload_landed,
     machine,
     ratios,
     stats,
@@ -64,65 +64,55 @@ def config(args: argparse.Namespace, data_cfg: Any, workers: int):
             "data": data,
             "model": {"name": f"torchvision:{args.model}"},
             "train": {
-                "batch_size": args.batch, "nproc": 1, "num_threads": 1, "lr": 1e-3,
+                "epochs": 2, "batch_size": args.batch, "nproc": 1, "num_threads": 1, "lr": 1e-3,
                 "precision": args.precision, "checkpoint_every_steps": 0,
             },
         }
     )  # fmt: skip
 
 
-def kubetrain_run(cfg, data, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
-    """A Trainer through kubetrain's epoch loop: a warm-up epoch, then the measured one."""
+def kubetrain_run(cfg, data, device: torch.device) -> dict[str, float]:
+    """``fit``: two epochs; the second one's figures."""
     from kubetrain.train.distributed import DistContext
-    from kubetrain.train.loop import _train_epoch
-    from kubetrain.train.trainer import Trainer
+    from kubetrain.train.loop import fit
 
-    trainer = Trainer(cfg, data, DistContext(device=device))
-    available = trainer.batches.steps
-    if available < max(warmup, steps):
-        sys.exit(f"the train split has {available} batches; lower --steps/--warmup")
-    for n in (warmup, steps):  # the epoch loop runs batches.steps steps
-        trainer.batches.steps = n
-        stats_ = _train_epoch(trainer)
-    return {
-        "samples_per_second": stats_.samples_per_second,
-        "data_wait_share": stats_.data_wait_share,
-    }
+    last = fit(cfg, data, DistContext(device=device)).history[-1]
+    return {"samples_per_second": last.samples_per_second, "data_wait_share": last.data_wait_share}
 
 
-def hand_run(cfg, data, device: torch.device, warmup: int, steps: int) -> dict[str, float]:
-    """The loop users write over the same stream, model and optimizer."""
+def hand_run(cfg, data, device: torch.device) -> dict[str, float]:
+    """The loop users write over the same stream, model and optimizer: two epochs of as many
+    batches as kubetrain's ``StreamBatches`` takes; the second one's figures."""
     import torchvision
 
-    from kubetrain.data.streaming import StreamingDataset
-    from kubetrain.data.transforms import image_transforms
+    from kubetrain.train.distributed import DistContext
     from kubetrain.train.optim import build_optimizer, build_scheduler
+    from kubetrain.workloads import open_workload
 
     tc, dc = cfg.train, cfg.data
+    # kubetrain's stream of the training split, exactly as fit gets it (transforms, collate).
+    dataset = open_workload(cfg, data).train_batches(tc, DistContext()).dataset
     torch.manual_seed(tc.seed)
     model = getattr(torchvision.models, cfg.model.name.split(":")[1])(num_classes=data.num_classes)
     cuda = device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last) if cuda else model
+    steps = dataset.min_batches()  # what StreamBatches takes (the same in every epoch)
     optimizer = build_optimizer(model.parameters(), tc)
     scheduler = build_scheduler(optimizer, tc, steps)
-    train, _, collate = image_transforms(dc, data.num_classes)
-    dataset = StreamingDataset(
-        data.root, "train", tc.batch_size, rank=0, world_size=1, num_workers=dc.num_workers,
-        seed=tc.seed, transform=train, collate=collate,
-    )  # fmt: skip
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision)
     model.train()
-    for epoch, n in enumerate((warmup, steps)):
+    for epoch in range(tc.epochs):
         dataset.set_epoch(epoch)
-        started, waited = time.perf_counter(), 0.0
+        started, waited, samples = time.perf_counter(), 0.0, 0
         loader = DataLoader(
             dataset, batch_size=None, num_workers=dc.num_workers, pin_memory=cuda,
             prefetch_factor=max(1, dc.prefetch) if dc.num_workers else None,
         )  # fmt: skip
         batches = iter(loader)
-        for _ in range(n):
+        for _ in range(steps):
             t = time.perf_counter()
             x, y = next(batches)
+            samples += len(y)
             if cuda:
                 x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
@@ -138,15 +128,17 @@ def hand_run(cfg, data, device: torch.device, warmup: int, steps: int) -> dict[s
                 torch.cuda.synchronize(device)
         del batches, loader
         seconds = time.perf_counter() - started
-    return {"samples_per_second": n * tc.batch_size / seconds, "data_wait_share": waited / seconds}
+    return {"samples_per_second": samples / seconds, "data_wait_share": waited / seconds}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    folder = image_folder(args.images, 10, args.min_px, args.max_px)
+    # An epoch of about --steps batches: the train split is 70 % of the images (val, test 15 %).
+    images = args.images or math.ceil(args.steps * args.batch / 0.7) + 10
+    folder = image_folder(images, 10, args.min_px, args.max_px)
     out = Path(tempfile.mkdtemp(prefix="kubetrain-vision-train-")) / "dataset"
-    data_cfg, data = dataset_artifact(folder, out, args.size)
+    data_cfg, data = dataset_artifact(folder, out, args.size, max(2, *args.workers))
     loops = {"kubetrain": kubetrain_run, "hand": hand_run}
     runs: dict[str, dict[int, list[dict[str, float]]]] = {
         k: {w: [] for w in args.workers} for k in loops
@@ -156,7 +148,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cfg = config(args, data_cfg, w)
             order = list(loops) if r % 2 == 0 else list(reversed(loops))
             for name in order:
-                res = loops[name](cfg, data, device, args.warmup, args.steps)
+                res = loops[name](cfg, data, device)
                 runs[name][w].append(res)
                 print(
                     f"round {r + 1}/{args.rounds} workers {w} {name}: "
@@ -175,15 +167,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "size": args.size,
             "batch": args.batch,
             "steps": args.steps,
-            "warmup": args.warmup,
             "rounds": args.rounds,
-            "images": args.images,
+            "images": images,
+            "train_images": data.meta["sizes"]["train"],
             "device": args.device,
             "precision": args.precision,
             "threads": args.threads,
-            "workload": "kubetrain.workloads.images"
-            if images_workload_landed()
-            else "vision_common.BenchImages (stand-in)",
+            "prefetch": args.prefetch,
         },
         "samples_per_second": {
             k: {w: stats(col(k, w, "samples_per_second")) for w in args.workers} for k in loops
@@ -211,12 +201,12 @@ def render(res: dict[str, Any]) -> str:
         f"{m['torch']}, {m['date']}.",
         "",
         f"torchvision {s['model']}, 10 classes, {s['size']} px, batch {s['batch']}, "
-        f"{s['precision']}, 1 process ({s['threads']} torch thread(s)); samples/s of a measured "
-        f"epoch of {s['steps']} steps after a warm-up epoch of {s['warmup']}; median (min–max) "
-        f"of {s['rounds']} interleaved rounds. Both loops read kubetrain's sharded stream; "
-        f"kubetrain runs its Trainer and epoch loop (images workload: {s['workload']}), the "
-        "hand loop is forward, loss, backward, step. Data-wait: time waiting for the next "
-        "batch over the epoch's time.",
+        f"{s['precision']}, 1 process ({s['threads']} torch thread(s)), {s['train_images']} "
+        f"training images (about {s['steps']} steps an epoch); samples/s of the second epoch; "
+        f"median (min–max) of {s['rounds']} interleaved rounds. Both loops read kubetrain's "
+        "sharded stream; kubetrain is `kubetrain.train.loop.fit` (images workload), the hand "
+        "loop is forward, loss, backward, step. Data-wait: time waiting for the next batch "
+        "over the epoch's time.",
         "",
         "| workers | kubetrain | hand loop | kubetrain / hand | data-wait, kubetrain "
         "| data-wait, hand |",
@@ -235,15 +225,14 @@ def render(res: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=12, help="measured steps per run")
-    parser.add_argument("--warmup", type=int, default=3, help="steps of the warm-up epoch")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="steps per epoch (sizes the data)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", default="resnet18", help="a torchvision builder")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prefetch", type=int, default=4, help="data.prefetch (per worker)")
-    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument("--images", type=int, default=0, help="default: from --steps, --batch")
     parser.add_argument("--min-px", type=int, default=64)
     parser.add_argument("--max-px", type=int, default=96)
     parser.add_argument("--device", default="cpu")
