@@ -18,6 +18,7 @@ import difflib
 import functools
 import inspect
 import io
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -147,17 +148,20 @@ def batch_specs(cfg: DataConfig) -> list[dict[str, Any]]:
     return specs + short
 
 
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not installable here);
+# they still work, and the warning would repeat in every loader worker. The filter, as
+# ``warnings.filterwarnings`` writes it: checked for at each decode (a ``catch_warnings`` around
+# each cost ~20 us, several percent of a small JPEG's decode), added again where something
+# (pytest, a caller's ``catch_warnings``) reset the filters.
+_QUIET_DECODER = ("ignore", re.compile("The image decoding", re.I), DeprecationWarning, None, 0)
+
+
 @functools.cache
 def _decoder(mode: str):
-    """torchvision's decoder and its read mode for ``mode``; silences its deprecation warning
-    once per process (a ``catch_warnings`` around each decode cost ~20 us, several percent of
-    a small JPEG's decode)."""
+    """torchvision's decoder and its read mode for ``mode``."""
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_image as tv_decode
 
-    # torchvision 0.29 marks its decoders deprecated in favour of TorchCodec (not installable
-    # here); they still work, and the warning would repeat in every loader worker.
-    warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
     return (ImageReadMode.RGB if mode == "RGB" else ImageReadMode.GRAY), tv_decode
 
 
@@ -173,6 +177,8 @@ def decode_image(data: bytes, mode: str = "RGB") -> torch.Tensor:
     if not data:
         raise ValueError("cannot decode image: no bytes")
     read_mode, tv_decode = _decoder(mode)
+    if _QUIET_DECODER not in warnings.filters:
+        warnings.filterwarnings("ignore", "The image decoding", DeprecationWarning)
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # one copy, writable
     try:
         out = tv_decode(buffer, mode=read_mode)
