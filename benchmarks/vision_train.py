@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     # An epoch of about --steps batches: the train split is 70 % of the images (val, test 15 %).
-    images = args.images or math.ceil(args.steps * args.batch / 0.7) + 10
+    # (At least 20 a class: the stratified split needs a few of each in every split.)
+    images = args.images or max(200, math.ceil(args.steps * args.batch / 0.7) + 10)
     folder = image_folder(images, 10, args.min_px, args.max_px)
     out = Path(tempfile.mkdtemp(prefix="kubetrain-vision-train-")) / "dataset"
     data_cfg, data = dataset_artifact(folder, out, args.size, max(2, *args.workers))
