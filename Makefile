@@ -100,6 +100,7 @@ bench: venv venv-vision
 	$(PY) benchmarks/train_bench.py $(ARGS)
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/text_train.py
 	$(VISION_PY) benchmarks/vision_loader.py
 	$(VISION_PY) benchmarks/vision_train.py
 	$(PY) benchmarks/collect.py

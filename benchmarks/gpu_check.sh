@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Short GPU checks on one NVIDIA GPU (≤ 5 minutes each): bf16 vs fp32/TF32 training throughput and
-# MFU of a small GPT on synthetic tokens (benchmarks/results/gpu.{json,md}); then the vision part.
+# MFU of a small GPT on synthetic tokens (benchmarks/results/gpu.{json,md}); then the language
+# part: MFU of the built-in ~110M-parameter encoder-decoder in bf16 through kubetrain's training
+# step, eager and compiled (benchmarks/results/gpu_text.{json,md}); then the vision part (below).
 # Needs torch with CUDA and this package importable (pip install -e . or PYTHONPATH=src).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD/src"
 timeout 300 python3 benchmarks/gpu_check.py "$@"
+# Language part (benchmarks/text_gpu.py; --smoke: a tiny size on the CPU).
+timeout 240 python3 benchmarks/text_gpu.py "$@"
 
 # Vision (≤ 5 minutes): ResNet-50, bf16, channels_last, one GPU, fed by kubetrain's loader
 # (sharded stream, decode + RandomResizedCrop + flip + normalise in DataLoader workers, pinned
@@ -17,7 +21,7 @@ timeout 300 python3 benchmarks/gpu_check.py "$@"
 # /dev/shm (workers x prefetch x batch x 3 x size^2 x 4 bytes: ~3.7 GB at the defaults).
 # Writes benchmarks/results/gpu_vision.{json,md}. Knobs (environment): VISION_WORKERS (default:
 # cores - 2, at most 12), VISION_SIZE (crop side, 224), VISION_BATCH (256).
-if python3 -c "import torchvision" 2>/dev/null; then
+if python3 -c "import torch, torchvision; assert torch.cuda.is_available()" 2>/dev/null; then
   df -h /dev/shm | tail -1 || true
   cores=$(nproc)
   workers=${VISION_WORKERS:-$(( cores > 14 ? 12 : (cores > 3 ? cores - 2 : 1) ))}
@@ -26,5 +30,5 @@ if python3 -c "import torchvision" 2>/dev/null; then
     --max-px 288 --workers "$workers" --prefetch 2 --rounds 1 --threads 2 --tag gpu_vision \
     --max-data-wait 0.05
 else
-  echo "vision part skipped: torchvision is not importable (pip install -e '.[vision]')"
+  echo "vision part skipped: no CUDA device, or torchvision not importable (pip install -e '.[vision]')"
 fi
