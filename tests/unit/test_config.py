@@ -137,7 +137,7 @@ def test_with_params_validates():
 def test_bundled_recipes_load_by_name_and_an_unknown_name_lists_them():
     from kubetrain.config import ConfigError, recipes
 
-    assert {"gpu", "smoke", "translation-gpu"} <= set(recipes())
+    assert {"gpu", "smoke", "translation-gpu", "vision-gpu"} <= set(recipes())
     smoke = load_config("smoke")
     assert smoke.tune.max_trials == 2 and smoke.evaluate.min_accuracy == 0.5
     gpu = load_config("gpu", overrides=["train.nnodes=1"])

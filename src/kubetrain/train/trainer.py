@@ -101,6 +101,11 @@ def diverged_message(trainer: Trainer, losses: list[torch.Tensor] | None = None)
     )
 
 
+# The data settings that change what a training step sees, besides the dataset version.
+AUGMENTATION_FIELDS = {"augment", "augment_shift", "augment_noise", "transforms", "mixup_alpha",
+                       "cutmix_alpha"}  # fmt: skip
+
+
 def resume_key(cfg: PipelineConfig, data: DatasetArtifact) -> str:
     """16 hex digits naming what a training job computes (model, optimisation, augmentation and
     the dataset version), without the fields that only change how it runs
@@ -110,9 +115,7 @@ def resume_key(cfg: PipelineConfig, data: DatasetArtifact) -> str:
     blob = {
         "train": train,
         "model": cfg.model.model_dump(mode="json"),
-        "data": cfg.data.model_dump(
-            mode="json", include={"augment", "augment_shift", "augment_noise"}
-        ),
+        "data": cfg.data.model_dump(mode="json", include=AUGMENTATION_FIELDS),
         "dataset": data.version,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
