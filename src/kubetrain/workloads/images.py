@@ -98,8 +98,8 @@ def is_image_source(cfg: DataConfig) -> bool:
 
 
 def _folder_of_images(fs, path: str) -> bool:
-    """A directory holds images unless it holds tabular files (.csv/.parquet/.npz) and no
-    images, looking at its top level and its first subfolder only (two listings, whatever the
+    """A directory holds images if it has image files (or a shard manifest), or class
+    subfolders and no tabular files (.csv/.parquet/.npz), looking at its top level and its first subfolder only (two listings, whatever the
     size of the tree): a sharded dataset and an image-folder tree are images, a folder of
     CSV or Parquet parts is a table."""
     from kubetrain.data.image_sources import IMAGE_SUFFIXES
@@ -114,7 +114,9 @@ def _folder_of_images(fs, path: str) -> bool:
         names += [str(e["name"]).lower() for e in inside if e.get("type") != "directory"]
     if any(n.endswith(MANIFEST) or n.endswith(IMAGE_SUFFIXES) for n in names):
         return True
-    return not any(n.endswith(TABLE_SUFFIXES) for n in names)
+    # Neither images nor tables: subfolders make it an image-folder tree (whose empty class
+    # folder the image reader names); a flat folder of neither is the tabular reader's "no data".
+    return bool(folders) and not any(n.endswith(TABLE_SUFFIXES) for n in names)
 
 
 def _header(source: str, storage_options: Mapping[str, Any]) -> list[str]:
