@@ -25,22 +25,20 @@ _NOT_IN_THE_STEPS_YET = {
     "data.mixup_alpha": lambda c: c.data.mixup_alpha,
     "data.cutmix_alpha": lambda c: c.data.cutmix_alpha,
     "data.transforms": lambda c: any(c.data.transforms.model_dump().values()),
-    "train.batch_tokens": lambda c: c.train.batch_tokens is not None,
-    "evaluate.beam_size": lambda c: c.evaluate.beam_size != type(c.evaluate)().beam_size,
 }
 
 
 def check_supported(cfg: PipelineConfig) -> None:
-    """Refuse what the steps would silently ignore: a text task, or a setting of the vision and
-    language modules that the steps do not use yet.
+    """Refuse what the steps would silently ignore: a setting of the vision modules that the
+    steps do not use yet.
 
     Raises:
         ConfigError: naming the setting.
     """
-    from kubetrain.data.dataset import check_pipeline_task
     from kubetrain.errors import ConfigError
+    from kubetrain.models.text import check_model_for_task
 
-    check_pipeline_task(cfg.data)
+    check_model_for_task(cfg)
     for key, is_set in _NOT_IN_THE_STEPS_YET.items():
         if is_set(cfg):
             raise ConfigError(

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 # kind -> "module:Workload class"; the module also has ``build(cfg.data, out_dir) -> meta``.
 KINDS: dict[str, str] = {
     "tabular": "kubetrain.workloads.tabular:TabularWorkload",
+    "text_classification": "kubetrain.workloads.text:TextClassificationWorkload",
+    "seq2seq": "kubetrain.workloads.text:Seq2SeqWorkload",
 }
 
 
@@ -62,6 +64,6 @@ def workload_for_model(dataset_dir: str | Path, model_dir: str | Path) -> Worklo
     spec = TrainedModel.load(model_dir).spec
     cfg = PipelineConfig.model_validate(
         {"data": spec.get("data_config") or data.meta.get("config") or {},
-         "model": spec.get("config") or {}}
+         "model": spec.get("config") or {}, "evaluate": spec.get("evaluate") or {}}
     )  # fmt: skip
     return open_workload(cfg, data)
