@@ -4,7 +4,7 @@ majority class.
 
 The split is the preprocess step's own (``kubetrain.data.text.iter_examples``: a seeded hash of
 each row), so the numbers compare with the pipeline's test accuracy directly. Words and word
-pairs, sublinear term frequency, the regularisation chosen on the validation split.
+pairs, sublinear term frequency, C=10.
 
     .venv/bin/python benchmarks/text_baseline.py [--config text-classification] [--set k=v ...]
 
@@ -38,16 +38,11 @@ def measure(data_cfg) -> dict:
         labels[ex.split].append(ex.other)
     started = time.perf_counter()
     vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True,
-                          lowercase=data_cfg.tokenizer.lowercase or True)  # fmt: skip
+                          lowercase=True)  # fmt: skip
     x_train = vec.fit_transform(texts["train"])
-    best = None
-    for c in (3.0, 10.0, 30.0):
-        clf = LogisticRegression(C=c, max_iter=300)
-        clf.fit(x_train, labels["train"])
-        val = accuracy_score(labels["val"], clf.predict(vec.transform(texts["val"])))
-        if best is None or val > best[0]:
-            best = (val, c, clf)
-    _, c, clf = best
+    c = 10.0  # not tuned: one fit of 45 classes on ~100k glosses is minutes on 2 cores
+    clf = LogisticRegression(C=c, max_iter=200)
+    clf.fit(x_train, labels["train"])
     predicted = clf.predict(vec.transform(texts["test"]))
     majority = Counter(labels["train"]).most_common(1)[0][0]
     return {

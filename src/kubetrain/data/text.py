@@ -34,6 +34,7 @@ failure: nothing half-written is left behind either way.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -204,20 +205,27 @@ def builtin_corpus(source: str) -> Iterator[dict[str, str]] | None:
         DataError: a ``gettext:`` name without domain and language; the package that ships the
             corpus is not installed.
     """
+    if source not in ("wordnet", "docstrings") and not source.startswith("gettext:"):
+        return None
+    return iter(_corpus(source))
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus(source: str) -> tuple[dict[str, str], ...]:
+    # Held once per process: the preprocess reads its source twice (tokenizer, then shards), and
+    # parsing the standard library for docstrings costs more than keeping ~100k short records.
     from kubetrain.data import corpora
 
     if source == "wordnet":
-        return corpora.wordnet_glosses()
+        return tuple(corpora.wordnet_glosses())
     if source == "docstrings":
-        return corpora.docstring_pairs()
-    if source.startswith("gettext:"):
-        parts = source.split(":")
-        if len(parts) != 3 or not all(parts[1:]):
-            raise DataError(
-                f"{source}: a gettext corpus is gettext:<domain>:<language>, e.g. gettext:git:de"
-            )
-        return corpora.gettext_pairs(parts[1], parts[2])
-    return None
+        return tuple(corpora.docstring_pairs())
+    parts = source.split(":")
+    if len(parts) != 3 or not all(parts[1:]):
+        raise DataError(
+            f"{source}: a gettext corpus is gettext:<domain>:<language>, e.g. gettext:git:de"
+        )
+    return tuple(corpora.gettext_pairs(parts[1], parts[2]))
 
 
 def _rows_corpus(records: Iterator[dict[str, str]], source: str, columns: Sequence[str]):
