@@ -22,7 +22,8 @@ def evaluate(
     Args:
         config_json: the config sections this step uses (JSON), fixed at compile time.
         overrides: the run's overrides of those sections (JSON), from the params task.
-        min_accuracy: the promotion bar on test accuracy (fp32 and int8).
+        min_accuracy: the promotion bar on the primary metric (fp32 and int8; accuracy for
+            classification, evaluate.metric for seq2seq).
         dataset: the dataset artifact (its test split is evaluated).
         model: the trained fp32 model.
         quantized: the int8 model.
@@ -52,13 +53,14 @@ def evaluate(
         quantized_dir=Path(quantized.path),
         out_dir=out,
         tune_dir=Path(best_params.path),
-        min_accuracy=min_accuracy,
+        min_value=min_accuracy,
     )
     for key, value in result.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             metrics.log_metric(key, value)
     details = read_json(out / EVAL_DETAILS)
-    classification.log_confusion_matrix(details["classes"], details["confusion_matrix"])
+    if details.get("confusion_matrix"):  # classification only
+        classification.log_confusion_matrix(details["classes"], details["confusion_matrix"])
     persist(metrics)
     persist(classification)
     shutil.copyfile(out / EVAL_REPORT, report.path)

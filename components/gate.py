@@ -9,7 +9,7 @@ def check_accuracy(evaluation: dsl.Input[dsl.Artifact], min_accuracy: float) -> 
 
     Args:
         evaluation: the evaluate step's artifact (metrics.json).
-        min_accuracy: the promotion bar on test accuracy (fp32 and int8).
+        min_accuracy: the promotion bar on the primary metric (fp32 and int8).
     """
 
     from kubetrain import steps
@@ -85,18 +85,14 @@ def reject(
 
     Args:
         evaluation: the evaluate step's artifact (metrics.json).
-        min_accuracy: the promotion bar on test accuracy (fp32 and int8).
+        min_accuracy: the promotion bar on the primary metric (fp32 and int8).
         decision: why the model was not promoted.
     """
-    from kubetrain.artifacts import Evaluation, Rejection
+    from kubetrain.artifacts import Evaluation, Rejection, gate_reason
     from kubetrain.logs import setup_logging
 
     setup_logging()
-    m = Evaluation.load_metrics(evaluation.path)
-    rejection = Rejection(
-        f"test accuracy fp32 {m['test_accuracy_fp32']:.4f} / int8 "
-        f"{m['test_accuracy_int8']:.4f} below the bar {min_accuracy:.4f}"
-    )
+    rejection = Rejection(gate_reason(Evaluation.load_metrics(evaluation.path), min_accuracy))
     print(rejection.reason)
     rejection.save(decision.path)
     decision.metadata.update({"promoted": False, "reason": rejection.reason})

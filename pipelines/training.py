@@ -26,6 +26,7 @@ from typing import NamedTuple
 from kfp import dsl
 
 from kubetrain import components as c
+from kubetrain import steps
 from kubetrain.config import PipelineConfig
 
 PIPELINE_NAME = "kubetrain"
@@ -170,7 +171,7 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
 
         @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
         def retrain_pipeline(
-            min_accuracy: float = cfg.evaluate.min_accuracy,
+            min_accuracy: float = steps.promotion_bar(cfg),
             data_source: str = "",
             train_epochs: int = 0,
             tune_max_trials: int = 0,
@@ -200,7 +201,7 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
 
     @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def kubetrain_pipeline(
-        min_accuracy: float = cfg.evaluate.min_accuracy,
+        min_accuracy: float = steps.promotion_bar(cfg),
         data_source: str = "",
         train_epochs: int = 0,
         tune_max_trials: int = 0,

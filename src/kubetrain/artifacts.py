@@ -5,7 +5,7 @@
     DatasetArtifact  preprocess   data.npz, meta.json
     SearchResult     tune         trials.json, [report.html], best_params.json
     TrainedModel     train        model.pt, history.json, metrics.json, model.json
-    QuantizedModel   quantize     model.pt2 or model.ts, quant.json
+    QuantizedModel   quantize     model.pt2, model.ts or model_state.pt, quant.json
     Evaluation       evaluate     details.json, report.html, metrics.json
     Promotion        promote      fp32/, int8/, promotion.json
     Rejection        reject       decision.json
@@ -41,6 +41,7 @@ MODEL_METRICS = "metrics.json"
 QUANT_INFO = "quant.json"
 QUANT_PROGRAM = "model.pt2"
 QUANT_SCRIPT = "model.ts"
+QUANT_STATE_DICT = "model_state.pt"
 EVAL_METRICS = "metrics.json"
 EVAL_DETAILS = "details.json"
 EVAL_REPORT = "report.html"
@@ -352,16 +353,44 @@ class QuantizedModel:
 # -- evaluation ---------------------------------------------------------------------------------
 @dataclass
 class ModelScores:
-    """One model on the test split: the workload's ``kubetrain.workloads.base.Scores``."""
+    """One model on the test split: the workload's ``kubetrain.workloads.base.Scores``.
 
-    accuracy: float
-    per_class_accuracy: dict[str, float]
-    confusion_matrix: list[list[int]]
-    # The workload's other metrics (top-5 accuracy, macro-F1, BLEU, ...), by name.
-    extra: dict[str, Any] = field(default_factory=dict)
+    ``values`` holds the primary metric ``metric`` and every other result of the workload:
+    classification ``accuracy``, ``per_class_accuracy``, ``confusion_matrix`` (and
+    ``top5_accuracy`` for images, ``macro_f1`` for text); seq2seq ``bleu``, ``rouge_l`` and the
+    copy-the-source baselines ``copy_baseline_bleu``, ``copy_baseline_rouge_l`` (all 0-1).
+    """
+
+    metric: str
+    values: dict[str, Any]
     # A few predictions beside their references, for the report.
     examples: list[dict[str, Any]] = field(default_factory=list)
     samples_per_second: float | None = None
+
+    @property
+    def value(self) -> float:
+        """The primary metric."""
+        return float(self.values[self.metric])
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.values.get("accuracy")
+
+    @property
+    def per_class_accuracy(self) -> dict[str, float | None] | None:
+        return self.values.get("per_class_accuracy")
+
+    @property
+    def confusion_matrix(self) -> list[list[int]] | None:
+        return self.values.get("confusion_matrix")
+
+    def scalars(self) -> dict[str, float]:
+        """Every single-number result (not the per-class ones), primary metric first."""
+        out = {self.metric: self.value}
+        for k, v in self.values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in out:
+                out[k] = v
+        return out
 
 
 @dataclass
@@ -371,6 +400,7 @@ class Latency:
     batch_size: int
     fp32_ms: float
     int8_ms: float
+    tokens: int = 0  # token positions per batch (text models; 0 for features and images)
 
     @property
     def ratio(self) -> float:
@@ -379,6 +409,9 @@ class Latency:
 
     def samples_per_second(self, model: str) -> float:
         return self.batch_size * 1e3 / (self.fp32_ms if model == "fp32" else self.int8_ms)
+
+    def tokens_per_second(self, model: str) -> float:
+        return self.tokens * 1e3 / (self.fp32_ms if model == "fp32" else self.int8_ms)
 
 
 @dataclass
@@ -456,8 +489,13 @@ class TrainEfficiency:
 
 # Per quantize candidate, the measurements copied into metrics.json (as quant_<name>_<field>).
 CANDIDATE_METRICS = (
-    "val_accuracy", "size_bytes", "latency_ms_b1", "latency_ms_b64", "samples_per_second_b64",
+    "val_accuracy", "val_metric", "size_bytes", "latency_ms_b1", "latency_ms_b64",
+    "samples_per_second_b64", "tokens_per_second_b1", "tokens_per_second_b64",
 )  # fmt: skip
+
+
+# Seq2seq: the copy-the-source baseline scores, reported once (they do not depend on the model).
+_BASELINE_PREFIX = "copy_baseline_"
 
 
 @dataclass
@@ -465,6 +503,8 @@ class Evaluation:
     """The evaluate step's output: fp32 vs int8 on the test split, what training and
     quantization cost, the search that chose the parameters, and the promotion verdict.
 
+    The verdict is on the primary metric (``fp32.metric``: accuracy, BLEU, ...): both models
+    reach ``min_value``, and for seq2seq (``beat_copy_baseline``) both beat copying the source.
     ``to_metrics()`` flattens it into metrics.json (the keys the README documents and
     ``kubetrain run`` prints), ``to_details()`` into details.json; ``load`` reverses both.
     """
@@ -478,25 +518,45 @@ class Evaluation:
     quantization: dict[str, Any]  # the quantized model's quant.json
     search: SearchResult
     history: list[dict[str, Any]]  # the model's per-epoch stats
-    classes: list[str]
+    classes: list[str] | None
     dataset_version: str
     test_samples: int
-    min_accuracy: float
+    min_value: float
+    kind: str = "tabular"
+    beat_copy_baseline: bool = True
+
+    @property
+    def metric(self) -> str:
+        return self.fp32.metric
+
+    @property
+    def metric_drop(self) -> float:
+        return self.fp32.value - self.int8.value
 
     @property
     def accuracy_drop(self) -> float:
-        return self.fp32.accuracy - self.int8.accuracy
+        return self.metric_drop
+
+    @property
+    def copy_baseline(self) -> float | None:
+        """Seq2seq: the primary metric of copying the source (None for other tasks)."""
+        return self.fp32.values.get(_BASELINE_PREFIX + self.metric)
 
     @property
     def promoted(self) -> bool:
-        """The promotion rule: both the fp32 and the int8 model reach ``min_accuracy``."""
-        return min(self.fp32.accuracy, self.int8.accuracy) >= self.min_accuracy
+        """The promotion rule (``is_promotable`` on ``to_metrics()``)."""
+        return is_promotable(self.to_metrics(promoted=False), self.min_value)
 
-    def to_metrics(self) -> dict[str, Any]:
+    @property
+    def is_classification(self) -> bool:
+        return self.fp32.accuracy is not None
+
+    def to_metrics(self, promoted: bool = True) -> dict[str, Any]:
         """The flat metrics.json, keys in their documented order."""
+        metric = self.metric
         m: dict[str, Any] = {
-            "test_accuracy_fp32": self.fp32.accuracy,
-            "test_accuracy_int8": self.int8.accuracy,
+            f"test_{metric}_fp32": self.fp32.value,
+            f"test_{metric}_int8": self.int8.value,
         }
         for lat in self.latency:
             m[f"latency_ms_b{lat.batch_size}_fp32"] = lat.fp32_ms
@@ -509,13 +569,17 @@ class Evaluation:
             model_file_bytes_int8=s.file_int8,
             model_state_dict_bytes_fp32=s.state_dict_fp32,
             size_ratio_int8=s.ratio,
-            accuracy_drop_int8=self.accuracy_drop,
         )
+        m[f"{metric}_drop_int8"] = self.metric_drop
         for lat in self.latency:
             b = lat.batch_size
             m[f"latency_ratio_b{b}_int8"] = lat.ratio
             m[f"samples_per_second_b{b}_fp32"] = lat.samples_per_second("fp32")
             m[f"samples_per_second_b{b}_int8"] = lat.samples_per_second("int8")
+            if lat.tokens:
+                m[f"latency_tokens_b{b}"] = lat.tokens
+                m[f"tokens_per_second_b{b}_fp32"] = lat.tokens_per_second("fp32")
+                m[f"tokens_per_second_b{b}_int8"] = lat.tokens_per_second("int8")
         for c in self.quantization.get("candidates", []):
             key = c["name"].replace("/", "_")
             for name in CANDIDATE_METRICS:
@@ -532,25 +596,43 @@ class Evaluation:
         train = asdict(self.train)
         for f in fields(TrainEfficiency):
             m[f"train_{f.name}"] = train[f.name]
-        m.update(
-            dataset_version=self.dataset_version,
-            test_samples=self.test_samples,
-            min_accuracy=self.min_accuracy,
-        )
+        m.update(dataset_version=self.dataset_version, test_samples=self.test_samples)
+        if self.is_classification:
+            m["min_accuracy"] = self.min_value  # the bar's classification name, as before
         if self.search.enabled:
             m["tune_trials"] = self.search.summary["trials_total"]
             m["tune_best_value"] = self.search.summary["best_value"]
-        m["promoted"] = self.promoted
+        # The primary metric, the bar, the other results of both models, scoring throughput.
+        m.update(metric=metric, min_value=self.min_value, dataset_kind=self.kind)
+        for name, scores in (("fp32", self.fp32), ("int8", self.int8)):
+            for key, value in scores.scalars().items():
+                if key == metric:
+                    continue
+                if key.startswith(_BASELINE_PREFIX):
+                    m.setdefault(key, value)  # the same for both models: once
+                else:
+                    m[f"test_{key}_{name}"] = value
+            m[f"test_samples_per_second_{name}"] = scores.samples_per_second
+        if self.copy_baseline is not None:
+            m["beat_copy_baseline"] = self.beat_copy_baseline
+        m["promoted"] = is_promotable(m, self.min_value) if promoted else False
         return m
 
     def to_details(self) -> dict[str, Any]:
-        """details.json: per-class results, the training history, the search and quantization."""
+        """details.json: all results of both models (per class ones included), examples, the
+        training history, the search and quantization."""
         return {
+            "kind": self.kind,
+            "metric": self.metric,
             "classes": self.classes,
             "per_class_accuracy": self.fp32.per_class_accuracy,
             "confusion_matrix": self.fp32.confusion_matrix,
             "per_class_accuracy_int8": self.int8.per_class_accuracy,
             "confusion_matrix_int8": self.int8.confusion_matrix,
+            "values_fp32": self.fp32.values,
+            "values_int8": self.int8.values,
+            "examples_fp32": self.fp32.examples,
+            "examples_int8": self.int8.examples,
             "history": self.history,
             "tuning": self.search.summary,
             "quantization": self.quantization,
@@ -584,15 +666,34 @@ class Evaluation:
         m = cls.load_metrics(path)
         d = read_json(path / EVAL_DETAILS)
         batches = [int(b) for b in re.findall(r"latency_ms_b(\d+)_fp32", " ".join(m))]
+        metric = m.get("metric", "accuracy")
+
+        def scores(name: str) -> ModelScores:
+            values = d.get(f"values_{name}")
+            if values is None:  # written before values were kept
+                values = {
+                    "accuracy": m[f"test_accuracy_{name}"],
+                    "per_class_accuracy": d[
+                        f"per_class_accuracy{'' if name == 'fp32' else '_int8'}"
+                    ],
+                    "confusion_matrix": d[f"confusion_matrix{'' if name == 'fp32' else '_int8'}"],
+                }
+            return ModelScores(
+                metric, values, d.get(f"examples_{name}") or [],
+                m.get(f"test_samples_per_second_{name}"),
+            )  # fmt: skip
+
         return cls(
-            fp32=ModelScores(
-                m["test_accuracy_fp32"], d["per_class_accuracy"], d["confusion_matrix"]
-            ),
-            int8=ModelScores(
-                m["test_accuracy_int8"], d["per_class_accuracy_int8"], d["confusion_matrix_int8"]
-            ),
+            fp32=scores("fp32"),
+            int8=scores("int8"),
             latency=[
-                Latency(b, m[f"latency_ms_b{b}_fp32"], m[f"latency_ms_b{b}_int8"]) for b in batches
+                Latency(
+                    b,
+                    m[f"latency_ms_b{b}_fp32"],
+                    m[f"latency_ms_b{b}_int8"],
+                    m.get(f"latency_tokens_b{b}", 0),
+                )
+                for b in batches
             ],
             latency_threads=m["latency_threads"],
             sizes=Sizes(
@@ -611,13 +712,46 @@ class Evaluation:
             classes=d["classes"],
             dataset_version=m["dataset_version"],
             test_samples=m["test_samples"],
-            min_accuracy=m["min_accuracy"],
+            min_value=m.get("min_value", m.get("min_accuracy")),
+            kind=m.get("dataset_kind", d.get("kind", "tabular")),
+            beat_copy_baseline=m.get("beat_copy_baseline", True),
         )
 
 
-def is_promotable(metrics: dict[str, Any], min_accuracy: float) -> bool:
-    """The promotion rule on a metrics.json: both the fp32 and the int8 model reach the bar."""
-    return min(metrics["test_accuracy_fp32"], metrics["test_accuracy_int8"]) >= min_accuracy
+def primary_values(metrics: dict[str, Any]) -> tuple[str, float, float]:
+    """``(metric, fp32 value, int8 value)`` of a metrics.json (``accuracy`` if it names none:
+    written by an older version)."""
+    metric = metrics.get("metric", "accuracy")
+    return metric, metrics[f"test_{metric}_fp32"], metrics[f"test_{metric}_int8"]
+
+
+def is_promotable(metrics: dict[str, Any], min_value: float) -> bool:
+    """The promotion rule on a metrics.json: both the fp32 and the int8 model reach the bar
+    ``min_value`` on the primary metric; for seq2seq with ``beat_copy_baseline`` both are also
+    above the score of copying the source."""
+    metric, fp32, int8 = primary_values(metrics)
+    if min(fp32, int8) < min_value:
+        return False
+    baseline = metrics.get(_BASELINE_PREFIX + metric)
+    if baseline is not None and metrics.get("beat_copy_baseline", True):
+        return min(fp32, int8) > baseline
+    return True
+
+
+def gate_reason(metrics: dict[str, Any], min_value: float) -> str:
+    """One line: why a metrics.json does or does not clear the bar ``min_value``."""
+    metric, fp32, int8 = primary_values(metrics)
+    line = f"test {metric} fp32 {fp32:.4f} / int8 {int8:.4f}"
+    baseline = metrics.get(_BASELINE_PREFIX + metric)
+    if min(fp32, int8) < min_value:
+        return f"{line} below the bar {min_value:.4f}"
+    if (
+        baseline is not None
+        and metrics.get("beat_copy_baseline", True)
+        and min(fp32, int8) <= baseline
+    ):
+        return f"{line} not above copying the source ({baseline:.4f})"
+    return f"{line} clears the bar {min_value:.4f}"
 
 
 # -- promotion ----------------------------------------------------------------------------------
@@ -627,21 +761,32 @@ class Promotion:
     ``promotion.json``; with a registry also where it was published and under which key."""
 
     dataset_version: str
-    test_accuracy_fp32: float
-    test_accuracy_int8: float
-    min_accuracy: float
+    # Classification: accuracy and its bar (as before); other tasks leave them None.
+    test_accuracy_fp32: float | None = None
+    test_accuracy_int8: float | None = None
+    min_accuracy: float | None = None
     promoted: bool = True
     fingerprint: str | None = None  # the registry's model-inputs key (kubetrain.registry)
     model_uri: str | None = None
     promoted_at: str | None = None
+    # The primary metric (accuracy, bleu, ...), both models' values and the bar.
+    metric: str | None = None
+    test_value_fp32: float | None = None
+    test_value_int8: float | None = None
+    min_value: float | None = None
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, Any]) -> Promotion:
+        metric, fp32, int8 = primary_values(metrics)
         return cls(
             dataset_version=metrics["dataset_version"],
-            test_accuracy_fp32=metrics["test_accuracy_fp32"],
-            test_accuracy_int8=metrics["test_accuracy_int8"],
-            min_accuracy=metrics["min_accuracy"],
+            test_accuracy_fp32=metrics.get("test_accuracy_fp32"),
+            test_accuracy_int8=metrics.get("test_accuracy_int8"),
+            min_accuracy=metrics.get("min_accuracy"),
+            metric=metric,
+            test_value_fp32=fp32,
+            test_value_int8=int8,
+            min_value=metrics.get("min_value", metrics.get("min_accuracy")),
         )
 
     def to_record(self) -> dict[str, Any]:

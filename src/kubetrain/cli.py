@@ -237,6 +237,7 @@ def _compile(cfg, args: argparse.Namespace) -> None:
 
 def _run(cfg, args: argparse.Namespace) -> None:
     """``run``: the whole pipeline locally, then a summary of its result."""
+    from kubetrain.artifacts import primary_values
     from kubetrain.run import run_local
 
     result = run_local(
@@ -248,9 +249,10 @@ def _run(cfg, args: argparse.Namespace) -> None:
         print(f"pipeline time:      {result.seconds:.1f} s")
         return
     m = result.metrics
+    metric, fp32, int8 = primary_values(m)
     print(f"run directory:      {result.run_dir}")
-    print(f"test accuracy fp32: {m['test_accuracy_fp32']:.4f}")
-    print(f"test accuracy int8: {m['test_accuracy_int8']:.4f} ({m['quantize_method']})")
+    print(f"test {metric} fp32:".ljust(20) + f"{fp32:.4f}")
+    print(f"test {metric} int8:".ljust(20) + f"{int8:.4f} ({m['quantize_method']})")
     print(f"model size:         {m['model_size_bytes_fp32']} -> {m['model_size_bytes_int8']} bytes")
     print(f"train samples/s:    {m['train_samples_per_second']:.0f}")
     verdict = f"yes -> {result.promoted_model}" if m["promoted"] else "no (below the bar)"

@@ -41,7 +41,7 @@ _EPOCH = re.compile(
 )
 _QUANTIZED = re.compile(r"kubetrain\.steps: (\S+): (\d+) -> (\d+) bytes")
 _DATASET = re.compile(r"kubetrain\.steps: dataset (\w+): (\{.*?\}) samples")
-_EVALUATED = re.compile(r"test accuracy fp32 (\S+) int8 (\S+);")
+_EVALUATED = re.compile(r"test (\w+) fp32 (\S+) int8 (\S+);")  # the primary metric
 
 # kfp.local's own lines and the executor's JSON echo: not what a step said.
 _KFP_OWN = re.compile(r"\d\d:\d\d:\d\d\.\d+ - \w+ - |\[KFP Executor |[{}\[\]\"]")
@@ -215,7 +215,7 @@ def key_figure(task: str, line: str) -> str:
     if task == "preprocess" and (m := _DATASET.search(line)):
         return f"dataset {m[1]} {m[2]}"
     if task == "evaluate" and (m := _EVALUATED.search(line)):
-        return f"test accuracy fp32 {m[1]}, int8 {m[2]}"
+        return f"test {m[1]} fp32 {m[2]}, int8 {m[3]}"
     return ""
 
 

@@ -49,6 +49,8 @@ NAMED: dict[str, str] = {
 }
 UNSET: dict[str, Any] = {"data_source": "", "train_epochs": 0, "tune_max_trials": 0}
 MIN_ACCURACY = "evaluate.min_accuracy"  # the `min_accuracy` pipeline parameter
+# Both bar keys set the `min_accuracy` parameter: the bar on the primary metric (accuracy, BLEU..).
+BAR_KEYS = (MIN_ACCURACY, "evaluate.min_value")
 
 # Fields the pipeline's structure depends on (pipelines/training.py reads them while building):
 # a run cannot change them, a recompile can. A key equal to one of these or below it is refused.
@@ -86,7 +88,7 @@ def _check_keys(overrides: Any, where: str) -> dict[str, Any]:
             '{"data.source": "s3://bucket/2026-11-30/"}'
         )
     for key in overrides:
-        if key == MIN_ACCURACY:
+        if key in BAR_KEYS:
             raise ConfigError(
                 f"config error: {where}: {key}: set the min_accuracy pipeline parameter instead"
             )
@@ -229,7 +231,7 @@ def split_sets(sets: list[str] | tuple[str, ...]) -> tuple[list[str], dict[str, 
         key, value = parse_override(text)
         if is_compile_time(key):
             compiled.append(text)
-        elif key == MIN_ACCURACY:
+        elif key in BAR_KEYS:
             params["min_accuracy"] = value
         elif key in by_key and value != UNSET[by_key[key]]:
             params[by_key[key]] = value
@@ -243,4 +245,6 @@ def split_sets(sets: list[str] | tuple[str, ...]) -> tuple[list[str], dict[str, 
 def pipeline_arguments(cfg: PipelineConfig, params: dict[str, Any]) -> dict[str, Any]:
     """The run's parameters as KFP takes them: ``min_accuracy`` always (the compiled bar unless
     given), the others only when set."""
-    return {"min_accuracy": cfg.evaluate.min_accuracy, **params}
+    from kubetrain.steps import promotion_bar
+
+    return {"min_accuracy": promotion_bar(cfg), **params}

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from kubetrain import artifacts
+from kubetrain import artifacts, steps
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError, DataError, KubetrainError
 from kubetrain.io import read_json, write_json
@@ -76,6 +76,12 @@ def preflight(cfg: PipelineConfig) -> None:
             "(use cluster.backend=local)"
         )
     check_supported(cfg)
+    from kubetrain.workloads import kind_of
+    from kubetrain.workloads import preflight as kind_preflight
+
+    if kind_of(cfg.data) != "tabular":  # streamed kinds check what they can themselves
+        kind_preflight(cfg)
+        return
     # The params task expands {date} in data.source (today, for a local run); so does this check.
     source = expand_date(cfg.data.source, datetime.now(timezone.utc))
     raw = load_source(cfg.data.model_copy(update={"source": source}))
@@ -276,7 +282,7 @@ def _run_pipeline(
         # kfp warns for every task whose base image name lacks "python"; ours is a Python image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
-            task = pipeline(min_accuracy=cfg.evaluate.min_accuracy)
+            task = pipeline(min_accuracy=steps.promotion_bar(cfg))
         except RuntimeError as err:
             failure = err
         finally:

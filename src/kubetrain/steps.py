@@ -18,10 +18,8 @@ from kubetrain.io import read_json
 log = logging.getLogger(__name__)
 
 
-# Settings of the vision and language modules that the steps do not use yet: set away from their
-# defaults they would be silently ignored, so they are refused instead (README: "Vision (in
-# progress)", "Language (in progress)").
-_NOT_IN_THE_STEPS_YET = {
+# Settings only image data uses: on other data they would be silently ignored.
+_IMAGES_ONLY = {
     "data.mixup_alpha": lambda c: c.data.mixup_alpha,
     "data.cutmix_alpha": lambda c: c.data.cutmix_alpha,
     "data.transforms": lambda c: any(c.data.transforms.model_dump().values()),
@@ -29,8 +27,8 @@ _NOT_IN_THE_STEPS_YET = {
 
 
 def check_supported(cfg: PipelineConfig) -> None:
-    """Refuse what the steps would silently ignore: a setting of the vision modules that the
-    steps do not use yet.
+    """Refuse, before any step runs, what the steps cannot do or would silently ignore: a model
+    that does not take the task's data, a setting only image data uses.
 
     Raises:
         ConfigError: naming the setting.
@@ -39,11 +37,15 @@ def check_supported(cfg: PipelineConfig) -> None:
     from kubetrain.models.text import check_model_for_task
 
     check_model_for_task(cfg)
-    for key, is_set in _NOT_IN_THE_STEPS_YET.items():
-        if is_set(cfg):
+    image_only = [key for key, is_set in _IMAGES_ONLY.items() if is_set(cfg)]
+    if image_only:
+        from kubetrain.workloads import kind_of
+
+        kind = kind_of(cfg.data)
+        if kind != "images":
             raise ConfigError(
-                f"config error: {key}: not used by the pipeline steps yet (the vision and "
-                "language modules have it; the steps do not); leave it at its default"
+                f"config error: {image_only[0]}: applies to image data only; data.source "
+                f"{cfg.data.source!r} is {kind} data"
             )
 
 
@@ -105,9 +107,19 @@ def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: P
     return info
 
 
-def is_promotable(metrics: dict[str, Any], min_accuracy: float) -> bool:
-    """The promotion rule: both the fp32 and the int8 model reach ``min_accuracy`` on test."""
-    return artifacts.is_promotable(metrics, min_accuracy)
+def promotion_bar(cfg: PipelineConfig) -> float:
+    """The promotion bar on the primary metric that ``cfg`` sets: ``evaluate.min_value``, else
+    ``evaluate.min_accuracy`` for classification and 0 for seq2seq (the ``min_accuracy``
+    pipeline parameter's default: it carries the bar of whichever metric is primary)."""
+    from kubetrain.workloads import kind_of
+
+    return cfg.evaluate.bar(kind_of(cfg.data))
+
+
+def is_promotable(metrics: dict[str, Any], min_value: float) -> bool:
+    """The promotion rule: both the fp32 and the int8 model reach ``min_value`` on the primary
+    metric of the test split (accuracy, BLEU, ...; seq2seq also beats copying the source)."""
+    return artifacts.is_promotable(metrics, min_value)
 
 
 def evaluate(
@@ -117,35 +129,38 @@ def evaluate(
     quantized_dir: Path,
     out_dir: Path,
     tune_dir: Path | None = None,
-    min_accuracy: float | None = None,
+    min_value: float | None = None,
 ) -> dict[str, Any]:
-    """Accuracy and efficiency of fp32 vs int8 -> the evaluation artifact (``metrics.json``,
-    ``details.json``, ``report.html``); returns metrics.json's content.
+    """The task's metrics and efficiency of fp32 vs int8 -> the evaluation artifact
+    (``metrics.json``, ``details.json``, ``report.html``); returns metrics.json's content.
 
-    ``min_accuracy`` (default ``evaluate.min_accuracy``) is the promotion bar; ``tune_dir`` the
+    ``min_value`` is the promotion bar on the primary metric (``evaluate.metric``; default
+    ``evaluate.min_value``, else ``evaluate.min_accuracy`` for classification); ``tune_dir`` the
     search that chose the parameters, if there was one. Raises KubetrainError or DataError if
-    an input is not a complete artifact.
+    an input is not a complete artifact, ConfigError if ``evaluate.metric`` does not fit the
+    dataset.
     """
     check_supported(cfg)
     from kubetrain.data import load_dataset
     from kubetrain.evaluate import compare, report
 
-    bar = cfg.evaluate.min_accuracy if min_accuracy is None else min_accuracy
     evaluation = compare.evaluate(
         cfg.evaluate,
         load_dataset(dataset_dir),
         Path(model_dir),
         Path(quantized_dir),
         artifacts.SearchResult.load(tune_dir),
-        bar,
+        min_value,
     )
     evaluation.save(out_dir, report.render(evaluation))
+    metrics = evaluation.to_metrics()
     log.info(
-        "test accuracy fp32 %.4f int8 %.4f; size %d -> %d bytes; promotable %s",
-        evaluation.fp32.accuracy, evaluation.int8.accuracy, evaluation.sizes.weights_fp32,
-        evaluation.sizes.weights_int8, evaluation.promoted,
+        "test %s fp32 %.4f int8 %.4f; size %d -> %d bytes; promotable %s (%s)",
+        evaluation.metric, evaluation.fp32.value, evaluation.int8.value,
+        evaluation.sizes.weights_fp32, evaluation.sizes.weights_int8, metrics["promoted"],
+        artifacts.gate_reason(metrics, evaluation.min_value),
     )  # fmt: skip
-    return evaluation.to_metrics()
+    return metrics
 
 
 def needs_training(cfg: PipelineConfig, dataset_dir: Path) -> bool:

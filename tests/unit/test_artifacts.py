@@ -40,7 +40,8 @@ DOCUMENTED_KEYS = [
     "train_peak_rss_mib", "train_rank_cpu_percent", "train_rank_peak_rss_mib",
     "train_gpu_peak_mib", "train_checkpoint_seconds", "train_checkpoints_written",
     "train_compile_seconds", "train_resumed_from_step", "train_restarts",
-    "dataset_version", "test_samples", "min_accuracy", "promoted",
+    "dataset_version", "test_samples", "min_accuracy", "metric", "min_value", "dataset_kind",
+    "test_samples_per_second_fp32", "test_samples_per_second_int8", "promoted",
 ]  # fmt: skip
 
 

@@ -89,7 +89,10 @@ class DataConfig(Section):
     source: str = Field(
         "digits",
         description="'digits' (scikit-learn's bundled 8x8 digits), or a path/URI (fsspec) to a "
-        ".csv, .parquet or .npz file; a glob pattern reads several files in parallel.",
+        ".csv, .parquet or .npz file; a glob pattern reads several files in parallel. Images "
+        "(the vision extra): an image-folder tree, a CSV/Parquet manifest with "
+        "data.image_column, tar shards (brace patterns), a kubetrain sharded dataset "
+        "(shards.json), or 'fashion-mnist' (Debian's dataset-fashion-mnist).",
     )
     label_column: str = Field("label", description="Label column of tabular data (CSV/Parquet).")
     image_shape: list[int] | None = Field(
@@ -172,6 +175,12 @@ class DataConfig(Section):
         "RGB",
         description="Colour mode every image is converted to when the shards are written "
         "(grayscale, palette, RGBA and 16-bit images included): 'RGB' (3 channels) or 'L'.",
+    )
+    limit: int | None = Field(
+        None,
+        ge=10,
+        description="Built-in image sets ('fashion-mnist'): use at most this many images, the "
+        "same number of each class (None: all of them).",
     )
     shard_samples: int = Field(
         2048,

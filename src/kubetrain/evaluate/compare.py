@@ -1,4 +1,5 @@
-"""fp32 vs int8 on the test split: accuracy, latency and size, into an ``Evaluation``."""
+"""fp32 vs int8 on the test split: the task's metrics, latency and size, into an
+``Evaluation``."""
 
 from __future__ import annotations
 
@@ -18,21 +19,29 @@ from kubetrain.artifacts import (
     TrainedModel,
     TrainEfficiency,
 )
+from kubetrain.errors import KubetrainError
 from kubetrain.evaluate import measure
 from kubetrain.evaluate.config import EvaluateConfig
 from kubetrain.workloads.base import Workload
 
-_SCORE_FIELDS = ("accuracy", "per_class_accuracy", "confusion_matrix")
 
+def score(model: nn.Module, workload: Workload, metric: str | None = None) -> ModelScores:
+    """The workload's scores of ``model`` on the test split, with ``metric`` as the primary
+    metric (default: the workload's).
 
-def score(model: nn.Module, workload: Workload) -> ModelScores:
-    """The workload's scores of ``model`` on the test split: accuracy, per-class accuracy and
-    confusion matrix, and the workload's other metrics and examples."""
+    Raises:
+        KubetrainError: the workload's results have no ``metric``.
+    """
     scores = workload.score(model, "test")
-    values = scores.values
+    metric = metric or scores.metric
+    if not isinstance(scores.values.get(metric), (int, float)):
+        raise KubetrainError(
+            f"evaluate: the {workload.kind} workload reports no {metric!r} (it has: "
+            f"{', '.join(sorted(scores.values))})"
+        )
     return ModelScores(
-        **{k: values.get(k) for k in _SCORE_FIELDS},
-        extra={k: v for k, v in values.items() if k not in _SCORE_FIELDS},
+        metric=metric,
+        values=scores.values,
         examples=scores.examples,
         samples_per_second=scores.samples / scores.seconds if scores.seconds else None,
     )
@@ -42,15 +51,18 @@ def latencies(
     fp32: nn.Module, int8: nn.Module, workload: Workload, cfg: EvaluateConfig
 ) -> list[Latency]:
     """Median latency of both models at each of ``cfg.latency_batch_sizes``, timed in turns so
-    that load from other processes hits both alike."""
-    x_test, _ = workload.examples("test", max(cfg.latency_batch_sizes))
+    that load from other processes hits both alike; inputs from ``workload.examples`` (token
+    ids for text: their count per batch is kept for tokens/s)."""
+    x, y = workload.examples("test", max(cfg.latency_batch_sizes))
+    inputs = measure.latency_inputs(x, y, workload.data.kind)
     out = []
     for batch in cfg.latency_batch_sizes:
         lat = measure.compare_latency(
-            {"fp32": fp32, "int8": int8}, x_test.numpy(), workload.data.input_shape, batch,
-            cfg.latency_repeats,
-        )  # fmt: skip
-        out.append(Latency(batch, lat["fp32"]["median"], lat["int8"]["median"]))
+            {"fp32": fp32, "int8": int8}, inputs, None, batch, cfg.latency_repeats
+        )
+        out.append(
+            Latency(batch, lat["fp32"]["median"], lat["int8"]["median"], lat["fp32"]["tokens"])
+        )
     return out
 
 
@@ -72,36 +84,44 @@ def evaluate(
     model_dir: Path,
     quantized_dir: Path,
     search: SearchResult,
-    min_accuracy: float,
+    min_value: float | None = None,
+    workload: Workload | None = None,
 ) -> Evaluation:
     """Evaluate the fp32 model in ``model_dir`` against its int8 twin in ``quantized_dir``.
 
     Args:
-        cfg: how latency is measured (batch sizes, repeats).
+        cfg: the primary metric, how latency is measured (batch sizes, repeats), decoding.
         data: the dataset artifact; its test split is used.
         model_dir: the train step's model artifact.
         quantized_dir: the quantize step's artifact.
         search: the tune step's result (reported, not used).
-        min_accuracy: the promotion bar.
+        min_value: the promotion bar on the primary metric (default: ``cfg.bar(data.kind)``).
+        workload: the workload to score with (default: the model's, ``workload_for_model``).
 
     Returns:
         The evaluation (``to_metrics()`` is metrics.json).
 
     Raises:
-        KubetrainError: an input directory is not a complete artifact.
+        KubetrainError: an input directory is not a complete artifact, or the workload does
+            not report the primary metric.
+        ConfigError: ``cfg.metric`` does not apply to the dataset's kind.
     """
     import torch
 
     from kubetrain.quantize.driver import load_model, load_quantized
     from kubetrain.workloads import workload_for_model
 
+    metric = cfg.primary_metric(data.kind)
     trained = TrainedModel.load(model_dir)
     quantized = QuantizedModel.load(quantized_dir)
-    fp32, int8 = load_model(model_dir), load_quantized(quantized_dir)
-    workload = workload_for_model(data.path, model_dir)
+    workload = workload or workload_for_model(data.path, model_dir)
+    # The evaluate section (metric, beam size, decode length) is this step's, not training's.
+    workload.cfg = workload.cfg.model_copy(update={"evaluate": cfg})
+    fp32 = load_model(model_dir, workload)
+    int8 = load_quantized(quantized_dir, model_dir, workload)
     return Evaluation(
-        fp32=score(fp32, workload),
-        int8=score(int8, workload),
+        fp32=score(fp32, workload, metric),
+        int8=score(int8, workload, metric),
         latency=latencies(fp32, int8, workload, cfg),
         latency_threads=torch.get_num_threads(),
         sizes=sizes(quantized, Path(model_dir)),
@@ -109,8 +129,10 @@ def evaluate(
         quantization=quantized.info,
         search=search,
         history=trained.history,
-        classes=data.classes,
+        classes=data.meta.get("classes"),
         dataset_version=data.version,
         test_samples=data.meta["sizes"]["test"],
-        min_accuracy=min_accuracy,
+        min_value=cfg.bar(data.kind) if min_value is None else min_value,
+        kind=data.kind,
+        beat_copy_baseline=cfg.beat_copy_baseline,
     )

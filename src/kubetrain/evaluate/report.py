@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
 from typing import TYPE_CHECKING, Any
 
 import matplotlib
@@ -13,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
-    from kubetrain.artifacts import Evaluation, TrainEfficiency
+    from kubetrain.artifacts import Evaluation, ModelScores, TrainEfficiency
 
 
 def _png(fig) -> str:
@@ -24,7 +25,7 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _curves(history: list[dict]) -> str:
+def _curves(history: list[dict], metric: str = "accuracy") -> str:
     epochs = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     ax1.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
@@ -32,9 +33,9 @@ def _curves(history: list[dict]) -> str:
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("cross-entropy")
     ax1.legend()
-    ax2.plot(epochs, [h["val_accuracy"] for h in history], marker="o", color="tab:green")
+    ax2.plot(epochs, [h.get("val_accuracy") for h in history], marker="o", color="tab:green")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("validation accuracy")
+    ax2.set_ylabel(f"validation {metric}")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     return _png(fig)
@@ -108,7 +109,7 @@ def _efficiency_rows(t: TrainEfficiency) -> list[tuple[str, Any]]:
     return [(k, [round(x, 1) for x in v] if isinstance(v, list) else v) for k, v in rows]
 
 
-def _trials(trials: list[dict], goal: str) -> str:
+def _trials(trials: list[dict], goal: str, objective: str = "objective") -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     colours = {"complete": "tab:blue", "pruned": "tab:orange", "fail": "tab:red"}
     best, best_line = None, []
@@ -128,9 +129,9 @@ def _trials(trials: list[dict], goal: str) -> str:
     unique = dict(zip(labels, handles, strict=False))
     ax1.legend(unique.values(), unique.keys())
     ax1.set_xlabel("trial")
-    ax1.set_ylabel("objective")
+    ax1.set_ylabel(objective)
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("objective per epoch")
+    ax2.set_ylabel(f"{objective} per epoch")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     return _png(fig)
@@ -164,14 +165,15 @@ def _search_summary(trials: list[dict], importance: dict[str, float]) -> str:
 
 def search_section(tuning: dict[str, Any], trials: list[dict]) -> str:
     """HTML of a search: summary line, plots and the trials table."""
+    objective = tuning.get("objective", tuning["metric"])
     html_parts = [
         f"<p>{tuning['trials_total']} trials ({tuning['trials_complete']} complete, "
         f"{tuning['trials_pruned']} stopped early, {tuning['trials_failed']} failed; "
         f"{tuning.get('trial_epochs_total', '?')} trial-epochs) with "
-        f"<code>{html.escape(tuning['algorithm'])}</code>; best {tuning['metric']} "
+        f"<code>{html.escape(tuning['algorithm'])}</code>; best {html.escape(objective)} "
         f"{tuning['best_value']:.4f} at trial {tuning['best_trial']}: "
         f"<code>{html.escape(str(tuning['best_params']))}</code></p>",
-        f"<img src='{_trials(trials, tuning['goal'])}' alt='objective vs trial'>",
+        f"<img src='{_trials(trials, tuning['goal'], objective)}' alt='objective vs trial'>",
         f"<img src='{_search_summary(trials, tuning.get('param_importance') or {})}' "
         "alt='pruned vs completed, parameter importance'>",
     ]
@@ -197,27 +199,38 @@ def render_search(tuning: dict[str, Any], trials: list[dict]) -> str:
     )
 
 
-def _quant_table(candidates: list[dict[str, Any]]) -> str:
-    """Every quantization tried: size, latency, throughput, accuracy, verdict."""
+def _quant_table(candidates: list[dict[str, Any]], metric: str = "accuracy") -> str:
+    """Every quantization tried: size, latency, throughput (tokens/s for text), the primary
+    metric on validation, verdict."""
     if not candidates:
         return ""
+    tokens = any(c.get("tokens_per_second_b64") for c in candidates)
     head = (
-        "<tr><th>candidate</th><th>val accuracy</th><th>drop</th><th>size (bytes)</th>"
-        "<th>× fp32</th><th>batch 1 (ms)</th><th>batch 64 (ms)</th><th>× fp32 b64</th>"
-        "<th>samples/s b64</th><th>verdict</th></tr>"
+        f"<tr><th>candidate</th><th>val {html.escape(metric)}</th><th>drop</th>"
+        "<th>size (bytes)</th><th>× fp32</th><th>batch 1 (ms)</th><th>batch 64 (ms)</th>"
+        "<th>× fp32 b64</th><th>samples/s b64</th>"
+        + ("<th>tokens/s b1</th><th>tokens/s b64</th>" if tokens else "")
+        + "<th>verdict</th></tr>"
     )
 
     def num(v: Any, fmt: str) -> str:
         return "" if v is None else format(v, fmt)
 
     rows = "".join(
-        f"<tr><td>{html.escape(c['name'])}</td><td>{num(c.get('val_accuracy'), '.4f')}</td>"
+        f"<tr><td>{html.escape(c['name'])}</td>"
+        f"<td>{num(c.get('val_metric', c.get('val_accuracy')), '.4f')}</td>"
         f"<td>{num(c.get('accuracy_drop'), '+.4f')}</td><td>{num(c.get('size_bytes'), 'd')}</td>"
         f"<td>{num(c.get('size_ratio'), '.2f')}</td><td>{num(c.get('latency_ms_b1'), '.3f')}</td>"
         f"<td>{num(c.get('latency_ms_b64'), '.3f')}</td>"
         f"<td>{num(c.get('latency_ratio_b64'), '.2f')}</td>"
         f"<td>{num(c.get('samples_per_second_b64'), '.0f')}</td>"
-        f"<td>{html.escape(c.get('verdict', ''))}</td></tr>"
+        + (
+            f"<td>{num(c.get('tokens_per_second_b1'), '.0f')}</td>"
+            f"<td>{num(c.get('tokens_per_second_b64'), '.0f')}</td>"
+            if tokens
+            else ""
+        )
+        + f"<td>{html.escape(c.get('verdict', ''))}</td></tr>"
         for c in candidates
     )
     return f"<table>{head}{rows}</table>"
@@ -229,6 +242,9 @@ def _page(title: str, body: str) -> str:
         "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;"
         "text-align:left}img{max-width:100%}.verdict{font-size:1.2em;padding:.5em}"
         ".promoted{background:#e6f4ea}.not{background:#fdecea}"
+        ".grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0;text-align:center;"
+        "font-size:.8em}.grid img{width:64px;height:64px;image-rendering:pixelated}"
+        ".examples td{max-width:420px;white-space:pre-wrap;word-break:break-word}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
@@ -238,7 +254,7 @@ def _page(title: str, body: str) -> str:
 
 def _compare(e: Evaluation) -> str:
     by_batch = {lat.batch_size: lat for lat in e.latency}
-    panels = [("test accuracy", e.fp32.accuracy, e.int8.accuracy)]
+    panels = [(f"test {e.metric}", e.fp32.value, e.int8.value)]
     for batch in (1, 64):
         lat = by_batch.get(batch)
         panels.append((f"latency batch {batch} (ms)", lat and lat.fp32_ms, lat and lat.int8_ms))
@@ -253,7 +269,29 @@ def _compare(e: Evaluation) -> str:
     return _png(fig)
 
 
+# A confusion matrix with more classes than this shows those with the most errors only.
+MAX_CONFUSION_CLASSES = 20
+
+
+def top_error_classes(matrix: list[list[int]], limit: int = MAX_CONFUSION_CLASSES) -> list[int]:
+    """Indices of the ``limit`` classes with the most errors (a true sample of the class
+    predicted as another, or another class's sample predicted as it), in class order; all
+    classes if there are at most ``limit``."""
+    k = len(matrix)
+    if k <= limit:
+        return list(range(k))
+    errors = [
+        sum(matrix[i]) - matrix[i][i] + sum(matrix[r][i] for r in range(k)) - matrix[i][i]
+        for i in range(k)
+    ]
+    ranked = sorted(range(k), key=lambda i: (-errors[i], i))[:limit]
+    return sorted(ranked)
+
+
 def _confusion(matrix: list[list[int]], classes: list[str]) -> str:
+    keep = top_error_classes(matrix)
+    matrix = [[matrix[i][j] for j in keep] for i in keep]
+    classes = [classes[i] for i in keep]
     size = max(3.5, 0.45 * len(classes))
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
@@ -261,7 +299,7 @@ def _confusion(matrix: list[list[int]], classes: list[str]) -> str:
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    peak = max(max(r) for r in matrix) or 1
+    peak = max((max(r) for r in matrix), default=0) or 1
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             if v:
@@ -270,32 +308,134 @@ def _confusion(matrix: list[list[int]], classes: list[str]) -> str:
     return _png(fig)
 
 
+def per_class_section(scores: ModelScores, classes: list[str]) -> str:
+    """The confusion matrix (the classes with most errors when there are many) and per-class
+    accuracy of a classification model; empty for other tasks."""
+    matrix = scores.confusion_matrix
+    if not matrix or not classes:
+        return ""
+    shown = top_error_classes(matrix)
+    note = (
+        f"<p>{len(classes)} classes: the matrix shows the {len(shown)} with the most errors.</p>"
+        if len(shown) < len(classes)
+        else ""
+    )
+    return (
+        "<h2>Per class (fp32)</h2>" + note
+        + f"<img src='{_confusion(matrix, classes)}' alt='confusion matrix'>"
+        + _table(list((scores.per_class_accuracy or {}).items()))
+    )  # fmt: skip
+
+
+def metrics_table(e: Evaluation) -> str:
+    """Every single-number result of both models side by side (primary metric first), the
+    scoring throughput and, for seq2seq, the copy-the-source baseline."""
+    fp32, int8 = e.fp32.scalars(), e.int8.scalars()
+    rows = []
+    for name, value in fp32.items():
+        if name.startswith("copy_baseline_"):
+            continue
+        primary = " (primary)" if name == e.metric else ""
+        rows.append((f"{name}{primary}", value, int8.get(name)))
+    rows.append(("test samples/s (scoring)", e.fp32.samples_per_second,
+                 e.int8.samples_per_second))  # fmt: skip
+    body = "".join(
+        f"<tr><th>{html.escape(n)}</th><td>{_fmt(a)}</td><td>{_fmt(b)}</td></tr>"
+        for n, a, b in rows
+    )
+    baselines = "".join(
+        f"<tr><th>{html.escape(n)}</th><td colspan='2'>{_fmt(v)}</td></tr>"
+        for n, v in fp32.items()
+        if n.startswith("copy_baseline_")
+    )
+    return f"<table><tr><th>test</th><th>fp32</th><th>int8</th></tr>{body}{baselines}</table>"
+
+
+def _data_uri(value: Any) -> str | None:
+    """``value`` if it is a base64 image data URI (what an example image must be), else None."""
+    if isinstance(value, str) and re.fullmatch(
+        r"data:image/(png|jpeg|webp);base64,[A-Za-z0-9+/=]+", value
+    ):
+        return value
+    return None
+
+
+def examples_section(examples: list[dict[str, Any]], kind: str | None = None) -> str:
+    """The workload's example predictions (``Scores.examples``), by their fields: misclassified
+    images as a grid with true and predicted labels; text with true and predicted labels; or
+    source / reference / prediction (seq2seq). All text is HTML-escaped."""
+    if not examples:
+        return ""
+    esc = lambda v: html.escape(str(v))  # noqa: E731
+    first = examples[0]
+    if "image" in first:
+        cells = []
+        for ex in examples:
+            uri = _data_uri(ex.get("image"))
+            img = f"<img src='{uri}' alt='test image'>" if uri else "<span>(no image)</span>"
+            cells.append(
+                f"<figure>{img}<figcaption>true <b>{esc(ex.get('true', ''))}</b><br>predicted "
+                f"<b>{esc(ex.get('predicted', ''))}</b></figcaption></figure>"
+            )
+        return (
+            "<h2>Misclassified test images (fp32)</h2><div class='grid'>" + "".join(cells)
+            + "</div>"
+        )  # fmt: skip
+    if "source" in first:
+        head = "<tr><th>source</th><th>reference</th><th>prediction</th></tr>"
+        rows = "".join(
+            f"<tr><td>{esc(ex.get('source', ''))}</td><td>{esc(ex.get('reference', ''))}</td>"
+            f"<td>{esc(ex.get('prediction', ''))}</td></tr>"
+            for ex in examples
+        )
+        return f"<h2>Example predictions (fp32)</h2><table class='examples'>{head}{rows}</table>"
+    head = "<tr><th>text</th><th>true</th><th>predicted</th></tr>"
+    rows = "".join(
+        f"<tr><td>{esc(ex.get('text', ''))}</td><td>{esc(ex.get('true', ''))}</td>"
+        f"<td>{esc(ex.get('predicted', ''))}</td></tr>"
+        for ex in examples
+    )
+    return (
+        f"<h2>Misclassified test examples (fp32)</h2><table class='examples'>{head}{rows}</table>"
+    )
+
+
 def _objective(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}"
 
 
-def _table(rows: list[tuple[str, Any]]) -> str:
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return html.escape(str(v))
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
 
-    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{fmt(v)}</td></tr>" for k, v in rows)
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 
 
 def render(e: Evaluation) -> str:
-    """HTML of the run's evaluation: accuracy, training, the search, fp32 vs int8, per class."""
+    """HTML of the run's evaluation: the primary metric and the others, training, the search,
+    fp32 vs int8, per class (classification), example predictions."""
     verdict = "promoted" if e.promoted else "not promoted"
-    latency = [
-        (f"latency batch {lat.batch_size} fp32 / int8 (ms)",
-         f"{lat.fp32_ms:.3f} / {lat.int8_ms:.3f}")
-        for lat in e.latency
-    ]  # fmt: skip
+    metric = html.escape(e.metric)
+    latency = []
+    for lat in e.latency:
+        latency.append((f"latency batch {lat.batch_size} fp32 / int8 (ms)",
+                        f"{lat.fp32_ms:.3f} / {lat.int8_ms:.3f}"))  # fmt: skip
+        if lat.tokens:
+            latency.append((f"tokens/s batch {lat.batch_size} fp32 / int8",
+                            f"{lat.tokens_per_second('fp32'):.0f} / "
+                            f"{lat.tokens_per_second('int8'):.0f}"))  # fmt: skip
     t = e.train
+    baseline = e.copy_baseline
     headline = [
-        ("test accuracy fp32", e.fp32.accuracy),
-        ("test accuracy int8", e.int8.accuracy),
+        (f"test {e.metric} fp32", e.fp32.value),
+        (f"test {e.metric} int8", e.int8.value),
+        *([(f"copy-the-source {e.metric}", baseline)] if baseline is not None else []),
         ("quantization", e.quantization["method"]),
         ("model size fp32 / int8 (bytes)", f"{e.sizes.weights_fp32} / {e.sizes.weights_int8}"),
         *latency,
@@ -306,15 +446,19 @@ def render(e: Evaluation) -> str:
         ("processes (world size)", t.world_size),
         ("ranks ended with identical weights", t.ranks_identical),
         ("dataset version", e.dataset_version),
-        ("promotion bar (min accuracy)", e.min_accuracy),
+        (f"promotion bar (min {e.metric})", e.min_value),
     ]
+    beyond = ""
+    if baseline is not None and e.beat_copy_baseline:
+        beyond = f", and above copying the source ({baseline:.4f})"
     parts = [
         f"<h1>kubetrain run report</h1><p class='verdict {verdict.split()[0]}'>Model {verdict}: "
-        f"test accuracy fp32 {e.fp32.accuracy:.4f}, int8 {e.int8.accuracy:.4f}, "
-        f"bar {e.min_accuracy:.4f}.</p>",
+        f"test {metric} fp32 {e.fp32.value:.4f}, int8 {e.int8.value:.4f}, "
+        f"bar {e.min_value:.4f}{beyond}.</p>",
         "<h2>Summary</h2>" + _table(headline),
+        "<h3>All test metrics</h3>" + metrics_table(e),
         "<h2>Training</h2>",
-        f"<img src='{_curves(e.history)}' alt='loss and accuracy curves'>",
+        f"<img src='{_curves(e.history)}' alt='loss and validation metric curves'>",
         "<h3>Efficiency</h3>",
         f"<img src='{_efficiency(e.history)}' alt='step time split, throughput, CPU'>",
         _table(_efficiency_rows(t)),
@@ -329,12 +473,11 @@ def render(e: Evaluation) -> str:
         "<h2>fp32 vs int8</h2>",
         f"<p>{html.escape(quant.get('decision', ''))}</p>",
         f"<img src='{_compare(e)}' alt='fp32 vs int8'>",
-        _quant_table(quant.get("candidates") or []),
+        _quant_table(quant.get("candidates") or [], quant.get("metric", "accuracy")),
         "<p>Latency: median of repeated forward passes in this process "
         f"({e.latency_threads} torch thread(s)); measure on the target hardware before "
         "relying on it.</p>",
-        "<h2>Per class (fp32)</h2>",
-        f"<img src='{_confusion(e.fp32.confusion_matrix, e.classes)}' alt='confusion matrix'>",
-        _table(list(e.fp32.per_class_accuracy.items())),
+        per_class_section(e.fp32, e.classes or []),
+        examples_section(e.fp32.examples, e.kind),
     ]
     return _page("kubetrain report", "".join(parts))

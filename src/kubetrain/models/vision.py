@@ -83,6 +83,11 @@ def build_model(
     if cfg.name in BUILTIN:
         raise ConfigError(f"config error: model.name: {cfg.name!r} is built by models.networks")
     kind, _, target = cfg.name.partition(":")
+    if kind in ("torchvision", "timm") and len(input_shape) != 3:
+        raise ConfigError(
+            f"config error: model.name: {cfg.name} needs image data (C,H,W); this data has "
+            f"shape {list(input_shape)} (use 'mlp', or an image source: see README 'Vision')"
+        )
     if kind == "torchvision":
         model, head = _torchvision(target, input_shape, num_classes, dict(cfg.kwargs))
     elif kind == "timm":

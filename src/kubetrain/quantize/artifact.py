@@ -8,6 +8,13 @@ Formats:
   ``torch.export.load`` falls back to full unpickling for such payloads.
 - TorchScript (``model.ts``): only ``dynamic_int8/fbgemm`` — eager ``torch.ao`` quantized modules
   cannot be exported. A TorchScript archive holds TorchScript code and tensors, not Python pickle.
+- int8 state dict (``model_state.pt``, ``format: state_dict``): models that take token ids
+  (text). A seq2seq Transformer decodes through ``encode``/``decode`` and its attributes (special
+  ids, sizes), which an exported ``forward`` graph does not keep, and batches of text vary in
+  length. So its Linear layers are quantized in place (``quantize_linear``) and the state dict
+  is saved; loading rebuilds the fp32 network (kubetrain's code and the model artifact are
+  needed), quantizes it the same way and loads the int8 weights (``torch.load(weights_only=
+  True)``: torchao's and torch.ao's int8 tensors are allow-listed, nothing else is unpickled).
 
 ``quant.json`` says how to run the program: ``eager`` (``ExportedProgram.module()``), ``inductor``
 (the same, compiled by ``torch.compile``: the PT2E int8 patterns only become int8 kernels there)
@@ -30,6 +37,7 @@ from kubetrain.artifacts import QUANT_INFO
 from kubetrain.errors import KubetrainError
 
 MAX_BATCH = 1 << 16
+STATE_DICT_FORMAT = "state_dict"
 
 # Custom-op namespaces a graph may call -> the module whose import registers them.
 _OP_MODULES = {"torchao": "torchao", "quantized_decomposed": "torchao.quantization.pt2e"}
@@ -93,12 +101,17 @@ class Compiled(nn.Module):
             return self.inner(x)
 
 
-def load_artifact(qdir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The runnable model of a quantized artifact directory and its ``quant.json``."""
+def load_artifact(qdir: Path, fp32: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The runnable model of a quantized artifact directory and its ``quant.json``; an int8
+    state dict needs ``fp32``, the rebuilt fp32 network (``load_state_dict_artifact``)."""
     info_file = qdir / QUANT_INFO
     if not info_file.is_file():
         raise KubetrainError(f"{qdir}: not a kubetrain quantized model (no {QUANT_INFO})")
     info = json.loads(info_file.read_text())
+    if info["format"] == STATE_DICT_FORMAT:
+        if fp32 is None:
+            raise KubetrainError(f"{qdir}: an int8 state dict: rebuilding it needs the fp32 model")
+        return load_state_dict_artifact(qdir, fp32), info
     if info["format"] == "torchscript":
         return torch.jit.load(str(qdir / info["file"])).eval(), info
     module = load_program(qdir / info["file"], info.get("imports", []))
@@ -118,3 +131,55 @@ def tensor_bytes(path: Path) -> int:
             and "sample_inputs" not in i.filename
             and re.fullmatch(r"(weight_|tensor_)?\d+", i.filename.rsplit("/", 1)[-1])
         )
+
+
+def quantize_linear(model: nn.Module, method: str, backend: str) -> nn.Module:
+    """``model`` with every ``nn.Linear`` int8: ``weight_only_int8`` or ``dynamic_int8`` with
+    torchao (in place, ``quantize_``) or ``dynamic_int8`` with fbgemm (``quantize_dynamic``,
+    the modules replaced in place). The model keeps its class, methods and attributes."""
+    import warnings
+
+    if backend == "fbgemm":
+        from torch.ao.quantization import quantize_dynamic
+
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            raise KubetrainError("dynamic_int8/fbgemm: this CPU build has no fbgemm engine")
+        torch.backends.quantized.engine = "fbgemm"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao deprecation
+            return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    if method == "weight_only_int8":
+        quantize_(model, Int8WeightOnlyConfig())
+    elif method == "dynamic_int8":
+        quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    else:
+        raise KubetrainError(f"{method}/{backend}: not a Linear-layer int8 method")
+    return model
+
+
+def load_state_dict_artifact(qdir: Path, fp32: nn.Module) -> nn.Module:
+    """The model of an int8 state-dict artifact: ``fp32`` (the rebuilt fp32 network, weights
+    loaded or not) quantized like the saved one, then the saved int8 weights (eval mode).
+
+    Raises:
+        KubetrainError: ``qdir`` has no quant.json, or the weights do not fit the network.
+    """
+    info = json.loads((qdir / QUANT_INFO).read_text())
+    model = fp32.eval()
+    if info["method"] != "none":
+        model = quantize_linear(model, info["method"], info["backend"])
+    try:
+        state = torch.load(qdir / info["file"], weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise KubetrainError(
+            f"{qdir / info['file']}: does not load into the model: {first}"
+        ) from None
+    return model.eval()

@@ -30,7 +30,8 @@ class QuantizeConfig(Section):
 
     method: Literal[METHODS] = Field(  # type: ignore[valid-type]
         "auto",
-        description="auto: try auto_candidates (cheap first), keep the fastest at batch 64 within "
+        description="auto: try auto_candidates (cheap first; for a text model only those that "
+        "apply: int8 Linear layers), keep the fastest at batch 64 within "
         "max_accuracy_drop; weight_only_int8: int8 weights (torchao); dynamic_int8: int8 weights "
         "and per-batch activation scales (dynamic_backend); static_int8: PT2E post-training "
         "quantization with the x86 inductor quantizer, calibrated on training data; qat_int8: "
@@ -52,8 +53,9 @@ class QuantizeConfig(Section):
         0.005,
         ge=0,
         le=1,
-        description="Largest validation-accuracy loss against fp32 that an int8 model may have "
-        "(0.005 = half a point).",
+        description="Largest loss of the primary validation metric against fp32 that an int8 "
+        "model may have (accuracy for classification, BLEU or ROUGE-L (0-1) for seq2seq; 0.005 = "
+        "half a point).",
     )
     qat_on_drop: bool = Field(
         True, description="If post-training int8 loses too much, try qat_int8 before giving up."

@@ -28,32 +28,79 @@ from kubetrain.workloads.base import Workload
 log = logging.getLogger(__name__)
 
 
-def load_model(model_dir: str | Path) -> nn.Module:
-    """Rebuild the fp32 network of a model artifact and load its weights (eval mode)."""
+def load_model(model_dir: str | Path, workload: Workload | None = None) -> nn.Module:
+    """Rebuild the fp32 network of a model artifact and load its weights (eval mode).
+
+    Args:
+        model_dir: the train step's model artifact.
+        workload: the workload the model was trained with (``workload_for_model``); its
+            ``build_model`` rebuilds the network (text models need the dataset's tokenizer
+            sizes); without one, ``build_from_spec`` does (tabular and image models).
+
+    Raises:
+        KubetrainError: ``model_dir`` is not a model artifact.
+    """
     trained = TrainedModel.load(model_dir)
-    model = build_from_spec(trained.spec)
+    if workload is not None and workload.kind != "tabular":
+        model = workload.build_model(workload.cfg.model)
+    else:
+        model = build_from_spec(trained.spec)
     model.load_state_dict(torch.load(trained.weights, weights_only=True))
     return model.eval()
 
 
-def load_quantized(qdir: str | Path) -> nn.Module:
-    """The runnable model of a quantized artifact (needs torch, and torchao for its ops)."""
-    return artifact.load_artifact(Path(qdir))[0]
+def load_quantized(
+    qdir: str | Path, model_dir: str | Path | None = None, workload: Workload | None = None
+) -> nn.Module:
+    """The runnable model of a quantized artifact (needs torch, and torchao for its ops).
+
+    An int8 state dict (``format: state_dict``, Transformers whose decoding calls methods
+    beyond ``forward``) is loaded into the fp32 network rebuilt from ``model_dir`` (with
+    ``workload``, see ``load_model``) and quantized the same way; the other formats need
+    neither.
+
+    Raises:
+        KubetrainError: ``qdir`` is not a quantized artifact, or a state dict without
+            ``model_dir``.
+    """
+    qdir = Path(qdir)
+    info = QuantizedModel.load(qdir).info
+    if info.get("format") == artifact.STATE_DICT_FORMAT:
+        if model_dir is None:
+            raise KubetrainError(f"{qdir}: an int8 state dict: rebuilding it needs the fp32 model")
+        return artifact.load_state_dict_artifact(qdir, load_model(model_dir, workload))
+    return artifact.load_artifact(qdir)[0]
 
 
 def quantize_artifact(
-    model_dir: str | Path, dataset_dir: str | Path, out_dir: str | Path, qcfg: QuantizeConfig
+    model_dir: str | Path,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    qcfg: QuantizeConfig,
+    workload: Workload | None = None,
 ) -> dict[str, Any]:
     """Quantize the model in ``model_dir`` as ``qcfg`` says into ``out_dir``; returns quant.json.
 
-    Raises KubetrainError when no int8 model is within ``max_accuracy_drop`` and
-    ``on_drop`` is ``fail`` (the message has every candidate's numbers).
+    Args:
+        model_dir: the train step's model artifact.
+        dataset_dir: its dataset artifact (calibration: train split; the gate: val split).
+        out_dir: where the quantized artifact is written.
+        qcfg: the quantize section.
+        workload: the workload to read the data and score with (default: the model's,
+            ``workload_for_model``).
+
+    Raises:
+        KubetrainError: no int8 model is within ``max_accuracy_drop`` (on the workload's
+            primary metric) and ``on_drop`` is ``fail`` (the message has every candidate's
+            numbers), or an explicit method failed.
+        ConfigError: the explicit method does not apply to the model (e.g. static_int8 for a
+            text model).
     """
     threads = torch.get_num_threads()
     if qcfg.num_threads:
         torch.set_num_threads(qcfg.num_threads)
     try:
-        return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg)
+        return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, workload)
     finally:
         torch.set_num_threads(threads)
 
@@ -63,53 +110,84 @@ class _Reference:
     """The fp32 model and what each candidate is built from and measured against."""
 
     model: nn.Module
+    model_dir: Path
     workload: Workload
     x_train: np.ndarray  # the training samples calibration and QAT use (qcfg.qat_samples)
     y_train: np.ndarray
     qcfg: QuantizeConfig
     work: Path  # candidates are built here
-    accuracy: float  # fp32 validation score (the workload's primary metric)
+    metric: str  # the workload's primary metric (accuracy, bleu, ...): what the gate is on
+    accuracy: float  # fp32 validation score on ``metric``
     info: dict[str, Any]  # the fp32 model exported like a candidate: size, file, latency
 
     @property
     def shape(self) -> list[int]:
         return self.workload.data.input_shape
 
+    @property
+    def token_inputs(self) -> bool:
+        """The model takes token ids (a text model): Linear-layer int8, saved as a state dict."""
+        return not torch.from_numpy(self.x_train[:1]).is_floating_point()
+
     def val_score(self, model: nn.Module) -> float:
-        return self.workload.score(model, "val").value
+        return self.workload.score(model, "val").values[self.metric]
 
 
 def _reference(
-    model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig
-) -> _Reference:
+    model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig,
+    workload: Workload | None,
+) -> _Reference:  # fmt: skip
     from kubetrain.quantize import methods
     from kubetrain.workloads import workload_for_model
 
-    model = load_model(model_dir)
-    workload = workload_for_model(dataset_dir, model_dir)
+    workload = workload or workload_for_model(dataset_dir, model_dir)
+    model = load_model(model_dir, workload)
     x_train, y_train = workload.examples("train", qcfg.qat_samples, seed=qcfg.seed)
     work = out_dir / "candidates"
+    scores = workload.score(model, "val")
     return _Reference(
         model=model,
+        model_dir=model_dir,
         workload=workload,
         x_train=x_train.numpy(),
         y_train=y_train.numpy(),
         qcfg=qcfg,
         work=work,
-        accuracy=workload.score(model, "val").value,
+        metric=scores.metric,
+        accuracy=scores.value,
         info=methods.fp32_program(model, x_train[:64], work / "none_fp32"),
     )
 
 
-def _candidate_names(qcfg: QuantizeConfig) -> list[str]:
-    """What to try first: ``auto``'s candidates cheapest first, or the one named method."""
+def _candidate_names(qcfg: QuantizeConfig, token_inputs: bool = False) -> list[str]:
+    """What to try first: ``auto``'s candidates that apply to the model, cheapest first, or
+    the one named method.
+
+    Raises:
+        ConfigError: the named method does not apply to the model (one line: why).
+    """
+    from kubetrain.errors import ConfigError
     from kubetrain.quantize import methods
 
     if qcfg.method == "none":
         return []
     if qcfg.method == "auto":
-        return [n for n in methods.CHEAP_FIRST if n in qcfg.auto_candidates]
-    return [methods.candidate_for(qcfg.method, qcfg)]
+        names = [n for n in methods.CHEAP_FIRST if n in qcfg.auto_candidates]
+        skipped = [n for n in names if methods.not_applicable(n, token_inputs)]
+        if skipped:
+            log.info("quantize: auto skips %s (not for a text model)", ", ".join(skipped))
+        kept = [n for n in names if n not in skipped]
+        if not kept:
+            raise ConfigError(
+                "config error: quantize.auto_candidates: none applies to a text model (use "
+                f"{', '.join(methods.TOKEN_METHODS)})"
+            )
+        return kept
+    name = methods.candidate_for(qcfg.method, qcfg)
+    why = methods.not_applicable(name, token_inputs)
+    if why:
+        raise ConfigError(f"config error: quantize.method: {why}")
+    return [name]
 
 
 def _attempt(ref: _Reference, name: str) -> tuple[dict[str, Any], nn.Module | None]:
@@ -122,20 +200,31 @@ def _attempt(ref: _Reference, name: str) -> tuple[dict[str, Any], nn.Module | No
 
     cdir = ref.work / name.replace("/", "_")
     try:
-        info = methods.build(name, ref.model, ref.x_train, ref.y_train, ref.shape, ref.qcfg, cdir)
-        runnable, _ = artifact.load_artifact(cdir)  # measure what was saved
-        info["val_accuracy"] = ref.val_score(runnable)
+        if ref.token_inputs:
+            info = methods.build_state_dict(name, ref.model, ref.qcfg, cdir)
+            fresh = load_model(ref.model_dir, ref.workload)
+            runnable, _ = artifact.load_artifact(cdir, fresh)  # measure what was saved
+        else:
+            info = methods.build(
+                name, ref.model, ref.x_train, ref.y_train, ref.shape, ref.qcfg, cdir
+            )
+            runnable, _ = artifact.load_artifact(cdir)  # measure what was saved
+        info["val_metric"] = ref.val_score(runnable)
     except Exception as err:
         if ref.qcfg.method != "auto":
             raise KubetrainError(f"quantize: {name} failed: {type(err).__name__}: {err}") from err
         first = (str(err).strip().splitlines() or [""])[0][:200]
         log.warning("quantize: %s failed: %s: %s", name, type(err).__name__, first)
         return {"name": name, "error": f"{type(err).__name__}: {first}"}, None
+    info["metric"] = ref.metric
+    if ref.metric == "accuracy":
+        info["val_accuracy"] = info["val_metric"]
     info["dir"] = str(cdir)
-    info["accuracy_drop"] = ref.accuracy - info["val_accuracy"]
+    # The gate's drop is on the primary metric (accuracy, BLEU, ...), whatever its name.
+    info["accuracy_drop"] = ref.accuracy - info["val_metric"]
     info["size_ratio"] = info["size_bytes"] / ref.info["size_bytes"]
     info["file_ratio"] = info["file_bytes"] / ref.info["file_bytes"]
-    log.info("%s: val accuracy %.4f (fp32 %.4f)", name, info["val_accuracy"], ref.accuracy)
+    log.info("%s: val %s %.4f (fp32 %.4f)", name, ref.metric, info["val_metric"], ref.accuracy)
     return info, runnable
 
 
@@ -157,22 +246,27 @@ def _try_candidates(ref: _Reference, names: list[str]) -> list[tuple[dict, nn.Mo
 def _measure_latency(ref: _Reference, tried: list[tuple[dict, nn.Module | None]]) -> None:
     """Batch-1 and batch-64 latency of fp32 and every built candidate, timed side by side;
     written into the candidates' infos and ``ref.info``."""
-    from kubetrain.evaluate.measure import compare_latency
+    from kubetrain.evaluate.measure import compare_latency, latency_inputs
 
     built = {c["name"]: m for c, m in tried if m is not None}
     if not built:
         return
     fp32_name = "none/fp32"
     runs = {fp32_name: ref.model, **built}
-    x_val, _ = ref.workload.examples("val", 64, seed=ref.qcfg.seed)
+    x_val, y_val = ref.workload.examples("val", 64, seed=ref.qcfg.seed)
+    inputs = latency_inputs(x_val, y_val, ref.workload.data.kind)
     for batch in (1, 64):
-        lat = compare_latency(runs, x_val.numpy(), ref.shape, batch, ref.qcfg.latency_repeats)
+        lat = compare_latency(runs, inputs, None, batch, ref.qcfg.latency_repeats)
         for c, _ in tried:
             if c["name"] in lat:
                 c[f"latency_ms_b{batch}"] = lat[c["name"]]["median"]
                 c[f"latency_ms_b{batch}_min"] = lat[c["name"]]["min"]
                 c[f"latency_ms_b{batch}_max"] = lat[c["name"]]["max"]
         ref.info[f"latency_ms_b{batch}"] = lat[fp32_name]["median"]
+        tokens = lat[fp32_name]["tokens"]
+        if tokens:  # a text model: token positions per second too
+            for c in [ref.info] + [c for c, _ in tried if f"latency_ms_b{batch}" in c]:
+                c[f"tokens_per_second_b{batch}"] = tokens * 1e3 / c[f"latency_ms_b{batch}"]
     for c, _ in tried:
         if "latency_ms_b64" in c:
             c["latency_ratio_b64"] = c["latency_ms_b64"] / ref.info["latency_ms_b64"]
@@ -191,21 +285,24 @@ def _decide(ref: _Reference, candidates: list[dict], tried_any: bool) -> tuple[d
     select.verdicts(candidates, chosen, budget)
     if not tried_any:
         return None, "quantize.method none"
-    decision = select.explain(chosen, candidates, budget)
+    decision = select.explain(chosen, candidates, budget, ref.metric)
     if chosen is None:
         if ref.qcfg.on_drop == "fail":
             raise KubetrainError(
-                f"quantize: {decision} (fp32 validation accuracy {ref.accuracy:.4f}); raise "
+                f"quantize: {decision} (fp32 validation {ref.metric} {ref.accuracy:.4f}); raise "
                 "quantize.max_accuracy_drop or set quantize.on_drop=keep_fp32"
             )
         decision += "; keeping fp32 (quantize.on_drop=keep_fp32)"
     return chosen, decision
 
 
-def _quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig) -> dict:
+def _quantize(
+    model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig,
+    workload: Workload | None,
+) -> dict:  # fmt: skip
     started = time.perf_counter()
-    ref = _reference(model_dir, dataset_dir, out_dir, qcfg)
-    names = _candidate_names(qcfg)
+    ref = _reference(model_dir, dataset_dir, out_dir, qcfg, workload)
+    names = _candidate_names(qcfg, ref.token_inputs)
     tried = _try_candidates(ref, names)
     _measure_latency(ref, tried)
     candidates = [c for c, _ in tried]
@@ -213,12 +310,15 @@ def _quantize(model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeC
     log.info("quantize: %s", decision)
     _publish(Path(chosen["dir"]) if chosen else ref.work / "none_fp32", out_dir)
     fp32 = ref.info
-    fp32.update(val_accuracy=ref.accuracy, size_ratio=1.0, accuracy_drop=0.0)
+    fp32.update(val_metric=ref.accuracy, size_ratio=1.0, accuracy_drop=0.0, metric=ref.metric)
+    if ref.metric == "accuracy":
+        fp32["val_accuracy"] = ref.accuracy
     info = {
         **{k: v for k, v in (chosen or fp32).items() if k not in ("dir", "verdict")},
         "decision": decision,
         "gate_passed": chosen is not None or not names,
         "max_accuracy_drop": qcfg.max_accuracy_drop,
+        "metric": ref.metric,
         "fp32": {k: v for k, v in fp32.items() if k != "dir"},
         "fp32_size_bytes": fp32["size_bytes"],
         "fp32_file_bytes": fp32["file_bytes"],

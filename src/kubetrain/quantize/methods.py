@@ -8,6 +8,10 @@
 | `dynamic_int8/fbgemm`      | ``torch.ao.quantization.quantize_dynamic`` (deprecated) | TorchScript |
 | `static_int8/x86_inductor` | PT2E + ``X86InductorQuantizer``, calibrated on train    | inductor    |
 | `qat_int8/x86_inductor`    | PT2E QAT, same quantizer: ranges searched, fine-tuned   | inductor    |
+
+Models that take token ids (the text Transformers) get the Linear-layer methods only
+(``TOKEN_METHODS``), saved as an int8 state dict (``artifact.STATE_DICT_FORMAT``): see
+``not_applicable`` for why the PT2E ones are left out.
 """
 
 from __future__ import annotations
@@ -25,12 +29,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubetrain.artifacts import QUANT_INFO, QUANT_PROGRAM, QUANT_SCRIPT
+from kubetrain.artifacts import QUANT_INFO, QUANT_PROGRAM, QUANT_SCRIPT, QUANT_STATE_DICT
 from kubetrain.errors import KubetrainError
 from kubetrain.quantize import artifact
 from kubetrain.quantize.config import CANDIDATES, QuantizeConfig
 
 CHEAP_FIRST = CANDIDATES  # the order auto tries them in
+# What applies to a model whose inputs are token ids: int8 Linear layers.
+TOKEN_METHODS = ("weight_only_int8/torchao", "dynamic_int8/torchao", "dynamic_int8/fbgemm")
+
+
+def not_applicable(name: str, token_inputs: bool) -> str | None:
+    """Why candidate ``name`` does not apply to the model (None if it does), in one line.
+
+    ``token_inputs``: the model takes integer token ids (a text model).
+    """
+    if token_inputs and name not in TOKEN_METHODS:
+        return (
+            f"{name} does not apply to a text model: PT2E int8 calibrates one exported forward "
+            "graph, and a text model takes token ids of varying length and (seq2seq) decodes "
+            "through encode/decode, which that graph does not keep; use dynamic_int8 or "
+            "weight_only_int8 (its Linear layers in int8)"
+        )
+    return None
+
+
+def build_state_dict(
+    name: str, model: nn.Module, qcfg: QuantizeConfig, out_dir: Path
+) -> dict[str, Any]:
+    """Candidate ``name`` for a model that takes token ids: a copy of ``model`` with its Linear
+    layers in int8 (``artifact.quantize_linear``), saved as a state dict; returns its info."""
+    method, backend = name.split("/")
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    qmodel = copy.deepcopy(model).eval()
+    if method != "none":
+        qmodel = artifact.quantize_linear(qmodel, method, backend)
+    info = _save_state(qmodel, out_dir, name, method, backend)
+    info["quantize_seconds"] = time.perf_counter() - started
+    (out_dir / QUANT_INFO).write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _save_state(model: nn.Module, out_dir: Path, name: str, method: str, backend: str) -> dict:
+    path = out_dir / QUANT_STATE_DICT
+    torch.save(model.state_dict(), path)
+    size = path.stat().st_size
+    return {
+        "name": name,
+        "method": method,
+        "backend": backend,
+        "format": artifact.STATE_DICT_FORMAT,
+        "file": QUANT_STATE_DICT,
+        "runtime": "eager",
+        "imports": ["torchao"] if backend == "torchao" else [],
+        # A state dict is little besides its tensors: its size is the weights' size.
+        "size_bytes": size,
+        "file_bytes": size,
+    }
 
 
 def candidate_for(method: str, qcfg: QuantizeConfig) -> str:
@@ -89,7 +145,7 @@ def build(
 
 
 def _batch(x: np.ndarray, input_shape: list[int], idx: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(x[idx.numpy()]).view(-1, *input_shape)
+    return torch.from_numpy(x[idx.numpy()]).reshape(-1, *input_shape)
 
 
 def _torchao(model: nn.Module, method: str) -> None:
@@ -296,8 +352,13 @@ def _set_range(fq: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
 
 
 def fp32_program(model: nn.Module, example: torch.Tensor, out_dir: Path) -> dict[str, Any]:
-    """The fp32 model as an exported program (what ``on_drop: keep_fp32`` ships)."""
+    """The fp32 model as an exported program (what ``on_drop: keep_fp32`` ships); a model
+    that takes token ids as a state dict, like its int8 candidates."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not example.is_floating_point():
+        info = _save_state(model.eval(), out_dir, "none/fp32", "none", "fp32")
+        (out_dir / QUANT_INFO).write_text(json.dumps(info, indent=2))
+        return info
     imports = artifact.export_program(model.eval(), example, out_dir / QUANT_PROGRAM)
     info = {
         "name": "none/fp32",

@@ -6,7 +6,8 @@ from typing import Any
 
 
 def within_budget(candidate: dict[str, Any], max_drop: float) -> bool:
-    """True if a built candidate loses at most ``max_drop`` validation accuracy against fp32."""
+    """True if a built candidate loses at most ``max_drop`` of the primary validation metric
+    (accuracy, BLEU, ...: ``accuracy_drop``) against fp32."""
     drop = candidate.get("accuracy_drop")
     return drop is not None and drop <= max_drop + 1e-9
 
@@ -31,9 +32,12 @@ def verdicts(candidates: list[dict[str, Any]], chosen: dict | None, max_drop: fl
 
 
 def explain(
-    chosen: dict[str, Any] | None, candidates: list[dict[str, Any]], max_drop: float
+    chosen: dict[str, Any] | None,
+    candidates: list[dict[str, Any]],
+    max_drop: float,
+    metric: str = "accuracy",
 ) -> str:
-    """One sentence saying what was kept and why."""
+    """One sentence saying what was kept and why (``metric``: what the drop is measured on)."""
     if chosen is None:
         tried = ", ".join(f"{c['name']} ({c['verdict']})" for c in candidates)
         return f"no int8 candidate within the accuracy budget {max_drop:.4f}; tried {tried}"
@@ -41,6 +45,6 @@ def explain(
     rest = "; ".join(f"{c['name']}: {c['verdict']}" for c in others)
     return (
         f"kept {chosen['name']}: batch-64 latency {chosen['latency_ratio_b64']:.2f}× fp32, "
-        f"size {chosen['size_ratio']:.2f}× fp32, validation accuracy drop "
+        f"size {chosen['size_ratio']:.2f}× fp32, validation {metric} drop "
         f"{chosen['accuracy_drop']:+.4f} ≤ {max_drop:.4f}" + (f" (others — {rest})" if rest else "")
     )

@@ -34,6 +34,7 @@ from kubetrain.launch.kubernetes import (
     build_train_job,
     worker_command,
 )
+from kubetrain.workloads import kind_of
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +288,7 @@ def search_result(
         "experiment": f"{cfg.cluster.namespace}/{name}",
         "algorithm": tune.algorithm,
         "metric": tune.objective_metric,
+        "objective": tune.objective_name(kind_of(cfg.data)),
         "goal": tune.goal,
         "best_params": best_params,
         "best_value": best_value,

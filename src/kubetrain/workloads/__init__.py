@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # kind -> "module:Workload class"; the module also has ``build(cfg.data, out_dir) -> meta``.
 KINDS: dict[str, str] = {
     "tabular": "kubetrain.workloads.tabular:TabularWorkload",
+    "images": "kubetrain.workloads.images:ImageWorkload",
     "text_classification": "kubetrain.workloads.text:TextClassificationWorkload",
     "seq2seq": "kubetrain.workloads.text:Seq2SeqWorkload",
 }
@@ -44,6 +45,10 @@ def kind_of(cfg: DataConfig) -> str:
     """Which kind of dataset ``cfg`` describes (what preprocess builds)."""
     if cfg.task != "classification":
         return cfg.task
+    from kubetrain.workloads.images import is_image_source
+
+    if is_image_source(cfg):
+        return "images"
     return "tabular"
 
 
@@ -51,6 +56,15 @@ def build_dataset(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     """Preprocess: the dataset artifact of ``cfg`` in ``out_dir``; returns its meta."""
     module, _ = _resolve(kind_of(cfg))
     return module.build(cfg, Path(out_dir))
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """The checks a kind can make before anything is written (its module's ``preflight``,
+    if it has one); raises ConfigError or DataError."""
+    module, _ = _resolve(kind_of(cfg.data))
+    check = getattr(module, "preflight", None)
+    if check is not None:
+        check(cfg)
 
 
 def workload_for_model(dataset_dir: str | Path, model_dir: str | Path) -> Workload:
