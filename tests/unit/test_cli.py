@@ -43,7 +43,7 @@ def test_config_show_prints_the_effective_config():
         (["--set", "data.source=missing.csv"], 1, "data error: missing.csv: no such file"),
         (["--set", "cluster.backend=kubernetes"], 1, "cluster.backend 'kubernetes'"),
         (["--set", "data.task=seq2seq"], 2, "model.name: 'mlp' does not take data.task 'seq2seq'"),
-        (["--set", "data.mixup_alpha=0.2"], 2, "data.mixup_alpha: not used by the pipeline"),
+        (["--set", "data.mixup_alpha=0.2"], 2, "data.mixup_alpha: applies to image data only"),
     ],
     ids=[
         "bad-value",
