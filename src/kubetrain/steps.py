@@ -26,9 +26,10 @@ _IMAGES_ONLY = {
 }
 
 
-def check_supported(cfg: PipelineConfig) -> None:
+def check_supported(cfg: PipelineConfig, model: bool = True) -> None:
     """Refuse, before any step runs, what the steps cannot do or would silently ignore: a model
-    that does not take the task's data, a setting only image data uses.
+    that does not take the task's data (unless ``model`` is False: the preprocess step gets
+    the data section alone), a setting only image data uses.
 
     Raises:
         ConfigError: naming the setting.
@@ -36,7 +37,8 @@ def check_supported(cfg: PipelineConfig) -> None:
     from kubetrain.errors import ConfigError
     from kubetrain.models.text import check_model_for_task
 
-    check_model_for_task(cfg)
+    if model:
+        check_model_for_task(cfg)
     image_only = [key for key, is_set in _IMAGES_ONLY.items() if is_set(cfg)]
     if image_only:
         from kubetrain.workloads import kind_of
@@ -51,7 +53,7 @@ def check_supported(cfg: PipelineConfig) -> None:
 
 def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     """Source -> versioned dataset artifact (``kubetrain.artifacts.DatasetArtifact``)."""
-    check_supported(cfg)
+    check_supported(cfg, model=False)
     from kubetrain.workloads import build_dataset
 
     meta = build_dataset(cfg.data, out_dir)

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from kubetrain.train.distributed import DistContext
 
 log = logging.getLogger(__name__)
+# rouge-score logs "Using default tokenizer." at INFO for every scorer it makes.
+logging.getLogger("absl").setLevel(logging.WARNING)
 
 FORMAT_VERSION = 1
 WINDOW_BATCHES = 32  # batches' worth of samples sorted by length at once
