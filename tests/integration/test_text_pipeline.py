@@ -205,3 +205,66 @@ def test_over_long_text_is_truncated_with_a_warning_count(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "truncated 10 sequences longer than data.max_length=8 tokens" in proc.stderr
     assert json.loads((tmp_path / "ds" / "meta.json").read_text())["truncated"] == 10
+
+
+def tiny_classifier(spec, num_classes, width: int = 8):
+    """A ``package.module:factory`` text model: embedding bag + linear (the test's own)."""
+    from torch import nn
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pad = spec.extra["special_ids"]["pad"]
+            self.embed = nn.EmbeddingBag(spec.extra["vocab_size"], width, padding_idx=self.pad)
+            self.head = nn.Linear(width, num_classes)
+
+        def forward(self, input_ids):
+            return self.head(self.embed(input_ids))
+
+    assert spec.kind == "text_classification" and spec.shape == (16,)
+    return Bag()
+
+
+@pytest.mark.parametrize("kind", ["hf", "factory"])
+def test_hf_directory_and_own_factory_train_and_rebuild_from_the_spec(tmp_path, kind):
+    """``hf:<dir>`` (a tiny BERT the test saves) and ``package.module:factory`` through the
+    workload: built from the config, a training step, rebuilt from the stored spec."""
+    from kubetrain.artifacts import DatasetArtifact
+    from kubetrain.config import load_config
+    from kubetrain.models.networks import build_from_spec
+    from kubetrain.train.distributed import DistContext
+    from kubetrain.workloads import build_dataset, open_workload
+
+    if kind == "hf":
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        bert = transformers.BertConfig(
+            vocab_size=48, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=32, pad_token_id=0, num_labels=2,
+        )  # fmt: skip
+        transformers.BertForSequenceClassification(bert).save_pretrained(tmp_path / "bert")
+        name = f"hf:{tmp_path / 'bert'}"
+    else:
+        name = "tests.integration.test_text_pipeline:tiny_classifier"
+    source = write_pairs(tmp_path / "pairs.jsonl", n=120)
+    cfg = load_config(
+        overrides=[
+            f"data.source={source}",
+            "data.task=text_classification",
+            f"model.name={name}",
+            *COMMON[:3],
+            "train.nproc=1",
+            "train.batch_size=16",
+        ]
+    )
+    build_dataset(cfg.data, tmp_path / "ds")
+    workload = open_workload(cfg, DatasetArtifact.load(tmp_path / "ds"))
+    model = workload.build_model(cfg.model)
+    batches = workload.train_batches(cfg.train, DistContext())
+    batches.set_epoch(0)
+    inputs, target = next(iter(batches))
+    workload.loss(model(*inputs), target).backward()
+    rebuilt = build_from_spec(workload.model_spec(cfg.model))
+    rebuilt.load_state_dict(model.state_dict())
+    x, _ = workload.examples("test", 4)
+    assert torch.equal(model.eval()(x), rebuilt.eval()(x))
