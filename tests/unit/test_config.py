@@ -137,12 +137,15 @@ def test_with_params_validates():
 def test_bundled_recipes_load_by_name_and_an_unknown_name_lists_them():
     from kubetrain.config import ConfigError, recipes
 
-    assert recipes() == ["gpu", "smoke"]
+    text = {"text-classification", "translation", "summarization"}
+    assert {"gpu", "smoke"} | text <= set(recipes()) and recipes() == sorted(recipes())
+    for name in text:  # they validate (running them takes minutes: README, Language)
+        assert load_config(name).data.task in ("text_classification", "seq2seq")
     smoke = load_config("smoke")
     assert smoke.tune.max_trials == 2 and smoke.evaluate.min_accuracy == 0.5
     gpu = load_config("gpu", overrides=["train.nnodes=1"])
     assert gpu.cluster.num_gpus == 1 and gpu.train.precision == "bf16" and gpu.train.nnodes == 1
-    with pytest.raises(ConfigError, match=r"nope: no such file \(bundled recipes: gpu, smoke\)"):
+    with pytest.raises(ConfigError, match=r"nope: no such file \(bundled recipes: gpu, smoke, "):
         load_config("nope")
 
 
