@@ -100,6 +100,7 @@ bench: venv
 	$(PY) benchmarks/train_bench.py $(ARGS)
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/text_train.py
 	$(PY) benchmarks/collect.py
 
 clean:

@@ -80,6 +80,10 @@ def test_kubetrain_run_on_an_image_folder_through_every_step(tmp_path):
         min(metrics["test_accuracy_fp32"], metrics["test_accuracy_int8"]) >= 0.3
     )
     assert "test accuracy fp32:" in proc.stdout
+    report = (out / "report.html").read_text()
+    if metrics["test_accuracy_fp32"] < 1:  # the misclassified images, as PNG data URIs
+        assert "Misclassified test images" in report and "alt='test image'" in report
+        assert report.count("data:image/png;base64,") >= 5  # plots and at least one image
 
 
 def test_training_streams_shards_from_s3(tmp_path):

@@ -36,6 +36,10 @@ def sources(tmp_path_factory):
     pd.DataFrame({"image": ["folder/c0/0.png"], "label": ["c0"]}).to_parquet(root / "m.parquet")
     pd.DataFrame({"x": [1.0], "label": [0]}).to_parquet(root / "t.parquet")
     np.savez(root / "arrays.npz", x=np.zeros((2, 2)), y=np.zeros(2))
+    (root / "table-parts" / "year=2026").mkdir(parents=True)  # a partitioned table
+    pd.DataFrame({"x": [1.0], "label": [0]}).to_parquet(root / "table-parts/year=2026/0.parquet")
+    (root / "csv-parts").mkdir()
+    (root / "csv-parts" / "a.csv").write_text("a,label\n1,0\n")
     with ShardWriter(str(root / "shards"), "train", max_samples=10) as w:
         w.write({"image": encode(render(0, 0), "PNG"), "label": 0})
     write_manifest(str(root / "shards"), [w])
@@ -46,6 +50,8 @@ def sources(tmp_path_factory):
     ("source", "extra", "kind"),
     [
         ("folder", {}, "images"),
+        ("table-parts", {}, "tabular"),
+        ("csv-parts", {}, "tabular"),
         ("shards", {}, "images"),
         ("train-{000000..000003}.tar", {}, "images"),
         ("one.tar", {}, "images"),

@@ -65,6 +65,14 @@ class TrainConfig(Section):
         description="Autocast precision: bf16 (CPU/GPU), fp16 (GPU, with a gradient scaler); "
         "auto = bf16 where the device computes it natively, else fp32.",
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How several processes train one model: ddp (every rank holds the whole "
+        "model, gradients all-reduced) or fsdp (FSDP2: parameters, gradients and optimizer "
+        "state sharded over the ranks, each Transformer layer gathered only while it computes; "
+        "checkpoints with torch.distributed.checkpoint, resumable on another number of "
+        "processes). Checkpoints resume only under the strategy that wrote them.",
+    )
     compile: bool = Field(False, description="torch.compile the model (compile time reported).")
     no_sync: bool = Field(
         True, description="Skip the all-reduce on accumulation micro-steps (off only to measure)."
@@ -99,7 +107,7 @@ class TrainConfig(Section):
         {
             "nproc", "nnodes", "num_threads", "checkpoint_every_steps", "checkpoint_dir",
             "keep_checkpoints", "resume", "max_restarts", "compile", "no_sync",
-            "collective_timeout_seconds",
+            "collective_timeout_seconds", "strategy",
         }
     )  # fmt: skip
 
@@ -122,6 +130,14 @@ class TrainConfig(Section):
     def _one_warmup(self) -> TrainConfig:
         if self.warmup_steps and self.warmup_epochs:
             raise ValueError("give warmup_steps or warmup_epochs, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_precision(self) -> TrainConfig:
+        # fp16 needs a gradient scaler that agrees over ranks on overflow; under FSDP each rank
+        # sees only its shard of the gradients (bf16 needs no scaler).
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise ValueError("strategy fsdp does not support precision fp16: use bf16")
         return self
 
     @model_validator(mode="after")

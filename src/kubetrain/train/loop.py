@@ -27,7 +27,7 @@ from torch import nn
 from kubetrain.artifacts import DatasetArtifact, TrainedModel
 from kubetrain.config import PipelineConfig
 from kubetrain.errors import ConfigError
-from kubetrain.train import checkpoint, metrics
+from kubetrain.train import metrics
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.step import batch_generator, train_step
@@ -57,11 +57,16 @@ class Stopped(Exception):
 
 @dataclass
 class FitResult:
-    """The trained model, one ``EpochStats`` per epoch and the run's totals."""
+    """The trained model, one ``EpochStats`` per epoch and the run's totals.
+
+    ``state_dict``: the model's whole weights on the CPU where ``model`` holds only this rank's
+    shards (FSDP over several processes: gathered on rank 0, empty elsewhere); else None.
+    """
 
     model: nn.Module
     history: list[EpochStats]
     summary: dict[str, Any] = field(default_factory=dict)
+    state_dict: dict[str, Any] | None = None
 
 
 def fit(
@@ -102,10 +107,8 @@ def fit(
         )
     trainer = Trainer(cfg, data, ctx)
     trainer.checkpoint_dir = checkpoint_dir
-    if checkpoint_dir is not None and tc.resume:
-        state = checkpoint.load_latest(checkpoint_dir, trainer.resume_key)
-        if state is not None:
-            trainer.restore(state)
+    if tc.resume:
+        trainer.load_checkpoint()
     try:
         return _fit(trainer, on_epoch)
     finally:
@@ -117,7 +120,8 @@ def _fit(trainer: Trainer, on_epoch: EpochCallback | None) -> FitResult:
     started = time.perf_counter()
     while trainer.epoch < tc.epochs:
         stats = _train_epoch(trainer)
-        val_loss, val_acc = trainer.workload.validate(trainer.model, ctx)
+        with trainer.whole_model() as model:  # FSDP: ranks may validate unequal parts
+            val_loss, val_acc = trainer.workload.validate(model, ctx)
         stats.val_loss, stats.val_accuracy = val_loss, val_acc
         trainer.history.append(stats)
         if ctx.is_main:
@@ -136,7 +140,10 @@ def _fit(trainer: Trainer, on_epoch: EpochCallback | None) -> FitResult:
     trainer.writer.wait()  # the job is not done before its last checkpoint is: that wait counts
     trainer.checkpoint_seconds += time.perf_counter() - waited
     wall = time.perf_counter() - started
-    return FitResult(trainer.model, trainer.history, metrics.summary(trainer, wall))
+    summary = metrics.summary(trainer, wall)
+    # Gathered here, where every rank takes part (save_model runs on rank 0 alone).
+    whole = trainer.full_state_dict() if trainer.sharded and trainer.ctx.distributed else None
+    return FitResult(trainer.model, trainer.history, summary, state_dict=whole)
 
 
 def _progress(total: int, first: int, epoch: int, enabled: bool):
@@ -193,8 +200,8 @@ def save_model(
     result: FitResult, cfg: PipelineConfig, data: DatasetArtifact, out_dir: Path
 ) -> None:
     """Write the model artifact (``kubetrain.artifacts.TrainedModel``) to ``out_dir``: the
-    weights, how to rebuild the network (with the dataset's classes and normalisation), the
-    history and the summary."""
+    weights (whole, unsharded: ``result.state_dict`` after FSDP), how to rebuild the network
+    (with the dataset's classes and normalisation), the history and the summary."""
     spec = open_workload(cfg, data).model_spec(cfg.model)
     spec.update(
         {
@@ -210,5 +217,9 @@ def save_model(
         spec=spec,
         history=[asdict(s) for s in result.history],
         summary=result.summary,
-        state_dict={k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        state_dict=(
+            result.state_dict
+            if result.state_dict is not None
+            else {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+        ),
     ).save(out_dir)

@@ -109,12 +109,8 @@ def summary(trainer: Trainer, wall: float) -> dict[str, Any]:
         "allreduce_calls": sum(s.allreduce_calls for s in history),
         "cpu_percent": float(np.mean([s.cpu_percent for s in history])),
         "peak_rss_mib": max(s.peak_rss_mib for s in history),
-        "rank_peak_rss_mib": [
-            max(v) for v in zip(*(s.rank_peak_rss_mib for s in history), strict=True)
-        ],
-        "rank_cpu_percent": [
-            float(np.mean(v)) for v in zip(*(s.rank_cpu_percent for s in history), strict=True)
-        ],
+        "rank_peak_rss_mib": _per_rank([s.rank_peak_rss_mib for s in history], max),
+        "rank_cpu_percent": _per_rank([s.rank_cpu_percent for s in history], np.mean),
         "gpu_peak_mib": max((s.gpu_peak_mib or 0 for s in history), default=0) or None,
         "flops_per_sample": trainer.flops_per_sample,
         "mfu": float(np.mean(mfus)) if mfus else None,
@@ -130,3 +126,10 @@ def summary(trainer: Trainer, wall: float) -> dict[str, Any]:
         "ranks_identical": ranks_agree(trainer.model, trainer.ctx),
         **trainer.workload.train_summary(trainer.ctx),
     }
+
+
+def _per_rank(epochs: list[list[float]], reduce) -> list[float]:
+    """``reduce`` of each rank's values over the epochs it took part in: a job resumed on
+    another number of processes has epochs with fewer or more ranks."""
+    width = max((len(v) for v in epochs), default=0)
+    return [float(reduce([v[r] for v in epochs if r < len(v)])) for r in range(width)]

@@ -28,6 +28,8 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             foreach=bool(fast) or None,
         )  # fmt: skip
+    if fast and any(type(p).__name__ == "DTensor" for p in params):
+        fast = {"foreach": True}  # FSDP-sharded parameters: DTensor has no fused SGD kernel
     return torch.optim.SGD(
         params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True,
         **fast,

@@ -11,6 +11,12 @@ waiting in one) and the weights are never updated with them. Checking one gradie
 parameter nearest the loss, is enough for that and costs microseconds a step (the norm of all of
 them costs a tenth of a small model's step); a checkpoint also checks every weight before it is
 written, so an overflow that reached the weights another way never replaces a good checkpoint.
+
+Under FSDP (``train.strategy: fsdp``) each rank holds a shard of every gradient: the gradient
+norm for clipping is computed over the whole model (``distributed.clip_grad_norm``), and the
+ranks agree on the check with one tiny all-reduce (a rank whose shard of that parameter is
+empty would otherwise see nothing). Accumulation micro-steps skip the reduce-scatter
+(``set_requires_gradient_sync``) as DDP's ``no_sync`` skips the all-reduce.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from collections.abc import Iterator
 import torch
 
 from kubetrain.train import instrument
-from kubetrain.train.distributed import any_rank
+from kubetrain.train.distributed import any_rank, clip_grad_norm, local_tensor
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.trainer import NonFiniteLoss, Trainer, diverged_message
 from kubetrain.workloads.base import Batch
@@ -57,6 +63,10 @@ def forward_backward_step(trainer: Trainer, batch: Batch, sync_gradients: bool) 
     inputs, target = batch
     if trainer.plain:  # one process, fp32: nothing to wrap the step in
         loss = trainer.workload.loss(trainer.net(*inputs), target)
+    elif trainer.sharded and trainer.ctx.distributed:
+        trainer.model.set_requires_gradient_sync(sync_gradients)
+        with trainer.autocast():
+            loss = trainer.workload.loss(trainer.net(*inputs).float(), target)
     else:
         skip_sync = trainer.ctx.distributed and not sync_gradients
         with trainer.net.no_sync() if skip_sync else contextlib.nullcontext(), trainer.autocast():
@@ -76,7 +86,10 @@ def optimizer_step(trainer: Trainer, losses: list[torch.Tensor]) -> None:
     if tc.max_grad_norm:
         if trainer.scaling:
             trainer.scaler.unscale_(trainer.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(trainer.net.parameters(), tc.max_grad_norm)
+        if trainer.sharded:
+            norm = clip_grad_norm(trainer.model.parameters(), tc.max_grad_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(trainer.net.parameters(), tc.max_grad_norm)
     _check_finite(trainer, losses, norm)
     if trainer.scaling:
         trainer.scaler.step(trainer.optimizer)
@@ -99,6 +112,8 @@ def _check_finite(trainer: Trainer, losses: list[torch.Tensor], norm: torch.Tens
         bad = any_rank(not bool(torch.isfinite(torch.stack(losses).sum())), trainer.ctx)
     elif norm is not None:  # clipping computed the norm of every gradient anyway
         bad = not bool(torch.isfinite(norm))
+    elif trainer.sharded:  # this rank's shard of that gradient (maybe empty): ranks agree
+        bad = any_rank(not bool(torch.isfinite(local_tensor(grad)).all()), trainer.ctx)
     else:
         bad = not bool(torch.isfinite(grad).all())
     if bad:

@@ -3,6 +3,12 @@
 A checkpoint is the state of the stateful parts (model, optimizer, schedule, gradient scaler, RNG
 states) plus where training stands (epoch, step, the epoch's running loss); ``resume_key`` says
 which checkpoints a job may resume from.
+
+Over several processes the model is wrapped in DDP (``train.strategy: ddp``: every rank holds all
+of it) or sharded with FSDP2 (``fsdp``: ``kubetrain.train.distributed.shard_model``). Under
+``fsdp`` the checkpoints are ``torch.distributed.checkpoint`` directories (every rank writes its
+shards; ``kubetrain.train.checkpoint.save_sharded``), also with one process, so a job resumes on
+another number of processes.
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ from kubetrain.artifacts import DatasetArtifact
 from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.train import checkpoint, instrument
 from kubetrain.train.config import TrainConfig
-from kubetrain.train.distributed import DistContext
+from kubetrain.train.distributed import (
+    DistContext,
+    any_rank,
+    gathered,
+    local_tensor,
+    shard_model,
+)
 from kubetrain.train.optim import build_optimizer, build_scheduler
 from kubetrain.workloads import open_workload
 
@@ -89,6 +101,11 @@ def diverged_message(trainer: Trainer, losses: list[torch.Tensor] | None = None)
     )
 
 
+# The data settings that change what a training step sees, besides the dataset version.
+AUGMENTATION_FIELDS = {"augment", "augment_shift", "augment_noise", "transforms", "mixup_alpha",
+                       "cutmix_alpha"}  # fmt: skip
+
+
 def resume_key(cfg: PipelineConfig, data: DatasetArtifact) -> str:
     """16 hex digits naming what a training job computes (model, optimisation, augmentation and
     the dataset version), without the fields that only change how it runs
@@ -98,9 +115,7 @@ def resume_key(cfg: PipelineConfig, data: DatasetArtifact) -> str:
     blob = {
         "train": train,
         "model": cfg.model.model_dump(mode="json"),
-        "data": cfg.data.model_dump(
-            mode="json", include={"augment", "augment_shift", "augment_noise"}
-        ),
+        "data": cfg.data.model_dump(mode="json", include=AUGMENTATION_FIELDS),
         "dataset": data.version,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
@@ -134,6 +149,8 @@ class Trainer:
         tc = cfg.train
         self.cfg, self.data, self.ctx, self.tc = cfg, data, ctx, tc
         self.precision = resolve_precision(tc.precision, ctx.device)
+        # FSDP checkpoints (and, over several processes, sharded weights); DDP's otherwise.
+        self.sharded = tc.strategy == "fsdp"
         if ctx.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere+
             torch.backends.cudnn.allow_tf32 = True
@@ -167,14 +184,22 @@ class Trainer:
         self.writer = checkpoint.AsyncWriter()
 
     def _build_model(self) -> None:
-        """The network on the device (``model``), and what the step calls (``net``): wrapped
-        in DDP over several processes, with a counting comm hook, and compiled if asked."""
+        """The network on the device (``model``), and what the step calls (``net``): over
+        several processes wrapped in DDP, with a counting comm hook, or sharded in place with
+        FSDP2 (``model`` is then the sharded module); compiled if asked."""
         cfg, ctx, tc = self.cfg, self.ctx, self.tc
         torch.manual_seed(tc.seed)  # same initial weights on every rank
         self.model = self.workload.prepare_model(self.workload.build_model(cfg.model), ctx.device)
         self.net: nn.Module = self.model
         self.comm = instrument.CommStats()
-        if ctx.distributed:
+        if ctx.distributed and self.sharded:
+            compressed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.grad_compression)
+            low = {"bf16": torch.bfloat16}.get(self.precision)
+            # bf16: the gathered weights compute in bf16 (FSDP casts them once per step), while
+            # gradients are reduced in fp32 unless compression is asked for.
+            reduce = compressed or (torch.float32 if low is not None else None)
+            shard_model(self.model, param_dtype=low, reduce_dtype=reduce)
+        elif ctx.distributed:
             ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
             )
@@ -183,6 +208,14 @@ class Trainer:
         self.compile_seconds: float | None = None
         if tc.compile:
             self.net = torch.compile(self.net)
+
+    def whole_model(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """Within it, every rank holds the whole model and its forward needs no collective
+        (``distributed.gathered`` under FSDP), so validation may run a different number of
+        batches on each rank (a streamed split's parts)."""
+        if self.sharded and self.ctx.distributed:
+            return gathered(self.model)
+        return contextlib.nullcontext(self.model)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The forward pass's autocast context (none in fp32)."""
@@ -196,6 +229,13 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            **self.progress_state(),
+        }
+
+    def progress_state(self) -> dict[str, Any]:
+        """The state besides the model and the optimizer (a sharded checkpoint keeps those two
+        apart): schedule, scaler, RNG states and where training stands."""
+        return {
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": checkpoint.rng_state(),
@@ -213,9 +253,11 @@ class Trainer:
         return list(done)
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint's ``state``."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from a checkpoint's ``state`` (without ``model`` and ``optimizer``: a sharded
+        checkpoint has loaded those already)."""
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
@@ -227,17 +269,30 @@ class Trainer:
         self.resumed_from = self.global_step
 
     def save_checkpoint(self, final: bool = False) -> None:
-        """Checkpoint the current state (rank 0 writes; a background thread unless ``final``).
+        """Checkpoint the current state (DDP: rank 0 writes, on a background thread unless
+        ``final``; FSDP: every rank writes its shards, a collective).
 
-        Raises NonFiniteLoss, on every rank alike (their weights are the same), instead of
-        replacing the last good checkpoint with non-finite weights.
+        Raises NonFiniteLoss, on every rank alike, instead of replacing the last good checkpoint
+        with non-finite weights.
         """
         if self.checkpoint_dir is None:
             return
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            raise NonFiniteLoss(diverged_message(self))
+        if self.sharded:  # each rank sees its shards only: the ranks agree on the verdict
+            finite = all(
+                bool(torch.isfinite(local_tensor(p)).all()) for p in self.model.parameters()
+            )
+            if any_rank(not finite, self.ctx):
+                raise NonFiniteLoss(diverged_message(self))
+        elif not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise NonFiniteLoss(diverged_message(self))  # the same weights on every rank
         started = time.perf_counter()
-        if self.ctx.is_main:
+        if self.sharded:
+            checkpoint.save_sharded(
+                self.checkpoint_dir, self.global_step, self.model, self.optimizer,
+                self.progress_state(), self.resume_key, self.tc.keep_checkpoints, self.ctx,
+            )  # fmt: skip
+            self.checkpoints_written += 1
+        elif self.ctx.is_main:
             args = (self.checkpoint_dir, self.global_step, self.state(), self.resume_key,
                     self.tc.keep_checkpoints)  # fmt: skip
             if final:  # training is over: written here, without the snapshot a thread needs
@@ -247,3 +302,30 @@ class Trainer:
                 self.writer.submit(*args)
             self.checkpoints_written += 1
         self.checkpoint_seconds += time.perf_counter() - started
+
+    def load_checkpoint(self) -> None:
+        """Continue from the newest good checkpoint of this job in ``checkpoint_dir``, if any
+        (under FSDP a collective: every rank calls it)."""
+        if self.checkpoint_dir is None:
+            return
+        if self.sharded:
+            state = checkpoint.load_latest_sharded(
+                self.checkpoint_dir, self.resume_key, self.model, self.optimizer, self.ctx
+            )
+        else:
+            state = checkpoint.load_latest(self.checkpoint_dir, self.resume_key)
+        if state is not None:
+            self.restore(state)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole state dict on the CPU: under FSDP gathered from every rank (a
+        collective; rank 0 gets it, the other ranks an empty dict)."""
+        if self.sharded and self.ctx.distributed:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+            )
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.model, options=options)
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

@@ -92,9 +92,29 @@ def is_image_source(cfg: DataConfig) -> bool:
         return False
     try:
         fs, path = filesystem(source, cfg.storage_options)
-        return bool(fs.isdir(path))
+        return bool(fs.isdir(path)) and _folder_of_images(fs, path)
     except (OSError, ValueError, ImportError):
         return False  # the tabular reader names the problem
+
+
+def _folder_of_images(fs, path: str) -> bool:
+    """A directory holds images unless it holds tabular files (.csv/.parquet/.npz) and no
+    images, looking at its top level and its first subfolder only (two listings, whatever the
+    size of the tree): a sharded dataset and an image-folder tree are images, a folder of
+    CSV or Parquet parts is a table."""
+    from kubetrain.data.image_sources import IMAGE_SUFFIXES
+    from kubetrain.data.shards import MANIFEST
+    from kubetrain.data.sources import SUFFIXES as TABLE_SUFFIXES
+
+    entries = fs.ls(path, detail=True)
+    names = [str(e["name"]).lower() for e in entries if e.get("type") != "directory"]
+    folders = sorted(str(e["name"]) for e in entries if e.get("type") == "directory")
+    if folders:
+        inside = fs.ls(folders[0], detail=True)
+        names += [str(e["name"]).lower() for e in inside if e.get("type") != "directory"]
+    if any(n.endswith(MANIFEST) or n.endswith(IMAGE_SUFFIXES) for n in names):
+        return True
+    return not any(n.endswith(TABLE_SUFFIXES) for n in names)
 
 
 def _header(source: str, storage_options: Mapping[str, Any]) -> list[str]:
@@ -545,17 +565,28 @@ class ImageWorkload(Workload):
                 position += 1
 
     def examples(self, split: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        total = self.manifest.num_samples(split)
+        """Up to ``n`` images of ``split`` drawn at random (seeded), eval-transformed; only the
+        shards that hold them are read."""
+        import bisect
+
+        from kubetrain.data.shards import read_shard
+
+        shards = self.manifest.splits.get(split, [])
+        starts = list(np.cumsum([0] + [s.num_samples for s in shards]))
+        total = int(starts[-1])
         if total == 0:
             raise DataError(f"data error: {self.data.root}: the {split} split has no images")
         chosen = np.random.default_rng(seed).permutation(total)[: min(n, total)]
-        wanted = {int(p): k for k, p in enumerate(chosen)}
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for k, position in enumerate(chosen.tolist()):
+            j = bisect.bisect_right(starts, position) - 1
+            by_shard.setdefault(j, []).append((position - int(starts[j]), k))
         xs: list[torch.Tensor | None] = [None] * len(chosen)
         ys = torch.empty(len(chosen), dtype=torch.long)
-        for position, record in self._records(split):
-            k = wanted.get(position)
-            if k is not None:
-                xs[k], ys[k] = self.eval_transform(record)
+        for j, rows in sorted(by_shard.items()):
+            columns = read_shard(self.data.root, shards[j], self.options)
+            for row, k in rows:
+                xs[k], ys[k] = self.eval_transform({c: v[row] for c, v in columns.items()})
         return torch.stack(xs), ys  # type: ignore[arg-type]
 
     def score(self, model: nn.Module, split: str) -> Scores:
