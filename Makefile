@@ -95,12 +95,14 @@ kind-e2e: venv
 	PATH="$(abspath $(VENV))/bin:$$PATH" scripts/kind-e2e.sh
 
 ## bench: every benchmark, side by side and repeated -> benchmarks/results/, benchmarks/RESULTS.md
-bench: venv
+bench: venv venv-vision
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(PY) benchmarks/train_bench.py $(ARGS)
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/text_train.py
+	$(VISION_PY) benchmarks/vision_loader.py
+	$(VISION_PY) benchmarks/vision_train.py
 	$(PY) benchmarks/collect.py
 
 clean:

@@ -62,6 +62,27 @@ def _on_claim(cfg: PipelineConfig, task):
     return task
 
 
+# What s3fs reads from the environment; the endpoint may also be data.storage_options.endpoint_url.
+STORAGE_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def _with_storage_secret(cfg: PipelineConfig, task):
+    """Object-storage credentials from ``cluster.storage_secret`` for a task that reads data
+    (the job pods get every key of the Secret; see kubetrain.launch.kubernetes)."""
+    if cfg.cluster.storage_secret:
+        from kfp import kubernetes
+
+        keys = {k: k for k in STORAGE_SECRET_KEYS}
+        kubernetes.use_secret_as_env(task, cfg.cluster.storage_secret, keys)
+        kubernetes.use_secret_as_env(
+            task,
+            cfg.cluster.storage_secret,
+            {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL"},
+            optional=True,
+        )
+    return task
+
+
 def _run_params(cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides):
     """The ``params`` task: the run's parameters merged, validated and split by step."""
     task = c.run_params(
@@ -83,7 +104,7 @@ def _params_and_preprocess(cfg, schedule_time, data_source, train_epochs, tune_m
     prep = c.preprocess(
         config_json=cfg.sections_json("data"), overrides=params.outputs["preprocess"]
     )
-    prep.set_display_name(DISPLAY_NAMES["preprocess"])
+    _with_storage_secret(cfg, prep).set_display_name(DISPLAY_NAMES["preprocess"])
     return params, prep
 
 
@@ -95,21 +116,21 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
         "data", "model", "train", "tune", "quantize", "evaluate", "retrain"
     )
     search = c.tune(config_json=cfg_tune, overrides=params.outputs["tune"], dataset=dataset)
-    _on_claim(cfg, search).set_display_name(DISPLAY_NAMES["tune"])
+    _with_storage_secret(cfg, _on_claim(cfg, search)).set_display_name(DISPLAY_NAMES["tune"])
     fit = c.train(
         config_json=cfg_train,
         overrides=params.outputs["train"],
         dataset=dataset,
         best_params=search.outputs["best_params"],
     )
-    _on_claim(cfg, fit).set_display_name(DISPLAY_NAMES["train"])
+    _with_storage_secret(cfg, _on_claim(cfg, fit)).set_display_name(DISPLAY_NAMES["train"])
     quant = c.quantize(
         config_json=cfg.sections_json("quantize"),
         overrides=params.outputs["quantize"],
         dataset=dataset,
         model=fit.outputs["model"],
     )
-    quant.set_display_name(DISPLAY_NAMES["quantize"])
+    _with_storage_secret(cfg, quant).set_display_name(DISPLAY_NAMES["quantize"])
     ev = c.evaluate(
         config_json=cfg.sections_json("evaluate"),
         overrides=params.outputs["evaluate"],
@@ -118,7 +139,8 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
         model=fit.outputs["model"],
         quantized=quant.outputs["quantized"],
         best_params=search.outputs["best_params"],
-    ).set_display_name(DISPLAY_NAMES["evaluate"])
+    )
+    _with_storage_secret(cfg, ev).set_display_name(DISPLAY_NAMES["evaluate"])
     gate = c.check_accuracy(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
     gate.set_display_name(DISPLAY_NAMES["check-accuracy"])
     # Gate on the component's single return value: dsl.If on a *named* output of a

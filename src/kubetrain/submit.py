@@ -131,11 +131,15 @@ def compile_pipeline(cfg: PipelineConfig, path: Path) -> Path:
     """Compile the pipeline of ``cfg`` for a KFP backend to ``path`` (IR YAML).
 
     The ``params`` task gets KFP's scheduled-time placeholder, which the backend resolves
-    (``{date}`` in ``data.source``); kfp.local runs build the pipeline without it.
+    (``{date}`` in ``data.source``); kfp.local runs build the pipeline without it. The config
+    is inlined in the pipeline spec: credentials in it are refused (ConfigError).
     """
     from kfp import compiler
 
+    from kubetrain.launch.kubernetes import check_no_inline_credentials
     from kubetrain.pipelines import build_pipeline
+
+    check_no_inline_credentials(cfg)
 
     compiler.Compiler().compile(build_pipeline(cfg, SCHEDULE_PLACEHOLDER), str(path))
     return path

@@ -59,6 +59,7 @@ RECIPES = {
     "default": ("default", []),
     "smoke": ("smoke", []),
     "gpu": ("gpu", []),  # GPUs, node selector, tolerations, two nodes
+    "vision-gpu": ("vision-gpu", []),  # ResNet-50, 2 x 1 GPU, credentials from a Secret (envFrom)
     "elastic": (
         "default",
         ["cluster.elastic=true", "train.nnodes=3", "train.batch_size=66", "cluster.cpu=2"],

@@ -138,7 +138,7 @@ def test_bundled_recipes_load_by_name_and_an_unknown_name_lists_them():
     from kubetrain.config import ConfigError, recipes
 
     text = {"text-classification", "translation", "summarization"}
-    assert {"gpu", "smoke", "translation-gpu"} | text <= set(recipes())
+    assert {"gpu", "smoke", "translation-gpu", "vision-gpu"} | text <= set(recipes())
     assert recipes() == sorted(recipes())
     for name in text:  # they validate (running them takes minutes: README, Language)
         assert load_config(name).data.task in ("text_classification", "seq2seq")

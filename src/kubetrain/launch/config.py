@@ -86,6 +86,15 @@ class ClusterConfig(Section):
     env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables of the job pods."
     )
+    storage_secret: str = Field(
+        "",
+        max_length=253,
+        pattern="^(" + _DNS_SUBDOMAIN[1:-1] + ")?$",  # empty: none
+        description="Kubernetes Secret holding object-storage credentials (keys such as "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL): every key becomes an "
+        "environment variable of the job pods (envFrom), where s3fs/gcsfs read it. Credentials "
+        "never go inline: data.storage_options with key/secret/token is refused on a cluster.",
+    )
     pvc_name: str = Field(
         "kubetrain-data",
         pattern=_DNS_SUBDOMAIN,

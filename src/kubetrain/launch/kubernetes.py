@@ -128,6 +128,65 @@ def check_processes(cfg: PipelineConfig) -> None:
         )
 
 
+# Keys of fsspec storage options (s3fs, gcsfs, adlfs; at any depth, e.g. client_kwargs) and
+# environment variables that hold credentials. The config travels inline (KUBETRAIN_CONFIG in
+# every pod, the pipeline spec): anything secret there is readable by whoever reads the objects.
+CREDENTIAL_OPTIONS = frozenset(
+    {
+        "key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+        "aws_session_token", "account_key", "sas_token", "connection_string", "client_secret",
+        "credential", "credentials",
+    }
+)  # fmt: skip
+# gcsfs's ``token`` may name a way to find credentials rather than hold one.
+TOKEN_METHODS = frozenset({"anon", "google_default", "cloud", "cache", "browser"})
+CREDENTIAL_ENV = frozenset(
+    {
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY",
+        "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
+    }
+)  # fmt: skip
+
+
+def _inline_credential(options: Any, where: str) -> str | None:
+    """The dotted place of the first credential in ``options`` (nested dicts), or None."""
+    if not isinstance(options, dict):
+        return None
+    for key, value in options.items():
+        here = f"{where}.{key}"
+        name = str(key).lower()
+        secret = name in CREDENTIAL_OPTIONS and value not in (None, "", False)
+        method = name == "token" and isinstance(value, str) and value in TOKEN_METHODS
+        if secret and not method:
+            return here
+        found = _inline_credential(value, here)
+        if found:
+            return found
+    return None
+
+
+def check_no_inline_credentials(cfg: PipelineConfig) -> None:
+    """Refuse a config that would carry object-storage credentials to a cluster inline.
+
+    ``data.storage_options`` (``key``, ``secret``, ``token``, ... at any depth) and
+    ``cluster.env`` (``AWS_SECRET_ACCESS_KEY``, ...) go into the job pods' spec and the
+    pipeline spec as they are; credentials belong in a Secret (``cluster.storage_secret``).
+
+    Raises:
+        ConfigError: one line naming the field and the fix.
+    """
+    where = _inline_credential(cfg.data.storage_options, "data.storage_options")
+    if where is None:
+        where = next((f"cluster.env.{k}" for k in cfg.cluster.env if k in CREDENTIAL_ENV), None)
+    if where is not None:
+        raise ConfigError(
+            f"config error: {where}: a credential inline in the config would be written into "
+            "every job pod's spec (KUBETRAIN_CONFIG) and the pipeline; put it in a Kubernetes "
+            "Secret (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) and name "
+            "that Secret in cluster.storage_secret"
+        )
+
+
 def _container(cfg: PipelineConfig, command: list[str], paths: JobPaths | None) -> Any:
     from kubernetes import client as k8s
 
@@ -151,6 +210,10 @@ def _container(cfg: PipelineConfig, command: list[str], paths: JobPaths | None) 
         image_pull_policy=cl.image_pull_policy,
         command=command,
         env=[k8s.V1EnvVar(name=k, value=v) for k, v in env.items()],
+        # Object-storage credentials: every key of the Secret, never a value in the spec.
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=cl.storage_secret))]
+        if cl.storage_secret
+        else None,
         ports=[k8s.V1ContainerPort(name=PORT_NAME, container_port=PORT)],
         resources=k8s.V1ResourceRequirements(
             requests={"cpu": cl.cpu, "memory": cl.memory}, limits=limits
@@ -215,8 +278,9 @@ def build_pytorchjob(
     ``JobPaths.for_job(cfg, name)``; ``command`` replaces the worker command (Katib trials).
     ``checkpoints=False`` gives the pods no checkpoint directory: Katib trials of one experiment
     share a name prefix, and one trial must never resume another's checkpoint.
-    Raises ConfigError if ``train.nproc`` does not fit the pods (``check_processes``),
-    KubetrainError if no image is set.
+    Raises ConfigError if ``train.nproc`` does not fit the pods (``check_processes``) or the
+    config holds credentials inline (``check_no_inline_credentials``), KubetrainError if no
+    image is set.
     """
     from kubeflow.training import models
     from kubeflow.training.api_client import ApiClient
@@ -224,6 +288,7 @@ def build_pytorchjob(
 
     cl, tc = cfg.cluster, cfg.train
     check_processes(cfg)
+    check_no_inline_credentials(cfg)
     paths = paths or JobPaths.for_job(cfg, name)
     if command is None:
         command = worker_command(cfg, paths.dataset, paths.model)
