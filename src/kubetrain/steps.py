@@ -18,12 +18,6 @@ from kubetrain.io import read_json
 log = logging.getLogger(__name__)
 
 
-# Settings of the language modules that the steps do not use yet: set away from their defaults
-# they would be silently ignored, so they are refused instead (README: "Language (in progress)").
-_NOT_IN_THE_STEPS_YET = {
-    "train.batch_tokens": lambda c: c.train.batch_tokens is not None,
-    "evaluate.beam_size": lambda c: c.evaluate.beam_size != type(c.evaluate)().beam_size,
-}
 # Settings only image data uses: on other data they would be silently ignored.
 _IMAGES_ONLY = {
     "data.mixup_alpha": lambda c: c.data.mixup_alpha,
@@ -32,17 +26,19 @@ _IMAGES_ONLY = {
 }
 
 
-def check_supported(cfg: PipelineConfig) -> None:
-    """Refuse what the steps would silently ignore: a text task, or a setting of the vision and
-    language modules that the steps do not use yet.
+def check_supported(cfg: PipelineConfig, model: bool = True) -> None:
+    """Refuse, before any step runs, what the steps cannot do or would silently ignore: a model
+    that does not take the task's data (unless ``model`` is False: the preprocess step gets
+    the data section alone), a setting only image data uses.
 
     Raises:
         ConfigError: naming the setting.
     """
-    from kubetrain.data.dataset import check_pipeline_task
     from kubetrain.errors import ConfigError
+    from kubetrain.models.text import check_model_for_task
 
-    check_pipeline_task(cfg.data)
+    if model:
+        check_model_for_task(cfg)
     image_only = [key for key, is_set in _IMAGES_ONLY.items() if is_set(cfg)]
     if image_only:
         from kubetrain.workloads import kind_of
@@ -53,17 +49,11 @@ def check_supported(cfg: PipelineConfig) -> None:
                 f"config error: {image_only[0]}: applies to image data only; data.source "
                 f"{cfg.data.source!r} is {kind} data"
             )
-    for key, is_set in _NOT_IN_THE_STEPS_YET.items():
-        if is_set(cfg):
-            raise ConfigError(
-                f"config error: {key}: not used by the pipeline steps yet (the vision and "
-                "language modules have it; the steps do not); leave it at its default"
-            )
 
 
 def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     """Source -> versioned dataset artifact (``kubetrain.artifacts.DatasetArtifact``)."""
-    check_supported(cfg)
+    check_supported(cfg, model=False)
     from kubetrain.workloads import build_dataset
 
     meta = build_dataset(cfg.data, out_dir)

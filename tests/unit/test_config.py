@@ -137,7 +137,11 @@ def test_with_params_validates():
 def test_bundled_recipes_load_by_name_and_an_unknown_name_lists_them():
     from kubetrain.config import ConfigError, recipes
 
-    assert {"gpu", "smoke", "translation-gpu", "vision-gpu"} <= set(recipes())
+    text = {"text-classification", "translation", "summarization"}
+    assert {"gpu", "smoke", "translation-gpu", "vision-gpu"} | text <= set(recipes())
+    assert recipes() == sorted(recipes())
+    for name in text:  # they validate (running them takes minutes: README, Language)
+        assert load_config(name).data.task in ("text_classification", "seq2seq")
     smoke = load_config("smoke")
     assert smoke.tune.max_trials == 2 and smoke.evaluate.min_accuracy == 0.5
     gpu = load_config("gpu", overrides=["train.nnodes=1"])

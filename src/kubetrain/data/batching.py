@@ -121,13 +121,21 @@ class BucketingCollate:
         if self.batch_tokens is None and not self.batch_size:
             raise ValueError("give batch_size or batch_tokens")
 
-    def __call__(self, records: list[Record]) -> list[dict[str, torch.Tensor]]:
+    def _groups(self, records: list[Record]) -> tuple[list[int], list[list[int]]]:
         order = list(range(len(records)))
         if self.bucket:
             # Stable sort: equal lengths keep the stream's (shuffled) order.
             order.sort(key=lambda i: _lengths(records[i]))
         lengths = [_lengths(records[i]) for i in order]
-        groups = cut(lengths, self.batch_size, self.batch_tokens)
+        return order, cut(lengths, self.batch_size, self.batch_tokens)
+
+    def count(self, records: list[Record]) -> int:
+        """How many batches ``self(records)`` gives, without padding anything (a ``collate``
+        for counting an epoch's batches under a token budget)."""
+        return len(self._groups(records)[1])
+
+    def __call__(self, records: list[Record]) -> list[dict[str, torch.Tensor]]:
+        order, groups = self._groups(records)
         # The batches' order is seeded by the window's content (its rows), not by a counter, so
         # a resumed stream, which skips whole windows without collating them, gets the same order.
         rows = np.asarray([int(r.get("row", i)) for i, r in enumerate(records)], dtype=np.int64)

@@ -14,15 +14,27 @@ file and the line (CSV, JSONL) or row (Parquet):
 - text longer than ``data.max_length`` tokens is truncated and counted (see
   :mod:`kubetrain.data.tokenize`).
 
+Besides files, ``data.source`` may name a corpus an installed package ships
+(:mod:`kubetrain.data.corpora`; nothing is downloaded):
+
+- ``wordnet``: WordNet glosses (``text``) and their 45 lexicographer categories (``label``);
+- ``gettext:<domain>:<language>``: English messages (``text``) and their translations
+  (``target``) from a gettext catalog, e.g. ``gettext:git:de``;
+- ``docstrings``: the standard library's docstrings, body (``text``) -> first line (``target``).
+
 ``build_text_dataset`` writes the dataset directory: ``tokenizer.json``, the token shards with
 their ``shards.json`` manifest (streamed by :class:`kubetrain.data.streaming.StreamingDataset`)
-and ``text.json`` (task, classes, special token ids, counts). It writes into a temporary
-directory beside the output and renames it at the end: nothing half-written is left behind.
+and ``text.json`` (task, classes, special token ids, counts). Every row is read (and so every bad
+row found) before a byte is written. It writes into a temporary directory beside the output and
+renames it at the end; into an output directory that exists and is empty (a pipeline's output
+artifact, whose parent may not be ours to write), it writes in place and empties it again on a
+failure: nothing half-written is left behind either way.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -185,11 +197,50 @@ def _rows_parquet(f, where: str, columns: Sequence[str]):
             yield f"{where}: row {row}", out
 
 
+def builtin_corpus(source: str) -> Iterator[dict[str, str]] | None:
+    """The records of a built-in corpus name (see the module docstring), or None when
+    ``source`` names none (it is then a path or URI).
+
+    Raises:
+        DataError: a ``gettext:`` name without domain and language; the package that ships the
+            corpus is not installed.
+    """
+    if source not in ("wordnet", "docstrings") and not source.startswith("gettext:"):
+        return None
+    return iter(_corpus(source))
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus(source: str) -> tuple[dict[str, str], ...]:
+    # Held once per process: the preprocess reads its source twice (tokenizer, then shards), and
+    # parsing the standard library for docstrings costs more than keeping ~100k short records.
+    from kubetrain.data import corpora
+
+    if source == "wordnet":
+        return tuple(corpora.wordnet_glosses())
+    if source == "docstrings":
+        return tuple(corpora.docstring_pairs())
+    parts = source.split(":")
+    if len(parts) != 3 or not all(parts[1:]):
+        raise DataError(
+            f"{source}: a gettext corpus is gettext:<domain>:<language>, e.g. gettext:git:de"
+        )
+    return tuple(corpora.gettext_pairs(parts[1], parts[2]))
+
+
+def _rows_corpus(records: Iterator[dict[str, str]], source: str, columns: Sequence[str]):
+    for n, record in enumerate(records, 1):
+        if n == 1:
+            _missing(source, columns, list(record))
+        yield f"{source}: record {n}", [record.get(c) for c in columns]
+
+
 def iter_rows(
     source: str, columns: Sequence[str], storage_options: Mapping[str, Any] | None = None
 ) -> Iterator[tuple[str, list[Any]]]:
     """``(where, values)`` for every row of every file of ``source``, ``values`` in the order of
-    ``columns``; ``where`` is ``file:line`` (CSV, JSONL) or ``file: row N`` (Parquet).
+    ``columns``; ``where`` is ``file:line`` (CSV, JSONL) or ``file: row N`` (Parquet), or
+    ``<corpus>: record N`` for a built-in corpus (:func:`builtin_corpus`).
 
     Raises:
         DataError: no such file, unknown format, a missing column, bytes that are not UTF-8,
@@ -197,6 +248,10 @@ def iter_rows(
     """
     import fsspec
 
+    corpus = builtin_corpus(source)
+    if corpus is not None:
+        yield from _rows_corpus(corpus, source, columns)
+        return
     for path in source_files(source, storage_options):
         kind = text_format(path)
         with fsspec.open(path, "rb", compression="infer", **dict(storage_options or {})) as f:
@@ -299,6 +354,15 @@ def _refuse_foreign_out(out: Path) -> None:
     """Raise DataError if ``out`` holds something other than a text dataset."""
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / TEXT_META).is_file()):
         raise DataError(f"{out}: exists and is not a text dataset; refusing to replace it")
+
+
+def _empty(directory: Path) -> None:
+    """Remove everything inside ``directory`` (not the directory itself)."""
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _fit_tokenizer(cfg, stats: ReadStats) -> tuple[Any, list[str] | None]:
@@ -425,15 +489,23 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
     if stats.per_split["train"] == 0:
         raise DataError(f"{cfg.source}: no usable training text ({stats.rows} rows read)")
     special = tokenize.special_ids(tok, cfg.tokenizer.path or "trained tokenizer")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        meta = _write_dataset(cfg, tok, tmp, special, class_list, stats, num_processes)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if out.is_dir() and not any(out.iterdir()):
+        # An empty output directory (a pipeline's artifact): written in place, emptied on failure.
+        try:
+            meta = _write_dataset(cfg, tok, out, special, class_list, stats, num_processes)
+        except BaseException:
+            _empty(out)
+            raise
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            meta = _write_dataset(cfg, tok, tmp, special, class_list, stats, num_processes)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _warn_counts(cfg.source, meta)
     return meta

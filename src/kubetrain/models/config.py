@@ -10,6 +10,9 @@ from pydantic import Field, field_validator, model_validator
 from kubetrain.config_base import Section
 
 BUILTIN = ("mlp", "cnn")
+# The built-in text models (sized by d_model, heads, layers, ff, max_len below).
+TEXT_BUILTIN = ("transformer", "seq2seq_transformer")
+HF_PREFIX = "hf:"
 # torchvision:<builder> | timm:<name> | package.module:factory
 _EXTERNAL = re.compile(
     r"(torchvision|timm):[A-Za-z0-9_.\-]+|[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*"
@@ -22,9 +25,12 @@ class ModelConfig(Section):
     name: str = Field(
         "mlp",
         description="'mlp', 'cnn' (image data only), 'torchvision:<builder>' (any torchvision "
-        "classification model, e.g. torchvision:resnet18), 'timm:<name>' (the timm extra), or "
-        "'package.module:factory' (your own: called with the input spec, the number of "
-        "classes and model.kwargs; returns an nn.Module).",
+        "classification model, e.g. torchvision:resnet18), 'timm:<name>' (the timm extra), "
+        "'transformer' (text_classification: encoder classifier), 'seq2seq_transformer' "
+        "(seq2seq: encoder-decoder), 'hf:<directory or URI>' (a Hugging Face transformers "
+        "model written by save_pretrained; no hub downloads), or 'package.module:factory' (your "
+        "own: called with the input spec, the number of classes and model.kwargs; returns an "
+        "nn.Module).",
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -45,16 +51,37 @@ class ModelConfig(Section):
     channels: list[int] = Field(
         default_factory=lambda: [32, 64], description="CNN convolution channels."
     )
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before each hidden layer.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout before each hidden layer (MLP, CNN); on attention, residual "
+        "branches and embeddings (transformer, seq2seq_transformer).",
+    )
+    d_model: int = Field(128, ge=8, description="Transformer models: token representation width.")
+    heads: int = Field(4, ge=1, description="Transformer models: attention heads (divide d_model).")
+    layers: int = Field(2, ge=1, description="Transformer models: encoder layers.")
+    decoder_layers: int | None = Field(
+        None, ge=1, description="seq2seq_transformer: decoder layers (default: layers)."
+    )
+    ff: int = Field(512, ge=1, description="Transformer models: feed-forward hidden width.")
+    max_len: int | None = Field(
+        None,
+        ge=4,
+        description="Transformer models: most positions (default: data.max_length; never below "
+        "it). Seq2seq decoding is bounded by it too.",
+    )
 
     @field_validator("name")
     @classmethod
     def _known_form(cls, value: str) -> str:
-        if value in BUILTIN or _EXTERNAL.fullmatch(value):
+        if value in BUILTIN or value in TEXT_BUILTIN or _EXTERNAL.fullmatch(value):
+            return value
+        if value.startswith(HF_PREFIX) and len(value) > len(HF_PREFIX):
             return value
         raise ValueError(
-            f"{value!r} is not 'mlp', 'cnn', 'torchvision:<builder>', 'timm:<name>' or "
-            "'package.module:factory'"
+            f"{value!r} is not 'mlp', 'cnn', 'transformer', 'seq2seq_transformer', "
+            "'torchvision:<builder>', 'timm:<name>', 'hf:<directory>' or 'package.module:factory'"
         )
 
     @model_validator(mode="after")
@@ -63,13 +90,15 @@ class ModelConfig(Section):
             values = getattr(self, field)
             if not values or any(v < 1 for v in values):
                 raise ValueError(f"{field} must be a non-empty list of positive integers")
-        if self.name in BUILTIN:
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} must be divisible by heads {self.heads}")
+        if self.name in BUILTIN or self.name in TEXT_BUILTIN:
             # The built-in networks take their sizes from the fields above; silently ignoring
             # these would train something else than asked.
             for field in ("kwargs", "weights", "freeze_backbone"):
                 if getattr(self, field):
                     raise ValueError(
-                        f"model.{field} applies to torchvision:, timm: and module:factory "
-                        f"models, not to {self.name!r}"
+                        f"model.{field} applies to torchvision:, timm:, hf: and "
+                        f"module:factory models, not to {self.name!r}"
                     )
         return self

@@ -72,4 +72,8 @@ def build_from_spec(spec: dict) -> nn.Module:
     The initial ``model.weights`` are not read again: the trained weights replace them, and the
     process rebuilding the model (quantize, evaluate, a pod) may not reach that file."""
     config = {**spec["config"], "weights": None, "freeze_backbone": False}
+    if spec.get("text"):  # a text model (kubetrain.models.text): vocabulary, special ids, task
+        from kubetrain.models.text import build_text_network
+
+        return build_text_network(ModelConfig(**config), spec["text"])
     return build_model(ModelConfig(**config), spec["input_shape"], spec["num_classes"])

@@ -30,10 +30,26 @@ class TrainConfig(Section):
     )
     weight_decay: float = Field(1e-4, ge=0, description="L2 penalty (decoupled for adamw).")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of sgd and rmsprop.")
-    lr_schedule: Literal["cosine", "step", "constant"] = Field(
-        "cosine", description="Learning-rate schedule per optimizer step, after the warm-up."
+    lr_schedule: Literal["cosine", "step", "constant", "inverse_sqrt"] = Field(
+        "cosine",
+        description="Learning-rate schedule per optimizer step, after the warm-up: cosine to 0 "
+        "at the end, step decay, constant, or inverse_sqrt (lr * sqrt(warm-up steps / step), "
+        "the Transformer schedule).",
     )
     warmup_epochs: int = Field(0, ge=0, description="Linear warm-up before the schedule.")
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Linear warm-up in optimizer steps (instead of warmup_epochs; the two "
+        "cannot both be set).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Text tasks: share of each target's probability spread over the whole "
+        "vocabulary or class set (0 = plain cross-entropy).",
+    )
     step_size: int = Field(10, ge=1, description="Epochs between decays of the step schedule.")
     gamma: float = Field(0.1, gt=0, le=1, description="Decay factor of the step schedule.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per step.")
@@ -108,6 +124,12 @@ class TrainConfig(Section):
                 f"batch_size {self.batch_size} must be divisible by nnodes*nproc*grad_accum_steps "
                 f"= {parts}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainConfig:
+        if self.warmup_steps and self.warmup_epochs:
+            raise ValueError("give warmup_steps or warmup_epochs, not both")
         return self
 
     @model_validator(mode="after")

@@ -124,6 +124,7 @@ def summary(trainer: Trainer, wall: float) -> dict[str, Any]:
         "final_val_loss": history[-1].val_loss,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "ranks_identical": ranks_agree(trainer.model, trainer.ctx),
+        **trainer.workload.train_summary(trainer.ctx),
     }
 
 

@@ -47,11 +47,16 @@ def _implementation(params: list) -> dict[str, bool]:
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
-    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): warm-up, then the schedule."""
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): a linear warm-up
+    (``warmup_steps``, or ``warmup_epochs`` epochs of steps), then the schedule. ``inverse_sqrt``
+    continues the warm-up's peak as ``sqrt(warmup / (step + 1))`` ("Attention is all you need";
+    without a warm-up it decays from the first step)."""
     total = cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    warmup = cfg.warmup_steps or cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
         return (step + 1) / warmup
+    if cfg.lr_schedule == "inverse_sqrt":
+        return math.sqrt(max(1, warmup) / (step + 1))
     if cfg.lr_schedule == "cosine":
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

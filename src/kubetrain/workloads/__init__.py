@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 KINDS: dict[str, str] = {
     "tabular": "kubetrain.workloads.tabular:TabularWorkload",
     "images": "kubetrain.workloads.images:ImageWorkload",
+    "text_classification": "kubetrain.workloads.text:TextClassificationWorkload",
+    "seq2seq": "kubetrain.workloads.text:Seq2SeqWorkload",
 }
 
 
@@ -76,6 +78,6 @@ def workload_for_model(dataset_dir: str | Path, model_dir: str | Path) -> Worklo
     spec = TrainedModel.load(model_dir).spec
     cfg = PipelineConfig.model_validate(
         {"data": spec.get("data_config") or data.meta.get("config") or {},
-         "model": spec.get("config") or {}}
+         "model": spec.get("config") or {}, "evaluate": spec.get("evaluate") or {}}
     )  # fmt: skip
     return open_workload(cfg, data)

@@ -124,6 +124,11 @@ class Workload(ABC):
     def batch_samples(batch: Batch) -> int:
         return len(batch[1])
 
+    def train_summary(self, ctx: DistContext) -> dict[str, Any]:
+        """What this kind adds to the training summary (e.g. the padding share of text
+        batches), agreed over ranks: a collective, called on every rank at the end."""
+        return {}
+
     @abstractmethod
     def validate(self, model: nn.Module, ctx: DistContext) -> tuple[float, float]:
         """(mean loss, primary metric) on the validation split, agreed over ranks (a

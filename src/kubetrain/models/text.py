@@ -1,0 +1,184 @@
+"""Text models from the ``model`` section and a text dataset's spec: the built-in Transformers,
+Hugging Face models from a directory, and a user's own factory.
+
+The *text spec* (:func:`text_spec`) is what a model needs to know about a text dataset: task,
+vocabulary size, special token ids, ``max_length``, classes. It is stored in the model artifact's
+spec, so quantize, evaluate and a serving pod rebuild the same network without the dataset.
+
+``model.name``:
+
+- ``transformer`` / ``seq2seq_transformer``: :mod:`kubetrain.models.transformer`, sized by
+  ``model.d_model``, ``heads``, ``layers``, ``decoder_layers``, ``ff``, ``dropout`` and
+  ``max_len`` (default: the data's ``max_length``);
+- ``hf:<directory or URI>``: :mod:`kubetrain.models.hf` (local files only);
+- ``package.module:factory``: ``factory(spec: InputSpec, num_classes, **model.kwargs)`` with
+  ``spec.kind`` the task, ``spec.shape == (max_length,)`` and ``spec.extra`` the text spec
+  (``vocab_size``, ``special_ids``, ``max_length``, ``classes``); ``num_classes`` is None for
+  seq2seq. The module it returns must take what the built-in model of the task takes (see
+  :func:`check_interface`).
+
+A classifier takes ``input_ids [B,T]``; a seq2seq model ``(src [B,S], tgt_in [B,T])`` and is
+decoded through ``encode``/``decode`` (:mod:`kubetrain.models.transformer`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from kubetrain.errors import ConfigError
+from kubetrain.models.config import HF_PREFIX, TEXT_BUILTIN, ModelConfig
+
+TEXT_TASKS = ("text_classification", "seq2seq")
+
+
+def text_spec(meta: dict[str, Any]) -> dict[str, Any]:
+    """The text spec of a dataset artifact's ``meta.json`` (a text kind)."""
+    return {
+        "task": meta["kind"],
+        "vocab_size": int(meta["vocab_size"]),
+        "special_ids": dict(meta["special_ids"]),
+        "max_length": int(meta["max_length"]),
+        "classes": meta.get("classes"),
+    }
+
+
+class _Meta:
+    """The attributes :func:`kubetrain.models.transformer.build_text_model` reads."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.task, self.vocab_size = spec["task"], spec["vocab_size"]
+        self.special_ids, self.max_length = spec["special_ids"], spec["max_length"]
+        self.classes = spec["classes"]
+
+
+def transformer_config(cfg: ModelConfig, max_length: int):
+    """The :class:`TransformerConfig` of ``cfg`` for data of ``max_length`` tokens.
+
+    Raises:
+        ConfigError: ``model.max_len`` is below ``max_length``.
+    """
+    from kubetrain.models.transformer import TransformerConfig
+
+    max_len = cfg.max_len or max_length
+    if max_len < max_length:
+        raise ConfigError(
+            f"config error: model.max_len {max_len} is below data.max_length {max_length}: "
+            "raise model.max_len or lower data.max_length"
+        )
+    return TransformerConfig(
+        d_model=cfg.d_model, heads=cfg.heads, layers=cfg.layers,
+        decoder_layers=cfg.decoder_layers, ff=cfg.ff, dropout=cfg.dropout, max_len=max_len,
+    )  # fmt: skip
+
+
+def check_model_for_task(cfg) -> None:
+    """Refuse, before any step runs, a model that cannot take the data of ``cfg.data.task``.
+
+    Raises:
+        ConfigError: a text task with ``mlp``/``cnn``/``torchvision:``/``timm:``, a built-in
+            text model on the other text task or on features, ``max_len`` below ``max_length``.
+    """
+    task, name = cfg.data.task, cfg.model.name
+    wanted = {"text_classification": "transformer", "seq2seq": "seq2seq_transformer"}
+    if task in wanted:
+        external = name.startswith(HF_PREFIX) or (
+            ":" in name and not name.startswith(("torchvision:", "timm:"))
+        )
+        if name != wanted[task] and not external:
+            raise ConfigError(
+                f"config error: model.name: {name!r} does not take data.task {task!r}: use "
+                f"{wanted[task]!r}, 'hf:<directory>' or 'package.module:factory'"
+            )
+        if cfg.model.max_len is not None and cfg.model.max_len < cfg.data.max_length:
+            raise ConfigError(
+                f"config error: model.max_len {cfg.model.max_len} is below data.max_length "
+                f"{cfg.data.max_length}: raise model.max_len or lower data.max_length"
+            )
+    elif name in TEXT_BUILTIN:
+        raise ConfigError(
+            f"config error: model.name: {name!r} is a text model; data.task {task!r} needs "
+            f"another (set data.task to {next(t for t, n in wanted.items() if n == name)!r} "
+            "for text)"
+        )
+
+
+def check_interface(model: nn.Module, task: str, where: str) -> None:
+    """Refuse a seq2seq model without what decoding needs.
+
+    Raises:
+        ConfigError: naming ``where`` and the missing attribute.
+    """
+    if task != "seq2seq":
+        return
+    for attr in ("encode", "decode", "pad_id", "bos_id", "eos_id", "config"):
+        if not hasattr(model, attr):
+            raise ConfigError(
+                f"config error: model.name: {where}: a seq2seq model needs {attr!r} (forward(src, "
+                "tgt_in), encode(src), decode(tgt_in, memory, memory_padding), pad_id, bos_id, "
+                "eos_id, config.max_len; see kubetrain.models.transformer.Seq2SeqTransformer)"
+            )
+
+
+def _factory(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
+    import importlib
+
+    from kubetrain.models.vision import InputSpec, _call
+
+    module_name, attr = cfg.name.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(
+            f"config error: model.name: cannot import module {module_name!r} ({err}); install "
+            "the package that defines it where the model is built (and in the image)"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"config error: model.name: {cfg.name}: not a callable")
+    classes = spec["classes"]
+    inputs = InputSpec((spec["max_length"],), kind=spec["task"], extra=dict(spec))
+    model = _call(factory, cfg.name, inputs, len(classes) if classes else None, **cfg.kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"config error: model.name: {cfg.name} returned a {type(model).__name__}, not a "
+            "torch.nn.Module"
+        )
+    check_interface(model, spec["task"], cfg.name)
+    return model
+
+
+def build_text_network(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
+    """The network ``cfg.name`` for a text dataset of text spec ``spec`` (untrained, or as
+    loaded for ``hf:``).
+
+    Raises:
+        ConfigError: a model that does not fit the task (e.g. ``mlp`` on text, ``transformer``
+            on seq2seq), ``max_len`` below the data's, a factory that fails.
+        DataError: an ``hf:`` directory holding no model of that kind.
+    """
+    from kubetrain.models import transformer
+
+    task = spec["task"]
+    if cfg.name in TEXT_BUILTIN:
+        model = transformer.build_text_model(
+            cfg.name, _Meta(spec), transformer_config(cfg, spec["max_length"])
+        )
+    elif cfg.name.startswith(HF_PREFIX):
+        from kubetrain.models.hf import load_hf_model
+
+        classes = spec["classes"]
+        model = load_hf_model(
+            cfg.name, task, spec["special_ids"], num_classes=len(classes) if classes else None,
+            max_len=cfg.max_len or spec["max_length"],
+        )  # fmt: skip
+    elif ":" in cfg.name and not cfg.name.startswith(("torchvision:", "timm:")):
+        model = _factory(cfg, spec)
+    else:
+        wanted = "transformer" if task == "text_classification" else "seq2seq_transformer"
+        raise ConfigError(
+            f"config error: model.name: {cfg.name!r} does not take text; data.task {task!r} "
+            f"needs {wanted!r}, 'hf:<directory>' or 'package.module:factory'"
+        )
+    return model
