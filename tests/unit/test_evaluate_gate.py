@@ -246,8 +246,9 @@ def test_the_search_objective_is_named_after_the_workloads_metric(monkeypatch, o
                                                                   name):  # fmt: skip
     from kubetrain import workloads
     from kubetrain.tune.config import TuneConfig
+    from kubetrain.workloads import objective_name
 
     monkeypatch.setitem(
         workloads.KINDS, "fake_seq2seq", "tests.unit.test_evaluate_gate:FakeBleuWorkload"
     )
-    assert TuneConfig(objective_metric=objective).objective_name(kind) == name
+    assert objective_name(TuneConfig(objective_metric=objective), kind) == name

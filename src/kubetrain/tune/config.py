@@ -158,22 +158,6 @@ class TuneConfig(Section):
     def goal(self) -> Literal["maximize", "minimize"]:
         return "maximize" if self.objective_metric == "val_accuracy" else "minimize"
 
-    def objective_name(self, kind: str) -> str:
-        """What the objective is for a dataset of ``kind``: ``val_loss``, or ``val_<metric>``
-        with the metric the kind's workload validates on (``val_accuracy`` is the key trials
-        report it under, whatever the metric: accuracy for classification, the workload's
-        own for other tasks)."""
-        if self.objective_metric == "val_loss":
-            return "val_loss"
-        import importlib
-
-        from kubetrain.workloads import KINDS
-
-        if kind not in KINDS:
-            return self.objective_metric
-        module, name = KINDS[kind].split(":")
-        return f"val_{getattr(importlib.import_module(module), name).metric}"
-
     @property
     def epochs_per_trial(self) -> int:
         """Epochs a trial may train: hyperband's ``r_l`` (its maximum resource) or trial_epochs."""

@@ -34,7 +34,7 @@ from kubetrain.launch.kubernetes import (
     build_train_job,
     worker_command,
 )
-from kubetrain.workloads import kind_of
+from kubetrain.workloads import kind_of, objective_name
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def search_result(
         "experiment": f"{cfg.cluster.namespace}/{name}",
         "algorithm": tune.algorithm,
         "metric": tune.objective_metric,
-        "objective": tune.objective_name(kind_of(cfg.data)),
+        "objective": objective_name(tune, kind_of(cfg.data)),
         "goal": tune.goal,
         "best_params": best_params,
         "best_value": best_value,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from kubetrain.config import PipelineConfig, TuneConfig, config_from_json
 from kubetrain.errors import ConfigError, KubetrainError
 from kubetrain.tune.study import JOURNAL, STUDY_NAME, storage
-from kubetrain.workloads import kind_of
+from kubetrain.workloads import kind_of, objective_name
 
 if TYPE_CHECKING:
     import optuna
@@ -396,7 +396,7 @@ def _write_results(
         "enabled": True,
         "algorithm": cfg.tune.algorithm,
         "metric": cfg.tune.objective_metric,
-        "objective": cfg.tune.objective_name(kind_of(cfg.data)),
+        "objective": objective_name(cfg.tune, kind_of(cfg.data)),
         "goal": cfg.tune.goal,
         "best_params": best.params,
         "best_value": best.value,

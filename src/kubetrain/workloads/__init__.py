@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from kubetrain.artifacts import DatasetArtifact
     from kubetrain.config import PipelineConfig
     from kubetrain.data.config import DataConfig
+    from kubetrain.tune.config import TuneConfig
     from kubetrain.workloads.base import Workload
 
 # kind -> "module:Workload class"; the module also has ``build(cfg.data, out_dir) -> meta``.
@@ -34,6 +35,18 @@ def _resolve(kind: str) -> tuple[Any, type[Workload]]:
     module_name, cls_name = KINDS[kind].split(":")
     module = importlib.import_module(module_name)
     return module, getattr(module, cls_name)
+
+
+def objective_name(tune: TuneConfig, kind: str) -> str:
+    """What the search objective is for a dataset of ``kind``: ``val_loss``, or ``val_<metric>``
+    with the metric the kind's workload validates on (``val_accuracy`` is the key trials
+    report it under, whatever the metric: accuracy for classification, the workload's own for
+    other tasks)."""
+    if tune.objective_metric == "val_loss":
+        return "val_loss"
+    if kind not in KINDS:
+        return tune.objective_metric
+    return f"val_{_resolve(kind)[1].metric}"
 
 
 def open_workload(cfg: PipelineConfig, data: DatasetArtifact) -> Workload:

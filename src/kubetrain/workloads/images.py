@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import time
@@ -67,6 +68,10 @@ def require_torchvision(where: str = "data.source") -> None:
 
 
 # -- which sources are images ------------------------------------------------------------------
+# A brace pattern of tar shards ({000000..000127} or {a,b}); not a {date} placeholder.
+_BRACE_RANGE = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
+
+
 def is_image_source(cfg: DataConfig) -> bool:
     """Whether ``cfg.source`` names images (read from names and at most one header or listing).
 
@@ -80,7 +85,7 @@ def is_image_source(cfg: DataConfig) -> bool:
     if source in BUILTIN_SOURCES:
         return True
     name = source.rstrip("/").lower()
-    if "{" in source or name.endswith(TAR_SUFFIXES):
+    if _BRACE_RANGE.search(source) or name.endswith(TAR_SUFFIXES):
         return True
     if any(c in source for c in "*?["):  # a glob of tabular files
         return False
