@@ -36,7 +36,9 @@ def test_a_malformed_model_name_is_a_config_error(name):
     "override", ["model.weights=w.pt", "model.freeze_backbone=true", "model.kwargs={depth: 2}"]
 )
 def test_fine_tuning_fields_are_refused_for_the_builtin_networks(override):
-    with pytest.raises(ConfigError, match=r"applies to torchvision:, timm:, hf: and module:factory"):
+    with pytest.raises(
+        ConfigError, match=r"applies to torchvision:, timm:, hf: and module:factory"
+    ):
         load_config(overrides=["model.name=mlp", override])
 
 
