@@ -56,6 +56,7 @@ def outlier_dir(tmp_path_factory, model_dir):
 BAD_STATIC = {"method": "static_int8", "max_accuracy_drop": 0.005}
 
 
+@pytest.mark.integration  # seconds of QAT / torchrun workers: out of the unit tier
 def test_gate_fails_with_the_numbers(tmp_path, outlier_dir, digits_dir):
     with pytest.raises(KubetrainError, match=r"no int8 candidate within the accuracy budget") as e:
         quantize_artifact(
@@ -80,6 +81,7 @@ def test_gate_can_keep_fp32(tmp_path, outlier_dir, digits_dir):
     assert (same == predict(load_model(outlier_dir), x, data.input_shape)).all()
 
 
+@pytest.mark.integration  # seconds of QAT / torchrun workers: out of the unit tier
 def test_gate_tries_qat_when_post_training_int8_loses_too_much(tmp_path, outlier_dir, digits_dir):
     qcfg = quick_quantize_config(**BAD_STATIC, on_drop="keep_fp32")
     info = quantize_artifact(outlier_dir, digits_dir, tmp_path, qcfg)

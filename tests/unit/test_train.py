@@ -188,6 +188,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
         assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.integration  # seconds of QAT / torchrun workers: out of the unit tier
 def test_a_non_finite_loss_stops_every_torchrun_worker_with_one_line(digits_dir, tmp_path, capfd):
     from kubetrain.errors import KubetrainError
     from kubetrain.launch.local import LocalLauncher
