@@ -14,7 +14,7 @@ import numpy as np
 from kubetrain.artifacts import DATASET_FORMAT_VERSION, SPLITS, DatasetArtifact, load_dataset
 from kubetrain.data.config import DataConfig
 from kubetrain.data.sources import RawData, load_source
-from kubetrain.errors import ConfigError, DataError
+from kubetrain.errors import DataError
 
 __all__ = ["DatasetArtifact", "build_dataset", "load_dataset"]
 
@@ -113,30 +113,12 @@ def fit_normalizer(x_train: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarr
     return shift.astype(np.float32), scale.astype(np.float32)
 
 
-def check_pipeline_task(cfg: DataConfig) -> None:
-    """Refuse a task the pipeline steps cannot run yet, rather than run the tabular path on it.
-
-    Text data, tokenizers and Transformer models exist as modules (``kubetrain.data.text``,
-    ``kubetrain.models.transformer``) but the steps do not use them yet.
-
-    Raises:
-        ConfigError: ``data.task`` is not ``classification``.
-    """
-    if cfg.task != "classification":
-        raise ConfigError(
-            f"config error: data.task: {cfg.task!r} is not available in the pipeline steps yet "
-            "(only 'classification'); see the README's 'Language (in progress)' section"
-        )
-
-
 def build_dataset(cfg: DataConfig, out_dir: str | Path) -> DatasetArtifact:
     """Read the source, clean, split, normalise and write the artifact to ``out_dir``.
 
     Raises:
-        ConfigError: a task the steps cannot run yet (``check_pipeline_task``).
         DataError: the source cannot be read, has one class, or cannot be split.
     """
-    check_pipeline_task(cfg)
     started = time.perf_counter()
     raw: RawData = load_source(cfg)
     y, classes = encode_labels(raw.y)
