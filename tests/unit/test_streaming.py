@@ -167,9 +167,10 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path):
     import sys
 
     def peak(root):
-        out = subprocess.run([sys.executable, "-c", _RANK, str(root)], check=True,
-                             capture_output=True, text=True).stdout  # fmt: skip
-        samples, rss_kib = map(int, out.split())
+        proc = subprocess.run([sys.executable, "-c", _RANK, str(root)],
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+        samples, rss_kib = map(int, proc.stdout.split())
         return samples, rss_kib
 
     write_dataset(tmp_path / "small", [200] * 3, payload=64 << 10)
