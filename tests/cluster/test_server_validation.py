@@ -60,7 +60,8 @@ RECIPES = {
     "smoke": ("smoke", []),
     "gpu": ("gpu", []),  # GPUs, node selector, tolerations, two nodes
     "vision-gpu": ("vision-gpu", []),  # ResNet-50, 2 x 1 GPU, credentials from a Secret (envFrom)
-    "translation-gpu": ("translation-gpu", []),  # seq2seq Transformer, FSDP, 2 x 1 GPU
+    # seq2seq Transformer, FSDP, 2 x 1 GPU; with the search on, so the Experiment is checked too
+    "translation-gpu": ("translation-gpu", ["tune.enabled=true"]),
     "elastic": (
         "default",
         ["cluster.elastic=true", "train.nnodes=3", "train.batch_size=66", "cluster.cpu=2"],
