@@ -27,7 +27,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from cpuinfo import cpu_model
 from torch import nn
 
 from kubetrain.artifacts import DatasetArtifact
@@ -500,20 +500,6 @@ def stats(values: list[float]) -> dict[str, float]:
 def fmt(s: dict[str, float], scale: float = 1.0, digits: int = 0) -> str:
     return (f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}–"
             f"{s['max'] * scale:.{digits}f})")  # fmt: skip
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its widest vector extension."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    first: dict[str, str] = {}
-    for key, _, value in (ln.partition(":") for ln in lines):
-        first.setdefault(key.strip(), value.strip())
-    name, flags = first.get("model name", platform.machine()), first.get("flags", "").split()
-    isa = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), "")
-    return f"{name} ({isa})" if isa else name
 
 
 def shape_text(shape: dict[str, int]) -> str:

@@ -291,6 +291,8 @@ timed("quantize", steps.quantize, d / "ds", d / "model", d / "q")
 timed("evaluate", steps.evaluate, d / "ds", d / "model", d / "q", d / "eval", d / "tune")
 print("STEPS", json.dumps({"imports": imports, "steps": took}))
 """
+from cpuinfo import cpu_model  # noqa: E402 (benchmarks/ is the script's folder)
+
 # kfp.local's per-task wall times: the same reading as the per-task overhead benchmark's.
 from pipeline_overhead import task_seconds  # noqa: E402 (benchmarks/ is the script's folder)
 
@@ -345,21 +347,6 @@ BENCHES = {
     "bf16": bench_bf16,
     "checkpoint": bench_checkpoint,
 }
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its widest vector extension (the shared machines here differ:
-    some are AVX2-only, some have AVX-512 with bf16, which changes the bf16 and int8 figures)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    first: dict[str, str] = {}  # the first CPU's fields
-    for key, _, value in (ln.partition(":") for ln in lines):
-        first.setdefault(key.strip(), value.strip())
-    name, flags = first.get("model name", platform.machine()), first.get("flags", "").split()
-    isa = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), "")
-    return f"{name} ({isa})" if isa else name
 
 
 def machine() -> dict[str, Any]:

@@ -10,7 +10,6 @@ not of flat colour. It is cached under the system temp directory by its paramete
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cpuinfo import cpu_model
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -158,20 +158,6 @@ def fmt(s: dict[str, float], digits: int = 0) -> str:
 def ratios(a: list[float], b: list[float]) -> dict[str, float]:
     """Per-round ratios ``a[i] / b[i]`` (rounds ran side by side) as stats."""
     return stats([x / y for x, y in zip(a, b, strict=True)])
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its widest vector extension."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    first: dict[str, str] = {}
-    for key, _, value in (ln.partition(":") for ln in lines):
-        first.setdefault(key.strip(), value.strip())
-    name, flags = first.get("model name", platform.machine()), first.get("flags", "").split()
-    isa = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), "")
-    return f"{name} ({isa})" if isa else name
 
 
 def machine() -> dict[str, Any]:

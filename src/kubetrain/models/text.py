@@ -122,29 +122,11 @@ def check_interface(model: nn.Module, task: str, where: str) -> None:
 
 
 def _factory(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
-    import importlib
+    from kubetrain.models.vision import InputSpec, call_factory
 
-    from kubetrain.models.vision import InputSpec, _call
-
-    module_name, attr = cfg.name.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        raise ConfigError(
-            f"config error: model.name: cannot import module {module_name!r} ({err}); install "
-            "the package that defines it where the model is built (and in the image)"
-        ) from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"config error: model.name: {cfg.name}: not a callable")
     classes = spec["classes"]
     inputs = InputSpec((spec["max_length"],), kind=spec["task"], extra=dict(spec))
-    model = _call(factory, cfg.name, inputs, len(classes) if classes else None, **cfg.kwargs)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(
-            f"config error: model.name: {cfg.name} returned a {type(model).__name__}, not a "
-            "torch.nn.Module"
-        )
+    model = call_factory(cfg.name, inputs, len(classes) if classes else None, **cfg.kwargs)
     check_interface(model, spec["task"], cfg.name)
     return model
 

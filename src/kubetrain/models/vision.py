@@ -241,7 +241,21 @@ def _timm(name: str, input_shape: list[int], num_classes: int, kwargs: dict[str,
 def _factory(
     module_name: str, attr: str, input_shape: list[int], num_classes: int, kwargs: dict[str, Any]
 ):
-    where = f"{module_name}:{attr}"
+    spec = InputSpec(tuple(int(d) for d in input_shape))
+    model = call_factory(f"{module_name}:{attr}", spec, num_classes, **kwargs)
+    head, _ = _last_classifier(model)
+    return model, head
+
+
+def call_factory(name: str, *args: Any, **kwargs: Any) -> nn.Module:
+    """Import ``package.module:factory`` and call it with ``args`` and ``kwargs`` (the image and
+    the text workloads' own-model entry point).
+
+    Raises:
+        ConfigError: the module does not import, the attribute is missing or not callable, the
+            call fails, or it returns something other than an ``nn.Module``.
+    """
+    module_name, attr = name.split(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -253,15 +267,13 @@ def _factory(
     if not callable(factory):
         what = "no attribute" if factory is None else "a non-callable attribute"
         raise ConfigError(f"config error: model.name: module {module_name!r} has {what} {attr!r}")
-    spec = InputSpec(tuple(int(d) for d in input_shape))
-    model = _call(factory, where, spec, num_classes, **kwargs)
+    model = _call(factory, name, *args, **kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(
-            f"config error: model.name: {where} returned a {type(model).__name__}, not a "
+            f"config error: model.name: {name} returned a {type(model).__name__}, not a "
             "torch.nn.Module"
         )
-    head, _ = _last_classifier(model)
-    return model, head
+    return model
 
 
 def _call(fn, where: str, *args: Any, **kwargs: Any):

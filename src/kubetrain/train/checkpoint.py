@@ -153,6 +153,19 @@ class AsyncWriter:
             pending.result()
 
 
+def _own_manifest(path: Path, manifest: Path, resume_key: str) -> dict[str, Any] | None:
+    """The manifest of checkpoint ``path`` if it is complete and this job's (``resume_key``);
+    None, with a warning saying why it is skipped, otherwise."""
+    if not manifest.is_file():
+        log.warning("skipping checkpoint %s: no manifest (partial write)", path)
+        return None
+    meta = read_json(manifest)
+    if meta.get(MANIFEST_KEY) != resume_key:
+        log.warning("skipping checkpoint %s: it belongs to another job/config", path)
+        return None
+    return meta
+
+
 def load_latest(directory: Path, resume_key: str) -> dict[str, Any] | None:
     """The newest checkpoint of this job that is complete and intact, or None."""
     if not directory.is_dir():
@@ -163,13 +176,8 @@ def load_latest(directory: Path, resume_key: str) -> dict[str, Any] | None:
     if not candidates and _sharded_dirs(directory):
         log.warning("not resuming the FSDP checkpoints in %s under train.strategy=ddp", directory)
     for path in candidates:
-        manifest = path.with_suffix(".json")
-        if not manifest.is_file():
-            log.warning("skipping checkpoint %s: no manifest (partial write)", path)
-            continue
-        meta = read_json(manifest)
-        if meta.get(MANIFEST_KEY) != resume_key:
-            log.warning("skipping checkpoint %s: it belongs to another job/config", path)
+        meta = _own_manifest(path, path.with_suffix(".json"), resume_key)
+        if meta is None:
             continue
         if _sha256(path) != meta.get("sha256"):
             log.warning("skipping checkpoint %s: digest mismatch (corrupt)", path)
@@ -301,13 +309,8 @@ def _newest_sharded(directory: Path, resume_key: str) -> Path | None:
     if not candidates and any(directory.glob("ckpt-*.pt")):
         log.warning("not resuming the DDP checkpoints in %s under train.strategy=fsdp", directory)
     for path in candidates:
-        manifest = path / _MANIFEST
-        if not manifest.is_file():
-            log.warning("skipping checkpoint %s: no manifest (partial write)", path)
-            continue
-        meta = read_json(manifest)
-        if meta.get(MANIFEST_KEY) != resume_key:
-            log.warning("skipping checkpoint %s: it belongs to another job/config", path)
+        meta = _own_manifest(path, path / _MANIFEST, resume_key)
+        if meta is None:
             continue
         files = meta.get("files") or {}
         present = {p.name for p in path.iterdir() if p.is_file() and p.name != _MANIFEST}
