@@ -132,3 +132,35 @@ def test_choose_is_fastest_within_budget(drops, expected):
     ]
     chosen = select.choose(candidates, 0.005)
     assert (chosen["name"] if chosen else None) == expected
+
+
+class _SharedReLU(torch.nn.Module):
+    """A residual block the way torchvision's ResNet writes it: one nn.ReLU called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.conv2(self.relu(self.conv1(x)))
+        out += x
+        return self.relu(out)
+
+
+def test_each_call_of_a_shared_module_is_its_own_pt2e_partition():
+    from torch.fx.passes.utils.source_matcher_utils import get_source_partitions
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from kubetrain.quantize.methods import _export_for_pt2e, _x86_quantizer
+
+    example = torch.randn(2, 3, 8, 8)
+    graph = _export_for_pt2e(_SharedReLU().eval(), example)
+    (relus,) = get_source_partitions(graph.graph, [torch.nn.ReLU]).values()
+    assert len(relus) == 2 and all(len(p.output_nodes) == 1 for p in relus)
+    # Plain torch.export gives one partition with two outputs, which the x86 quantizer refuses.
+    prepared = prepare_pt2e(graph, _x86_quantizer(quick_quantize_config()))
+    observers = [n for n in prepared.graph.nodes if "activation_post_process" in str(n.target)]
+    assert observers  # annotated and observed (conv+add+ReLU fused as one pattern)
+    assert prepared(example).shape == example.shape

@@ -15,7 +15,6 @@ import torch
 
 from kubetrain.artifacts import DatasetArtifact, TrainedModel
 from kubetrain.config import load_config
-from kubetrain.errors import KubetrainError
 from kubetrain.quantize.config import CANDIDATES
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
 from kubetrain.workloads.base import Scores, Workload
@@ -103,19 +102,13 @@ class FakeImageWorkload(Workload):
 
 
 # The x86 inductor PT2E methods: their int8 kernels compile with inductor (minutes on 2 shared
-# cores: slow); and on ResNet-18 they fail in the vision venv (torch 2.14.1, torchao 0.18): the
-# quantizer's conv+add+ReLU pattern finds a partition with two outputs, whether or not the graph
-# is functionalized first. Strict xfail: it will say when that is fixed.
+# cores: slow). ResNet's blocks call one nn.ReLU twice; methods._export_for_pt2e gives each call
+# its own partition, without which X86InductorQuantizer stops with "Input partition has more
+# than one output node" (these cases were a strict xfail before it).
 PT2E = ("static_int8/x86_inductor", "qat_int8/x86_inductor")
-RESNET_PT2E = pytest.mark.xfail(
-    strict=True, raises=KubetrainError,
-    reason="torchao 0.18 X86InductorQuantizer on torch 2.14.1: 'Input partition has more than "
-    "one output node' on ResNet's conv+add+ReLU",
-)  # fmt: skip
 CASES = [
     pytest.param(factory, candidate, id=f"{factory.__name__}-{candidate}",
-                 marks=[RESNET_PT2E] if factory is resnet18 and candidate in PT2E
-                 else [pytest.mark.slow] if candidate in PT2E else [])
+                 marks=[pytest.mark.slow] if candidate in PT2E else [])
     for factory in (resnet18, mobilenet_v3_small)
     for candidate in CANDIDATES
 ]  # fmt: skip

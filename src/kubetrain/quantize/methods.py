@@ -189,6 +189,38 @@ def _x86_quantizer(qcfg: QuantizeConfig, is_qat: bool = False):
     return quantizer
 
 
+def _export_for_pt2e(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    """``model`` exported (batch dimension dynamic) as the graph module PT2E prepares.
+
+    Each call of a module gets its own source partition. A non-strict export records where a
+    node came from only as the module's name (``nn_module_stack``), and the PT2E quantizers group
+    nodes into partitions by that name: a module called twice in one forward (torchvision's
+    ResNet blocks call one ``nn.ReLU`` after their first convolution and again after the residual
+    add) becomes one partition with two outputs, and ``X86InductorQuantizer`` stops with "Input
+    partition has more than one output node". A module's nodes are contiguous in the graph, so
+    the second and later runs of a name get ``name@1``, ``name@2`` (the suffix ``torch.export``
+    itself gives repeated calls).
+    """
+    graph = torch.export.export(
+        model, (example,), dynamic_shapes=artifact.batch_dynamic_shapes()
+    ).module()
+    calls: dict[str, int] = {}
+    previous = None
+    for node in graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack") if node.op == "call_function" else None
+        if not stack:
+            previous = None
+            continue
+        key = next(reversed(stack))
+        fqn, cls = stack[key]
+        if fqn != previous:
+            calls[fqn] = calls.get(fqn, -1) + 1
+        previous = fqn
+        if calls[fqn]:
+            node.meta["nn_module_stack"] = {**stack, key: (f"{fqn}@{calls[fqn]}", cls)}
+    return graph
+
+
 def _strip_unused(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Drop the fp32 parameters ``convert_pt2e`` leaves attached beside their int8 copies."""
     used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
@@ -204,10 +236,7 @@ def _pt2e_static(
 ) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    graph = torch.export.export(
-        model, (example,), dynamic_shapes=artifact.batch_dynamic_shapes()
-    ).module()
-    prepared = prepare_pt2e(graph, _x86_quantizer(qcfg))
+    prepared = prepare_pt2e(_export_for_pt2e(model, example), _x86_quantizer(qcfg))
     with torch.no_grad():
         for start in range(0, len(calib), 64):
             prepared(calib[start : start + 64])
@@ -237,10 +266,9 @@ def _pt2e_qat(
     gen = torch.Generator().manual_seed(qcfg.seed)
     bs = min(qcfg.qat_batch_size, len(x_train))
     example = _batch(x_train, input_shape, torch.arange(bs))
-    graph = torch.export.export(
-        model.train(), (example,), dynamic_shapes=artifact.batch_dynamic_shapes()
-    ).module()
-    prepared = prepare_qat_pt2e(graph, _x86_quantizer(qcfg, is_qat=True))
+    prepared = prepare_qat_pt2e(
+        _export_for_pt2e(model.train(), example), _x86_quantizer(qcfg, is_qat=True)
+    )
     y = torch.from_numpy(y_train)
     idx = torch.randperm(len(x_train), generator=gen)[: qcfg.calibration_samples]
     info: dict[str, Any] = {"epochs": qcfg.qat_epochs, "lr": qcfg.qat_lr}
