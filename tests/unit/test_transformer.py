@@ -329,16 +329,24 @@ def test_decode_step_checks_its_input():
         model.decode_step(torch.full((6, 1), BOS), state)
 
 
-def test_reordering_the_state_keeps_the_chosen_rows():
-    """Reordering after a step equals having decoded the chosen rows from the start (and
-    repeated indices expand a batch, as a beam search does with its sources)."""
+@pytest.mark.parametrize(
+    "reorders",
+    [[[3, 3, 0, 5]], [[0, 0, 1, 1], [1, 0, 3, 3]], [[0, 1, 2, 3, 4, 5], [1, 0, 2, 3, 4, 5]]],
+    ids=["pick-rows", "expand-then-swap-within-sources", "swap-sources"],
+)
+def test_reordering_the_state_keeps_the_chosen_rows(reorders):
+    """Reordering between steps equals having decoded the chosen rows from the start (repeated
+    indices expand a batch, as a beam search does with its sources, whose rows then reorder
+    among themselves)."""
     model, src, tgt = random_decoder(), padded_sources(), targets()
-    rows = torch.tensor([3, 3, 0, 5])
+    rows = torch.arange(len(src))
     with torch.no_grad():
         memory, memory_padding = model.encode(src)
         state = model.start_decoding(memory, memory_padding)
-        model.decode_step(tgt[:, :1], state)
-        state.reorder(rows)
-        got = model.decode_step(tgt[rows, 1:2], state)
-        full = model.decode(tgt[rows, :2], memory[rows], memory_padding[rows])[:, -1]
-    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+        for step, indices in enumerate(map(torch.tensor, reorders)):
+            model.decode_step(tgt[rows, step : step + 1], state)
+            state.reorder(indices)
+            rows = rows[indices]
+        got = model.decode_step(tgt[rows, len(reorders) : len(reorders) + 1], state)
+        full = model.decode(tgt[rows, : len(reorders) + 1], memory[rows], memory_padding[rows])
+    torch.testing.assert_close(got, full[:, -1], atol=1e-5, rtol=1e-5)
