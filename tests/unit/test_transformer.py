@@ -183,3 +183,170 @@ def test_build_text_model_from_dataset_meta(name, task, max_len, expected):
         assert type(model) is expected
         if name == "transformer":
             assert model(torch.tensor([[4, 7, 8]])).shape == (1, 3)
+
+
+# --- Incremental decoding (key/value cache) against re-decoding the whole prefix each step ---
+
+
+def random_decoder(vocab=12, max_len=24) -> Seq2SeqTransformer:
+    """A seeded, untrained model whose decodings vary with the source and end at different
+    lengths. Its layers are initialised wider than usual and its output layer is untied and
+    random: else an untrained model only repeats ``<s>``, and any two decoders would agree."""
+    model = tiny(vocab=vocab, max_len=max_len)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m is not model.lm_head:
+                m.weight.normal_(0, m.in_features**-0.5)
+    model.lm_head.weight = nn.Parameter(torch.randn(vocab, model.config.d_model))
+    return model
+
+
+def padded_sources() -> torch.Tensor:
+    """Six sources of 9, 4, 6, 2, 9 and 7 tokens, padded to 9."""
+    src = torch.randint(3, 12, (6, 9), generator=torch.Generator().manual_seed(1))
+    for row, length in enumerate([9, 4, 6, 2, 9, 7]):
+        src[row, length:] = PAD
+    return src
+
+
+def int8(model: nn.Module) -> nn.Module:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantize_dynamic and its tensors are deprecated
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+class FullRedecode(nn.Module):
+    """A user's own model: only ``encode``/``decode`` and the ids, no cache, so decoding falls
+    back to re-decoding the whole prefix every step. Counts its ``decode`` calls."""
+
+    def __init__(self, model: Seq2SeqTransformer) -> None:
+        super().__init__()
+        self.model, self.config, self.calls = model, model.config, 0
+        self.pad_id, self.bos_id, self.eos_id = model.pad_id, model.bos_id, model.eos_id
+
+    def encode(self, src):
+        return self.model.encode(src)
+
+    def decode(self, tgt_in, memory, memory_padding):
+        self.calls += 1
+        return self.model.decode(tgt_in, memory, memory_padding)
+
+
+def no_redecoding(*args):
+    raise AssertionError("the cached path re-decoded the whole prefix")
+
+
+DECODERS = {
+    "greedy": lambda model, src, n: greedy_decode(model, src, n),
+    "beam-1": lambda model, src, n: beam_search(model, src, 1, n),
+    "beam-3": lambda model, src, n: beam_search(model, src, 3, n),
+}
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_cached_decoding_gives_the_tokens_of_full_redecoding(decoder, monkeypatch):
+    model, src, steps = random_decoder(), padded_sources(), 12
+    fallback = FullRedecode(model)
+    expected = DECODERS[decoder](fallback, src, steps)
+    assert fallback.calls > 0  # the model without a cache decoded by re-decoding
+    monkeypatch.setattr(model, "decode", no_redecoding)
+    assert DECODERS[decoder](model, src, steps) == expected
+    # The case is worth testing: some rows end (then feed padding) before others.
+    assert len({len(seq) for seq in expected}) > 1 and max(map(len, expected)) == steps
+
+
+def step_by_step(model, src, tgt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[B,T,V]`` of ``decode`` over ``tgt`` and of ``decode_step`` fed it token by
+    token."""
+    with torch.no_grad():
+        memory, memory_padding = model.encode(src)
+        state = model.start_decoding(memory, memory_padding)
+        steps = [model.decode_step(tgt[:, t : t + 1], state) for t in range(tgt.shape[1])]
+        return model.decode(tgt, memory, memory_padding), torch.stack(steps, 1)
+
+
+def targets() -> torch.Tensor:
+    """``<s>`` and 9 tokens per source; rows 1 and 3 end early and then pad."""
+    tgt = torch.randint(3, 12, (6, 10), generator=torch.Generator().manual_seed(2))
+    tgt[:, 0], tgt[1, 5], tgt[1, 6:], tgt[3, 2:] = BOS, EOS, PAD, PAD
+    return tgt
+
+
+def test_step_logits_match_decode():
+    model = random_decoder()
+    full, steps = step_by_step(model, padded_sources(), targets())
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+
+
+def test_an_int8_model_decodes_through_the_cache(monkeypatch):
+    """Dynamic int8 quantizes each activation tensor with its own scale, so one new token and a
+    whole prefix are rounded differently: the cached path cannot match re-decoding bit for bit
+    (nor does re-decoding match itself across prefix lengths). It must stay as close to the
+    float model as re-decoding is, and decode without re-decoding."""
+    model, src, tgt = random_decoder(), padded_sources(), targets()
+    q = int8(model)
+    assert not [m for m in q.modules() if type(m) is nn.Linear]
+    ref, _ = step_by_step(model, src, tgt)
+    full, steps = step_by_step(q, src, tgt)
+    full_err, step_err = (full - ref).abs().max(), (steps - ref).abs().max()
+    assert 0 < step_err <= 2 * full_err and step_err < 0.1 * ref.abs().max()
+    assert (steps.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    monkeypatch.setattr(q, "decode", no_redecoding)
+    for decode in DECODERS.values():
+        out = decode(q, src, 12)
+        assert len(out) == len(src) and all(0 < len(seq) <= 12 for seq in out)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "re-decoding"])
+@pytest.mark.parametrize(
+    ("max_new_tokens", "length"),
+    [(50, 9), (3, 3)],
+    ids=["stops-at-max-len", "stops-at-max-new-tokens"],
+)
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_sequence_without_eos_stops_cleanly(decoder, max_new_tokens, length, cached):
+    """A model of ``max_len`` 10 has room for ``<s>`` and 9 tokens."""
+    model = random_decoder(max_len=10)
+    model.eos_id = 12  # outside the vocabulary: never generated, so no row ends early
+    out = DECODERS[decoder](
+        model if cached else FullRedecode(model), padded_sources(), max_new_tokens
+    )
+    assert [len(seq) for seq in out] == [length] * 6
+
+
+def test_decode_step_checks_its_input():
+    model = random_decoder(max_len=9)
+    memory, memory_padding = model.encode(padded_sources())
+    state = model.start_decoding(memory, memory_padding)
+    with pytest.raises(ValueError, match=r"one token per row, \[6, 1\]; got \[6, 2\]"):
+        model.decode_step(torch.full((6, 2), BOS), state)
+    for _ in range(9):
+        model.decode_step(torch.full((6, 1), BOS), state)
+    assert state.length == 9
+    with pytest.raises(ValueError, match="10 tokens is longer than max_len 9"):
+        model.decode_step(torch.full((6, 1), BOS), state)
+
+
+@pytest.mark.parametrize(
+    "reorders",
+    [[[3, 3, 0, 5]], [[0, 0, 1, 1], [1, 0, 3, 3]], [[0, 1, 2, 3, 4, 5], [1, 0, 2, 3, 4, 5]]],
+    ids=["pick-rows", "expand-then-swap-within-sources", "swap-sources"],
+)
+def test_reordering_the_state_keeps_the_chosen_rows(reorders):
+    """Reordering between steps equals having decoded the chosen rows from the start (repeated
+    indices expand a batch, as a beam search does with its sources, whose rows then reorder
+    among themselves)."""
+    model, src, tgt = random_decoder(), padded_sources(), targets()
+    rows = torch.arange(len(src))
+    with torch.no_grad():
+        memory, memory_padding = model.encode(src)
+        state = model.start_decoding(memory, memory_padding)
+        for step, indices in enumerate(map(torch.tensor, reorders)):
+            model.decode_step(tgt[rows, step : step + 1], state)
+            state.reorder(indices)
+            rows = rows[indices]
+        got = model.decode_step(tgt[rows, len(reorders) : len(reorders) + 1], state)
+        full = model.decode(tgt[rows, : len(reorders) + 1], memory[rows], memory_padding[rows])
+    torch.testing.assert_close(got, full[:, -1], atol=1e-5, rtol=1e-5)

@@ -7,6 +7,13 @@ raw parameter): every projection is an ``nn.Linear``, so int8 quantization cover
 the model exports. Padding is masked everywhere (keys in self- and cross-attention, the pooled
 classifier), so a padded sequence gives the outputs of the same sequence alone (tested).
 
+Decoding is incremental: :meth:`Seq2SeqTransformer.start_decoding` computes the cross-attention
+keys/values of the source once, and each :meth:`Seq2SeqTransformer.decode_step` sends only the new
+token through the decoder, appending its self-attention keys/values to the cache (O(T) decoder
+work for T tokens instead of re-decoding every prefix, O(T^2)). It gives the logits of
+:meth:`~Seq2SeqTransformer.decode` (to 1e-5, tested) and the same tokens; models without it (the
+Hugging Face wrapper, users' own) are decoded by re-decoding.
+
 The models know nothing of distribution or of the tokenizer beyond three ids (pad, bos, eos).
 Sizes come from :class:`TransformerConfig`.
 """
@@ -51,12 +58,49 @@ class TransformerConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head attention from four ``nn.Linear`` layers and ``scaled_dot_product_attention``."""
+    """Multi-head attention from four ``nn.Linear`` layers and ``scaled_dot_product_attention``.
+
+    ``forward`` attends a whole sequence at once; ``keys_values`` and ``attend`` are its two
+    halves, for incremental decoding, where keys and values are computed once and cached.
+    """
 
     def __init__(self, d_model: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model) for _ in range(4))
+
+    def _split(self, y: torch.Tensor) -> torch.Tensor:
+        """``[B,T,D]`` -> ``[B,heads,T,D/heads]``."""
+        b, t, d = y.shape
+        return y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``kv`` [B,S,D], each ``[B,heads,S,D/heads]``."""
+        return self._split(self.k(kv)), self._split(self.v(kv))
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``x`` [B,T,D] to the keys and values of :meth:`keys_values`.
+
+        Args:
+            x: the queries' inputs.
+            k, v: ``[B,heads,S,D/heads]``.
+            mask: boolean, broadcastable to ``[B,heads,T,S]``, True where a query may attend.
+
+        Returns:
+            ``[B,T,D]``.
+        """
+        b, t, d = x.shape
+        out = F.scaled_dot_product_attention(
+            self._split(self.q(x)), k, v, attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
+        return self.o(out.transpose(1, 2).reshape(b, t, d))
 
     def forward(
         self,
@@ -69,21 +113,15 @@ class Attention(nn.Module):
 
         ``key_padding`` [B,S] is True at padded keys; ``causal`` lets position t see keys <= t.
         """
-        kv = x if memory is None else memory
-        b, t, d = x.shape
-        s = kv.shape[1]
-        split = lambda y, n: y.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        q, k, v = split(self.q(x), t), split(self.k(kv), s), split(self.v(kv), s)
+        k, v = self.keys_values(x if memory is None else memory)
+        t, s = x.shape[1], k.shape[2]
         mask = None  # boolean, True = may attend
         if key_padding is not None:
             mask = ~key_padding[:, None, None, :]
         if causal:
             allowed = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(s - t)
             mask = allowed if mask is None else mask & allowed
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.o(out.transpose(1, 2).reshape(b, t, d))
+        return self.attend(x, k, v, mask)
 
 
 class FeedForward(nn.Sequential):
@@ -123,6 +161,81 @@ class DecoderLayer(nn.Module):
         y = y + self.drop(self.self_attn(self.norm1(y), key_padding=padding, causal=True))
         y = y + self.drop(self.cross_attn(self.norm2(y), memory, key_padding=memory_padding))
         return y + self.drop(self.ff(self.norm3(y)))
+
+    def step(
+        self,
+        y: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor],
+        cross: tuple[torch.Tensor, torch.Tensor],
+        self_mask: torch.Tensor,
+        cross_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`forward` for one new position ``y`` [B,1,D], given the cached keys/values.
+
+        Args:
+            y: the new position's input.
+            past: self-attention keys and values of the earlier positions, ``[B,H,T,D/H]``.
+            cross: cross-attention keys and values of the source, ``[B,H,S,D/H]``.
+            self_mask: ``[B,1,1,T+1]``, True at the keys (earlier ones and its own) it may see.
+            cross_mask: ``[B,1,1,S]``, True at the real source positions.
+
+        Returns:
+            The new position's output ``[B,1,D]`` and the keys/values extended by its own.
+        """
+        h = self.norm1(y)
+        k, v = self.self_attn.keys_values(h)
+        k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        y = y + self.drop(self.self_attn.attend(h, k, v, self_mask))
+        y = y + self.drop(self.cross_attn.attend(self.norm2(y), *cross, cross_mask))
+        return y + self.drop(self.ff(self.norm3(y))), (k, v)
+
+
+@dataclass
+class DecodeState:
+    """What incremental decoding keeps between steps (from
+    :meth:`Seq2SeqTransformer.start_decoding`; :meth:`Seq2SeqTransformer.decode_step` extends it).
+
+    Every tensor has one row per sequence being decoded (dimension 0).
+
+    Attributes:
+        memory_padding: ``[B,S]``, True at padded source positions.
+        cross: per decoder layer, the cross-attention keys and values of the source
+            (``[B,heads,S,D/heads]`` each), computed once.
+        past: per decoder layer, the self-attention keys and values of the tokens fed so far
+            (``[B,heads,T,D/heads]`` each).
+        padding: ``[B,T]``, True where the token fed was the pad (masked as a key, as in
+            :meth:`Seq2SeqTransformer.decode`).
+        sources: ``[B]``, the row of :meth:`Seq2SeqTransformer.start_decoding`'s memory each row
+            decodes.
+    """
+
+    memory_padding: torch.Tensor
+    cross: list[tuple[torch.Tensor, torch.Tensor]]
+    past: list[tuple[torch.Tensor, torch.Tensor]]
+    padding: torch.Tensor
+    sources: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        """How many tokens have been fed (the position of the next one)."""
+        return self.padding.shape[1]
+
+    def reorder(self, indices: torch.Tensor) -> None:
+        """Keep, in place, the rows ``indices`` [B'] (e.g. the parents of a beam search's new
+        hypotheses; repeats allowed, so it also expands each source into several beams).
+
+        Raises:
+            IndexError: an index is out of range.
+        """
+        pick = lambda t: t.index_select(0, indices)  # noqa: E731
+        sources = pick(self.sources)
+        # Rows of one source share its cross keys/values and padding: when every row keeps its
+        # source (a beam search's steps), only the self-attention cache needs copying.
+        if not torch.equal(sources, self.sources):
+            self.memory_padding = pick(self.memory_padding)
+            self.cross = [(pick(k), pick(v)) for k, v in self.cross]
+        self.sources, self.padding = sources, pick(self.padding)
+        self.past = [(pick(k), pick(v)) for k, v in self.past]
 
 
 def sinusoids(max_len: int, d_model: int) -> torch.Tensor:
@@ -240,6 +353,63 @@ class Seq2SeqTransformer(nn.Module):
         memory, memory_padding = self.encode(src)
         return self.decode(tgt_in, memory, memory_padding)
 
+    def start_decoding(self, memory: torch.Tensor, memory_padding: torch.Tensor) -> DecodeState:
+        """Begin incremental decoding of the sources encoded as ``memory``.
+
+        Computes each decoder layer's cross-attention keys and values once; the self-attention
+        cache starts empty (feed ``<s>`` first).
+
+        Args:
+            memory: ``[B,S,D]`` from :meth:`encode`.
+            memory_padding: ``[B,S]`` from :meth:`encode`, True at padded positions.
+
+        Returns:
+            The state for :meth:`decode_step`.
+        """
+        b, heads = memory.shape[0], self.config.heads
+        empty = memory.new_zeros(b, heads, 0, self.config.d_model // heads)
+        return DecodeState(
+            memory_padding=memory_padding,
+            cross=[layer.cross_attn.keys_values(memory) for layer in self.decoder],
+            past=[(empty, empty) for _ in self.decoder],
+            padding=memory_padding.new_zeros(b, 0),
+            sources=torch.arange(b, device=memory.device),
+        )
+
+    def decode_step(self, token_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """Feed one token per row and get the logits of the next: the last position of
+        :meth:`decode` over every token fed so far, with only the new token going through the
+        decoder (its keys and values are appended to ``state``, in place).
+
+        Args:
+            token_ids: ``[B,1]``, the token at position ``state.length`` of each row.
+            state: from :meth:`start_decoding` (and earlier steps, :meth:`DecodeState.reorder`).
+
+        Returns:
+            Logits ``[B,vocab]``.
+
+        Raises:
+            ValueError: ``token_ids`` is not ``[B,1]`` with the state's B, or the sequence would
+                pass ``max_len`` positions.
+        """
+        if token_ids.dim() != 2 or token_ids.shape != (state.padding.shape[0], 1):
+            raise ValueError(
+                f"decode_step takes one token per row, [{state.padding.shape[0]}, 1]; "
+                f"got {list(token_ids.shape)}"
+            )
+        y = self.embed(token_ids, offset=state.length)
+        padding = torch.cat([state.padding, token_ids == self.pad_id], dim=1)
+        # One query, the newest position: it may see every earlier key, so the causal mask of
+        # decode reduces to the padding mask.
+        self_mask = ~padding[:, None, None, :]
+        cross_mask = ~state.memory_padding[:, None, None, :]
+        past = []
+        for layer, kv, cross in zip(self.decoder, state.past, state.cross, strict=True):
+            y, kv = layer.step(y, kv, cross, self_mask, cross_mask)
+            past.append(kv)
+        state.past, state.padding = past, padding
+        return self.lm_head(self.norm(y[:, 0]))
+
 
 def label_smoothed_loss(
     logits: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.1, ignore_index: int = -100
@@ -280,22 +450,73 @@ def _finish(ys: torch.Tensor, eos_id: int, pad_id: int) -> list[list[int]]:
     return out
 
 
+class _NextToken:
+    """Next-token logits ``[B,V]`` of the prefixes ``ys`` [B,T], one step after another.
+
+    Through the model's key/value cache (``start_decoding`` / ``decode_step``, as
+    :class:`Seq2SeqTransformer` has) when it has one: then each call feeds only ``ys``'s last
+    column. Otherwise (e.g. :class:`kubetrain.models.hf.HFSeq2Seq`, a user's model with only
+    ``encode``/``decode``) it re-decodes the whole prefix each step.
+    """
+
+    def __init__(
+        self, model: nn.Module, memory: torch.Tensor, memory_padding: torch.Tensor, beams: int = 1
+    ) -> None:
+        """``beams`` rows per source (each source's rows side by side)."""
+        self.model, self.state = model, None
+        cached = callable(getattr(model, "start_decoding", None)) and callable(
+            getattr(model, "decode_step", None)
+        )
+        if cached:  # cross keys/values computed once per source, then copied to its beams
+            self.state = model.start_decoding(memory, memory_padding)
+            if beams > 1:
+                rows = torch.arange(memory.shape[0], device=memory.device)
+                self.state.reorder(rows.repeat_interleave(beams))
+        else:
+            self.memory = memory.repeat_interleave(beams, 0)
+            self.memory_padding = memory_padding.repeat_interleave(beams, 0)
+
+    def __call__(self, ys: torch.Tensor) -> torch.Tensor:
+        if self.state is not None:
+            return self.model.decode_step(ys[:, -1:], self.state)
+        return self.model.decode(ys, self.memory, self.memory_padding)[:, -1]
+
+    def reorder(self, parent: torch.Tensor) -> None:
+        """The rows of ``ys`` become ``ys[parent]`` (the re-decoding path needs nothing: a
+        beam's parent shares its source, so the memory rows stay right)."""
+        if self.state is not None:
+            self.state.reorder(parent)
+
+
 @torch.no_grad()
 def greedy_decode(
     model: Seq2SeqTransformer, src: torch.Tensor, max_new_tokens: int = 64
 ) -> list[list[int]]:
-    """The most likely next token at every step, until ``</s>`` or ``max_new_tokens``.
+    """The most likely next token at every step, until ``</s>`` or ``max_new_tokens`` (or the
+    model's ``max_len``). A row that has ended feeds padding until all have.
+
+    Args:
+        model: a :class:`Seq2SeqTransformer` (decoded step by step through its key/value cache)
+            or any model with ``encode``, ``decode``, ``config.max_len`` and the
+            ``pad_id``/``bos_id``/``eos_id`` attributes (the whole prefix is re-decoded each
+            step); the tokens are the same either way.
+        src: source ids ``[B,S]``, padded with ``model.pad_id``.
+        max_new_tokens: most tokens generated per source (``</s>`` included).
 
     Returns:
         Per source, the generated ids without ``<s>``/``</s>``.
+
+    Raises:
+        ValueError: the source is longer than the model's ``max_len``.
     """
     model.eval()
     memory, mem_pad = model.encode(src)
+    next_logits = _NextToken(model, memory, mem_pad)
     b = src.shape[0]
     ys = torch.full((b, 1), model.bos_id, dtype=torch.long, device=src.device)
     done = torch.zeros(b, dtype=torch.bool, device=src.device)
     for _ in range(min(max_new_tokens, model.config.max_len - 1)):
-        nxt = model.decode(ys, memory, mem_pad)[:, -1].argmax(-1)
+        nxt = next_logits(ys).argmax(-1)
         # After </s> a row only pads (and pads are masked, so they change nothing).
         nxt = torch.where(done, torch.full_like(nxt, model.pad_id), nxt)
         ys = torch.cat([ys, nxt[:, None]], dim=1)
@@ -320,32 +541,43 @@ def beam_search(
     ``log-probability / length**length_penalty`` (length counts ``</s>``). ``beam_size=1`` is
     greedy decoding.
 
+    Args:
+        model: as for :func:`greedy_decode` (the key/value cache is reordered with the beams).
+        src: source ids ``[B,S]``, padded with ``model.pad_id``.
+        beam_size: hypotheses kept per source.
+        max_new_tokens: most tokens generated per hypothesis (``</s>`` included).
+        length_penalty: exponent of the length normalisation (0 = raw log-probability).
+
     Returns:
         Per source, the best hypothesis's ids without ``<s>``/``</s>``.
+
+    Raises:
+        ValueError: the source is longer than the model's ``max_len``.
     """
     model.eval()
     k, b = beam_size, src.shape[0]
     memory, mem_pad = model.encode(src)
-    memory = memory.repeat_interleave(k, 0)
-    mem_pad = mem_pad.repeat_interleave(k, 0)
+    next_logits = _NextToken(model, memory, mem_pad, beams=k)
     ys = torch.full((b * k, 1), model.bos_id, dtype=torch.long, device=src.device)
     scores = torch.full((b, k), float("-inf"), device=src.device)
     scores[:, 0] = 0.0  # one live hypothesis per source at the start
     done = torch.zeros(b * k, dtype=torch.bool, device=src.device)
     lengths = torch.zeros(b * k, device=src.device)
     for _ in range(min(max_new_tokens, model.config.max_len - 1)):
-        logp = model.decode(ys, memory, mem_pad)[:, -1].float().log_softmax(-1)  # [b*k, V]
+        logp = next_logits(ys).float().log_softmax(-1)  # [b*k, V]
         vocab = logp.shape[-1]
-        # A finished hypothesis has one continuation, padding, worth nothing.
-        frozen = torch.full_like(logp, float("-inf"))
-        frozen[:, model.pad_id] = 0.0
-        logp = torch.where(done[:, None], frozen, logp)
+        if bool(done.any()):  # (rewriting [B*k, V] every step was ~9 % of cached beam search)
+            # A finished hypothesis has one continuation, padding, worth nothing.
+            frozen = torch.full_like(logp, float("-inf"))
+            frozen[:, model.pad_id] = 0.0
+            logp = torch.where(done[:, None], frozen, logp)
         cand = (scores.view(-1, 1) + logp).view(b, k * vocab)
         scores, flat = cand.topk(k, dim=-1)
         parent = (flat // vocab) + torch.arange(b, device=src.device)[:, None] * k
         token = flat % vocab
         parent, token = parent.view(-1), token.view(-1)
         ys = torch.cat([ys[parent], token[:, None]], dim=1)
+        next_logits.reorder(parent)
         was_done = done[parent]
         lengths = lengths[parent] + (~was_done).float()
         done = was_done | (token == model.eos_id)
