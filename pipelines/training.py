@@ -125,7 +125,7 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
     )
     _with_storage_secret(cfg, _on_claim(cfg, fit)).set_display_name(DISPLAY_NAMES["train"])
     quant = c.quantize(
-        config_json=cfg.sections_json("quantize"),
+        config_json=cfg.sections_json("quantize", "evaluate"),
         overrides=params.outputs["quantize"],
         dataset=dataset,
         model=fit.outputs["model"],

@@ -64,7 +64,7 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "check_changed": ("data", "model", "train", "tune", "quantize", "evaluate", "retrain"),
     "tune": ("data", "model", "train", "tune", "cluster"),
     "train": ("data", "model", "train", "cluster"),
-    "quantize": ("quantize",),
+    "quantize": ("quantize", "evaluate"),  # the gate measures as evaluate will
     "evaluate": ("evaluate",),
     "promote": ("data", "model", "train", "tune", "quantize", "evaluate", "retrain"),
     # tracking.mlflow_uri set: the track task logs the whole effective config

@@ -101,10 +101,11 @@ def train(
 
 def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: Path) -> dict:
     """fp32 model artifact -> int8 artifact (``quantize.*``): calibration and QAT use the
-    training split, the accuracy gate the validation split; raises KubetrainError if it fails."""
+    training split, the accuracy gate the validation split, measured as the evaluate step will
+    (``evaluate.metric``, beam size, decode length); raises KubetrainError if it fails."""
     from kubetrain.quantize.driver import quantize_artifact
 
-    info = quantize_artifact(model_dir, dataset_dir, out_dir, cfg.quantize)
+    info = quantize_artifact(model_dir, dataset_dir, out_dir, cfg.quantize, evaluate=cfg.evaluate)
     log.info("%s: %d -> %d bytes", info["name"], info["fp32_size_bytes"], info["size_bytes"])
     return info
 

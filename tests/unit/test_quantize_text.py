@@ -207,3 +207,25 @@ def test_an_explicit_method_that_does_not_apply_to_a_text_model_says_why(tmp_pat
     assert "\n" not in message and "does not apply to a text model" in message
     assert message.startswith(f"config error: quantize.method: {method}/x86_inductor")
     assert not (tmp_path / "quant" / "quant.json").exists()
+
+
+class _MetricFromConfig(FakeSeq2SeqWorkload):
+    """Scores on ``evaluate.metric`` as the real seq2seq workload does."""
+
+    def score(self, model, split: str) -> Scores:
+        scores = super().score(model, split)
+        return Scores(self.cfg.evaluate.metric or "bleu", scores.values, scores.examples,
+                      samples=scores.samples, seconds=scores.seconds)  # fmt: skip
+
+
+@pytest.mark.parametrize("metric", [None, "rouge_l"], ids=["trained-with", "evaluate-section"])
+def test_the_gate_measures_on_the_evaluate_sections_metric(tmp_path, metric):
+    """The quantize step gets the evaluate section: the gate measures what evaluate will (the
+    summarization recipe's ROUGE-L, not the BLEU of the settings the model was trained with)."""
+    workload = _MetricFromConfig(tmp_path, n=16)
+    mdir = model_dir(tmp_path, workload.factory())
+    qcfg = quick_quantize_config(method="dynamic_int8", max_accuracy_drop=1.0)
+    evaluate = EvaluateConfig(metric=metric) if metric else None
+    info = quantize_artifact(mdir, tmp_path, tmp_path / "q", qcfg, workload=workload,
+                             evaluate=evaluate)  # fmt: skip
+    assert info["metric"] == (metric or "bleu")

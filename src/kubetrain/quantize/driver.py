@@ -7,7 +7,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from kubetrain.models.networks import build_from_spec
 from kubetrain.quantize import artifact, select
 from kubetrain.quantize.config import QAT, QuantizeConfig
 from kubetrain.workloads.base import Workload
+
+if TYPE_CHECKING:
+    from kubetrain.evaluate.config import EvaluateConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,7 @@ def quantize_artifact(
     out_dir: str | Path,
     qcfg: QuantizeConfig,
     workload: Workload | None = None,
+    evaluate: EvaluateConfig | None = None,
 ) -> dict[str, Any]:
     """Quantize the model in ``model_dir`` as ``qcfg`` says into ``out_dir``; returns quant.json.
 
@@ -91,6 +95,8 @@ def quantize_artifact(
         qcfg: the quantize section.
         workload: the workload to read the data and score with (default: the model's,
             ``workload_for_model``).
+        evaluate: the evaluate section, when the gate should measure as the evaluate step will
+            (its metric, beam size, decode length); default: what the model was trained with.
 
     Raises:
         KubetrainError: no int8 model is within ``max_accuracy_drop`` (on the workload's
@@ -103,6 +109,11 @@ def quantize_artifact(
     if qcfg.num_threads:
         torch.set_num_threads(qcfg.num_threads)
     try:
+        if evaluate is not None:
+            from kubetrain.workloads import workload_for_model
+
+            workload = workload or workload_for_model(dataset_dir, model_dir)
+            workload.cfg = workload.cfg.model_copy(update={"evaluate": evaluate})
         return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, workload)
     finally:
         torch.set_num_threads(threads)
