@@ -101,6 +101,7 @@ bench: venv venv-vision
 	$(PY) benchmarks/search.py
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/text_train.py
+	$(PY) benchmarks/decode_bench.py
 	$(VISION_PY) benchmarks/vision_loader.py
 	$(VISION_PY) benchmarks/vision_train.py
 	$(PY) benchmarks/collect.py
