@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("tokenizers")
 
 from kubetrain.config import load_config
-from kubetrain.data.config import DataConfig, TokenizerConfig
+from kubetrain.data.config import SPECIAL_TOKENS, DataConfig, TokenizerConfig
 from kubetrain.data.shards import read_manifest, read_shard
 from kubetrain.data.text import TextMeta, build_text_dataset, iter_examples
 from kubetrain.data.tokenize import (
@@ -144,6 +144,34 @@ def test_each_tokenizer_kind_trains_and_reloads_identically(tmp_path, kind):
     enc = Encoder(tok, "seq2seq", 64)
     ids, _ = enc.target([texts[0]])
     assert enc.decode(ids[0]).split() == texts[0].split()  # decoding restores the words
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram"])
+def test_the_same_text_trains_the_same_tokenizer(kind):
+    """Same text, same tokenizer, ids included (WordPiece's trainer numbered its alphabet in
+    hash-map order: every run had other ids, so another dataset version)."""
+    texts = sentences(300)
+    tcfg = TokenizerConfig(kind=kind, vocab_size=80, min_frequency=1)
+    first = train_tokenizer(iter(texts), tcfg)
+    assert all(train_tokenizer(iter(texts), tcfg).to_str() == first.to_str() for _ in range(3))
+    if kind != "bpe":  # renumbered, not re-split: the pieces are the trainer's own
+        import tokenizers as tk
+
+        specials = list(SPECIAL_TOKENS.values())
+        if kind == "wordpiece":
+            raw = tk.Tokenizer(tk.models.WordPiece(unk_token=SPECIAL_TOKENS["unk"]))
+            trainer = tk.trainers.WordPieceTrainer(
+                vocab_size=80, min_frequency=1, special_tokens=specials
+            )
+        else:
+            raw = tk.Tokenizer(tk.models.Unigram())
+            trainer = tk.trainers.UnigramTrainer(
+                vocab_size=80, special_tokens=specials, unk_token=SPECIAL_TOKENS["unk"]
+            )
+        raw.normalizer, raw.pre_tokenizer = first.normalizer, first.pre_tokenizer
+        raw.train_from_iterator(iter(texts), trainer)
+        for t in [*texts[:20], "unseen Words 42"]:
+            assert first.encode(t).tokens == raw.encode(t).tokens
 
 
 def test_encoder_adds_special_tokens_and_truncates():

@@ -26,6 +26,7 @@ N processes write exactly the shards one process writes (tested).
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from collections import Counter, deque
@@ -92,6 +93,22 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig):
     steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if cfg.lowercase else [])
     tok.normalizer = normalizers.Sequence(steps)
     tok.train_from_iterator(texts, trainer=trainer)
+    # The same text must give the same tokenizer, ids included (else every preprocess is another
+    # dataset version and no cache hit): the WordPiece trainer numbers its alphabet in hash-map
+    # order; the Unigram trainer's scores differ in the last bits with the order its threads sum
+    # in, and it orders pieces of equal score as they finish. Both split by the vocabulary (and
+    # Unigram's scores), not by id, so numbering the same pieces in a fixed order (the special
+    # tokens first, as trained) with scores rounded to 1e-9 changes no split.
+    if cfg.kind == "wordpiece":
+        vocab = tok.get_vocab()
+        ordered = specials + sorted(t for t in vocab if t not in specials)
+        tok.model = models.WordPiece({t: i for i, t in enumerate(ordered)}, unk_token=unk)
+    elif cfg.kind == "unigram":
+        pieces = [(p, round(score, 9)) for p, score in json.loads(tok.to_str())["model"]["vocab"]]
+        scores = dict(pieces)
+        rest = sorted((p for p in pieces if p[0] not in specials), key=lambda p: (-p[1], p[0]))
+        ordered = [(t, scores[t]) for t in specials] + rest
+        tok.model = models.Unigram(ordered, unk_id=specials.index(unk), byte_fallback=False)
     return tok
 
 
