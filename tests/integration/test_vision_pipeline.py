@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,6 +85,65 @@ def test_kubetrain_run_on_an_image_folder_through_every_step(tmp_path):
     if metrics["test_accuracy_fp32"] < 1:  # the misclassified images, as PNG data URIs
         assert "Misclassified test images" in report and "alt='test image'" in report
         assert report.count("data:image/png;base64,") >= 5  # plots and at least one image
+
+
+MODELS = """
+data:
+  source: {source}
+  image_size: 32
+  shard_samples: 64
+model:
+  name: {model}
+  kwargs: {kwargs}
+train:
+  epochs: 2
+  batch_size: 32
+  lr: 0.003
+  nproc: 2
+tune:
+  max_trials: 2
+  parallel_trials: 2
+  trial_epochs: 1
+  parameters:
+    - name: train.lr
+      parameterType: double
+      feasibleSpace: {{min: "0.001", max: "0.004"}}
+quantize:
+  method: dynamic_int8
+  max_accuracy_drop: 0.5
+evaluate:
+  min_accuracy: 0.0
+  latency_repeats: 3
+  latency_batch_sizes: [1, 8]
+"""
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs"),
+    [("vision_factory:tiny_net", "{width: 12}"), ("timm:resnet10t", "{}")],
+    ids=["own-factory", "timm"],
+)
+def test_a_model_from_outside_kubetrain_goes_through_every_step(
+    tmp_path, monkeypatch, model, kwargs
+):
+    """A user's ``package.module:factory`` (importable through PYTHONPATH, as a pip-installed
+    package would be) and a timm architecture, rebuilt wherever a step needs the model: the
+    search's trial processes, 2 torchrun workers, quantize, evaluate."""
+    if model.startswith("timm:"):
+        pytest.importorskip("timm", reason="timm is an optional extra")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))
+    image_folder(tmp_path / "images", classes=3, per_class=40)
+    (tmp_path / "own.yaml").write_text(
+        MODELS.format(source=tmp_path / "images", model=model, kwargs=kwargs)
+    )
+    out = tmp_path / "run"
+    proc = run_cli("run", "--config", str(tmp_path / "own.yaml"), "--output", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tune_trials"] == 2 and metrics["train_world_size"] == 2
+    assert metrics["test_accuracy_int8"] is not None and metrics["model_size_bytes_int8"] > 0
+    spec = json.loads(next(out.rglob("train/model/model.json")).read_text())
+    assert spec["config"]["name"] == model
 
 
 def test_training_streams_shards_from_s3(tmp_path):

@@ -164,3 +164,54 @@ def test_each_call_of_a_shared_module_is_its_own_pt2e_partition():
     observers = [n for n in prepared.graph.nodes if "activation_post_process" in str(n.target)]
     assert observers  # annotated and observed (conv+add+ReLU fused as one pattern)
     assert prepared(example).shape == example.shape
+
+
+class _ConvBN(torch.nn.Module):
+    """Conv + batch norm with MobileNetV3's batch-norm settings (eps 1e-3, momentum 0.01)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4, eps=1e-3, momentum=0.01)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("restore", [True, False], ids=["restored", "torchao-defaults"])
+def test_qat_keeps_each_batch_norms_eps_and_momentum(restore):
+    """The QAT-prepared model, fake quantization off, computes the fp32 model's function in
+    eval mode, after switching modes too (torchao writes eps 1e-5 and momentum 0.1 in)."""
+    from torchao.quantization.pt2e import (
+        disable_fake_quant,
+        disable_observer,
+        move_exported_model_to_eval,
+        move_exported_model_to_train,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    from kubetrain.quantize import methods
+
+    torch.manual_seed(0)
+    model = _ConvBN()
+    with torch.no_grad():  # running statistics far from the defaults, variance near eps
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(1e-4, 2e-3)
+    x = torch.randn(8, 3, 6, 6)
+    reference = model.eval()(x)
+    graph = methods._export_for_pt2e(model.train(), x)
+    literals = methods._batch_norm_literals(graph)
+    prepared = prepare_qat_pt2e(graph, methods._x86_quantizer(quick_quantize_config(), True))
+    prepared.apply(disable_fake_quant)
+    prepared.apply(disable_observer)
+    for move in (move_exported_model_to_eval, move_exported_model_to_train,
+                 move_exported_model_to_eval):  # fmt: skip
+        move(prepared)
+        if restore:
+            methods._restore_batch_norm_literals(prepared, literals)
+    norms = [n for n in prepared.graph.nodes if n.target in methods._BATCH_NORMS]
+    assert norms and all(n.args[6:8] == ((0.01, 1e-3) if restore else (0.1, 1e-5)) for n in norms)
+    with torch.no_grad():
+        close = torch.allclose(prepared(x), reference, atol=1e-4)
+    assert close is restore

@@ -266,17 +266,24 @@ def _pt2e_qat(
     gen = torch.Generator().manual_seed(qcfg.seed)
     bs = min(qcfg.qat_batch_size, len(x_train))
     example = _batch(x_train, input_shape, torch.arange(bs))
-    prepared = prepare_qat_pt2e(
-        _export_for_pt2e(model.train(), example), _x86_quantizer(qcfg, is_qat=True)
-    )
+    graph = _export_for_pt2e(model.train(), example)
+    literals = _batch_norm_literals(graph)
+    prepared = prepare_qat_pt2e(graph, _x86_quantizer(qcfg, is_qat=True))
+    _restore_batch_norm_literals(prepared, literals)
+
+    def mode(train: bool) -> None:
+        # Switching an exported model's mode rewrites its batch norms with the defaults too.
+        (move_exported_model_to_train if train else move_exported_model_to_eval)(prepared)
+        _restore_batch_norm_literals(prepared, literals)
+
     y = torch.from_numpy(y_train)
     idx = torch.randperm(len(x_train), generator=gen)[: qcfg.calibration_samples]
     info: dict[str, Any] = {"epochs": qcfg.qat_epochs, "lr": qcfg.qat_lr}
-    move_exported_model_to_eval(prepared)
+    mode(train=False)
     info["activation_ranges"] = _qat_ranges(
         prepared, _batch(x_train, input_shape, idx), qcfg.qat_activation_ranges
     )
-    move_exported_model_to_train(prepared)
+    mode(train=True)
     optimizer = torch.optim.Adam(prepared.parameters(), lr=qcfg.qat_lr)
     losses = []
     for epoch in range(qcfg.qat_epochs):
@@ -292,9 +299,47 @@ def _pt2e_qat(
             optimizer.step()
             total, count = total + loss.item() * bs, count + bs
         losses.append(total / max(count, 1))
-    move_exported_model_to_eval(prepared)
+    mode(train=False)
     converted = _strip_unused(convert_pt2e(prepared))
     return converted, {**info, "train_loss": losses}
+
+
+_BATCH_NORMS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default)
+
+
+def _batch_norm_literals(gm: torch.fx.GraphModule) -> dict[str, tuple[float, float]]:
+    """``(momentum, eps)`` of each batch norm of ``gm``, by its running-variance attribute."""
+    return {
+        node.args[4].target: (node.args[6], node.args[7])
+        for node in gm.graph.nodes
+        if node.target in _BATCH_NORMS and node.args[4].op == "get_attr"
+    }
+
+
+def _restore_batch_norm_literals(
+    gm: torch.fx.GraphModule, literals: dict[str, tuple[float, float]]
+) -> None:
+    """Put each batch norm's own momentum and eps back after ``prepare_qat_pt2e`` and after
+    every switch between train and eval mode (``move_exported_model_to_train`` / ``_eval``).
+
+    The conv + batch-norm pattern that QAT preparation puts in is written with momentum 0.1 and
+    eps 1e-5 and does not copy the matched node's, nor do the mode switches' patterns (torchao 0.18: "TODO: allow
+    setting eps", "still fails to support custom momentum and eps value"): for a model whose batch
+    norms use others (torchvision's MobileNetV3 and EfficientNet: eps 1e-3, momentum 0.01) the
+    fake-quantized model computed another function (its fp32 output off by hundreds), and QAT on
+    MobileNetV3 lost 60 points where static int8 lost none. The pattern's batch-norm node and
+    the ``running_var + eps`` of its weight scaling both read the running variance.
+    """
+    for node in gm.graph.nodes:
+        if node.target not in _BATCH_NORMS or node.args[4].op != "get_attr":
+            continue
+        running_var = node.args[4]
+        momentum, eps = literals.get(running_var.target, (node.args[6], node.args[7]))
+        node.args = (*node.args[:6], momentum, eps, *node.args[8:])
+        for user in list(running_var.users):
+            if user.target == torch.ops.aten.add.Tensor and user.args[0] is running_var:
+                user.args = (running_var, eps)
+    gm.recompile()
 
 
 # Range fractions tried by the QAT range search: 1, 1/sqrt(2), ... 1/4096.
