@@ -21,7 +21,7 @@ side in one run (rounds interleave the loaders, rotating which goes first):
 Every loader's epoch starts its worker processes (none is persistent), as a user's does.
 One torch thread in the main process (the machine has 2 cores); DataLoader workers use one each.
 
-    .venv-vision/bin/python benchmarks/vision_loader.py [--rounds 3] [--images 3000] [--size 64]
+    .venv-vision/bin/python benchmarks/vision_loader.py [--rounds 3] [--images 12000] [--size 64]
 
 Writes benchmarks/results/vision_loader.{json,md}.
 """
@@ -167,7 +167,12 @@ def render(res: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--images", type=int, default=3000)
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=12000,
+        help="JPEGs generated (3000 made an epoch ~1 s on idle cores: worker start-up dominated)",
+    )
     parser.add_argument("--min-px", type=int, default=64)
     parser.add_argument("--max-px", type=int, default=96)
     parser.add_argument("--size", type=int, default=64, help="RandomResizedCrop output side")
