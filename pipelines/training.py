@@ -28,6 +28,7 @@ from kfp import dsl
 from kubetrain import components as c
 from kubetrain import steps
 from kubetrain.config import PipelineConfig
+from kubetrain.params import STEP_SECTIONS
 
 PIPELINE_NAME = "kubetrain"
 DESCRIPTION = (
@@ -125,7 +126,7 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
     )
     _with_storage_secret(cfg, _on_claim(cfg, fit)).set_display_name(DISPLAY_NAMES["train"])
     quant = c.quantize(
-        config_json=cfg.sections_json("quantize", "evaluate"),
+        config_json=cfg.sections_json(*STEP_SECTIONS["quantize"]),
         overrides=params.outputs["quantize"],
         dataset=dataset,
         model=fit.outputs["model"],

@@ -150,8 +150,16 @@ class PipelineConfig(Section):
         return json.dumps(data, sort_keys=True)
 
     def sections_json(self, *sections: str) -> str:
-        """JSON of only the named sections: a step's inputs, so caching keys on what it uses."""
-        return json.dumps(self.model_dump(mode="json", include=set(sections)), sort_keys=True)
+        """JSON of only the named sections (or dotted fields of one, ``evaluate.metric``): a
+        step's inputs, so caching keys on what it uses."""
+        include: dict[str, Any] = {}
+        for name in sections:
+            section, _, field = name.partition(".")
+            if not field:
+                include[section] = True
+            elif include.get(section) is not True:
+                include.setdefault(section, {})[field] = True
+        return json.dumps(self.model_dump(mode="json", include=include), sort_keys=True)
 
     def to_yaml(self) -> str:
         """The whole config as YAML (what ``kubetrain config show`` prints; loads back)."""

@@ -64,7 +64,9 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "check_changed": ("data", "model", "train", "tune", "quantize", "evaluate", "retrain"),
     "tune": ("data", "model", "train", "tune", "cluster"),
     "train": ("data", "model", "train", "cluster"),
-    "quantize": ("quantize", "evaluate"),  # the gate measures as evaluate will
+    # The gate measures as evaluate will (its metric and decoding), not at evaluate's bar.
+    "quantize": ("quantize", "evaluate.metric", "evaluate.beam_size", "evaluate.length_penalty",
+                 "evaluate.max_decode_length"),
     "evaluate": ("evaluate",),
     "promote": ("data", "model", "train", "tune", "quantize", "evaluate", "retrain"),
     # tracking.mlflow_uri set: the track task logs the whole effective config
@@ -177,10 +179,16 @@ def resolve(
     if merged:
         log.info("run-time overrides: %s", json.dumps(merged, sort_keys=True))
     return {
-        step: json.dumps({k: v for k, v in merged.items() if k.split(".")[0] in sections},
+        step: json.dumps({k: v for k, v in merged.items() if _within(k, sections)},
                          sort_keys=True)
         for step, sections in STEP_SECTIONS.items()
     }  # fmt: skip
+
+
+def _within(key: str, sections: tuple[str, ...]) -> bool:
+    """``key`` (dotted) is one of ``sections`` (sections or dotted fields), lies below one, or
+    holds one (a whole section set at once)."""
+    return any(key == s or key.startswith(s + ".") or s.startswith(key + ".") for s in sections)
 
 
 def _dotted(data: Any, key: str) -> Any:

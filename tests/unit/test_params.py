@@ -91,6 +91,20 @@ def test_a_step_cache_key_changes_only_with_overrides_it_uses():
     assert "quantize" not in differs and "preprocess" not in differs
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "quantize_changes"),
+    [("evaluate.beat_copy_baseline", False, False), ("evaluate.latency_repeats", 7, False),
+     ("evaluate.metric", "rouge_l", True), ("evaluate.beam_size", 4, True)],
+)  # fmt: skip
+def test_quantize_keys_on_the_evaluate_fields_its_gate_uses(key, value, quantize_changes):
+    """The int8 gate measures as evaluate will (metric, decoding), so those re-run quantize; the
+    latency settings and the other evaluate fields do not (its cache stays valid; the promotion
+    bar is the min_accuracy pipeline parameter, which quantize never sees)."""
+    base, changed = resolve(WHOLE, {}), resolve(WHOLE, {key: value})
+    assert (base["quantize"] != changed["quantize"]) is quantize_changes
+    assert base["evaluate"] != changed["evaluate"]
+
+
 def test_named_parameters_win_and_unset_ones_leave_the_compiled_value():
     steps = resolve(WHOLE, {"train.epochs": 7}, data_source="", train_epochs=2)
     assert json.loads(steps["train"]) == {"train.epochs": 2}
@@ -209,7 +223,10 @@ def test_compiled_ir_takes_the_run_time_parameters(tmp_path, only_if_changed):
                 "outputParameterKey": step, "producerTask": "run-params",
             }, task_name  # fmt: skip
         sections = json.loads(task_inputs["config_json"]["runtimeValue"]["constant"])
-        assert tuple(sorted(sections)) == tuple(sorted(STEP_SECTIONS[step])), task_name
+        listed = STEP_SECTIONS[step]  # whole sections, or dotted fields of one
+        got = [name for section, body in sections.items()
+               for name in ([section] if section in listed else [f"{section}.{f}" for f in body])]  # fmt: skip
+        assert sorted(got) == sorted(listed), task_name
 
 
 def test_params_component_outputs_one_string_per_step():
