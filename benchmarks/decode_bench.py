@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from cpuinfo import cpu_model
+from common import cpu_model
 from torch import nn
 
 from kubetrain.models.transformer import (

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from cpuinfo import cpu_model
+from common import cpu_model, stats
 from torch import nn
 
 from kubetrain.artifacts import DatasetArtifact
@@ -492,11 +492,6 @@ def bench_mfu(rounds: int) -> dict[str, Any]:
 
 
 # -- report ------------------------------------------------------------------------------------
-def stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}  # fmt: skip
-
-
 def fmt(s: dict[str, float], scale: float = 1.0, digits: int = 0) -> str:
     return (f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}–"
             f"{s['max'] * scale:.{digits}f})")  # fmt: skip

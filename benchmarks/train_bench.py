@@ -34,15 +34,6 @@ RESULTS = HERE / "results"
 WORK = Path(tempfile.mkdtemp(prefix="kubetrain-bench-"))
 
 
-def stats(values: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
 def fmt(s: dict[str, float], scale: float = 1.0, digits: int = 0) -> str:
     return f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}–{s['max'] * scale:.{digits}f})"
 
@@ -291,7 +282,7 @@ timed("quantize", steps.quantize, d / "ds", d / "model", d / "q")
 timed("evaluate", steps.evaluate, d / "ds", d / "model", d / "q", d / "eval", d / "tune")
 print("STEPS", json.dumps({"imports": imports, "steps": took}))
 """
-from cpuinfo import cpu_model  # noqa: E402 (benchmarks/ is the script's folder)
+from common import cpu_model, stats  # noqa: E402 (benchmarks/ is the script's folder)
 
 # kfp.local's per-task wall times: the same reading as the per-task overhead benchmark's.
 from pipeline_overhead import task_seconds  # noqa: E402 (benchmarks/ is the script's folder)

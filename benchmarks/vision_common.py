@@ -10,14 +10,13 @@ not of flat colour. It is cached under the system temp directory by its paramete
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cpuinfo import cpu_model
+from common import cpu_model, stats
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -138,16 +137,6 @@ def build_shards(folder: Path, out_dir: Path, num_workers: int = 2, **fields: An
     started = time.perf_counter()
     build_image_dataset(cfg, str(out_dir))
     return time.perf_counter() - started
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    """Median, min, max and count of repeated measurements."""
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
 
 
 def fmt(s: dict[str, float], digits: int = 0) -> str:

@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from kubetrain.artifacts import DatasetArtifact
 from kubetrain.config import PipelineConfig, load_config
+from kubetrain.workloads.base import Workload
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
@@ -90,3 +93,53 @@ def quick_quantize_config(**kw):
     from kubetrain.quantize.config import QuantizeConfig
 
     return QuantizeConfig(latency_repeats=5, qat_epochs=1, **kw)
+
+
+def pytorchjob_roundtrip(manifest: dict) -> dict:
+    """Through the official kubeflow-training models and back (unknown fields are dropped)."""
+    import json
+
+    from kubeflow.training.api_client import ApiClient
+
+    class Response:
+        data = json.dumps(manifest)
+
+    client = ApiClient()
+    return client.sanitize_for_serialization(
+        client.deserialize(Response(), "KubeflowOrgV1PyTorchJob")
+    )
+
+
+def assert_one_train_error_and_no_model(stderr: str, model_dir: Path) -> None:
+    """A failed training job said why once, from rank 0, with where it stopped, and wrote no
+    model artifact."""
+    import re
+
+    errors = [line for line in stderr.splitlines() if "train error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("[rank 0] train error: ")
+    assert re.search(r"at epoch \d+, step \d+", errors[0])
+    assert not (model_dir / "model.json").exists()
+
+
+class InMemoryWorkload(Workload):
+    """The quantize tests' workloads: splits held as tensors ``x``/``y`` by split, the model
+    from the class's ``factory``. Quantize and evaluate never train, so training is not
+    implemented."""
+
+    factory: Any
+
+    def __init__(self, root: Path, meta: dict, x: dict, y: dict) -> None:
+        super().__init__(load_config(), DatasetArtifact(root, meta, {}))
+        self.x, self.y = x, y
+
+    def build_model(self, model):
+        return self.factory()
+
+    def train_batches(self, tc, ctx):
+        raise NotImplementedError
+
+    def validate(self, model, ctx):
+        raise NotImplementedError
+
+    def examples(self, split: str, n: int, seed: int = 0):
+        return self.x[split][:n], self.y[split][:n]

@@ -13,6 +13,7 @@ import torch
 from kubetrain.config import load_config
 from kubetrain.io import read_json
 from kubetrain.launch.local import LocalLauncher
+from tests.conftest import assert_one_train_error_and_no_model
 
 BASE = ["train.epochs=3", "train.batch_size=64", "train.seed=7", "tune.enabled=false"]
 # SGD (not Adam, whose update divides by tiny second moments) keeps the last-bit differences of
@@ -114,7 +115,6 @@ def test_ranks_may_validate_unequal_parts_of_a_sharded_model(tmp_path):
 def test_a_non_finite_loss_stops_both_fsdp_workers_with_one_line(
     tmp_path, digits_dir, capfd, check
 ):
-    import re
 
     from kubetrain.errors import KubetrainError
 
@@ -122,7 +122,4 @@ def test_a_non_finite_loss_stops_both_fsdp_workers_with_one_line(
                                  "train.checkpoint_every_steps=1", *check])  # fmt: skip
     with pytest.raises(KubetrainError, match="training failed"):
         LocalLauncher().run(cfg, digits_dir, tmp_path / "model")
-    errors = [line for line in capfd.readouterr().err.splitlines() if "train error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("[rank 0] train error: ")
-    assert re.search(r"at epoch \d+, step \d+", errors[0])
-    assert not (tmp_path / "model" / "model.json").exists()
+    assert_one_train_error_and_no_model(capfd.readouterr().err, tmp_path / "model")

@@ -9,7 +9,6 @@ import copy
 import json
 
 import pytest
-from kubeflow.training.api_client import ApiClient
 
 from fakes.golden import golden
 from kubetrain.config import load_config
@@ -19,6 +18,7 @@ from kubetrain.launch.cluster import JobPaths, should_delete
 from kubetrain.launch.kubeapi import KubeApi
 from kubetrain.launch.kubernetes import KubernetesLauncher, build_pytorchjob
 from kubetrain.launch.torchrun import torchrun_command
+from tests.conftest import pytorchjob_roundtrip
 
 JOB = "kubetrain-train-0a1b2c"
 GOLDEN_SETTINGS = [
@@ -40,18 +40,6 @@ GOLDEN_SETTINGS = [
 ]
 
 
-def roundtrip(manifest: dict) -> dict:
-    """Through the official kubeflow-training models and back (unknown fields are dropped)."""
-
-    class Response:
-        data = json.dumps(manifest)
-
-    client = ApiClient()
-    return client.sanitize_for_serialization(
-        client.deserialize(Response(), "KubeflowOrgV1PyTorchJob")
-    )
-
-
 # -- builder ------------------------------------------------------------------------------
 
 
@@ -62,7 +50,7 @@ def test_pytorchjob_matches_golden_yaml():
 
 def test_pytorchjob_survives_a_roundtrip_through_the_official_models():
     job = build_pytorchjob(load_config(None, GOLDEN_SETTINGS), JOB)
-    assert roundtrip(job) == job
+    assert pytorchjob_roundtrip(job) == job
 
 
 @pytest.mark.parametrize(
@@ -90,7 +78,7 @@ def test_a_wrong_field_does_not_survive_the_official_models(mutate):
     mutate(bad)
     # Either the models drop what they do not know, or they reject it outright.
     with contextlib.suppress(ValueError, TypeError):
-        assert roundtrip(bad) != bad
+        assert pytorchjob_roundtrip(bad) != bad
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain.artifacts import DatasetArtifact, Evaluation, SearchResult, TrainedModel
-from kubetrain.config import load_config
+from kubetrain.artifacts import Evaluation, SearchResult, TrainedModel
 from kubetrain.errors import ConfigError
 from kubetrain.evaluate import compare, report
 from kubetrain.evaluate.config import EvaluateConfig
@@ -29,7 +28,7 @@ from kubetrain.models.transformer import (
 )
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
 from kubetrain.workloads.base import Scores, Workload
-from tests.conftest import quick_quantize_config
+from tests.conftest import InMemoryWorkload, quick_quantize_config
 
 VOCAB, LENGTH, PAD, BOS, EOS = 200, 20, 0, 1, 2
 SIZES = TransformerConfig(d_model=32, heads=2, layers=1, ff=64, dropout=0.0, max_len=32)
@@ -60,7 +59,7 @@ def trimmed(ids: torch.Tensor) -> torch.Tensor:
     return ids[:, : int((ids != PAD).sum(1).max())]
 
 
-class _FakeText(Workload):
+class _FakeText(InMemoryWorkload):
     """What the two fakes share: splits of random token ids, the model from ``factory``."""
 
     factory = staticmethod(classifier)
@@ -69,23 +68,11 @@ class _FakeText(Workload):
         meta = {"kind": self.kind, "input_shape": [LENGTH], "version": "fake",
                 "sizes": {"train": n, "val": n, "test": n},
                 "classes": CLASSES if self.kind == "text_classification" else None}  # fmt: skip
-        super().__init__(load_config(), DatasetArtifact(root, meta, {}))
         reference = self.factory()
-        self.x = {s: token_ids(n, seed) for seed, s in enumerate(("train", "val", "test"))}
+        x = {s: token_ids(n, seed) for seed, s in enumerate(("train", "val", "test"))}
         with torch.no_grad():
-            self.y = {s: self.reference_output(reference, x) for s, x in self.x.items()}
-
-    def build_model(self, model):
-        return self.factory()
-
-    def train_batches(self, tc, ctx):
-        raise NotImplementedError
-
-    def validate(self, model, ctx):
-        raise NotImplementedError
-
-    def examples(self, split: str, n: int, seed: int = 0):
-        return self.x[split][:n], self.y[split][:n]
+            y = {s: self.reference_output(reference, ids) for s, ids in x.items()}
+        super().__init__(root, meta, x, y)
 
 
 class FakeTextClassificationWorkload(_FakeText):

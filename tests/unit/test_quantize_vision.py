@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain.artifacts import DatasetArtifact, TrainedModel
-from kubetrain.config import load_config
+from kubetrain.artifacts import TrainedModel
 from kubetrain.quantize.config import CANDIDATES
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
-from kubetrain.workloads.base import Scores, Workload
-from tests.conftest import quick_quantize_config
+from kubetrain.workloads.base import Scores
+from tests.conftest import InMemoryWorkload, quick_quantize_config
 
 pytestmark = pytest.mark.vision
 torchvision = pytest.importorskip("torchvision")
@@ -67,7 +66,7 @@ def trained(factory) -> torch.nn.Module:
     return model.eval()
 
 
-class FakeImageWorkload(Workload):
+class FakeImageWorkload(InMemoryWorkload):
     """Splits of ``images`` (see the module docstring); the model from ``factory``."""
 
     kind = "images"
@@ -76,23 +75,10 @@ class FakeImageWorkload(Workload):
         meta = {"kind": "images", "input_shape": [3, SIZE, SIZE], "version": "fake",
                 "classes": [str(i) for i in range(CLASSES)],
                 "sizes": dict.fromkeys(("train", "val", "test"), SAMPLES)}  # fmt: skip
-        super().__init__(load_config(), DatasetArtifact(root, meta, {}))
         self.factory = factory
-        self.x, self.y = {}, {}
-        for seed, split in enumerate(meta["sizes"]):
-            self.x[split], self.y[split] = images(SAMPLES, seed)
-
-    def build_model(self, model):
-        return self.factory()
-
-    def train_batches(self, tc, ctx):
-        raise NotImplementedError
-
-    def validate(self, model, ctx):
-        raise NotImplementedError
-
-    def examples(self, split: str, n: int, seed: int = 0):
-        return self.x[split][:n], self.y[split][:n]
+        splits = {split: images(SAMPLES, seed) for seed, split in enumerate(meta["sizes"])}
+        super().__init__(root, meta, {s: xy[0] for s, xy in splits.items()},
+                         {s: xy[1] for s, xy in splits.items()})  # fmt: skip
 
     def score(self, model, split: str) -> Scores:
         with torch.no_grad():

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import yaml
-from kubeflow.training.api_client import ApiClient
 
 import kubetrain
 from kubetrain.cli import main
@@ -17,6 +16,7 @@ from kubetrain.config import load_config
 from kubetrain.errors import ConfigError
 from kubetrain.launch.kubernetes import build_pytorchjob, check_no_inline_credentials
 from kubetrain.launch.manifests import cluster_manifests
+from tests.conftest import pytorchjob_roundtrip
 
 JOB = "kubetrain-train-0a1b2c"
 SECRET = "minio-creds"
@@ -30,18 +30,6 @@ def containers(job: dict) -> list[dict]:
     ]
 
 
-def roundtrip(manifest: dict) -> dict:
-    """Through the official kubeflow-training models and back (unknown fields are dropped)."""
-
-    class Response:
-        data = json.dumps(manifest)
-
-    client = ApiClient()
-    return client.sanitize_for_serialization(
-        client.deserialize(Response(), "KubeflowOrgV1PyTorchJob")
-    )
-
-
 def test_every_job_pod_takes_its_credentials_from_the_secret():
     cfg = load_config(
         None,
@@ -49,7 +37,7 @@ def test_every_job_pod_takes_its_credentials_from_the_secret():
          "data.storage_options={endpoint_url: 'http://minio:9000'}"],
     )  # fmt: skip
     job = build_pytorchjob(cfg, JOB)
-    assert roundtrip(job) == job  # envFrom is a field of the official models
+    assert pytorchjob_roundtrip(job) == job  # envFrom is a field of the official models
     found = containers(job)
     assert len(found) == 2  # Master and Worker
     for container in found:
@@ -173,7 +161,7 @@ def test_vision_gpu_recipe_is_the_cluster_run_it_says():
 def test_vision_gpu_manifests_are_two_gpu_workers_reading_the_secret(capsys):
     assert main(["manifests", "--config", "vision-gpu"]) == 0
     experiment, job = yaml.safe_load_all(capsys.readouterr().out)
-    assert roundtrip(job) == job
+    assert pytorchjob_roundtrip(job) == job
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert {k: v["replicas"] for k, v in replicas.items()} == {"Master": 1, "Worker": 1}
     for container in containers(job) + containers(experiment["spec"]["trialTemplate"]["trialSpec"]):

@@ -13,6 +13,7 @@ from kubetrain.models import build_model
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.loop import Stopped, fit
 from kubetrain.train.optim import lr_factor
+from tests.conftest import assert_one_train_error_and_no_model
 
 
 def _fit(digits_dir, *overrides):
@@ -198,10 +199,7 @@ def test_a_non_finite_loss_stops_every_torchrun_worker_with_one_line(digits_dir,
     cfg = load_config(overrides=settings)
     with pytest.raises(KubetrainError, match="training failed"):
         LocalLauncher().run(cfg, digits_dir, tmp_path / "model")
-    errors = [line for line in capfd.readouterr().err.splitlines() if "train error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("[rank 0] train error: ")
-    assert re.search(r"at epoch \d+, step \d+", errors[0])
-    assert not (tmp_path / "model" / "model.json").exists()
+    assert_one_train_error_and_no_model(capfd.readouterr().err, tmp_path / "model")
 
 
 def test_the_train_step_exits_1_with_one_line_on_a_non_finite_loss(digits_dir, tmp_path):

@@ -114,9 +114,8 @@ def evaluate(
     metric = cfg.primary_metric(data.kind)
     trained = TrainedModel.load(model_dir)
     quantized = QuantizedModel.load(quantized_dir)
-    workload = workload or workload_for_model(data.path, model_dir)
     # The evaluate section (metric, beam size, decode length) is this step's, not training's.
-    workload.cfg = workload.cfg.model_copy(update={"evaluate": cfg})
+    workload = (workload or workload_for_model(data.path, model_dir)).measure_as(cfg)
     fp32 = load_model(model_dir, workload)
     int8 = load_quantized(quantized_dir, model_dir, workload)
     return Evaluation(

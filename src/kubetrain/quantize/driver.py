@@ -112,8 +112,7 @@ def quantize_artifact(
         if evaluate is not None:
             from kubetrain.workloads import workload_for_model
 
-            workload = workload or workload_for_model(dataset_dir, model_dir)
-            workload.cfg = workload.cfg.model_copy(update={"evaluate": evaluate})
+            workload = (workload or workload_for_model(dataset_dir, model_dir)).measure_as(evaluate)
         return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, workload)
     finally:
         torch.set_num_threads(threads)

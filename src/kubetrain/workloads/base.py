@@ -28,6 +28,7 @@ from torch import nn
 if TYPE_CHECKING:
     from kubetrain.artifacts import DatasetArtifact
     from kubetrain.config import PipelineConfig
+    from kubetrain.evaluate.config import EvaluateConfig
     from kubetrain.models.config import ModelConfig
     from kubetrain.train.config import TrainConfig
     from kubetrain.train.distributed import DistContext
@@ -83,6 +84,12 @@ class Workload(ABC):
 
     def __init__(self, cfg: PipelineConfig, data: DatasetArtifact) -> None:
         self.cfg, self.data = cfg, data
+
+    def measure_as(self, evaluate: EvaluateConfig) -> Workload:
+        """Score with ``evaluate``'s settings (metric, beam size, decode length) from now on,
+        not those the model was trained with; returns this workload."""
+        self.cfg = self.cfg.model_copy(update={"evaluate": evaluate})
+        return self
 
     # -- the model -----------------------------------------------------------------------------
     def model_spec(self, model: ModelConfig) -> dict[str, Any]:

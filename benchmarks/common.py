@@ -1,9 +1,11 @@
-"""The CPU a benchmark ran on, for its printout and its RESULTS.md rows (shared by the scripts
-here; each runs as ``python benchmarks/<name>.py``, which puts this folder on ``sys.path``)."""
+"""What the benchmark scripts here share: the CPU they ran on (for their printout and their
+RESULTS.md rows) and the summary of repeated measurements. Each script runs as
+``python benchmarks/<name>.py``, which puts this folder on ``sys.path``."""
 
 from __future__ import annotations
 
 import platform
+import statistics
 from pathlib import Path
 
 
@@ -20,3 +22,13 @@ def cpu_model() -> str:
     name, flags = first.get("model name", platform.machine()), first.get("flags", "").split()
     isa = next((f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags), "")
     return f"{name} ({isa})" if isa else name
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    """Median, min, max and count of repeated measurements."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
