@@ -161,6 +161,24 @@ def test_model_trains_validates_scores_and_rebuilds_from_its_spec(dataset):
         assert set(scores.examples[0]) == {"source", "reference", "prediction"}
 
 
+def test_examples_are_a_seeded_draw_streamed_from_the_split(dataset):
+    """``examples`` keeps only the drawn records while the split streams by: the draw of the
+    whole split in stream order, the same for a seed, all of a smaller split."""
+    import numpy as np
+
+    cfg, data = dataset
+    workload = open_workload(cfg, data)
+    every = list(workload.records("train"))
+    assert len(every) == data.meta["sizes"]["train"]
+    drawn = np.sort(np.random.default_rng(3).permutation(len(every))[:7])
+    first = "input_ids" if data.kind == "text_classification" else "src_ids"
+    x, _ = workload.examples("train", 7, seed=3)
+    expected = workload._full([every[i][first] for i in drawn])
+    assert torch.equal(x, expected)
+    assert not torch.equal(x, workload.examples("train", 7, seed=4)[0])
+    assert len(workload.examples("val", 10_000)[0]) == data.meta["sizes"]["val"]
+
+
 def test_beam_search_setting_reaches_the_score(dataset):
     cfg, data = dataset
     if data.kind != "seq2seq":

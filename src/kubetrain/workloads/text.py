@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -167,13 +168,14 @@ class TextWorkload(Workload):
         for window in self.stream(split, batch, rank=rank, world_size=world_size):
             yield from window
 
-    def records(self, split: str) -> list[dict[str, Any]]:
-        """Every record of ``split`` in stream order (token arrays, labels, rows)."""
+    def records(self, split: str) -> Iterator[dict[str, Any]]:
+        """Every record of ``split`` in stream order (token arrays, labels, rows), streamed."""
         ds = StreamingDataset(
             self.data.root, split, 4096, rank=0, world_size=1, shuffle=False,
             collate=list, storage_options=self.cfg.data.storage_options,
         )  # fmt: skip
-        return [r for chunk in ds for r in chunk]
+        for chunk in ds:
+            yield from chunk
 
     @property
     def tokenizer(self):
@@ -266,11 +268,13 @@ class TextWorkload(Workload):
         )
 
     def _sample(self, split: str, n: int, seed: int) -> list[dict[str, Any]]:
-        records = self.records(split)
-        if n < len(records):
-            idx = np.sort(np.random.default_rng(seed).permutation(len(records))[:n])
-            records = [records[int(i)] for i in idx]
-        return records
+        """``n`` records of ``split`` drawn at random (seeded), in stream order; only those are
+        kept while the split streams by (it may be larger than memory)."""
+        total = int(self.meta["sizes"][split])
+        if n >= total:
+            return list(self.records(split))
+        chosen = set(np.random.default_rng(seed).permutation(total)[:n].tolist())
+        return [r for i, r in enumerate(self.records(split)) if i in chosen]
 
     def _full(self, seqs) -> torch.Tensor:
         """Sequences padded to ``max_length`` (one length for every example batch)."""
