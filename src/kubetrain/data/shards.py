@@ -303,7 +303,11 @@ def read_shard(
         raise DataError(f"{where}: shard listed in {MANIFEST} is missing") from None
     if hashlib.sha256(data).hexdigest() != shard.sha256:
         raise DataError(f"{where}: content differs from {MANIFEST} (changed or corrupted shard)")
-    table = pq.read_table(io.BytesIO(data))
+    # No Arrow thread pool: a process that started one aborted at exit about half the time
+    # ("terminate called without an active exception", apache/arrow#34314), after its work,
+    # so a step that had written its outputs could still fail. A shard decodes in one thread;
+    # the ranks and loader workers are the parallelism.
+    table = pq.read_table(io.BytesIO(data), use_threads=False)
     out: dict[str, list[Any]] = {}
     for name in table.column_names:
         col = table.column(name)
