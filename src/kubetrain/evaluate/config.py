@@ -2,8 +2,9 @@
 measured.
 
 The primary metric depends on the task: ``accuracy`` for classification (tabular, images, text),
-``bleu`` for seq2seq unless ``evaluate.metric`` says ``rouge_l`` (summarization). Every metric is
-a 0-1 float where higher is better, so one bar (``min_value``) fits them all.
+``bleu`` for seq2seq unless ``evaluate.metric`` says ``rouge_l`` (summarization), COCO ``map``
+(AP@[.5:.95]) for detection unless it says ``map_50``. Every metric is a 0-1 float where higher
+is better, so one bar (``min_value``) fits them all.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
     "images": ("accuracy", "top5_accuracy"),
     "text_classification": ("accuracy", "macro_f1"),
     "seq2seq": ("bleu", "rouge_l"),
+    "detection": ("map", "map_50"),
 }
-METRICS = ("accuracy", "top5_accuracy", "macro_f1", "bleu", "rouge_l")
+METRICS = ("accuracy", "top5_accuracy", "macro_f1", "bleu", "rouge_l", "map", "map_50")
 # Seq2seq: the scores of copying the source unchanged, per metric (in the workload's values).
 COPY_BASELINE = {"bleu": "copy_baseline_bleu", "rouge_l": "copy_baseline_rouge_l"}
 
@@ -34,15 +36,17 @@ class EvaluateConfig(Section):
         None,
         description="The primary metric that the report leads with and the promotion bar "
         "applies to. Default: accuracy for classification, bleu for seq2seq (rouge_l for "
-        "summarization). Images may use top5_accuracy, text classification macro_f1.",
+        "summarization), map (COCO AP@[.5:.95]) for detection. Images may use top5_accuracy, "
+        "text classification macro_f1, detection map_50 (COCO AP at IoU 0.5).",
     )
     min_value: float | None = Field(
         None,
         ge=0,
         le=1.0,
         description="Promote only if the primary metric (fp32 and int8, on test; 0-1, BLEU "
-        "too) reaches this. Default: min_accuracy for classification, 0 for seq2seq (which "
-        "must beat the copy-the-source baseline anyway, see beat_copy_baseline).",
+        "and mAP too) reaches this. Default: min_accuracy for classification, 0 for seq2seq "
+        "(which must beat the copy-the-source baseline anyway, see beat_copy_baseline) and for "
+        "detection (set a bar: an mAP that a detector which only guesses cannot reach).",
     )
     min_accuracy: float = Field(
         0.9,
@@ -92,7 +96,7 @@ class EvaluateConfig(Section):
 
     def bar(self, kind: str) -> float:
         """The promotion bar on the primary metric for a dataset of ``kind``: ``min_value``,
-        else ``min_accuracy`` for classification (its alias) and 0 for seq2seq."""
+        else ``min_accuracy`` for classification (its alias) and 0 for seq2seq and detection."""
         if self.min_value is not None:
             return self.min_value
-        return 0.0 if kind == "seq2seq" else self.min_accuracy
+        return 0.0 if kind in ("seq2seq", "detection") else self.min_accuracy

@@ -72,6 +72,10 @@ def build_from_spec(spec: dict) -> nn.Module:
     The initial ``model.weights`` are not read again: the trained weights replace them, and the
     process rebuilding the model (quantize, evaluate, a pod) may not reach that file."""
     config = {**spec["config"], "weights": None, "freeze_backbone": False}
+    if spec.get("detection"):  # a detector (kubetrain.models.detection), sized to its classes
+        from kubetrain.models.detection import build_detector
+
+        return build_detector(ModelConfig(**config), spec["detection"]["classes"])
     if spec.get("text"):  # a text model (kubetrain.models.text): vocabulary, special ids, task
         from kubetrain.models.text import build_text_network
 

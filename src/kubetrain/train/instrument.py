@@ -82,15 +82,17 @@ class ResourceMonitor:
         return out
 
 
-def flops_per_sample(model: nn.Module, batch, loss_fn, samples: int) -> float:
+def flops_per_sample(model: nn.Module, batch, forward_loss, samples: int) -> float:
     """FLOPs of forward + backward per sample of ``batch`` (``(inputs, target)``, ``samples``
-    of them) under ``loss_fn(output, target)``, counted by ``torch.utils.flop_counter``."""
+    of them) under ``forward_loss(model, inputs, target)`` (``Workload.forward_loss``: the loss
+    first), counted by ``torch.utils.flop_counter`` (ops it has no formula for, such as
+    torchvision's ``roi_align`` and ``nms``, count as none)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     inputs, target = batch
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = loss_fn(model(*inputs), target)
+        loss = forward_loss(model, inputs, target)[0]
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / max(1, samples)

@@ -70,6 +70,9 @@ class EpochStats:
     mfu: float | None = None
     rank_cpu_percent: list[float] = field(default_factory=list)
     rank_peak_rss_mib: list[float] = field(default_factory=list)
+    # The training loss's named parts, per sample (a detector's classifier, box regression,
+    # objectness ... losses); empty where the loss is one term.
+    loss_components: dict[str, float] = field(default_factory=dict)
 
 
 class NonFiniteLoss(KubetrainError):
@@ -175,7 +178,7 @@ class Trainer:
         self.history: list[EpochStats] = []
         self._history_dicts: list[dict[str, Any]] = []  # history as checkpointed, built once
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.partial = {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
+        self.partial = {"loss_sum": 0.0, "count": 0, "seconds": 0.0, "parts": {}}
         self.resume_key = resume_key(cfg, data)
         self.resumed_from: int | None = None
         self.checkpoints_written = 0

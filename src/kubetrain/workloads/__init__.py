@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {
     "images": "kubetrain.workloads.images:ImageWorkload",
     "text_classification": "kubetrain.workloads.text:TextClassificationWorkload",
     "seq2seq": "kubetrain.workloads.text:Seq2SeqWorkload",
+    "detection": "kubetrain.workloads.detection:DetectionWorkload",
 }
 
 

@@ -11,7 +11,9 @@ Kinds (``DatasetArtifact.kind``): ``tabular`` (features in memory: ``kubetrain.w
 tasks ``text_classification`` and ``seq2seq`` (token shards).
 
 A training batch is ``(inputs, target)``: ``inputs`` a tuple of tensors passed to the model as
-positional arguments, ``target`` class ids (N,), soft labels (N, C) or token ids (N, T).
+positional arguments, ``target`` class ids (N,), soft labels (N, C) or token ids (N, T). A
+detection batch is ``((images,), targets)``: a list of images and a list of target dicts, which
+the detector takes together and turns into its own losses (``forward_loss``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from kubetrain.train.config import TrainConfig
     from kubetrain.train.distributed import DistContext
 
-Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+Batch = tuple[tuple[Any, ...], Any]
 
 
 class TrainBatches(ABC):
@@ -126,6 +128,17 @@ class Workload(ABC):
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss of a micro-batch: cross-entropy over classes (soft targets allowed)."""
         return F.cross_entropy(output, target)
+
+    def forward_loss(
+        self, net: nn.Module, inputs: tuple[Any, ...], target: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Forward one micro-batch through ``net``: its mean loss, and the loss's named parts
+        (detached; None when the loss is one term), which the trainer logs per epoch.
+
+        The default is ``loss(net(*inputs), target)``; a detector takes the targets itself and
+        returns its losses (``kubetrain.workloads.detection``).
+        """
+        return self.loss(net(*inputs).float(), target), None
 
     @staticmethod
     def batch_samples(batch: Batch) -> int:

@@ -1,0 +1,239 @@
+"""Detectors: torchvision's detection builders and a user's own factory, with the class head
+sized to the data, initial weights for a backbone or a whole detector, a frozen backbone.
+
+``model.name`` picks the kind, as for classification:
+
+- ``torchvision:<builder>``: a builder of ``torchvision.models.detection``
+  (``fasterrcnn_mobilenet_v3_large_320_fpn``, ``fasterrcnn_resnet50_fpn_v2``,
+  ``retinanet_resnet50_fpn_v2``, ``fcos_resnet50_fpn``, ``ssdlite320_mobilenet_v3_large``, ...),
+  built with ``num_classes = K + 1`` (torchvision's label 0 is the background; the data's
+  labels are ``1..K``), no hub weights (``weights_backbone`` too is off unless torch's hub
+  cache holds it) and ``model.kwargs`` (``min_size``, ``max_size``, ``box_batch_size_per_image``
+  ...: the model class's own arguments);
+- ``package.module:factory``: ``factory(spec, num_classes, **model.kwargs)`` with
+  ``spec.kind == "detection"``, ``spec.extra["classes"]`` the class names and ``num_classes``
+  ``K + 1``; it returns a module that behaves as torchvision's detectors do: in training mode
+  ``model(images, targets)`` is a dict of loss tensors, in eval mode ``model(images)`` a list of
+  ``{"boxes", "labels", "scores"}`` (``images``: a list of 0-1 float tensors (3, H, W)).
+
+``model.weights`` (a local path or URI, state dict or ``.safetensors``): a whole detector's
+weights (every tensor must fit, except the class head's when its size differs), or a
+classification backbone's (a ``resnet50`` or ``mobilenet_v3_large`` state dict: its tensors go
+into ``backbone.body``; the classifier's are left out). ``model.freeze_backbone`` freezes
+``backbone.body`` (its batch norms become ``FrozenBatchNorm2d``, as torchvision's fine-tuning
+does); the FPN and the heads train. Nothing here knows of distribution.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from kubetrain.errors import ConfigError
+from kubetrain.models.config import ModelConfig
+from kubetrain.models.vision import (
+    WEIGHTS_HINT,
+    InputSpec,
+    _call,
+    _did_you_mean,
+    call_factory,
+    read_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+# Module-name prefixes of the class-scoring layers per torchvision detector family: the tensors
+# a whole detector's weights may leave out (their size follows the number of classes).
+CLASS_HEADS = (
+    "roi_heads.box_predictor.",  # Faster R-CNN (bbox_pred is 4 x classes)
+    "head.classification_head.cls_logits.",  # RetinaNet, FCOS
+    "head.classification_head.module_list.",  # SSD, SSDlite
+)
+
+
+def detection_builders() -> list[str]:
+    """torchvision's detection builders (boxes only: mask and keypoint models are left out)."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models.detection)
+    return [n for n in names if not n.startswith(("maskrcnn", "keypointrcnn"))]
+
+
+def build_detector(
+    cfg: ModelConfig, classes: list[str], storage_options: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """The detector ``cfg`` names for ``len(classes)`` categories (labels ``1..K``), with
+    ``cfg.weights`` loaded and the backbone frozen if asked.
+
+    Args:
+        cfg: the ``model`` section.
+        classes: the category names (the dataset's ``classes``).
+        storage_options: fsspec options for a remote ``cfg.weights``.
+
+    Returns:
+        The model, in training mode.
+
+    Raises:
+        ConfigError: no torchvision, an unknown builder (or a classification one), hub weights
+            asked for, a factory that fails, weights that do not fit, no backbone to freeze.
+    """
+    kind, _, target = cfg.name.partition(":")
+    num_classes = len(classes) + 1
+    if kind == "timm":
+        raise ConfigError("config error: model.name: timm models are classifiers, not detectors")
+    if kind == "torchvision":
+        model = _torchvision_detector(target, num_classes, dict(cfg.kwargs))
+    elif kind in ("mlp", "cnn") or not target:
+        raise ConfigError(
+            f"config error: model.name: {cfg.name!r} is not a detector; use "
+            "torchvision:<detection builder> or package.module:factory"
+        )
+    else:
+        spec = InputSpec((3,), kind="detection", extra={"classes": list(classes)})
+        model = call_factory(cfg.name, spec, num_classes, **dict(cfg.kwargs))
+    if cfg.weights:
+        load_detection_weights(model, cfg.weights, storage_options)
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
+    return model
+
+
+def _torchvision_detector(name: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError as err:
+        raise ConfigError(
+            f"config error: model.name: torchvision:{name} needs torchvision "
+            f"(pip install 'kubetrain[vision]'): {err}"
+        ) from None
+    known = detection_builders()
+    if name not in known:
+        raise ConfigError(
+            f"config error: model.name: {name!r} is not a torchvision detection builder"
+            f"{_did_you_mean(name, known)} (known: {', '.join(known)})"
+        )
+    for key in ("weights", "pretrained"):
+        if kwargs.pop(key, None):
+            raise ConfigError(f"config error: model.kwargs.{key}: {WEIGHTS_HINT}")
+    backbone = kwargs.pop("weights_backbone", None)
+    kwargs["weights_backbone"] = _cached_backbone(name, backbone) if backbone else None
+    return _call(
+        torchvision.models.get_model, f"torchvision:{name}", name, weights=None,
+        num_classes=num_classes, **kwargs,
+    )  # fmt: skip
+
+
+def _cached_backbone(builder: str, value: Any):
+    """A backbone weights enum member whose file is already in torch's hub cache (nothing is
+    downloaded)."""
+    import inspect
+    import os
+
+    import torchvision
+
+    fn = torchvision.models.get_model_builder(builder)
+    annotation = inspect.signature(fn).parameters["weights_backbone"].annotation
+    enum_name = str(annotation).split("[")[-1].split("]")[0].split(".")[-1].strip("'\" ")
+    enum = getattr(torchvision.models, enum_name, None)
+    member = str(value).rsplit(".", 1)[-1]
+    if enum is None or member not in getattr(enum, "__members__", {}):
+        raise ConfigError(f"config error: model.kwargs.weights_backbone: {value!r} is not known")
+    weights = enum[member]
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    if not os.path.exists(cached):
+        raise ConfigError(f"config error: model.kwargs.weights_backbone: {value!r}: {WEIGHTS_HINT}")
+    return weights
+
+
+def _backbone_body(model: nn.Module) -> nn.Module | None:
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        return None
+    for name in ("body", "features"):  # FPN backbones; SSD's feature extractors
+        inner = getattr(backbone, name, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return backbone
+
+
+def load_detection_weights(
+    model: nn.Module, uri: str, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """Load ``uri`` into ``model``: a whole detector's state dict (the class head may differ in
+    size: it keeps its fresh initialisation) or a classification backbone's (into
+    ``backbone.body``; a ``features.`` prefix, as MobileNet writes it, is matched too).
+
+    Raises:
+        ConfigError: the file does not fit the detector or its backbone (naming what is off).
+    """
+    state = read_state_dict(uri, storage_options)
+    own = model.state_dict()
+    if sum(k in own for k in state) >= len(state) // 2:  # a detector's keys
+        fitted, resized, bad = {}, [], []
+        for key, value in state.items():
+            if key in own and own[key].shape != value.shape:
+                (resized if key.startswith(CLASS_HEADS) else bad).append(key)
+                continue
+            fitted[key] = value
+        result = model.load_state_dict(fitted, strict=False)
+        missing = [k for k in result.missing_keys if k not in resized]
+        if bad or missing or result.unexpected_keys:
+            which = (bad or missing or result.unexpected_keys)[:3]
+            raise ConfigError(
+                f"config error: model.weights: {uri}: does not fit {type(model).__name__} "
+                f"({'shapes differ' if bad else 'keys missing' if missing else 'extra keys'}: "
+                f"{', '.join(which)})"
+            )
+        if resized:
+            log.info("model.weights: %s: class head re-initialised for the data's classes", uri)
+        return
+    body = _backbone_body(model)
+    if body is None:
+        raise ConfigError(f"config error: model.weights: {uri}: the model has no backbone")
+    body_own = body.state_dict()
+    fitted = {}
+    for key, target in body_own.items():
+        for candidate in (key, f"features.{key}"):
+            value = state.get(candidate)
+            if value is not None and value.shape == target.shape:
+                fitted[key] = value
+                break
+    if len(fitted) < len(body_own):
+        lacking = [k for k in body_own if k not in fitted]
+        raise ConfigError(
+            f"config error: model.weights: {uri}: neither a {type(model).__name__} nor its "
+            f"backbone's weights ({len(lacking)} of the backbone's {len(body_own)} tensors not "
+            f"found, e.g. {lacking[0]})"
+        )
+    body.load_state_dict(fitted)
+    log.info("model.weights: %s: backbone loaded (%d tensors)", uri, len(fitted))
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Freeze the backbone's body: no gradients, batch norms as ``FrozenBatchNorm2d``.
+
+    Raises:
+        ConfigError: the model has no ``backbone`` (a factory's own layout).
+    """
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    body = _backbone_body(model)
+    if body is None:
+        raise ConfigError(
+            "config error: model.freeze_backbone: the model has no 'backbone' module to freeze"
+        )
+    for name, module in list(body.named_modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+            frozen.weight.copy_(module.weight.detach())
+            frozen.bias.copy_(module.bias.detach())
+            frozen.running_mean.copy_(module.running_mean)
+            frozen.running_var.copy_(module.running_var)
+            parent, _, child = name.rpartition(".")
+            setattr(body.get_submodule(parent) if parent else body, child, frozen)
+    for param in body.parameters():
+        param.requires_grad = False
