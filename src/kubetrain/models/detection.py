@@ -237,3 +237,61 @@ def freeze_backbone(model: nn.Module) -> None:
             setattr(body.get_submodule(parent) if parent else body, child, frozen)
     for param in body.parameters():
         param.requires_grad = False
+
+
+def _conv(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
+
+
+def small_fasterrcnn(
+    spec: InputSpec,
+    num_classes: int,
+    width: int = 32,
+    size: int = 128,
+    anchor_sizes: tuple[int, ...] = (16, 32, 64),
+    **kwargs: Any,
+) -> nn.Module:
+    """A Faster R-CNN (torchvision's ``FasterRCNN``) around a small 6-convolution backbone of
+    stride 8, trained from scratch in minutes on a CPU: for small images with objects of
+    roughly 10-100 px (the detection recipe's scenes). Used as
+    ``model.name: kubetrain.models.detection:small_fasterrcnn``; ``kwargs`` go to
+    ``FasterRCNN`` (``box_batch_size_per_image``, ``rpn_post_nms_top_n_train``, ...).
+
+    Args:
+        spec: the input spec (``spec.extra["classes"]``: the class names).
+        num_classes: classes with the background (K + 1).
+        width: channels of the first block (doubled twice).
+        size: images are resized so their shorter side is ``size`` (longer side at most
+            ``size`` too).
+        anchor_sizes: anchor box sides in pixels (aspect ratios 0.5, 1, 2).
+    """
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    w = int(width)
+    backbone = nn.Sequential(
+        *_conv(3, w, 2), *_conv(w, w, 1), *_conv(w, 2 * w, 2), *_conv(2 * w, 2 * w, 1),
+        *_conv(2 * w, 4 * w, 2), *_conv(4 * w, 4 * w, 1),
+    )  # fmt: skip
+    backbone.out_channels = 4 * w
+    settings = {
+        "min_size": size, "max_size": size, "box_batch_size_per_image": 128,
+        "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300,
+        "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 150, **kwargs,
+    }  # fmt: skip
+    return FasterRCNN(
+        backbone,
+        rpn_anchor_generator=AnchorGenerator(
+            sizes=(tuple(int(s) for s in anchor_sizes),), aspect_ratios=((0.5, 1.0, 2.0),)
+        ),
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(4 * w * 49, 256),
+        box_predictor=FastRCNNPredictor(256, num_classes),
+        **settings,
+    )

@@ -16,6 +16,7 @@ from torch import nn
 from kubetrain.artifacts import (
     MODEL_WEIGHTS,
     QUANT_INFO,
+    DatasetArtifact,
     QuantizedModel,
     TrainedModel,
 )
@@ -71,6 +72,12 @@ def load_quantized(
     """
     qdir = Path(qdir)
     info = QuantizedModel.load(qdir).info
+    if info.get("format") == "detector":  # kubetrain.quantize.detection: applied to the fp32
+        from kubetrain.quantize.detection import load_detector
+
+        if model_dir is None:
+            raise KubetrainError(f"{qdir}: an int8 detector: rebuilding it needs the fp32 model")
+        return load_detector(qdir, load_model(model_dir, workload))
     if info.get("format") == artifact.STATE_DICT_FORMAT:
         if model_dir is None:
             raise KubetrainError(f"{qdir}: an int8 state dict: rebuilding it needs the fp32 model")
@@ -113,6 +120,14 @@ def quantize_artifact(
             from kubetrain.workloads import workload_for_model
 
             workload = (workload or workload_for_model(dataset_dir, model_dir)).measure_as(evaluate)
+        if workload is None and DatasetArtifact.read_meta(dataset_dir).get("kind") == "detection":
+            from kubetrain.workloads import workload_for_model
+
+            workload = workload_for_model(dataset_dir, model_dir)
+        if workload is not None and workload.kind == "detection":
+            from kubetrain.quantize.detection import quantize_detector
+
+            return quantize_detector(Path(model_dir), Path(out_dir), qcfg, workload)
         return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, workload)
     finally:
         torch.set_num_threads(threads)

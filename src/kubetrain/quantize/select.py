@@ -12,10 +12,13 @@ def within_budget(candidate: dict[str, Any], max_drop: float) -> bool:
     return drop is not None and drop <= max_drop + 1e-9
 
 
-def choose(candidates: list[dict[str, Any]], max_drop: float) -> dict[str, Any] | None:
-    """The fastest candidate at batch 64 among those within the budget (``None`` if none)."""
+def choose(
+    candidates: list[dict[str, Any]], max_drop: float, batch: int = 64
+) -> dict[str, Any] | None:
+    """The fastest candidate at ``batch`` (64; a detector's 8) among those within the budget
+    (``None`` if none)."""
     ok = [c for c in candidates if within_budget(c, max_drop)]
-    return min(ok, key=lambda c: c["latency_ms_b64"]) if ok else None
+    return min(ok, key=lambda c: c[f"latency_ms_b{batch}"]) if ok else None
 
 
 def verdicts(candidates: list[dict[str, Any]], chosen: dict | None, max_drop: float) -> None:
@@ -36,15 +39,17 @@ def explain(
     candidates: list[dict[str, Any]],
     max_drop: float,
     metric: str = "accuracy",
+    batch: int = 64,
 ) -> str:
-    """One sentence saying what was kept and why (``metric``: what the drop is measured on)."""
+    """One sentence saying what was kept and why (``metric``: what the drop is measured on,
+    ``batch``: the latency it was chosen on)."""
     if chosen is None:
         tried = ", ".join(f"{c['name']} ({c['verdict']})" for c in candidates)
         return f"no int8 candidate within the accuracy budget {max_drop:.4f}; tried {tried}"
     others = [c for c in candidates if c is not chosen]
     rest = "; ".join(f"{c['name']}: {c['verdict']}" for c in others)
     return (
-        f"kept {chosen['name']}: batch-64 latency {chosen['latency_ratio_b64']:.2f}× fp32, "
+        f"kept {chosen['name']}: batch-{batch} latency {chosen[f'latency_ratio_b{batch}']:.2f}× fp32, "
         f"size {chosen['size_ratio']:.2f}× fp32, validation {metric} drop "
         f"{chosen['accuracy_drop']:+.4f} ≤ {max_drop:.4f}" + (f" (others — {rest})" if rest else "")
     )

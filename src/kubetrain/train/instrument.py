@@ -90,11 +90,17 @@ def flops_per_sample(model: nn.Module, batch, forward_loss, samples: int) -> flo
     from torch.utils.flop_counter import FlopCounterMode
 
     inputs, target = batch
+    # The counting pass must leave no trace: a batch norm's running statistics would take this
+    # batch twice, and a resumed run (which counts on another batch) would end elsewhere.
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     counter = FlopCounterMode(display=False)
     with counter:
         loss = forward_loss(model, inputs, target)[0]
         loss.backward()
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, value in model.named_buffers():
+            value.copy_(buffers[name])
     return counter.get_total_flops() / max(1, samples)
 
 

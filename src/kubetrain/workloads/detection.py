@@ -195,7 +195,14 @@ def loss_dict(model: nn.Module, images: list[torch.Tensor], targets: list[dict])
         ConfigError: the model returned something else (a user's factory that does not take
             targets as torchvision's detectors do).
     """
-    out = model(images, targets)
+    try:
+        out = model(images, targets)
+    except TypeError as err:  # a forward that takes no targets (a classifier)
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ConfigError(
+            f"config error: model.name: the model does not take model(images, targets) and "
+            f"return a dict of loss tensors, as torchvision's detectors do (TypeError: {first})"
+        ) from None
     if not isinstance(out, dict) or not out or not all(torch.is_tensor(v) for v in out.values()):
         raise ConfigError(
             f"config error: model.name: in training mode the detector returned a "
