@@ -127,6 +127,12 @@ class ProgramBackbone(nn.Module):
         if out_channels is not None:
             self.out_channels = out_channels
 
+    def train(self, mode: bool = True) -> ProgramBackbone:
+        # An exported program runs in one mode ("Calling train() is not supported"): the
+        # detector's eval() must not reach it.
+        self.training = mode
+        return self
+
     def forward(self, x):
         return self.program(x)
 

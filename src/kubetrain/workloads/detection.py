@@ -14,7 +14,8 @@
   then the predictions in eval mode, gathered and scored by COCO's evaluator: ``val_map``
   (AP@[.5:.95]) is the primary metric and the search objective.
 - ``score``: COCO's figures (``kubetrain.evaluate.coco``) on a whole split, images/s of the
-  forward passes, and up to ``MAX_EXAMPLES`` test images drawn with their ground truth beside
+  forward passes, the same figures for a detector that only guesses (``guesses``: training box
+  sizes and class frequencies at random places), and up to ``MAX_EXAMPLES`` test images drawn with their ground truth beside
   the predictions (with scores), the images with the most errors first.
 - ``examples``: images padded to one size in one tensor (a detector takes a batch tensor as a
   list), with their box counts: latency batches and quantize's calibration.
@@ -57,6 +58,7 @@ DEFAULT_SCENES = 1000  # scenes of the built-in source when data.limit is not se
 EVAL_BATCH = 16
 MAX_EXAMPLES = 24  # test images drawn in the report
 SCORE_THRESHOLD = 0.5  # detections drawn, and counted as false positives per image
+GUESS_FROM = 2000  # training images the guessing baseline takes its box sizes and classes from
 
 
 def _source_folder(cfg: DataConfig) -> str:
@@ -366,6 +368,38 @@ class DetectionWorkload(Workload):
         dataset = ground_truth(truth, self.categories.to_json())
         return coco_scores(dataset, detections, names, SCORE_THRESHOLD)
 
+    def guesses(self, truth: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+        """The detections of a detector that only guesses, for the same images: per image as
+        many boxes as a training image has on average (at least one), each with the size of a
+        random training box, at a random place, of a class drawn by the training split's class
+        frequencies, with a random score. What a bar on mAP must be far above."""
+        from kubetrain.evaluate.coco import results
+
+        rng = np.random.default_rng(seed)
+        sizes, labels, images = [], [], 0
+        for record in self._records("train"):
+            boxes = np.frombuffer(record["boxes"], dtype=np.float32).reshape(-1, 4)
+            sizes.append(boxes[:, 2:] - boxes[:, :2])
+            labels.append(np.asarray(record["labels"], dtype=np.int64))
+            images += 1
+            if images >= GUESS_FROM:
+                break
+        wh = np.concatenate(sizes) if sizes else np.zeros((0, 2))
+        classes = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        if not len(wh):
+            return []
+        per_image = max(1, round(len(wh) / max(images, 1)))
+        out = []
+        for img in truth:
+            pick = rng.integers(len(wh), size=per_image)
+            w, h = wh[pick, 0], wh[pick, 1]
+            x = rng.uniform(0, np.maximum(img["width"] - w, 1))
+            y = rng.uniform(0, np.maximum(img["height"] - h, 1))
+            boxes = np.stack([x, y, x + w, y + h], axis=1)
+            cats = self.categories.ids_of(classes[rng.integers(len(classes), size=per_image)])
+            out += results(img["id"], boxes, rng.random(per_image), cats)
+        return out
+
     # -- quantize and evaluate ---------------------------------------------------------------
     def _records(self, split: str) -> Iterator[dict[str, Any]]:
         from kubetrain.data.shards import read_shard
@@ -449,6 +483,9 @@ class DetectionWorkload(Workload):
         values = self._coco(truth, detections)
         per_image = values.pop("per_image")
         values["images_per_second"] = len(truth) / seconds if seconds else None
+        guess = self._coco(truth, self.guesses(truth))
+        values["guess_baseline_map"] = guess.get("map", 0.0)
+        values["guess_baseline_map_50"] = guess.get("map_50", 0.0)
         worst = sorted(
             per_image, key=lambda i: (-(per_image[i]["missed"] + per_image[i]["false"]), i)
         )
