@@ -104,6 +104,8 @@ bench: venv venv-vision
 	$(PY) benchmarks/decode_bench.py
 	$(VISION_PY) benchmarks/vision_loader.py
 	$(VISION_PY) benchmarks/vision_train.py
+	$(VISION_PY) benchmarks/detection_loader.py
+	$(VISION_PY) benchmarks/detection_train.py
 	$(PY) benchmarks/collect.py
 
 clean:
