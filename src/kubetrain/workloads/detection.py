@@ -401,6 +401,13 @@ class DetectionWorkload(Workload):
         return out
 
     # -- quantize and evaluate ---------------------------------------------------------------
+    @property
+    def primary(self) -> str:
+        """The evaluation's primary metric: ``evaluate.metric`` when it names a detection
+        metric (``map_50``), else COCO mAP (what the quantize gate measures on too)."""
+        wanted = getattr(self.cfg.evaluate, "metric", None)
+        return wanted if wanted in ("map", "map_50") else "map"
+
     def _records(self, split: str) -> Iterator[dict[str, Any]]:
         from kubetrain.data.shards import read_shard
 
@@ -490,7 +497,7 @@ class DetectionWorkload(Workload):
             per_image, key=lambda i: (-(per_image[i]["missed"] + per_image[i]["false"]), i)
         )
         examples = [self._example(*kept[i], per_image[i]) for i in worst[:MAX_EXAMPLES]]
-        return Scores("map", values, examples, samples=len(truth), seconds=seconds)
+        return Scores(self.primary, values, examples, samples=len(truth), seconds=seconds)
 
     def _example(self, record, target, out, errors) -> dict[str, Any]:
         """One test image drawn twice, ground truth beside the confident predictions."""
