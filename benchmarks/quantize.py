@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from kubetrain.config import QuantizeConfig, load_config
 from kubetrain.data import build_dataset, load_dataset
-from kubetrain.evaluate.measure import compare_latency, predict
+from kubetrain.pipeline.config import QuantizeConfig, load_config
 from kubetrain.quantize import artifact, load_model, load_quantized, methods, quantize_artifact
 from kubetrain.quantize.config import CANDIDATES
+from kubetrain.tasks.measure import compare_latency, predict
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.loop import fit, save_model
 

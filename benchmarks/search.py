@@ -35,7 +35,7 @@ from pathlib import Path
 
 import optuna
 
-from kubetrain.config import load_config
+from kubetrain.pipeline.config import load_config
 from kubetrain.tune.local import STUDY_NAME
 from kubetrain.tune.space import make_pruner, make_sampler
 

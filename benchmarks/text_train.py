@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from common import cpu_model, stats
 from torch import nn
 
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.config import load_config
+from kubetrain.core.artifacts import DatasetArtifact
 from kubetrain.models.transformer import Seq2SeqTransformer, TransformerConfig
+from kubetrain.pipeline.config import load_config
+from kubetrain.tasks import KINDS
+from kubetrain.tasks.base import TrainBatches, Workload
 from kubetrain.train.distributed import DistContext
-from kubetrain.workloads import KINDS
-from kubetrain.workloads.base import TrainBatches, Workload
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

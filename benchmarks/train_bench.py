@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from kubetrain.config import load_config
 from kubetrain.data import build_dataset, load_dataset
 from kubetrain.launch.local import LocalLauncher
+from kubetrain.pipeline.config import load_config
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.loop import fit
 
@@ -263,13 +263,13 @@ import importlib, json, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
 from kubetrain.tune.local import RESULTS_IMPORTS
-for module in ("kubetrain.steps", "kubetrain.data", "optuna", "torch", "kubetrain.train.loop",
+for module in ("kubetrain.pipeline.steps", "kubetrain.data", "optuna", "torch", "kubetrain.train.loop",
                "kubetrain.tune.local", "kubetrain.launch.local", "kubetrain.quantize",
-               "kubetrain.quantize.methods", "kubetrain.evaluate.measure", *RESULTS_IMPORTS):
+               "kubetrain.quantize.methods", "kubetrain.tasks.measure", *RESULTS_IMPORTS):
     importlib.import_module(module)
 imports = time.perf_counter() - t0
-from kubetrain import steps
-from kubetrain.config import load_config
+from kubetrain.pipeline import steps
+from kubetrain.pipeline.config import load_config
 cfg, d, took = load_config(), Path(sys.argv[1]), {}
 def timed(name, fn, *args, **kwargs):
     t0 = time.perf_counter()

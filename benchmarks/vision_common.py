@@ -174,9 +174,9 @@ def dataset_artifact(folder: Path, out_dir: Path, size: int, num_workers: int = 
     Raises:
         KubetrainError: what the preprocess raises.
     """
-    from kubetrain.artifacts import DatasetArtifact
-    from kubetrain.config import PipelineConfig
-    from kubetrain.workloads import build_dataset
+    from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.pipeline.config import PipelineConfig
+    from kubetrain.tasks import build_dataset
 
     data = PipelineConfig.model_validate(
         {"data": {"source": str(folder), "num_workers": num_workers,

@@ -54,7 +54,7 @@ from vision_common import (
 
 def config(args: argparse.Namespace, data_cfg: Any, workers: int):
     """The pipeline config both loops train with."""
-    from kubetrain.config import PipelineConfig
+    from kubetrain.pipeline.config import PipelineConfig
 
     data = data_cfg.model_dump(mode="json")
     data["num_workers"] = workers
@@ -85,9 +85,9 @@ def hand_run(cfg, data, device: torch.device) -> dict[str, float]:
     batches as kubetrain's ``StreamBatches`` takes; the second one's figures."""
     import torchvision
 
+    from kubetrain.tasks import open_workload
     from kubetrain.train.distributed import DistContext
     from kubetrain.train.optim import build_optimizer, build_scheduler
-    from kubetrain.workloads import open_workload
 
     tc, dc = cfg.train, cfg.data
     # kubetrain's stream of the training split, exactly as fit gets it (transforms, collate).

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.config import PipelineConfig, load_config
-from kubetrain.workloads.base import Workload
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.pipeline.config import PipelineConfig, load_config
+from kubetrain.tasks.base import Workload
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"

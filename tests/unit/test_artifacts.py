@@ -1,4 +1,4 @@
-"""The step contracts (kubetrain.artifacts): every artifact is complete only once its marker file
+"""The step contracts (kubetrain.core.artifacts): every artifact is complete only once its marker file
 is written, and the evaluation's type writes the documented metrics.json and reads it back."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kubetrain import artifacts, steps
-from kubetrain.artifacts import (
+from kubetrain.core import artifacts
+from kubetrain.core.artifacts import (
     DatasetArtifact,
     Evaluation,
     Promotion,
@@ -17,9 +17,10 @@ from kubetrain.artifacts import (
     SearchResult,
     TrainedModel,
 )
-from kubetrain.config import load_config
+from kubetrain.core.errors import DataError, KubetrainError
 from kubetrain.data import load_dataset
-from kubetrain.errors import DataError, KubetrainError
+from kubetrain.pipeline import steps
+from kubetrain.pipeline.config import load_config
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.loop import fit, save_model
 

@@ -5,8 +5,8 @@ import logging
 import pytest
 import torch
 
-from kubetrain.config import load_config
 from kubetrain.data import load_dataset
+from kubetrain.pipeline.config import load_config
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.loop import Stopped, fit
 

@@ -1,4 +1,4 @@
-"""The task-aware evaluation (kubetrain.evaluate.config, kubetrain.artifacts): the primary metric
+"""The task-aware evaluation (kubetrain.evaluate.config, kubetrain.core.artifacts): the primary metric
 per kind of data, the promotion bar (``min_value``, ``min_accuracy`` its classification alias),
 metrics.json with the primary and the extra metrics, and the gate on them; all on hand-made
 scores (no model)."""
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from kubetrain.artifacts import (
+from kubetrain.core.artifacts import (
     Evaluation,
     Latency,
     ModelScores,
@@ -20,11 +20,11 @@ from kubetrain.artifacts import (
     gate_reason,
     is_promotable,
 )
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.evaluate.config import EvaluateConfig
-from kubetrain.params import split_sets
-from kubetrain.steps import promotion_bar
+from kubetrain.pipeline.config import load_config
+from kubetrain.pipeline.params import split_sets
+from kubetrain.pipeline.steps import promotion_bar
 
 CLASSES = ["cat", "dog", "<b>fox</b>"]
 
@@ -244,11 +244,11 @@ class FakeBleuWorkload:
 )
 def test_the_search_objective_is_named_after_the_workloads_metric(monkeypatch, objective, kind,
                                                                   name):  # fmt: skip
-    from kubetrain import workloads
+    from kubetrain import tasks
+    from kubetrain.tasks import objective_name
     from kubetrain.tune.config import TuneConfig
-    from kubetrain.workloads import objective_name
 
     monkeypatch.setitem(
-        workloads.KINDS, "fake_seq2seq", "tests.unit.test_evaluate_gate:FakeBleuWorkload"
+        tasks.KINDS, "fake_seq2seq", "tests.unit.test_evaluate_gate:FakeBleuWorkload"
     )
     assert objective_name(TuneConfig(objective_metric=objective), kind) == name

@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from kubetrain.config import load_config
+from kubetrain.core.errors import ConfigError
+from kubetrain.core.io import read_json
 from kubetrain.data import load_dataset
-from kubetrain.errors import ConfigError
-from kubetrain.io import read_json
 from kubetrain.models.transformer import (
     Seq2SeqTransformer,
     TransformerClassifier,
     TransformerConfig,
 )
+from kubetrain.pipeline.config import load_config
 from kubetrain.train.distributed import DistContext, shard_units
 from kubetrain.train.loop import Stopped, fit
 from kubetrain.train.trainer import resume_key
@@ -166,7 +166,7 @@ def test_checkpoints_of_the_other_strategy_are_not_resumed(
 
 
 def test_translation_gpu_recipe_is_a_sharded_bf16_cluster_run_of_about_100m_parameters():
-    from kubetrain.errors import ConfigError
+    from kubetrain.core.errors import ConfigError
 
     try:
         cfg = load_config("translation-gpu")
@@ -181,7 +181,7 @@ def test_translation_gpu_recipe_is_a_sharded_bf16_cluster_run_of_about_100m_para
 
 
 def test_a_sharded_checkpoint_that_cannot_be_written_is_one_line_naming_it(tmp_path, digits_dir):
-    from kubetrain.errors import KubetrainError
+    from kubetrain.core.errors import KubetrainError
 
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the checkpoints should go")

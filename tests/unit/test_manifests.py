@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import kubetrain
-from kubetrain.images import DEFAULT_RUNTIME_IMAGE
+from kubetrain.launch.image import DEFAULT_RUNTIME_IMAGE
 from tests.conftest import needs_github
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -237,7 +237,7 @@ def test_role_is_least_privilege():
 
 def test_training_job_commands_match_the_package():
     """The job's config validates, its torchrun shape matches the replicas, its flags exist."""
-    from kubetrain.config import load_config
+    from kubetrain.pipeline.config import load_config
 
     (job,) = of_kind("kind", "PyTorchJob")
     specs = job["spec"]["pytorchReplicaSpecs"]

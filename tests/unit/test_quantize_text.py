@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain.artifacts import Evaluation, SearchResult, TrainedModel
-from kubetrain.errors import ConfigError
+from kubetrain.core.artifacts import Evaluation, SearchResult, TrainedModel
+from kubetrain.core.errors import ConfigError
 from kubetrain.evaluate import compare, report
 from kubetrain.evaluate.config import EvaluateConfig
 from kubetrain.models.transformer import (
@@ -27,7 +27,7 @@ from kubetrain.models.transformer import (
     greedy_decode,
 )
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
-from kubetrain.workloads.base import Scores, Workload
+from kubetrain.tasks.base import Scores, Workload
 from tests.conftest import InMemoryWorkload, quick_quantize_config
 
 VOCAB, LENGTH, PAD, BOS, EOS = 200, 20, 0, 1, 2

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain.artifacts import TrainedModel
+from kubetrain.core.artifacts import TrainedModel
 from kubetrain.quantize.config import CANDIDATES
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
-from kubetrain.workloads.base import Scores
+from kubetrain.tasks.base import Scores
 from tests.conftest import InMemoryWorkload, quick_quantize_config
 
 pytestmark = pytest.mark.vision

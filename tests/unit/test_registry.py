@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain import registry, steps
-from kubetrain.artifacts import Promotion
-from kubetrain.config import load_config
+from kubetrain import registry
+from kubetrain.core.artifacts import Promotion
+from kubetrain.pipeline import steps
+from kubetrain.pipeline.config import load_config
 
 BASE = ["retrain.only_if_changed=true"]
 

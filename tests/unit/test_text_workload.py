@@ -1,4 +1,4 @@
-"""The text workloads (kubetrain.workloads.text) without processes: the preprocess into a
+"""The text workloads (kubetrain.tasks.text) without processes: the preprocess into a
 pipeline's empty output directory, length-bucketed training batches (equal steps on every rank,
 exact mid-epoch resume, batch_size and batch_tokens), the model built from the config and rebuilt
 from its spec, validation, examples, scores; the schedules and the model config fields."""
@@ -15,12 +15,12 @@ pytest.importorskip("tokenizers")
 
 import itertools
 
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError, DataError
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.errors import ConfigError, DataError
 from kubetrain.models.networks import build_from_spec
+from kubetrain.pipeline.config import load_config
+from kubetrain.tasks import build_dataset, open_workload
 from kubetrain.train.distributed import DistContext
-from kubetrain.workloads import build_dataset, open_workload
 
 WORDS = [
     "alpha",
@@ -102,7 +102,7 @@ def collect(batches, epoch: int, start_step: int = 0) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("budget", [None, 96], ids=["batch_size", "batch_tokens"])
 def test_ranks_take_the_agreed_steps_and_resume_continues_exactly(dataset, budget, monkeypatch):
-    from kubetrain.workloads import text
+    from kubetrain.tasks import text
 
     cfg, data = dataset
     tc = cfg.train.model_copy(update={"nproc": 2, "batch_tokens": budget})
@@ -208,7 +208,7 @@ def test_beam_search_setting_reaches_the_score(dataset):
     ids=["mlp-on-text", "classifier-on-seq2seq", "text-model-on-features", "max-len"],
 )  # fmt: skip
 def test_a_model_that_cannot_take_the_task_is_refused_before_any_step(overrides, match):
-    from kubetrain.steps import check_supported
+    from kubetrain.pipeline.steps import check_supported
 
     with pytest.raises(ConfigError, match=match):
         check_supported(load_config(overrides=overrides))

@@ -6,10 +6,10 @@ import re
 import pytest
 import torch
 
-from kubetrain.config import load_config
+from kubetrain.core.errors import ConfigError
 from kubetrain.data import load_dataset
-from kubetrain.errors import ConfigError
 from kubetrain.models import build_model
+from kubetrain.pipeline.config import load_config
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.loop import Stopped, fit
 from kubetrain.train.optim import lr_factor
@@ -144,7 +144,7 @@ def _poisoned(digits_dir, tmp_path):
     """The digits dataset with training features that overflow float32 matmuls."""
     import numpy as np
 
-    from kubetrain.artifacts import DatasetArtifact
+    from kubetrain.core.artifacts import DatasetArtifact
 
     data = load_dataset(digits_dir)
     arrays = dict(data.arrays)
@@ -191,7 +191,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
 
 @pytest.mark.integration  # seconds of QAT / torchrun workers: out of the unit tier
 def test_a_non_finite_loss_stops_every_torchrun_worker_with_one_line(digits_dir, tmp_path, capfd):
-    from kubetrain.errors import KubetrainError
+    from kubetrain.core.errors import KubetrainError
     from kubetrain.launch.local import LocalLauncher
 
     settings = ["train.nproc=2", "train.epochs=2", "train.lr=1e6", "train.num_threads=1",

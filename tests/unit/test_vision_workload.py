@@ -13,13 +13,13 @@ pytest.importorskip("torchvision", reason="the image workload needs the vision e
 
 import torch
 
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.config import PipelineConfig
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.errors import ConfigError, DataError
 from kubetrain.data.config import DataConfig
-from kubetrain.errors import ConfigError, DataError
+from kubetrain.pipeline.config import PipelineConfig
+from kubetrain.tasks import build_dataset, open_workload
+from kubetrain.tasks.images import ImageWorkload
 from kubetrain.train.distributed import DistContext
-from kubetrain.workloads import build_dataset, open_workload
-from kubetrain.workloads.images import ImageWorkload
 from vision_data import image_folder
 
 pytestmark = pytest.mark.vision

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from kubetrain.artifacts import (
+from kubetrain.core.artifacts import (
     MODEL_WEIGHTS,
     DatasetArtifact,
     Evaluation,
@@ -19,10 +19,10 @@ from kubetrain.artifacts import (
     TrainedModel,
     TrainEfficiency,
 )
-from kubetrain.errors import KubetrainError
-from kubetrain.evaluate import measure
+from kubetrain.core.errors import KubetrainError
 from kubetrain.evaluate.config import EvaluateConfig
-from kubetrain.workloads.base import Workload
+from kubetrain.tasks import measure
+from kubetrain.tasks.base import Workload
 
 
 def score(model: nn.Module, workload: Workload, metric: str | None = None) -> ModelScores:
@@ -109,7 +109,7 @@ def evaluate(
     import torch
 
     from kubetrain.quantize.driver import load_model, load_quantized
-    from kubetrain.workloads import workload_for_model
+    from kubetrain.tasks import workload_for_model
 
     metric = cfg.primary_metric(data.kind)
     trained = TrainedModel.load(model_dir)

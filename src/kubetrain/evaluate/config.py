@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from kubetrain.config_base import Section
-from kubetrain.errors import ConfigError
+from kubetrain.core.config import Section
+from kubetrain.core.errors import ConfigError
 
 # Primary metrics each dataset kind can be judged on (the first is the kind's default).
 KIND_METRICS: dict[str, tuple[str, ...]] = {

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
-    from kubetrain.artifacts import Evaluation, ModelScores, TrainEfficiency
+    from kubetrain.core.artifacts import Evaluation, ModelScores, TrainEfficiency
 
 
 def _png(fig) -> str:

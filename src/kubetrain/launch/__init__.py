@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-if TYPE_CHECKING:  # kubetrain.config imports kubetrain.launch.config, which runs this file
-    from kubetrain.config import PipelineConfig
+if TYPE_CHECKING:  # kubetrain.pipeline.config imports kubetrain.launch.config, which runs this file
+    from kubetrain.pipeline.config import PipelineConfig
 
 
 class TrainLauncher(Protocol):

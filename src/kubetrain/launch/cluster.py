@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TypeVar
 
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError, Resource
+from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from kubetrain.config_base import Section
-from kubetrain.errors import KubetrainError
+from kubetrain.core.config import Section
+from kubetrain.core.errors import KubetrainError
 
 # Kubernetes names: a DNS-1123 label (namespaces, name prefixes) or subdomain (claims, ...).
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -50,7 +50,7 @@ class ClusterConfig(Section):
         None,
         min_length=1,
         pattern=r"^\S+$",
-        description="Image of the steps and job pods; unset: kubetrain.images.runtime_image() "
+        description="Image of the steps and job pods; unset: kubetrain.launch.image.runtime_image() "
         "(KUBETRAIN_IMAGE or the runtime image of this version).",
     )
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field(
@@ -147,7 +147,7 @@ class ClusterConfig(Section):
 
     def resolved_image(self) -> str:
         """``image`` or the runtime image; raises KubetrainError if neither is set."""
-        from kubetrain.images import runtime_image
+        from kubetrain.launch.image import runtime_image
 
         image = self.image or runtime_image()
         if not image or not image.strip():

@@ -35,11 +35,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.launch.cluster import ClusterJob, JobPaths, new_name, run_job
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError, LogFollower, Resource
 from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
+from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +452,7 @@ class KubernetesLauncher:
         api = self._api_factory(cfg.cluster.namespace)
 
         def collect(run: ClusterJob, _job: dict[str, Any], paths: JobPaths) -> None:
-            from kubetrain.artifacts import TrainedModel
+            from kubetrain.core.artifacts import TrainedModel
 
             model = Path(paths.model)
             if not TrainedModel.is_complete(model):

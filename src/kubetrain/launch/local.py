@@ -12,11 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from kubetrain.artifacts import MODEL_SPEC
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError, KubetrainError
-from kubetrain.io import make_temp_dir, write_json
+from kubetrain.core.artifacts import MODEL_SPEC
+from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.core.io import make_temp_dir, write_json
 from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
+from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class LocalLauncher:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback too (one machine)
         env.setdefault(NO_SHARED_STORE, "1")
         # torchrun makes a log directory per run and never removes it; ours goes with the job
-        # (and, if this process is killed, with the next start: kubetrain.io).
+        # (and, if this process is killed, with the next start: kubetrain.core.io).
         log_dir = make_temp_dir("torchrun")
         agents: list[subprocess.Popen] = []
         try:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.models.config import BUILTIN, ModelConfig
 
 log = logging.getLogger(__name__)

@@ -13,17 +13,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from kubetrain.artifacts import (
+from kubetrain.core.artifacts import (
     MODEL_WEIGHTS,
     QUANT_INFO,
     QuantizedModel,
     TrainedModel,
 )
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 from kubetrain.models.networks import build_from_spec
 from kubetrain.quantize import artifact, select
 from kubetrain.quantize.config import QAT, QuantizeConfig
-from kubetrain.workloads.base import Workload
+from kubetrain.tasks.base import Workload
 
 if TYPE_CHECKING:
     from kubetrain.evaluate.config import EvaluateConfig
@@ -110,7 +110,7 @@ def quantize_artifact(
         torch.set_num_threads(qcfg.num_threads)
     try:
         if evaluate is not None:
-            from kubetrain.workloads import workload_for_model
+            from kubetrain.tasks import workload_for_model
 
             workload = (workload or workload_for_model(dataset_dir, model_dir)).measure_as(evaluate)
         return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, workload)
@@ -151,7 +151,7 @@ def _reference(
     workload: Workload | None,
 ) -> _Reference:  # fmt: skip
     from kubetrain.quantize import methods
-    from kubetrain.workloads import workload_for_model
+    from kubetrain.tasks import workload_for_model
 
     workload = workload or workload_for_model(dataset_dir, model_dir)
     model = load_model(model_dir, workload)
@@ -179,7 +179,7 @@ def _candidate_names(qcfg: QuantizeConfig, token_inputs: bool = False) -> list[s
     Raises:
         ConfigError: the named method does not apply to the model (one line: why).
     """
-    from kubetrain.errors import ConfigError
+    from kubetrain.core.errors import ConfigError
     from kubetrain.quantize import methods
 
     if qcfg.method == "none":
@@ -259,7 +259,7 @@ def _try_candidates(ref: _Reference, names: list[str]) -> list[tuple[dict, nn.Mo
 def _measure_latency(ref: _Reference, tried: list[tuple[dict, nn.Module | None]]) -> None:
     """Batch-1 and batch-64 latency of fp32 and every built candidate, timed side by side;
     written into the candidates' infos and ``ref.info``."""
-    from kubetrain.evaluate.measure import compare_latency, latency_inputs
+    from kubetrain.tasks.measure import compare_latency, latency_inputs
 
     built = {c["name"]: m for c, m in tried if m is not None}
     if not built:

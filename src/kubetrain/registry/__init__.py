@@ -26,11 +26,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetrain.artifacts import PROMOTED_FP32, PROMOTED_INT8, REGISTRY_RECORD, Promotion
-from kubetrain.errors import KubetrainError
+from kubetrain.core.artifacts import PROMOTED_FP32, PROMOTED_INT8, REGISTRY_RECORD, Promotion
+from kubetrain.core.errors import KubetrainError
 
-if TYPE_CHECKING:  # kubetrain.config imports kubetrain.registry.config, which runs this file
-    from kubetrain.config import PipelineConfig
+if (
+    TYPE_CHECKING
+):  # kubetrain.pipeline.config imports kubetrain.registry.config, which runs this file
+    from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 

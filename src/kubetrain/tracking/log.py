@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetrain.artifacts import EVAL_DETAILS, EVAL_METRICS, EVAL_REPORT
-from kubetrain.config import config_from_json
-from kubetrain.errors import KubetrainError
+from kubetrain.core.artifacts import EVAL_DETAILS, EVAL_METRICS, EVAL_REPORT
+from kubetrain.core.errors import KubetrainError
+from kubetrain.pipeline.config import config_from_json
 from kubetrain.tracking.config import TrackingConfig
 
 log = logging.getLogger(__name__)

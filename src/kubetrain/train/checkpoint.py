@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kubetrain.errors import KubetrainError
-from kubetrain.io import atomic_write, read_json, write_error, write_json
+from kubetrain.core.errors import KubetrainError
+from kubetrain.core.io import atomic_write, read_json, write_error, write_json
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from kubetrain.config import PipelineConfig
+    from kubetrain.pipeline.config import PipelineConfig
     from kubetrain.train.distributed import DistContext
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from kubetrain.config_base import Section
+from kubetrain.core.config import Section
 
 
 class TrainConfig(Section):

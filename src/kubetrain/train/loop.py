@@ -24,9 +24,10 @@ from typing import Any
 
 from torch import nn
 
-from kubetrain.artifacts import DatasetArtifact, TrainedModel
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError
+from kubetrain.core.artifacts import DatasetArtifact, TrainedModel
+from kubetrain.core.errors import ConfigError
+from kubetrain.pipeline.config import PipelineConfig
+from kubetrain.tasks import open_workload
 from kubetrain.train import metrics
 from kubetrain.train.distributed import DistContext
 from kubetrain.train.metrics import EpochMeter
@@ -38,7 +39,6 @@ from kubetrain.train.trainer import (
     resolve_precision,
     resume_key,
 )
-from kubetrain.workloads import open_workload
 
 __all__ = [
     "EpochCallback", "EpochStats", "FitResult", "NonFiniteLoss", "Stopped", "Trainer",
@@ -168,7 +168,7 @@ def _train_epoch(trainer: Trainer) -> EpochStats:
     trainer.net.train()
     meter = EpochMeter(trainer)
     batches = batch_generator(trainer, meter)
-    # KUBETRAIN_PROGRESS=0: no bar even on a terminal (a display choice; see kubetrain.config).
+    # KUBETRAIN_PROGRESS=0: no bar even on a terminal (a display choice; see kubetrain.pipeline.config).
     show = (
         trainer.ctx.is_main
         and sys.stderr.isatty()
@@ -199,7 +199,7 @@ def _train_epoch(trainer: Trainer) -> EpochStats:
 def save_model(
     result: FitResult, cfg: PipelineConfig, data: DatasetArtifact, out_dir: Path
 ) -> None:
-    """Write the model artifact (``kubetrain.artifacts.TrainedModel``) to ``out_dir``: the
+    """Write the model artifact (``kubetrain.core.artifacts.TrainedModel``) to ``out_dir``: the
     weights (whole, unsharded: ``result.state_dict`` after FSDP), how to rebuild the network
     (with the dataset's classes and normalisation), the history and the summary."""
     spec = open_workload(cfg, data).model_spec(cfg.model)

@@ -27,11 +27,11 @@ from collections.abc import Iterator
 
 import torch
 
+from kubetrain.tasks.base import Batch
 from kubetrain.train import instrument
 from kubetrain.train.distributed import any_rank, clip_grad_norm, local_tensor
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.trainer import NonFiniteLoss, Trainer, diverged_message
-from kubetrain.workloads.base import Batch
 
 
 def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[Batch]:

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.tasks import open_workload
 from kubetrain.train import checkpoint, instrument
 from kubetrain.train.config import TrainConfig
 from kubetrain.train.distributed import (
@@ -38,10 +39,9 @@ from kubetrain.train.distributed import (
     shard_model,
 )
 from kubetrain.train.optim import build_optimizer, build_scheduler
-from kubetrain.workloads import open_workload
 
 if TYPE_CHECKING:
-    from kubetrain.config import PipelineConfig
+    from kubetrain.pipeline.config import PipelineConfig
 
 
 @dataclass

@@ -18,7 +18,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 
 # Metrics printed per epoch, in this order; the objective (val_accuracy or val_loss) is one.
 METRIC_NAMES = ("val_accuracy", "val_loss", "train_loss")
@@ -40,7 +40,7 @@ def _print_metrics(stats) -> bool:
 
 
 def _load_config(args: argparse.Namespace):
-    from kubetrain.config import config_from_json, parse_override
+    from kubetrain.pipeline.config import config_from_json, parse_override
 
     if args.config_env:
         text = os.environ.get(args.config_env)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from kubetrain.config import PipelineConfig
+from kubetrain.pipeline.config import PipelineConfig
 
 
 class TuneBackend(Protocol):

@@ -12,7 +12,7 @@ from typing import Any, List, Literal  # noqa: UP035 (List: a field is named "li
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from kubetrain.config_base import Section
+from kubetrain.core.config import Section
 
 # Katib's algorithm names (https://www.kubeflow.org/docs/components/katib/user-guides/hp-tuning/)
 # that have a local equivalent, each with the algorithmSettings that have a local meaning.

@@ -22,8 +22,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kubetrain.config import PipelineConfig, SearchParameter, parse_override
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 from kubetrain.launch.cluster import ClusterJob, JobPaths, condition, new_name, run_job
 from kubetrain.launch.kubeapi import KubeApi, Resource
 from kubetrain.launch.kubernetes import (
@@ -34,7 +33,8 @@ from kubetrain.launch.kubernetes import (
     build_train_job,
     worker_command,
 )
-from kubetrain.workloads import kind_of, objective_name
+from kubetrain.pipeline.config import PipelineConfig, SearchParameter, parse_override
+from kubetrain.tasks import kind_of, objective_name
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +350,7 @@ def run_experiment(
         records = trial_records(trials, cfg.tune.objective_metric)
         return records, search_result(cfg, exp, records)
 
-    from kubetrain.artifacts import SearchResult
+    from kubetrain.core.artifacts import SearchResult
 
     records, result = run_job(cfg, api, ExperimentWatcher(), experiment, dataset_dir, collect)
     SearchResult(result, records).save(out_dir)

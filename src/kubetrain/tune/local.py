@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetrain.config import PipelineConfig, TuneConfig, config_from_json
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.pipeline.config import PipelineConfig, TuneConfig, config_from_json
+from kubetrain.tasks import kind_of, objective_name
 from kubetrain.tune.study import JOURNAL, STUDY_NAME, storage
-from kubetrain.workloads import kind_of, objective_name
 
 if TYPE_CHECKING:
     import optuna
@@ -410,7 +410,7 @@ def _write_results(
         "param_importance": param_importance(study, cfg.tune.seed),
         "search_seconds": seconds,
     }
-    from kubetrain.artifacts import SearchResult
+    from kubetrain.core.artifacts import SearchResult
     from kubetrain.evaluate.report import render_search
 
     # Trials and report first, the summary last: it marks a complete search artifact.

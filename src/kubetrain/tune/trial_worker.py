@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubetrain.config import PipelineConfig
-from kubetrain.io import make_temp_dir, read_json, write_json
+from kubetrain.core.io import make_temp_dir, read_json, write_json
+from kubetrain.pipeline.config import PipelineConfig
 
 
 def launch(
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
     import torch
 
-    from kubetrain.config import config_from_json
     from kubetrain.data import load_dataset
+    from kubetrain.pipeline.config import config_from_json
     from kubetrain.train.distributed import all_reduce_sum, init_from_env, shutdown
     from kubetrain.train.loop import Stopped, fit
     from kubetrain.tune.space import make_pruner

@@ -6,7 +6,7 @@ for it and rebuilt later, what the loss is, how a model is scored on a split, an
 quantize calibrates and times with. The trainer, the quantize driver and the evaluation call
 these; they never ask which kind of data they have.
 
-Kinds (``DatasetArtifact.kind``): ``tabular`` (features in memory: ``kubetrain.workloads
+Kinds (``DatasetArtifact.kind``): ``tabular`` (features in memory: ``kubetrain.tasks
 .tabular``), ``images`` (sharded images streamed from disk or object storage), and the text
 tasks ``text_classification`` and ``seq2seq`` (token shards).
 
@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from kubetrain.artifacts import DatasetArtifact
-    from kubetrain.config import PipelineConfig
+    from kubetrain.core.artifacts import DatasetArtifact
     from kubetrain.evaluate.config import EvaluateConfig
     from kubetrain.models.config import ModelConfig
+    from kubetrain.pipeline.config import PipelineConfig
     from kubetrain.train.config import TrainConfig
     from kubetrain.train.distributed import DistContext
 

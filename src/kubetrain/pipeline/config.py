@@ -1,6 +1,6 @@
 """One validated configuration tree for the whole pipeline.
 
-Each section's model lives beside the code that owns it, as a ``kubetrain.config_base.Section``:
+Each section's model lives beside the code that owns it, as a ``kubetrain.core.config.Section``:
 
     data      kubetrain.data.config.DataConfig          model     kubetrain.models.config.ModelConfig
     train     kubetrain.train.config.TrainConfig        tune      kubetrain.tune.config.TuneConfig
@@ -35,9 +35,9 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from kubetrain.config_base import Section
+from kubetrain.core.config import Section
+from kubetrain.core.errors import ConfigError
 from kubetrain.data.config import DataConfig
-from kubetrain.errors import ConfigError
 from kubetrain.evaluate.config import EvaluateConfig
 from kubetrain.launch.config import ClusterConfig, Toleration
 from kubetrain.models.config import ModelConfig

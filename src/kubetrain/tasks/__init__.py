@@ -1,4 +1,4 @@
-"""The kinds of data kubetrain trains on, behind one interface (``kubetrain.workloads.base``).
+"""The kinds of data kubetrain trains on, behind one interface (``kubetrain.tasks.base``).
 
 ``open_workload(cfg, data)`` gives the workload of a dataset artifact; ``build_dataset(cfg,
 out_dir)`` is the preprocess step for the kind that ``cfg.data`` describes. Each kind lives in
@@ -12,23 +12,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kubetrain.artifacts import DatasetArtifact
-    from kubetrain.config import PipelineConfig
+    from kubetrain.core.artifacts import DatasetArtifact
     from kubetrain.data.config import DataConfig
+    from kubetrain.pipeline.config import PipelineConfig
+    from kubetrain.tasks.base import Workload
     from kubetrain.tune.config import TuneConfig
-    from kubetrain.workloads.base import Workload
 
 # kind -> "module:Workload class"; the module also has ``build(cfg.data, out_dir) -> meta``.
 KINDS: dict[str, str] = {
-    "tabular": "kubetrain.workloads.tabular:TabularWorkload",
-    "images": "kubetrain.workloads.images:ImageWorkload",
-    "text_classification": "kubetrain.workloads.text:TextClassificationWorkload",
-    "seq2seq": "kubetrain.workloads.text:Seq2SeqWorkload",
+    "tabular": "kubetrain.tasks.tabular:TabularWorkload",
+    "images": "kubetrain.tasks.images:ImageWorkload",
+    "text_classification": "kubetrain.tasks.text:TextClassificationWorkload",
+    "seq2seq": "kubetrain.tasks.text:Seq2SeqWorkload",
 }
 
 
 def _resolve(kind: str) -> tuple[Any, type[Workload]]:
-    from kubetrain.errors import DataError
+    from kubetrain.core.errors import DataError
 
     if kind not in KINDS:
         raise DataError(f"data error: dataset kind {kind!r} unknown (known: {', '.join(KINDS)})")
@@ -58,7 +58,7 @@ def kind_of(cfg: DataConfig) -> str:
     """Which kind of dataset ``cfg`` describes (what preprocess builds)."""
     if cfg.task != "classification":
         return cfg.task
-    from kubetrain.workloads.images import is_image_source
+    from kubetrain.tasks.images import is_image_source
 
     if is_image_source(cfg):
         return "images"
@@ -84,8 +84,8 @@ def workload_for_model(dataset_dir: str | Path, model_dir: str | Path) -> Worklo
     """The workload of a dataset artifact as the model in ``model_dir`` was trained on it: with
     the data and model settings recorded in its spec (eval transforms, tokenizer use, ...), so
     quantize and evaluate read the data exactly as training did."""
-    from kubetrain.artifacts import DatasetArtifact, TrainedModel
-    from kubetrain.config import PipelineConfig
+    from kubetrain.core.artifacts import DatasetArtifact, TrainedModel
+    from kubetrain.pipeline.config import PipelineConfig
 
     data = DatasetArtifact.load(dataset_dir)
     spec = TrainedModel.load(model_dir).spec

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kubetrain import artifacts
-from kubetrain.config import PipelineConfig
-from kubetrain.io import read_json
+from kubetrain.core import artifacts
+from kubetrain.core.io import read_json
+from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ def check_supported(cfg: PipelineConfig, model: bool = True) -> None:
     Raises:
         ConfigError: naming the setting.
     """
-    from kubetrain.errors import ConfigError
+    from kubetrain.core.errors import ConfigError
     from kubetrain.models.text import check_model_for_task
 
     if model:
         check_model_for_task(cfg)
     image_only = [key for key, is_set in _IMAGES_ONLY.items() if is_set(cfg)]
     if image_only:
-        from kubetrain.workloads import kind_of
+        from kubetrain.tasks import kind_of
 
         kind = kind_of(cfg.data)
         if kind != "images":
@@ -52,9 +52,9 @@ def check_supported(cfg: PipelineConfig, model: bool = True) -> None:
 
 
 def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
-    """Source -> versioned dataset artifact (``kubetrain.artifacts.DatasetArtifact``)."""
+    """Source -> versioned dataset artifact (``kubetrain.core.artifacts.DatasetArtifact``)."""
     check_supported(cfg, model=False)
-    from kubetrain.workloads import build_dataset
+    from kubetrain.tasks import build_dataset
 
     meta = build_dataset(cfg.data, out_dir)
     log.info("dataset %s: %s samples from %s", meta["version"], meta["sizes"], meta["source"])
@@ -62,7 +62,7 @@ def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Search -> the search artifact (``kubetrain.artifacts.SearchResult``).
+    """Search -> the search artifact (``kubetrain.core.artifacts.SearchResult``).
 
     Optuna in local processes, or a Katib Experiment on ``cluster.backend: kubernetes``.
     """
@@ -114,7 +114,7 @@ def promotion_bar(cfg: PipelineConfig) -> float:
     """The promotion bar on the primary metric that ``cfg`` sets: ``evaluate.min_value``, else
     ``evaluate.min_accuracy`` for classification and 0 for seq2seq (the ``min_accuracy``
     pipeline parameter's default: it carries the bar of whichever metric is primary)."""
-    from kubetrain.workloads import kind_of
+    from kubetrain.tasks import kind_of
 
     return cfg.evaluate.bar(kind_of(cfg.data))
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from kubetrain.data.loader import ArrayDataset, GlobalBatchSampler, make_train_loader
-from kubetrain.workloads.base import Batch, Scores, TrainBatches, Workload
+from kubetrain.tasks.base import Batch, Scores, TrainBatches, Workload
 
 if TYPE_CHECKING:
     from kubetrain.train.config import TrainConfig
@@ -81,7 +81,7 @@ class TabularWorkload(Workload):
         return torch.from_numpy(x).view(-1, *self.data.input_shape), torch.from_numpy(y)
 
     def score(self, model: nn.Module, split: str) -> Scores:
-        from kubetrain.evaluate import measure
+        from kubetrain.tasks import measure
 
         x, y = self.data.split(split)
         started = time.perf_counter()

@@ -7,7 +7,7 @@
   samples, shuffled by the stream) that :class:`kubetrain.data.batching.BucketingCollate` sorts by
   length and cuts into padded batches of ``train.batch_size`` samples or ``train.batch_tokens``
   tokens, then shuffles (so a batch pads to a similar length, not to the longest of a random
-  mix); :class:`kubetrain.workloads.stream.StreamBatches` gives every rank the same number of
+  mix); :class:`kubetrain.tasks.stream.StreamBatches` gives every rank the same number of
   steps (from the sizes, or agreed with one all-reduce per epoch under a token budget). The share
   of token slots that were padding is counted and reported in the training summary
   (``padding_share``).
@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubetrain.core.io import write_json
 from kubetrain.data.batching import BucketingCollate, PaddingMeter
 from kubetrain.data.streaming import StreamingDataset
-from kubetrain.io import write_json
-from kubetrain.workloads.base import Batch, Scores, Workload
-from kubetrain.workloads.stream import StreamBatches, Windows
+from kubetrain.tasks.base import Batch, Scores, Workload
+from kubetrain.tasks.stream import StreamBatches, Windows
 
 if TYPE_CHECKING:
     from kubetrain.models.config import ModelConfig
@@ -139,7 +139,7 @@ class TextWorkload(Workload):
             "num_classes": len(self.data.classes) if self.data.meta.get("classes") else None,
             "text": text_spec(self.meta),
             # Decoding settings travel with the model: quantize and evaluate rebuild the
-            # workload from the model artifact (kubetrain.workloads.workload_for_model).
+            # workload from the model artifact (kubetrain.tasks.workload_for_model).
             "evaluate": self.cfg.evaluate.model_dump(mode="json"),
         }
 
@@ -296,7 +296,7 @@ class TextClassificationWorkload(TextWorkload):
         return self._full([r["input_ids"] for r in records]), labels
 
     def score(self, model: nn.Module, split: str) -> Scores:
-        from kubetrain.evaluate import measure, text_metrics
+        from kubetrain.tasks import measure, text_metrics
 
         truth, predicted, wrong = [], [], []
         started = time.perf_counter()
@@ -355,7 +355,7 @@ class Seq2SeqWorkload(TextWorkload):
         return greedy_decode(model, src, ev.max_decode_length)
 
     def score(self, model: nn.Module, split: str) -> Scores:
-        from kubetrain.evaluate import text_metrics
+        from kubetrain.tasks import text_metrics
 
         sources, references, predictions = [], [], []
         started = time.perf_counter()

@@ -35,14 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from kubetrain.errors import ConfigError, DataError
-from kubetrain.workloads.base import Batch, Scores, Workload
-from kubetrain.workloads.stream import StreamBatches
+from kubetrain.core.errors import ConfigError, DataError
+from kubetrain.tasks.base import Batch, Scores, Workload
+from kubetrain.tasks.stream import StreamBatches
 
 if TYPE_CHECKING:
-    from kubetrain.config import PipelineConfig
     from kubetrain.data.config import DataConfig
     from kubetrain.data.shards import ShardManifest
+    from kubetrain.pipeline.config import PipelineConfig
     from kubetrain.train.config import TrainConfig
     from kubetrain.train.distributed import DistContext
 
@@ -197,10 +197,10 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
         DataError: the source is missing or malformed, nothing decodes, or the images differ in
             size and neither ``data.image_size`` nor the eval transforms give one size.
     """
-    from kubetrain.artifacts import DATASET_FORMAT_VERSION, DATASET_META
+    from kubetrain.core.artifacts import DATASET_FORMAT_VERSION, DATASET_META
+    from kubetrain.core.io import write_json
     from kubetrain.data.images import build_image_dataset
     from kubetrain.data.shards import read_manifest
-    from kubetrain.io import write_json
 
     require_torchvision()
     started = time.perf_counter()
@@ -600,7 +600,7 @@ class ImageWorkload(Workload):
         """Accuracy, top-5 (with at least 5 classes), per-class accuracy and confusion matrix
         on the whole of ``split``, with up to 32 misclassified images (PNG data URIs).
         ``seconds`` is forward time only (decoding excluded), so images/s compares models."""
-        from kubetrain.evaluate import measure
+        from kubetrain.tasks import measure
 
         classes = self.data.classes
         k = min(5, len(classes))

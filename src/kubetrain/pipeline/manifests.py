@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from kubetrain.config import PipelineConfig
+from kubetrain.pipeline.config import PipelineConfig
 
 
 def cluster_manifests(
