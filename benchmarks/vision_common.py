@@ -165,7 +165,7 @@ def machine() -> dict[str, Any]:
 
 # -- kubetrain's training path on the images --------------------------------------------------
 def dataset_artifact(folder: Path, out_dir: Path, size: int, num_workers: int = 2):
-    """kubetrain's preprocess of ``folder`` (the ``images`` workload's ``build``) into the
+    """kubetrain's preprocess of ``folder`` (the ``images`` task's ``build``) into the
     dataset artifact ``out_dir``, with the benchmark's train and eval transforms.
 
     Returns:

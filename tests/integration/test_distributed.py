@@ -91,7 +91,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir):
         time.sleep(0.01)
     victims = [
         p for p in psutil.process_iter(["cmdline", "environ"])
-        if "kubetrain.train.worker" in (p.info["cmdline"] or [])
+        if "kubetrain.launch.worker" in (p.info["cmdline"] or [])
         and str(out) in (p.info["cmdline"] or [])
         and (p.info["environ"] or {}).get("LOCAL_RANK") == "1"
     ]  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torchvision", reason="the image workload needs the vision extra")
+pytest.importorskip("torchvision", reason="the image task needs the vision extra")
 
 from servers import s3_server
 from tests.conftest import run_cli
@@ -182,18 +182,18 @@ def test_training_streams_shards_from_s3(tmp_path):
     assert len(history) == 2 and all(h["val_loss"] > 0 for h in history)
 
 
-# A rank streaming an image dataset's training split through the workload (decode, Normalize,
+# A rank streaming an image dataset's training split through the task (decode, Normalize,
 # 2 loader workers) in its own process; prints images seen and its peak RSS (KiB).
 _RANK = """
 import resource, sys
 from kubetrain.core.artifacts import DatasetArtifact
 from kubetrain.pipeline.config import PipelineConfig
 from kubetrain.train.config import TrainConfig
-from kubetrain.train.distributed import DistContext
-from kubetrain.tasks import open_workload
+from kubetrain.core.distributed import DistContext
+from kubetrain.tasks import open_task
 data = DatasetArtifact.load(sys.argv[1])
 cfg = PipelineConfig.model_validate({"data": {"source": data.root, "num_workers": 0}})
-batches = open_workload(cfg, data).train_batches(TrainConfig(batch_size=16, nproc=1), DistContext())
+batches = open_task(cfg, data).train_batches(TrainConfig(batch_size=16, nproc=1), DistContext())
 batches.set_epoch(0)
 print(sum(len(y) for _, y in batches), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

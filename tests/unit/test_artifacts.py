@@ -17,11 +17,12 @@ from kubetrain.core.artifacts import (
     SearchResult,
     TrainedModel,
 )
+from kubetrain.core.distributed import DistContext
 from kubetrain.core.errors import DataError, KubetrainError
 from kubetrain.data import load_dataset
 from kubetrain.pipeline import steps
 from kubetrain.pipeline.config import load_config
-from kubetrain.train.distributed import DistContext
+from kubetrain.tasks import open_task
 from kubetrain.train.loop import fit, save_model
 
 # metrics.json as the README documents it (keys that do not depend on the candidates tried).
@@ -58,7 +59,8 @@ def evaluated(tmp_path_factory, digits_dir):
         ]
     )  # fmt: skip
     data = load_dataset(digits_dir)
-    save_model(fit(cfg, data, DistContext()), cfg, data, root / "model")
+    task = open_task(cfg, data)
+    save_model(fit(cfg, task, DistContext()), cfg, task, root / "model")
     steps.quantize(cfg, digits_dir, root / "model", root / "quant")
     metrics = steps.evaluate(cfg, digits_dir, root / "model", root / "quant", root / "eval")
     return root, metrics

@@ -3,13 +3,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from kubetrain.core.config import parse_override
 from kubetrain.core.errors import ConfigError
-from kubetrain.pipeline.config import (
-    PipelineConfig,
-    config_from_json,
-    load_config,
-    parse_override,
-)
+from kubetrain.pipeline.config import PipelineConfig, config_from_json, load_config
 
 
 def test_bundled_defaults_need_no_file():
@@ -135,7 +131,8 @@ def test_with_params_validates():
 
 
 def test_bundled_recipes_load_by_name_and_an_unknown_name_lists_them():
-    from kubetrain.pipeline.config import ConfigError, recipes
+    from kubetrain.core.errors import ConfigError
+    from kubetrain.pipeline.config import recipes
 
     text = {"text-classification", "translation", "summarization"}
     assert {"gpu", "smoke", "translation-gpu", "vision-gpu"} | text <= set(recipes())

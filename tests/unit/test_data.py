@@ -6,8 +6,8 @@ import pytest
 
 from kubetrain.core.errors import DataError
 from kubetrain.data import build_dataset, load_dataset
+from kubetrain.data.config import DataConfig
 from kubetrain.data.loader import ArrayDataset, GlobalBatchSampler, augment_images
-from kubetrain.pipeline.config import DataConfig
 
 
 def _csv(tmp_path, frame: pd.DataFrame, name="data.csv"):

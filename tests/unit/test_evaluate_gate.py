@@ -226,8 +226,8 @@ def test_an_evaluation_round_trips_through_its_files(tmp_path, kind):
     assert (loaded.metric, loaded.kind, loaded.promoted) == (e.metric, kind, True)
 
 
-class FakeBleuWorkload:
-    """Stands in for a registered workload class: only its ``metric`` is read."""
+class FakeBleuTask:
+    """Stands in for a registered task class: only its ``metric`` is read."""
 
     metric = "bleu"
 
@@ -240,15 +240,12 @@ class FakeBleuWorkload:
         ("val_loss", "fake_seq2seq", "val_loss"),
         ("val_accuracy", "not_registered", "val_accuracy"),
     ],
-    ids=["tabular", "the-workloads-metric", "loss", "unknown-kind"],
+    ids=["tabular", "the-tasks-metric", "loss", "unknown-kind"],
 )
-def test_the_search_objective_is_named_after_the_workloads_metric(monkeypatch, objective, kind,
+def test_the_search_objective_is_named_after_the_tasks_metric(monkeypatch, objective, kind,
                                                                   name):  # fmt: skip
     from kubetrain import tasks
-    from kubetrain.tasks import objective_name
-    from kubetrain.tune.config import TuneConfig
+    from kubetrain.tune.config import TuneConfig, objective_name
 
-    monkeypatch.setitem(
-        tasks.KINDS, "fake_seq2seq", "tests.unit.test_evaluate_gate:FakeBleuWorkload"
-    )
+    monkeypatch.setitem(tasks.KINDS, "fake_seq2seq", "tests.unit.test_evaluate_gate:FakeBleuTask")
     assert objective_name(TuneConfig(objective_metric=objective), kind) == name

@@ -1,4 +1,4 @@
-"""Which sources preprocess treats as images (``workloads.kind_of``), and the one line a venv
+"""Which sources preprocess treats as images (``tasks.kind_of``), and the one line a venv
 without torchvision gives for them. Needs no torchvision: runs in the core venv too."""
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def of_kind(overlay: str, kind: str) -> list[dict[str, Any]]:
 
 
 def pod_templates(overlay: str) -> dict[str, dict[str, Any]]:
-    """``{"PyTorchJob/kubetrain-train/Master": pod template}`` for every workload."""
+    """``{"PyTorchJob/kubetrain-train/Master": pod template}`` for every task."""
     found = {}
     for doc in rendered(overlay):
         name = f"{doc['kind']}/{doc['metadata']['name']}"
@@ -138,9 +138,9 @@ def test_the_model_check_catches_a_misspelt_field():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_workload_is_restricted_and_sized(overlay):
+def test_every_task_is_restricted_and_sized(overlay):
     templates = pod_templates(overlay)
-    assert templates, "no workload rendered"
+    assert templates, "no task rendered"
     for where, template in templates.items():
         spec = template["spec"]
         pod_sc = spec["securityContext"]

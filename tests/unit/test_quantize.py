@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from kubetrain.core.errors import KubetrainError
 from kubetrain.data import load_dataset
-from kubetrain.pipeline.config import QuantizeConfig
 from kubetrain.quantize import load_model, load_quantized, quantize_artifact, select
+from kubetrain.quantize.config import QuantizeConfig
 from kubetrain.tasks.measure import predict
 from tests.conftest import quick_quantize_config
 

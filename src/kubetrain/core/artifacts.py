@@ -353,9 +353,9 @@ class QuantizedModel:
 # -- evaluation ---------------------------------------------------------------------------------
 @dataclass
 class ModelScores:
-    """One model on the test split: the workload's ``kubetrain.tasks.base.Scores``.
+    """One model on the test split: the task's ``kubetrain.tasks.base.Scores``.
 
-    ``values`` holds the primary metric ``metric`` and every other result of the workload:
+    ``values`` holds the primary metric ``metric`` and every other result of the task:
     classification ``accuracy``, ``per_class_accuracy``, ``confusion_matrix`` (and
     ``top5_accuracy`` for images, ``macro_f1`` for text); seq2seq ``bleu``, ``rouge_l`` and the
     copy-the-source baselines ``copy_baseline_bleu``, ``copy_baseline_rouge_l`` (all 0-1).

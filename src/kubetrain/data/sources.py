@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kubetrain.core.errors import ConfigError, DataError
-from kubetrain.pipeline.config import DataConfig
+from kubetrain.data.config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -249,7 +249,7 @@ def _factory(
 
 def call_factory(name: str, *args: Any, **kwargs: Any) -> nn.Module:
     """Import ``package.module:factory`` and call it with ``args`` and ``kwargs`` (the image and
-    the text workloads' own-model entry point).
+    the text tasks' own-model entry point).
 
     Raises:
         ConfigError: the module does not import, the attribute is missing or not callable, the

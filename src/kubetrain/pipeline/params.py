@@ -36,13 +36,9 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from kubetrain.core.config import parse_override
 from kubetrain.core.errors import ConfigError
-from kubetrain.pipeline.config import (
-    PipelineConfig,
-    config_from_json,
-    parse_override,
-    validate_config,
-)
+from kubetrain.pipeline.config import PipelineConfig, config_from_json, validate_config
 
 log = logging.getLogger(__name__)
 

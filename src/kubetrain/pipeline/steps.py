@@ -105,7 +105,7 @@ def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: P
     (``evaluate.metric``, beam size, decode length); raises KubetrainError if it fails."""
     from kubetrain.quantize.driver import quantize_artifact
 
-    info = quantize_artifact(model_dir, dataset_dir, out_dir, cfg.quantize, evaluate=cfg.evaluate)
+    info = quantize_artifact(model_dir, dataset_dir, out_dir, cfg.quantize, scoring=cfg.evaluate)
     log.info("%s: %d -> %d bytes", info["name"], info["fp32_size_bytes"], info["size_bytes"])
     return info
 
@@ -170,7 +170,8 @@ def needs_training(cfg: PipelineConfig, dataset_dir: Path) -> bool:
     """``retrain.only_if_changed``: False if data and config match the last promoted model."""
     from kubetrain.registry import needs_training as check
 
-    train, why = check(cfg, artifacts.DatasetArtifact.read_meta(dataset_dir)["version"])
+    version = artifacts.DatasetArtifact.read_meta(dataset_dir)["version"]
+    train, why = check(cfg.retrain, cfg.model_inputs_json(), version)
     log.info("%s: %s", "training" if train else "skipping training", why)
     return train
 
@@ -196,6 +197,6 @@ def promote(
     if cfg is not None and cfg.retrain.registry:
         from kubetrain.registry import publish
 
-        promotion = publish(cfg.retrain.registry, out_dir, promotion, cfg)
+        promotion = publish(cfg.retrain.registry, out_dir, promotion, cfg.model_inputs_json())
     promotion.save(out_dir)
     return promotion.to_record()

@@ -1,5 +1,5 @@
 """Training batches streamed from shards (images, token sequences): the part every streamed
-workload shares.
+task shares.
 
 ``StreamBatches`` puts a ``kubetrain.data.streaming.StreamingDataset`` behind the trainer's
 ``TrainBatches`` interface: decoding, augmentation and collation run in ``data.num_workers``
