@@ -44,14 +44,14 @@ def user_transform():
 
 
 def dataset_artifact(folder: Path, out_dir: Path, num_workers: int = 2, **data: Any):
-    """kubetrain's preprocess of ``folder`` (the detection workload's ``build``).
+    """kubetrain's preprocess of ``folder`` (the detection task's ``build``).
 
     Returns:
         ``(data config, the loaded DatasetArtifact)``.
     """
-    from kubetrain.artifacts import DatasetArtifact
-    from kubetrain.config import PipelineConfig
-    from kubetrain.workloads import build_dataset
+    from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.pipeline.config import PipelineConfig
+    from kubetrain.tasks import build_dataset
 
     cfg = PipelineConfig.model_validate(
         {"data": {"source": str(folder), "task": "detection", "num_workers": num_workers,

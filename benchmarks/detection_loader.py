@@ -66,7 +66,7 @@ def epoch_stream(root: Path, workers: int, epoch: int) -> tuple[int, float]:
     """One epoch of kubetrain's training loader over the shards' train split."""
     from kubetrain.data.box_transforms import BoxTransform, collate_detection
     from kubetrain.data.streaming import StreamingDataset
-    from kubetrain.workloads.stream import StreamBatches
+    from kubetrain.tasks.stream import StreamBatches
 
     dataset = StreamingDataset(
         str(root), "train", BATCH, rank=0, world_size=1, num_workers=workers, seed=0,

@@ -8,7 +8,7 @@ scenes (``kubetrain.data.scenes``), streamed by kubetrain's ``StreamingDataset``
 transforms (flip, photometric jitter, ToDtype, SanitizeBoundingBoxes) through a ``DataLoader``
 with 0/1/2 workers, with the same optimizer and schedule, seed and batch:
 
-- **kubetrain**: ``kubetrain.train.loop.fit`` (Trainer, the detection workload, its validation
+- **kubetrain**: ``kubetrain.train.loop.fit`` (Trainer, the detection task, its validation
   with COCO mAP after each epoch, which is not timed), two epochs;
 - **hand loop**: ``for images, targets in loader: loss_dict = model(images, targets); losses =
   sum(loss_dict.values()); optimizer.zero_grad(); losses.backward(); optimizer.step();
@@ -39,7 +39,7 @@ from vision_common import RESULTS, fmt, machine, ratios, stats
 
 
 def config(args: argparse.Namespace, data_cfg: Any, workers: int):
-    from kubetrain.config import PipelineConfig
+    from kubetrain.pipeline.config import PipelineConfig
 
     data = data_cfg.model_dump(mode="json")
     data.update(num_workers=workers, prefetch=args.prefetch)
@@ -57,24 +57,25 @@ def config(args: argparse.Namespace, data_cfg: Any, workers: int):
 
 
 def kubetrain_run(cfg, data, device: torch.device) -> dict[str, float]:
-    from kubetrain.train.distributed import DistContext
+    from kubetrain.core.distributed import DistContext
+    from kubetrain.tasks import open_task
     from kubetrain.train.loop import fit
 
-    last = fit(cfg, data, DistContext(device=device)).history[-1]
+    last = fit(cfg, open_task(cfg, data), DistContext(device=device)).history[-1]
     return {"samples_per_second": last.samples_per_second, "data_wait_share": last.data_wait_share}
 
 
 def hand_run(cfg, data, device: torch.device) -> dict[str, float]:
     """torchvision's reference loop over the same stream, model and optimizer."""
-    from kubetrain.train.distributed import DistContext
+    from kubetrain.core.distributed import DistContext
+    from kubetrain.tasks import open_task
     from kubetrain.train.optim import build_optimizer, build_scheduler
-    from kubetrain.workloads import open_workload
 
     tc, dc = cfg.train, cfg.data
-    workload = open_workload(cfg, data)
-    dataset = workload.train_batches(tc, DistContext()).dataset
+    task = open_task(cfg, data)
+    dataset = task.train_batches(tc, DistContext()).dataset
     torch.manual_seed(tc.seed)
-    model = workload.build_model(cfg.model).to(device)
+    model = task.build_model(cfg.model).to(device)
     cuda = device.type == "cuda"
     steps = dataset.min_batches()
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], tc)
@@ -174,7 +175,7 @@ def render(res: dict[str, Any]) -> str:
         f"batch {s['batch']}, {s['precision']}, 1 process ({s['threads']} torch thread(s)), "
         f"{s['train_images']} training images; images/s of the second epoch; median (min–max) "
         f"of {s['rounds']} interleaved rounds. Both loops read kubetrain's sharded stream with "
-        "the box transforms; kubetrain is `kubetrain.train.loop.fit` (detection workload), the "
+        "the box transforms; kubetrain is `kubetrain.train.loop.fit` (detection task), the "
         "hand loop is torchvision's reference `train_one_epoch` (loss dict, sum, backward, "
         "step). Data-wait: time waiting for the next batch over the epoch's time.",
         "",

@@ -19,11 +19,11 @@ from cluster.controllers import (
     run_the_master,
     tc_condition,
 )
-from kubetrain import steps
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 from kubetrain.launch.cluster import ClusterJob, run_job
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError
 from kubetrain.launch.kubernetes import KubernetesLauncher, PyTorchJobWatcher, build_pytorchjob
+from kubetrain.pipeline import steps
 
 pytestmark = pytest.mark.cluster
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from detection_data import SHAPES, coco_folder, scenes, voc_folder, yolo_folder
+from kubetrain.core.errors import ConfigError, DataError
 from kubetrain.data.boxes import BoxCounts, Categories, check_boxes, strata
 from kubetrain.data.config import DataConfig
 from kubetrain.data.detection import annotation_format, build_detection_dataset
 from kubetrain.data.shards import read_manifest, read_shard
-from kubetrain.errors import ConfigError, DataError
 
 
 def _build(source, out, **kw):

@@ -14,15 +14,15 @@ import torch
 from torch import nn
 
 from detection_data import coco_folder
-from kubetrain.artifacts import DatasetArtifact, QuantizedModel
-from kubetrain.config import PipelineConfig
+from kubetrain.core.artifacts import DatasetArtifact, QuantizedModel
+from kubetrain.core.distributed import DistContext
+from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.data.config import DataConfig
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.pipeline.config import PipelineConfig
 from kubetrain.quantize import detection as qdet
 from kubetrain.quantize.config import QuantizeConfig
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
-from kubetrain.train.distributed import DistContext
-from kubetrain.workloads import build_dataset, workload_for_model
+from kubetrain.tasks import build_dataset, open_task, task_for_model
 
 pytestmark = pytest.mark.vision
 
@@ -43,7 +43,8 @@ def model_dir(tmp_path_factory):
     data = DatasetArtifact.load(ds)
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("model")
-    save_model(fit(cfg, data, DistContext()), cfg, data, out)
+    task = open_task(cfg, data)
+    save_model(fit(cfg, task, DistContext()), cfg, task, out)
     return ds, out
 
 
@@ -51,7 +52,7 @@ def _quantize(model_dir, tmp_path, **kw):
     ds, model = model_dir
     qcfg = QuantizeConfig(latency_repeats=3, calibration_samples=8, **kw)
     info = quantize_artifact(model, ds, tmp_path / "q", qcfg)
-    return info, workload_for_model(ds, model)
+    return info, task_for_model(ds, model)
 
 
 @pytest.mark.parametrize(
@@ -61,28 +62,28 @@ def _quantize(model_dir, tmp_path, **kw):
 )  # fmt: skip
 def test_linear_methods_quantize_the_heads_and_reload(model_dir, tmp_path, method):
     name, backend = method
-    info, workload = _quantize(model_dir, tmp_path, method=name, dynamic_backend=backend,
+    info, task = _quantize(model_dir, tmp_path, method=name, dynamic_backend=backend,
                                max_accuracy_drop=1.0)  # fmt: skip
     assert info["format"] == "detector" and info["name"] == f"{name}/{backend}"
     assert info["metric"] == "map" and info["gate_passed"]
     assert 0 < info["size_bytes"] < info["fp32_size_bytes"]
     assert info["latency_ms_b1"] > 0 and info["latency_ms_b8"] > 0
     assert "fp32" in info and info["fp32"]["latency_ms_b8"] > 0
-    model = load_quantized(tmp_path / "q", model_dir[1], workload)
+    model = load_quantized(tmp_path / "q", model_dir[1], task)
     fc6 = model.roi_heads.box_head.fc6  # int8: another module, or a quantized weight tensor
     assert type(fc6) is not nn.Linear or type(fc6.weight) not in (nn.Parameter, torch.Tensor)
     # What was measured is what was saved: the reloaded model scores the same.
-    assert workload.score(model, "val").values["map"] == pytest.approx(info["val_metric"])
+    assert task.score(model, "val").values["map"] == pytest.approx(info["val_metric"])
 
 
 @pytest.mark.slow
 def test_static_int8_backbone_reloads_and_scores_as_measured(model_dir, tmp_path):
-    info, workload = _quantize(model_dir, tmp_path, method="static_int8", max_accuracy_drop=1.0)
+    info, task = _quantize(model_dir, tmp_path, method="static_int8", max_accuracy_drop=1.0)
     assert info["name"] == "static_int8/x86_inductor" and info["runtime"] == "inductor"
     assert (tmp_path / "q" / qdet.BACKBONE_PROGRAM).is_file()
-    model = load_quantized(tmp_path / "q", model_dir[1], workload)
+    model = load_quantized(tmp_path / "q", model_dir[1], task)
     assert isinstance(model.backbone, qdet.ProgramBackbone)
-    assert workload.score(model, "val").values["map"] == pytest.approx(info["val_metric"])
+    assert task.score(model, "val").values["map"] == pytest.approx(info["val_metric"])
     assert abs(info["accuracy_drop"]) < 0.5
 
 

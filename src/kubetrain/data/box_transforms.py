@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kubetrain.core.errors import ConfigError
 from kubetrain.data.transforms import SpecList, _first_line, _plain, _v2, build_one, decode_image
-from kubetrain.errors import ConfigError
 
 Target = dict[str, Any]
 

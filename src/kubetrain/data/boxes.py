@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kubetrain.errors import DataError
+from kubetrain.core.errors import DataError
 
 # Why a box or an annotation was left out (the keys of ``BoxCounts.dropped``), as the
 # preprocess warning says them.

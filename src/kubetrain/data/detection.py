@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from kubetrain.core.errors import ConfigError, DataError
 from kubetrain.data.boxes import BoxCounts, Categories, check_boxes, cxcywh_to_xyxy, strata
 from kubetrain.data.config import DataConfig
 from kubetrain.data.dataset import split_indices
@@ -61,7 +62,6 @@ from kubetrain.data.images import (
     _run,
 )
 from kubetrain.data.shards import ShardInfo, ShardManifest, ShardWriter, save_manifest
-from kubetrain.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

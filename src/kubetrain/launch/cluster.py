@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TypeVar
 
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
+from kubetrain.launch.config import JobConfig
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError, Resource
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,13 @@ class JobPaths:
     checkpoints: str
 
     @classmethod
-    def for_job(cls, cfg: PipelineConfig, name: str) -> JobPaths:
+    def for_job(cls, cfg: JobConfig, name: str) -> JobPaths:
         """The paths of job ``name`` under ``cluster.mount_path``/jobs."""
         root = PurePosixPath(cfg.cluster.mount_path) / "jobs" / name
         return cls(str(root), str(root / "dataset"), str(root / "model"), str(root / "checkpoints"))
 
 
-def new_name(cfg: PipelineConfig, kind: str) -> str:
+def new_name(cfg: JobConfig, kind: str) -> str:
     """A fresh object name: ``<cluster.name_prefix>-<kind>-<6 hex>`` (a DNS-1035 label)."""
     return f"{cfg.cluster.name_prefix}-{kind}-{secrets.token_hex(3)}"
 
@@ -110,7 +110,7 @@ class Watcher(Protocol):
 class ClusterJob:
     """Submit one object, wait for it (watch), delete it; every failure is one line."""
 
-    def __init__(self, cfg: PipelineConfig, api: KubeApi, watcher: Watcher):
+    def __init__(self, cfg: JobConfig, api: KubeApi, watcher: Watcher):
         self.cfg = cfg
         self.api = api
         self.watcher = watcher
@@ -257,7 +257,7 @@ class _Outage:
 
 
 def run_job(
-    cfg: PipelineConfig,
+    cfg: JobConfig,
     api: KubeApi,
     watcher: Watcher,
     body: dict[str, Any],

@@ -35,9 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.launch.cluster import ClusterJob, JobPaths, new_name, run_job
+from kubetrain.launch.config import JobConfig
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError, LogFollower, Resource
 from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 
@@ -70,7 +70,7 @@ def _cpu_cores(quantity: str) -> float:
     return float(re.sub(r"[A-Za-z]+$", "", quantity))
 
 
-def threads_per_pod_process(cfg: PipelineConfig) -> int:
+def threads_per_pod_process(cfg: JobConfig) -> int:
     """Torch/OpenMP threads of each process in a job pod (``OMP_NUM_THREADS``):
     ``train.num_threads``, else the pod's CPU request (``cluster.cpu``) shared out over
     ``train.nproc``, at least 1."""
@@ -79,15 +79,15 @@ def threads_per_pod_process(cfg: PipelineConfig) -> int:
     return max(1, math.floor(_cpu_cores(cfg.cluster.cpu) / cfg.train.nproc))
 
 
-def max_restarts(cfg: PipelineConfig) -> int:
+def max_restarts(cfg: JobConfig) -> int:
     """``train.max_restarts`` (the same knob as local torchrun), else the elastic default."""
     return cfg.train.max_restarts or cfg.cluster.elastic_max_restarts
 
 
 def worker_command(
-    cfg: PipelineConfig, dataset: str, output: str, overrides: list[str] | tuple[str, ...] = ()
+    cfg: JobConfig, dataset: str, output: str, overrides: list[str] | tuple[str, ...] = ()
 ) -> list[str]:
-    """The container command: torchrun running ``kubetrain.train.worker`` on one node.
+    """The container command: torchrun running ``kubetrain.launch.worker`` on one node.
 
     ``overrides`` become ``--set KEY=VALUE`` arguments of the worker (Katib's trial parameters).
     """
@@ -106,7 +106,7 @@ def worker_command(
     return torchrun_command(tc.nproc, rendezvous, worker, max_restarts=restarts)
 
 
-def check_processes(cfg: PipelineConfig) -> None:
+def check_processes(cfg: JobConfig) -> None:
     """Refuse a ``train.nproc`` that the job's pods cannot serve.
 
     With GPUs, one process per GPU (``cluster.num_gpus``, checked by the config); without, no
@@ -165,7 +165,7 @@ def _inline_credential(options: Any, where: str) -> str | None:
     return None
 
 
-def check_no_inline_credentials(cfg: PipelineConfig) -> None:
+def check_no_inline_credentials(cfg: JobConfig) -> None:
     """Refuse a config that would carry object-storage credentials to a cluster inline.
 
     ``data.storage_options`` (``key``, ``secret``, ``token``, ... at any depth) and
@@ -187,7 +187,7 @@ def check_no_inline_credentials(cfg: PipelineConfig) -> None:
         )
 
 
-def _container(cfg: PipelineConfig, command: list[str], paths: JobPaths | None) -> Any:
+def _container(cfg: JobConfig, command: list[str], paths: JobPaths | None) -> Any:
     from kubernetes import client as k8s
 
     cl = cfg.cluster
@@ -230,7 +230,7 @@ def _container(cfg: PipelineConfig, command: list[str], paths: JobPaths | None) 
     )
 
 
-def _pod_template(cfg: PipelineConfig, container: Any, labels: dict[str, str]) -> Any:
+def _pod_template(cfg: JobConfig, container: Any, labels: dict[str, str]) -> Any:
     from kubernetes import client as k8s
 
     cl = cfg.cluster
@@ -263,7 +263,7 @@ def _pod_template(cfg: PipelineConfig, container: Any, labels: dict[str, str]) -
 
 
 def build_pytorchjob(
-    cfg: PipelineConfig,
+    cfg: JobConfig,
     name: str,
     paths: JobPaths | None = None,
     *,
@@ -378,7 +378,7 @@ class PyTorchJobWatcher:
 
     resource = TRAIN_JOB
 
-    def __init__(self, cfg: PipelineConfig, emit: Callable[[str], None] = print):
+    def __init__(self, cfg: JobConfig, emit: Callable[[str], None] = print):
         self.cfg = cfg
         self.emit = emit
         self.leader = "worker" if cfg.cluster.elastic else "master"
@@ -439,7 +439,7 @@ class KubernetesLauncher:
     def __init__(self, api_factory: Callable[[str], KubeApi] = KubeApi):
         self._api_factory = api_factory
 
-    def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+    def run(self, cfg: JobConfig, dataset_dir: Path, out_dir: Path) -> None:
         """Train ``cfg`` as a PyTorchJob; the model lands in ``out_dir``.
 
         Raises:
@@ -452,7 +452,7 @@ class KubernetesLauncher:
         api = self._api_factory(cfg.cluster.namespace)
 
         def collect(run: ClusterJob, _job: dict[str, Any], paths: JobPaths) -> None:
-            from kubetrain.artifacts import TrainedModel
+            from kubetrain.core.artifacts import TrainedModel
 
             model = Path(paths.model)
             if not TrainedModel.is_complete(model):

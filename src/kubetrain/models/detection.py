@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.models.config import ModelConfig
 from kubetrain.models.vision import (
     WEIGHTS_HINT,

@@ -34,19 +34,20 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from kubetrain.artifacts import MODEL_WEIGHTS, QUANT_INFO, QUANT_STATE_DICT, QuantizedModel
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.artifacts import MODEL_WEIGHTS, QUANT_INFO, QUANT_STATE_DICT, QuantizedModel
+from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.quantize import artifact, select
 from kubetrain.quantize.config import QAT, QuantizeConfig
 
 if TYPE_CHECKING:
-    from kubetrain.workloads.detection import DetectionWorkload
+    from kubetrain.tasks.detection import DetectionTask
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +254,25 @@ def _names(qcfg: QuantizeConfig, model: nn.Module) -> tuple[list[str], list[dict
 
 
 def quantize_detector(
-    model_dir: Path, out_dir: Path, qcfg: QuantizeConfig, workload: DetectionWorkload
+    model_dir: Path,
+    out_dir: Path,
+    qcfg: QuantizeConfig,
+    task: DetectionTask,
+    load_model: Callable[[Path, DetectionTask], nn.Module],
 ) -> dict[str, Any]:
     """The quantize step for a detector (see the module docstring): every candidate that
-    applies built, reloaded from its files and scored on the validation split (the workload's
+    applies built, reloaded from its files and scored on the validation split (the task's
     primary metric: COCO mAP), latency at batch 1 and 8 side by side, the gate
     (``max_accuracy_drop`` in mAP: 0.01 is one point) and the choice; fp32 is kept with the
     numbers when nothing passes and ``on_drop`` is ``keep_fp32``.
+
+    Args:
+        model_dir: the train step's model artifact.
+        out_dir: where the quantized artifact is written.
+        qcfg: the quantize section.
+        task: the detection task the model was trained with (scored as evaluate will).
+        load_model: ``(model_dir, task) -> the fp32 detector`` with its trained weights, in
+            eval mode (``kubetrain.quantize.driver.load_model``).
 
     Returns:
         quant.json's content.
@@ -269,25 +282,22 @@ def quantize_detector(
             method failed.
         ConfigError: an explicit method that does not apply to the detector.
     """
-    from kubetrain.evaluate.measure import compare_latency
-    from kubetrain.quantize.driver import load_model
+    from kubetrain.tasks.measure import compare_latency
 
     started = time.perf_counter()
-    fp32 = load_model(model_dir, workload)
+    fp32 = load_model(model_dir, task)
     names, skipped = _names(qcfg, fp32)
-    scores = workload.score(fp32, "val")
+    scores = task.score(fp32, "val")
     metric, reference = scores.metric, scores.value
     work = out_dir / "candidates"
-    images = (
-        workload.sample_images("train", qcfg.calibration_samples, seed=qcfg.seed) if names else []
-    )
+    images = task.sample_images("train", qcfg.calibration_samples, seed=qcfg.seed) if names else []
     tried: list[tuple[dict[str, Any], nn.Module | None]] = []
     for name in names:
         cdir = work / name.replace("/", "_")
         try:
             info = build_candidate(name, fp32, images, qcfg, cdir)
-            runnable = load_detector(cdir, load_model(model_dir, workload))
-            info["val_metric"] = workload.score(runnable, "val").values[metric]
+            runnable = load_detector(cdir, load_model(model_dir, task))
+            info["val_metric"] = task.score(runnable, "val").values[metric]
         except Exception as err:
             if qcfg.method != "auto":
                 raise KubetrainError(
@@ -309,7 +319,7 @@ def quantize_detector(
     }  # fmt: skip
     built = {c["name"]: m for c, m in tried if m is not None}
     if built:
-        x, _ = workload.examples("val", max(LATENCY_BATCHES), seed=qcfg.seed)
+        x, _ = task.examples("val", max(LATENCY_BATCHES), seed=qcfg.seed)
         for batch in LATENCY_BATCHES:
             lat = compare_latency({"none/fp32": fp32, **built}, x, None, batch,
                                   qcfg.latency_repeats)  # fmt: skip

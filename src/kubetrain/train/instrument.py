@@ -84,7 +84,7 @@ class ResourceMonitor:
 
 def flops_per_sample(model: nn.Module, batch, forward_loss, samples: int) -> float:
     """FLOPs of forward + backward per sample of ``batch`` (``(inputs, target)``, ``samples``
-    of them) under ``forward_loss(model, inputs, target)`` (``Workload.forward_loss``: the loss
+    of them) under ``forward_loss(model, inputs, target)`` (``Task.forward_loss``: the loss
     first), counted by ``torch.utils.flop_counter`` (ops it has no formula for, such as
     torchvision's ``roi_align`` and ``nms``, count as none)."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -27,11 +27,12 @@ from collections.abc import Iterator
 
 import torch
 
+from kubetrain.core.distributed import any_rank
+from kubetrain.tasks.base import Batch
 from kubetrain.train import instrument
-from kubetrain.train.distributed import any_rank, clip_grad_norm, local_tensor
+from kubetrain.train.distributed import clip_grad_norm, local_tensor
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.trainer import NonFiniteLoss, Trainer, diverged_message
-from kubetrain.workloads.base import Batch
 
 
 def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[Batch]:
@@ -40,7 +41,7 @@ def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[Batch]:
     The time spent waiting for each goes to ``meter.data_seconds``.
     """
     device = trainer.ctx.device
-    workload = trainer.workload
+    task = trainer.task
     batches = iter(trainer.batches)
     while True:
         started = time.perf_counter()
@@ -48,7 +49,7 @@ def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[Batch]:
             batch = next(batches)
         except StopIteration:
             return
-        batch = workload.to_device(batch, device)
+        batch = task.to_device(batch, device)
         meter.data_seconds += time.perf_counter() - started
         yield batch
 
@@ -60,21 +61,21 @@ def forward_backward_step(
 
     ``sync_gradients``: False skips DDP's all-reduce (``no_sync``) on all but the last
     micro-batch of a step. Returns the micro-batch's mean loss, detached, on the device, and
-    its named parts (``Workload.forward_loss``).
+    its named parts (``Task.forward_loss``).
     """
-    accum = trainer.tc.grad_accum_steps
+    accum, smoothing = trainer.tc.grad_accum_steps, trainer.tc.label_smoothing
     inputs, target = batch
-    forward_loss = trainer.workload.forward_loss
+    forward_loss = trainer.task.forward_loss
     if trainer.plain:  # one process, fp32: nothing to wrap the step in
-        loss, parts = forward_loss(trainer.net, inputs, target)
+        loss, parts = forward_loss(trainer.net, inputs, target, smoothing)
     elif trainer.sharded and trainer.ctx.distributed:
         trainer.model.set_requires_gradient_sync(sync_gradients)
         with trainer.autocast():
-            loss, parts = forward_loss(trainer.net, inputs, target)
+            loss, parts = forward_loss(trainer.net, inputs, target, smoothing)
     else:
         skip_sync = trainer.ctx.distributed and not sync_gradients
         with trainer.net.no_sync() if skip_sync else contextlib.nullcontext(), trainer.autocast():
-            loss, parts = forward_loss(trainer.net, inputs, target)
+            loss, parts = forward_loss(trainer.net, inputs, target, smoothing)
     scaled = loss / accum if accum > 1 else loss
     (trainer.scaler.scale(scaled) if trainer.scaling else scaled).backward()
     return loss.detach(), parts
@@ -133,19 +134,19 @@ def train_step(trainer: Trainer, batches: Iterator[Batch], meter: EpochMeter):
     accum = trainer.tc.grad_accum_steps
     no_sync = trainer.tc.no_sync
     losses = []
-    workload = trainer.workload
+    task = trainer.task
     for micro in range(accum):
         batch = next(batches)
         if trainer.flops_per_sample is None:
             with torch.random.fork_rng(devices=[]):  # leaves the RNG stream untouched
                 trainer.flops_per_sample = instrument.flops_per_sample(
-                    trainer.model, batch, workload.forward_loss, workload.batch_samples(batch)
+                    trainer.model, batch, task.forward_loss, task.batch_samples(batch)
                 )
         started = time.perf_counter()
         sync = not no_sync or micro == accum - 1
         loss, parts = forward_backward_step(trainer, batch, sync_gradients=sync)
         losses.append(loss)
-        meter.sizes.append(workload.batch_samples(batch))
+        meter.sizes.append(task.batch_samples(batch))
         if parts:
             meter.parts.append((parts, meter.sizes[-1]))
         meter.compute_seconds += time.perf_counter() - started

@@ -1,0 +1,369 @@
+"""``kubetrain run``: the whole pipeline on this machine under KFP's local runner.
+
+Every step runs as a KFP task: with the ``subprocess`` runner a subprocess of this interpreter
+(exactly the component code a cluster runs), with the ``docker`` runner a container of the
+runtime image (``kubetrain.launch.image``), as on a cluster. Caching makes a re-run into the same
+directory skip finished steps.
+
+kfp.local's output goes to ``<run>/logs/`` (``kubetrain.pipeline.live``); the terminal shows one line per
+task, or everything with ``verbose``. A step that fails says why in the one line it would print
+alone, with its exit code and the path of its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from kubetrain.core import artifacts
+from kubetrain.core.errors import ConfigError, DataError, KubetrainError
+from kubetrain.core.io import read_json, write_json
+from kubetrain.pipeline import steps
+from kubetrain.pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+MARKER = ".kubetrain-run"
+RUNNERS = ("subprocess", "docker")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, Any]
+    report: Path
+    promoted_model: Path | None
+    seconds: float
+    retrained: bool = True  # False: retrain.only_if_changed found nothing new
+    reason: str = ""
+
+
+class StepFailed(KubetrainError):
+    """A pipeline task failed. The message is the step's own line (or its last log line) with
+    the path of its log; the exit code is the one the step's error carries."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Check what can be checked before anything is written, so that a run fails in seconds
+    rather than after the search: the data can be read and split with every class in every
+    part, the training split holds at least ``train.batch_size`` samples, the model fits.
+
+    Raises:
+        KubetrainError: the cluster backend is chosen (``kubetrain run`` is local).
+        DataError: the data cannot be read, has one class, or cannot be split.
+        ConfigError: the model or the batch size does not fit the data.
+    """
+    from kubetrain.data.dataset import encode_labels, split_indices
+    from kubetrain.data.sources import load_source
+    from kubetrain.pipeline.params import expand_date
+    from kubetrain.pipeline.steps import check_supported
+
+    if cfg.cluster.backend != "local":
+        raise KubetrainError(
+            "cluster.backend 'kubernetes' is for cluster runs; `kubetrain run` runs locally "
+            "(use cluster.backend=local)"
+        )
+    check_supported(cfg)
+    from kubetrain.tasks import kind_of
+    from kubetrain.tasks import preflight as kind_preflight
+
+    if kind_of(cfg.data) != "tabular":  # streamed kinds check what they can themselves
+        kind_preflight(cfg.data)
+        return
+    # The params task expands {date} in data.source (today, for a local run); so does this check.
+    source = expand_date(cfg.data.source, datetime.now(timezone.utc))
+    raw = load_source(cfg.data.model_copy(update={"source": source}))
+    if cfg.model.name == "cnn" and raw.image_shape is None:
+        raise ConfigError(
+            "config error: model.name: 'cnn' needs image data; set data.image_shape (C,H,W) "
+            "for images stored as columns, or use 'mlp'"
+        )
+    # The preprocess step's own checks and split (the same functions), without writing.
+    y, classes = encode_labels(raw.y)
+    if len(classes) < 2:
+        raise DataError(f"data error: {raw.source}: needs at least 2 classes, found {len(classes)}")
+    parts = split_indices(y, cfg.data)
+    for name, idx in parts.items():
+        missing = len(classes) - len(set(y[idx].tolist()))
+        if missing:
+            raise DataError(
+                f"data error: {raw.source}: the {name} split ({len(idx)} samples) lacks "
+                f"{missing} of the {len(classes)} classes; use more data or change "
+                "data.val_fraction / data.test_fraction"
+            )
+    n_train = len(parts["train"])
+    if cfg.train.batch_size > n_train:
+        raise ConfigError(
+            f"config error: train.batch_size {cfg.train.batch_size} exceeds the {n_train} "
+            "training samples"
+        )
+
+
+def prepare_run_dir(output: Path | None) -> Path:
+    """The run directory: ``output`` or ``runs/<timestamp>``; never someone else's files.
+
+    Args:
+        output: ``--output``, or None for a new ``runs/<timestamp>``.
+
+    Returns:
+        The run directory, created and marked as a kubetrain run, as an absolute path.
+
+    Raises:
+        UsageError: ``output`` is a file or cannot be written in (exit 2).
+        KubetrainError: ``output`` holds files that are not a kubetrain run's (exit 1).
+    """
+    from kubetrain.core.io import check_writable_dir
+
+    run_dir = output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    check_writable_dir(run_dir, "--output" if output is not None else "run directory")
+    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / MARKER).exists():
+        raise KubetrainError(
+            f"{run_dir}: exists, is not empty and is not a kubetrain run directory; "
+            "choose another --output"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).touch()
+    return run_dir.resolve()
+
+
+def docker_runner(pipeline_root: Path) -> Any:
+    """A ``kfp.local.DockerRunner`` whose containers are held as a cluster holds its pods.
+
+    The root filesystem is read-only with a tmpfs on /tmp (the manifests' securityContext).
+    Steps run as the image's own non-root user when this process is root -- the pipeline root
+    is handed to that user so the steps can write their outputs -- and as the calling user
+    otherwise, so the outputs stay theirs. Raises KubetrainError if the image is missing.
+    """
+    import os
+
+    from kfp import local
+
+    try:
+        import docker
+    except ImportError:
+        raise KubetrainError(
+            "runner docker: the `docker` Python package is missing (pip install 'docker>=7')"
+        ) from None
+
+    from kubetrain.launch.image import runtime_image
+
+    image = runtime_image()
+    try:
+        client = docker.from_env()
+    except docker.errors.DockerException as err:
+        raise KubetrainError(f"runner docker: cannot reach the Docker engine ({err})") from None
+    try:
+        user = client.images.get(image).attrs["Config"].get("User") or ""
+    except docker.errors.ImageNotFound:
+        raise KubetrainError(
+            f"runner docker: image {image} is not in the local Docker engine; build it with "
+            "`make images` (or set KUBETRAIN_IMAGE)"
+        ) from None
+    finally:
+        client.close()
+    args: dict[str, Any] = {"read_only": True, "tmpfs": {"/tmp": "rw,exec,size=2g"}}
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    if os.getuid() != 0:
+        args.update(user=f"{os.getuid()}:{os.getgid()}", environment={"HOME": "/tmp"})
+    elif user and user.split(":")[0] not in ("0", "root"):
+        uid, _, gid = user.partition(":")
+        if not (uid.isdigit() and (gid or "0").isdigit()):
+            raise KubetrainError(f"runner docker: image {image} has a non-numeric USER {user!r}")
+        os.chown(pipeline_root, int(uid), int(gid or uid))
+    return local.DockerRunner(**args)
+
+
+def run_local(
+    cfg: PipelineConfig,
+    output: Path | None = None,
+    cache: bool = True,
+    runner: str = "subprocess",
+    verbose: bool = False,
+    out: IO[str] | None = None,
+) -> RunResult:
+    """Run the pipeline under kfp.local; return its metrics and paths.
+
+    Args:
+        cfg: the validated config.
+        output: the run directory (default ``runs/<timestamp>``).
+        cache: reuse the outputs of tasks that ran before with the same inputs.
+        runner: one of RUNNERS.
+        verbose: pass kfp.local's whole output on to ``out`` instead of the task view.
+        out: where the task view goes (default stdout; redrawn in place on a terminal).
+
+    Returns:
+        The run's metrics, report and promoted model (or why nothing was trained).
+
+    Raises:
+        KubetrainError: bad input found before the run (nothing written), or ``StepFailed``.
+    """
+    if runner not in RUNNERS:
+        raise KubetrainError(f"runner {runner!r}: expected one of {', '.join(RUNNERS)}")
+    preflight(cfg)
+    run_dir = prepare_run_dir(output)
+    # A failed re-run leaves no old result behind.
+    for result_file in (artifacts.RUN_METRICS, artifacts.RUN_REPORT):
+        (run_dir / result_file).unlink(missing_ok=True)
+    task, started = _run_pipeline(cfg, run_dir, cache, runner, verbose, out or sys.stdout)
+    seconds = time.perf_counter() - started
+    if cfg.retrain.only_if_changed:
+        # This pipeline's one output is the decision; the evaluation is found on disk.
+        if not task.output:
+            reason = "data and config unchanged since the last promoted model"
+            return RunResult(run_dir, {}, None, None, seconds, retrained=False, reason=reason)
+        found = _find_output(run_dir / "kfp", "evaluate", "evaluation")
+        if found is None:
+            raise KubetrainError(f"pipeline ran but wrote no evaluation under {run_dir / 'kfp'}")
+        evaluation = found
+        metrics = read_json(evaluation / artifacts.EVAL_METRICS)
+        promoted = bool(metrics["promoted"])
+    else:
+        evaluation = Path(task.outputs["evaluation"].path)
+        metrics = read_json(evaluation / artifacts.EVAL_METRICS)
+        promoted = bool(task.outputs["promoted"])
+    metrics["promoted"] = promoted
+    metrics["pipeline_seconds"] = seconds
+    write_json(run_dir / artifacts.RUN_METRICS, metrics)
+    shutil.copyfile(evaluation / artifacts.EVAL_REPORT, run_dir / artifacts.RUN_REPORT)
+    promoted_dir = _find_output(run_dir / "kfp", "promote", "promoted") if promoted else None
+    return RunResult(run_dir, metrics, run_dir / artifacts.RUN_REPORT, promoted_dir, seconds)
+
+
+def _run_pipeline(
+    cfg: PipelineConfig, run_dir: Path, cache: bool, runner: str, verbose: bool, out: IO[str]
+) -> tuple[Any, float]:
+    """Compile and run the pipeline under kfp.local; the final task and the start time.
+
+    Raises:
+        StepFailed: a task failed.
+    """
+    from kfp import local
+
+    from kubetrain.pipeline.live import LiveView, PlainView, TaskLog
+    from kubetrain.pipelines import build_pipeline
+
+    if cfg.train.checkpoint_dir is None:
+        # A stable place, so a re-run after a failed train step resumes from its checkpoints
+        # (under the pipeline root, which the docker runner mounts too).
+        cfg = cfg.with_params({"train.checkpoint_dir": str(run_dir / "kfp" / "checkpoints")})
+    pipeline = build_pipeline(cfg)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if runner == "docker":
+        kfp_runner = docker_runner(run_dir / "kfp")
+    else:
+        kfp_runner = local.SubprocessRunner(use_venv=False)
+    local.init(
+        runner=kfp_runner,
+        pipeline_root=str(run_dir / "kfp"),
+        enable_caching=cache,
+        cache_root=str(run_dir / "kfp" / ".cache"),
+    )
+    task_log = TaskLog(run_dir / "logs", task_names(pipeline), echo=out if verbose else None)
+    live: Any = contextlib.nullcontext()
+    if not verbose:
+        view = LiveView(task_log, out) if out.isatty() else PlainView(out)
+        task_log.views.append(view)
+        live = view if isinstance(view, LiveView) else live
+    failure: RuntimeError | None = None
+    started = time.perf_counter()
+    with task_log, warnings.catch_warnings(), live, _output_into(task_log):
+        # kfp warns for every task whose base image name lacks "python"; ours is a Python image.
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        try:
+            task = pipeline(min_accuracy=steps.promotion_bar(cfg))
+        except RuntimeError as err:
+            failure = err
+        finally:
+            task_log.finish()  # also on Ctrl-C: the view ends with every task's last state
+    if failure is not None:
+        raise _step_failure(task_log, failure, run_dir, None if verbose else out)
+    return task, started
+
+
+@contextlib.contextmanager
+def _output_into(stream: IO[str]) -> Iterator[None]:
+    """Send this process's stdout, stderr and root-logger records to ``stream`` meanwhile
+    (kfp.local prints to stdout and logs through the root logger)."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    handler = logging.StreamHandler(stream)
+    if handlers and handlers[0].formatter is not None:
+        handler.setFormatter(handlers[0].formatter)
+    root.handlers[:] = [handler]
+    try:
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+            yield
+    finally:
+        root.handlers[:] = handlers
+
+
+def _step_failure(task_log: Any, err: RuntimeError, run_dir: Path, out: IO[str] | None):
+    """What ``kubetrain run`` reports for a failed pipeline: the failing step's own line (its
+    ERROR_MARKER record) or else its last log line, with its log path. Its last lines go to
+    ``out`` (unless None: they were streamed already)."""
+    failed = task_log.failed()
+    if failed is None:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "a task failed"
+        return StepFailed(f"pipeline failed: {first} (log: {task_log.combined_path})")
+    log_file = failed.log_file or task_log.combined_path
+    if out is not None and failed.tail:
+        out.write(f"last lines of {failed.name} ({log_file}):\n")
+        out.writelines(f"  {line}\n" for line in failed.tail)
+        out.flush()
+    if failed.error is not None:
+        message = failed.error.get("message", "failed")
+        code = int(failed.error.get("exit_code", 1))
+        return StepFailed(f"{failed.name}: {message} (log: {log_file})", code)
+    last = failed.tail[-1] if failed.tail else "no output"
+    return StepFailed(
+        f"{failed.name} failed: {last} (log: {log_file}; outputs so far in {run_dir / 'kfp'})"
+    )
+
+
+def task_names(pipeline: Any) -> list[str]:
+    """The pipeline's tasks (those inside conditions too), each after the tasks it needs.
+
+    Args:
+        pipeline: a compiled ``@dsl.pipeline`` (its ``pipeline_spec``).
+
+    Returns:
+        Task names, e.g. ``["preprocess", "tune", ..., "promote", "reject"]``.
+    """
+    spec = pipeline.pipeline_spec
+    needs: dict[str, list[str]] = {}
+
+    def collect(dag: Any, inherited: list[str]) -> None:
+        for name, task in dag.tasks.items():
+            component = spec.components[task.component_ref.name]
+            after = [*inherited, *task.dependent_tasks]
+            if component.WhichOneof("implementation") == "dag":
+                collect(component.dag, after)
+            else:
+                needs[name] = after
+
+    collect(spec.root.dag, [])
+    ordered: list[str] = []
+    while len(ordered) < len(needs):
+        waiting = [n for n in needs if n not in ordered]
+        ready = [n for n in waiting if all(d in ordered or d not in needs for d in needs[n])]
+        ordered.extend(ready or waiting)  # a cycle cannot happen in KFP; never loop forever
+    return ordered
+
+
+def _find_output(pipeline_root: Path, task: str, output: str) -> Path | None:
+    """The newest ``<pipeline_root>/<run>/<task>/<output>`` (kfp.local's layout)."""
+    found = sorted(pipeline_root.glob(f"*/{task}/{output}"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
