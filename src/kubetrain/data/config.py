@@ -189,7 +189,8 @@ class DataConfig(Section):
         None,
         ge=10,
         description="Built-in image sets ('fashion-mnist'): use at most this many images, the "
-        "same number of each class (None: all of them).",
+        "same number of each class (None: all of them); 'fashion-mnist-scenes': how many "
+        "scenes to compose (None: 1000).",
     )
     shard_samples: int = Field(
         2048,
