@@ -289,21 +289,6 @@ def test_a_model_that_is_not_a_detector_is_one_line(built):
         fit(w.cfg, w, DistContext())
 
 
-@pytest.mark.parametrize(
-    ("name", "message"),
-    [
-        ("torchvision:resnet18", "not a torchvision detection builder"),
-        ("torchvision:fasterrcnn_resnet5_fpn", "did you mean fasterrcnn_resnet50_fpn"),
-        ("timm:resnet18", "timm models are classifiers"),
-    ],
-    ids=["classifier", "typo", "timm"],
-)
-def test_models_that_are_not_detectors_are_refused(built, name, message):
-    w = task(built, model={"name": name})
-    with pytest.raises(ConfigError, match=message):
-        w.build_model(w.cfg.model)
-
-
 def test_collate_keeps_sizes():
     a, b = torch.zeros(3, 10, 12), torch.zeros(3, 20, 8)
     images, targets = collate_detection([(a, {"x": 1}), (b, {"x": 2})])

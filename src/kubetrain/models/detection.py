@@ -119,12 +119,46 @@ def _torchvision_detector(name: str, num_classes: int, kwargs: dict[str, Any]) -
     for key in ("weights", "pretrained"):
         if kwargs.pop(key, None):
             raise ConfigError(f"config error: model.kwargs.{key}: {WEIGHTS_HINT}")
+    _check_kwargs(name, kwargs)
     backbone = kwargs.pop("weights_backbone", None)
     kwargs["weights_backbone"] = _cached_backbone(name, backbone) if backbone else None
     return _call(
         torchvision.models.get_model, f"torchvision:{name}", name, weights=None,
         num_classes=num_classes, **kwargs,
     )  # fmt: skip
+
+
+def _check_kwargs(builder: str, kwargs: dict[str, Any]) -> None:
+    """Refuse a keyword argument neither the builder nor the model class it builds takes:
+    torchvision's detectors pass unknown ones on to ``**kwargs`` that ignore them, so a typo
+    (``min_sizes``) would train at the default size without a word.
+
+    Raises:
+        ConfigError: naming the argument, with the closest known ones.
+    """
+    import inspect
+
+    import torchvision
+    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+    from torchvision.models.detection.ssd import SSD
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    cls = {"fasterrcnn": FasterRCNN, "retinanet": RetinaNet, "fcos": FCOS, "ssd": SSD}
+    model_class = next((c for prefix, c in cls.items() if builder.startswith(prefix)), None)
+    sources = [torchvision.models.get_model_builder(builder), GeneralizedRCNNTransform.__init__]
+    if model_class is not None:
+        sources.append(model_class.__init__)
+    if builder.startswith("ssdlite"):  # its kwargs reach the MobileNetV3 backbone
+        from torchvision.models import mobilenetv3
+
+        sources += [mobilenetv3._mobilenet_v3_conf, mobilenetv3.MobileNetV3.__init__]
+    known = {n for fn in sources for n in inspect.signature(fn).parameters} - {"self", "kwargs"}
+    for key in kwargs:
+        if key not in known:
+            raise ConfigError(
+                f"config error: model.kwargs.{key}: torchvision:{builder} takes no {key!r}"
+                f"{_did_you_mean(key, sorted(known))}"
+            )
 
 
 def _cached_backbone(builder: str, value: Any):
@@ -172,7 +206,8 @@ def load_detection_weights(
     """
     state = read_state_dict(uri, storage_options)
     own = model.state_dict()
-    if sum(k in own for k in state) >= len(state) // 2:  # a detector's keys
+    matched = sum(k in own for k in state)
+    if matched and matched >= len(state) / 2:  # a detector's keys
         fitted, resized, bad = {}, [], []
         for key, value in state.items():
             if key in own and own[key].shape != value.shape:
