@@ -120,6 +120,7 @@ def _fit(trainer: Trainer, on_epoch: EpochCallback | None) -> FitResult:
     started = time.perf_counter()
     while trainer.epoch < tc.epochs:
         stats = _train_epoch(trainer)
+        trainer.sync_buffers()
         with trainer.whole_model() as model:  # FSDP: ranks may validate unequal parts
             val_loss, val_acc = trainer.task.validate(model, ctx)
         stats.val_loss, stats.val_accuracy = val_loss, val_acc

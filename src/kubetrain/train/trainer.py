@@ -208,6 +208,18 @@ class Trainer:
         if tc.compile:
             self.net = torch.compile(self.net)
 
+    def sync_buffers(self) -> None:
+        """Under DDP, every rank takes rank 0's buffers (batch-norm running statistics), as DDP
+        does at the start of each forward: after an epoch's last step each rank has updated its
+        own, and validation and the saved model would otherwise see different statistics on
+        each rank (a collective: every rank calls it)."""
+        if not self.ctx.distributed or self.sharded:
+            return
+        import torch.distributed as dist
+
+        for buffer in self.model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
     def whole_model(self) -> contextlib.AbstractContextManager[nn.Module]:
         """Within it, every rank holds the whole model and its forward needs no collective
         (``distributed.gathered`` under FSDP), so validation may run a different number of
