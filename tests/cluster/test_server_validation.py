@@ -78,25 +78,87 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(RECIPES))
+# What each recipe is rendered with: every training API, queued (Kueue's labels) or not.
+APIS = {
+    "pytorchjob": ("PyTorchJob", []),
+    "trainjob": ("TrainJob", []),
+    "trainjob-queued": (
+        "TrainJob",
+        ["cluster.training_api=trainjob", "cluster.queue_name=gpu-queue",
+         "cluster.priority_class=high"],
+    ),
+    "auto": ("TrainJob", ["cluster.training_api=auto"]),
+}  # fmt: skip
+CASES = [(case, api) for case in sorted(RECIPES) for api in sorted(APIS)
+         if case != "elastic" or api == "pytorchjob"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "api"), CASES, ids=[f"{c}-{a}" for c, a in CASES])
 def test_every_object_kubetrain_manifests_prints_is_accepted(
-    control_plane, namespace, capsys, case
+    control_plane, namespace, capsys, case, api
 ):
     recipe, settings = RECIPES[case]
+    kind, api_settings = APIS[api]
     args = ["manifests", "--set", f"cluster.namespace={namespace}",
-            "--set", "cluster.image=registry.example/kubetrain:test"]  # fmt: skip
+            "--set", "cluster.image=registry.example/kubetrain:test",
+            "--set", f"cluster.training_api={api.split('-')[0]}"]  # fmt: skip
+    for setting in api_settings:
+        args += ["--set", setting]
     if recipe != "default":
         args += ["--config", recipe]
     for setting in settings:
         args += ["--set", setting]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    kinds = [d["kind"] for d in yaml.safe_load_all(printed)]
-    assert kinds == ["Experiment", "PyTorchJob"]
+    docs = list(yaml.safe_load_all(printed))
+    assert [d["kind"] for d in docs] == ["Experiment", kind]
     for dry_run in ("--dry-run=server", None):
         flags = [f for f in ("--server-side", dry_run, "--validate=strict") if f]
         done = control_plane.kubectl("apply", *flags, "-f", "-", input=printed)
         assert done.stdout.count("serverside-applied") == 2, done.stdout
+    # The Experiment's schema accepts any trial template (Katib checks it in a webhook): the
+    # trial's job is checked against its own kind's schema, as Katib would create it.
+    trial = copy.deepcopy(docs[0]["spec"]["trialTemplate"]["trialSpec"])
+    trial["metadata"] = {**trial.get("metadata", {}), "name": "kubetrain-trial-check"}
+    text = yaml.safe_dump(trial).replace("${trialParameters.", "x${")  # a value, not a template
+    done = control_plane.kubectl("apply", "--server-side", "--dry-run=server", "--validate=strict",
+                                 "-n", namespace, "-f", "-", input=text)  # fmt: skip
+    assert "serverside-applied (server dry run)" in done.stdout, done.stdout
+
+
+WRONG_TRAINJOB = {
+    "num-nodes-not-a-number": (
+        lambda job: job["spec"]["trainer"].update(numNodes="two"),
+        r"spec.trainer.numNodes",
+    ),
+    "misspelt-field": (
+        lambda job: job["spec"]["trainer"].update(numProcsPerNode=1),
+        r'unknown field "spec.trainer.numProcsPerNode"',
+    ),
+    "env-in-a-runtime-patch": (  # the schema has no place for it: a patch may not set envFrom
+        lambda job: job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
+            "replicatedJobs"
+        ][0]["template"]["spec"]["template"]["spec"]["containers"][0].update(
+            envFrom=[{"secretRef": {"name": "s"}}]
+        ),
+        r"envFrom",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_TRAINJOB))
+def test_a_wrong_trainjob_is_refused_in_one_line(control_plane, namespace, monkeypatch, case):
+    from kubetrain.launch.trainjob import TRAINJOB, build_trainjob
+
+    mutate, field = WRONG_TRAINJOB[case]
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+    cfg = load_config(None, [f"cluster.namespace={namespace}", "cluster.image=img:1"])
+    job = copy.deepcopy(build_trainjob(cfg, "kubetrain-train-wrong"))
+    mutate(job)
+    with pytest.raises(KubeApiError, match=r"the API server rejected trainjob ") as err:
+        KubeApi(namespace).create(TRAINJOB, job)
+    assert err.value.status in (400, 422) and "\n" not in str(err.value)
+    assert field in str(err.value)
 
 
 WRONG = {

@@ -124,6 +124,7 @@ class ClusterJob:
         self.watcher = watcher
         self.resource = watcher.resource
         self.queue = _Queue(cfg.cluster.queue_name)
+        self._last: dict[str, Any] | None = None  # the object as last seen
 
     def what(self, name: str) -> str:
         """``"pytorchjob NAMESPACE/NAME"``: how every message names the object."""
@@ -198,11 +199,16 @@ class ClusterJob:
             done = self._check(name, None if kind == "DELETED" else obj)
             if done is not None:
                 return done, version
+        # A window without a change of the object still looks at its pods: a pod that cannot
+        # pull its image changes nothing in the job's own status.
+        if self._last is not None:
+            self._check(name, self._last)
         return None, version
 
     def _check(self, name: str, obj: dict[str, Any] | None) -> dict[str, Any] | None:
         if obj is None:
             raise KubetrainError(f"{self.what(name)} was deleted while kubetrain waited for it")
+        self._last = obj
         self.queue.update(self.watcher.suspended(obj), self.what(name))
         self.watcher.observe(self.api, obj)
         kind, text = condition(obj, self.watcher.success, "Failed")
