@@ -107,7 +107,7 @@ def test_key_figures(task, line, figure):
 
 
 def test_a_step_whose_job_waits_in_a_queue_is_queued_not_running(task_log):
-    log, out, logs = task_log
+    log, out, _ = task_log
     log.write(
         kfp_lines(
             "train",
