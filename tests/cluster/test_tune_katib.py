@@ -72,7 +72,8 @@ def test_a_failed_experiment_names_katibs_reason_and_is_kept(
     [
         # a namespace whose name says "namespace": the message names it, the verdict must not
         # depend on that
-        ("my-namespace", "trainjob", r"no trainjobs.trainer.kubeflow.org/v1alpha1 resource"),
+        ("my-namespace", "optimizationjob",
+         r"no optimizationjobs.trainer.kubeflow.org/v1alpha1 resource"),
         ("no-such-namespace", "pytorchjob", r"cannot create pytorchjob no-such-namespace-\w+/"
          r"kubetrain-train-x: not found \(namespaces \"no-such-namespace-\w+\" not found\)"),
     ],
@@ -81,9 +82,10 @@ def test_a_failed_experiment_names_katibs_reason_and_is_kept(
 def test_a_kind_the_server_does_not_serve_is_one_line(
     control_plane, admin, monkeypatch, where, kind, expected
 ):
-    """What a cluster without the operator answers (here: Trainer v2's TrainJob, not installed;
-    as admin: our Role would refuse the unknown kind before the server looked), told apart from
-    a namespace that does not exist by the Status's details, not by the words in the message."""
+    """What a cluster without the operator answers (here: Trainer's OptimizationJob, whose CRD
+    is not installed; as admin: our Role would refuse the unknown kind before the server
+    looked), told apart from a namespace that does not exist by the Status's details, not by
+    the words in the message."""
     import secrets
 
     from kubernetes import client
@@ -97,7 +99,9 @@ def test_a_kind_the_server_does_not_serve_is_one_line(
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
     api = KubeApi(namespace)
     resource = {
-        "trainjob": Resource("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"),
+        "optimizationjob": Resource(
+            "trainer.kubeflow.org", "v1alpha1", "optimizationjobs", "OptimizationJob"
+        ),
         "pytorchjob": TRAIN_JOB,
     }[kind]
     body = {"apiVersion": f"{resource.group}/{resource.version}", "kind": resource.kind,

@@ -178,6 +178,7 @@ class KubernetesLauncher:
         offline_kind(cfg).build(cfg, name)  # what is wrong with the config fails first
         check_claim(cfg, "TrainJob or PyTorchJob")
         api = self._api_factory(cfg.cluster.namespace)
+        api.check_namespace()  # a missing namespace says so before anything else is asked
         kind = resolve_kind(cfg, api)
         job = kind.build(cfg, name)
 

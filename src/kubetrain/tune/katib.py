@@ -357,6 +357,7 @@ def run_experiment(
     build_experiment(cfg, name)  # what is wrong with the config fails first
     check_claim(cfg, EXPERIMENT.kind)
     api = api or KubeApi(cfg.cluster.namespace)
+    api.check_namespace()  # a missing namespace says so before anything else is asked
     kind = resolve_kind(cfg, api)
     experiment = build_experiment(cfg, name, JobPaths.for_job(cfg, name).dataset, kind)
 
