@@ -6,7 +6,7 @@ Per-task overhead is the time from the task process's start (the kernel's start 
 `python -m kfp.dsl.executor_main` process) to the step's first line of work: kfp's executor,
 the component's imports, and the lazy imports at the top of the step function. It is measured by
 a probe (`sitecustomize.py` on PYTHONPATH, this benchmark only) that, in task processes, wraps
-each `kubetrain.steps` function and notes when the last `import` made directly by the step
+each `kubetrain.pipeline.steps` function and notes when the last `import` made directly by the step
 function's body returns. With `--before DIR` (a worktree of an older commit with its own .venv),
 its `kubetrain run` runs too, interleaved with this one's, one of each per round.
 
@@ -80,7 +80,7 @@ def _probe():
 
     class Finder(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name != "kubetrain.steps":
+            if name != "kubetrain.pipeline.steps":
                 return None
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)

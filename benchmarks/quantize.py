@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from kubetrain.config import QuantizeConfig, load_config
+from kubetrain.core.distributed import DistContext
 from kubetrain.data import build_dataset, load_dataset
-from kubetrain.evaluate.measure import compare_latency, predict
+from kubetrain.pipeline.config import load_config
 from kubetrain.quantize import artifact, load_model, load_quantized, methods, quantize_artifact
-from kubetrain.quantize.config import CANDIDATES
-from kubetrain.train.distributed import DistContext
+from kubetrain.quantize.config import CANDIDATES, QuantizeConfig
+from kubetrain.tasks import open_task
+from kubetrain.tasks.measure import compare_latency, predict
 from kubetrain.train.loop import fit, save_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,7 +53,8 @@ def train(work: Path, ds: Path, overrides: list[str]) -> Path:
     cfg = load_config(overrides=["train.nproc=1", "tune.enabled=false", *overrides])
     data = load_dataset(ds)
     out = work / "model"
-    save_model(fit(cfg, data, DistContext()), cfg, data, out)
+    task = open_task(cfg, data)
+    save_model(fit(cfg, task, DistContext()), cfg, task, out)
     return out
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import optuna
 
-from kubetrain.config import load_config
+from kubetrain.pipeline.config import load_config
+from kubetrain.tasks import open_task
 from kubetrain.tune.local import STUDY_NAME
 from kubetrain.tune.space import make_pruner, make_sampler
 
@@ -68,8 +69,8 @@ def build_grid(path: Path) -> dict[str, list[float]]:
     """Train every grid configuration for real; {key: per-epoch val accuracy}."""
     import torch
 
+    from kubetrain.core.distributed import DistContext
     from kubetrain.data import build_dataset, load_dataset
-    from kubetrain.train.distributed import DistContext
     from kubetrain.train.loop import fit
 
     torch.set_num_threads(1)
@@ -84,7 +85,7 @@ def build_grid(path: Path) -> dict[str, list[float]]:
             {"train.lr": lr, "train.weight_decay": wd, "model.hidden_sizes": [width, 64],
              "train.optimizer": opt}
         )  # fmt: skip
-        result = fit(cfg, data, DistContext())
+        result = fit(cfg, open_task(cfg, data), DistContext())
         curves[key(lr, wd, width, opt)] = [s.val_accuracy for s in result.history]
     print(f"trained {len(curves)} configurations in {time.perf_counter() - started:.0f} s")
     path.write_text(json.dumps({"epochs": EPOCHS, "curves": curves}, indent=1))

@@ -57,7 +57,7 @@ def measure(data_cfg) -> dict:
 
 
 def main() -> None:
-    from kubetrain.config import load_config
+    from kubetrain.pipeline.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="text-classification")

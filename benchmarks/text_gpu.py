@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from text_train import SHAPES, kubetrain_trainer, tokens_per_step
 
-from kubetrain.train.distributed import DistContext
+from kubetrain.core.distributed import DistContext
 from kubetrain.train.instrument import peak_flops
 
 RESULTS = Path(__file__).resolve().parent / "results"

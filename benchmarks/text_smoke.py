@@ -29,17 +29,17 @@ def main() -> None:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from kubetrain.config import load_config
     from kubetrain.data.batching import BucketingCollate, iter_batches
     from kubetrain.data.corpora import wordnet_glosses, write_jsonl
     from kubetrain.data.streaming import StreamingDataset
     from kubetrain.data.text import build_text_dataset
-    from kubetrain.evaluate.text_metrics import accuracy, macro_f1, majority_baseline
     from kubetrain.models.transformer import (
         TransformerConfig,
         build_text_model,
         label_smoothed_loss,
     )
+    from kubetrain.pipeline.config import load_config
+    from kubetrain.tasks.text_metrics import accuracy, macro_f1, majority_baseline
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -40,12 +40,12 @@ import torch.nn.functional as F
 from common import cpu_model, stats
 from torch import nn
 
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.config import load_config
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.distributed import DistContext
 from kubetrain.models.transformer import Seq2SeqTransformer, TransformerConfig
-from kubetrain.train.distributed import DistContext
-from kubetrain.workloads import KINDS
-from kubetrain.workloads.base import TrainBatches, Workload
+from kubetrain.pipeline.config import load_config
+from kubetrain.tasks import KINDS
+from kubetrain.tasks.base import Task, TrainBatches
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -89,7 +89,7 @@ def tokens_per_step(shape: dict[str, int]) -> int:
     return shape["batch"] * (shape["src"] + shape["tgt"])
 
 
-# -- kubetrain's step, through a workload of these token batches -------------------------------
+# -- kubetrain's step, through a task of these token batches -------------------------------
 class TokenBatches(TrainBatches):
     """This rank's share of each global batch, collated from per-sample tensors as a loader
     would; the same samples every epoch (a speed measurement)."""
@@ -108,8 +108,8 @@ class TokenBatches(TrainBatches):
             yield (src, tgt_in), tgt_out
 
 
-class TokenWorkload(Workload):
-    """A seq2seq workload over random token batches (the text workload's interface, minus
+class TokenTask(Task):
+    """A seq2seq task over random token batches (the text task's interface, minus
     evaluation): what ``Trainer`` needs to run its step here."""
 
     kind = "bench_tokens"
@@ -148,7 +148,7 @@ def kubetrain_trainer(
     ``train.strategy`` and any further ``--set`` style ``overrides`` (precision, compile)."""
     from kubetrain.train.trainer import Trainer
 
-    KINDS[TokenWorkload.kind] = f"{__name__}:TokenWorkload"
+    KINDS[TokenTask.kind] = f"{__name__}:TokenTask"
     shape = SHAPES[shape_name]
     cfg = load_config(
         overrides=[
@@ -157,7 +157,7 @@ def kubetrain_trainer(
             f"train.strategy={strategy}", "tune.enabled=false", *overrides,
         ]
     )  # fmt: skip
-    meta = {"kind": TokenWorkload.kind, "version": "bench", "shape": shape, "steps": steps,
+    meta = {"kind": TokenTask.kind, "version": "bench", "shape": shape, "steps": steps,
             "sizes": {"train": steps * shape["batch"]}}  # fmt: skip
     return Trainer(cfg, DatasetArtifact(path=Path("."), meta=meta, arrays={}), ctx)
 
@@ -342,7 +342,7 @@ def fsdp_worker(out: Path, steps: int) -> None:
     """One rank of ``torchrun --nproc-per-node 2 text_train.py --worker``: the same model as a
     DDP trainer and as an FSDP trainer in one job, one step of each in turn (so the machine's
     load weighs on both alike); rank 0 writes every rank's bytes and step times to ``out``."""
-    from kubetrain.train.distributed import gather_objects, init_from_env, shutdown
+    from kubetrain.core.distributed import gather_objects, init_from_env, shutdown
     from kubetrain.train.metrics import EpochMeter
     from kubetrain.train.step import batch_generator, train_step
 

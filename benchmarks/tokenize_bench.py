@@ -41,8 +41,8 @@ def cpu_model() -> str:
 
 
 def corpus(limit: int | None) -> tuple[str, list[str]]:
+    from kubetrain.core.errors import DataError
     from kubetrain.data.corpora import docstring_pairs, wordnet_glosses
-    from kubetrain.errors import DataError
 
     try:
         return "WordNet glosses", [r["text"] for r in islice(wordnet_glosses(), limit)]

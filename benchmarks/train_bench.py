@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
-from kubetrain.config import load_config
+from kubetrain.core.distributed import DistContext
 from kubetrain.data import build_dataset, load_dataset
 from kubetrain.launch.local import LocalLauncher
-from kubetrain.train.distributed import DistContext
+from kubetrain.pipeline.config import load_config
+from kubetrain.tasks import open_task
 from kubetrain.train.loop import fit
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +48,7 @@ def dataset():
 
 # -- 1. kubetrain loop vs a minimal hand-written loop vs Lightning ------------------------------
 def kubetrain_loop(cfg, data) -> float:
-    result = fit(cfg, data, DistContext())
+    result = fit(cfg, open_task(cfg, data), DistContext())
     return statistics.median(h.samples_per_second for h in result.history[1:])
 
 
@@ -191,7 +192,7 @@ def bench_data_wait(data, rounds: int) -> dict[str, Any]:
     for _ in range(rounds):
         for name, overrides in recipes.items():
             cfg = load_config(overrides=["train.nproc=1", "train.epochs=3", *overrides])
-            result = fit(cfg, data, DistContext())
+            result = fit(cfg, open_task(cfg, data), DistContext())
             res.setdefault(name, []).append(
                 statistics.median(h.data_wait_share for h in result.history[1:])
             )
@@ -234,7 +235,7 @@ def bench_bf16(data, rounds: int) -> dict[str, Any]:
             cfg = load_config(
                 overrides=["train.nproc=1", "train.epochs=20", f"train.precision={precision}"]
             )
-            result = fit(cfg, data, DistContext())
+            result = fit(cfg, open_task(cfg, data), DistContext())
             r = res.setdefault(precision, {"step_ms": [], "val_accuracy": []})
             r["step_ms"].append(1e3 * result.summary["step_seconds"])
             r["val_accuracy"].append(result.history[-1].val_accuracy)
@@ -246,7 +247,7 @@ def bench_checkpoint(data, rounds: int) -> dict[str, Any]:
     per_ckpt, share = [], []
     for r in range(rounds):
         cfg = load_config(overrides=["train.nproc=1"])  # default epochs and interval
-        result = fit(cfg, data, DistContext(), checkpoint_dir=WORK / f"ckpt-{r}")
+        result = fit(cfg, open_task(cfg, data), DistContext(), checkpoint_dir=WORK / f"ckpt-{r}")
         s = result.summary
         per_ckpt.append(1e3 * s["checkpoint_seconds"] / s["checkpoints_written"])
         share.append(s["checkpoint_seconds"] / (s["train_seconds"] + s["checkpoint_seconds"]))
@@ -263,13 +264,13 @@ import importlib, json, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
 from kubetrain.tune.local import RESULTS_IMPORTS
-for module in ("kubetrain.steps", "kubetrain.data", "optuna", "torch", "kubetrain.train.loop",
+for module in ("kubetrain.pipeline.steps", "kubetrain.data", "optuna", "torch", "kubetrain.train.loop",
                "kubetrain.tune.local", "kubetrain.launch.local", "kubetrain.quantize",
-               "kubetrain.quantize.methods", "kubetrain.evaluate.measure", *RESULTS_IMPORTS):
+               "kubetrain.quantize.methods", "kubetrain.tasks.measure", *RESULTS_IMPORTS):
     importlib.import_module(module)
 imports = time.perf_counter() - t0
-from kubetrain import steps
-from kubetrain.config import load_config
+from kubetrain.pipeline import steps
+from kubetrain.pipeline.config import load_config
 cfg, d, took = load_config(), Path(sys.argv[1]), {}
 def timed(name, fn, *args, **kwargs):
     t0 = time.perf_counter()

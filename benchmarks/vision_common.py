@@ -165,7 +165,7 @@ def machine() -> dict[str, Any]:
 
 # -- kubetrain's training path on the images --------------------------------------------------
 def dataset_artifact(folder: Path, out_dir: Path, size: int, num_workers: int = 2):
-    """kubetrain's preprocess of ``folder`` (the ``images`` workload's ``build``) into the
+    """kubetrain's preprocess of ``folder`` (the ``images`` task's ``build``) into the
     dataset artifact ``out_dir``, with the benchmark's train and eval transforms.
 
     Returns:
@@ -174,9 +174,9 @@ def dataset_artifact(folder: Path, out_dir: Path, size: int, num_workers: int = 
     Raises:
         KubetrainError: what the preprocess raises.
     """
-    from kubetrain.artifacts import DatasetArtifact
-    from kubetrain.config import PipelineConfig
-    from kubetrain.workloads import build_dataset
+    from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.pipeline.config import PipelineConfig
+    from kubetrain.tasks import build_dataset
 
     data = PipelineConfig.model_validate(
         {"data": {"source": str(folder), "num_workers": num_workers,

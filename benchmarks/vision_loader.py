@@ -69,7 +69,7 @@ def epoch_stream(root: Path, workers: int, size: int, epoch: int) -> tuple[int, 
     """One epoch of kubetrain's training loader over the shards' train split."""
     from kubetrain.data.streaming import StreamingDataset
     from kubetrain.data.transforms import BatchCollate, ImageTransform
-    from kubetrain.workloads.stream import StreamBatches
+    from kubetrain.tasks.stream import StreamBatches
 
     dataset = StreamingDataset(
         str(root), "train", BATCH, rank=0, world_size=1, num_workers=workers, seed=0,

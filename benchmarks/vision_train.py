@@ -2,12 +2,12 @@
 on the same data path, and the share of step time spent waiting for data.
 
 Both train a torchvision ResNet-18 (10 classes) at 64 px in one process on the training split
-of the dataset kubetrain's preprocess (the ``images`` workload) wrote from a generated image
+of the dataset kubetrain's preprocess (the ``images`` task) wrote from a generated image
 folder, streamed by kubetrain's ``StreamingDataset`` (``ImageTransform``: RandomResizedCrop,
 flip, ToDtype, Normalize) through a ``DataLoader`` with 0/1/2 workers, with the same optimizer
 and schedule (kubetrain's AdamW and cosine schedule), seed and batch:
 
-- **kubetrain**: ``kubetrain.train.loop.fit`` (Trainer, ``ImageWorkload``, ``StreamBatches``,
+- **kubetrain**: ``kubetrain.train.loop.fit`` (Trainer, ``ImageTask``, ``StreamBatches``,
   ``train_step``, the epoch's meter and validation), two epochs;
 - **hand loop**: ``for x, y in DataLoader(stream): loss = cross_entropy(model(x), y);
   backward; step; schedule; zero_grad`` with the model built by ``torchvision.models``, two
@@ -54,7 +54,7 @@ from vision_common import (
 
 def config(args: argparse.Namespace, data_cfg: Any, workers: int):
     """The pipeline config both loops train with."""
-    from kubetrain.config import PipelineConfig
+    from kubetrain.pipeline.config import PipelineConfig
 
     data = data_cfg.model_dump(mode="json")
     data["num_workers"] = workers
@@ -73,10 +73,11 @@ def config(args: argparse.Namespace, data_cfg: Any, workers: int):
 
 def kubetrain_run(cfg, data, device: torch.device) -> dict[str, float]:
     """``fit``: two epochs; the second one's figures."""
-    from kubetrain.train.distributed import DistContext
+    from kubetrain.core.distributed import DistContext
+    from kubetrain.tasks import open_task
     from kubetrain.train.loop import fit
 
-    last = fit(cfg, data, DistContext(device=device)).history[-1]
+    last = fit(cfg, open_task(cfg, data), DistContext(device=device)).history[-1]
     return {"samples_per_second": last.samples_per_second, "data_wait_share": last.data_wait_share}
 
 
@@ -85,13 +86,13 @@ def hand_run(cfg, data, device: torch.device) -> dict[str, float]:
     batches as kubetrain's ``StreamBatches`` takes; the second one's figures."""
     import torchvision
 
-    from kubetrain.train.distributed import DistContext
+    from kubetrain.core.distributed import DistContext
+    from kubetrain.tasks import open_task
     from kubetrain.train.optim import build_optimizer, build_scheduler
-    from kubetrain.workloads import open_workload
 
     tc, dc = cfg.train, cfg.data
     # kubetrain's stream of the training split, exactly as fit gets it (transforms, collate).
-    dataset = open_workload(cfg, data).train_batches(tc, DistContext()).dataset
+    dataset = open_task(cfg, data).train_batches(tc, DistContext()).dataset
     torch.manual_seed(tc.seed)
     model = getattr(torchvision.models, cfg.model.name.split(":")[1])(num_classes=data.num_classes)
     cuda = device.type == "cuda"
@@ -205,7 +206,7 @@ def render(res: dict[str, Any]) -> str:
         f"{s['precision']}, 1 process ({s['threads']} torch thread(s)), {s['train_images']} "
         f"training images (about {s['steps']} steps an epoch); samples/s of the second epoch; "
         f"median (min–max) of {s['rounds']} interleaved rounds. Both loops read kubetrain's "
-        "sharded stream; kubetrain is `kubetrain.train.loop.fit` (images workload), the hand "
+        "sharded stream; kubetrain is `kubetrain.train.loop.fit` (images task), the hand "
         "loop is forward, loss, backward, step. Data-wait: time waiting for the next batch "
         "over the epoch's time.",
         "",

@@ -1,5 +1,5 @@
 """KFP components: thin adapters, one module per step. Each maps artifacts and parameters to one
-call into ``kubetrain.steps``; there is no ML logic here. Installed as ``kubetrain.components``.
+call into ``kubetrain.pipeline.steps``; there is no ML logic here. Installed as ``kubetrain.components``.
 """
 
 from kubetrain.components.evaluate import evaluate

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetrain.images import runtime_image
+from kubetrain.launch.image import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -12,9 +12,9 @@ def check_accuracy(evaluation: dsl.Input[dsl.Artifact], min_accuracy: float) -> 
         min_accuracy: the promotion bar on the primary metric (fp32 and int8).
     """
 
-    from kubetrain import steps
-    from kubetrain.artifacts import Evaluation
-    from kubetrain.logs import setup_logging
+    from kubetrain.core.artifacts import Evaluation
+    from kubetrain.core.logs import setup_logging
+    from kubetrain.pipeline import steps
 
     setup_logging()  # an error is the step's one line, as in every step
     return steps.is_promotable(Evaluation.load_metrics(evaluation.path), min_accuracy)
@@ -31,10 +31,10 @@ def check_changed(config_json: str, overrides: str, dataset: dsl.Input[dsl.Datas
     """
     from pathlib import Path
 
-    from kubetrain import steps
-    from kubetrain.config import config_from_json
-    from kubetrain.logs import setup_logging
-    from kubetrain.params import apply_overrides
+    from kubetrain.core.logs import setup_logging
+    from kubetrain.pipeline import steps
+    from kubetrain.pipeline.config import config_from_json
+    from kubetrain.pipeline.params import apply_overrides
 
     setup_logging()
     cfg = config_from_json(apply_overrides(config_json, overrides))
@@ -63,11 +63,11 @@ def promote(
     """
     from pathlib import Path
 
-    from kubetrain import steps
-    from kubetrain.artifacts import EVAL_METRICS
-    from kubetrain.config import config_from_json
-    from kubetrain.logs import setup_logging
-    from kubetrain.params import apply_overrides
+    from kubetrain.core.artifacts import EVAL_METRICS
+    from kubetrain.core.logs import setup_logging
+    from kubetrain.pipeline import steps
+    from kubetrain.pipeline.config import config_from_json
+    from kubetrain.pipeline.params import apply_overrides
 
     setup_logging()
     record = steps.promote(
@@ -88,8 +88,8 @@ def reject(
         min_accuracy: the promotion bar on the primary metric (fp32 and int8).
         decision: why the model was not promoted.
     """
-    from kubetrain.artifacts import Evaluation, Rejection, gate_reason
-    from kubetrain.logs import setup_logging
+    from kubetrain.core.artifacts import Evaluation, Rejection, gate_reason
+    from kubetrain.core.logs import setup_logging
 
     setup_logging()
     rejection = Rejection(gate_reason(Evaluation.load_metrics(evaluation.path), min_accuracy))

@@ -2,7 +2,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from kubetrain.images import runtime_image
+from kubetrain.launch.image import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -29,8 +29,8 @@ def run_params(
         tune_max_trials: tune.max_trials for this run (0 keeps the compiled value).
         schedule_time: the time a run is for (a backend's scheduled-time placeholder; '' = now).
     """
-    from kubetrain.logs import setup_logging
-    from kubetrain.params import STEP_SECTIONS, resolve
+    from kubetrain.core.logs import setup_logging
+    from kubetrain.pipeline.params import STEP_SECTIONS, resolve
 
     setup_logging()
     steps = resolve(

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetrain.images import runtime_image
+from kubetrain.launch.image import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -26,8 +26,8 @@ def track(
         model: the trained fp32 model.
         quantized: the int8 model.
     """
-    from kubetrain.logs import setup_logging
-    from kubetrain.params import apply_overrides
+    from kubetrain.core.logs import setup_logging
+    from kubetrain.pipeline.params import apply_overrides
     from kubetrain.tracking.log import track_pipeline_run
 
     setup_logging()

@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from kubetrain.images import runtime_image
+from kubetrain.launch.image import runtime_image
 
 
 @dsl.component(base_image=runtime_image(), install_kfp_package=False)
@@ -24,12 +24,12 @@ def train(
     """
     from pathlib import Path
 
-    from kubetrain import steps
-    from kubetrain.artifacts import SearchResult
-    from kubetrain.config import config_from_json
-    from kubetrain.kfp_outputs import persist
-    from kubetrain.logs import setup_logging
-    from kubetrain.params import apply_overrides
+    from kubetrain.core.artifacts import SearchResult
+    from kubetrain.core.logs import setup_logging
+    from kubetrain.pipeline import steps
+    from kubetrain.pipeline.config import config_from_json
+    from kubetrain.pipeline.kfp_outputs import persist
+    from kubetrain.pipeline.params import apply_overrides
 
     setup_logging()
     summary = steps.train(

@@ -10,8 +10,8 @@
 #                The trainer image is the exception to auto: without its CUDA base it is skipped
 #                (a message says so); IMAGE_BASE=local builds it on the debootstrap base with
 #                PyPI's CUDA torch instead (a ~2.7 GB download, a ~6 GB image).
-#   REGISTRY     image name prefix (default ghcr.io/kubetrain, as in kubetrain.images)
-#   TAG          image tag (default: the package version, so kubetrain.images finds it)
+#   REGISTRY     image name prefix (default ghcr.io/kubetrain, as in kubetrain.launch.image)
+#   TAG          image tag (default: the package version, so kubetrain.launch.image finds it)
 #   ENGINE       docker (default) or podman; DOCKER=/path/to/docker picks a docker CLI
 #   BUILD_FLAGS  extra build flags, e.g. "--no-cache"
 #

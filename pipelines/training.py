@@ -2,7 +2,7 @@
 
 The pipeline is built from a config: each step receives only the config sections it uses, so a
 change to, say, ``quantize.method`` re-runs quantize and evaluate and takes the rest from cache.
-Run-time parameters (``kubetrain.params``) change a run without recompiling: ``min_accuracy``
+Run-time parameters (``kubetrain.pipeline.params``) change a run without recompiling: ``min_accuracy``
 (the promotion bar), ``data_source``, ``train_epochs``, ``tune_max_trials`` and ``overrides`` (any
 dotted config keys, a JSON object). A first ``params`` task merges them into the config and hands
 each step the overrides of its own sections, so caching still keys on what a step uses.
@@ -28,9 +28,9 @@ from typing import NamedTuple
 from kfp import dsl
 
 from kubetrain import components as c
-from kubetrain import steps
-from kubetrain.config import PipelineConfig
-from kubetrain.params import STEP_SECTIONS
+from kubetrain.pipeline import steps
+from kubetrain.pipeline.config import PipelineConfig
+from kubetrain.pipeline.params import STEP_SECTIONS
 
 PIPELINE_NAME = "kubetrain"
 DESCRIPTION = (
@@ -208,7 +208,7 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
     """Return the ``@dsl.pipeline`` function for ``cfg`` (compile it or run it under kfp.local).
 
     ``schedule_time`` is what the ``params`` task gets as the time a run is for (``{date}`` in
-    ``data.source``): ``kubetrain.params.SCHEDULE_PLACEHOLDER`` when compiling for a KFP backend,
+    ``data.source``): ``kubetrain.pipeline.params.SCHEDULE_PLACEHOLDER`` when compiling for a KFP backend,
     which resolves it (the exact placeholder as the whole value); empty under kfp.local, whose
     2.17 runner fails a task given that placeholder -- the task then takes the current time.
 

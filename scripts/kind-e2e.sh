@@ -35,7 +35,7 @@ docker info >/dev/null 2>&1 || fail "no Docker engine answers (scripts/dockerd.s
 
 version="$(python3 -c 'import kubetrain; print(kubetrain.__version__)' 2>/dev/null ||
   kubetrain --version | awk '{print $2}')"
-image="$(python3 -c 'from kubetrain.images import runtime_image; print(runtime_image())' 2>/dev/null ||
+image="$(python3 -c 'from kubetrain.launch.image import runtime_image; print(runtime_image())' 2>/dev/null ||
   echo "ghcr.io/kubetrain/kubetrain-runtime:$version")"
 
 pf_pid=""

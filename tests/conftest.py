@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.config import PipelineConfig, load_config
-from kubetrain.workloads.base import Workload
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.pipeline.config import PipelineConfig, load_config
+from kubetrain.tasks import open_task
+from kubetrain.tasks.base import Task
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).parent / "assets"
@@ -77,14 +78,15 @@ def needs_github(what: str) -> None:
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, digits_dir) -> Path:
     """An MLP trained on digits for 4 epochs in this process: what the quantize tests start from."""
+    from kubetrain.core.distributed import DistContext
     from kubetrain.data import load_dataset
-    from kubetrain.train.distributed import DistContext
     from kubetrain.train.loop import fit, save_model
 
     cfg = load_config(overrides=["train.nproc=1", "train.epochs=4"])
     data = load_dataset(digits_dir)
     out = tmp_path_factory.mktemp("model")
-    save_model(fit(cfg, data, DistContext()), cfg, data, out)
+    task = open_task(cfg, data)
+    save_model(fit(cfg, task, DistContext()), cfg, task, out)
     return out
 
 
@@ -121,8 +123,8 @@ def assert_one_train_error_and_no_model(stderr: str, model_dir: Path) -> None:
     assert not (model_dir / "model.json").exists()
 
 
-class InMemoryWorkload(Workload):
-    """The quantize tests' workloads: splits held as tensors ``x``/``y`` by split, the model
+class InMemoryTask(Task):
+    """The quantize tests' tasks: splits held as tensors ``x``/``y`` by split, the model
     from the class's ``factory``. Quantize and evaluate never train, so training is not
     implemented."""
 

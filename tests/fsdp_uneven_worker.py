@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kubetrain.train.distributed import gathered, init_from_env, local_tensor, shard_model
+from kubetrain.core.distributed import init_from_env
+from kubetrain.train.distributed import gathered, local_tensor, shard_model
 
 
 def main(out: Path) -> None:

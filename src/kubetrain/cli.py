@@ -16,8 +16,9 @@ import signal
 import sys
 from pathlib import Path
 
-from kubetrain import __version__, artifacts
-from kubetrain.errors import KubetrainError, UsageError
+from kubetrain import __version__
+from kubetrain.core import artifacts
+from kubetrain.core.errors import KubetrainError, UsageError
 
 log = logging.getLogger("kubetrain")
 
@@ -186,8 +187,8 @@ def _print_table(header: list[str], rows: list[list[str]], title: str | None = N
 
 
 def _runs_command(args: argparse.Namespace) -> int:
-    from kubetrain import runs
-    from kubetrain.io import atomic_write
+    from kubetrain.core.io import atomic_write
+    from kubetrain.pipeline import runs
 
     if args.command == "runs":
         found = runs.find_runs(args.root)
@@ -214,7 +215,7 @@ def _runs_command(args: argparse.Namespace) -> int:
 
 def _check_paths(args: argparse.Namespace) -> None:
     """Refuse unusable path arguments before any work: one line naming the path (exit 2)."""
-    from kubetrain.io import check_writable_dir
+    from kubetrain.core.io import check_writable_dir
 
     output = getattr(args, "output", None)
     if output is None:
@@ -229,7 +230,7 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def _compile(cfg, args: argparse.Namespace) -> None:
     """``compile``: write the pipeline YAML to ``--output``."""
-    from kubetrain.submit import compile_pipeline
+    from kubetrain.pipeline.submit import compile_pipeline
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     compile_pipeline(cfg, args.output)
@@ -238,8 +239,8 @@ def _compile(cfg, args: argparse.Namespace) -> None:
 
 def _run(cfg, args: argparse.Namespace) -> None:
     """``run``: the whole pipeline locally, then a summary of its result."""
-    from kubetrain.artifacts import primary_values
-    from kubetrain.run import run_local
+    from kubetrain.core.artifacts import primary_values
+    from kubetrain.pipeline.run import run_local
 
     result = run_local(
         cfg, args.output, cache=not args.no_cache, runner=args.runner, verbose=args.verbose
@@ -265,7 +266,7 @@ def _run(cfg, args: argparse.Namespace) -> None:
 
 def _submit(args: argparse.Namespace) -> None:
     """``submit`` / ``schedule``: create a run (or a recurring one) on a KFP host."""
-    from kubetrain import submit
+    from kubetrain.pipeline import submit
 
     if not args.host:
         raise KubetrainError(f"{args.command}: give --host URL (or set KF_PIPELINES_ENDPOINT)")
@@ -280,7 +281,7 @@ def _submit(args: argparse.Namespace) -> None:
 
 def _train(cfg, args: argparse.Namespace) -> None:
     """``train``: one training run on a dataset, with tuned parameters if given."""
-    from kubetrain import steps
+    from kubetrain.pipeline import steps
 
     _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
     if args.params is not None and not args.params.is_file():
@@ -291,7 +292,7 @@ def _train(cfg, args: argparse.Namespace) -> None:
 
 def _quantize(cfg, args: argparse.Namespace) -> None:
     """``quantize``: an int8 model from a trained one."""
-    from kubetrain import steps
+    from kubetrain.pipeline import steps
 
     _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
     _require_dir(args.model, "model", artifacts.MODEL_SPEC)
@@ -300,7 +301,7 @@ def _quantize(cfg, args: argparse.Namespace) -> None:
 
 def _evaluate(cfg, args: argparse.Namespace) -> None:
     """``evaluate``: both models on the test split, the report and the promotion verdict."""
-    from kubetrain import steps
+    from kubetrain.pipeline import steps
 
     _require_dir(args.dataset, "dataset", artifacts.DATASET_META)
     _require_dir(args.model, "model", artifacts.MODEL_SPEC)
@@ -312,8 +313,8 @@ def _evaluate(cfg, args: argparse.Namespace) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run the subcommand of parsed ``args``; returns the exit status (errors raise)."""
-    from kubetrain import steps
-    from kubetrain.config import load_config
+    from kubetrain.pipeline import steps
+    from kubetrain.pipeline.config import load_config
 
     if args.command in ("runs", "compare"):
         return _runs_command(args)
@@ -327,7 +328,7 @@ def dispatch(args: argparse.Namespace) -> int:
         case "run":
             _run(cfg, args)
         case "manifests":
-            from kubetrain.launch.manifests import cluster_manifests, header, to_yaml
+            from kubetrain.pipeline.manifests import cluster_manifests, header, to_yaml
 
             sys.stdout.write(to_yaml(cluster_manifests(cfg), header(cfg)))
         case "submit" | "schedule":
@@ -375,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         The exit code: 0 done, 1 failed, 2 bad config or arguments, 130 Ctrl-C, 143 SIGTERM.
     """
     args = build_parser().parse_args(argv)
-    from kubetrain.io import clean_stale_temp_dirs
-    from kubetrain.logs import setup_logging
+    from kubetrain.core.io import clean_stale_temp_dirs
+    from kubetrain.core.logs import setup_logging
 
     setup_logging(args.verbose)
     try:

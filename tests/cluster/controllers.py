@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from cluster.controlplane import ROOT, free_port
-from kubetrain.config import load_config
+from kubetrain.pipeline.config import load_config
 
 RUNNER_SA = "kubetrain-pipeline-runner"  # manifests/base/serviceaccount.yaml
 

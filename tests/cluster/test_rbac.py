@@ -19,10 +19,10 @@ from cluster.controllers import (
     tc_condition,
     tune_cfg,
 )
-from kubetrain import steps
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError
 from kubetrain.launch.kubernetes import TRAIN_JOB, build_pytorchjob
+from kubetrain.pipeline import steps
 
 pytestmark = pytest.mark.cluster
 

@@ -14,9 +14,9 @@ import yaml
 from cluster.controllers import in_namespace, rendered
 from cluster.controlplane import ROOT
 from kubetrain.cli import main
-from kubetrain.config import load_config
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError
 from kubetrain.launch.kubernetes import TRAIN_JOB, build_pytorchjob
+from kubetrain.pipeline.config import load_config
 from tests.conftest import needs_github
 
 pytestmark = pytest.mark.cluster

@@ -19,12 +19,12 @@ from cluster.controllers import (
     run_the_master,
     tc_condition,
 )
-from kubetrain import steps
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 from kubetrain.launch.cluster import ClusterJob, run_job
 from kubetrain.launch.jobkinds import KubernetesLauncher
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError
 from kubetrain.launch.kubernetes import PyTorchJobWatcher, build_pytorchjob
+from kubetrain.pipeline import steps
 
 pytestmark = pytest.mark.cluster
 

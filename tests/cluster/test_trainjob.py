@@ -22,9 +22,9 @@ from cluster.controllers import (
     play_trainjob,
     run_the_master,
 )
-from kubetrain import steps
-from kubetrain.errors import ConfigError, KubetrainError
-from kubetrain.io import read_json
+from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.core.io import read_json
+from kubetrain.pipeline import steps
 
 pytestmark = pytest.mark.cluster
 

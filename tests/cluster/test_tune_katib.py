@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from cluster.controllers import in_background, play_katib, tune_cfg
-from kubetrain import steps
-from kubetrain.errors import KubetrainError
-from kubetrain.io import read_json
+from kubetrain.core.errors import KubetrainError
+from kubetrain.core.io import read_json
+from kubetrain.pipeline import steps
 
 pytestmark = pytest.mark.cluster
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain.config import load_config
+from kubetrain.core.io import read_json
 from kubetrain.data import build_dataset
-from kubetrain.io import read_json
 from kubetrain.launch.local import free_port
+from kubetrain.pipeline.config import load_config
 from kubetrain.tune.katib import METRICS_FILTER, build_experiment, parse_metrics
 
 SMALL = [

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain.config import load_config
-from kubetrain.images import runtime_image
-from kubetrain.io import read_json
+from kubetrain.core.io import read_json
+from kubetrain.launch.image import runtime_image
+from kubetrain.pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("run-params", "preprocess", "tune", "train", "quantize", "evaluate", "check-accuracy")
@@ -64,7 +64,7 @@ def _executed(captured) -> list[str]:
 
 
 def test_pipeline_runs_every_step_in_the_image(runtime_image_built, tmp_path, capfd):
-    from kubetrain.run import run_local
+    from kubetrain.pipeline.run import run_local
 
     result = run_local(load_config(), tmp_path / "run", runner="docker", verbose=True)
     captured = capfd.readouterr()
@@ -102,8 +102,8 @@ def test_pipeline_runs_every_step_in_the_image(runtime_image_built, tmp_path, ca
 
 def test_missing_image_is_one_clear_error(monkeypatch, tmp_path):
     _docker_or_skip()
-    from kubetrain.errors import KubetrainError
-    from kubetrain.run import docker_runner
+    from kubetrain.core.errors import KubetrainError
+    from kubetrain.pipeline.run import docker_runner
 
     monkeypatch.setenv("KUBETRAIN_IMAGE", "kubetrain-no-such-image:0")
     with pytest.raises(KubetrainError, match=r"not in the local Docker engine.*make images"):

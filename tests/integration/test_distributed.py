@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kubetrain.config import load_config
-from kubetrain.io import read_json
+from kubetrain.core.io import read_json
 from kubetrain.launch.local import LocalLauncher
+from kubetrain.pipeline.config import load_config
 
 BASE = ["train.epochs=3", "train.batch_size=64", "train.seed=7", "tune.enabled=false"]
 
@@ -46,7 +46,7 @@ def test_distributed_run_matches_one_process(tmp_path, digits_dir, single, layou
 
 
 def test_a_failing_worker_fails_the_step_with_a_clear_message(tmp_path, digits_dir):
-    from kubetrain.errors import KubetrainError
+    from kubetrain.core.errors import KubetrainError
 
     # 2 processes x batch 4096 > samples: every rank raises a ConfigError and exits non-zero.
     cfg = load_config(overrides=[*BASE, "train.nproc=2", "train.batch_size=4096"])
@@ -91,7 +91,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tmp_path, digits_dir):
         time.sleep(0.01)
     victims = [
         p for p in psutil.process_iter(["cmdline", "environ"])
-        if "kubetrain.train.worker" in (p.info["cmdline"] or [])
+        if "kubetrain.launch.worker" in (p.info["cmdline"] or [])
         and str(out) in (p.info["cmdline"] or [])
         and (p.info["environ"] or {}).get("LOCAL_RANK") == "1"
     ]  # fmt: skip

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain.config import load_config
-from kubetrain.io import read_json
+from kubetrain.core.io import read_json
 from kubetrain.launch.local import LocalLauncher
+from kubetrain.pipeline.config import load_config
 from tests.conftest import assert_one_train_error_and_no_model
 
 BASE = ["train.epochs=3", "train.batch_size=64", "train.seed=7", "tune.enabled=false"]
@@ -116,7 +116,7 @@ def test_a_non_finite_loss_stops_both_fsdp_workers_with_one_line(
     tmp_path, digits_dir, capfd, check
 ):
 
-    from kubetrain.errors import KubetrainError
+    from kubetrain.core.errors import KubetrainError
 
     cfg = load_config(overrides=[*BASE, "train.nproc=2", "train.strategy=fsdp", "train.lr=1e6",
                                  "train.checkpoint_every_steps=1", *check])  # fmt: skip

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from kubetrain.errors import ConfigError  # noqa: E402
+from kubetrain.core.errors import ConfigError  # noqa: E402
 from kubetrain.models.hf import load_hf_model  # noqa: E402
 from kubetrain.models.transformer import beam_search, greedy_decode, seq2seq_loss  # noqa: E402
 

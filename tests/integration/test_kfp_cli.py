@@ -18,7 +18,7 @@ def test_kfp_cli_run_create_with_overrides_against_fake_kfp_apiserver(kfp_server
     """`kfp run create ... overrides='{...}'` on the IR of `kubetrain compile`; the values the
     server receives drive the params task as the backend would run it."""
     from kubetrain import components as c
-    from kubetrain.params import STEP_SECTIONS
+    from kubetrain.pipeline.params import STEP_SECTIONS
 
     package = tmp_path / "kubetrain.yaml"
     assert main(["compile", "-o", str(package)]) == 0

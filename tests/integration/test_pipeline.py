@@ -62,7 +62,7 @@ def test_promoted_artifacts_reload_in_a_fresh_process(first_run):
     code = (
         "import sys; from kubetrain.data import load_dataset;"
         "from kubetrain.quantize import load_model, load_quantized;"
-        "from kubetrain.evaluate.measure import predict;"
+        "from kubetrain.tasks.measure import predict;"
         "d = load_dataset(sys.argv[2]); x, y = d.split('test');"
         "acc = lambda m: (predict(m, x, d.input_shape) == y).mean();"
         "print(acc(load_model(sys.argv[1] + '/fp32')), acc(load_quantized(sys.argv[1] + '/int8')))"

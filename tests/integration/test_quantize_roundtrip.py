@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kubetrain.data import load_dataset
-from kubetrain.evaluate.measure import predict
 from kubetrain.quantize import load_model, load_quantized, quantize_artifact
+from kubetrain.tasks.measure import predict
 from tests.conftest import quick_quantize_config
 
 # What a user without kubetrain runs: torch (+ torchao for its ops) and quant.json.

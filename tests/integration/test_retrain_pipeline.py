@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubetrain.config import load_config
-from kubetrain.run import run_local
+from kubetrain.pipeline.config import load_config
+from kubetrain.pipeline.run import run_local
 
 
 @pytest.mark.slow

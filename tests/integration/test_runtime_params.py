@@ -9,7 +9,7 @@ import json
 import pytest
 
 from kubetrain.cli import main
-from kubetrain.params import SCHEDULE_PLACEHOLDER
+from kubetrain.pipeline.params import SCHEDULE_PLACEHOLDER
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from kubetrain.config import load_config
-from kubetrain.io import read_json
+from kubetrain.core.io import read_json
+from kubetrain.pipeline.config import load_config
 from kubetrain.tune.local import run_search
 
 FAST = ["tune.trial_epochs=2", "tune.parallel_trials=2", "train.epochs=2"]
@@ -99,7 +99,7 @@ def test_early_stopping_prunes_trials_from_their_epoch_reports(tmp_path, digits_
 
 
 def test_a_killed_trial_process_is_one_line_not_a_traceback(tmp_path, digits_dir):
-    from kubetrain.errors import KubetrainError
+    from kubetrain.core.errors import KubetrainError
 
     cfg = load_config(
         overrides=[

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from torch.utils.data import DataLoader
 
+from kubetrain.core.errors import DataError
 from kubetrain.data.shards import read_manifest
 from kubetrain.data.streaming import StreamingDataset
-from kubetrain.errors import DataError
 from servers import s3_server
 from sharded import ids_collate, write_dataset
 

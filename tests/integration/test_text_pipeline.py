@@ -98,9 +98,9 @@ def test_two_process_training_resumes_from_a_mid_epoch_checkpoint_exactly(tmp_pa
     model; the same job resumes from it and ends with the same weights, bit for bit. (Without
     dropout: a checkpoint holds rank 0's RNG state only, so rank 1's dropout masks after a resume
     are not those of the uninterrupted run.)"""
-    from kubetrain.config import load_config
     from kubetrain.launch.local import LocalLauncher
-    from kubetrain.workloads import build_dataset
+    from kubetrain.pipeline.config import load_config
+    from kubetrain.tasks import build_dataset
 
     source = write_pairs(tmp_path / "pairs.jsonl", n=300)
     cfg = load_config(
@@ -228,12 +228,12 @@ def tiny_classifier(spec, num_classes, width: int = 8):
 @pytest.mark.parametrize("kind", ["hf", "factory"])
 def test_hf_directory_and_own_factory_train_and_rebuild_from_the_spec(tmp_path, kind):
     """``hf:<dir>`` (a tiny BERT the test saves) and ``package.module:factory`` through the
-    workload: built from the config, a training step, rebuilt from the stored spec."""
-    from kubetrain.artifacts import DatasetArtifact
-    from kubetrain.config import load_config
+    task: built from the config, a training step, rebuilt from the stored spec."""
+    from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.core.distributed import DistContext
     from kubetrain.models.networks import build_from_spec
-    from kubetrain.train.distributed import DistContext
-    from kubetrain.workloads import build_dataset, open_workload
+    from kubetrain.pipeline.config import load_config
+    from kubetrain.tasks import build_dataset, open_task
 
     if kind == "hf":
         transformers = pytest.importorskip("transformers")
@@ -258,13 +258,13 @@ def test_hf_directory_and_own_factory_train_and_rebuild_from_the_spec(tmp_path, 
         ]
     )
     build_dataset(cfg.data, tmp_path / "ds")
-    workload = open_workload(cfg, DatasetArtifact.load(tmp_path / "ds"))
-    model = workload.build_model(cfg.model)
-    batches = workload.train_batches(cfg.train, DistContext())
+    task = open_task(cfg, DatasetArtifact.load(tmp_path / "ds"))
+    model = task.build_model(cfg.model)
+    batches = task.train_batches(cfg.train, DistContext())
     batches.set_epoch(0)
     inputs, target = next(iter(batches))
-    workload.loss(model(*inputs), target).backward()
-    rebuilt = build_from_spec(workload.model_spec(cfg.model))
+    task.loss(model(*inputs), target).backward()
+    rebuilt = build_from_spec(task.model_spec(cfg.model))
     rebuilt.load_state_dict(model.state_dict())
-    x, _ = workload.examples("test", 4)
+    x, _ = task.examples("test", 4)
     assert torch.equal(model.eval()(x), rebuilt.eval()(x))

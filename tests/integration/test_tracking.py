@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from kubetrain.config import load_config
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
+from kubetrain.pipeline.config import load_config
 from tests.mlflow_server import mlflow_server
 
 

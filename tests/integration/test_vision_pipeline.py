@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torchvision", reason="the image workload needs the vision extra")
+pytest.importorskip("torchvision", reason="the image task needs the vision extra")
 
 from servers import s3_server
 from tests.conftest import run_cli
@@ -151,11 +151,11 @@ def test_training_streams_shards_from_s3(tmp_path):
     two training processes read them over the S3 protocol."""
     import s3fs
 
-    from kubetrain import steps
-    from kubetrain.config import PipelineConfig
+    from kubetrain.core.io import read_json
     from kubetrain.data.config import DataConfig
     from kubetrain.data.images import build_image_dataset
-    from kubetrain.io import read_json
+    from kubetrain.pipeline import steps
+    from kubetrain.pipeline.config import PipelineConfig
 
     image_folder(tmp_path / "images", classes=4, per_class=30)
     with s3_server() as s3:
@@ -182,18 +182,18 @@ def test_training_streams_shards_from_s3(tmp_path):
     assert len(history) == 2 and all(h["val_loss"] > 0 for h in history)
 
 
-# A rank streaming an image dataset's training split through the workload (decode, Normalize,
+# A rank streaming an image dataset's training split through the task (decode, Normalize,
 # 2 loader workers) in its own process; prints images seen and its peak RSS (KiB).
 _RANK = """
 import resource, sys
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.config import PipelineConfig
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.pipeline.config import PipelineConfig
 from kubetrain.train.config import TrainConfig
-from kubetrain.train.distributed import DistContext
-from kubetrain.workloads import open_workload
+from kubetrain.core.distributed import DistContext
+from kubetrain.tasks import open_task
 data = DatasetArtifact.load(sys.argv[1])
 cfg = PipelineConfig.model_validate({"data": {"source": data.root, "num_workers": 0}})
-batches = open_workload(cfg, data).train_batches(TrainConfig(batch_size=16, nproc=1), DistContext())
+batches = open_task(cfg, data).train_batches(TrainConfig(batch_size=16, nproc=1), DistContext())
 batches.set_epoch(0)
 print(sum(len(y) for _, y in batches), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -230,7 +230,7 @@ def test_a_ranks_memory_does_not_grow_with_the_number_of_images(tmp_path):
     (about 400 MiB) against 600, on top of torch and torchvision. Holding the split, or a tenth
     of it, would show."""
     from kubetrain.data.config import DataConfig
-    from kubetrain.workloads.images import build
+    from kubetrain.tasks.images import build
 
     def peak(n: int) -> tuple[int, int]:
         _padded_shards(tmp_path / f"shards{n}", n)

@@ -1,4 +1,4 @@
-"""The step contracts (kubetrain.artifacts): every artifact is complete only once its marker file
+"""The step contracts (kubetrain.core.artifacts): every artifact is complete only once its marker file
 is written, and the evaluation's type writes the documented metrics.json and reads it back."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kubetrain import artifacts, steps
-from kubetrain.artifacts import (
+from kubetrain.core import artifacts
+from kubetrain.core.artifacts import (
     DatasetArtifact,
     Evaluation,
     Promotion,
@@ -17,10 +17,12 @@ from kubetrain.artifacts import (
     SearchResult,
     TrainedModel,
 )
-from kubetrain.config import load_config
+from kubetrain.core.distributed import DistContext
+from kubetrain.core.errors import DataError, KubetrainError
 from kubetrain.data import load_dataset
-from kubetrain.errors import DataError, KubetrainError
-from kubetrain.train.distributed import DistContext
+from kubetrain.pipeline import steps
+from kubetrain.pipeline.config import load_config
+from kubetrain.tasks import open_task
 from kubetrain.train.loop import fit, save_model
 
 # metrics.json as the README documents it (keys that do not depend on the candidates tried).
@@ -57,7 +59,8 @@ def evaluated(tmp_path_factory, digits_dir):
         ]
     )  # fmt: skip
     data = load_dataset(digits_dir)
-    save_model(fit(cfg, data, DistContext()), cfg, data, root / "model")
+    task = open_task(cfg, data)
+    save_model(fit(cfg, task, DistContext()), cfg, task, root / "model")
     steps.quantize(cfg, digits_dir, root / "model", root / "quant")
     metrics = steps.evaluate(cfg, digits_dir, root / "model", root / "quant", root / "eval")
     return root, metrics

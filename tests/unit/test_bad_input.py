@@ -735,7 +735,7 @@ def test_stale_temporary_dirs_are_removed_at_the_next_start(tmp_path, capsys, mo
 
 
 def test_stale_temporary_files_of_atomic_writes_are_removed(tmp_path):
-    from kubetrain.io import _host, write_json
+    from kubetrain.core.io import _host, write_json
 
     dead = _dead_pid()
     stale = tmp_path / f".ckpt-00000004.pt.{_host()}-{dead}.k2j4h1.tmp"

@@ -5,9 +5,10 @@ import logging
 import pytest
 import torch
 
-from kubetrain.config import load_config
+from kubetrain.core.distributed import DistContext
 from kubetrain.data import load_dataset
-from kubetrain.train.distributed import DistContext
+from kubetrain.pipeline.config import load_config
+from kubetrain.tasks import open_task
 from kubetrain.train.loop import Stopped, fit
 
 BASE = ["train.nproc=1", "train.epochs=4", "train.checkpoint_every_steps=7", "train.seed=2"]
@@ -25,7 +26,10 @@ def _same(a, b) -> bool:
 def uninterrupted(tmp_path_factory, digits_dir):
     cfg = load_config(overrides=BASE)
     result = fit(
-        cfg, load_dataset(digits_dir), DistContext(), checkpoint_dir=tmp_path_factory.mktemp("c")
+        cfg,
+        open_task(cfg, load_dataset(digits_dir)),
+        DistContext(),
+        checkpoint_dir=tmp_path_factory.mktemp("c"),
     )
     return _weights(result), result
 
@@ -34,7 +38,7 @@ def _interrupted(tmp_path, digits_dir, *extra):
     """Train until the end of epoch 2, as if the process died there."""
     cfg = load_config(overrides=[*BASE, *extra])
     with pytest.raises(Stopped):
-        fit(cfg, load_dataset(digits_dir), DistContext(), on_epoch=lambda s: s.epoch == 2,
+        fit(cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), on_epoch=lambda s: s.epoch == 2,
             checkpoint_dir=tmp_path)  # fmt: skip
     return cfg
 
@@ -48,7 +52,9 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
         "ckpt-00000028.pt",
         "ckpt-00000035.pt",
     ]
-    resumed = fit(cfg, load_dataset(digits_dir), DistContext(), checkpoint_dir=tmp_path)
+    resumed = fit(
+        cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), checkpoint_dir=tmp_path
+    )
     assert resumed.summary["resumed_from_step"] == 35
     assert _same(_weights(resumed), uninterrupted[0])
     assert [h.epoch for h in resumed.history] == [1, 2, 3, 4]
@@ -68,7 +74,9 @@ def test_a_bad_newest_checkpoint_is_skipped_with_a_warning(
     else:
         cfg = cfg.with_params({"train.lr": 0.01})
     with caplog.at_level(logging.WARNING):
-        resumed = fit(cfg, load_dataset(digits_dir), DistContext(), checkpoint_dir=tmp_path)
+        resumed = fit(
+            cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), checkpoint_dir=tmp_path
+        )
     assert "skipping checkpoint" in caplog.text and "ckpt-00000035.pt" in caplog.text
     if damage == "other-config":  # neither checkpoint is this job's: it starts afresh
         assert resumed.summary["resumed_from_step"] is None
@@ -79,7 +87,8 @@ def test_a_bad_newest_checkpoint_is_skipped_with_a_warning(
 
 def test_resume_can_be_turned_off(tmp_path, digits_dir):
     cfg = _interrupted(tmp_path, digits_dir)
-    fresh = fit(cfg.with_params({"train.resume": False}), load_dataset(digits_dir), DistContext(),
+    fresh_cfg = cfg.with_params({"train.resume": False})
+    fresh = fit(fresh_cfg, open_task(fresh_cfg, load_dataset(digits_dir)), DistContext(),
                 checkpoint_dir=tmp_path)  # fmt: skip
     assert fresh.summary["resumed_from_step"] is None
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from kubetrain.config import load_config
+from kubetrain.pipeline.config import load_config
 from tests.conftest import run_cli
 
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from kubetrain.cli import main
-from kubetrain.config import load_config
-from kubetrain.launch.manifests import cluster_manifests
+from kubetrain.pipeline.config import load_config
+from kubetrain.pipeline.manifests import cluster_manifests
 
 # cluster.training_api -> (the train job's kind, the comment's first line)
 APIS = {

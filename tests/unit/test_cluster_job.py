@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain.config import load_config
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 from kubetrain.launch import cluster
 from kubetrain.launch.cluster import ClusterJob, run_job
 from kubetrain.launch.kubeapi import KubeApiError, Resource
+from kubetrain.pipeline.config import load_config
 
 HOST = "https://127.0.0.1:6443"
 JOBS = Resource("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob")

@@ -3,13 +3,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from kubetrain.config import (
-    PipelineConfig,
-    config_from_json,
-    load_config,
-    parse_override,
-)
-from kubetrain.errors import ConfigError
+from kubetrain.core.config import parse_override
+from kubetrain.core.errors import ConfigError
+from kubetrain.pipeline.config import PipelineConfig, config_from_json, load_config
 
 
 def test_bundled_defaults_need_no_file():
@@ -135,7 +131,8 @@ def test_with_params_validates():
 
 
 def test_bundled_recipes_load_by_name_and_an_unknown_name_lists_them():
-    from kubetrain.config import ConfigError, recipes
+    from kubetrain.core.errors import ConfigError
+    from kubetrain.pipeline.config import recipes
 
     text = {"text-classification", "translation", "summarization"}
     assert {"gpu", "smoke", "translation-gpu", "vision-gpu"} | text <= set(recipes())
@@ -172,7 +169,7 @@ def test_every_config_field_has_a_description():
 
 
 def test_each_section_lives_beside_its_package_and_derives_from_the_base():
-    from kubetrain.config_base import Section
+    from kubetrain.core.config import Section
 
     owners = {
         "data": "kubetrain.data.config", "model": "kubetrain.models.config",
@@ -190,7 +187,7 @@ def test_loading_a_config_imports_neither_torch_nor_numpy():
     import sys
 
     code = (
-        "import sys; from kubetrain.config import load_config; load_config(None, "
+        "import sys; from kubetrain.pipeline.config import load_config; load_config(None, "
         "['tune.algorithm=grid', 'tune.parameters.0.feasibleSpace.step=0.003']); "
         "print(sorted(m for m in ('torch', 'numpy', 'optuna', 'pandas') if m in sys.modules))"
     )

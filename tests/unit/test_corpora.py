@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetrain.core.errors import DataError
 from kubetrain.data.corpora import (
     LEXNAMES,
     docstring_pairs,
@@ -16,7 +17,6 @@ from kubetrain.data.corpora import (
     wordnet_glosses,
     write_jsonl,
 )
-from kubetrain.errors import DataError
 
 GIT_DE = Path("/usr/share/locale/de/LC_MESSAGES/git.mo")
 needs_wordnet = pytest.mark.skipif(

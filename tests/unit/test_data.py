@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kubetrain.config import DataConfig
+from kubetrain.core.errors import DataError
 from kubetrain.data import build_dataset, load_dataset
+from kubetrain.data.config import DataConfig
 from kubetrain.data.loader import ArrayDataset, GlobalBatchSampler, augment_images
-from kubetrain.errors import DataError
 
 
 def _csv(tmp_path, frame: pd.DataFrame, name="data.csv"):
@@ -245,7 +245,7 @@ def test_digits_are_read_without_importing_scikit_learn_and_match_its_loader():
 
 
 def test_classification_counts_the_confusion_matrix_by_true_row():
-    from kubetrain.evaluate.measure import classification
+    from kubetrain.tasks.measure import classification
 
     y_true = np.array([0, 0, 1, 2, 2, 2])
     y_pred = np.array([0, 1, 1, 2, 0, 2])

@@ -1,4 +1,4 @@
-"""The task-aware evaluation (kubetrain.evaluate.config, kubetrain.artifacts): the primary metric
+"""The task-aware evaluation (kubetrain.evaluate.config, kubetrain.core.artifacts): the primary metric
 per kind of data, the promotion bar (``min_value``, ``min_accuracy`` its classification alias),
 metrics.json with the primary and the extra metrics, and the gate on them; all on hand-made
 scores (no model)."""
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from kubetrain.artifacts import (
+from kubetrain.core.artifacts import (
     Evaluation,
     Latency,
     ModelScores,
@@ -20,11 +20,11 @@ from kubetrain.artifacts import (
     gate_reason,
     is_promotable,
 )
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.evaluate.config import EvaluateConfig
-from kubetrain.params import split_sets
-from kubetrain.steps import promotion_bar
+from kubetrain.pipeline.config import load_config
+from kubetrain.pipeline.params import split_sets
+from kubetrain.pipeline.steps import promotion_bar
 
 CLASSES = ["cat", "dog", "<b>fox</b>"]
 
@@ -226,8 +226,8 @@ def test_an_evaluation_round_trips_through_its_files(tmp_path, kind):
     assert (loaded.metric, loaded.kind, loaded.promoted) == (e.metric, kind, True)
 
 
-class FakeBleuWorkload:
-    """Stands in for a registered workload class: only its ``metric`` is read."""
+class FakeBleuTask:
+    """Stands in for a registered task class: only its ``metric`` is read."""
 
     metric = "bleu"
 
@@ -240,15 +240,12 @@ class FakeBleuWorkload:
         ("val_loss", "fake_seq2seq", "val_loss"),
         ("val_accuracy", "not_registered", "val_accuracy"),
     ],
-    ids=["tabular", "the-workloads-metric", "loss", "unknown-kind"],
+    ids=["tabular", "the-tasks-metric", "loss", "unknown-kind"],
 )
-def test_the_search_objective_is_named_after_the_workloads_metric(monkeypatch, objective, kind,
+def test_the_search_objective_is_named_after_the_tasks_metric(monkeypatch, objective, kind,
                                                                   name):  # fmt: skip
-    from kubetrain import workloads
-    from kubetrain.tune.config import TuneConfig
-    from kubetrain.workloads import objective_name
+    from kubetrain import tasks
+    from kubetrain.tune.config import TuneConfig, objective_name
 
-    monkeypatch.setitem(
-        workloads.KINDS, "fake_seq2seq", "tests.unit.test_evaluate_gate:FakeBleuWorkload"
-    )
+    monkeypatch.setitem(tasks.KINDS, "fake_seq2seq", "tests.unit.test_evaluate_gate:FakeBleuTask")
     assert objective_name(TuneConfig(objective_metric=objective), kind) == name

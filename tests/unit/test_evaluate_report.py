@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from kubetrain.artifacts import ModelScores
+from kubetrain.core.artifacts import ModelScores
 from kubetrain.evaluate import report
 from tests.unit.test_evaluate_gate import CLASSES, classification_values, evaluation, seq2seq_values
 

@@ -12,16 +12,18 @@ import pytest
 import torch
 from torch import nn
 
-from kubetrain.config import load_config
+from kubetrain.core.distributed import DistContext
+from kubetrain.core.errors import ConfigError
+from kubetrain.core.io import read_json
 from kubetrain.data import load_dataset
-from kubetrain.errors import ConfigError
-from kubetrain.io import read_json
 from kubetrain.models.transformer import (
     Seq2SeqTransformer,
     TransformerClassifier,
     TransformerConfig,
 )
-from kubetrain.train.distributed import DistContext, shard_units
+from kubetrain.pipeline.config import load_config
+from kubetrain.tasks import open_task
+from kubetrain.train.distributed import shard_units
 from kubetrain.train.loop import Stopped, fit
 from kubetrain.train.trainer import resume_key
 
@@ -89,7 +91,9 @@ def _weights(result) -> dict[str, torch.Tensor]:
 def uninterrupted(tmp_path_factory, digits_dir):
     cfg = load_config(overrides=BASE)
     directory = tmp_path_factory.mktemp("c")
-    result = fit(cfg, load_dataset(digits_dir), DistContext(), checkpoint_dir=directory)
+    result = fit(
+        cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), checkpoint_dir=directory
+    )
     return _weights(result), result, directory
 
 
@@ -97,7 +101,7 @@ def _interrupted(tmp_path, digits_dir):
     """Train until the end of epoch 2, as if the process died there."""
     cfg = load_config(overrides=BASE)
     with pytest.raises(Stopped):
-        fit(cfg, load_dataset(digits_dir), DistContext(), on_epoch=lambda s: s.epoch == 2,
+        fit(cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), on_epoch=lambda s: s.epoch == 2,
             checkpoint_dir=tmp_path)  # fmt: skip
     return cfg
 
@@ -117,7 +121,9 @@ def test_sharded_checkpoints_are_directories_with_a_manifest(uninterrupted):
 def test_sharded_resume_ends_with_the_same_weights(tmp_path, digits_dir, uninterrupted):
     cfg = _interrupted(tmp_path, digits_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000028", "step-00000035"]
-    resumed = fit(cfg, load_dataset(digits_dir), DistContext(), checkpoint_dir=tmp_path)
+    resumed = fit(
+        cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), checkpoint_dir=tmp_path
+    )
     assert resumed.summary["resumed_from_step"] == 35
     expected = uninterrupted[0]
     assert all(torch.equal(v, expected[k]) for k, v in _weights(resumed).items())
@@ -140,7 +146,9 @@ def test_a_bad_newest_sharded_checkpoint_is_skipped(
     else:
         cfg = cfg.with_params({"train.lr": 0.01})
     with caplog.at_level(logging.WARNING):
-        resumed = fit(cfg, load_dataset(digits_dir), DistContext(), checkpoint_dir=tmp_path)
+        resumed = fit(
+            cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), checkpoint_dir=tmp_path
+        )
     assert "skipping checkpoint" in caplog.text and "step-00000035" in caplog.text
     if damage == "other-config":
         assert resumed.summary["resumed_from_step"] is None
@@ -156,17 +164,17 @@ def test_checkpoints_of_the_other_strategy_are_not_resumed(
 ):
     short = ["train.nproc=1", "train.epochs=1", "train.checkpoint_every_steps=7"]
     data = load_dataset(digits_dir)
-    fit(load_config(overrides=[*short, f"train.strategy={wrote}"]), data, DistContext(),
-        checkpoint_dir=tmp_path)  # fmt: skip
+    first = load_config(overrides=[*short, f"train.strategy={wrote}"])
+    fit(first, open_task(first, data), DistContext(), checkpoint_dir=tmp_path)
+    second = load_config(overrides=[*short, f"train.strategy={reads}"])
     with caplog.at_level(logging.WARNING):
-        again = fit(load_config(overrides=[*short, f"train.strategy={reads}"]), data,
-                    DistContext(), checkpoint_dir=tmp_path)  # fmt: skip
+        again = fit(second, open_task(second, data), DistContext(), checkpoint_dir=tmp_path)
     assert again.summary["resumed_from_step"] is None
     assert f"not resuming the {wrote.upper()} checkpoints" in caplog.text
 
 
 def test_translation_gpu_recipe_is_a_sharded_bf16_cluster_run_of_about_100m_parameters():
-    from kubetrain.errors import ConfigError
+    from kubetrain.core.errors import ConfigError
 
     try:
         cfg = load_config("translation-gpu")
@@ -181,12 +189,12 @@ def test_translation_gpu_recipe_is_a_sharded_bf16_cluster_run_of_about_100m_para
 
 
 def test_a_sharded_checkpoint_that_cannot_be_written_is_one_line_naming_it(tmp_path, digits_dir):
-    from kubetrain.errors import KubetrainError
+    from kubetrain.core.errors import KubetrainError
 
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the checkpoints should go")
     with pytest.raises(KubetrainError, match=r"cannot write .*not-a-directory") as info:
-        fit(load_config(overrides=BASE), load_dataset(digits_dir), DistContext(),
-            checkpoint_dir=blocker)  # fmt: skip
+        cfg = load_config(overrides=BASE)
+        fit(cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), checkpoint_dir=blocker)
     assert "\n" not in str(info.value)
     assert blocker.read_text() == "a file where the checkpoints should go"

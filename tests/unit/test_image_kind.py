@@ -1,4 +1,4 @@
-"""Which sources preprocess treats as images (``workloads.kind_of``), and the one line a venv
+"""Which sources preprocess treats as images (``tasks.kind_of``), and the one line a venv
 without torchvision gives for them. Needs no torchvision: runs in the core venv too."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 
 from kubetrain.data.config import DataConfig
 from kubetrain.data.shards import ShardWriter, write_manifest
-from kubetrain.workloads import kind_of
+from kubetrain.tasks import kind_of
 from vision_data import encode, render
 
 # A CLI run in which torchvision cannot be imported, in either venv (the core venv has none; in
@@ -95,9 +95,9 @@ def test_image_data_without_torchvision_is_one_line_naming_the_vision_extra(
 
 
 def test_image_settings_on_tabular_data_are_refused(sources):
-    from kubetrain.config import load_config
-    from kubetrain.errors import ConfigError
-    from kubetrain.steps import check_supported
+    from kubetrain.core.errors import ConfigError
+    from kubetrain.pipeline.config import load_config
+    from kubetrain.pipeline.steps import check_supported
 
     cfg = load_config(overrides=[f"data.source={sources / 'table.csv'}", "data.mixup_alpha=0.2"])
     with pytest.raises(ConfigError, match=r"data.mixup_alpha: applies to image data only"):

@@ -15,7 +15,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 
 from kubetrain import __version__
-from kubetrain.images import DEFAULT_RUNTIME_IMAGE, runtime_image
+from kubetrain.launch.image import DEFAULT_RUNTIME_IMAGE, runtime_image
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ("runtime", "trainer")

@@ -11,7 +11,7 @@ from kubeflow_katib_api.models import V1beta1Experiment
 from pydantic import ValidationError
 
 from fakes.golden import golden
-from kubetrain.config import load_config
+from kubetrain.pipeline.config import load_config
 from kubetrain.tune.backend import KatibBackend, OptunaBackend, get_tune_backend
 from kubetrain.tune.katib import (
     METRICS_FILTER,
@@ -237,7 +237,7 @@ PROCESS_SPACE = {
     ids=["nproc-on-katib", "nnodes-on-katib", "nproc-locally"],
 )
 def test_a_process_count_in_the_search_space_is_refused_on_katib(key, backend, refused):
-    from kubetrain.errors import ConfigError
+    from kubetrain.core.errors import ConfigError
 
     lr = "{name: train.lr, parameterType: double, feasibleSpace: {min: 0.001, max: 0.1}}"
     settings = [f"cluster.backend={backend}", f"tune.parameters=[{lr}, {PROCESS_SPACE[key]}]"]

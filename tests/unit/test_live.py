@@ -1,4 +1,4 @@
-"""kubetrain.live: kfp.local's output filed per task, task states, key figures, a step's error."""
+"""kubetrain.pipeline.live: kfp.local's output filed per task, task states, key figures, a step's error."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kubetrain.live import PlainView, TaskLog, key_figure
-from kubetrain.logs import ERROR_MARKER
+from kubetrain.core.logs import ERROR_MARKER
+from kubetrain.pipeline.live import PlainView, TaskLog, key_figure
 
 TASKS = ["preprocess", "tune", "train", "check-accuracy", "promote", "reject"]
 
@@ -93,11 +93,11 @@ def test_a_failed_step_keeps_its_error_record_and_last_lines(task_log):
 @pytest.mark.parametrize(
     ("task", "line", "figure"),
     [
-        ("quantize", "05:40 I kubetrain.steps: dynamic_int8/fbgemm: 203304 -> 52008 bytes",
+        ("quantize", "05:40 I kubetrain.pipeline.steps: dynamic_int8/fbgemm: 203304 -> 52008 bytes",
          "dynamic_int8/fbgemm, 203304 -> 52008 bytes"),
-        ("evaluate", "05:41 I kubetrain.steps: test accuracy fp32 0.9778 int8 0.9704; size 1 -> 2",
+        ("evaluate", "05:41 I kubetrain.pipeline.steps: test accuracy fp32 0.9778 int8 0.9704; size 1 -> 2",
          "test accuracy fp32 0.9778, int8 0.9704"),
-        ("tune", "05:40 I kubetrain.steps: dynamic_int8/fbgemm: 203304 -> 52008 bytes", ""),
+        ("tune", "05:40 I kubetrain.pipeline.steps: dynamic_int8/fbgemm: 203304 -> 52008 bytes", ""),
         ("train", "epoch 3/20 of something else", ""),
     ],
     ids=["quantize", "evaluate", "another-tasks-line", "not-an-epoch-line"],

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import kubetrain
-from kubetrain.images import DEFAULT_RUNTIME_IMAGE
+from kubetrain.launch.image import DEFAULT_RUNTIME_IMAGE
 from tests.conftest import needs_github
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def of_kind(overlay: str, kind: str) -> list[dict[str, Any]]:
 
 
 def pod_templates(overlay: str) -> dict[str, dict[str, Any]]:
-    """``{"PyTorchJob/kubetrain-train/Master": pod template}`` for every workload."""
+    """``{"PyTorchJob/kubetrain-train/Master": pod template}`` for every task."""
     found = {}
     for doc in rendered(overlay):
         name = f"{doc['kind']}/{doc['metadata']['name']}"
@@ -138,9 +138,9 @@ def test_the_model_check_catches_a_misspelt_field():
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_workload_is_restricted_and_sized(overlay):
+def test_every_task_is_restricted_and_sized(overlay):
     templates = pod_templates(overlay)
-    assert templates, "no workload rendered"
+    assert templates, "no task rendered"
     for where, template in templates.items():
         spec = template["spec"]
         pod_sc = spec["securityContext"]
@@ -240,7 +240,7 @@ def test_role_is_least_privilege():
 
 def test_training_job_commands_match_the_package():
     """The job's config validates, its torchrun shape matches the replicas, its flags exist."""
-    from kubetrain.config import load_config
+    from kubetrain.pipeline.config import load_config
 
     (job,) = of_kind("kind", "PyTorchJob")
     specs = job["spec"]["pytorchReplicaSpecs"]
@@ -316,5 +316,5 @@ def test_the_gpu_overlay_shows_kueue_queues_for_its_nodes():
     assert group["flavors"][0]["name"] == docs["ResourceFlavor"]["metadata"]["name"]
     overlay = yaml.safe_load((path.parent / "kustomization.yaml").read_text())
     assert path.name not in overlay["resources"]
-    gpu_recipe = yaml.safe_load((ROOT / "src/kubetrain/recipes/gpu.yaml").read_text())
+    gpu_recipe = yaml.safe_load((ROOT / "src/kubetrain/pipeline/recipes/gpu.yaml").read_text())
     assert docs["ResourceFlavor"]["spec"]["nodeLabels"] == gpu_recipe["cluster"]["node_selector"]

@@ -1,4 +1,4 @@
-"""Run-time parameters of the compiled pipeline (kubetrain.params): the merge each step does,
+"""Run-time parameters of the compiled pipeline (kubetrain.pipeline.params): the merge each step does,
 the ``params`` task's split by step, ``{date}`` from the scheduled time, and the compiled IR."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from kubetrain import components as c
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError
-from kubetrain.params import (
+from kubetrain.core.errors import ConfigError
+from kubetrain.pipeline.config import load_config
+from kubetrain.pipeline.params import (
     SCHEDULE_PLACEHOLDER,
     STEP_SECTIONS,
     apply_overrides,

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from kubetrain.pipelines.training import DISPLAY_NAMES
 
-from kubetrain.config import PipelineConfig
-from kubetrain.submit import compile_pipeline
+from kubetrain.pipeline.config import PipelineConfig
+from kubetrain.pipeline.submit import compile_pipeline
 
 # Outputs the UI visualises, by component and output name.
 UI_OUTPUTS = {

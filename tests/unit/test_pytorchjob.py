@@ -11,14 +11,14 @@ import json
 import pytest
 
 from fakes.golden import golden
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.launch import get_launcher
 from kubetrain.launch.cluster import JobPaths, should_delete
 from kubetrain.launch.jobkinds import KubernetesLauncher
 from kubetrain.launch.kubeapi import KubeApi
 from kubetrain.launch.kubernetes import build_pytorchjob
 from kubetrain.launch.torchrun import torchrun_command
+from kubetrain.pipeline.config import load_config
 from tests.conftest import pytorchjob_roundtrip
 
 JOB = "kubetrain-train-0a1b2c"
@@ -108,7 +108,7 @@ def test_replicas_follow_train_nnodes(nnodes, elastic, replicas):
         0
     ]["command"]
     assert command[:4] == ["python", "-m", "torch.distributed.run", "--nproc-per-node=2"]
-    assert command[command.index("-m", 3) + 1] == "kubetrain.train.worker"
+    assert command[command.index("-m", 3) + 1] == "kubetrain.launch.worker"
     if elastic:
         assert spec["elasticPolicy"] == {
             "maxReplicas": nnodes, "maxRestarts": 3, "minReplicas": nnodes,
@@ -258,6 +258,6 @@ def test_one_torchrun_command_for_every_launcher():
                            options=["--monitor-interval=0.2"])  # fmt: skip
     assert cmd == [
         "py", "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-        "--max-restarts=3", "--monitor-interval=0.2", "-m", "kubetrain.train.worker",
+        "--max-restarts=3", "--monitor-interval=0.2", "-m", "kubetrain.launch.worker",
         "--output", "o",
     ]  # fmt: skip

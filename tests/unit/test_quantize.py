@@ -10,11 +10,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kubetrain.config import QuantizeConfig
+from kubetrain.core.errors import KubetrainError
 from kubetrain.data import load_dataset
-from kubetrain.errors import KubetrainError
-from kubetrain.evaluate.measure import predict
 from kubetrain.quantize import load_model, load_quantized, quantize_artifact, select
+from kubetrain.quantize.config import QuantizeConfig
+from kubetrain.tasks.measure import predict
 from tests.conftest import quick_quantize_config
 
 

@@ -1,8 +1,8 @@
 """int8 of the built-in text Transformers (kubetrain.quantize) and their evaluation, through the
 real quantize driver and evaluation on small hand-built models.
 
-The data comes from fake workloads (``FakeTextClassificationWorkload``, ``FakeSeq2SeqWorkload``:
-fakes of kubetrain's own ``Workload`` interface, not of a library): random token ids of varying
+The data comes from fake tasks (``FakeTextClassificationTask``, ``FakeSeq2SeqTask``:
+fakes of kubetrain's own ``Task`` interface, not of a library): random token ids of varying
 length whose labels (or reference outputs) are what the fp32 model itself predicts, so fp32
 scores 1.0 and an int8 model's score is its agreement with fp32. Their metric named ``bleu`` is
 a stand-in (token agreement), not BLEU.
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain.artifacts import Evaluation, SearchResult, TrainedModel
-from kubetrain.errors import ConfigError
+from kubetrain.core.artifacts import Evaluation, SearchResult, TrainedModel
+from kubetrain.core.errors import ConfigError
 from kubetrain.evaluate import compare, report
 from kubetrain.evaluate.config import EvaluateConfig
 from kubetrain.models.transformer import (
@@ -27,8 +27,8 @@ from kubetrain.models.transformer import (
     greedy_decode,
 )
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
-from kubetrain.workloads.base import Scores, Workload
-from tests.conftest import InMemoryWorkload, quick_quantize_config
+from kubetrain.tasks.base import Scores, Task
+from tests.conftest import InMemoryTask, quick_quantize_config
 
 VOCAB, LENGTH, PAD, BOS, EOS = 200, 20, 0, 1, 2
 SIZES = TransformerConfig(d_model=32, heads=2, layers=1, ff=64, dropout=0.0, max_len=32)
@@ -59,7 +59,7 @@ def trimmed(ids: torch.Tensor) -> torch.Tensor:
     return ids[:, : int((ids != PAD).sum(1).max())]
 
 
-class _FakeText(InMemoryWorkload):
+class _FakeText(InMemoryTask):
     """What the two fakes share: splits of random token ids, the model from ``factory``."""
 
     factory = staticmethod(classifier)
@@ -75,7 +75,7 @@ class _FakeText(InMemoryWorkload):
         super().__init__(root, meta, x, y)
 
 
-class FakeTextClassificationWorkload(_FakeText):
+class FakeTextClassificationTask(_FakeText):
     kind = "text_classification"
 
     @staticmethod
@@ -95,7 +95,7 @@ class FakeTextClassificationWorkload(_FakeText):
                       samples=len(y), seconds=1.0)  # fmt: skip
 
 
-class FakeSeq2SeqWorkload(_FakeText):
+class FakeSeq2SeqTask(_FakeText):
     kind = "seq2seq"
     factory = staticmethod(seq2seq)
     STEPS = 6
@@ -128,7 +128,7 @@ def model_dir(root: Path, model: torch.nn.Module) -> Path:
     return root / "model"
 
 
-WORKLOADS = {"classifier": FakeTextClassificationWorkload, "seq2seq": FakeSeq2SeqWorkload}
+WORKLOADS = {"classifier": FakeTextClassificationTask, "seq2seq": FakeSeq2SeqTask}
 
 
 @pytest.fixture(scope="module", params=list(WORKLOADS))
@@ -136,18 +136,18 @@ def quantized(request, tmp_path_factory):
     """Each text model through ``quantize.method=auto`` (no gate: its mechanics are tested on
     tabular models; here what is built, saved, reloaded and measured)."""
     root = tmp_path_factory.mktemp(request.param)
-    workload = WORKLOADS[request.param](root)
-    mdir = model_dir(root, workload.factory())
+    task = WORKLOADS[request.param](root)
+    mdir = model_dir(root, task.factory())
     qcfg = quick_quantize_config(method="auto", max_accuracy_drop=1.0)
-    info = quantize_artifact(mdir, root, root / "quant", qcfg, workload=workload)
-    return root, workload, mdir, info
+    info = quantize_artifact(mdir, root, root / "quant", qcfg, task=task)
+    return root, task, mdir, info
 
 
 def test_auto_tries_only_the_linear_layer_methods_on_a_text_model(quantized):
-    _, workload, _, info = quantized
+    _, task, _, info = quantized
     names = [c["name"] for c in info["candidates"]]
     assert names == ["weight_only_int8/torchao", "dynamic_int8/torchao", "dynamic_int8/fbgemm"]
-    assert info["metric"] == ("accuracy" if workload.kind == "text_classification" else "bleu")
+    assert info["metric"] == ("accuracy" if task.kind == "text_classification" else "bleu")
     for c in info["candidates"]:
         assert "error" not in c, c
         assert c["format"] == "state_dict" and c["size_ratio"] < 0.8  # embeddings stay fp32
@@ -157,51 +157,51 @@ def test_auto_tries_only_the_linear_layer_methods_on_a_text_model(quantized):
 
 
 def test_the_saved_int8_model_reloads_with_its_methods_and_scores_the_same(quantized):
-    root, workload, mdir, info = quantized
-    model = load_quantized(root / "quant", mdir, workload)
-    assert type(model) is type(workload.factory())  # encode/decode and special ids survive
-    assert workload.score(model, "val").value == pytest.approx(info["val_metric"])
+    root, task, mdir, info = quantized
+    model = load_quantized(root / "quant", mdir, task)
+    assert type(model) is type(task.factory())  # encode/decode and special ids survive
+    assert task.score(model, "val").value == pytest.approx(info["val_metric"])
     assert json.loads((root / "quant" / "quant.json").read_text())["file"] == "model_state.pt"
 
 
 def test_a_text_model_evaluates_on_its_metric_with_tokens_per_second(quantized):
-    root, workload, mdir, _ = quantized
-    data = workload.data
+    root, task, mdir, _ = quantized
+    data = task.data
     e = compare.evaluate(EvaluateConfig(latency_repeats=3), data, mdir, root / "quant",
-                         SearchResult.disabled(), workload=workload)  # fmt: skip
+                         SearchResult.disabled(), task=task)  # fmt: skip
     e.save(root / "eval", report.render(e))
     m = Evaluation.load_metrics(root / "eval")
     metric = m["metric"]
-    assert metric == info_metric(workload)
+    assert metric == info_metric(task)
     assert m[f"test_{metric}_fp32"] == 1.0
-    assert m["latency_tokens_b64"] == 64 * (LENGTH + (7 if workload.kind == "seq2seq" else 0))
+    assert m["latency_tokens_b64"] == 64 * (LENGTH + (7 if task.kind == "seq2seq" else 0))
     assert m["tokens_per_second_b64_int8"] > 0
-    assert ("copy_baseline_bleu" in m) is (workload.kind == "seq2seq")
+    assert ("copy_baseline_bleu" in m) is (task.kind == "seq2seq")
 
 
-def info_metric(workload: Workload) -> str:
-    return "accuracy" if workload.kind == "text_classification" else "bleu"
+def info_metric(task: Task) -> str:
+    return "accuracy" if task.kind == "text_classification" else "bleu"
 
 
 @pytest.mark.parametrize("method", ["static_int8", "qat_int8"])
 def test_an_explicit_method_that_does_not_apply_to_a_text_model_says_why(tmp_path, method):
-    workload = FakeTextClassificationWorkload(tmp_path, n=8)
-    mdir = model_dir(tmp_path, workload.factory())
+    task = FakeTextClassificationTask(tmp_path, n=8)
+    mdir = model_dir(tmp_path, task.factory())
     qcfg = quick_quantize_config(method=method)
     with pytest.raises(ConfigError) as err:
-        quantize_artifact(mdir, tmp_path, tmp_path / "quant", qcfg, workload=workload)
+        quantize_artifact(mdir, tmp_path, tmp_path / "quant", qcfg, task=task)
     message = str(err.value)
     assert "\n" not in message and "does not apply to a text model" in message
     assert message.startswith(f"config error: quantize.method: {method}/x86_inductor")
     assert not (tmp_path / "quant" / "quant.json").exists()
 
 
-class _MetricFromConfig(FakeSeq2SeqWorkload):
-    """Scores on ``evaluate.metric`` as the real seq2seq workload does."""
+class _MetricFromConfig(FakeSeq2SeqTask):
+    """Scores on ``evaluate.metric`` as the real seq2seq task does."""
 
     def score(self, model, split: str) -> Scores:
         scores = super().score(model, split)
-        return Scores(self.cfg.evaluate.metric or "bleu", scores.values, scores.examples,
+        return Scores(self.scoring.metric or "bleu", scores.values, scores.examples,
                       samples=scores.samples, seconds=scores.seconds)  # fmt: skip
 
 
@@ -209,10 +209,10 @@ class _MetricFromConfig(FakeSeq2SeqWorkload):
 def test_the_gate_measures_on_the_evaluate_sections_metric(tmp_path, metric):
     """The quantize step gets the evaluate section: the gate measures what evaluate will (the
     summarization recipe's ROUGE-L, not the BLEU of the settings the model was trained with)."""
-    workload = _MetricFromConfig(tmp_path, n=16)
-    mdir = model_dir(tmp_path, workload.factory())
+    task = _MetricFromConfig(tmp_path, n=16)
+    mdir = model_dir(tmp_path, task.factory())
     qcfg = quick_quantize_config(method="dynamic_int8", max_accuracy_drop=1.0)
     evaluate = EvaluateConfig(metric=metric) if metric else None
-    info = quantize_artifact(mdir, tmp_path, tmp_path / "q", qcfg, workload=workload,
-                             evaluate=evaluate)  # fmt: skip
+    info = quantize_artifact(mdir, tmp_path, tmp_path / "q", qcfg, task=task,
+                             scoring=evaluate)  # fmt: skip
     assert info["metric"] == (metric or "bleu")

@@ -1,7 +1,7 @@
 """Every int8 method on torchvision CNNs (ResNet-18, MobileNetV3-small at 32 px) through the real
 quantize driver: built, saved, reloaded, scored for the accuracy gate, timed.
 
-The images come from ``FakeImageWorkload``, a fake of kubetrain's own ``Workload`` interface:
+The images come from ``FakeImageTask``, a fake of kubetrain's own ``Task`` interface:
 noise tinted with one colour per class, 32 px; each model is trained on them for a
 few steps here (an untrained CNN's logits are near ties, which any int8 rounding flips).
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain.artifacts import TrainedModel
+from kubetrain.core.artifacts import TrainedModel
 from kubetrain.quantize.config import CANDIDATES
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
-from kubetrain.workloads.base import Scores
-from tests.conftest import InMemoryWorkload, quick_quantize_config
+from kubetrain.tasks.base import Scores
+from tests.conftest import InMemoryTask, quick_quantize_config
 
 pytestmark = pytest.mark.vision
 torchvision = pytest.importorskip("torchvision")
@@ -66,7 +66,7 @@ def trained(factory) -> torch.nn.Module:
     return model.eval()
 
 
-class FakeImageWorkload(InMemoryWorkload):
+class FakeImageTask(InMemoryTask):
     """Splits of ``images`` (see the module docstring); the model from ``factory``."""
 
     kind = "images"
@@ -103,12 +103,12 @@ CASES = [
 
 # Trained models by factory name, built once per test session: each case of CASES is its own
 # fixture parameter, so a module-scoped fixture alone would train again for every case.
-_TRAINED: dict[str, tuple[Path, FakeImageWorkload]] = {}
+_TRAINED: dict[str, tuple[Path, FakeImageTask]] = {}
 
 
 @pytest.fixture
 def model_dir(request, tmp_path_factory):
-    """The trained model as a model artifact, and the fake workload of its data."""
+    """The trained model as a model artifact, and the fake task of its data."""
     factory = request.param
     if factory.__name__ not in _TRAINED:
         root = tmp_path_factory.mktemp(factory.__name__)
@@ -118,18 +118,18 @@ def model_dir(request, tmp_path_factory):
         torch.manual_seed(0)
         state = trained(factory).state_dict()
         TrainedModel(None, {"config": {}}, [], summary, state).save(root / "m")
-        _TRAINED[factory.__name__] = (root / "m", FakeImageWorkload(root, factory))
+        _TRAINED[factory.__name__] = (root / "m", FakeImageTask(root, factory))
     return _TRAINED[factory.__name__]
 
 
 @pytest.mark.parametrize(("model_dir", "candidate"), CASES, indirect=["model_dir"])
 def test_every_int8_method_quantizes_a_torchvision_cnn(tmp_path, model_dir, candidate):
-    mdir, workload = model_dir
+    mdir, task = model_dir
     qcfg = quick_quantize_config(
         method="auto", auto_candidates=[candidate], max_accuracy_drop=0.05, qat_on_drop=False,
         qat_samples=SAMPLES, calibration_samples=SAMPLES, qat_batch_size=16,
     )  # fmt: skip
-    info = quantize_artifact(mdir, tmp_path, tmp_path / "q", qcfg, workload=workload)
+    info = quantize_artifact(mdir, tmp_path, tmp_path / "q", qcfg, task=task)
     (built,) = info["candidates"]
     assert "error" not in built, built.get("error")
     assert info["fp32"]["val_accuracy"] >= 0.9  # trained: the gate measures something
@@ -137,4 +137,4 @@ def test_every_int8_method_quantizes_a_torchvision_cnn(tmp_path, model_dir, cand
     assert info["name"] == candidate
     assert built["size_bytes"] < info["fp32_size_bytes"]
     model = load_quantized(tmp_path / "q")
-    assert workload.score(model, "val").value == pytest.approx(built["val_accuracy"])
+    assert task.score(model, "val").value == pytest.approx(built["val_accuracy"])

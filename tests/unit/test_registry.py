@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain import registry, steps
-from kubetrain.artifacts import Promotion
-from kubetrain.config import load_config
+from kubetrain import registry
+from kubetrain.core.artifacts import Promotion
+from kubetrain.pipeline import steps
+from kubetrain.pipeline.config import load_config
 
 BASE = ["retrain.only_if_changed=true"]
 
@@ -34,15 +35,15 @@ def test_fingerprint_covers_what_shapes_the_model(tmp_path, setting, same):
     a = cfg_with(tmp_path)
     b = cfg_with(tmp_path, setting)
     assert (
-        registry.model_inputs_fingerprint(a, "v1") == registry.model_inputs_fingerprint(b, "v1")
+        registry.model_inputs_fingerprint(a.model_inputs_json(), "v1")
+        == registry.model_inputs_fingerprint(b.model_inputs_json(), "v1")
     ) is same
 
 
 def test_fingerprint_changes_with_the_data(tmp_path):
-    cfg = cfg_with(tmp_path)
-    assert registry.model_inputs_fingerprint(cfg, "v1") != registry.model_inputs_fingerprint(
-        cfg, "v2"
-    )
+    inputs = cfg_with(tmp_path).model_inputs_json()
+    fingerprint = registry.model_inputs_fingerprint
+    assert fingerprint(inputs, "v1") != fingerprint(inputs, "v2")
 
 
 def promoted_artifact(tmp_path: Path) -> Path:
@@ -56,18 +57,27 @@ def promoted_artifact(tmp_path: Path) -> Path:
 def test_publish_then_decide(tmp_path):
     reg = tmp_path / "registry"
     cfg = cfg_with(reg)
-    assert registry.needs_training(cfg, "v1") == (True, f"no model has been promoted to {reg} yet")
+    assert registry.needs_training(cfg.retrain, cfg.model_inputs_json(), "v1") == (
+        True,
+        f"no model has been promoted to {reg} yet",
+    )
     promotion = Promotion("v1", test_accuracy_fp32=0.95, test_accuracy_int8=0.94, min_accuracy=0.9)
-    record = registry.publish(str(reg), promoted_artifact(tmp_path), promotion, cfg).to_record()
-    fp = registry.model_inputs_fingerprint(cfg, "v1")
+    record = registry.publish(
+        str(reg), promoted_artifact(tmp_path), promotion, cfg.model_inputs_json()
+    ).to_record()
+    fp = registry.model_inputs_fingerprint(cfg.model_inputs_json(), "v1")
     assert record["fingerprint"] == fp and record["model_uri"] == f"{reg}/models/{fp}"
     assert (reg / "models" / fp / "int8" / "model.pt").read_bytes() == b"weights-int8"
     assert json.loads((reg / "promoted.json").read_text()) == record
     assert not list(reg.glob(".*tmp"))
-    train, why = registry.needs_training(cfg, "v1")
+    train, why = registry.needs_training(cfg.retrain, cfg.model_inputs_json(), "v1")
     assert not train and "unchanged" in why
-    assert registry.needs_training(cfg, "v2")[1] == "the data changed (dataset v1 -> v2)"
-    assert registry.needs_training(cfg_with(reg, "train.lr=0.01"), "v1") == (
+    assert (
+        registry.needs_training(cfg.retrain, cfg.model_inputs_json(), "v2")[1]
+        == "the data changed (dataset v1 -> v2)"
+    )
+    other = cfg_with(reg, "train.lr=0.01")
+    assert registry.needs_training(other.retrain, other.model_inputs_json(), "v1") == (
         True, "the config changed since the last promoted model",
     )  # fmt: skip
 
@@ -83,9 +93,9 @@ def test_promote_step_publishes_to_the_registry(tmp_path):
     metrics.write_text(json.dumps({"dataset_version": "v9", "test_accuracy_fp32": 0.95,
                                    "test_accuracy_int8": 0.94, "min_accuracy": 0.9}))  # fmt: skip
     record = steps.promote(model, quant, metrics, tmp_path / "out", cfg=cfg)
-    assert record["fingerprint"] == registry.model_inputs_fingerprint(cfg, "v9")
+    assert record["fingerprint"] == registry.model_inputs_fingerprint(cfg.model_inputs_json(), "v9")
     assert json.loads((tmp_path / "out" / "promotion.json").read_text()) == record
-    assert not registry.needs_training(cfg, "v9")[0]
+    assert not registry.needs_training(cfg.retrain, cfg.model_inputs_json(), "v9")[0]
 
 
 def test_only_if_changed_needs_a_registry():
@@ -99,6 +109,8 @@ def test_fingerprint_ignores_how_a_job_runs_but_not_what_it_computes():
     cfg = load_config(None, [])
     same = cfg.with_params({"train.checkpoint_dir": "/elsewhere", "train.nproc": 1,
                             "train.max_restarts": 3})  # fmt: skip
-    assert fingerprint(cfg, "v1") == fingerprint(same, "v1")
-    assert fingerprint(cfg, "v1") != fingerprint(cfg.with_params({"train.lr": 0.01}), "v1")
-    assert fingerprint(cfg, "v1") != fingerprint(cfg, "v2")
+    inputs = cfg.model_inputs_json()
+    assert fingerprint(inputs, "v1") == fingerprint(same.model_inputs_json(), "v1")
+    lr = cfg.with_params({"train.lr": 0.01}).model_inputs_json()
+    assert fingerprint(inputs, "v1") != fingerprint(lr, "v1")
+    assert fingerprint(inputs, "v1") != fingerprint(inputs, "v2")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from kubetrain.cli import main
-from kubetrain.config import load_config
-from kubetrain.runs import config_differences, find_runs, load_run
+from kubetrain.pipeline.config import load_config
+from kubetrain.pipeline.runs import config_differences, find_runs, load_run
 
 
 def make_run(root: Path, name: str, sets=(), metrics=None, history=None, age=0) -> Path:
@@ -86,7 +86,7 @@ def test_bad_arguments_are_one_line(runs_root, capsys, args, message):
 
 
 def test_a_run_directory_is_marked_as_kubetrain_run_marks_it():
-    from kubetrain import run, runs
+    from kubetrain.pipeline import run, runs
 
     assert runs.MARKER == run.MARKER
 

@@ -3,7 +3,7 @@ each skipped for a stated reason (checkov run offline reports no severities, so 
 check counts, which is stricter than "no HIGH finding").
 
 checkov knows Pods and Deployments, not PyTorchJobs: each replica's pod template is also
-scanned as a Pod, so the pod-level checks reach the training workload.
+scanned as a Pod, so the pod-level checks reach the training task.
 """
 
 from __future__ import annotations

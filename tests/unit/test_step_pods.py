@@ -8,10 +8,10 @@ import pytest
 import yaml
 from kubetrain.pipelines.training import DISPLAY_NAMES
 
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.launch.config import StepsConfig
-from kubetrain.submit import compile_pipeline
+from kubetrain.pipeline.config import load_config
+from kubetrain.pipeline.submit import compile_pipeline
 
 GPU_PLACEMENT = [
     "cluster.node_selector={nvidia.com/gpu.present: 'true'}",

@@ -12,10 +12,10 @@ import yaml
 
 import kubetrain
 from kubetrain.cli import main
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.launch.kubernetes import build_pytorchjob, check_no_inline_credentials
-from kubetrain.launch.manifests import cluster_manifests
+from kubetrain.pipeline.config import load_config
+from kubetrain.pipeline.manifests import cluster_manifests
 from tests.conftest import pytorchjob_roundtrip
 
 JOB = "kubetrain-train-0a1b2c"

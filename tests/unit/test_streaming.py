@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from kubetrain.core.errors import DataError
 from kubetrain.data.shards import ShardWriter, read_manifest, read_shard, write_manifest
 from kubetrain.data.streaming import StreamingDataset, block, round_robin_share
-from kubetrain.errors import DataError
 from sharded import ids_collate, write_dataset
 
 

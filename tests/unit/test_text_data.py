@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
-from kubetrain.config import load_config
+from kubetrain.core.errors import ConfigError, DataError
 from kubetrain.data.config import SPECIAL_TOKENS, DataConfig, TokenizerConfig
 from kubetrain.data.shards import read_manifest, read_shard
 from kubetrain.data.text import TextMeta, build_text_dataset, iter_examples
@@ -24,7 +24,7 @@ from kubetrain.data.tokenize import (
     special_ids,
     train_tokenizer,
 )
-from kubetrain.errors import ConfigError, DataError
+from kubetrain.pipeline.config import load_config
 
 WORDS = [
     "the",

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("sacrebleu")
 pytest.importorskip("rouge_score")
 
-from kubetrain.errors import DataError
-from kubetrain.evaluate.text_metrics import (
+from kubetrain.core.errors import DataError
+from kubetrain.tasks.text_metrics import (
     accuracy,
     bleu,
     copy_source_baseline,

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from kubetrain.cli import main
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
+from kubetrain.pipeline.config import load_config
 
 
 def test_mlflow_uri_without_mlflow_installed_is_a_one_line_config_error(monkeypatch, capsys):

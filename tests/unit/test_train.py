@@ -6,11 +6,12 @@ import re
 import pytest
 import torch
 
-from kubetrain.config import load_config
+from kubetrain.core.distributed import DistContext
+from kubetrain.core.errors import ConfigError
 from kubetrain.data import load_dataset
-from kubetrain.errors import ConfigError
 from kubetrain.models import build_model
-from kubetrain.train.distributed import DistContext
+from kubetrain.pipeline.config import load_config
+from kubetrain.tasks import open_task
 from kubetrain.train.loop import Stopped, fit
 from kubetrain.train.optim import lr_factor
 from tests.conftest import assert_one_train_error_and_no_model
@@ -18,7 +19,7 @@ from tests.conftest import assert_one_train_error_and_no_model
 
 def _fit(digits_dir, *overrides):
     cfg = load_config(overrides=["train.nproc=1", "train.epochs=2", *overrides])
-    return fit(cfg, load_dataset(digits_dir), DistContext())
+    return fit(cfg, open_task(cfg, load_dataset(digits_dir)), DistContext())
 
 
 def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -79,7 +80,7 @@ def test_epoch_callback_can_stop_training(digits_dir):
     with pytest.raises(Stopped):
         fit(
             cfg,
-            load_dataset(digits_dir),
+            open_task(cfg, load_dataset(digits_dir)),
             DistContext(),
             on_epoch=lambda s: seen.append(s) or s.epoch == 2,
         )
@@ -89,7 +90,7 @@ def test_epoch_callback_can_stop_training(digits_dir):
 def test_batch_larger_than_data_is_refused(digits_dir):
     cfg = load_config(overrides=["train.nproc=1", "train.batch_size=4096"])
     with pytest.raises(ConfigError, match="exceeds the 1257 training samples"):
-        fit(cfg, load_dataset(digits_dir), DistContext())
+        fit(cfg, open_task(cfg, load_dataset(digits_dir)), DistContext())
 
 
 @pytest.mark.parametrize(
@@ -144,7 +145,7 @@ def _poisoned(digits_dir, tmp_path):
     """The digits dataset with training features that overflow float32 matmuls."""
     import numpy as np
 
-    from kubetrain.artifacts import DatasetArtifact
+    from kubetrain.core.artifacts import DatasetArtifact
 
     data = load_dataset(digits_dir)
     arrays = dict(data.arrays)
@@ -175,7 +176,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     )
     ckpts = tmp_path / "ckpt"
     with pytest.raises(NonFiniteLoss) as info:
-        fit(cfg, dataset, DistContext(), checkpoint_dir=ckpts)
+        fit(cfg, open_task(cfg, dataset), DistContext(), checkpoint_dir=ckpts)
     message = str(info.value)
     assert info.value.exit_code == 1 and "\n" not in message
     assert re.search(r"at epoch 1, step \d+ \(optimizer step \d+\)", message)
@@ -191,7 +192,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
 
 @pytest.mark.integration  # seconds of QAT / torchrun workers: out of the unit tier
 def test_a_non_finite_loss_stops_every_torchrun_worker_with_one_line(digits_dir, tmp_path, capfd):
-    from kubetrain.errors import KubetrainError
+    from kubetrain.core.errors import KubetrainError
     from kubetrain.launch.local import LocalLauncher
 
     settings = ["train.nproc=2", "train.epochs=2", "train.lr=1e6", "train.num_threads=1",

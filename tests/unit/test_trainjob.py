@@ -13,10 +13,10 @@ from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from pydantic import ValidationError
 
 from fakes.golden import golden
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.launch.jobkinds import job_kind, offline_kind, resolve_kind
 from kubetrain.launch.trainjob import TrainJobWatcher, build_trainjob
+from kubetrain.pipeline.config import load_config
 
 JOB = "kubetrain-train-0a1b2c"
 GOLDEN_SETTINGS = [
@@ -132,7 +132,7 @@ def test_torchrun_reads_the_runtimes_pet_variables():
         ("--master-port", "PET_MASTER_PORT"),
     ]:  # fmt: skip
         assert f"{option}=$({variable})" in command
-    assert command[command.index("-m", 3) + 1] == "kubetrain.train.worker"
+    assert command[command.index("-m", 3) + 1] == "kubetrain.launch.worker"
 
 
 @pytest.mark.parametrize(

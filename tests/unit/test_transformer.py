@@ -167,7 +167,7 @@ def test_every_linear_quantizes_to_dynamic_int8():
 def test_build_text_model_from_dataset_meta(name, task, max_len, expected):
     from types import SimpleNamespace
 
-    from kubetrain.errors import ConfigError
+    from kubetrain.core.errors import ConfigError
     from kubetrain.models.transformer import build_text_model
 
     meta = SimpleNamespace(

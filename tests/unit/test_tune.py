@@ -3,9 +3,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError
-from kubetrain.io import read_json
+from kubetrain.core.errors import ConfigError
+from kubetrain.core.io import read_json
+from kubetrain.pipeline.config import load_config
 from kubetrain.tune.config import LOCAL_ALGORITHMS
 from kubetrain.tune.local import run_search
 from kubetrain.tune.space import grid_size, make_pruner, make_sampler, search_space
@@ -112,7 +112,7 @@ def test_failed_trials_are_recorded_not_fatal(tmp_path, digits_dir):
 
 
 def test_too_many_failures_stop_the_search(tmp_path, digits_dir):
-    from kubetrain.errors import KubetrainError
+    from kubetrain.core.errors import KubetrainError
 
     cfg = load_config(
         overrides=[

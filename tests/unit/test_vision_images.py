@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kubetrain.config import load_config
+from kubetrain.core.errors import ConfigError, DataError
 from kubetrain.data.config import DataConfig
 from kubetrain.data.idx import FASHION_MNIST_CLASSES, idx_to_image_folder, read_idx
 from kubetrain.data.image_sources import expand_braces, list_images, source_kind
 from kubetrain.data.images import build_image_dataset, convert_image
 from kubetrain.data.shards import read_manifest, read_shard
-from kubetrain.errors import ConfigError, DataError
+from kubetrain.pipeline.config import load_config
 from vision_data import CORRUPT, encode, image_folder, render, tar_shards
 
 pytestmark = pytest.mark.vision

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.models import build_model
 from kubetrain.models.config import ModelConfig
+from kubetrain.pipeline.config import load_config
 
 pytestmark = pytest.mark.vision
 

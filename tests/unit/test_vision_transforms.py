@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from kubetrain.config import load_config
+from kubetrain.core.errors import ConfigError
 from kubetrain.data.config import DataConfig
 from kubetrain.data.images import build_image_dataset
 from kubetrain.data.streaming import StreamingDataset
@@ -26,7 +26,7 @@ from kubetrain.data.transforms import (
     decode_image,
     image_transforms,
 )
-from kubetrain.errors import ConfigError
+from kubetrain.pipeline.config import load_config
 from vision_data import encode, image_folder, render
 
 pytestmark = pytest.mark.vision

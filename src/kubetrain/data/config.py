@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kubetrain.config_base import Section
+from kubetrain.core.config import Section
 
 # The special tokens every kubetrain tokenizer has, in this order (a trained one gets ids 0..4).
 SPECIAL_TOKENS: dict[str, str] = {

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from kubetrain.errors import DataError
+from kubetrain.core.errors import DataError
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 LOCALE_DIR = Path("/usr/share/locale")

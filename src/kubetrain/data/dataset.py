@@ -1,4 +1,4 @@
-"""Building the dataset artifact: read, clean, split, normalise (``kubetrain.artifacts``
+"""Building the dataset artifact: read, clean, split, normalise (``kubetrain.core.artifacts``
 defines the artifact itself: ``DatasetArtifact``, its files and its loader)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetrain.artifacts import DATASET_FORMAT_VERSION, SPLITS, DatasetArtifact, load_dataset
+from kubetrain.core.artifacts import DATASET_FORMAT_VERSION, SPLITS, DatasetArtifact, load_dataset
+from kubetrain.core.errors import DataError
 from kubetrain.data.config import DataConfig
 from kubetrain.data.sources import RawData, load_source
-from kubetrain.errors import DataError
 
 __all__ = ["DatasetArtifact", "build_dataset", "load_dataset"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetrain.errors import DataError
+from kubetrain.core.errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # The classes in label order (the dataset's README); folder-safe ("T-shirt/top" has a slash).

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kubetrain.errors import ConfigError, DataError
+from kubetrain.core.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from kubetrain.core.errors import DataError
 from kubetrain.data.config import DataConfig
 from kubetrain.data.dataset import encode_labels, split_indices
 from kubetrain.data.image_sources import ImageListing, ImageRef, filesystem, list_images, read_bytes
@@ -50,7 +51,6 @@ from kubetrain.data.shards import (
     read_manifest,
     save_manifest,
 )
-from kubetrain.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from kubetrain.errors import DataError
+from kubetrain.core.errors import DataError
 
 MANIFEST = "shards.json"
 FORMAT = "kubetrain-shards/1"

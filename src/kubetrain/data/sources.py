@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kubetrain.config import DataConfig
-from kubetrain.errors import ConfigError, DataError
+from kubetrain.core.errors import ConfigError, DataError
+from kubetrain.data.config import DataConfig
 
 log = logging.getLogger(__name__)
 

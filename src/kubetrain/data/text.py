@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetrain.errors import ConfigError, DataError
+from kubetrain.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

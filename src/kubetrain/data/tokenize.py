@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from kubetrain.core.errors import DataError
 from kubetrain.data.config import SPECIAL_TOKENS, TokenizerConfig
 from kubetrain.data.shards import ShardInfo, ShardWriter, write_manifest
-from kubetrain.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val", "test")

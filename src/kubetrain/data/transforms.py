@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from kubetrain.core.errors import ConfigError
 from kubetrain.data.config import DataConfig, TransformSpec
-from kubetrain.errors import ConfigError
 
 SpecList = Sequence[TransformSpec | Mapping[str, Any]]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from kubetrain.artifacts import (
+from kubetrain.core.artifacts import (
     MODEL_WEIGHTS,
     DatasetArtifact,
     Evaluation,
@@ -19,24 +19,24 @@ from kubetrain.artifacts import (
     TrainedModel,
     TrainEfficiency,
 )
-from kubetrain.errors import KubetrainError
-from kubetrain.evaluate import measure
+from kubetrain.core.errors import KubetrainError
 from kubetrain.evaluate.config import EvaluateConfig
-from kubetrain.workloads.base import Workload
+from kubetrain.tasks import measure
+from kubetrain.tasks.base import Task
 
 
-def score(model: nn.Module, workload: Workload, metric: str | None = None) -> ModelScores:
-    """The workload's scores of ``model`` on the test split, with ``metric`` as the primary
-    metric (default: the workload's).
+def score(model: nn.Module, task: Task, metric: str | None = None) -> ModelScores:
+    """The task's scores of ``model`` on the test split, with ``metric`` as the primary
+    metric (default: the task's).
 
     Raises:
-        KubetrainError: the workload's results have no ``metric``.
+        KubetrainError: the task's results have no ``metric``.
     """
-    scores = workload.score(model, "test")
+    scores = task.score(model, "test")
     metric = metric or scores.metric
     if not isinstance(scores.values.get(metric), (int, float)):
         raise KubetrainError(
-            f"evaluate: the {workload.kind} workload reports no {metric!r} (it has: "
+            f"evaluate: the {task.kind} task reports no {metric!r} (it has: "
             f"{', '.join(sorted(scores.values))})"
         )
     return ModelScores(
@@ -47,14 +47,12 @@ def score(model: nn.Module, workload: Workload, metric: str | None = None) -> Mo
     )
 
 
-def latencies(
-    fp32: nn.Module, int8: nn.Module, workload: Workload, cfg: EvaluateConfig
-) -> list[Latency]:
+def latencies(fp32: nn.Module, int8: nn.Module, task: Task, cfg: EvaluateConfig) -> list[Latency]:
     """Median latency of both models at each of ``cfg.latency_batch_sizes``, timed in turns so
-    that load from other processes hits both alike; inputs from ``workload.examples`` (token
+    that load from other processes hits both alike; inputs from ``task.examples`` (token
     ids for text: their count per batch is kept for tokens/s)."""
-    x, y = workload.examples("test", max(cfg.latency_batch_sizes))
-    inputs = measure.latency_inputs(x, y, workload.data.kind)
+    x, y = task.examples("test", max(cfg.latency_batch_sizes))
+    inputs = measure.latency_inputs(x, y, task.data.kind)
     out = []
     for batch in cfg.latency_batch_sizes:
         lat = measure.compare_latency(
@@ -85,7 +83,7 @@ def evaluate(
     quantized_dir: Path,
     search: SearchResult,
     min_value: float | None = None,
-    workload: Workload | None = None,
+    task: Task | None = None,
 ) -> Evaluation:
     """Evaluate the fp32 model in ``model_dir`` against its int8 twin in ``quantized_dir``.
 
@@ -96,32 +94,32 @@ def evaluate(
         quantized_dir: the quantize step's artifact.
         search: the tune step's result (reported, not used).
         min_value: the promotion bar on the primary metric (default: ``cfg.bar(data.kind)``).
-        workload: the workload to score with (default: the model's, ``workload_for_model``).
+        task: the task to score with (default: the model's, ``task_for_model``).
 
     Returns:
         The evaluation (``to_metrics()`` is metrics.json).
 
     Raises:
-        KubetrainError: an input directory is not a complete artifact, or the workload does
+        KubetrainError: an input directory is not a complete artifact, or the task does
             not report the primary metric.
         ConfigError: ``cfg.metric`` does not apply to the dataset's kind.
     """
     import torch
 
     from kubetrain.quantize.driver import load_model, load_quantized
-    from kubetrain.workloads import workload_for_model
+    from kubetrain.tasks import task_for_model
 
     metric = cfg.primary_metric(data.kind)
     trained = TrainedModel.load(model_dir)
     quantized = QuantizedModel.load(quantized_dir)
     # The evaluate section (metric, beam size, decode length) is this step's, not training's.
-    workload = (workload or workload_for_model(data.path, model_dir)).measure_as(cfg)
-    fp32 = load_model(model_dir, workload)
-    int8 = load_quantized(quantized_dir, model_dir, workload)
+    task = (task or task_for_model(data.path, model_dir)).measure_as(cfg)
+    fp32 = load_model(model_dir, task)
+    int8 = load_quantized(quantized_dir, model_dir, task)
     return Evaluation(
-        fp32=score(fp32, workload, metric),
-        int8=score(int8, workload, metric),
-        latency=latencies(fp32, int8, workload, cfg),
+        fp32=score(fp32, task, metric),
+        int8=score(int8, task, metric),
+        latency=latencies(fp32, int8, task, cfg),
         latency_threads=torch.get_num_threads(),
         sizes=sizes(quantized, Path(model_dir)),
         train=TrainEfficiency.from_summary(trained.summary),

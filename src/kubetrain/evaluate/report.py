@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
-    from kubetrain.artifacts import Evaluation, ModelScores, TrainEfficiency
+    from kubetrain.core.artifacts import Evaluation, ModelScores, TrainEfficiency
 
 
 def _png(fig) -> str:
@@ -361,7 +361,7 @@ def _data_uri(value: Any) -> str | None:
 
 
 def examples_section(examples: list[dict[str, Any]], kind: str | None = None) -> str:
-    """The workload's example predictions (``Scores.examples``), by their fields: misclassified
+    """The task's example predictions (``Scores.examples``), by their fields: misclassified
     images as a grid with true and predicted labels; text with true and predicted labels; or
     source / reference / prediction (seq2seq). All text is HTML-escaped."""
     if not examples:

@@ -14,16 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-if TYPE_CHECKING:  # kubetrain.config imports kubetrain.launch.config, which runs this file
-    from kubetrain.config import PipelineConfig
+if TYPE_CHECKING:  # kubetrain.pipeline.config imports kubetrain.launch.config, which runs this file
+    from kubetrain.launch.config import JobConfig
 
 
 class TrainLauncher(Protocol):
-    def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+    def run(self, cfg: JobConfig, dataset_dir: Path, out_dir: Path) -> None:
         """Train ``cfg`` on the dataset artifact and write the model artifact to ``out_dir``."""
 
 
-def get_launcher(cfg: PipelineConfig) -> TrainLauncher:
+def get_launcher(cfg: JobConfig) -> TrainLauncher:
     """The launcher of ``cluster.backend``."""
     match cfg.cluster.backend:
         case "kubernetes":

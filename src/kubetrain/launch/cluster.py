@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TypeVar
 
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
+from kubetrain.launch.config import JobConfig
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError, Resource
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,13 @@ class JobPaths:
     checkpoints: str
 
     @classmethod
-    def for_job(cls, cfg: PipelineConfig, name: str) -> JobPaths:
+    def for_job(cls, cfg: JobConfig, name: str) -> JobPaths:
         """The paths of job ``name`` under ``cluster.mount_path``/jobs."""
         root = PurePosixPath(cfg.cluster.mount_path) / "jobs" / name
         return cls(str(root), str(root / "dataset"), str(root / "model"), str(root / "checkpoints"))
 
 
-def new_name(cfg: PipelineConfig, kind: str) -> str:
+def new_name(cfg: JobConfig, kind: str) -> str:
     """A fresh object name: ``<cluster.name_prefix>-<kind>-<6 hex>`` (a DNS-1035 label)."""
     return f"{cfg.cluster.name_prefix}-{kind}-{secrets.token_hex(3)}"
 
@@ -118,7 +118,7 @@ class Watcher(Protocol):
 class ClusterJob:
     """Submit one object, wait for it (watch), delete it; every failure is one line."""
 
-    def __init__(self, cfg: PipelineConfig, api: KubeApi, watcher: Watcher):
+    def __init__(self, cfg: JobConfig, api: KubeApi, watcher: Watcher):
         self.cfg = cfg
         self.api = api
         self.watcher = watcher
@@ -306,7 +306,7 @@ class _Outage:
             self.since = None
 
 
-def check_claim(cfg: PipelineConfig, kind: str = "job") -> None:
+def check_claim(cfg: JobConfig, kind: str = "job") -> None:
     """Raise KubetrainError unless the shared claim is mounted here (``cluster.mount_path``):
     before anything is asked of the cluster."""
     mount = Path(cfg.cluster.mount_path)
@@ -319,7 +319,7 @@ def check_claim(cfg: PipelineConfig, kind: str = "job") -> None:
 
 
 def run_job(
-    cfg: PipelineConfig,
+    cfg: JobConfig,
     api: KubeApi,
     watcher: Watcher,
     body: dict[str, Any],

@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from kubetrain.config_base import Section
-from kubetrain.errors import KubetrainError
+from kubetrain.core.config import Section
+from kubetrain.core.errors import KubetrainError
+from kubetrain.train.config import TrainingConfig
 
 # Kubernetes names: a DNS-1123 label (namespaces, name prefixes) or subdomain (claims, ...).
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -300,7 +301,7 @@ class ClusterConfig(Section):
 
     def resolved_image(self) -> str:
         """``image`` or the runtime image; raises KubetrainError if neither is set."""
-        from kubetrain.images import runtime_image
+        from kubetrain.launch.image import runtime_image
 
         image = self.image or runtime_image()
         if not image or not image.strip():
@@ -309,3 +310,21 @@ class ClusterConfig(Section):
                 "the kubetrain runtime image your cluster can pull"
             )
         return image
+
+
+class JobConfig(TrainingConfig):
+    """What a launcher reads: the training run and where it runs (``cluster``)."""
+
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig, description=(ClusterConfig.__doc__ or "").split("\n")[0]
+    )
+
+    @model_validator(mode="after")
+    def _one_process_per_gpu(self) -> JobConfig:
+        gpus = self.cluster.num_gpus
+        if gpus and self.train.nproc != gpus:
+            raise ValueError(
+                f"train.nproc ({self.train.nproc}) must equal cluster.num_gpus ({gpus}): "
+                "one process per GPU"
+            )
+        return self

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.launch import kubernetes as k
 from kubetrain.launch import trainjob as t
 from kubetrain.launch.cluster import ClusterJob, JobPaths, check_claim, new_name, run_job
-from kubetrain.launch.config import ELASTIC_WITH_TRAINJOB
+from kubetrain.launch.config import ELASTIC_WITH_TRAINJOB, JobConfig
 from kubetrain.launch.kubeapi import KubeApi, Resource
 from kubetrain.launch.kubernetes import PodJobWatcher
 
@@ -39,11 +38,11 @@ class JobKind:
     resource: Resource
     build: Callable[..., dict[str, Any]]
     """``build(cfg, name)``: the training job."""
-    build_trial: Callable[[PipelineConfig, str, list[str]], dict[str, Any]]
+    build_trial: Callable[[JobConfig, str, list[str]], dict[str, Any]]
     """``build_trial(trial_cfg, name, command)``: the job a Katib trial runs."""
     worker_command: Callable[..., list[str]]
     """``worker_command(cfg, dataset, output, overrides)``: the container's torchrun command."""
-    watcher: Callable[[PipelineConfig], PodJobWatcher]
+    watcher: Callable[[JobConfig], PodJobWatcher]
     container: str
     """The training container (Katib's ``primaryContainerName``)."""
     trial_success: str
@@ -103,7 +102,7 @@ def job_kind(api: str) -> JobKind:
     return KINDS[api]()
 
 
-def offline_kind(cfg: PipelineConfig) -> JobKind:
+def offline_kind(cfg: JobConfig) -> JobKind:
     """The kind to render without a cluster to ask: ``cluster.training_api``, and for ``auto``
     TrainJob (PyTorchJob with ``cluster.elastic``, which TrainJob cannot do)."""
     api = cfg.cluster.training_api
@@ -112,7 +111,7 @@ def offline_kind(cfg: PipelineConfig) -> JobKind:
     return job_kind(api)
 
 
-def resolve_kind(cfg: PipelineConfig, api: KubeApi) -> JobKind:
+def resolve_kind(cfg: JobConfig, api: KubeApi) -> JobKind:
     """The kind to launch: ``cluster.training_api``, or for ``auto`` what the API server serves.
 
     Args:
@@ -164,7 +163,7 @@ class KubernetesLauncher:
     def __init__(self, api_factory: Callable[[str], KubeApi] = KubeApi):
         self._api_factory = api_factory
 
-    def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+    def run(self, cfg: JobConfig, dataset_dir: Path, out_dir: Path) -> None:
         """Train ``cfg`` as a TrainJob or PyTorchJob; the model lands in ``out_dir``, its
         ``metrics.json`` saying which (``training_api``, ``cluster_job``).
 
@@ -183,8 +182,8 @@ class KubernetesLauncher:
         job = kind.build(cfg, name)
 
         def collect(run: ClusterJob, _job: dict[str, Any], paths: JobPaths) -> None:
-            from kubetrain.artifacts import MODEL_METRICS, TrainedModel
-            from kubetrain.io import read_json, write_json
+            from kubetrain.core.artifacts import MODEL_METRICS, TrainedModel
+            from kubetrain.core.io import read_json, write_json
 
             model = Path(paths.model)
             if not TrainedModel.is_complete(model):

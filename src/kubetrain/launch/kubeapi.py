@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.launch.cluster import JobPaths, condition
-from kubetrain.launch.config import cpu_cores
+from kubetrain.launch.config import JobConfig, cpu_cores
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError, LogFollower, Resource
 from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 
@@ -66,7 +65,7 @@ FATAL_WAITING = {
 _cpu_cores = cpu_cores
 
 
-def threads_per_pod_process(cfg: PipelineConfig) -> int:
+def threads_per_pod_process(cfg: JobConfig) -> int:
     """Torch/OpenMP threads of each process in a job pod (``OMP_NUM_THREADS``):
     ``train.num_threads``, else the pod's CPU request (``cluster.cpu``) shared out over
     ``train.nproc``, at least 1."""
@@ -75,15 +74,15 @@ def threads_per_pod_process(cfg: PipelineConfig) -> int:
     return max(1, math.floor(_cpu_cores(cfg.cluster.cpu) / cfg.train.nproc))
 
 
-def max_restarts(cfg: PipelineConfig) -> int:
+def max_restarts(cfg: JobConfig) -> int:
     """``train.max_restarts`` (the same knob as local torchrun), else the elastic default."""
     return cfg.train.max_restarts or cfg.cluster.elastic_max_restarts
 
 
 def worker_command(
-    cfg: PipelineConfig, dataset: str, output: str, overrides: list[str] | tuple[str, ...] = ()
+    cfg: JobConfig, dataset: str, output: str, overrides: list[str] | tuple[str, ...] = ()
 ) -> list[str]:
-    """The container command: torchrun running ``kubetrain.train.worker`` on one node.
+    """The container command: torchrun running ``kubetrain.launch.worker`` on one node.
 
     ``overrides`` become ``--set KEY=VALUE`` arguments of the worker (Katib's trial parameters).
     """
@@ -102,7 +101,7 @@ def worker_command(
     return torchrun_command(tc.nproc, rendezvous, worker, max_restarts=restarts)
 
 
-def check_processes(cfg: PipelineConfig) -> None:
+def check_processes(cfg: JobConfig) -> None:
     """Refuse a ``train.nproc`` that the job's pods cannot serve.
 
     With GPUs, one process per GPU (``cluster.num_gpus``, checked by the config); without, no
@@ -161,7 +160,7 @@ def _inline_credential(options: Any, where: str) -> str | None:
     return None
 
 
-def check_no_inline_credentials(cfg: PipelineConfig) -> None:
+def check_no_inline_credentials(cfg: JobConfig) -> None:
     """Refuse a config that would carry object-storage credentials to a cluster inline.
 
     ``data.storage_options`` (``key``, ``secret``, ``token``, ... at any depth) and
@@ -189,7 +188,7 @@ QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 
 
-def job_labels(cfg: PipelineConfig, component: str) -> dict[str, str]:
+def job_labels(cfg: JobConfig, component: str) -> dict[str, str]:
     """The labels of a job (and of each Katib trial's job): ours, and Kueue's queue and
     priority when ``cluster.queue_name`` / ``cluster.priority_class`` are set."""
     labels = {"app.kubernetes.io/name": "kubetrain", "app.kubernetes.io/component": component}
@@ -200,7 +199,7 @@ def job_labels(cfg: PipelineConfig, component: str) -> dict[str, str]:
     return labels
 
 
-def pod_env(cfg: PipelineConfig, paths: JobPaths | None) -> dict[str, str]:
+def pod_env(cfg: JobConfig, paths: JobPaths | None) -> dict[str, str]:
     """The environment of the training container, whatever the job kind: the config the
     worker reads, its threads, the checkpoint directory, and ``cluster.env`` (which wins)."""
     cl = cfg.cluster
@@ -217,7 +216,7 @@ def pod_env(cfg: PipelineConfig, paths: JobPaths | None) -> dict[str, str]:
     return env
 
 
-def pod_resources(cfg: PipelineConfig) -> tuple[dict[str, str], dict[str, str]]:
+def pod_resources(cfg: JobConfig) -> tuple[dict[str, str], dict[str, str]]:
     """(requests, limits) of each job pod: ``cluster.cpu``/``memory`` requested, the memory
     also as the limit (an OOM is then the pod's own, and says so), GPUs as both."""
     cl = cfg.cluster
@@ -228,7 +227,7 @@ def pod_resources(cfg: PipelineConfig) -> tuple[dict[str, str], dict[str, str]]:
     return requests, limits
 
 
-def _container(cfg: PipelineConfig, command: list[str], paths: JobPaths | None) -> Any:
+def _container(cfg: JobConfig, command: list[str], paths: JobPaths | None) -> Any:
     from kubernetes import client as k8s
 
     cl = cfg.cluster
@@ -259,7 +258,7 @@ def _container(cfg: PipelineConfig, command: list[str], paths: JobPaths | None) 
     )
 
 
-def _pod_template(cfg: PipelineConfig, container: Any, labels: dict[str, str]) -> Any:
+def _pod_template(cfg: JobConfig, container: Any, labels: dict[str, str]) -> Any:
     from kubernetes import client as k8s
 
     cl = cfg.cluster
@@ -292,7 +291,7 @@ def _pod_template(cfg: PipelineConfig, container: Any, labels: dict[str, str]) -
 
 
 def build_pytorchjob(
-    cfg: PipelineConfig,
+    cfg: JobConfig,
     name: str,
     paths: JobPaths | None = None,
     *,
@@ -411,7 +410,7 @@ class PodJobWatcher:
     container: str
     success = "Succeeded"
 
-    def __init__(self, cfg: PipelineConfig, emit: Callable[[str], None] = print):
+    def __init__(self, cfg: JobConfig, emit: Callable[[str], None] = print):
         self.cfg = cfg
         self.emit = emit
         self.notes: list[str] = []
@@ -483,7 +482,7 @@ class PyTorchJobWatcher(PodJobWatcher):
     resource = TRAIN_JOB
     container = CONTAINER
 
-    def __init__(self, cfg: PipelineConfig, emit: Callable[[str], None] = print):
+    def __init__(self, cfg: JobConfig, emit: Callable[[str], None] = print):
         super().__init__(cfg, emit)
         self.leader = "worker" if cfg.cluster.elastic else "master"
 

@@ -12,16 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-from kubetrain.artifacts import MODEL_SPEC
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError, KubetrainError
-from kubetrain.io import make_temp_dir, write_json
+from kubetrain.core.artifacts import MODEL_SPEC
+from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.core.io import make_temp_dir, write_json
+from kubetrain.launch.config import JobConfig
 from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
+from kubetrain.train.config import TrainingConfig
 
 log = logging.getLogger(__name__)
 
 
-def threads_per_local_process(cfg: PipelineConfig, processes: int) -> int:
+def threads_per_local_process(cfg: JobConfig, processes: int) -> int:
     """Torch/OpenMP threads of each of ``processes`` on this machine: ``train.num_threads``, or
     this machine's CPU cores less one shared out over ``processes`` (≥ 1).
 
@@ -42,7 +43,7 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def check_processes(cfg: PipelineConfig) -> None:
+def check_processes(cfg: JobConfig) -> None:
     """Refuse a local job with more worker processes than this machine has CPU cores.
 
     Every worker needs a core of its own: beyond that they only take turns (one torch thread
@@ -72,7 +73,7 @@ def free_port() -> int:
 class LocalLauncher:
     """Runs training on this machine; ``train.nnodes`` agents emulate nodes over 127.0.0.1."""
 
-    def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+    def run(self, cfg: JobConfig, dataset_dir: Path, out_dir: Path) -> None:
         check_processes(cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.train.world_size == 1:
@@ -80,29 +81,31 @@ class LocalLauncher:
         else:
             self._run_torchrun(cfg, dataset_dir, out_dir)
 
-    def _run_in_process(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+    def _run_in_process(self, cfg: JobConfig, dataset_dir: Path, out_dir: Path) -> None:
         import torch
 
+        from kubetrain.core.distributed import DistContext
         from kubetrain.data import load_dataset
+        from kubetrain.tasks import open_task
         from kubetrain.train.checkpoint import checkpoint_dir
-        from kubetrain.train.distributed import DistContext
         from kubetrain.train.loop import fit, save_model
 
         torch.set_num_threads(threads_per_local_process(cfg, 1))
-        data = load_dataset(dataset_dir)
-        result = fit(cfg, data, DistContext(), checkpoint_dir=checkpoint_dir(cfg, out_dir))
-        save_model(result, cfg, data, out_dir)
+        task = open_task(cfg, load_dataset(dataset_dir))
+        result = fit(cfg, task, DistContext(), checkpoint_dir=checkpoint_dir(cfg, out_dir))
+        save_model(result, cfg, task, out_dir)
 
-    def _run_torchrun(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> None:
+    def _run_torchrun(self, cfg: JobConfig, dataset_dir: Path, out_dir: Path) -> None:
         tc = cfg.train
-        config_file = write_json(out_dir / ".train-config.json", cfg.model_dump(mode="json"))
+        training = cfg.narrowed(TrainingConfig)  # what the workers read
+        config_file = write_json(out_dir / ".train-config.json", training.model_dump(mode="json"))
         port = free_port()
         run_id = f"kubetrain-{port}"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_local_process(cfg, tc.world_size)))
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback too (one machine)
         env.setdefault(NO_SHARED_STORE, "1")
         # torchrun makes a log directory per run and never removes it; ours goes with the job
-        # (and, if this process is killed, with the next start: kubetrain.io).
+        # (and, if this process is killed, with the next start: kubetrain.core.io).
         log_dir = make_temp_dir("torchrun")
         agents: list[subprocess.Popen] = []
         try:

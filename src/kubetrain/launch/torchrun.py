@@ -12,7 +12,7 @@ from collections.abc import Sequence
 # refused", seen here when a killed worker restarted; pytorch/pytorch#135712, #167288). With
 # sharing off, rank 0 of each round hosts a fresh store.
 NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
-WORKER_MODULE = "kubetrain.train.worker"
+WORKER_MODULE = "kubetrain.launch.worker"
 
 
 def torchrun_command(
@@ -24,7 +24,7 @@ def torchrun_command(
     python: str = "python",
     options: Sequence[str] = (),
 ) -> list[str]:
-    """The one torchrun command line: ``nproc`` workers of ``kubetrain.train.worker``.
+    """The one torchrun command line: ``nproc`` workers of ``kubetrain.launch.worker``.
 
     Local agents, PyTorchJob pods and Katib trials all start training through this.
 

@@ -26,10 +26,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.launch.cluster import JobPaths, condition
-from kubetrain.launch.config import ELASTIC_WITH_TRAINJOB
+from kubetrain.launch.config import ELASTIC_WITH_TRAINJOB, JobConfig
 from kubetrain.launch.kubeapi import Resource
 from kubetrain.launch.kubernetes import (
     CONFIG_ENV,
@@ -69,7 +68,7 @@ TRIAL_PRIMARY_POD_LABELS = {REPLICATED_JOB_LABEL: NODE, COMPLETION_INDEX_LABEL: 
 
 
 def worker_command(
-    cfg: PipelineConfig, dataset: str, output: str, overrides: list[str] | tuple[str, ...] = ()
+    cfg: JobConfig, dataset: str, output: str, overrides: list[str] | tuple[str, ...] = ()
 ) -> list[str]:
     """The ``node`` container's command: torchrun running ``kubetrain.train.worker``, every
     rendezvous setting from the ``PET_*`` variables the runtime injects (the kubelet expands
@@ -87,7 +86,7 @@ def worker_command(
     return torchrun_command("$(PET_NPROC_PER_NODE)", rendezvous, worker)
 
 
-def check_trainjob(cfg: PipelineConfig) -> None:
+def check_trainjob(cfg: JobConfig) -> None:
     """Refuse what a TrainJob cannot carry.
 
     Raises:
@@ -104,7 +103,7 @@ def check_trainjob(cfg: PipelineConfig) -> None:
         )
 
 
-def _env(cfg: PipelineConfig, paths: JobPaths | None) -> list[dict[str, Any]]:
+def _env(cfg: JobConfig, paths: JobPaths | None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in pod_env(cfg, paths).items()]
     secret = cfg.cluster.storage_secret
     if secret:
@@ -118,7 +117,7 @@ def _env(cfg: PipelineConfig, paths: JobPaths | None) -> list[dict[str, Any]]:
     return env
 
 
-def _pod_patch(cfg: PipelineConfig, labels: dict[str, str]) -> dict[str, Any]:
+def _pod_patch(cfg: JobConfig, labels: dict[str, str]) -> dict[str, Any]:
     """The ``node`` pods' part of ``runtimePatches``: what ``trainer`` has no field for."""
     cl = cfg.cluster
     spec: dict[str, Any] = {
@@ -158,7 +157,7 @@ def _pod_patch(cfg: PipelineConfig, labels: dict[str, str]) -> dict[str, Any]:
 
 
 def build_trainjob(
-    cfg: PipelineConfig,
+    cfg: JobConfig,
     name: str,
     paths: JobPaths | None = None,
     *,
@@ -238,7 +237,7 @@ class TrainJobWatcher(PodJobWatcher):
     container = NODE
     success = "Complete"
 
-    def __init__(self, cfg: PipelineConfig, emit: Callable[[str], None] = print):
+    def __init__(self, cfg: JobConfig, emit: Callable[[str], None] = print):
         super().__init__(cfg, emit)
 
     def pod_selector(self, name: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from kubetrain.config_base import Section
+from kubetrain.core.config import Section
 
 BUILTIN = ("mlp", "cnn")
 # The built-in text models (sized by d_model, heads, layers, ff, max_len below).

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kubetrain.errors import ConfigError, DataError
+from kubetrain.core.errors import ConfigError, DataError
 
 PREFIX = "hf:"
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.models.config import ModelConfig
 
 

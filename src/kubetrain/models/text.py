@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.models.config import HF_PREFIX, TEXT_BUILTIN, ModelConfig
 
 TEXT_TASKS = ("text_classification", "seq2seq")

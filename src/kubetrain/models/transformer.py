@@ -612,7 +612,7 @@ def build_text_model(name: str, meta, config: TransformerConfig) -> nn.Module:
         ConfigError: the model does not fit the task, or ``max_len`` is below the data's
             ``max_length`` (the stored sequences would not fit).
     """
-    from kubetrain.errors import ConfigError
+    from kubetrain.core.errors import ConfigError
 
     wanted = {"transformer": "text_classification", "seq2seq_transformer": "seq2seq"}
     if name not in wanted:

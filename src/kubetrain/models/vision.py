@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.models.config import BUILTIN, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def _factory(
 
 def call_factory(name: str, *args: Any, **kwargs: Any) -> nn.Module:
     """Import ``package.module:factory`` and call it with ``args`` and ``kwargs`` (the image and
-    the text workloads' own-model entry point).
+    the text tasks' own-model entry point).
 
     Raises:
         ConfigError: the module does not import, the attribute is missing or not callable, the

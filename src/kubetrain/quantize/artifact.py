@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubetrain.artifacts import QUANT_INFO
-from kubetrain.errors import KubetrainError
+from kubetrain.core.artifacts import QUANT_INFO
+from kubetrain.core.errors import KubetrainError
 
 MAX_BATCH = 1 << 16
 STATE_DICT_FORMAT = "state_dict"

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from kubetrain.config_base import Section
+from kubetrain.core.config import Section
 
 METHODS = ("auto", "dynamic_int8", "weight_only_int8", "static_int8", "qat_int8", "none")
 # Every int8 candidate as "method/backend", cheapest to build first: the order auto tries them.

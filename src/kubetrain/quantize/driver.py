@@ -13,30 +13,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from kubetrain.artifacts import (
+from kubetrain.core.artifacts import (
     MODEL_WEIGHTS,
     QUANT_INFO,
     QuantizedModel,
     TrainedModel,
 )
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 from kubetrain.models.networks import build_from_spec
 from kubetrain.quantize import artifact, select
 from kubetrain.quantize.config import QAT, QuantizeConfig
-from kubetrain.workloads.base import Workload
+from kubetrain.tasks.base import Task
 
 if TYPE_CHECKING:
-    from kubetrain.evaluate.config import EvaluateConfig
+    from kubetrain.tasks.config import ScoringConfig
 
 log = logging.getLogger(__name__)
 
 
-def load_model(model_dir: str | Path, workload: Workload | None = None) -> nn.Module:
+def load_model(model_dir: str | Path, task: Task | None = None) -> nn.Module:
     """Rebuild the fp32 network of a model artifact and load its weights (eval mode).
 
     Args:
         model_dir: the train step's model artifact.
-        workload: the workload the model was trained with (``workload_for_model``); its
+        task: the task the model was trained with (``task_for_model``); its
             ``build_model`` rebuilds the network (text models need the dataset's tokenizer
             sizes); without one, ``build_from_spec`` does (tabular and image models).
 
@@ -44,11 +44,11 @@ def load_model(model_dir: str | Path, workload: Workload | None = None) -> nn.Mo
         KubetrainError: ``model_dir`` is not a model artifact.
     """
     trained = TrainedModel.load(model_dir)
-    if workload is not None and workload.kind != "tabular":
+    if task is not None and task.kind != "tabular":
         # As build_from_spec: the initial weights are not read again (the trained ones replace
         # them, and this process may not reach that file).
-        cfg = workload.cfg.model.model_copy(update={"weights": None, "freeze_backbone": False})
-        model = workload.build_model(cfg)
+        cfg = task.cfg.model.model_copy(update={"weights": None, "freeze_backbone": False})
+        model = task.build_model(cfg)
     else:
         model = build_from_spec(trained.spec)
     model.load_state_dict(torch.load(trained.weights, weights_only=True))
@@ -56,13 +56,13 @@ def load_model(model_dir: str | Path, workload: Workload | None = None) -> nn.Mo
 
 
 def load_quantized(
-    qdir: str | Path, model_dir: str | Path | None = None, workload: Workload | None = None
+    qdir: str | Path, model_dir: str | Path | None = None, task: Task | None = None
 ) -> nn.Module:
     """The runnable model of a quantized artifact (needs torch, and torchao for its ops).
 
     An int8 state dict (``format: state_dict``, Transformers whose decoding calls methods
     beyond ``forward``) is loaded into the fp32 network rebuilt from ``model_dir`` (with
-    ``workload``, see ``load_model``) and quantized the same way; the other formats need
+    ``task``, see ``load_model``) and quantized the same way; the other formats need
     neither.
 
     Raises:
@@ -74,7 +74,7 @@ def load_quantized(
     if info.get("format") == artifact.STATE_DICT_FORMAT:
         if model_dir is None:
             raise KubetrainError(f"{qdir}: an int8 state dict: rebuilding it needs the fp32 model")
-        return artifact.load_state_dict_artifact(qdir, load_model(model_dir, workload))
+        return artifact.load_state_dict_artifact(qdir, load_model(model_dir, task))
     return artifact.load_artifact(qdir)[0]
 
 
@@ -83,8 +83,8 @@ def quantize_artifact(
     dataset_dir: str | Path,
     out_dir: str | Path,
     qcfg: QuantizeConfig,
-    workload: Workload | None = None,
-    evaluate: EvaluateConfig | None = None,
+    task: Task | None = None,
+    scoring: ScoringConfig | None = None,
 ) -> dict[str, Any]:
     """Quantize the model in ``model_dir`` as ``qcfg`` says into ``out_dir``; returns quant.json.
 
@@ -93,13 +93,13 @@ def quantize_artifact(
         dataset_dir: its dataset artifact (calibration: train split; the gate: val split).
         out_dir: where the quantized artifact is written.
         qcfg: the quantize section.
-        workload: the workload to read the data and score with (default: the model's,
-            ``workload_for_model``).
-        evaluate: the evaluate section, when the gate should measure as the evaluate step will
-            (its metric, beam size, decode length); default: what the model was trained with.
+        task: the task to read the data and score with (default: the model's,
+            ``task_for_model``).
+        scoring: how the evaluate step will score (its metric, beam size, decode length), for
+            the gate to measure the same way; default: what the model was trained with.
 
     Raises:
-        KubetrainError: no int8 model is within ``max_accuracy_drop`` (on the workload's
+        KubetrainError: no int8 model is within ``max_accuracy_drop`` (on the task's
             primary metric) and ``on_drop`` is ``fail`` (the message has every candidate's
             numbers), or an explicit method failed.
         ConfigError: the explicit method does not apply to the model (e.g. static_int8 for a
@@ -109,11 +109,11 @@ def quantize_artifact(
     if qcfg.num_threads:
         torch.set_num_threads(qcfg.num_threads)
     try:
-        if evaluate is not None:
-            from kubetrain.workloads import workload_for_model
+        if scoring is not None:
+            from kubetrain.tasks import task_for_model
 
-            workload = (workload or workload_for_model(dataset_dir, model_dir)).measure_as(evaluate)
-        return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, workload)
+            task = (task or task_for_model(dataset_dir, model_dir)).measure_as(scoring)
+        return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, task)
     finally:
         torch.set_num_threads(threads)
 
@@ -124,18 +124,18 @@ class _Reference:
 
     model: nn.Module
     model_dir: Path
-    workload: Workload
+    task: Task
     x_train: np.ndarray  # the training samples calibration and QAT use (qcfg.qat_samples)
     y_train: np.ndarray
     qcfg: QuantizeConfig
     work: Path  # candidates are built here
-    metric: str  # the workload's primary metric (accuracy, bleu, ...): what the gate is on
+    metric: str  # the task's primary metric (accuracy, bleu, ...): what the gate is on
     accuracy: float  # fp32 validation score on ``metric``
     info: dict[str, Any]  # the fp32 model exported like a candidate: size, file, latency
 
     @property
     def shape(self) -> list[int]:
-        return self.workload.data.input_shape
+        return self.task.data.input_shape
 
     @property
     def token_inputs(self) -> bool:
@@ -143,25 +143,25 @@ class _Reference:
         return not torch.from_numpy(self.x_train[:1]).is_floating_point()
 
     def val_score(self, model: nn.Module) -> float:
-        return self.workload.score(model, "val").values[self.metric]
+        return self.task.score(model, "val").values[self.metric]
 
 
 def _reference(
     model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig,
-    workload: Workload | None,
+    task: Task | None,
 ) -> _Reference:  # fmt: skip
     from kubetrain.quantize import methods
-    from kubetrain.workloads import workload_for_model
+    from kubetrain.tasks import task_for_model
 
-    workload = workload or workload_for_model(dataset_dir, model_dir)
-    model = load_model(model_dir, workload)
-    x_train, y_train = workload.examples("train", qcfg.qat_samples, seed=qcfg.seed)
+    task = task or task_for_model(dataset_dir, model_dir)
+    model = load_model(model_dir, task)
+    x_train, y_train = task.examples("train", qcfg.qat_samples, seed=qcfg.seed)
     work = out_dir / "candidates"
-    scores = workload.score(model, "val")
+    scores = task.score(model, "val")
     return _Reference(
         model=model,
         model_dir=model_dir,
-        workload=workload,
+        task=task,
         x_train=x_train.numpy(),
         y_train=y_train.numpy(),
         qcfg=qcfg,
@@ -179,7 +179,7 @@ def _candidate_names(qcfg: QuantizeConfig, token_inputs: bool = False) -> list[s
     Raises:
         ConfigError: the named method does not apply to the model (one line: why).
     """
-    from kubetrain.errors import ConfigError
+    from kubetrain.core.errors import ConfigError
     from kubetrain.quantize import methods
 
     if qcfg.method == "none":
@@ -215,7 +215,7 @@ def _attempt(ref: _Reference, name: str) -> tuple[dict[str, Any], nn.Module | No
     try:
         if ref.token_inputs:
             info = methods.build_state_dict(name, ref.model, ref.qcfg, cdir)
-            fresh = load_model(ref.model_dir, ref.workload)
+            fresh = load_model(ref.model_dir, ref.task)
             runnable, _ = artifact.load_artifact(cdir, fresh)  # measure what was saved
         else:
             info = methods.build(
@@ -259,15 +259,15 @@ def _try_candidates(ref: _Reference, names: list[str]) -> list[tuple[dict, nn.Mo
 def _measure_latency(ref: _Reference, tried: list[tuple[dict, nn.Module | None]]) -> None:
     """Batch-1 and batch-64 latency of fp32 and every built candidate, timed side by side;
     written into the candidates' infos and ``ref.info``."""
-    from kubetrain.evaluate.measure import compare_latency, latency_inputs
+    from kubetrain.tasks.measure import compare_latency, latency_inputs
 
     built = {c["name"]: m for c, m in tried if m is not None}
     if not built:
         return
     fp32_name = "none/fp32"
     runs = {fp32_name: ref.model, **built}
-    x_val, y_val = ref.workload.examples("val", 64, seed=ref.qcfg.seed)
-    inputs = latency_inputs(x_val, y_val, ref.workload.data.kind)
+    x_val, y_val = ref.task.examples("val", 64, seed=ref.qcfg.seed)
+    inputs = latency_inputs(x_val, y_val, ref.task.data.kind)
     for batch in (1, 64):
         lat = compare_latency(runs, inputs, None, batch, ref.qcfg.latency_repeats)
         for c, _ in tried:
@@ -311,10 +311,10 @@ def _decide(ref: _Reference, candidates: list[dict], tried_any: bool) -> tuple[d
 
 def _quantize(
     model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig,
-    workload: Workload | None,
+    task: Task | None,
 ) -> dict:  # fmt: skip
     started = time.perf_counter()
-    ref = _reference(model_dir, dataset_dir, out_dir, qcfg, workload)
+    ref = _reference(model_dir, dataset_dir, out_dir, qcfg, task)
     names = _candidate_names(qcfg, ref.token_inputs)
     tried = _try_candidates(ref, names)
     _measure_latency(ref, tried)

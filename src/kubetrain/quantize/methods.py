@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubetrain.artifacts import QUANT_INFO, QUANT_PROGRAM, QUANT_SCRIPT, QUANT_STATE_DICT
-from kubetrain.errors import KubetrainError
+from kubetrain.core.artifacts import QUANT_INFO, QUANT_PROGRAM, QUANT_SCRIPT, QUANT_STATE_DICT
+from kubetrain.core.errors import KubetrainError
 from kubetrain.quantize import artifact
 from kubetrain.quantize.config import CANDIDATES, QuantizeConfig
 

@@ -26,11 +26,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetrain.artifacts import PROMOTED_FP32, PROMOTED_INT8, REGISTRY_RECORD, Promotion
-from kubetrain.errors import KubetrainError
+from kubetrain.core.artifacts import PROMOTED_FP32, PROMOTED_INT8, REGISTRY_RECORD, Promotion
+from kubetrain.core.errors import KubetrainError
 
-if TYPE_CHECKING:  # kubetrain.config imports kubetrain.registry.config, which runs this file
-    from kubetrain.config import PipelineConfig
+if TYPE_CHECKING:
+    from kubetrain.registry.config import RetrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,13 @@ log = logging.getLogger(__name__)
 MODEL_INPUT_SECTIONS = ("data", "model", "train", "tune", "quantize", "evaluate")
 
 
-def model_inputs_fingerprint(cfg: PipelineConfig, dataset_version: str) -> str:
+def model_inputs_fingerprint(inputs_json: str, dataset_version: str) -> str:
     """16 hex digits naming what shapes a trained model: the dataset version and the config
-    sections of ``MODEL_INPUT_SECTIONS`` (without the train fields that only change how a job
-    runs). Equal fingerprints: retraining would make the same model."""
+    sections of ``MODEL_INPUT_SECTIONS`` as JSON (``PipelineConfig.model_inputs_json``: without
+    the train fields that only change how a job runs). Equal fingerprints: retraining would make
+    the same model."""
     h = hashlib.sha256(dataset_version.encode())
-    h.update(cfg.model_inputs_json(*MODEL_INPUT_SECTIONS).encode())
+    h.update(inputs_json.encode())
     return h.hexdigest()[:16]
 
 
@@ -71,12 +72,20 @@ def last_promotion(registry: str) -> dict[str, Any] | None:
         ) from None
 
 
-def needs_training(cfg: PipelineConfig, dataset_version: str) -> tuple[bool, str]:
-    """(train?, why) for ``retrain.only_if_changed``; always True without a registry."""
-    registry = cfg.retrain.registry
-    if not cfg.retrain.only_if_changed or not registry:
+def needs_training(
+    retrain: RetrainConfig, inputs_json: str, dataset_version: str
+) -> tuple[bool, str]:
+    """(train?, why) for ``retrain.only_if_changed``; always True without a registry.
+
+    Args:
+        retrain: the ``retrain`` section.
+        inputs_json: the config sections that shape the model (``model_inputs_fingerprint``).
+        dataset_version: the dataset artifact's version.
+    """
+    registry = retrain.registry
+    if not retrain.only_if_changed or not registry:
         return True, "retrain.only_if_changed is off"
-    current = model_inputs_fingerprint(cfg, dataset_version)
+    current = model_inputs_fingerprint(inputs_json, dataset_version)
     last = last_promotion(registry)
     if last is None:
         return True, f"no model has been promoted to {registry} yet"
@@ -92,16 +101,15 @@ def needs_training(cfg: PipelineConfig, dataset_version: str) -> tuple[bool, str
     )
 
 
-def publish(
-    registry: str, promoted_dir: Path, promotion: Promotion, cfg: PipelineConfig
-) -> Promotion:
+def publish(registry: str, promoted_dir: Path, promotion: Promotion, inputs_json: str) -> Promotion:
     """Copy the promoted artifact to ``models/<key>/`` and then write ``promoted.json``.
 
     Args:
         registry: directory or fsspec URI (``retrain.registry``).
         promoted_dir: the promote step's artifact (``fp32/`` and ``int8/``).
         promotion: what was promoted (accuracy, dataset version).
-        cfg: the config the model was made with (part of its key).
+        inputs_json: the config sections the model was made with (part of its key:
+            ``model_inputs_fingerprint``).
 
     Returns:
         ``promotion`` with its registry key, model URI and time.
@@ -116,7 +124,7 @@ def publish(
 
     fs, root = _fs(registry)
     root = root.rstrip("/")
-    key = model_inputs_fingerprint(cfg, promotion.dataset_version)
+    key = model_inputs_fingerprint(inputs_json, promotion.dataset_version)
     target = f"{root}/models/{key}"
     fs.makedirs(target, exist_ok=True)
     for part in (PROMOTED_FP32, PROMOTED_INT8):

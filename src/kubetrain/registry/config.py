@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from kubetrain.config_base import Section
+from kubetrain.core.config import Section
 
 
 class RetrainConfig(Section):

@@ -12,6 +12,6 @@ installed is a config error (one line). MLflow's own telemetry and its "View run
 stdout are switched off: nothing leaves the machine but the calls to the tracking server.
 
 Modules: ``config`` (``TrackingConfig``, the section) and ``log`` (reading a run's artifacts and
-logging them). Nothing is imported here, so that ``kubetrain.config`` can compose the section
+logging them). Nothing is imported here, so that ``kubetrain.pipeline.config`` can compose the section
 without importing what needs the config.
 """

@@ -1,4 +1,4 @@
-"""The ``tracking`` config section (composed into ``PipelineConfig`` by ``kubetrain.config``)."""
+"""The ``tracking`` config section (composed into ``PipelineConfig`` by ``kubetrain.pipeline.config``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib.util
 
 from pydantic import Field, field_validator
 
-from kubetrain.config_base import Section
+from kubetrain.core.config import Section
 
 
 class TrackingConfig(Section):

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetrain.artifacts import EVAL_DETAILS, EVAL_METRICS, EVAL_REPORT
-from kubetrain.config import config_from_json
-from kubetrain.errors import KubetrainError
+from kubetrain.core.artifacts import EVAL_DETAILS, EVAL_METRICS, EVAL_REPORT
+from kubetrain.core.errors import KubetrainError
 from kubetrain.tracking.config import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -247,9 +246,9 @@ def track_pipeline_run(
     Raises:
         KubetrainError: unreadable artifacts, or MLflow unreachable (one line).
     """
-    cfg = config_from_json(config_json)
     config = json.loads(config_json)
-    config.pop("tracking", None)  # where it is logged, not what was trained
+    # Where it is logged, not what was trained: the section is not logged as a parameter.
+    tracking = TrackingConfig.validated(config.pop("tracking", None))
     run = collect(run_name, config, Path(evaluation_dir), Path(model_dir), Path(quantized_dir),
                   promoted)  # fmt: skip
-    return log_run(cfg.tracking, run)
+    return log_run(tracking, run)

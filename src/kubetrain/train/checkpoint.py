@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kubetrain.errors import KubetrainError
-from kubetrain.io import atomic_write, read_json, write_error, write_json
+from kubetrain.core.errors import KubetrainError
+from kubetrain.core.io import atomic_write, read_json, write_error, write_json
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from kubetrain.config import PipelineConfig
-    from kubetrain.train.distributed import DistContext
+    from kubetrain.core.distributed import DistContext
+    from kubetrain.train.config import TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def _single_process_is_intended():
 def _agree(error: BaseException | None, ctx: DistContext) -> None:
     """Raise on every rank if any rank failed (a collective): a rank that went on alone would
     wait for the others in its next collective until the timeout."""
-    from kubetrain.train.distributed import gather_objects
+    from kubetrain.core.distributed import gather_objects
 
     messages = [m for m in gather_objects(None if error is None else str(error), ctx) if m]
     if error is not None:
@@ -344,7 +344,7 @@ def load_latest_sharded(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from kubetrain.train.distributed import gather_objects
+    from kubetrain.core.distributed import gather_objects
 
     chosen = _newest_sharded(directory, resume_key) if ctx.is_main else None
     chosen = gather_objects(None if chosen is None else str(chosen), ctx)[0]
@@ -372,7 +372,7 @@ def load_latest_sharded(
     return progress
 
 
-def checkpoint_dir(cfg: PipelineConfig, out_dir: Path) -> Path:
+def checkpoint_dir(cfg: TrainingConfig, out_dir: Path) -> Path:
     """``train.checkpoint_dir``, else ``$KUBETRAIN_CHECKPOINT_DIR`` (set in PyTorchJob pods: a
     path on the shared volume that outlives a pod), else ``<model output>/checkpoints``."""
     if cfg.train.checkpoint_dir:

@@ -7,7 +7,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from kubetrain.config_base import Section
+from kubetrain.core.config import Section
+from kubetrain.tasks.config import TaskConfig
 
 
 class TrainConfig(Section):
@@ -155,3 +156,11 @@ class TrainConfig(Section):
         if self.batch_tokens is None:
             return None
         return self.batch_tokens // (self.world_size * self.grad_accum_steps)
+
+
+class TrainingConfig(TaskConfig):
+    """What one training run reads: the task's sections and the ``train`` section. It is what a
+    job's pods and torchrun workers receive (``KUBETRAIN_CONFIG``); the pipeline's config
+    extends it."""
+
+    train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)

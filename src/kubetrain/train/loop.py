@@ -24,11 +24,12 @@ from typing import Any
 
 from torch import nn
 
-from kubetrain.artifacts import DatasetArtifact, TrainedModel
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError
+from kubetrain.core.artifacts import TrainedModel
+from kubetrain.core.distributed import DistContext
+from kubetrain.core.errors import ConfigError
+from kubetrain.tasks.base import Task
 from kubetrain.train import metrics
-from kubetrain.train.distributed import DistContext
+from kubetrain.train.config import TrainingConfig
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.step import batch_generator, train_step
 from kubetrain.train.trainer import (
@@ -38,7 +39,6 @@ from kubetrain.train.trainer import (
     resolve_precision,
     resume_key,
 )
-from kubetrain.workloads import open_workload
 
 __all__ = [
     "EpochCallback", "EpochStats", "FitResult", "NonFiniteLoss", "Stopped", "Trainer",
@@ -70,17 +70,17 @@ class FitResult:
 
 
 def fit(
-    cfg: PipelineConfig,
-    data: DatasetArtifact,
+    cfg: TrainingConfig,
+    task: Task,
     ctx: DistContext,
     on_epoch: EpochCallback | None = None,
     checkpoint_dir: Path | None = None,
 ) -> FitResult:
-    """Train ``cfg.model`` on ``data`` with ``cfg.train``; every rank calls this.
+    """Train ``cfg.model`` on ``task``'s data with ``cfg.train``; every rank calls this.
 
     Args:
-        cfg: the pipeline config (``train``, ``model``, ``data`` sections).
-        data: the dataset artifact.
+        cfg: the training run's config (the pipeline's extends it).
+        task: the task of the dataset artifact (``kubetrain.tasks.open_task``).
         ctx: this process's place in the job (``kubetrain.train.distributed.DistContext``).
         on_epoch: called after each epoch; returning True stops training (``Stopped``).
         checkpoint_dir: checkpoints go there every ``train.checkpoint_every_steps`` steps and at
@@ -100,12 +100,12 @@ def fit(
             f"config error: train.nnodes*train.nproc = {tc.world_size} but this job has "
             f"{ctx.world_size} processes"
         )
-    n_train = data.meta["sizes"]["train"]
+    n_train = task.data.meta["sizes"]["train"]
     if n_train < tc.batch_size:
         raise ConfigError(
             f"config error: train.batch_size {tc.batch_size} exceeds the {n_train} training samples"
         )
-    trainer = Trainer(cfg, data, ctx)
+    trainer = Trainer(cfg, task, ctx)
     trainer.checkpoint_dir = checkpoint_dir
     if tc.resume:
         trainer.load_checkpoint()
@@ -121,7 +121,7 @@ def _fit(trainer: Trainer, on_epoch: EpochCallback | None) -> FitResult:
     while trainer.epoch < tc.epochs:
         stats = _train_epoch(trainer)
         with trainer.whole_model() as model:  # FSDP: ranks may validate unequal parts
-            val_loss, val_acc = trainer.workload.validate(model, ctx)
+            val_loss, val_acc = trainer.task.validate(model, ctx)
         stats.val_loss, stats.val_accuracy = val_loss, val_acc
         trainer.history.append(stats)
         if ctx.is_main:
@@ -168,7 +168,7 @@ def _train_epoch(trainer: Trainer) -> EpochStats:
     trainer.net.train()
     meter = EpochMeter(trainer)
     batches = batch_generator(trainer, meter)
-    # KUBETRAIN_PROGRESS=0: no bar even on a terminal (a display choice; see kubetrain.config).
+    # KUBETRAIN_PROGRESS=0: no bar even on a terminal (a display choice; see kubetrain.pipeline.config).
     show = (
         trainer.ctx.is_main
         and sys.stderr.isatty()
@@ -196,13 +196,12 @@ def _train_epoch(trainer: Trainer) -> EpochStats:
     return stats
 
 
-def save_model(
-    result: FitResult, cfg: PipelineConfig, data: DatasetArtifact, out_dir: Path
-) -> None:
-    """Write the model artifact (``kubetrain.artifacts.TrainedModel``) to ``out_dir``: the
+def save_model(result: FitResult, cfg: TrainingConfig, task: Task, out_dir: Path) -> None:
+    """Write the model artifact (``kubetrain.core.artifacts.TrainedModel``) to ``out_dir``: the
     weights (whole, unsharded: ``result.state_dict`` after FSDP), how to rebuild the network
     (with the dataset's classes and normalisation), the history and the summary."""
-    spec = open_workload(cfg, data).model_spec(cfg.model)
+    data = task.data
+    spec = task.model_spec(cfg.model)
     spec.update(
         {
             "dataset_version": data.meta["version"],

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from kubetrain.core.distributed import all_reduce_sum, gather_objects
 from kubetrain.train import instrument
-from kubetrain.train.distributed import all_reduce_sum, gather_objects, ranks_agree
+from kubetrain.train.distributed import ranks_agree
 from kubetrain.train.trainer import EpochStats, Trainer
 
 
@@ -124,7 +125,7 @@ def summary(trainer: Trainer, wall: float) -> dict[str, Any]:
         "final_val_loss": history[-1].val_loss,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "ranks_identical": ranks_agree(trainer.model, trainer.ctx),
-        **trainer.workload.train_summary(trainer.ctx),
+        **trainer.task.train_summary(trainer.ctx),
     }
 
 

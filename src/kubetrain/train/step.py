@@ -27,11 +27,12 @@ from collections.abc import Iterator
 
 import torch
 
+from kubetrain.core.distributed import any_rank
+from kubetrain.tasks.base import Batch
 from kubetrain.train import instrument
-from kubetrain.train.distributed import any_rank, clip_grad_norm, local_tensor
+from kubetrain.train.distributed import clip_grad_norm, local_tensor
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.trainer import NonFiniteLoss, Trainer, diverged_message
-from kubetrain.workloads.base import Batch
 
 
 def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[Batch]:
@@ -40,7 +41,7 @@ def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[Batch]:
     The time spent waiting for each goes to ``meter.data_seconds``.
     """
     device = trainer.ctx.device
-    workload = trainer.workload
+    task = trainer.task
     batches = iter(trainer.batches)
     while True:
         started = time.perf_counter()
@@ -48,7 +49,7 @@ def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[Batch]:
             batch = next(batches)
         except StopIteration:
             return
-        batch = workload.to_device(batch, device)
+        batch = task.to_device(batch, device)
         meter.data_seconds += time.perf_counter() - started
         yield batch
 
@@ -59,18 +60,18 @@ def forward_backward_step(trainer: Trainer, batch: Batch, sync_gradients: bool) 
     ``sync_gradients``: False skips DDP's all-reduce (``no_sync``) on all but the last
     micro-batch of a step. Returns the micro-batch's mean loss, detached, on the device.
     """
-    accum = trainer.tc.grad_accum_steps
+    accum, smoothing = trainer.tc.grad_accum_steps, trainer.tc.label_smoothing
     inputs, target = batch
     if trainer.plain:  # one process, fp32: nothing to wrap the step in
-        loss = trainer.workload.loss(trainer.net(*inputs), target)
+        loss = trainer.task.loss(trainer.net(*inputs), target, smoothing)
     elif trainer.sharded and trainer.ctx.distributed:
         trainer.model.set_requires_gradient_sync(sync_gradients)
         with trainer.autocast():
-            loss = trainer.workload.loss(trainer.net(*inputs).float(), target)
+            loss = trainer.task.loss(trainer.net(*inputs).float(), target, smoothing)
     else:
         skip_sync = trainer.ctx.distributed and not sync_gradients
         with trainer.net.no_sync() if skip_sync else contextlib.nullcontext(), trainer.autocast():
-            loss = trainer.workload.loss(trainer.net(*inputs).float(), target)
+            loss = trainer.task.loss(trainer.net(*inputs).float(), target, smoothing)
     scaled = loss / accum if accum > 1 else loss
     (trainer.scaler.scale(scaled) if trainer.scaling else scaled).backward()
     return loss.detach()
@@ -129,18 +130,18 @@ def train_step(trainer: Trainer, batches: Iterator[Batch], meter: EpochMeter):
     accum = trainer.tc.grad_accum_steps
     no_sync = trainer.tc.no_sync
     losses = []
-    workload = trainer.workload
+    task = trainer.task
     for micro in range(accum):
         batch = next(batches)
         if trainer.flops_per_sample is None:
             with torch.random.fork_rng(devices=[]):  # leaves the RNG stream untouched
                 trainer.flops_per_sample = instrument.flops_per_sample(
-                    trainer.model, batch, workload.loss, workload.batch_samples(batch)
+                    trainer.model, batch, task.loss, task.batch_samples(batch)
                 )
         started = time.perf_counter()
         sync = not no_sync or micro == accum - 1
         losses.append(forward_backward_step(trainer, batch, sync_gradients=sync))
-        meter.sizes.append(workload.batch_samples(batch))
+        meter.sizes.append(task.batch_samples(batch))
         meter.compute_seconds += time.perf_counter() - started
     started = time.perf_counter()
     optimizer_step(trainer, losses)

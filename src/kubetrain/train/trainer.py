@@ -26,22 +26,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.distributed import DistContext, any_rank
+from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.tasks.base import Task
 from kubetrain.train import checkpoint, instrument
 from kubetrain.train.config import TrainConfig
-from kubetrain.train.distributed import (
-    DistContext,
-    any_rank,
-    gathered,
-    local_tensor,
-    shard_model,
-)
+from kubetrain.train.distributed import gathered, local_tensor, shard_model
 from kubetrain.train.optim import build_optimizer, build_scheduler
-from kubetrain.workloads import open_workload
 
 if TYPE_CHECKING:
-    from kubetrain.config import PipelineConfig
+    from kubetrain.train.config import TrainingConfig
 
 
 @dataclass
@@ -106,7 +101,7 @@ AUGMENTATION_FIELDS = {"augment", "augment_shift", "augment_noise", "transforms"
                        "cutmix_alpha"}  # fmt: skip
 
 
-def resume_key(cfg: PipelineConfig, data: DatasetArtifact) -> str:
+def resume_key(cfg: TrainingConfig, data: DatasetArtifact) -> str:
     """16 hex digits naming what a training job computes (model, optimisation, augmentation and
     the dataset version), without the fields that only change how it runs
     (``TrainConfig.RUN_ONLY_FIELDS``): a job resumes only checkpoints with its own key, so it may
@@ -145,8 +140,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 class Trainer:
     """The state of one training job on one rank (built by ``kubetrain.train.loop.fit``)."""
 
-    def __init__(self, cfg: PipelineConfig, data: DatasetArtifact, ctx: DistContext) -> None:
+    def __init__(self, cfg: TrainingConfig, task: Task, ctx: DistContext) -> None:
         tc = cfg.train
+        data = task.data
         self.cfg, self.data, self.ctx, self.tc = cfg, data, ctx, tc
         self.precision = resolve_precision(tc.precision, ctx.device)
         # FSDP checkpoints (and, over several processes, sharded weights); DDP's otherwise.
@@ -154,10 +150,10 @@ class Trainer:
         if ctx.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for fp32 matmuls on Ampere+
             torch.backends.cudnn.allow_tf32 = True
-        self.workload = open_workload(cfg, data)
+        self.task = task
         self._build_model()
         # This rank's share of every global batch of the training split.
-        self.batches = self.workload.train_batches(tc, ctx)
+        self.batches = self.task.train_batches(tc, ctx)
         self.optimizer = build_optimizer(self.net.parameters(), tc)
         self.scheduler = build_scheduler(self.optimizer, tc, self.batches.steps)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.precision == "fp16")
@@ -189,7 +185,7 @@ class Trainer:
         FSDP2 (``model`` is then the sharded module); compiled if asked."""
         cfg, ctx, tc = self.cfg, self.ctx, self.tc
         torch.manual_seed(tc.seed)  # same initial weights on every rank
-        self.model = self.workload.prepare_model(self.workload.build_model(cfg.model), ctx.device)
+        self.model = self.task.prepare_model(self.task.build_model(cfg.model), ctx.device)
         self.net: nn.Module = self.model
         self.comm = instrument.CommStats()
         if ctx.distributed and self.sharded:

@@ -12,18 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from kubetrain.config import PipelineConfig
+from kubetrain.tune.config import SearchConfig
 
 
 class TuneBackend(Protocol):
-    def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+    def run(self, cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
         """Search ``cfg.tune`` on the dataset artifact; write the tune artifact to ``out_dir``."""
 
 
 class OptunaBackend:
     """``cluster.backend: local``: Optuna trials as processes on this machine."""
 
-    def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+    def run(self, cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
         """See ``kubetrain.tune.local.run_search``."""
         from kubetrain.tune.local import run_search
 
@@ -34,14 +34,14 @@ class KatibBackend:
     """``cluster.backend: kubernetes``: one Katib Experiment whose trials are TrainJobs or
     PyTorchJobs (``cluster.training_api``)."""
 
-    def run(self, cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+    def run(self, cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
         """See ``kubetrain.tune.katib.run_experiment``."""
         from kubetrain.tune.katib import run_experiment
 
         return run_experiment(cfg, dataset_dir, out_dir)
 
 
-def get_tune_backend(cfg: PipelineConfig) -> TuneBackend:
+def get_tune_backend(cfg: SearchConfig) -> TuneBackend:
     """The tune backend of ``cluster.backend``.
 
     Args:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any, List, Literal  # noqa: UP035 (List: a field is named "list")
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from kubetrain.config_base import Section
+from kubetrain.core.config import Section, set_dotted
+from kubetrain.core.errors import ConfigError
+from kubetrain.launch.config import JobConfig
+from kubetrain.quantize.config import QuantizeConfig
 
 # Katib's algorithm names (https://www.kubeflow.org/docs/components/katib/user-guides/hp-tuning/)
 # that have a local equivalent, each with the algorithmSettings that have a local meaning.
@@ -239,3 +242,62 @@ def check_searchable_on(backend: str, tune: TuneConfig) -> None:
                 "cluster.backend=kubernetes (each Katib trial runs tune.trial_nproc processes "
                 "on one node); set tune.trial_nproc instead"
             )
+
+
+def objective_name(tune: TuneConfig, kind: str) -> str:
+    """What the search objective is for a dataset of ``kind``: ``val_loss``, or ``val_<metric>``
+    with the metric the kind's task validates on (``val_accuracy`` is the key trials report it
+    under, whatever the metric: accuracy for classification, the task's own for other kinds)."""
+    from kubetrain.tasks import KINDS, metric_of
+
+    if tune.objective_metric == "val_loss":
+        return "val_loss"
+    if kind not in KINDS:
+        return tune.objective_metric
+    return f"val_{metric_of(kind)}"
+
+
+# The sections a search parameter may name (a trial trains with them set).
+SEARCHABLE_SECTIONS = ("data", "model", "train", "quantize")
+
+
+class SearchConfig(JobConfig):
+    """What the search reads: the training run, where it runs, the search (``tune``) and the
+    ``quantize`` section its parameters may name."""
+
+    tune: TuneConfig = Field(default_factory=TuneConfig, description=TuneConfig.__doc__)
+    quantize: QuantizeConfig = Field(
+        default_factory=QuantizeConfig, description=QuantizeConfig.__doc__
+    )
+
+    @model_validator(mode="after")
+    def _search_space_names_config(self) -> SearchConfig:
+        dumped = self.model_dump()
+        for i, param in enumerate(self.tune.parameters):
+            where = f"tune.parameters.{i}.name"
+            section = param.name.split(".")[0]
+            if section not in SEARCHABLE_SECTIONS or "." not in param.name:
+                raise ValueError(
+                    f"{where}: '{param.name}' must name a field of data, model, train "
+                    "or quantize (e.g. train.lr)"
+                )
+            try:
+                set_dotted(dumped, param.name, _sample_value(param))
+            except ConfigError:
+                raise ValueError(f"{where}: '{param.name}' is not a config field") from None
+            try:
+                type(getattr(self, section)).model_validate(dumped[section])
+            except ValidationError as err:
+                raise ValueError(f"{where}: '{param.name}': {err.errors()[0]['msg']}") from None
+        check_searchable_on(self.cluster.backend, self.tune)
+        if self.tune.enabled and self.tune.algorithm == "grid":
+            for param in self.tune.parameters:
+                param.grid_values()
+        return self
+
+
+def _sample_value(param: SearchParameter) -> Any:
+    space = param.feasibleSpace
+    if space.list:
+        return space.list[0]
+    return int(space.min) if param.parameterType == "int" else space.min

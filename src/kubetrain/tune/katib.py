@@ -7,13 +7,13 @@ PyTorchJob), each labelled for ``cluster.queue_name`` like the train job.
 same ``medianstop``, same trial semantics (``tune.trial_epochs`` epochs, ``tune.trial_nproc``
 processes on one node, see ``kubetrain.tune.local.trial_config``), same objective (the *last*
 epoch's value). Unlike locally, a trial's process count cannot be searched here: the trial
-template fixes it, so ``PipelineConfig`` refuses ``train.nproc``/``train.nnodes`` in
+template fixes it, so ``SearchConfig`` refuses ``train.nproc``/``train.nnodes`` in
 ``tune.parameters`` on this backend.
 
 Katib parameter names cannot carry the dots of config keys, so ``train.lr`` is searched as
 ``train-lr`` (config fields never contain ``-``) and mapped back in ``best_params``. Each trial
-runs ``kubetrain.train.worker --set train.lr=${trialParameters.train-lr} ...``; the worker prints
-one metrics line per epoch (``kubetrain.train.worker.metrics_line``) that ``METRICS_FILTER``
+runs ``kubetrain.launch.worker --set train.lr=${trialParameters.train-lr} ...``; the worker prints
+one metrics line per epoch (``kubetrain.launch.worker.metrics_line``) that ``METRICS_FILTER``
 parses in Katib's StdOut collector.
 """
 
@@ -24,12 +24,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kubetrain.config import PipelineConfig, SearchParameter, parse_override
-from kubetrain.errors import KubetrainError
+from kubetrain.core.config import parse_override
+from kubetrain.core.errors import KubetrainError
 from kubetrain.launch.cluster import ClusterJob, JobPaths, condition, new_name, run_job
 from kubetrain.launch.jobkinds import JobKind, offline_kind, resolve_kind
 from kubetrain.launch.kubeapi import KubeApi, Resource
-from kubetrain.workloads import kind_of, objective_name
+from kubetrain.tasks import kind_of
+from kubetrain.tune.config import SearchConfig, SearchParameter, objective_name
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _parameter(param: SearchParameter, grid: bool) -> Any:
     )
 
 
-def trial_config(cfg: PipelineConfig) -> PipelineConfig:
+def trial_config(cfg: SearchConfig) -> SearchConfig:
     """A trial's config: the local engine's rule (``tune.trial_epochs`` epochs,
     ``tune.trial_nproc`` processes on one node); the searched parameters come later, as
     ``--set`` overrides of each trial's command."""
@@ -109,7 +110,7 @@ def trial_config(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def build_experiment(
-    cfg: PipelineConfig, name: str, dataset_dir: str | None = None, kind: JobKind | None = None
+    cfg: SearchConfig, name: str, dataset_dir: str | None = None, kind: JobKind | None = None
 ) -> dict:
     """The Katib Experiment for ``cfg.tune``, as the dict sent to the API server.
 
@@ -204,7 +205,7 @@ def build_experiment(
     return experiment.to_dict()
 
 
-def _early_stopping(cfg: PipelineConfig) -> Any:
+def _early_stopping(cfg: SearchConfig) -> Any:
     from kubeflow_katib_api import models
 
     es = cfg.tune.early_stopping
@@ -269,7 +270,7 @@ def trial_records(trials: list[dict[str, Any]], metric: str) -> list[dict[str, A
 
 
 def search_result(
-    cfg: PipelineConfig, experiment: dict[str, Any], records: list[dict[str, Any]]
+    cfg: SearchConfig, experiment: dict[str, Any], records: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """best_params.json of a finished Experiment (the local engine's fields)."""
     tune = cfg.tune
@@ -338,7 +339,7 @@ class ExperimentWatcher:
 
 
 def run_experiment(
-    cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, api: KubeApi | None = None
+    cfg: SearchConfig, dataset_dir: Path, out_dir: Path, api: KubeApi | None = None
 ) -> dict[str, Any]:
     """The tune step on ``kubernetes``: the search artifact (``SearchResult``) in ``out_dir``.
 
@@ -366,7 +367,7 @@ def run_experiment(
         records = trial_records(trials, cfg.tune.objective_metric)
         return records, {**search_result(cfg, exp, records), "training_api": kind.api}
 
-    from kubetrain.artifacts import SearchResult
+    from kubetrain.core.artifacts import SearchResult
 
     records, result = run_job(cfg, api, ExperimentWatcher(), experiment, dataset_dir, collect)
     SearchResult(result, records).save(out_dir)

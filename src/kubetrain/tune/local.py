@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetrain.config import PipelineConfig, TuneConfig, config_from_json
-from kubetrain.errors import ConfigError, KubetrainError
+from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.tasks import kind_of
+from kubetrain.tune.config import SearchConfig, TuneConfig, objective_name
 from kubetrain.tune.study import JOURNAL, STUDY_NAME, storage
-from kubetrain.workloads import kind_of, objective_name
 
 if TYPE_CHECKING:
     import optuna
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 INTERRUPTED = "interrupted"  # user attribute of a trial cut off by an interrupted search
 
 
-def trial_config(cfg: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
+def trial_config(cfg: SearchConfig, params: dict[str, Any]) -> SearchConfig:
     """The config one trial trains with: shorter, on one node with ``tune.trial_nproc``
     processes, and the trial's params applied last (a searched ``train.nproc`` wins)."""
     tune = cfg.tune
@@ -65,15 +65,16 @@ def run_trial(
     """Train one trial (in a worker process); never raises: failures come back as data."""
     import optuna
 
+    from kubetrain.core.distributed import DistContext
     from kubetrain.data import load_dataset
-    from kubetrain.train.distributed import DistContext
+    from kubetrain.tasks import open_task
     from kubetrain.train.loop import Stopped, fit
     from kubetrain.tune.space import make_pruner
 
     started = time.perf_counter()
     curve: list[float] = []
     try:
-        cfg = trial_config(config_from_json(cfg_json), params)
+        cfg = trial_config(SearchConfig.from_json(cfg_json), params)
         if cfg.train.world_size > 1:
             from kubetrain.tune.trial_worker import launch
 
@@ -95,7 +96,7 @@ def run_trial(
             # Stopping after the last epoch saves nothing: the trial counts as complete.
             return stats.epoch < cfg.train.epochs and trial.should_prune()
 
-        result = fit(cfg, _DATASETS[dataset_dir], DistContext(), on_epoch=on_epoch)
+        result = fit(cfg, open_task(cfg, _DATASETS[dataset_dir]), DistContext(), on_epoch=on_epoch)
         value = (
             result.history[-1].val_accuracy
             if metric == "val_accuracy"
@@ -133,7 +134,7 @@ class _Progress:
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-def run_search(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run_search(cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
     """Run the search; write best_params.json and trials.json to ``out_dir``.
 
     Args:
@@ -231,7 +232,7 @@ def _trials_at_once(tune: TuneConfig, budget: int) -> int:
 
 
 def _run_trials(
-    study: optuna.Study, cfg: PipelineConfig, dataset_dir: Path, journal: Path, progress: _Progress
+    study: optuna.Study, cfg: SearchConfig, dataset_dir: Path, journal: Path, progress: _Progress
 ) -> None:
     """Ask, run and tell trials, ``tune.parallel_trials`` at a time, in fresh worker processes,
     until the budget is spent or too many have failed."""
@@ -242,7 +243,7 @@ def _run_trials(
     workers = _trials_at_once(tune, progress.budget)
     threads = max(1, (os.cpu_count() or 1) // workers)
     log.info("%d trial(s), %d at a time", progress.budget - progress.done, workers)
-    cfg_json = cfg.model_dump_json()
+    cfg_json = cfg.narrowed(SearchConfig).model_dump_json()
     ctx = _trial_processes()
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
@@ -368,7 +369,7 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, rec: dict[str, Any]) -
 
 
 def _write_results(
-    study, records, cfg: PipelineConfig, out_dir: Path, seconds: float
+    study, records, cfg: SearchConfig, out_dir: Path, seconds: float
 ) -> dict[str, Any]:
     trials = []
     for t in study.trials:
@@ -410,7 +411,7 @@ def _write_results(
         "param_importance": param_importance(study, cfg.tune.seed),
         "search_seconds": seconds,
     }
-    from kubetrain.artifacts import SearchResult
+    from kubetrain.core.artifacts import SearchResult
     from kubetrain.evaluate.report import render_search
 
     # Trials and report first, the summary last: it marks a complete search artifact.

@@ -6,7 +6,7 @@ from typing import Any
 
 import optuna
 
-from kubetrain.errors import ConfigError
+from kubetrain.core.errors import ConfigError
 from kubetrain.tune.config import SearchParameter, TuneConfig
 
 

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubetrain.config import PipelineConfig
-from kubetrain.io import make_temp_dir, read_json, write_json
+from kubetrain.core.io import make_temp_dir, read_json, write_json
+from kubetrain.tune.config import SearchConfig
 
 
 def launch(
-    cfg: PipelineConfig, dataset_dir: str, journal: str, trial_id: int, work_dir: Path
+    cfg: SearchConfig, dataset_dir: str, journal: str, trial_id: int, work_dir: Path
 ) -> dict[str, Any]:
     """Run the trial ``cfg`` (already the trial's config) as torchrun workers; return its result.
 
@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
     import torch
 
-    from kubetrain.config import config_from_json
+    from kubetrain.core.distributed import all_reduce_sum, init_from_env, shutdown
     from kubetrain.data import load_dataset
-    from kubetrain.train.distributed import all_reduce_sum, init_from_env, shutdown
+    from kubetrain.tasks import open_task
     from kubetrain.train.loop import Stopped, fit
     from kubetrain.tune.space import make_pruner
     from kubetrain.tune.study import STUDY_NAME, storage
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format=f"[trial rank {rank}] %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
-    cfg = config_from_json(args.config_json.read_text())
+    cfg = SearchConfig.from_json(args.config_json.read_text())
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ctx = init_from_env()
     trial = None
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = "complete"
     try:
-        fit(cfg, load_dataset(args.dataset), ctx, on_epoch=on_epoch)
+        fit(cfg, open_task(cfg, load_dataset(args.dataset)), ctx, on_epoch=on_epoch)
     except Stopped:
         state = "pruned"
     if ctx.is_main:

@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from kubetrain.artifacts import MODEL_HISTORY, RUN_METRICS
-from kubetrain.errors import KubetrainError
+from kubetrain.core.artifacts import MODEL_HISTORY, RUN_METRICS
+from kubetrain.core.errors import KubetrainError
 
-MARKER = ".kubetrain-run"  # kubetrain.run.MARKER: every run directory has it
+MARKER = ".kubetrain-run"  # kubetrain.pipeline.run.MARKER: every run directory has it
 
 # (metrics.json key, column title, format) of the results shown for each run.
 RESULTS: tuple[tuple[str, str, str], ...] = (

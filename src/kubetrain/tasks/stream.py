@@ -1,5 +1,5 @@
 """Training batches streamed from shards (images, token sequences): the part every streamed
-workload shares.
+task shares.
 
 ``StreamBatches`` puts a ``kubetrain.data.streaming.StreamingDataset`` behind the trainer's
 ``TrainBatches`` interface: decoding, augmentation and collation run in ``data.num_workers``
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from kubetrain.core.errors import ConfigError
 from kubetrain.data.streaming import StreamingDataset, block
-from kubetrain.errors import ConfigError
-from kubetrain.workloads.base import Batch, TrainBatches
+from kubetrain.tasks.base import Batch, TrainBatches
 
 
 def _as_batch(item: Any) -> Batch:

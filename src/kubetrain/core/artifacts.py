@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetrain.errors import DataError, KubetrainError
-from kubetrain.io import atomic_write, read_json, write_json
+from kubetrain.core.errors import DataError, KubetrainError
+from kubetrain.core.io import atomic_write, read_json, write_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -82,7 +82,7 @@ class DatasetArtifact:
     @property
     def kind(self) -> str:
         """``tabular`` (arrays in ``data.npz``) or a streamed kind (``images``, the text tasks:
-        shards beside ``meta.json``, or at ``meta["root"]``); see ``kubetrain.workloads``."""
+        shards beside ``meta.json``, or at ``meta["root"]``); see ``kubetrain.tasks``."""
         return self.meta.get("kind", "tabular")
 
     @property
@@ -353,9 +353,9 @@ class QuantizedModel:
 # -- evaluation ---------------------------------------------------------------------------------
 @dataclass
 class ModelScores:
-    """One model on the test split: the workload's ``kubetrain.workloads.base.Scores``.
+    """One model on the test split: the task's ``kubetrain.tasks.base.Scores``.
 
-    ``values`` holds the primary metric ``metric`` and every other result of the workload:
+    ``values`` holds the primary metric ``metric`` and every other result of the task:
     classification ``accuracy``, ``per_class_accuracy``, ``confusion_matrix`` (and
     ``top5_accuracy`` for images, ``macro_f1`` for text); seq2seq ``bleu``, ``rouge_l`` and the
     copy-the-source baselines ``copy_baseline_bleu``, ``copy_baseline_rouge_l`` (all 0-1).

@@ -2,10 +2,10 @@
 
 Every step runs as a KFP task: with the ``subprocess`` runner a subprocess of this interpreter
 (exactly the component code a cluster runs), with the ``docker`` runner a container of the
-runtime image (``kubetrain.images``), as on a cluster. Caching makes a re-run into the same
+runtime image (``kubetrain.launch.image``), as on a cluster. Caching makes a re-run into the same
 directory skip finished steps.
 
-kfp.local's output goes to ``<run>/logs/`` (``kubetrain.live``); the terminal shows one line per
+kfp.local's output goes to ``<run>/logs/`` (``kubetrain.pipeline.live``); the terminal shows one line per
 task, or everything with ``verbose``. A step that fails says why in the one line it would print
 alone, with its exit code and the path of its log.
 """
@@ -24,10 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from kubetrain import artifacts, steps
-from kubetrain.config import PipelineConfig
-from kubetrain.errors import ConfigError, DataError, KubetrainError
-from kubetrain.io import read_json, write_json
+from kubetrain.core import artifacts
+from kubetrain.core.errors import ConfigError, DataError, KubetrainError
+from kubetrain.core.io import read_json, write_json
+from kubetrain.pipeline import steps
+from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def preflight(cfg: PipelineConfig) -> None:
     """
     from kubetrain.data.dataset import encode_labels, split_indices
     from kubetrain.data.sources import load_source
-    from kubetrain.params import expand_date
-    from kubetrain.steps import check_supported
+    from kubetrain.pipeline.params import expand_date
+    from kubetrain.pipeline.steps import check_supported
 
     if cfg.cluster.backend != "local":
         raise KubetrainError(
@@ -76,8 +77,8 @@ def preflight(cfg: PipelineConfig) -> None:
             "(use cluster.backend=local)"
         )
     check_supported(cfg)
-    from kubetrain.workloads import kind_of
-    from kubetrain.workloads import preflight as kind_preflight
+    from kubetrain.tasks import kind_of
+    from kubetrain.tasks import preflight as kind_preflight
 
     if kind_of(cfg.data) != "tabular":  # streamed kinds check what they can themselves
         kind_preflight(cfg)
@@ -124,7 +125,7 @@ def prepare_run_dir(output: Path | None) -> Path:
         UsageError: ``output`` is a file or cannot be written in (exit 2).
         KubetrainError: ``output`` holds files that are not a kubetrain run's (exit 1).
     """
-    from kubetrain.io import check_writable_dir
+    from kubetrain.core.io import check_writable_dir
 
     run_dir = output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     check_writable_dir(run_dir, "--output" if output is not None else "run directory")
@@ -157,7 +158,7 @@ def docker_runner(pipeline_root: Path) -> Any:
             "runner docker: the `docker` Python package is missing (pip install 'docker>=7')"
         ) from None
 
-    from kubetrain.images import runtime_image
+    from kubetrain.launch.image import runtime_image
 
     image = runtime_image()
     try:
@@ -251,7 +252,7 @@ def _run_pipeline(
     """
     from kfp import local
 
-    from kubetrain.live import LiveView, PlainView, TaskLog
+    from kubetrain.pipeline.live import LiveView, PlainView, TaskLog
     from kubetrain.pipelines import build_pipeline
 
     if cfg.train.checkpoint_dir is None:

@@ -2,7 +2,7 @@
 
 Both compile the pipeline for the given config (the same IR ``kubetrain compile`` writes) and
 hand it to ``kfp.Client``. ``--set`` items become run-time parameters of the run (see
-``kubetrain.params``: ``data_source``, ``train_epochs``, ``tune_max_trials``, ``min_accuracy``,
+``kubetrain.pipeline.params``: ``data_source``, ``train_epochs``, ``tune_max_trials``, ``min_accuracy``,
 ``overrides``), visible and editable in the KFP UI; only the keys that shape the pipeline itself
 (``params.COMPILE_TIME_KEYS``) are compiled in. A recurring run cannot be updated in KFP, so ``schedule`` replaces one
 of the same name: it creates the new one first and then deletes the old ones, so a failure never
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubetrain.config import PipelineConfig, load_config
-from kubetrain.errors import KubetrainError
-from kubetrain.params import SCHEDULE_PLACEHOLDER, pipeline_arguments, split_sets
+from kubetrain.core.errors import KubetrainError
+from kubetrain.pipeline.config import PipelineConfig, load_config
+from kubetrain.pipeline.params import SCHEDULE_PLACEHOLDER, pipeline_arguments, split_sets
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The text workloads (kubetrain.workloads.text) without processes: the preprocess into a
+"""The text tasks (kubetrain.tasks.text) without processes: the preprocess into a
 pipeline's empty output directory, length-bucketed training batches (equal steps on every rank,
 exact mid-epoch resume, batch_size and batch_tokens), the model built from the config and rebuilt
 from its spec, validation, examples, scores; the schedules and the model config fields."""
@@ -15,12 +15,12 @@ pytest.importorskip("tokenizers")
 
 import itertools
 
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.config import load_config
-from kubetrain.errors import ConfigError, DataError
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.distributed import DistContext
+from kubetrain.core.errors import ConfigError, DataError
 from kubetrain.models.networks import build_from_spec
-from kubetrain.train.distributed import DistContext
-from kubetrain.workloads import build_dataset, open_workload
+from kubetrain.pipeline.config import load_config
+from kubetrain.tasks import build_dataset, open_task
 
 WORDS = [
     "alpha",
@@ -102,14 +102,14 @@ def collect(batches, epoch: int, start_step: int = 0) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("budget", [None, 96], ids=["batch_size", "batch_tokens"])
 def test_ranks_take_the_agreed_steps_and_resume_continues_exactly(dataset, budget, monkeypatch):
-    from kubetrain.workloads import text
+    from kubetrain.tasks import text
 
     cfg, data = dataset
     tc = cfg.train.model_copy(update={"nproc": 2, "batch_tokens": budget})
     # Two ranks in one process, no process group: under a token budget the ranks' MIN is
     # stood in for by "one less than mine", so a rank must stop short of its own count.
     monkeypatch.setattr(text, "_agree_min", lambda count, ctx: max(1, count - 1))
-    ranks = [open_workload(cfg, data).train_batches(tc, DistContext(r, 2)) for r in (0, 1)]
+    ranks = [open_task(cfg, data).train_batches(tc, DistContext(r, 2)) for r in (0, 1)]
     if budget is None:
         assert ranks[0].steps == ranks[1].steps  # from the sizes, no collective
     for batches in ranks:
@@ -119,35 +119,35 @@ def test_ranks_take_the_agreed_steps_and_resume_continues_exactly(dataset, budge
             assert batches.steps == sum(batches._counts) - 1
         resumed = collect(batches, epoch=1, start_step=3)
         assert [t.tolist() for t in resumed] == [t.tolist() for t in full[3:]]
-    workload = open_workload(cfg, data)
-    batches = workload.train_batches(cfg.train, DistContext())
+    task = open_task(cfg, data)
+    batches = task.train_batches(cfg.train, DistContext())
     collect(batches, 0)
-    assert 0 < workload.train_summary(DistContext())["padding_share"] < 0.5
+    assert 0 < task.train_summary(DistContext())["padding_share"] < 0.5
 
 
 def test_model_trains_validates_scores_and_rebuilds_from_its_spec(dataset):
     cfg, data = dataset
-    workload = open_workload(cfg, data)
+    task = open_task(cfg, data)
     torch.manual_seed(0)
-    model = workload.build_model(cfg.model)
-    batches = workload.train_batches(cfg.train, DistContext())
+    model = task.build_model(cfg.model)
+    batches = task.train_batches(cfg.train, DistContext())
     batches.set_epoch(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for inputs, target in batches:
-        loss = workload.loss(model(*inputs), target)
+        loss = task.loss(model(*inputs), target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    val_loss, val_acc = workload.validate(model, DistContext())
+    val_loss, val_acc = task.validate(model, DistContext())
     assert val_loss > 0 and 0 <= val_acc <= 1
-    rebuilt = build_from_spec(workload.model_spec(cfg.model))
+    rebuilt = build_from_spec(task.model_spec(cfg.model))
     rebuilt.load_state_dict(model.state_dict())
-    x, y = workload.examples("test", 5, seed=1)
+    x, y = task.examples("test", 5, seed=1)
     assert x.shape == (5, 16) and x.dtype == torch.long
     model.eval(), rebuilt.eval()
     inputs = (x,) if data.kind == "text_classification" else (x, y[:, :-1])
     assert torch.equal(model(*inputs), rebuilt(*inputs))
-    scores = workload.score(rebuilt, "test")
+    scores = task.score(rebuilt, "test")
     assert scores.samples == data.meta["sizes"]["test"] and scores.examples
     if data.kind == "text_classification":
         assert scores.metric == "accuracy" and 0 <= scores.values["macro_f1"] <= 1
@@ -167,16 +167,16 @@ def test_examples_are_a_seeded_draw_streamed_from_the_split(dataset):
     import numpy as np
 
     cfg, data = dataset
-    workload = open_workload(cfg, data)
-    every = list(workload.records("train"))
+    task = open_task(cfg, data)
+    every = list(task.records("train"))
     assert len(every) == data.meta["sizes"]["train"]
     drawn = np.sort(np.random.default_rng(3).permutation(len(every))[:7])
     first = "input_ids" if data.kind == "text_classification" else "src_ids"
-    x, _ = workload.examples("train", 7, seed=3)
-    expected = workload._full([every[i][first] for i in drawn])
+    x, _ = task.examples("train", 7, seed=3)
+    expected = task._full([every[i][first] for i in drawn])
     assert torch.equal(x, expected)
-    assert not torch.equal(x, workload.examples("train", 7, seed=4)[0])
-    assert len(workload.examples("val", 10_000)[0]) == data.meta["sizes"]["val"]
+    assert not torch.equal(x, task.examples("train", 7, seed=4)[0])
+    assert len(task.examples("val", 10_000)[0]) == data.meta["sizes"]["val"]
 
 
 def test_beam_search_setting_reaches_the_score(dataset):
@@ -188,10 +188,10 @@ def test_beam_search_setting_reaches_the_score(dataset):
             "evaluate": cfg.evaluate.model_copy(update={"beam_size": 3, "max_decode_length": 5})
         }
     )
-    workload = open_workload(cfg, data)
+    task = open_task(cfg, data)
     torch.manual_seed(0)
-    model = workload.build_model(cfg.model).eval()
-    scores = workload.score(model, "val")
+    model = task.build_model(cfg.model).eval()
+    scores = task.score(model, "val")
     assert all(len(e["prediction"].split()) <= 5 for e in scores.examples)
 
 
@@ -208,7 +208,7 @@ def test_beam_search_setting_reaches_the_score(dataset):
     ids=["mlp-on-text", "classifier-on-seq2seq", "text-model-on-features", "max-len"],
 )  # fmt: skip
 def test_a_model_that_cannot_take_the_task_is_refused_before_any_step(overrides, match):
-    from kubetrain.steps import check_supported
+    from kubetrain.pipeline.steps import check_supported
 
     with pytest.raises(ConfigError, match=match):
         check_supported(load_config(overrides=overrides))

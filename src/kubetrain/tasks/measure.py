@@ -40,7 +40,7 @@ Inputs = tuple[torch.Tensor, ...]
 
 
 def latency_inputs(x: torch.Tensor, y: torch.Tensor, kind: str) -> Inputs:
-    """The positional inputs of one forward pass for ``workload.examples``' ``(x, y)``: ``(x,)``
+    """The positional inputs of one forward pass for ``task.examples``' ``(x, y)``: ``(x,)``
     (features, images or token ids), and for ``seq2seq`` the teacher-forced ``(source,
     target without its last token)``, the way the model is called in training."""
     if kind == "seq2seq":

@@ -1,12 +1,12 @@
 """What differs between kinds of data, behind one interface the steps call.
 
-A *workload* is one kind of dataset artifact and what the steps do with it: how preprocess
+A *task* is one kind of dataset artifact and what the steps do with it: how preprocess
 builds it, how its training batches are produced (per rank, resumable), how the model is built
 for it and rebuilt later, what the loss is, how a model is scored on a split, and which inputs
 quantize calibrates and times with. The trainer, the quantize driver and the evaluation call
 these; they never ask which kind of data they have.
 
-Kinds (``DatasetArtifact.kind``): ``tabular`` (features in memory: ``kubetrain.workloads
+Kinds (``DatasetArtifact.kind``): ``tabular`` (features in memory: ``kubetrain.tasks
 .tabular``), ``images`` (sharded images streamed from disk or object storage), and the text
 tasks ``text_classification`` and ``seq2seq`` (token shards).
 
@@ -19,21 +19,39 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from kubetrain.artifacts import DatasetArtifact
-    from kubetrain.config import PipelineConfig
-    from kubetrain.evaluate.config import EvaluateConfig
+    from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.core.distributed import DistContext
     from kubetrain.models.config import ModelConfig
-    from kubetrain.train.config import TrainConfig
-    from kubetrain.train.distributed import DistContext
+    from kubetrain.tasks.config import ScoringConfig, TaskConfig
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+
+
+class BatchPlan(Protocol):
+    """How a task cuts its training split into batches (the ``train`` section has these)."""
+
+    @property
+    def batch_size(self) -> int:
+        """The global batch: summed over processes, nodes and accumulation."""
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+
+    @property
+    def seed(self) -> int:
+        """Seed of the shuffle (and of everything else random)."""
+
+    @property
+    def tokens_per_micro_batch(self) -> int | None:
+        """Text: a micro-batch's token budget per process, if batches are sized by tokens."""
 
 
 class TrainBatches(ABC):
@@ -75,20 +93,26 @@ class Scores:
         return float(self.values[self.metric])
 
 
-class Workload(ABC):
-    """One kind of data through the steps. Built with ``open_workload(cfg, data)``."""
+class Task(ABC):
+    """One kind of data through the steps. Built with ``open_task(cfg, data)``."""
 
     kind: ClassVar[str]
     # The primary metric of this kind, and whether higher is better (for the search).
     metric: ClassVar[str] = "accuracy"
 
-    def __init__(self, cfg: PipelineConfig, data: DatasetArtifact) -> None:
+    def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
+        """Args:
+        cfg: the data and model sections and how to score (a training run's or the
+            pipeline's config: they extend ``TaskConfig``).
+        data: the dataset artifact.
+        """
         self.cfg, self.data = cfg, data
+        self.scoring: ScoringConfig = cfg.evaluate
 
-    def measure_as(self, evaluate: EvaluateConfig) -> Workload:
-        """Score with ``evaluate``'s settings (metric, beam size, decode length) from now on,
-        not those the model was trained with; returns this workload."""
-        self.cfg = self.cfg.model_copy(update={"evaluate": evaluate})
+    def measure_as(self, scoring: ScoringConfig) -> Task:
+        """Score with ``scoring`` (metric, beam size, decode length) from now on, not with the
+        settings the model was trained with; returns this task."""
+        self.scoring = scoring
         return self
 
     # -- the model -----------------------------------------------------------------------------
@@ -110,7 +134,7 @@ class Workload(ABC):
 
     # -- training ----------------------------------------------------------------------------
     @abstractmethod
-    def train_batches(self, tc: TrainConfig, ctx: DistContext) -> TrainBatches:
+    def train_batches(self, tc: BatchPlan, ctx: DistContext) -> TrainBatches:
         """This rank's training batches (``tc.batch_size`` is the global batch)."""
 
     def to_device(self, batch: Batch, device: torch.device) -> Batch:
@@ -123,9 +147,12 @@ class Workload(ABC):
             target.to(device, non_blocking=True),
         )
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean loss of a micro-batch: cross-entropy over classes (soft targets allowed)."""
-        return F.cross_entropy(output, target)
+    def loss(
+        self, output: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """Mean loss of a micro-batch: cross-entropy over classes (soft targets allowed), with
+        ``label_smoothing`` (``train.label_smoothing``)."""
+        return F.cross_entropy(output, target, label_smoothing=label_smoothing)
 
     @staticmethod
     def batch_samples(batch: Batch) -> int:

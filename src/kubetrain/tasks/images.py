@@ -35,16 +35,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from kubetrain.errors import ConfigError, DataError
-from kubetrain.workloads.base import Batch, Scores, Workload
-from kubetrain.workloads.stream import StreamBatches
+from kubetrain.core.errors import ConfigError, DataError
+from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
+from kubetrain.tasks.stream import StreamBatches
 
 if TYPE_CHECKING:
-    from kubetrain.config import PipelineConfig
+    from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.core.distributed import DistContext
     from kubetrain.data.config import DataConfig
     from kubetrain.data.shards import ShardManifest
-    from kubetrain.train.config import TrainConfig
-    from kubetrain.train.distributed import DistContext
+    from kubetrain.tasks.config import TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def _is_shard_dataset(source: str, storage_options: Mapping[str, Any]) -> bool:
 
 
 # -- preprocess ------------------------------------------------------------------------------
-def preflight(cfg: PipelineConfig) -> None:
+def preflight(cfg: DataConfig) -> None:
     """What ``kubetrain run`` checks before anything is written: torchvision imports, the
     source exists, the transforms build.
 
@@ -162,7 +162,7 @@ def preflight(cfg: PipelineConfig) -> None:
         DataError: the source does not exist.
     """
     require_torchvision()
-    data = cfg.data
+    data = cfg
     if data.source in BUILTIN_SOURCES:
         from kubetrain.data.idx import fashion_mnist_files
 
@@ -197,10 +197,10 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
         DataError: the source is missing or malformed, nothing decodes, or the images differ in
             size and neither ``data.image_size`` nor the eval transforms give one size.
     """
-    from kubetrain.artifacts import DATASET_FORMAT_VERSION, DATASET_META
+    from kubetrain.core.artifacts import DATASET_FORMAT_VERSION, DATASET_META
+    from kubetrain.core.io import write_json
     from kubetrain.data.images import build_image_dataset
     from kubetrain.data.shards import read_manifest
-    from kubetrain.io import write_json
 
     require_torchvision()
     started = time.perf_counter()
@@ -461,14 +461,14 @@ class _ShapedTransform:
             raise ConfigError(f"config error: {self.where}: {first}") from None
 
 
-# -- the workload ------------------------------------------------------------------------------
-class ImageWorkload(Workload):
+# -- the task ------------------------------------------------------------------------------
+class ImageTask(Task):
     """Images streamed from shards: decoding and augmentation in DataLoader workers,
     MixUp/CutMix on batches, ``channels_last`` on CUDA."""
 
     kind = "images"
 
-    def __init__(self, cfg: PipelineConfig, data) -> None:
+    def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         require_torchvision()
         super().__init__(cfg, data)
         meta = data.meta
@@ -518,7 +518,7 @@ class ImageWorkload(Workload):
         return (x, *moved), target.to(device, non_blocking=True)
 
     # -- training ----------------------------------------------------------------------------
-    def train_batches(self, tc: TrainConfig, ctx: DistContext) -> StreamBatches:
+    def train_batches(self, tc: BatchPlan, ctx: DistContext) -> StreamBatches:
         accum = tc.grad_accum_steps
         micro = tc.batch_size // (ctx.world_size * accum)
         if micro < 1:
@@ -537,7 +537,7 @@ class ImageWorkload(Workload):
         correct and count summed over ranks (every rank calls this)."""
         import torch.nn.functional as F
 
-        from kubetrain.train.distributed import all_reduce_sum
+        from kubetrain.core.distributed import all_reduce_sum
 
         stream = self._stream(
             "val", EVAL_BATCH, self.eval_transform, rank=ctx.rank, world_size=ctx.world_size,
@@ -600,7 +600,7 @@ class ImageWorkload(Workload):
         """Accuracy, top-5 (with at least 5 classes), per-class accuracy and confusion matrix
         on the whole of ``split``, with up to 32 misclassified images (PNG data URIs).
         ``seconds`` is forward time only (decoding excluded), so images/s compares models."""
-        from kubetrain.evaluate import measure
+        from kubetrain.tasks import measure
 
         classes = self.data.classes
         k = min(5, len(classes))

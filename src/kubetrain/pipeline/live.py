@@ -10,7 +10,7 @@ its key figure, read from the lines the steps log anyway: a step whose cluster j
 ``rich`` on a terminal; elsewhere (CI, pipes) ``PlainView`` prints one line per task event.
 
 A step that fails with a ``KubetrainError`` prints a machine-readable line (``ERROR_MARKER``,
-see ``kubetrain.logs``); the task's state keeps it, so ``kubetrain run`` can say what the step
+see ``kubetrain.core.logs``); the task's state keeps it, so ``kubetrain run`` can say what the step
 alone would have said, with the right exit code.
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from kubetrain.logs import ERROR_MARKER
+from kubetrain.core.logs import ERROR_MARKER
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # kfp.local's lines about tasks (task names are quoted in some and not in others).
@@ -40,8 +40,8 @@ _TRIAL = re.compile(r"trial (\d+)/(\d+) \w+ (\w+)=\S+ best=(\S+)")
 _EPOCH = re.compile(
     r"epoch (\d+)/(\d+) loss (\S+) val_loss \S+ val_acc (\S+) lr \S+ (\d+) samples/s"
 )
-_QUANTIZED = re.compile(r"kubetrain\.steps: (\S+): (\d+) -> (\d+) bytes")
-_DATASET = re.compile(r"kubetrain\.steps: dataset (\w+): (\{.*?\}) samples")
+_QUANTIZED = re.compile(r"kubetrain\.pipeline\.steps: (\S+): (\d+) -> (\d+) bytes")
+_DATASET = re.compile(r"kubetrain\.pipeline\.steps: dataset (\w+): (\{.*?\}) samples")
 _EVALUATED = re.compile(r"test (\w+) fp32 (\S+) int8 (\S+);")  # the primary metric
 # The cluster lifecycle's lines about a job a queue holds (kubetrain.launch.cluster._Queue).
 _QUEUED = re.compile(r": (waiting in (?:queue \S+|a queue))")

@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from kubetrain.data.loader import ArrayDataset, GlobalBatchSampler, make_train_loader
-from kubetrain.workloads.base import Batch, Scores, TrainBatches, Workload
+from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task, TrainBatches
 
 if TYPE_CHECKING:
-    from kubetrain.train.config import TrainConfig
-    from kubetrain.train.distributed import DistContext
+    from kubetrain.core.distributed import DistContext
 
 
 class ArrayBatches(TrainBatches):
@@ -41,10 +40,10 @@ class ArrayBatches(TrainBatches):
             yield (x,), y
 
 
-class TabularWorkload(Workload):
+class TabularTask(Task):
     kind = "tabular"
 
-    def train_batches(self, tc: TrainConfig, ctx: DistContext) -> ArrayBatches:
+    def train_batches(self, tc: BatchPlan, ctx: DistContext) -> ArrayBatches:
         cfg, data = self.cfg, self.data
         x_train, y_train = data.split("train")
         augment = None
@@ -81,7 +80,7 @@ class TabularWorkload(Workload):
         return torch.from_numpy(x).view(-1, *self.data.input_shape), torch.from_numpy(y)
 
     def score(self, model: nn.Module, split: str) -> Scores:
-        from kubetrain.evaluate import measure
+        from kubetrain.tasks import measure
 
         x, y = self.data.split(split)
         started = time.perf_counter()

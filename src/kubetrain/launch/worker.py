@@ -1,4 +1,4 @@
-"""Entry point of one training process: ``torchrun ... -m kubetrain.train.worker``.
+"""Entry point of one training process: ``torchrun ... -m kubetrain.launch.worker``.
 
 The same module runs under local torchrun processes and inside PyTorchJob pods (whose
 operator sets the torchrun variables), so one code path serves both.
@@ -18,7 +18,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 
 # Metrics printed per epoch, in this order; the objective (val_accuracy or val_loss) is one.
 METRIC_NAMES = ("val_accuracy", "val_loss", "train_loss")
@@ -40,7 +40,8 @@ def _print_metrics(stats) -> bool:
 
 
 def _load_config(args: argparse.Namespace):
-    from kubetrain.config import config_from_json, parse_override
+    from kubetrain.core.config import parse_override
+    from kubetrain.train.config import TrainingConfig
 
     if args.config_env:
         text = os.environ.get(args.config_env)
@@ -48,14 +49,14 @@ def _load_config(args: argparse.Namespace):
             raise KubetrainError(f"config error: environment variable {args.config_env} is empty")
     else:
         text = args.config_json.read_text()
-    cfg = config_from_json(text)
+    cfg = TrainingConfig.from_json(text)
     if args.overrides:
         cfg = cfg.with_params(dict(parse_override(item) for item in args.overrides))
     return cfg
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="kubetrain.train.worker")
+    parser = argparse.ArgumentParser(prog="kubetrain.launch.worker")
     parser.add_argument("--dataset", required=True, type=Path)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config-json", type=Path, help="file with the config as JSON")
@@ -77,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from kubetrain.core.distributed import init_from_env, shutdown
     from kubetrain.data import load_dataset
+    from kubetrain.tasks import open_task
     from kubetrain.train.checkpoint import checkpoint_dir
-    from kubetrain.train.distributed import init_from_env, shutdown
     from kubetrain.train.loop import fit, save_model
 
     rank = int(os.environ.get("RANK", "0"))
@@ -92,21 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _load_config(args)
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or cfg.train.num_threads or 1
         torch.set_num_threads(threads)
-        data = load_dataset(args.dataset)
+        task = open_task(cfg, load_dataset(args.dataset))
         ctx = init_from_env(cfg.train.collective_timeout_seconds)
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restarts and rank == 0:
             logging.getLogger(__name__).warning("worker group restart %d", restarts)
         result = fit(
             cfg,
-            data,
+            task,
             ctx,
             on_epoch=_print_metrics if ctx.is_main else None,
             checkpoint_dir=checkpoint_dir(cfg, args.output),
         )
         result.summary["restarts"] = restarts
         if ctx.is_main:
-            save_model(result, cfg, data, args.output)
+            save_model(result, cfg, task, args.output)
         shutdown()
     except KubetrainError as err:
         from kubetrain.train.trainer import NonFiniteLoss

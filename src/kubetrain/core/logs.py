@@ -37,7 +37,7 @@ def report_uncaught(
 ) -> None:
     """``sys.excepthook``: a ``KubetrainError`` as one line plus its ERROR_MARKER record;
     anything else as Python prints it."""
-    from kubetrain.errors import KubetrainError
+    from kubetrain.core.errors import KubetrainError
 
     if not isinstance(err, KubetrainError):
         sys.__excepthook__(kind, err, tb)

@@ -7,7 +7,7 @@
   samples, shuffled by the stream) that :class:`kubetrain.data.batching.BucketingCollate` sorts by
   length and cuts into padded batches of ``train.batch_size`` samples or ``train.batch_tokens``
   tokens, then shuffles (so a batch pads to a similar length, not to the longest of a random
-  mix); :class:`kubetrain.workloads.stream.StreamBatches` gives every rank the same number of
+  mix); :class:`kubetrain.tasks.stream.StreamBatches` gives every rank the same number of
   steps (from the sizes, or agreed with one all-reduce per epoch under a token budget). The share
   of token slots that were padding is counted and reported in the training summary
   (``padding_share``).
@@ -42,16 +42,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubetrain.core.io import write_json
 from kubetrain.data.batching import BucketingCollate, PaddingMeter
 from kubetrain.data.streaming import StreamingDataset
-from kubetrain.io import write_json
-from kubetrain.workloads.base import Batch, Scores, Workload
-from kubetrain.workloads.stream import StreamBatches, Windows
+from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
+from kubetrain.tasks.config import ScoringConfig
+from kubetrain.tasks.stream import StreamBatches, Windows
 
 if TYPE_CHECKING:
+    from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.core.distributed import DistContext
     from kubetrain.models.config import ModelConfig
-    from kubetrain.train.config import TrainConfig
-    from kubetrain.train.distributed import DistContext
+    from kubetrain.tasks.config import TaskConfig
 
 log = logging.getLogger(__name__)
 # rouge-score logs "Using default tokenizer." at INFO for every scorer it makes.
@@ -118,10 +120,10 @@ def _agree_min(count: int, ctx: DistContext) -> int:
     return int(t.item())
 
 
-class TextWorkload(Workload):
+class TextTask(Task):
     """What both text tasks share: the tokenizer, the streams, the model build."""
 
-    def __init__(self, cfg, data) -> None:
+    def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         super().__init__(cfg, data)
         self.meta = data.meta
         self.pad_id = int(data.meta["special_ids"]["pad"])
@@ -139,8 +141,10 @@ class TextWorkload(Workload):
             "num_classes": len(self.data.classes) if self.data.meta.get("classes") else None,
             "text": text_spec(self.meta),
             # Decoding settings travel with the model: quantize and evaluate rebuild the
-            # workload from the model artifact (kubetrain.workloads.workload_for_model).
-            "evaluate": self.cfg.evaluate.model_dump(mode="json"),
+            # task from the model artifact (kubetrain.tasks.task_for_model).
+            "evaluate": self.scoring.model_dump(
+                mode="json", include=set(ScoringConfig.model_fields)
+            ),
         }
 
     def build_model(self, model: ModelConfig) -> nn.Module:
@@ -194,7 +198,7 @@ class TextWorkload(Workload):
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
     # -- training ------------------------------------------------------------------------------
-    def train_batches(self, tc: TrainConfig, ctx: DistContext) -> StreamBatches:
+    def train_batches(self, tc: BatchPlan, ctx: DistContext) -> StreamBatches:
         micro = tc.batch_size // (ctx.world_size * tc.grad_accum_steps)
         tokens = tc.tokens_per_micro_batch()
         window = None
@@ -228,7 +232,7 @@ class TextWorkload(Workload):
 
     def train_summary(self, ctx: DistContext) -> dict[str, Any]:
         """The padding share of every training batch produced, over all ranks (a collective)."""
-        from kubetrain.train.distributed import all_reduce_sum
+        from kubetrain.core.distributed import all_reduce_sum
 
         padding, total = all_reduce_sum([self.padding.padding, self.padding.total], ctx)
         return {
@@ -238,7 +242,7 @@ class TextWorkload(Workload):
 
     def validate(self, model: nn.Module, ctx: DistContext) -> tuple[float, float]:
         """(mean loss, accuracy) of the val split; each rank scores its block, sums all-reduced."""
-        from kubetrain.train.distributed import all_reduce_sum
+        from kubetrain.core.distributed import all_reduce_sum
 
         model.eval()
         loss_sum = correct = count = 0.0
@@ -259,13 +263,13 @@ class TextWorkload(Workload):
 
     ignore_index = -100
 
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, output: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
         """Mean label-smoothed (``train.label_smoothing``) cross-entropy, padding ignored."""
         from kubetrain.models.transformer import label_smoothed_loss
 
-        return label_smoothed_loss(
-            output, target, self.cfg.train.label_smoothing, ignore_index=self.ignore_index
-        )
+        return label_smoothed_loss(output, target, label_smoothing, ignore_index=self.ignore_index)
 
     def _sample(self, split: str, n: int, seed: int) -> list[dict[str, Any]]:
         """``n`` records of ``split`` drawn at random (seeded), in stream order; only those are
@@ -284,7 +288,7 @@ class TextWorkload(Workload):
         return out
 
 
-class TextClassificationWorkload(TextWorkload):
+class TextClassificationTask(TextTask):
     kind = "text_classification"
 
     def as_batch(self, batch: dict[str, torch.Tensor]) -> Batch:
@@ -296,7 +300,7 @@ class TextClassificationWorkload(TextWorkload):
         return self._full([r["input_ids"] for r in records]), labels
 
     def score(self, model: nn.Module, split: str) -> Scores:
-        from kubetrain.evaluate import measure, text_metrics
+        from kubetrain.tasks import measure, text_metrics
 
         truth, predicted, wrong = [], [], []
         started = time.perf_counter()
@@ -320,11 +324,11 @@ class TextClassificationWorkload(TextWorkload):
         return Scores("accuracy", values, examples, samples=len(y), seconds=seconds)
 
 
-class Seq2SeqWorkload(TextWorkload):
+class Seq2SeqTask(TextTask):
     kind = "seq2seq"
     metric = "token_accuracy"  # what validate() reports during training
 
-    def __init__(self, cfg, data) -> None:
+    def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         super().__init__(cfg, data)
         self.ignore_index = self.pad_id
 
@@ -332,7 +336,7 @@ class Seq2SeqWorkload(TextWorkload):
     def primary(self) -> str:
         """The evaluation's primary metric: ``evaluate.metric`` when it names a seq2seq metric,
         else BLEU."""
-        wanted = getattr(self.cfg.evaluate, "metric", None)
+        wanted = self.scoring.metric
         return wanted if wanted in ("bleu", "rouge_l") else "bleu"
 
     def as_batch(self, batch: dict[str, torch.Tensor]) -> Batch:
@@ -349,17 +353,17 @@ class Seq2SeqWorkload(TextWorkload):
         """Token ids the model generates for each source (greedy, or beam search)."""
         from kubetrain.models.transformer import beam_search, greedy_decode
 
-        ev = self.cfg.evaluate
+        ev = self.scoring
         if ev.beam_size > 1:
             return beam_search(model, src, ev.beam_size, ev.max_decode_length, ev.length_penalty)
         return greedy_decode(model, src, ev.max_decode_length)
 
     def score(self, model: nn.Module, split: str) -> Scores:
-        from kubetrain.evaluate import text_metrics
+        from kubetrain.tasks import text_metrics
 
         sources, references, predictions = [], [], []
         started = time.perf_counter()
-        batch_size = EVAL_BATCH // max(1, self.cfg.evaluate.beam_size)
+        batch_size = EVAL_BATCH // max(1, self.scoring.beam_size)
         for batch in self.batches(split, max(8, batch_size)):
             for src, tgt, out in zip(
                 batch["src_ids"], batch["tgt_ids"], self.generate(model, batch["src_ids"]),

@@ -1,4 +1,4 @@
-"""The image workload: preprocess to shards + meta.json, transforms with the dataset's own
+"""The image task: preprocess to shards + meta.json, transforms with the dataset's own
 Normalize, every training sample once per epoch over ranks x workers, validation, examples and
 scores, a mid-epoch resume, and the one-line refusals."""
 
@@ -9,17 +9,17 @@ import hashlib
 
 import pytest
 
-pytest.importorskip("torchvision", reason="the image workload needs the vision extra")
+pytest.importorskip("torchvision", reason="the image task needs the vision extra")
 
 import torch
 
-from kubetrain.artifacts import DatasetArtifact
-from kubetrain.config import PipelineConfig
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.distributed import DistContext
+from kubetrain.core.errors import ConfigError, DataError
 from kubetrain.data.config import DataConfig
-from kubetrain.errors import ConfigError, DataError
-from kubetrain.train.distributed import DistContext
-from kubetrain.workloads import build_dataset, open_workload
-from kubetrain.workloads.images import ImageWorkload
+from kubetrain.pipeline.config import PipelineConfig
+from kubetrain.tasks import build_dataset, open_task
+from kubetrain.tasks.images import ImageTask
 from vision_data import image_folder
 
 pytestmark = pytest.mark.vision
@@ -42,10 +42,10 @@ def built(folder, tmp_path_factory):
     return out, meta, data
 
 
-def workload(built, **data) -> ImageWorkload:
+def task(built, **data) -> ImageTask:
     out, _, base = built
     cfg = PipelineConfig.model_validate({"data": {**base, **data}, "model": MODEL})
-    return open_workload(cfg, DatasetArtifact.load(out))
+    return open_task(cfg, DatasetArtifact.load(out))
 
 
 def test_meta_describes_the_shards(built, folder):
@@ -72,7 +72,7 @@ def test_a_sharded_source_is_streamed_in_place(built, tmp_path):
 
 
 def test_default_normalize_uses_the_training_split_statistics(built):
-    x, _ = workload(built).examples("train", 200)
+    x, _ = task(built).examples("train", 200)
     # Training images normalised with their own mean/std: about 0 and 1 per channel.
     assert x.mean(dim=(0, 2, 3)).abs().max() < 0.1
     assert (x.std(dim=(0, 2, 3)) - 1).abs().max() < 0.1
@@ -80,20 +80,20 @@ def test_default_normalize_uses_the_training_split_statistics(built):
 
 def test_own_normalize_replaces_the_default(built):
     spec = {"name": "Normalize", "kwargs": {"mean": [0, 0, 0], "std": [1, 1, 1]}}
-    x, _ = workload(built, transforms={"eval": [spec]}).examples("val", 8)
+    x, _ = task(built, transforms={"eval": [spec]}).examples("val", 8)
     assert x.min() >= 0 and x.max() <= 1
 
 
 def test_eval_transforms_set_the_model_input_shape(built):
     crop = [{"name": "CenterCrop", "kwargs": {"size": 12}}]
-    w = workload(built, transforms={"train": crop, "eval": crop})
+    w = task(built, transforms={"train": crop, "eval": crop})
     assert w.data.input_shape == [3, 12, 12]
     assert w.examples("test", 4)[0].shape == (4, 3, 12, 12)
     assert w.build_model(w.cfg.model)(torch.zeros(2, 3, 12, 12)).shape == (2, 5)
 
 
 def test_examples_are_a_seeded_subset(built):
-    w = workload(built)
+    w = task(built)
     a, ya = w.examples("train", 10, seed=1)
     b, yb = w.examples("train", 10, seed=1)
     c, _ = w.examples("train", 10, seed=2)
@@ -112,7 +112,7 @@ def test_every_training_sample_once_per_epoch_over_ranks_and_workers(built, worl
     from kubetrain.train.config import TrainConfig
 
     n_train = built[1]["sizes"]["train"]  # 84: 2 ranks x 2 workers x (3 x 7) with micro 7
-    w = workload(built, num_workers=workers)
+    w = task(built, num_workers=workers)
     tc = TrainConfig(batch_size=14, nproc=world)
     seen = []
     for rank in range(world):
@@ -131,7 +131,7 @@ def test_every_training_sample_once_per_epoch_over_ranks_and_workers(built, worl
 def test_mixup_gives_soft_labels(built):
     from kubetrain.train.config import TrainConfig
 
-    w = workload(built, mixup_alpha=0.4)
+    w = task(built, mixup_alpha=0.4)
     batches = w.train_batches(TrainConfig(batch_size=8, nproc=1), DistContext())
     batches.set_epoch(0)
     (x,), y = next(iter(batches))
@@ -141,7 +141,7 @@ def test_mixup_gives_soft_labels(built):
 
 
 def test_validate_and_score_agree_on_a_trained_model(built):
-    w = workload(built)
+    w = task(built)
     torch.manual_seed(0)
     model = w.build_model(w.cfg.model).eval()
     loss, acc = w.validate(model, DistContext())
@@ -170,7 +170,7 @@ def test_a_nested_transform_argument_is_a_search_parameter(built):
                                  "feasibleSpace": {"min": 0.1, "max": 0.9}}]},
     })  # fmt: skip
     tuned = cfg.with_params({"data.transforms.train.0.kwargs.p": 0.9})
-    w = open_workload(tuned, DatasetArtifact.load(out))
+    w = open_task(tuned, DatasetArtifact.load(out))
     assert w.train_transform.inner.specs[0]["kwargs"]["p"] == 0.9
 
 
@@ -200,7 +200,7 @@ def test_an_image_model_on_tabular_data_is_one_line(tmp_path, name):
     data = {"source": str(tmp_path / "t.csv")}
     build_dataset(DataConfig(**data), tmp_path / "ds")
     cfg = PipelineConfig.model_validate({"data": data, "model": {"name": name}})
-    w = open_workload(cfg, DatasetArtifact.load(tmp_path / "ds"))
+    w = open_task(cfg, DatasetArtifact.load(tmp_path / "ds"))
     with pytest.raises(ConfigError, match=r"model.name: .* needs image data \(C,H,W\)") as info:
         w.build_model(cfg.model)
     assert "\n" not in str(info.value)
@@ -223,14 +223,14 @@ def test_resume_mid_epoch_gives_the_weights_of_an_uninterrupted_run(built, tmp_p
         })  # fmt: skip
 
     data = DatasetArtifact.load(out)
-    whole = fit(cfg(), data, DistContext(), checkpoint_dir=tmp_path / "a")
+    whole = fit(cfg(), open_task(cfg(), data), DistContext(), checkpoint_dir=tmp_path / "a")
     with pytest.raises(Stopped):
-        fit(cfg(), data, DistContext(), on_epoch=lambda s: s.epoch == 1,
+        fit(cfg(), open_task(cfg(), data), DistContext(), on_epoch=lambda s: s.epoch == 1,
             checkpoint_dir=tmp_path / "b")  # fmt: skip
     # 84 training samples, 2 workers x 6 batches of 8: 12 steps an epoch; the newest checkpoint
     # (step 7) is in the middle of epoch 1.
     assert [p.name for p in tmp_path.glob("b/ckpt-*.pt")] == ["ckpt-00000007.pt"]
-    resumed = fit(cfg(), data, DistContext(), checkpoint_dir=tmp_path / "b")
+    resumed = fit(cfg(), open_task(cfg(), data), DistContext(), checkpoint_dir=tmp_path / "b")
     assert resumed.summary["resumed_from_step"] == 7
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -238,7 +238,7 @@ def test_resume_mid_epoch_gives_the_weights_of_an_uninterrupted_run(built, tmp_p
 
 def test_the_loader_workers_decode(built):
     """A DataLoader over the train stream with workers gives float images of the input shape."""
-    w = workload(built, num_workers=2)
+    w = task(built, num_workers=2)
     from kubetrain.train.config import TrainConfig
 
     batches = w.train_batches(TrainConfig(batch_size=4, nproc=1), DistContext())

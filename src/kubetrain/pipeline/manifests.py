@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from kubetrain.config import PipelineConfig
 from kubetrain.launch.jobkinds import job_kind, offline_kind
+from kubetrain.pipeline.config import PipelineConfig
 
 
 def cluster_manifests(

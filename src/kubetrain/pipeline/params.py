@@ -36,8 +36,9 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kubetrain.config import PipelineConfig, config_from_json, parse_override, validate_config
-from kubetrain.errors import ConfigError
+from kubetrain.core.config import parse_override
+from kubetrain.core.errors import ConfigError
+from kubetrain.pipeline.config import PipelineConfig, config_from_json, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,6 @@ def split_sets(sets: list[str] | tuple[str, ...]) -> tuple[list[str], dict[str, 
 def pipeline_arguments(cfg: PipelineConfig, params: dict[str, Any]) -> dict[str, Any]:
     """The run's parameters as KFP takes them: ``min_accuracy`` always (the compiled bar unless
     given), the others only when set."""
-    from kubetrain.steps import promotion_bar
+    from kubetrain.pipeline.steps import promotion_bar
 
     return {"min_accuracy": promotion_bar(cfg), **params}

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kubetrain.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError
 
 # ".<target name>.<host>-<pid>.<random>.tmp": the temporary file of an atomic write.
 _TMP_FILE = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
@@ -215,7 +215,7 @@ def check_writable_dir(path: Path, what: str = "--output") -> None:
         UsageError (exit 2): ``path`` is a file, lies under a file, or its directory (or the
             nearest existing parent) is read-only or not writable by this user.
     """
-    from kubetrain.errors import UsageError
+    from kubetrain.core.errors import UsageError
 
     if path.exists() and not path.is_dir():
         raise UsageError(f"{what} {path}: exists and is a file, not a directory")

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from kubetrain import artifacts
-from kubetrain.config import PipelineConfig
-from kubetrain.io import read_json
+from kubetrain.core import artifacts
+from kubetrain.core.io import read_json
+from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ def check_supported(cfg: PipelineConfig, model: bool = True) -> None:
     Raises:
         ConfigError: naming the setting.
     """
-    from kubetrain.errors import ConfigError
+    from kubetrain.core.errors import ConfigError
     from kubetrain.models.text import check_model_for_task
 
     if model:
         check_model_for_task(cfg)
     image_only = [key for key, is_set in _IMAGES_ONLY.items() if is_set(cfg)]
     if image_only:
-        from kubetrain.workloads import kind_of
+        from kubetrain.tasks import kind_of
 
         kind = kind_of(cfg.data)
         if kind != "images":
@@ -52,9 +52,9 @@ def check_supported(cfg: PipelineConfig, model: bool = True) -> None:
 
 
 def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
-    """Source -> versioned dataset artifact (``kubetrain.artifacts.DatasetArtifact``)."""
+    """Source -> versioned dataset artifact (``kubetrain.core.artifacts.DatasetArtifact``)."""
     check_supported(cfg, model=False)
-    from kubetrain.workloads import build_dataset
+    from kubetrain.tasks import build_dataset
 
     meta = build_dataset(cfg.data, out_dir)
     log.info("dataset %s: %s samples from %s", meta["version"], meta["sizes"], meta["source"])
@@ -62,7 +62,7 @@ def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Search -> the search artifact (``kubetrain.artifacts.SearchResult``).
+    """Search -> the search artifact (``kubetrain.core.artifacts.SearchResult``).
 
     Optuna in local processes, or a Katib Experiment on ``cluster.backend: kubernetes``.
     """
@@ -105,7 +105,7 @@ def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: P
     (``evaluate.metric``, beam size, decode length); raises KubetrainError if it fails."""
     from kubetrain.quantize.driver import quantize_artifact
 
-    info = quantize_artifact(model_dir, dataset_dir, out_dir, cfg.quantize, evaluate=cfg.evaluate)
+    info = quantize_artifact(model_dir, dataset_dir, out_dir, cfg.quantize, scoring=cfg.evaluate)
     log.info("%s: %d -> %d bytes", info["name"], info["fp32_size_bytes"], info["size_bytes"])
     return info
 
@@ -114,7 +114,7 @@ def promotion_bar(cfg: PipelineConfig) -> float:
     """The promotion bar on the primary metric that ``cfg`` sets: ``evaluate.min_value``, else
     ``evaluate.min_accuracy`` for classification and 0 for seq2seq (the ``min_accuracy``
     pipeline parameter's default: it carries the bar of whichever metric is primary)."""
-    from kubetrain.workloads import kind_of
+    from kubetrain.tasks import kind_of
 
     return cfg.evaluate.bar(kind_of(cfg.data))
 
@@ -170,7 +170,8 @@ def needs_training(cfg: PipelineConfig, dataset_dir: Path) -> bool:
     """``retrain.only_if_changed``: False if data and config match the last promoted model."""
     from kubetrain.registry import needs_training as check
 
-    train, why = check(cfg, artifacts.DatasetArtifact.read_meta(dataset_dir)["version"])
+    version = artifacts.DatasetArtifact.read_meta(dataset_dir)["version"]
+    train, why = check(cfg.retrain, cfg.model_inputs_json(), version)
     log.info("%s: %s", "training" if train else "skipping training", why)
     return train
 
@@ -196,6 +197,6 @@ def promote(
     if cfg is not None and cfg.retrain.registry:
         from kubetrain.registry import publish
 
-        promotion = publish(cfg.retrain.registry, out_dir, promotion, cfg)
+        promotion = publish(cfg.retrain.registry, out_dir, promotion, cfg.model_inputs_json())
     promotion.save(out_dir)
     return promotion.to_record()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kubetrain.errors import DataError
+from kubetrain.core.errors import DataError
 
 
 def _same_length(hyps: Sequence, refs: Sequence) -> None:

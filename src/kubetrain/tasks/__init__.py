@@ -1,0 +1,90 @@
+"""The kinds of data kubetrain trains on, behind one interface (``kubetrain.tasks.base``).
+
+``open_task(cfg, data)`` gives the task of a dataset artifact; ``build_dataset(cfg,
+out_dir)`` is the preprocess step for the kind that ``cfg.data`` describes. Each kind lives in
+its own module, imported on first use (torchvision and tokenizers only where needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.data.config import DataConfig
+    from kubetrain.tasks.base import Task
+    from kubetrain.tasks.config import TaskConfig
+
+# kind -> "module:Task class"; the module also has ``build(cfg.data, out_dir) -> meta``.
+KINDS: dict[str, str] = {
+    "tabular": "kubetrain.tasks.tabular:TabularTask",
+    "images": "kubetrain.tasks.images:ImageTask",
+    "text_classification": "kubetrain.tasks.text:TextClassificationTask",
+    "seq2seq": "kubetrain.tasks.text:Seq2SeqTask",
+}
+
+
+def _resolve(kind: str) -> tuple[Any, type[Task]]:
+    from kubetrain.core.errors import DataError
+
+    if kind not in KINDS:
+        raise DataError(f"data error: dataset kind {kind!r} unknown (known: {', '.join(KINDS)})")
+    module_name, cls_name = KINDS[kind].split(":")
+    module = importlib.import_module(module_name)
+    return module, getattr(module, cls_name)
+
+
+def metric_of(kind: str) -> str:
+    """The metric the task of ``kind`` validates on (what ``Task.validate`` returns beside the
+    loss: ``accuracy`` for classification, a kind's own otherwise)."""
+    return _resolve(kind)[1].metric
+
+
+def open_task(cfg: TaskConfig, data: DatasetArtifact) -> Task:
+    """The task of the dataset artifact ``data``, read as ``cfg`` says (any config extending
+    ``TaskConfig``: a training run's, the pipeline's)."""
+    return _resolve(data.kind)[1](cfg, data)
+
+
+def kind_of(cfg: DataConfig) -> str:
+    """Which kind of dataset ``cfg`` describes (what preprocess builds)."""
+    if cfg.task != "classification":
+        return cfg.task
+    from kubetrain.tasks.images import is_image_source
+
+    if is_image_source(cfg):
+        return "images"
+    return "tabular"
+
+
+def build_dataset(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Preprocess: the dataset artifact of ``cfg`` in ``out_dir``; returns its meta."""
+    module, _ = _resolve(kind_of(cfg))
+    return module.build(cfg, Path(out_dir))
+
+
+def preflight(cfg: DataConfig) -> None:
+    """The checks a kind can make before anything is written (its module's ``preflight``,
+    if it has one); raises ConfigError or DataError."""
+    module, _ = _resolve(kind_of(cfg))
+    check = getattr(module, "preflight", None)
+    if check is not None:
+        check(cfg)
+
+
+def task_for_model(dataset_dir: str | Path, model_dir: str | Path) -> Task:
+    """The task of a dataset artifact as the model in ``model_dir`` was trained on it: with
+    the data and model settings recorded in its spec (eval transforms, tokenizer use, ...), so
+    quantize and evaluate read the data exactly as training did."""
+    from kubetrain.core.artifacts import DatasetArtifact, TrainedModel
+    from kubetrain.tasks.config import TaskConfig
+
+    data = DatasetArtifact.load(dataset_dir)
+    spec = TrainedModel.load(model_dir).spec
+    cfg = TaskConfig.model_validate(
+        {"data": spec.get("data_config") or data.meta.get("config") or {},
+         "model": spec.get("config") or {}, "evaluate": spec.get("evaluate") or {}}
+    )  # fmt: skip
+    return open_task(cfg, data)
