@@ -15,7 +15,6 @@ from cluster.controllers import in_namespace, rendered
 from cluster.controlplane import ROOT
 from kubetrain.cli import main
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError
-from kubetrain.launch.kubernetes import TRAIN_JOB, build_pytorchjob
 from kubetrain.pipeline.config import load_config
 from tests.conftest import needs_github
 
@@ -126,68 +125,64 @@ def test_every_object_kubetrain_manifests_prints_is_accepted(
     assert "serverside-applied (server dry run)" in done.stdout, done.stdout
 
 
-WRONG_TRAINJOB = {
-    "num-nodes-not-a-number": (
-        lambda job: job["spec"]["trainer"].update(numNodes="two"),
-        r"spec.trainer.numNodes",
-    ),
-    "misspelt-field": (
-        lambda job: job["spec"]["trainer"].update(numProcsPerNode=1),
-        r'unknown field "spec.trainer.numProcsPerNode"',
-    ),
-    "env-in-a-runtime-patch": (  # the schema has no place for it: a patch may not set envFrom
-        lambda job: job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"][
-            "replicatedJobs"
-        ][0]["template"]["spec"]["template"]["spec"]["containers"][0].update(
-            envFrom=[{"secretRef": {"name": "s"}}]
-        ),
-        r"envFrom",
-    ),
-}
+def _node_container(job: dict) -> dict:
+    (patch,) = job["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    return node["template"]["spec"]["template"]["spec"]["containers"][0]
 
 
-@pytest.mark.parametrize("case", sorted(WRONG_TRAINJOB))
-def test_a_wrong_trainjob_is_refused_in_one_line(control_plane, namespace, monkeypatch, case):
-    from kubetrain.launch.trainjob import TRAINJOB, build_trainjob
-
-    mutate, field = WRONG_TRAINJOB[case]
-    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
-    cfg = load_config(None, [f"cluster.namespace={namespace}", "cluster.image=img:1"])
-    job = copy.deepcopy(build_trainjob(cfg, "kubetrain-train-wrong"))
-    mutate(job)
-    with pytest.raises(KubeApiError, match=r"the API server rejected trainjob ") as err:
-        KubeApi(namespace).create(TRAINJOB, job)
-    assert err.value.status in (400, 422) and "\n" not in str(err.value)
-    assert field in str(err.value)
+def _master_container(job: dict) -> dict:
+    return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
 
 
+# case -> (training API, what breaks the object, what the one line names)
 WRONG = {
-    "replicas-not-a-number": (
+    "pytorchjob-replicas-not-a-number": (
+        "pytorchjob",
         lambda job: job["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas="two"),
         r"spec.pytorchReplicaSpecs.Master.replicas",
     ),
-    "misspelt-field": (
+    "pytorchjob-misspelt-field": (
+        "pytorchjob",
         lambda job: job["spec"].update(nprocsPerNode="1"),
         r'unknown field "spec.nprocsPerNode"',
     ),
-    "port-not-a-number": (
-        lambda job: job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][
-            0
-        ]["ports"][0].update(containerPort="http"),
+    "pytorchjob-port-not-a-number": (
+        "pytorchjob",
+        lambda job: _master_container(job)["ports"][0].update(containerPort="http"),
         r"containerPort",
+    ),
+    "trainjob-num-nodes-not-a-number": (
+        "trainjob",
+        lambda job: job["spec"]["trainer"].update(numNodes="two"),
+        r"spec.trainer.numNodes",
+    ),
+    "trainjob-misspelt-field": (
+        "trainjob",
+        lambda job: job["spec"]["trainer"].update(numProcsPerNode=1),
+        r'unknown field "spec.trainer.numProcsPerNode"',
+    ),
+    # the schema has no place for it: a runtime patch may not set envFrom
+    "trainjob-envfrom-in-a-runtime-patch": (
+        "trainjob",
+        lambda job: _node_container(job).update(envFrom=[{"secretRef": {"name": "s"}}]),
+        r"envFrom",
     ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(WRONG))
 def test_a_wrong_object_is_refused_in_one_line(control_plane, namespace, monkeypatch, case):
-    mutate, field = WRONG[case]
+    from kubetrain.launch.jobkinds import job_kind
+
+    api, mutate, field = WRONG[case]
+    kind = job_kind(api)
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
     cfg = load_config(None, [f"cluster.namespace={namespace}", "cluster.image=img:1"])
-    job = copy.deepcopy(build_pytorchjob(cfg, "kubetrain-train-wrong"))
+    job = copy.deepcopy(kind.build(cfg, "kubetrain-train-wrong"))
     mutate(job)
-    with pytest.raises(KubeApiError, match=r"the API server rejected pytorchjob ") as err:
-        KubeApi(namespace).create(TRAIN_JOB, job)
+    with pytest.raises(KubeApiError, match=rf"the API server rejected {api} ") as err:
+        KubeApi(namespace).create(kind.resource, job)
     # 422 from the schema, 400 from strict decoding (unknown fields)
     assert err.value.status in (400, 422) and "\n" not in str(err.value)
     assert f"{namespace}/kubetrain-train-wrong" in str(err.value)

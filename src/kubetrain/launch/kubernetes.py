@@ -199,6 +199,30 @@ def job_labels(cfg: JobConfig, component: str) -> dict[str, str]:
     return labels
 
 
+def prepare_job(
+    cfg: JobConfig,
+    name: str,
+    paths: JobPaths | None,
+    command: list[str] | None,
+    worker: Callable[[JobConfig, str, str], list[str]],
+) -> tuple[JobPaths, list[str], dict[str, str], dict[str, str]]:
+    """What every job kind's builder starts from: the checks of what the pods can serve, then
+    (its paths on the claim, its command, the job's labels, the pods' labels).
+
+    Raises:
+        ConfigError: see ``check_processes`` and ``check_no_inline_credentials``.
+    """
+    check_processes(cfg)
+    check_no_inline_credentials(cfg)
+    paths = paths or JobPaths.for_job(cfg, name)
+    if command is None:
+        command = worker(cfg, paths.dataset, paths.model)
+    labels = job_labels(cfg, "train")
+    # Kueue's labels belong to the job (it queues jobs), ours to its pods too.
+    pod_labels = {k: v for k, v in labels.items() if k.startswith("app.kubernetes.io/")}
+    return paths, command, labels, pod_labels
+
+
 def pod_env(cfg: JobConfig, paths: JobPaths | None) -> dict[str, str]:
     """The environment of the training container, whatever the job kind: the config the
     worker reads, its threads, the checkpoint directory, and ``cluster.env`` (which wins)."""
@@ -315,13 +339,7 @@ def build_pytorchjob(
     from kubernetes import client as k8s
 
     cl, tc = cfg.cluster, cfg.train
-    check_processes(cfg)
-    check_no_inline_credentials(cfg)
-    paths = paths or JobPaths.for_job(cfg, name)
-    if command is None:
-        command = worker_command(cfg, paths.dataset, paths.model)
-    labels = job_labels(cfg, "train")
-    pod_labels = {k: v for k, v in labels.items() if k.startswith("app.kubernetes.io/")}
+    paths, command, labels, pod_labels = prepare_job(cfg, name, paths, command, worker_command)
     template = _pod_template(
         cfg, _container(cfg, command, paths if checkpoints else None), pod_labels
     )

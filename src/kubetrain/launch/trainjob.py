@@ -33,11 +33,9 @@ from kubetrain.launch.kubeapi import Resource
 from kubetrain.launch.kubernetes import (
     CONFIG_ENV,
     PodJobWatcher,
-    check_no_inline_credentials,
-    check_processes,
-    job_labels,
     pod_env,
     pod_resources,
+    prepare_job,
 )
 from kubetrain.launch.torchrun import torchrun_command
 
@@ -186,14 +184,8 @@ def build_trainjob(
     from kubeflow_trainer_api import models
 
     cl, tc = cfg.cluster, cfg.train
-    check_processes(cfg)
-    check_no_inline_credentials(cfg)
     check_trainjob(cfg)
-    paths = paths or JobPaths.for_job(cfg, name)
-    if command is None:
-        command = worker_command(cfg, paths.dataset, paths.model)
-    labels = job_labels(cfg, "train")
-    pod_labels = {k: v for k, v in labels.items() if k.startswith("app.kubernetes.io/")}
+    paths, command, labels, pod_labels = prepare_job(cfg, name, paths, command, worker_command)
     requests, limits = pod_resources(cfg)
     # The runtime's `node` replicated job, its pod template patched (JobSet > Job > Pod).
     node = {"name": NODE, "template": {"spec": {"template": _pod_patch(cfg, pod_labels)}}}
