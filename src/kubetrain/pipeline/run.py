@@ -81,7 +81,7 @@ def preflight(cfg: PipelineConfig) -> None:
     from kubetrain.tasks import preflight as kind_preflight
 
     if kind_of(cfg.data) != "tabular":  # streamed kinds check what they can themselves
-        kind_preflight(cfg)
+        kind_preflight(cfg.data)
         return
     # The params task expands {date} in data.source (today, for a local run); so does this check.
     source = expand_date(cfg.data.source, datetime.now(timezone.utc))
