@@ -39,6 +39,8 @@ def train(
         params_file=SearchResult.best_params_file(best_params.path),
     )
     model.metadata["framework"] = "pytorch"
+    if summary.get("training_api"):  # which cluster job trained it (TrainJob or PyTorchJob)
+        model.metadata["training_api"] = summary["training_api"]
     for key in ("samples_per_second", "train_seconds", "data_wait_share", "final_val_accuracy"):
         train_metrics.log_metric(key, summary[key])
     train_metrics.log_metric("world_size", summary["world_size"])

@@ -21,8 +21,9 @@ from cluster.controllers import (
 )
 from kubetrain.core.errors import KubetrainError
 from kubetrain.launch.cluster import ClusterJob, run_job
+from kubetrain.launch.jobkinds import KubernetesLauncher
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError
-from kubetrain.launch.kubernetes import KubernetesLauncher, PyTorchJobWatcher, build_pytorchjob
+from kubetrain.launch.kubernetes import PyTorchJobWatcher, build_pytorchjob
 from kubetrain.pipeline import steps
 
 pytestmark = pytest.mark.cluster

@@ -31,7 +31,8 @@ class OptunaBackend:
 
 
 class KatibBackend:
-    """``cluster.backend: kubernetes``: one Katib Experiment whose trials are PyTorchJobs."""
+    """``cluster.backend: kubernetes``: one Katib Experiment whose trials are TrainJobs or
+    PyTorchJobs (``cluster.training_api``)."""
 
     def run(self, cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
         """See ``kubetrain.tune.katib.run_experiment``."""

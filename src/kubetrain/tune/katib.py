@@ -1,4 +1,6 @@
-"""Search on a cluster: a Katib ``Experiment`` (kubeflow.org/v1beta1) whose trials are PyTorchJobs.
+"""Search on a cluster: a Katib ``Experiment`` (kubeflow.org/v1beta1) whose trials are training
+jobs of the kind training uses (``cluster.training_api``: TrainJob, which needs Katib v0.19+, or
+PyTorchJob), each labelled for ``cluster.queue_name`` like the train job.
 
 ``build_experiment`` is a pure function built with ``kubeflow-katib-api``'s models from the same
 ``TuneConfig`` the local Optuna engine reads: same algorithm names and settings, same budget,
@@ -25,15 +27,8 @@ from typing import Any
 from kubetrain.core.config import parse_override
 from kubetrain.core.errors import KubetrainError
 from kubetrain.launch.cluster import ClusterJob, JobPaths, condition, new_name, run_job
+from kubetrain.launch.jobkinds import JobKind, offline_kind, resolve_kind
 from kubetrain.launch.kubeapi import KubeApi, Resource
-from kubetrain.launch.kubernetes import (
-    CONTAINER,
-    TRIAL_FAILURE_CONDITION,
-    TRIAL_PRIMARY_POD_LABELS,
-    TRIAL_SUCCESS_CONDITION,
-    build_train_job,
-    worker_command,
-)
 from kubetrain.tasks import kind_of
 from kubetrain.tune.config import SearchConfig, SearchParameter, objective_name
 
@@ -114,25 +109,35 @@ def trial_config(cfg: SearchConfig) -> SearchConfig:
     return local_trial_config(cfg, {})
 
 
-def build_experiment(cfg: SearchConfig, name: str, dataset_dir: str | None = None) -> dict:
+def build_experiment(
+    cfg: SearchConfig, name: str, dataset_dir: str | None = None, kind: JobKind | None = None
+) -> dict:
     """The Katib Experiment for ``cfg.tune``, as the dict sent to the API server.
 
-    ``dataset_dir`` is the dataset's path on the shared claim (default:
-    ``JobPaths.for_job(cfg, name).dataset``). Raises KubetrainError if no image is set.
+    Args:
+        cfg: the pipeline config.
+        name: the Experiment's name.
+        dataset_dir: the dataset's path on the shared claim (default:
+            ``JobPaths.for_job(cfg, name).dataset``).
+        kind: the trials' job kind (default: ``cluster.training_api``, TrainJob for ``auto``,
+            as ``kubetrain manifests`` renders it).
+
+    Raises:
+        KubetrainError: no image is set; ConfigError: the trial job cannot serve the config.
     """
     from kubeflow_katib_api import models
 
     tune = cfg.tune
+    kind = kind or offline_kind(cfg)
     dataset = dataset_dir or JobPaths.for_job(cfg, name).dataset
     trial_cfg = trial_config(cfg)
     overrides = [f"{p.name}=${{trialParameters.{katib_name(p.name)}}}" for p in tune.parameters]
     # A trial's model is not kept: the final train step retrains with the best parameters.
-    command = worker_command(trial_cfg, dataset, "/tmp/kubetrain-trial", overrides)
-    # Keep a trial's pods until it ends: Katib's collector sidecar reads the finished log.
-    job = build_train_job(
-        trial_cfg, name, command=command, clean_pod_policy="None", checkpoints=False
-    )
-    trial_spec = {k: v for k, v in job.items() if k != "metadata"}  # Katib names each trial
+    command = kind.worker_command(trial_cfg, dataset, "/tmp/kubetrain-trial", overrides)
+    job = kind.build_trial(trial_cfg, name, command)
+    # Katib names each trial's job; its labels (Kueue's queue among them) stay.
+    trial_spec = {k: v for k, v in job.items() if k != "metadata"}
+    trial_spec["metadata"] = {"labels": job["metadata"]["labels"]}
 
     settings = dict(tune.algorithm_settings)
     if tune.algorithm in SEEDED_ALGORITHMS:
@@ -174,10 +179,10 @@ def build_experiment(cfg: SearchConfig, name: str, dataset_dir: str | None = Non
             ),
         ),
         trial_template=models.V1beta1TrialTemplate(
-            primary_container_name=CONTAINER,
-            primary_pod_labels=dict(TRIAL_PRIMARY_POD_LABELS),
-            success_condition=TRIAL_SUCCESS_CONDITION,
-            failure_condition=TRIAL_FAILURE_CONDITION,
+            primary_container_name=kind.container,
+            primary_pod_labels=dict(kind.trial_primary_pod_labels),
+            success_condition=kind.trial_success,
+            failure_condition=kind.trial_failure,
             trial_parameters=[
                 models.V1beta1TrialParameterSpec(
                     name=katib_name(p.name), reference=katib_name(p.name), description=p.name
@@ -306,9 +311,14 @@ class ExperimentWatcher:
     """The lifecycle's ``Watcher`` for a Katib Experiment: logs trial progress as it changes."""
 
     resource = EXPERIMENT
+    success = "Succeeded"
 
     def __init__(self) -> None:
         self.seen: tuple[int, int, int] | None = None
+
+    def suspended(self, obj: dict[str, Any]) -> bool:
+        """Never: Kueue holds the trials' jobs, not the Experiment."""
+        return False
 
     def observe(self, api: KubeApi, obj: dict[str, Any]) -> None:
         """Log "N trial(s) done, R running, F failed" whenever those counts change."""
@@ -342,14 +352,20 @@ def run_experiment(
         KubetrainError: no image, the claim or namespace is missing, the API refused the
             Experiment, Katib failed it, or its best trial reported no metric.
     """
+    from kubetrain.launch.cluster import check_claim
+
     name = new_name(cfg, "tune")
-    experiment = build_experiment(cfg, name, JobPaths.for_job(cfg, name).dataset)
+    build_experiment(cfg, name)  # what is wrong with the config fails first
+    check_claim(cfg, EXPERIMENT.kind)
     api = api or KubeApi(cfg.cluster.namespace)
+    api.check_namespace()  # a missing namespace says so before anything else is asked
+    kind = resolve_kind(cfg, api)
+    experiment = build_experiment(cfg, name, JobPaths.for_job(cfg, name).dataset, kind)
 
     def collect(run: ClusterJob, exp: dict[str, Any], _paths: JobPaths) -> tuple[list, dict]:
         trials = api.list(TRIAL, f"{EXPERIMENT_LABEL}={name}")
         records = trial_records(trials, cfg.tune.objective_metric)
-        return records, search_result(cfg, exp, records)
+        return records, {**search_result(cfg, exp, records), "training_api": kind.api}
 
     from kubetrain.core.artifacts import SearchResult
 
