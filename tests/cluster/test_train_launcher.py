@@ -37,7 +37,7 @@ def test_the_train_step_returns_the_model_its_job_trained(
     with caplog.at_level(logging.WARNING):
         metrics = steps.train(cfg, digits_dir, tmp_path / "model")
     join()
-    assert metrics["world_size"] == 1 and metrics["epochs"] == 1
+    assert metrics.world_size == 1 and metrics.epochs == 1
     assert (tmp_path / "model" / "model.json").is_file()
     assert operator.objects("pytorchjobs") == []  # cluster.cleanup on_success
     assert list((tmp_path / "claim" / "jobs").iterdir()) == []

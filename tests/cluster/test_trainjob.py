@@ -37,10 +37,10 @@ def test_the_train_step_returns_the_model_its_trainjob_trained(
     with caplog.at_level(logging.WARNING):
         metrics = steps.train(cfg, digits_dir, tmp_path / "model")
     join()
-    assert metrics["world_size"] == 1 and metrics["epochs"] == 1
+    assert metrics.world_size == 1 and metrics.epochs == 1
     # the run records which API trained it
-    assert metrics["training_api"] == "trainjob"
-    assert metrics["cluster_job"].startswith(f"trainjob {runner.namespace}/kubetrain-train-")
+    assert metrics.training_api == "trainjob"
+    assert metrics.cluster_job.startswith(f"trainjob {runner.namespace}/kubetrain-train-")
     assert read_json(tmp_path / "model" / "metrics.json")["training_api"] == "trainjob"
     assert operator.objects("trainjobs") == []  # cluster.cleanup on_success
     assert list((tmp_path / "claim" / "jobs").iterdir()) == []
@@ -196,7 +196,7 @@ def test_auto_takes_trainjob_where_it_is_served(runner, operator, tiny_dataset, 
     with caplog.at_level(logging.INFO, logger="kubetrain.launch.jobkinds"):
         metrics = steps.train(cfg, tiny_dataset, tmp_path / "model")
     join()
-    assert metrics["training_api"] == "trainjob"
+    assert metrics.training_api == "trainjob"
     assert any("serves trainjobs.trainer.kubeflow.org" in r.getMessage() for r in caplog.records)
 
 
@@ -208,7 +208,7 @@ def test_auto_takes_pytorchjob_where_trainjob_is_not_served(
     join = in_background(lambda: play_success(operator))
     metrics = steps.train(cfg, tiny_dataset, tmp_path / "model")
     join()
-    assert metrics["training_api"] == "pytorchjob"
+    assert metrics.training_api == "pytorchjob"
 
 
 def test_auto_with_neither_served_names_both_in_one_line(

@@ -21,10 +21,10 @@ def test_the_tune_step_returns_katibs_best_trial(runner, operator, tiny_dataset,
     join = in_background(lambda: play_katib(operator))
     result = steps.tune(cfg, tiny_dataset, tmp_path / "tune")
     join()
-    assert result["engine"] == "katib" and result["training_api"] == api
-    assert result["best_params"] == {"train.lr": 0.004, "train.batch_size": 32}
-    assert result["best_value"] == 0.93
-    assert (result["trials_complete"], result["trials_failed"], result["trials_pruned"]) == (
+    assert result.engine == "katib" and result.training_api == api
+    assert result.best_params == {"train.lr": 0.004, "train.batch_size": 32}
+    assert result.best_value == 0.93
+    assert (result.trials_complete, result.trials_failed, result.trials_pruned) == (
         1,
         1,
         1,

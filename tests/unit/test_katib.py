@@ -208,11 +208,11 @@ def test_trial_records_map_katib_trials_like_the_local_engine():
         },
     ]
     records = trial_records(trials, "val_accuracy")
-    assert [(r["number"], r["name"], r["state"], r["value"]) for r in records] == [
+    assert [(r.number, r.name, r.state, r.value) for r in records] == [
         (0, "t-a", "complete", 0.97), (1, "t-b", "pruned", 0.5), (2, "t-c", "fail", None),
     ]  # fmt: skip
-    assert records[0]["params"] == {"train.lr": 0.003}
-    assert records[2]["error"] == "TrialFailed: OOMKilled"
+    assert records[0].params == {"train.lr": 0.003}
+    assert records[2].error == "TrialFailed: OOMKilled"
 
 
 def test_the_tune_backend_is_chosen_by_cluster_backend():

@@ -183,7 +183,6 @@ class KubernetesLauncher:
 
         def collect(run: ClusterJob, _job: dict[str, Any], paths: JobPaths) -> None:
             from kubetrain.core.artifacts import MODEL_METRICS, TrainedModel
-            from kubetrain.core.io import read_json, write_json
 
             model = Path(paths.model)
             if not TrainedModel.is_complete(model):
@@ -191,8 +190,8 @@ class KubernetesLauncher:
             out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(model, out_dir, dirs_exist_ok=True)
             # The run says which API trained it (the same model, whatever the kind).
-            summary = read_json(out_dir / MODEL_METRICS)
-            summary.update(training_api=kind.api, cluster_job=run.what(name))
-            write_json(out_dir / MODEL_METRICS, summary)
+            summary = TrainedModel.load_summary(out_dir)
+            summary.training_api, summary.cluster_job = kind.api, run.what(name)
+            summary.write(out_dir / MODEL_METRICS)
 
         run_job(cfg, api, kind.watcher(cfg), job, dataset_dir, collect)

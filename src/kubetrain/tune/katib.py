@@ -26,6 +26,7 @@ from typing import Any
 
 from kubetrain.core.config import parse_override
 from kubetrain.core.errors import KubetrainError
+from kubetrain.core.records import SearchSummary, Trial
 from kubetrain.launch.cluster import ClusterJob, JobPaths, condition, new_name, run_job
 from kubetrain.launch.jobkinds import JobKind, offline_kind, resolve_kind
 from kubetrain.launch.kubeapi import KubeApi, Resource
@@ -248,31 +249,29 @@ TRIAL_STATES = {
 }
 
 
-def trial_records(trials: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+def trial_records(trials: list[dict[str, Any]], metric: str) -> list[Trial]:
     """Trial CRs -> the records the local engine writes to trials.json (oldest first)."""
     ordered = sorted(trials, key=lambda t: t["metadata"].get("creationTimestamp") or "")
     records = []
     for number, trial in enumerate(ordered):
         kind, text = condition(trial, *TRIAL_STATES)
         records.append(
-            {
-                "number": number,
-                "name": trial["metadata"]["name"],
-                "state": TRIAL_STATES.get(kind or "", "running"),
-                "value": _metric_value((trial.get("status") or {}).get("observation"), metric),
-                "params": _params((trial.get("spec") or {}).get("parameterAssignments")),
-                "curve": [],
-                "seconds": None,
-                "error": text if kind in ("Failed", "MetricsUnavailable", "Killed") else None,
-            }
+            Trial(
+                number=number,
+                name=trial["metadata"]["name"],
+                state=TRIAL_STATES.get(kind or "", "running"),
+                value=_metric_value((trial.get("status") or {}).get("observation"), metric),
+                params=_params((trial.get("spec") or {}).get("parameterAssignments")),
+                error=text if kind in ("Failed", "MetricsUnavailable", "Killed") else None,
+            )
         )
     return records
 
 
 def search_result(
-    cfg: SearchConfig, experiment: dict[str, Any], records: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """best_params.json of a finished Experiment (the local engine's fields)."""
+    cfg: SearchConfig, experiment: dict[str, Any], records: list[Trial], training_api: str
+) -> SearchSummary:
+    """best_params.json of a finished Experiment (the local engine's record)."""
     tune = cfg.tune
     optimal = (experiment.get("status") or {}).get("currentOptimalTrial") or {}
     best_params = _params(optimal.get("parameterAssignments"))
@@ -287,24 +286,24 @@ def search_result(
             f"{tune.objective_metric} (does the trial log print it?)"
         )
     best_name = optimal.get("bestTrialName")
-    best_number = next((r["number"] for r in records if r["name"] == best_name), None)
-    return {
-        "enabled": True,
-        "engine": "katib",
-        "experiment": f"{cfg.cluster.namespace}/{name}",
-        "algorithm": tune.algorithm,
-        "metric": tune.objective_metric,
-        "objective": objective_name(tune, kind_of(cfg.data)),
-        "goal": tune.goal,
-        "best_params": best_params,
-        "best_value": best_value,
-        "best_trial": best_number,
-        "trials_total": len(records),
-        "trials_complete": sum(r["state"] == "complete" for r in records),
-        "trials_pruned": sum(r["state"] == "pruned" for r in records),
-        "trials_failed": sum(r["state"] == "fail" for r in records),
-        "trial_epochs_total": None,
-    }
+    best_number = next((r.number for r in records if r.name == best_name), None)
+    return SearchSummary(
+        enabled=True,
+        engine="katib",
+        experiment=f"{cfg.cluster.namespace}/{name}",
+        training_api=training_api,
+        algorithm=tune.algorithm,
+        metric=tune.objective_metric,
+        objective=objective_name(tune, kind_of(cfg.data)),
+        goal=tune.goal,
+        best_params=best_params,
+        best_value=best_value,
+        best_trial=best_number,
+        trials_total=len(records),
+        trials_complete=sum(r.state == "complete" for r in records),
+        trials_pruned=sum(r.state == "pruned" for r in records),
+        trials_failed=sum(r.state == "fail" for r in records),
+    )
 
 
 class ExperimentWatcher:
@@ -340,7 +339,7 @@ class ExperimentWatcher:
 
 def run_experiment(
     cfg: SearchConfig, dataset_dir: Path, out_dir: Path, api: KubeApi | None = None
-) -> dict[str, Any]:
+) -> SearchSummary:
     """The tune step on ``kubernetes``: the search artifact (``SearchResult``) in ``out_dir``.
 
     The dataset travels through the shared claim like a PyTorchJob's (``JobPaths``).
@@ -362,10 +361,12 @@ def run_experiment(
     kind = resolve_kind(cfg, api)
     experiment = build_experiment(cfg, name, JobPaths.for_job(cfg, name).dataset, kind)
 
-    def collect(run: ClusterJob, exp: dict[str, Any], _paths: JobPaths) -> tuple[list, dict]:
+    def collect(
+        run: ClusterJob, exp: dict[str, Any], _paths: JobPaths
+    ) -> tuple[list[Trial], SearchSummary]:
         trials = api.list(TRIAL, f"{EXPERIMENT_LABEL}={name}")
         records = trial_records(trials, cfg.tune.objective_metric)
-        return records, {**search_result(cfg, exp, records), "training_api": kind.api}
+        return records, search_result(cfg, exp, records, kind.api)
 
     from kubetrain.core.artifacts import SearchResult
 
