@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "model": args.model, "kwargs": args.model_kwargs, "batch": args.batch,
             "steps": args.steps, "rounds": args.rounds, "images": images,
-            "train_images": data.meta["sizes"]["train"], "device": args.device,
+            "train_images": data.meta.sizes["train"], "device": args.device,
             "precision": args.precision, "threads": args.threads,
         },
         "samples_per_second": {

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.records import DatasetMeta
 from kubetrain.pipeline.config import PipelineConfig, load_config
 from kubetrain.tasks import open_task
 from kubetrain.tasks.base import Task
@@ -131,7 +132,8 @@ class InMemoryTask(Task):
     factory: Any
 
     def __init__(self, root: Path, meta: dict, x: dict, y: dict) -> None:
-        super().__init__(load_config(), DatasetArtifact(root, meta, {}))
+        record = DatasetMeta(source="memory", config={}, **meta)
+        super().__init__(load_config(), DatasetArtifact(root, record))
         self.x, self.y = x, y
 
     def build_model(self, model):

@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "manifests",
-        help="print, as multi-document YAML, the PyTorchJob and Katib Experiment a cluster run "
-        "creates (a dry run: nothing is sent)",
+        help="print, as multi-document YAML, the TrainJob or PyTorchJob (cluster.training_api; "
+        "offline, auto shows a TrainJob) and the Katib Experiment a cluster run creates (a dry "
+        "run: nothing is sent)",
     )
     _config_args(p)
 
@@ -327,9 +328,9 @@ def dispatch(args: argparse.Namespace) -> int:
         case "run":
             _run(cfg, args)
         case "manifests":
-            from kubetrain.pipeline.manifests import cluster_manifests, to_yaml
+            from kubetrain.pipeline.manifests import cluster_manifests, header, to_yaml
 
-            sys.stdout.write(to_yaml(cluster_manifests(cfg)))
+            sys.stdout.write(to_yaml(cluster_manifests(cfg), header(cfg)))
         case "submit" | "schedule":
             _submit(args)
         case "preprocess":

@@ -109,6 +109,15 @@ class Case:
     kept: dict[str, str] = field(default_factory=dict)  # files that must be left as they were
 
 
+# A valid meta.json of a tabular dataset, for cases that damage the rest of the artifact.
+TABULAR_META = json.dumps(
+    {"kind": "tabular", "version": "v1", "source": "digits", "classes": ["a", "b"],
+     "input_shape": [2], "sizes": {"train": 2, "val": 1, "test": 1}, "config": {},
+     "files": [], "num_features": 2, "class_counts": [2, 2],
+     "normalization": {"kind": "standard", "shift": [0, 0], "scale": [1, 1]}}
+)  # fmt: skip
+
+
 def _sets(*settings: str) -> list[str]:
     return [arg for s in settings for arg in ("--set", s)]
 
@@ -278,7 +287,7 @@ PATHS = {
         1,
         "ds/data.npz: unreadable",
         setup=lambda t: (
-            text(t, "ds/meta.json", '{"format_version": 1}'),
+            text(t, "ds/meta.json", TABULAR_META),
             text(t, "ds/data.npz", "PK garbage"),
         ),
     ),

@@ -64,27 +64,27 @@ def test_linear_methods_quantize_the_heads_and_reload(model_dir, tmp_path, metho
     name, backend = method
     info, task = _quantize(model_dir, tmp_path, method=name, dynamic_backend=backend,
                                max_accuracy_drop=1.0)  # fmt: skip
-    assert info["format"] == "detector" and info["name"] == f"{name}/{backend}"
-    assert info["metric"] == "map" and info["gate_passed"]
-    assert 0 < info["size_bytes"] < info["fp32_size_bytes"]
-    assert info["latency_ms_b1"] > 0 and info["latency_ms_b8"] > 0
-    assert "fp32" in info and info["fp32"]["latency_ms_b8"] > 0
+    assert info.format == "detector" and info.name == f"{name}/{backend}"
+    assert info.metric == "map" and info.gate_passed
+    assert 0 < info.size_bytes < info.fp32_size_bytes
+    assert info.latency_ms_b1 > 0 and info.latency_ms_b8 > 0
+    assert info.fp32 is not None and info.fp32.latency_ms_b8 > 0
     model = load_quantized(tmp_path / "q", model_dir[1], task)
     fc6 = model.roi_heads.box_head.fc6  # int8: another module, or a quantized weight tensor
     assert type(fc6) is not nn.Linear or type(fc6.weight) not in (nn.Parameter, torch.Tensor)
     # What was measured is what was saved: the reloaded model scores the same.
-    assert task.score(model, "val").values["map"] == pytest.approx(info["val_metric"])
+    assert task.score(model, "val").values["map"] == pytest.approx(info.val_metric)
 
 
 @pytest.mark.slow
 def test_static_int8_backbone_reloads_and_scores_as_measured(model_dir, tmp_path):
     info, task = _quantize(model_dir, tmp_path, method="static_int8", max_accuracy_drop=1.0)
-    assert info["name"] == "static_int8/x86_inductor" and info["runtime"] == "inductor"
+    assert info.name == "static_int8/x86_inductor" and info.runtime == "inductor"
     assert (tmp_path / "q" / qdet.BACKBONE_PROGRAM).is_file()
     model = load_quantized(tmp_path / "q", model_dir[1], task)
     assert isinstance(model.backbone, qdet.ProgramBackbone)
-    assert task.score(model, "val").values["map"] == pytest.approx(info["val_metric"])
-    assert abs(info["accuracy_drop"]) < 0.5
+    assert task.score(model, "val").values["map"] == pytest.approx(info.val_metric)
+    assert abs(info.accuracy_drop) < 0.5
 
 
 class _HalfBlind(nn.Module):
@@ -105,12 +105,12 @@ def test_the_gate_keeps_fp32_with_the_numbers_when_nothing_holds(model_dir, tmp_
     monkeypatch.setattr(qdet, "load_detector", lambda q, fp32: _HalfBlind(real(q, fp32)))
     info, _ = _quantize(model_dir, tmp_path, method="weight_only_int8", max_accuracy_drop=0.0,
                         on_drop="keep_fp32")  # fmt: skip
-    (candidate,) = info["candidates"]
-    if candidate["accuracy_drop"] <= 0:
+    (candidate,) = info.candidates
+    if candidate.accuracy_drop <= 0:
         pytest.skip("the model found nothing to lose: no drop to gate on")
-    assert info["method"] == "none" and info["gate_passed"] is False
-    assert "keeping fp32" in info["decision"] and "over budget" in candidate["verdict"]
-    assert QuantizedModel.load(tmp_path / "q").info["name"] == "none/fp32"
+    assert info.method == "none" and info.gate_passed is False
+    assert "keeping fp32" in info.decision and "over budget" in candidate.verdict
+    assert QuantizedModel.load(tmp_path / "q").info.name == "none/fp32"
     with pytest.raises(KubetrainError, match="no int8 candidate within the accuracy budget"):
         _quantize(model_dir, tmp_path / "again", method="weight_only_int8",
                   max_accuracy_drop=0.0)  # fmt: skip
@@ -124,4 +124,4 @@ def test_what_does_not_apply_is_said():
     with pytest.raises(ConfigError, match="quantize.method: dynamic_int8/torchao does not apply"):
         qdet._names(QuantizeConfig(method="dynamic_int8"), convs)
     names, skipped = qdet._names(QuantizeConfig(method="auto"), convs)
-    assert names == [] and all(s["error"].startswith("not applicable") for s in skipped)
+    assert names == [] and all(s.error.startswith("not applicable") for s in skipped)

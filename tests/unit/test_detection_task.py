@@ -51,10 +51,10 @@ def task(built, model=None, **data) -> DetectionTask:
 
 def test_meta(built):
     _, meta, _, coco, _ = built
-    assert meta["kind"] == "detection" and meta["input_shape"] == [3]
-    assert [c["id"] for c in meta["categories"]] == [2, 5, 9]
-    assert sum(meta["sizes"].values()) == 40
-    assert sum(meta["objects"].values()) == len(coco["annotations"])
+    assert meta.kind == "detection" and meta.input_shape == [3]
+    assert [c["id"] for c in meta.categories] == [2, 5, 9]
+    assert sum(meta.sizes.values()) == 40
+    assert sum(meta.objects.values()) == len(coco["annotations"])
 
 
 def _record(boxes, size=(40, 60)):
@@ -148,7 +148,7 @@ def test_training_logs_each_loss_and_validates_on_map(trained):
         total = sum(stats.loss_components.values())
         assert total == pytest.approx(stats.train_loss, rel=1e-4)
         assert 0 <= stats.val_accuracy <= 1 and np.isfinite(stats.val_loss)
-    assert trained.summary["flops_per_sample"] > 0
+    assert trained.summary.flops_per_sample > 0
 
 
 def test_validation_leaves_the_model_as_it_was(built, trained):
@@ -168,7 +168,7 @@ def test_a_resumed_run_ends_with_the_same_weights(built, tmp_path):
 
     w = task(built)
     whole = fit(w.cfg, w, DistContext())
-    steps = whole.summary["steps"] // 2
+    steps = whole.summary.steps // 2
     first = w.cfg.model_copy(
         update={"train": w.cfg.train.model_copy(update={"checkpoint_every_steps": steps})}
     )
@@ -186,7 +186,7 @@ def test_a_resumed_run_ends_with_the_same_weights(built, tmp_path):
         update={"train": first.train.model_copy(update={"resume": True})}
     )
     resumed = fit(resumed_cfg, w, DistContext(), checkpoint_dir=ckpt)
-    assert resumed.summary["resumed_from_step"] is not None
+    assert resumed.summary.resumed_from_step is not None
     for key, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
@@ -262,7 +262,7 @@ def test_our_figures_equal_pycocotools_on_the_sources_own_ids(built):
 def test_score_reports_images_per_second_and_draws_the_worst_images_first(built, trained):
     w = task(built)
     scores = w.score(trained.model, "test")
-    assert scores.metric == "map" and scores.samples == w.data.meta["sizes"]["test"]
+    assert scores.metric == "map" and scores.samples == w.data.meta.sizes["test"]
     assert scores.values["images_per_second"] > 0
     errors = [e["missed"] + e["false"] for e in scores.examples]
     assert errors == sorted(errors, reverse=True)

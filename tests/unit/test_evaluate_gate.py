@@ -25,6 +25,7 @@ from kubetrain.evaluate.config import EvaluateConfig
 from kubetrain.pipeline.config import load_config
 from kubetrain.pipeline.params import split_sets
 from kubetrain.pipeline.steps import promotion_bar
+from tests.factories import epoch, quant_info
 
 CLASSES = ["cat", "dog", "<b>fox</b>"]
 
@@ -61,26 +62,9 @@ def evaluation(fp32: ModelScores, int8: ModelScores, kind: str, min_value: float
         latency_threads=1,
         sizes=Sizes(4000, 1000, 5000, 2000, 4100),
         train=train,
-        quantization={
-            "method": "dynamic_int8",
-            "name": "dynamic_int8/torchao",
-            "runtime": "eager",
-            "decision": "kept it",
-            "candidates": [],
-        },
+        quantization=quant_info(),
         search=SearchResult.disabled(),
-        history=[
-            {
-                "epoch": 1,
-                "train_loss": 1.0,
-                "val_loss": 1.0,
-                "val_accuracy": 0.5,
-                "step_seconds": 0.01,
-                "epoch_seconds": 1.0,
-                "samples_per_second": 100.0,
-                "data_wait_share": 0.1,
-            }
-        ],
+        history=[epoch()],
         classes=classes,
         dataset_version="v1",
         test_samples=3,
@@ -200,11 +184,6 @@ def test_the_copy_baseline_can_be_left_out_of_the_gate():
     )  # fmt: skip
     e.beat_copy_baseline = False
     assert e.promoted is True
-
-
-def test_a_metrics_json_of_an_older_version_is_still_gated_on_accuracy():
-    old = {"test_accuracy_fp32": 0.95, "test_accuracy_int8": 0.93, "min_accuracy": 0.9}
-    assert is_promotable(old, 0.9) and not is_promotable(old, 0.94)
 
 
 @pytest.mark.parametrize("kind", ["seq2seq", "text_classification"])

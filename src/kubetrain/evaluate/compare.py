@@ -68,10 +68,10 @@ def sizes(quantized: QuantizedModel, model_dir: Path) -> Sizes:
     """Weight and file bytes of both models, as the quantize step measured them."""
     info = quantized.info
     return Sizes(
-        weights_fp32=info["fp32_size_bytes"],
-        weights_int8=info["size_bytes"],
-        file_fp32=info["fp32_file_bytes"],
-        file_int8=info["file_bytes"],
+        weights_fp32=info.fp32_size_bytes or 0,
+        weights_int8=info.size_bytes or 0,
+        file_fp32=info.fp32_file_bytes or 0,
+        file_int8=info.file_bytes or 0,
         state_dict_fp32=(model_dir / MODEL_WEIGHTS).stat().st_size,
     )
 
@@ -126,9 +126,9 @@ def evaluate(
         quantization=quantized.info,
         search=search,
         history=trained.history,
-        classes=data.meta.get("classes"),
+        classes=data.meta.classes,
         dataset_version=data.version,
-        test_samples=data.meta["sizes"]["test"],
+        test_samples=data.meta.num_samples("test"),
         min_value=cfg.bar(data.kind) if min_value is None else min_value,
         kind=data.kind,
         beat_copy_baseline=cfg.beat_copy_baseline,

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubetrain.core.records import TextSpec
+
 
 @dataclass(frozen=True)
 class TransformerConfig:
@@ -598,14 +600,13 @@ def sequence_log_prob(model: Seq2SeqTransformer, src: torch.Tensor, ids: list[in
         return float(sum(logp[i, t] for i, t in enumerate(ids)))
 
 
-def build_text_model(name: str, meta, config: TransformerConfig) -> nn.Module:
+def build_text_model(name: str, meta: TextSpec, config: TransformerConfig) -> nn.Module:
     """The built-in text model ``name`` for a text dataset, sized by ``config``.
 
     Args:
         name: ``transformer`` (needs a ``text_classification`` dataset) or
             ``seq2seq_transformer`` (needs ``seq2seq``).
-        meta: the dataset's :class:`kubetrain.data.text.TextMeta` (vocabulary, classes,
-            special ids, ``max_length``).
+        meta: the dataset's text spec (vocabulary, classes, special ids, ``max_length``).
         config: the sizes.
 
     Raises:
@@ -629,5 +630,5 @@ def build_text_model(name: str, meta, config: TransformerConfig) -> nn.Module:
         )
     sp = meta.special_ids
     if name == "transformer":
-        return TransformerClassifier(meta.vocab_size, len(meta.classes), config, sp["pad"])
+        return TransformerClassifier(meta.vocab_size, len(meta.classes or []), config, sp["pad"])
     return Seq2SeqTransformer(meta.vocab_size, config, sp["pad"], sp["bos"], sp["eos"])

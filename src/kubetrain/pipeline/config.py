@@ -21,12 +21,13 @@ loading a config stays cheap.
 
 Environment variables. Every knob is a config field, with these exceptions, each for a reason:
 
-- ``KUBETRAIN_IMAGE``: the image the steps run in, read when a pipeline is *compiled* (each
-  component names its image before any config is loaded); ``cluster.image`` overrides it for
-  the job pods.
-- ``KUBETRAIN_CONFIG`` (``--config-env``): how a PyTorchJob or Katib trial pod receives its
-  config: the pod's input, not a setting.
-- ``KUBETRAIN_CHECKPOINT_DIR``: how a PyTorchJob pod receives its checkpoint directory on the
+- ``KUBETRAIN_IMAGE``: an override of the default image (the runtime image of this version),
+  read when a pipeline is *compiled* (each component names its image before any config is
+  loaded) and when a job is built; ``cluster.image``, the one image setting of the steps and the
+  job pods alike, wins over it.
+- ``KUBETRAIN_CONFIG`` (``--config-env``): how a TrainJob, PyTorchJob or Katib trial pod receives
+  its config: the pod's input, not a setting.
+- ``KUBETRAIN_CHECKPOINT_DIR``: how a job pod receives its checkpoint directory on the
   shared volume (per job, chosen by the launcher); ``train.checkpoint_dir`` overrides it.
 - ``KUBETRAIN_PROGRESS=0``: no terminal progress bar. A choice of the terminal, not of the run:
   it changes nothing that is computed, and as a field it would change the steps' cache keys.

@@ -13,6 +13,7 @@ from typing import Any
 
 from kubetrain.core import artifacts
 from kubetrain.core.io import read_json
+from kubetrain.core.records import DatasetMeta, QuantInfo, SearchSummary, TrainSummary
 from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,17 @@ def check_supported(cfg: PipelineConfig, model: bool = True) -> None:
             )
 
 
-def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
+def preprocess(cfg: PipelineConfig, out_dir: Path) -> DatasetMeta:
     """Source -> versioned dataset artifact (``kubetrain.core.artifacts.DatasetArtifact``)."""
     check_supported(cfg, model=False)
     from kubetrain.tasks import build_dataset
 
     meta = build_dataset(cfg.data, out_dir)
-    log.info("dataset %s: %s samples from %s", meta["version"], meta["sizes"], meta["source"])
+    log.info("dataset %s: %s samples from %s", meta.version, meta.sizes, meta.source)
     return meta
 
 
-def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> SearchSummary:
     """Search -> the search artifact (``kubetrain.core.artifacts.SearchResult``).
 
     Optuna in local processes, or a Katib Experiment on ``cluster.backend: kubernetes``.
@@ -74,7 +75,7 @@ def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any
     from kubetrain.tune.backend import get_tune_backend
 
     result = get_tune_backend(cfg).run(cfg, dataset_dir, out_dir)
-    log.info("best %s %.4f with %s", result["metric"], result["best_value"], result["best_params"])
+    log.info("best %s %.4f with %s", result.metric, result.best_value, result.best_params)
     return result
 
 
@@ -82,7 +83,7 @@ def tuned_config(cfg: PipelineConfig, params_file: Path | None) -> PipelineConfi
     """``cfg`` with the best parameters of a tune artifact applied (if one is given)."""
     if params_file is None:
         return cfg
-    best = read_json(params_file).get("best_params") or {}
+    best = SearchSummary.read(params_file).best_params
     if best:
         log.info("training with tuned parameters %s", best)
     return cfg.with_params(best)
@@ -90,7 +91,7 @@ def tuned_config(cfg: PipelineConfig, params_file: Path | None) -> PipelineConfi
 
 def train(
     cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, params_file: Path | None = None
-) -> dict[str, Any]:
+) -> TrainSummary:
     """Dataset (+ tuned params) -> model artifact, through the configured launcher."""
     check_supported(cfg)
     from kubetrain.launch import get_launcher
@@ -100,14 +101,14 @@ def train(
     return artifacts.TrainedModel.load_summary(out_dir)
 
 
-def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: Path) -> dict:
+def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: Path) -> QuantInfo:
     """fp32 model artifact -> int8 artifact (``quantize.*``): calibration and QAT use the
     training split, the accuracy gate the validation split, measured as the evaluate step will
     (``evaluate.metric``, beam size, decode length); raises KubetrainError if it fails."""
     from kubetrain.quantize.driver import quantize_artifact
 
     info = quantize_artifact(model_dir, dataset_dir, out_dir, cfg.quantize, scoring=cfg.evaluate)
-    log.info("%s: %d -> %d bytes", info["name"], info["fp32_size_bytes"], info["size_bytes"])
+    log.info("%s: %d -> %d bytes", info.name, info.fp32_size_bytes, info.size_bytes)
     return info
 
 
@@ -171,7 +172,7 @@ def needs_training(cfg: PipelineConfig, dataset_dir: Path) -> bool:
     """``retrain.only_if_changed``: False if data and config match the last promoted model."""
     from kubetrain.registry import needs_training as check
 
-    version = artifacts.DatasetArtifact.read_meta(dataset_dir)["version"]
+    version = artifacts.DatasetArtifact.read_meta(dataset_dir).version
     train, why = check(cfg.retrain, cfg.model_inputs_json(), version)
     log.info("%s: %s", "training" if train else "skipping training", why)
     return train

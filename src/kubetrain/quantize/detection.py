@@ -29,7 +29,6 @@ the candidate; ``quant.json`` says which (``format: detector``).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import shutil
@@ -43,6 +42,7 @@ from torch import nn
 
 from kubetrain.core.artifacts import MODEL_WEIGHTS, QUANT_INFO, QUANT_STATE_DICT, QuantizedModel
 from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.core.records import Candidate, QuantInfo
 from kubetrain.quantize import artifact, select
 from kubetrain.quantize.config import QAT, QuantizeConfig
 
@@ -170,21 +170,23 @@ def _static_backbone(model: nn.Module, images: list[torch.Tensor], qcfg: Quantiz
 # -- build and load -----------------------------------------------------------------------------
 def build_candidate(
     name: str, model: nn.Module, images: list[torch.Tensor], qcfg: QuantizeConfig, out_dir: Path
-) -> dict[str, Any]:
+) -> Candidate:
     """Quantize a copy of ``model`` as candidate ``name`` into ``out_dir`` (``quant.json``
     beside); ``images`` are the calibration images. Returns its info."""
     method, backend = name.split("/")
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     qmodel = copy.deepcopy(model).eval()
-    info: dict[str, Any] = {"name": name, "method": method, "backend": backend, "format": FORMAT}
+    info = Candidate(name=name, method=method, backend=backend, format=FORMAT)
     if name in LINEAR_METHODS:
         artifact.quantize_linear(qmodel, method, backend)
         torch.save(qmodel.state_dict(), out_dir / QUANT_STATE_DICT)
         size = (out_dir / QUANT_STATE_DICT).stat().st_size
-        info.update(file=QUANT_STATE_DICT, runtime="eager", part="heads (Linear layers)",
-                    imports=["torchao"] if backend == "torchao" else [],
-                    size_bytes=size, file_bytes=size)  # fmt: skip
+        info = info.model_copy(update={
+            "file": QUANT_STATE_DICT, "runtime": "eager", "part": "heads (Linear layers)",
+            "imports": ["torchao"] if backend == "torchao" else [], "size_bytes": size,
+            "file_bytes": size,
+        })  # fmt: skip
     elif name == STATIC:
         imports = _static_backbone(qmodel, images, qcfg, out_dir / BACKBONE_PROGRAM)
         rest = sum(
@@ -192,15 +194,17 @@ def build_candidate(
             for k, t in model.state_dict().items()
             if not k.startswith("backbone.")
         )
-        info.update(file=BACKBONE_PROGRAM, runtime="inductor", part="backbone (body + FPN)",
-                    imports=imports, pad_to=list(_pad_size(model)),
-                    out_channels=getattr(model.backbone, "out_channels", None),
-                    size_bytes=artifact.tensor_bytes(out_dir / BACKBONE_PROGRAM) + rest,
-                    file_bytes=(out_dir / BACKBONE_PROGRAM).stat().st_size)  # fmt: skip
+        info = info.model_copy(update={
+            "file": BACKBONE_PROGRAM, "runtime": "inductor", "part": "backbone (body + FPN)",
+            "imports": imports, "pad_to": list(_pad_size(model) or ()),
+            "out_channels": getattr(model.backbone, "out_channels", None),
+            "size_bytes": artifact.tensor_bytes(out_dir / BACKBONE_PROGRAM) + rest,
+            "file_bytes": (out_dir / BACKBONE_PROGRAM).stat().st_size,
+        })  # fmt: skip
     else:
         raise KubetrainError(f"quantize: {name} is not a detector int8 method")
-    info["quantize_seconds"] = time.perf_counter() - started
-    (out_dir / QUANT_INFO).write_text(json.dumps(info, indent=2))
+    info.quantize_seconds = time.perf_counter() - started
+    info.write(out_dir / QUANT_INFO)
     return info
 
 
@@ -211,26 +215,26 @@ def load_detector(qdir: Path, fp32: nn.Module) -> nn.Module:
     Raises:
         KubetrainError: the saved weights or program do not fit ``fp32``.
     """
-    info = json.loads((Path(qdir) / QUANT_INFO).read_text())
+    info = QuantInfo.read(Path(qdir) / QUANT_INFO)
     model = fp32.eval()
-    name = f"{info['method']}/{info['backend']}"
-    if info["method"] == "none":
+    name = f"{info.method}/{info.backend}"
+    if info.method == "none":
         return model
     if name in LINEAR_METHODS:
         model = artifact.load_state_dict_artifact(Path(qdir), model)
         return model.eval()
     if name == STATIC:
-        program = artifact.load_program(Path(qdir) / info["file"], info.get("imports", []))
-        if info.get("runtime") == "inductor":
+        program = artifact.load_program(Path(qdir) / (info.file or ""), info.imports)
+        if info.runtime == "inductor":
             program = artifact.Compiled(program)
-        model.backbone = ProgramBackbone(program, info.get("out_channels"))
-        model.transform = PaddedTransform(model.transform, tuple(info["pad_to"]))
+        model.backbone = ProgramBackbone(program, info.out_channels)
+        model.transform = PaddedTransform(model.transform, tuple(info.pad_to or ()))
         return model.eval()
     raise KubetrainError(f"{qdir}: unknown detector int8 method {name}")
 
 
 # -- the driver ---------------------------------------------------------------------------------
-def _names(qcfg: QuantizeConfig, model: nn.Module) -> tuple[list[str], list[dict[str, Any]]]:
+def _names(qcfg: QuantizeConfig, model: nn.Module) -> tuple[list[str], list[Candidate]]:
     """What to try (auto: its candidates that apply; else the named method) and what auto left
     out, with why.
 
@@ -243,7 +247,7 @@ def _names(qcfg: QuantizeConfig, model: nn.Module) -> tuple[list[str], list[dict
         return [], []
     if qcfg.method == "auto":
         names = [n for n in methods.CHEAP_FIRST if n in qcfg.auto_candidates]
-        skipped = [{"name": n, "error": f"not applicable: {why}"}
+        skipped = [Candidate(name=n, error=f"not applicable: {why}")
                    for n in names if (why := not_applicable(n, model))]  # fmt: skip
         return [n for n in names if not not_applicable(n, model)], skipped
     name = methods.candidate_for(qcfg.method, qcfg)
@@ -282,7 +286,6 @@ def quantize_detector(
             method failed.
         ConfigError: an explicit method that does not apply to the detector.
     """
-    from kubetrain.tasks.measure import compare_latency
 
     started = time.perf_counter()
     fp32 = load_model(model_dir, task)
@@ -291,13 +294,14 @@ def quantize_detector(
     metric, reference = scores.metric, scores.value
     work = out_dir / "candidates"
     images = task.sample_images("train", qcfg.calibration_samples, seed=qcfg.seed) if names else []
-    tried: list[tuple[dict[str, Any], nn.Module | None]] = []
+    fp32_bytes = (Path(model_dir) / MODEL_WEIGHTS).stat().st_size
+    tried: list[tuple[Candidate, nn.Module | None, Path]] = []
     for name in names:
         cdir = work / name.replace("/", "_")
         try:
             info = build_candidate(name, fp32, images, qcfg, cdir)
             runnable = load_detector(cdir, load_model(model_dir, task))
-            info["val_metric"] = task.score(runnable, "val").values[metric]
+            score = task.score(runnable, "val").values[metric]
         except Exception as err:
             if qcfg.method != "auto":
                 raise KubetrainError(
@@ -305,36 +309,20 @@ def quantize_detector(
                 ) from err
             first = (str(err).strip().splitlines() or [""])[0][:200]
             log.warning("quantize: %s failed: %s: %s", name, type(err).__name__, first)
-            tried.append(({"name": name, "error": f"{type(err).__name__}: {first}"}, None))
+            tried.append((Candidate(name=name, error=f"{type(err).__name__}: {first}"), None, cdir))
             continue
-        info.update(metric=metric, dir=str(cdir), accuracy_drop=reference - info["val_metric"])
-        log.info("%s: val %s %.4f (fp32 %.4f)", name, metric, info["val_metric"], reference)
-        tried.append((info, runnable))
-    fp32_bytes = (Path(model_dir) / MODEL_WEIGHTS).stat().st_size
-    fp32_info: dict[str, Any] = {
-        "name": "none/fp32", "method": "none", "backend": "fp32", "format": FORMAT,
-        "runtime": "eager", "file": None, "imports": [], "size_bytes": fp32_bytes,
-        "file_bytes": fp32_bytes, "val_metric": reference, "accuracy_drop": 0.0,
-        "size_ratio": 1.0, "metric": metric,
-    }  # fmt: skip
-    built = {c["name"]: m for c, m in tried if m is not None}
-    if built:
-        x, _ = task.examples("val", max(LATENCY_BATCHES), seed=qcfg.seed)
-        for batch in LATENCY_BATCHES:
-            lat = compare_latency({"none/fp32": fp32, **built}, x, None, batch,
-                                  qcfg.latency_repeats)  # fmt: skip
-            fp32_info[f"latency_ms_b{batch}"] = lat["none/fp32"]["median"]
-            for c, _ in tried:
-                if c["name"] in lat:
-                    c[f"latency_ms_b{batch}"] = lat[c["name"]]["median"]
-                    c[f"latency_ratio_b{batch}"] = (
-                        lat[c["name"]]["median"] / lat["none/fp32"]["median"]
-                    )
-    for c, _ in tried:
-        if "size_bytes" in c:
-            c["size_ratio"] = c["size_bytes"] / fp32_bytes
-            c["file_ratio"] = c["file_bytes"] / fp32_bytes
-    candidates = [c for c, _ in tried] + skipped
+        info.metric, info.val_metric, info.accuracy_drop = metric, score, reference - score
+        info.size_ratio = (info.size_bytes or 0) / fp32_bytes
+        info.file_ratio = (info.file_bytes or 0) / fp32_bytes
+        log.info("%s: val %s %.4f (fp32 %.4f)", name, metric, score, reference)
+        tried.append((info, runnable, cdir))
+    fp32_info = Candidate(
+        name="none/fp32", method="none", backend="fp32", format=FORMAT, runtime="eager",
+        size_bytes=fp32_bytes, file_bytes=fp32_bytes, val_metric=reference, accuracy_drop=0.0,
+        size_ratio=1.0, metric=metric,
+    )  # fmt: skip
+    _measure_latency(task, fp32, fp32_info, tried, qcfg)
+    candidates = [c for c, _, _ in tried] + skipped
     budget, batch = qcfg.max_accuracy_drop, max(LATENCY_BATCHES)
     chosen = select.choose(candidates, budget, batch)
     select.verdicts(candidates, chosen, budget)
@@ -352,26 +340,52 @@ def quantize_detector(
             decision += "; keeping fp32 (quantize.on_drop=keep_fp32)"
     log.info("quantize: %s", decision)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if chosen is not None:
-        for path in Path(chosen["dir"]).iterdir():
+    chosen_dir = next((d for c, _, d in tried if c is chosen), None)
+    if chosen_dir is not None:
+        for path in chosen_dir.iterdir():
             if path.name != QUANT_INFO:
                 shutil.copyfile(path, out_dir / path.name)
-    kept = chosen or fp32_info
-    info = {
-        **{k: v for k, v in kept.items() if k not in ("dir", "verdict")},
-        "decision": decision,
-        "gate_passed": chosen is not None or not names,
-        "max_accuracy_drop": budget,
-        "metric": metric,
-        "fp32": fp32_info,
-        "fp32_size_bytes": fp32_bytes,
-        "fp32_file_bytes": fp32_bytes,
-        "fp32_state_dict_bytes": fp32_bytes,
-        "candidates": [{k: v for k, v in c.items() if k != "dir"} for c in candidates],
-        "latency_batches": list(LATENCY_BATCHES),
-        "quantize_seconds": time.perf_counter() - started,
-        "threads": torch.get_num_threads(),
-    }
+    kept = (chosen or fp32_info).model_dump(exclude={"verdict", "metric"})
+    info = QuantInfo(
+        **kept,
+        metric=metric,
+        decision=decision,
+        gate_passed=chosen is not None or not names,
+        max_accuracy_drop=budget,
+        fp32=fp32_info,
+        fp32_size_bytes=fp32_bytes,
+        fp32_file_bytes=fp32_bytes,
+        fp32_state_dict_bytes=fp32_bytes,
+        candidates=candidates,
+        threads=torch.get_num_threads(),
+        latency_batches=list(LATENCY_BATCHES),
+    )
+    info.quantize_seconds = time.perf_counter() - started
     shutil.rmtree(work, ignore_errors=True)
     QuantizedModel(out_dir, info).save(out_dir)  # last: marks a complete artifact
     return info
+
+
+def _measure_latency(
+    task: DetectionTask,
+    fp32: nn.Module,
+    fp32_info: Candidate,
+    tried: list[tuple[Candidate, nn.Module | None, Path]],
+    qcfg: QuantizeConfig,
+) -> None:
+    """Latency of fp32 and every built candidate at batch 1 and 8, timed side by side (padded
+    validation images); written into the candidates and ``fp32_info``."""
+    from kubetrain.tasks.measure import compare_latency
+
+    built = {c.name: m for c, m, _ in tried if m is not None}
+    if not built:
+        return
+    x, _ = task.examples("val", max(LATENCY_BATCHES), seed=qcfg.seed)
+    for batch in LATENCY_BATCHES:
+        lat = compare_latency({"none/fp32": fp32, **built}, x, None, batch, qcfg.latency_repeats)
+        base = lat["none/fp32"]["median"]
+        setattr(fp32_info, f"latency_ms_b{batch}", base)
+        for c, _, _ in tried:
+            if c.name in lat:
+                setattr(c, f"latency_ms_b{batch}", lat[c.name]["median"])
+                setattr(c, f"latency_ratio_b{batch}", lat[c.name]["median"] / base)

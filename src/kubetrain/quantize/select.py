@@ -2,41 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any
+from kubetrain.core.records import Candidate
 
 
-def within_budget(candidate: dict[str, Any], max_drop: float) -> bool:
+def within_budget(candidate: Candidate, max_drop: float) -> bool:
     """True if a built candidate loses at most ``max_drop`` of the primary validation metric
     (accuracy, BLEU, ...: ``accuracy_drop``) against fp32."""
-    drop = candidate.get("accuracy_drop")
+    drop = candidate.accuracy_drop
     return drop is not None and drop <= max_drop + 1e-9
 
 
-def choose(
-    candidates: list[dict[str, Any]], max_drop: float, batch: int = 64
-) -> dict[str, Any] | None:
+def choose(candidates: list[Candidate], max_drop: float, batch: int = 64) -> Candidate | None:
     """The fastest candidate at ``batch`` (64; a detector's 8) among those within the budget
     (``None`` if none)."""
     ok = [c for c in candidates if within_budget(c, max_drop)]
-    return min(ok, key=lambda c: c[f"latency_ms_b{batch}"]) if ok else None
+    return min(ok, key=lambda c: c.latency_ms(batch) or float("inf")) if ok else None
 
 
-def verdicts(candidates: list[dict[str, Any]], chosen: dict | None, max_drop: float) -> None:
+def verdicts(candidates: list[Candidate], chosen: Candidate | None, max_drop: float) -> None:
     """Set each candidate's one-line ``verdict`` (kept / slower / over budget / failed)."""
     for c in candidates:
-        if c.get("error"):
-            c["verdict"] = f"failed: {c['error']}"
+        if c.error:
+            c.verdict = f"failed: {c.error}"
         elif not within_budget(c, max_drop):
-            c["verdict"] = f"over budget: drop {c['accuracy_drop']:+.4f} > {max_drop:.4f}"
-        elif chosen is not None and c["name"] == chosen["name"]:
-            c["verdict"] = "chosen"
+            c.verdict = f"over budget: drop {c.accuracy_drop or 0:+.4f} > {max_drop:.4f}"
+        elif chosen is not None and c.name == chosen.name:
+            c.verdict = "chosen"
         else:
-            c["verdict"] = "within budget, slower"
+            c.verdict = "within budget, slower"
 
 
 def explain(
-    chosen: dict[str, Any] | None,
-    candidates: list[dict[str, Any]],
+    chosen: Candidate | None,
+    candidates: list[Candidate],
     max_drop: float,
     metric: str = "accuracy",
     batch: int = 64,
@@ -44,12 +42,14 @@ def explain(
     """One sentence saying what was kept and why (``metric``: what the drop is measured on,
     ``batch``: the latency it was chosen on)."""
     if chosen is None:
-        tried = ", ".join(f"{c['name']} ({c['verdict']})" for c in candidates)
+        tried = ", ".join(f"{c.name} ({c.verdict})" for c in candidates)
         return f"no int8 candidate within the accuracy budget {max_drop:.4f}; tried {tried}"
     others = [c for c in candidates if c is not chosen]
-    rest = "; ".join(f"{c['name']}: {c['verdict']}" for c in others)
+    rest = "; ".join(f"{c.name}: {c.verdict}" for c in others)
     return (
-        f"kept {chosen['name']}: batch-{batch} latency {chosen[f'latency_ratio_b{batch}']:.2f}× fp32, "
-        f"size {chosen['size_ratio']:.2f}× fp32, validation {metric} drop "
-        f"{chosen['accuracy_drop']:+.4f} ≤ {max_drop:.4f}" + (f" (others — {rest})" if rest else "")
+        f"kept {chosen.name}: batch-{batch} latency "
+        f"{getattr(chosen, f'latency_ratio_b{batch}', None) or 0:.2f}× fp32, "
+        f"size {chosen.size_ratio or 0:.2f}× fp32, validation {metric} drop "
+        f"{chosen.accuracy_drop or 0:+.4f} ≤ {max_drop:.4f}"
+        + (f" (others — {rest})" if rest else "")
     )

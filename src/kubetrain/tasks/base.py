@@ -30,6 +30,7 @@ from torch import nn
 if TYPE_CHECKING:
     from kubetrain.core.artifacts import DatasetArtifact
     from kubetrain.core.distributed import DistContext
+    from kubetrain.core.records import NetworkSpec
     from kubetrain.models.config import ModelConfig
     from kubetrain.tasks.config import ScoringConfig, TaskConfig
 
@@ -118,7 +119,7 @@ class Task(ABC):
         return self
 
     # -- the model -----------------------------------------------------------------------------
-    def model_spec(self, model: ModelConfig) -> dict[str, Any]:
+    def model_spec(self, model: ModelConfig) -> NetworkSpec:
         """What ``kubetrain.models.networks.build_from_spec`` needs to rebuild the network in
         another process (quantize, evaluate, a serving pod)."""
         from kubetrain.models.networks import model_spec

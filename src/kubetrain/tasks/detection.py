@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from kubetrain.core.errors import ConfigError, DataError
+from kubetrain.core.records import DetectionMeta, DetectionSpec, NetworkSpec
 from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
 from kubetrain.tasks.images import BUILTIN_SOURCES, cache_dir, require_torchvision
 from kubetrain.tasks.stream import StreamBatches
@@ -109,12 +110,12 @@ def preflight(cfg: DataConfig) -> None:
     )
 
 
-def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
+def build(cfg: DataConfig, out_dir: str | Path) -> DetectionMeta:
     """Preprocess: the detection dataset of ``cfg`` as shards in ``out_dir``, then
     ``meta.json``.
 
     Returns:
-        The meta: ``format_version``, ``kind`` (``detection``), ``version``, ``source``,
+        The meta (``DetectionMeta``): ``version``, ``source``,
         ``classes``, ``categories`` (``[{id, name}]``: labels ``1..K`` are their order),
         ``input_shape`` (``[3]``: images vary in size), ``image_mode``, ``annotation_format``,
         ``sizes`` (images per split), ``class_counts`` (objects per split and class name),
@@ -125,8 +126,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
         ConfigError: no torchvision, or data.image_size set.
         DataError: see ``build_detection_dataset``.
     """
-    from kubetrain.core.artifacts import DATASET_FORMAT_VERSION, DATASET_META
-    from kubetrain.core.io import write_json
+    from kubetrain.core.artifacts import DATASET_META, DatasetArtifact
     from kubetrain.data.detection import build_detection_dataset
 
     require_torchvision()
@@ -137,29 +137,27 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     source = _source_folder(cfg)
     manifest = build_detection_dataset(cfg.model_copy(update={"source": source}), str(out))
     classes = list(manifest.meta["classes"])
-    meta = {
-        "format_version": DATASET_FORMAT_VERSION,
-        "kind": "detection",
-        "version": manifest.version,
-        "source": cfg.source,
-        "classes": classes,
-        "categories": manifest.meta["categories"],
-        "input_shape": [3],
-        "image_mode": manifest.meta["image_mode"],
-        "annotation_format": manifest.meta["annotation_format"],
-        "sizes": {s: manifest.num_samples(s) for s in ("train", "val", "test")},
-        "class_counts": {
+    meta = DetectionMeta(
+        version=manifest.version,
+        source=cfg.source,
+        classes=classes,
+        categories=manifest.meta["categories"],
+        input_shape=[3],
+        image_mode=manifest.meta["image_mode"],
+        annotation_format=manifest.meta["annotation_format"],
+        sizes={s: manifest.num_samples(s) for s in ("train", "val", "test")},
+        class_counts={
             split: {classes[int(k) - 1]: v for k, v in counts.items()}
             for split, counts in manifest.class_counts.items()
         },
-        "objects": manifest.meta["objects"],
-        "empty_images": manifest.meta["empty_images"],
-        "boxes": manifest.provenance["boxes"],
-        "num_skipped": manifest.provenance.get("num_skipped", 0),
-        "config": cfg.model_dump(mode="json"),
-        "preprocess_seconds": round(time.perf_counter() - started, 3),
-    }
-    write_json(out / DATASET_META, meta)  # last: marks the artifact complete
+        objects=manifest.meta["objects"],
+        empty_images=manifest.meta["empty_images"],
+        boxes=manifest.provenance["boxes"],
+        num_skipped=manifest.provenance.get("num_skipped", 0),
+        config=cfg.model_dump(mode="json"),
+        preprocess_seconds=round(time.perf_counter() - started, 3),
+    )
+    DatasetArtifact.write_meta(out, meta)  # last: marks the artifact complete
     return meta
 
 
@@ -233,7 +231,8 @@ class DetectionTask(Task):
         require_torchvision()
         super().__init__(cfg, data)
         self.options = dict(cfg.data.storage_options)
-        self.categories = Categories.from_json(data.meta["categories"])
+        self.meta = data.meta_of(DetectionMeta)
+        self.categories = Categories.from_json(self.meta.categories)
         self.train_transform = BoxTransform(cfg.data.transforms.train, "data.transforms.train")
         self.eval_transform = BoxTransform(cfg.data.transforms.eval, "data.transforms.eval")
         check_box_transforms(self.train_transform, self.eval_transform)
@@ -257,14 +256,15 @@ class DetectionTask(Task):
         )  # fmt: skip
 
     # -- the model ---------------------------------------------------------------------------
-    def model_spec(self, model: ModelConfig) -> dict[str, Any]:
-        return {
-            "config": model.model_dump(mode="json"),
-            "input_shape": [3],
-            "num_classes": len(self.categories) + 1,
-            "detection": {"classes": list(self.categories.names),
-                          "categories": self.categories.to_json()},
-        }  # fmt: skip
+    def model_spec(self, model: ModelConfig) -> NetworkSpec:
+        return NetworkSpec(
+            config=model.model_dump(mode="json"),
+            input_shape=[3],
+            num_classes=len(self.categories) + 1,
+            detection=DetectionSpec(
+                classes=list(self.categories.names), categories=self.categories.to_json()
+            ),
+        )
 
     def build_model(self, model: ModelConfig) -> nn.Module:
         from kubetrain.models.detection import build_detector

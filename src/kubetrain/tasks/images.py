@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from kubetrain.core.errors import ConfigError, DataError
+from kubetrain.core.records import ImageMeta
 from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
 from kubetrain.tasks.stream import StreamBatches
 
@@ -176,7 +177,7 @@ def preflight(cfg: DataConfig) -> None:
     transforms(data, 2, "RGB" if data.image_mode == "RGB" else "L", [0.5], [0.5])
 
 
-def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
+def build(cfg: DataConfig, out_dir: str | Path) -> ImageMeta:
     """Preprocess: the image dataset of ``cfg`` as shards in ``out_dir`` (or, for a source that
     already is a sharded dataset, a reference to it), then ``meta.json``.
 
@@ -185,20 +186,16 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
         out_dir: the dataset artifact's directory.
 
     Returns:
-        The meta: ``format_version``, ``kind`` (``images``), ``version`` (the shard manifest's
-        content version), ``classes``, ``input_shape`` ([C, H, W] after the eval transforms),
-        ``sizes``, ``class_counts`` (per split, by class name), ``source``, ``config``,
-        ``image_mode``, ``mean``/``std`` (per channel, 0..1, of the training split), ``root``
-        (where the shards are, when not in ``out_dir``), ``num_skipped``,
-        ``preprocess_seconds``.
+        The meta (``ImageMeta``): the shard manifest's content version, the model's input
+        shape after the eval transforms, the training split's per-channel mean and std, the
+        class counts per split, ``root`` when the shards are not in ``out_dir``.
 
     Raises:
         ConfigError: no torchvision; transforms that do not build.
         DataError: the source is missing or malformed, nothing decodes, or the images differ in
             size and neither ``data.image_size`` nor the eval transforms give one size.
     """
-    from kubetrain.core.artifacts import DATASET_FORMAT_VERSION, DATASET_META
-    from kubetrain.core.io import write_json
+    from kubetrain.core.artifacts import DATASET_META, DatasetArtifact
     from kubetrain.data.images import build_image_dataset
     from kubetrain.data.shards import read_manifest
 
@@ -224,29 +221,26 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     classes = list(manifest.meta["classes"])
     mean, std = channel_stats(root or str(out), manifest, options)
     shape = model_input_shape(cfg, manifest.meta.get("input_shape"), len(classes), mode, mean, std)
-    meta = {
-        "format_version": DATASET_FORMAT_VERSION,
-        "kind": "images",
-        "version": manifest.version,
-        "source": cfg.source,
-        "classes": classes,
-        "input_shape": shape,
-        "stored_shape": manifest.meta.get("input_shape"),
-        "image_mode": mode,
-        "mean": mean,
-        "std": std,
-        "sizes": {s: manifest.num_samples(s) for s in ("train", "val", "test")},
-        "class_counts": {
+    meta = ImageMeta(
+        version=manifest.version,
+        source=cfg.source,
+        classes=classes,
+        input_shape=shape,
+        stored_shape=manifest.meta.get("input_shape"),
+        image_mode=mode,
+        mean=mean,
+        std=std,
+        sizes={s: manifest.num_samples(s) for s in ("train", "val", "test")},
+        class_counts={
             split: {classes[int(k)]: v for k, v in counts.items()}
             for split, counts in manifest.class_counts.items()
         },
-        "num_skipped": manifest.provenance.get("num_skipped", 0),
-        "config": cfg.model_dump(mode="json"),
-        "preprocess_seconds": round(time.perf_counter() - started, 3),
-    }
-    if root is not None:
-        meta["root"] = root
-    write_json(out / DATASET_META, meta)  # last: marks the artifact complete
+        num_skipped=manifest.provenance.get("num_skipped", 0),
+        config=cfg.model_dump(mode="json"),
+        preprocess_seconds=round(time.perf_counter() - started, 3),
+        root=root,
+    )
+    DatasetArtifact.write_meta(out, meta)  # last: marks the artifact complete
     return meta
 
 
@@ -471,18 +465,18 @@ class ImageTask(Task):
     def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         require_torchvision()
         super().__init__(cfg, data)
-        meta = data.meta
-        self.mode = meta.get("image_mode", "RGB")
+        meta = data.meta_of(ImageMeta)
+        self.mode = meta.image_mode
         self.options = dict(cfg.data.storage_options)
         self.train_transform, self.eval_transform, self.collate = transforms(
-            cfg.data, data.num_classes, self.mode, meta["mean"], meta["std"]
+            cfg.data, data.num_classes, self.mode, meta.mean, meta.std
         )
         # The model's input: what the (possibly tuned) eval transforms make of a stored image.
-        stored = meta.get("stored_shape") or meta["input_shape"]
+        stored = meta.stored_shape or meta.input_shape
         shape = list(self.eval_transform.blank(stored[1], stored[2]).shape)
-        if shape != list(meta["input_shape"]):
-            self.data = type(data)(path=data.path, meta={**meta, "input_shape": shape},
-                                   arrays=data.arrays)  # fmt: skip
+        if shape != list(meta.input_shape):
+            meta = meta.model_copy(update={"input_shape": shape})
+            self.data = type(data)(path=data.path, meta=meta, arrays=data.arrays)
         self._manifest: ShardManifest | None = None
 
     @property

@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubetrain.core.io import write_json
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.records import NetworkSpec, TextDatasetMeta
 from kubetrain.data.batching import BucketingCollate, PaddingMeter
 from kubetrain.data.streaming import StreamingDataset
 from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
@@ -50,8 +51,8 @@ from kubetrain.tasks.config import ScoringConfig
 from kubetrain.tasks.stream import StreamBatches, Windows
 
 if TYPE_CHECKING:
-    from kubetrain.core.artifacts import DatasetArtifact
     from kubetrain.core.distributed import DistContext
+    from kubetrain.data.config import DataConfig
     from kubetrain.models.config import ModelConfig
     from kubetrain.tasks.config import TaskConfig
 
@@ -59,13 +60,12 @@ log = logging.getLogger(__name__)
 # rouge-score logs "Using default tokenizer." at INFO for every scorer it makes.
 logging.getLogger("absl").setLevel(logging.WARNING)
 
-FORMAT_VERSION = 1
 WINDOW_BATCHES = 32  # batches' worth of samples sorted by length at once
 EVAL_BATCH = 128  # samples per batch when scoring (no gradients: larger is faster)
 MAX_EXAMPLES = 32
 
 
-def build(cfg, out_dir: Path) -> dict[str, Any]:
+def build(cfg: DataConfig, out_dir: Path) -> TextDatasetMeta:
     """Preprocess a text source into ``out_dir`` (tokenizer, token shards, ``text.json``) and
     write ``meta.json`` last; returns the meta.
 
@@ -84,28 +84,27 @@ def build(cfg, out_dir: Path) -> dict[str, Any]:
 
     digest = hashlib.sha256(manifest.version.encode())
     digest.update((Path(out_dir) / TOKENIZER_FILE).read_bytes())
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "kind": cfg.task,
-        "version": digest.hexdigest()[:16],
-        "source": cfg.source,
-        "classes": text.classes,
-        "input_shape": [text.max_length],
-        "sizes": dict(text.samples),
-        "tokens": dict(text.tokens),
-        "vocab_size": text.vocab_size,
-        "special_ids": text.special_ids,
-        "max_length": text.max_length,
-        "rows": text.rows,
-        "skipped_empty": text.skipped_empty,
-        "truncated": text.truncated,
-        "tokenize_seconds": text.tokenize_seconds,
-        "tokenize_processes": text.tokenize_processes,
-        "class_counts": manifest.class_counts.get("train") if text.classes else None,
-        "config": cfg.model_dump(mode="json"),
-        "preprocess_seconds": round(time.perf_counter() - started, 3),
-    }
-    write_json(Path(out_dir) / "meta.json", meta)
+    meta = TextDatasetMeta(
+        kind=cfg.task,
+        version=digest.hexdigest()[:16],
+        source=cfg.source,
+        classes=text.classes,
+        input_shape=[text.max_length],
+        sizes=dict(text.samples),
+        tokens=dict(text.tokens),
+        vocab_size=text.vocab_size,
+        special_ids=text.special_ids,
+        max_length=text.max_length,
+        rows=text.rows,
+        skipped_empty=text.skipped_empty,
+        truncated=text.truncated,
+        tokenize_seconds=text.tokenize_seconds,
+        tokenize_processes=text.tokenize_processes,
+        class_counts=manifest.class_counts.get("train") if text.classes else None,
+        config=cfg.model_dump(mode="json"),
+        preprocess_seconds=round(time.perf_counter() - started, 3),
+    )
+    DatasetArtifact.write_meta(out_dir, meta)  # last: marks the artifact complete
     return meta
 
 
@@ -125,27 +124,25 @@ class TextTask(Task):
 
     def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         super().__init__(cfg, data)
-        self.meta = data.meta
-        self.pad_id = int(data.meta["special_ids"]["pad"])
-        self.max_length = int(data.meta["max_length"])
+        self.meta = data.meta_of(TextDatasetMeta)
+        self.pad_id = self.meta.special_ids["pad"]
+        self.max_length = self.meta.max_length
         self.padding = PaddingMeter(self.pad_id)
         self._tokenizer = None
 
     # -- the model -----------------------------------------------------------------------------
-    def model_spec(self, model: ModelConfig) -> dict[str, Any]:
+    def model_spec(self, model: ModelConfig) -> NetworkSpec:
         from kubetrain.models.text import text_spec
 
-        return {
-            "config": model.model_dump(mode="json"),
-            "input_shape": list(self.data.input_shape),
-            "num_classes": len(self.data.classes) if self.data.meta.get("classes") else None,
-            "text": text_spec(self.meta),
+        return NetworkSpec(
+            config=model.model_dump(mode="json"),
+            input_shape=list(self.data.input_shape),
+            num_classes=len(self.data.classes) if self.meta.classes else None,
+            text=text_spec(self.meta),
             # Decoding settings travel with the model: quantize and evaluate rebuild the
             # task from the model artifact (kubetrain.tasks.task_for_model).
-            "evaluate": self.scoring.model_dump(
-                mode="json", include=set(ScoringConfig.model_fields)
-            ),
-        }
+            evaluate=self.scoring.model_dump(mode="json", include=set(ScoringConfig.model_fields)),
+        )
 
     def build_model(self, model: ModelConfig) -> nn.Module:
         from kubetrain.models.text import build_text_network, text_spec
@@ -205,7 +202,7 @@ class TextTask(Task):
         if tokens is not None:
             # A window of about WINDOW_BATCHES budgets of average-length sequences.
             per_sample = max(
-                1.0, self.meta["tokens"]["train"] / max(1, self.meta["sizes"]["train"])
+                1.0, self.meta.tokens["train"] / max(1, self.meta.num_samples("train"))
             )
             window = max(64, int(WINDOW_BATCHES * tokens / per_sample))
             micro = max(1, int(tokens / per_sample))
@@ -274,7 +271,7 @@ class TextTask(Task):
     def _sample(self, split: str, n: int, seed: int) -> list[dict[str, Any]]:
         """``n`` records of ``split`` drawn at random (seeded), in stream order; only those are
         kept while the split streams by (it may be larger than memory)."""
-        total = int(self.meta["sizes"][split])
+        total = self.meta.num_samples(split)
         if n >= total:
             return list(self.records(split))
         chosen = set(np.random.default_rng(seed).permutation(total)[:n].tolist())

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.core.records import SearchSummary, Trial
 from kubetrain.tasks import kind_of
 from kubetrain.tune.config import SearchConfig, TuneConfig, objective_name
 from kubetrain.tune.study import JOURNAL, STUDY_NAME, storage
@@ -134,7 +135,7 @@ class _Progress:
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-def run_search(cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run_search(cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> SearchSummary:
     """Run the search; write best_params.json and trials.json to ``out_dir``.
 
     Args:
@@ -369,48 +370,50 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, rec: dict[str, Any]) -
 
 
 def _write_results(
-    study, records, cfg: SearchConfig, out_dir: Path, seconds: float
-) -> dict[str, Any]:
-    trials = []
+    study: optuna.Study, records: dict[int, dict[str, Any]], cfg: SearchConfig, out_dir: Path,
+    seconds: float,
+) -> SearchSummary:  # fmt: skip
+    trials, interrupted = [], 0
     for t in study.trials:
+        if t.user_attrs.get(INTERRUPTED):
+            interrupted += 1
+            continue
         rec = records.get(t.number, {})
-        state = INTERRUPTED if t.user_attrs.get(INTERRUPTED) else t.state.name.lower()
         trials.append(
-            {
-                "number": t.number,
-                "state": state,
-                "value": t.value,
-                "params": t.params,
-                "curve": rec.get("curve") or [v for _, v in sorted(t.intermediate_values.items())],
-                "seconds": rec.get("seconds", t.user_attrs.get("seconds")),
-                "error": rec.get("error", t.user_attrs.get("error")),
-                "world_size": rec.get("world_size", t.user_attrs.get("world_size")),
-            }
+            Trial(
+                number=t.number,
+                state=t.state.name.lower(),
+                value=t.value,
+                params=t.params,
+                curve=rec.get("curve") or [v for _, v in sorted(t.intermediate_values.items())],
+                seconds=rec.get("seconds", t.user_attrs.get("seconds")),
+                error=rec.get("error", t.user_attrs.get("error")),
+                world_size=rec.get("world_size", t.user_attrs.get("world_size")),
+            )
         )
-    interrupted = [t for t in trials if t["state"] == INTERRUPTED]
-    trials = [t for t in trials if t["state"] != INTERRUPTED]
-    complete = [t for t in trials if t["state"] == "complete"]
+    complete = [t for t in trials if t.state == "complete"]
     if not complete:
         raise KubetrainError("tuning failed: no trial completed")
     best = study.best_trial
-    result = {
-        "enabled": True,
-        "algorithm": cfg.tune.algorithm,
-        "metric": cfg.tune.objective_metric,
-        "objective": objective_name(cfg.tune, kind_of(cfg.data)),
-        "goal": cfg.tune.goal,
-        "best_params": best.params,
-        "best_value": best.value,
-        "best_trial": best.number,
-        "trials_total": len(trials),
-        "trials_complete": len(complete),
-        "trials_pruned": sum(t["state"] == "pruned" for t in trials),
-        "trials_failed": sum(t["state"] == "fail" for t in trials),
-        "trials_interrupted": len(interrupted),
-        "trial_epochs_total": sum(len(t["curve"]) for t in trials),
-        "param_importance": param_importance(study, cfg.tune.seed),
-        "search_seconds": seconds,
-    }
+    result = SearchSummary(
+        enabled=True,
+        engine="optuna",
+        algorithm=cfg.tune.algorithm,
+        metric=cfg.tune.objective_metric,
+        objective=objective_name(cfg.tune, kind_of(cfg.data)),
+        goal=cfg.tune.goal,
+        best_params=best.params,
+        best_value=best.value,
+        best_trial=best.number,
+        trials_total=len(trials),
+        trials_complete=len(complete),
+        trials_pruned=sum(t.state == "pruned" for t in trials),
+        trials_failed=sum(t.state == "fail" for t in trials),
+        trials_interrupted=interrupted,
+        trial_epochs_total=sum(len(t.curve) for t in trials),
+        param_importance=param_importance(study, cfg.tune.seed),
+        search_seconds=seconds,
+    )
     from kubetrain.core.artifacts import SearchResult
     from kubetrain.evaluate.report import render_search
 
