@@ -73,9 +73,11 @@ test-slow: venv
 
 # Only the folders that exist (benchmarks/ may not yet).
 LINT_DIRS := $(wildcard src components pipelines tests benchmarks images)
+## lint: ruff (lint and format) and the type checker (mypy over src/kubetrain, pyproject's [tool.mypy])
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)
+	$(VENV)/bin/mypy
 
 
 ## compile: the KFP IR YAML of the default pipeline

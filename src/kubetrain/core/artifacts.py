@@ -143,7 +143,7 @@ class DatasetArtifact:
 
         def write_arrays(tmp: str) -> None:
             with open(tmp, "wb") as f:
-                np.savez(f, **self.arrays)
+                np.savez(f, **self.arrays)  # type: ignore[arg-type]  # numpy's stub: bool
 
         if self.arrays:
             atomic_write(out / DATASET_ARRAYS, write_arrays)
@@ -694,9 +694,7 @@ class Evaluation:
                 file_int8=m["model_file_bytes_int8"],
                 state_dict_fp32=m["model_state_dict_bytes_fp32"],
             ),
-            train=TrainEfficiency(
-                **{f.name: m.get(f"train_{f.name}") for f in fields(TrainEfficiency)}
-            ),
+            train=TrainEfficiency(**_train_fields(m)),
             quantization=QuantInfo.parse(d["quantization"], details),
             search=SearchResult(
                 SearchSummary.parse(d["tuning"], details),
@@ -710,6 +708,11 @@ class Evaluation:
             kind=m["dataset_kind"],
             beat_copy_baseline=m.get("beat_copy_baseline", True),
         )
+
+
+def _train_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``TrainEfficiency``'s fields from a metrics.json (``train_<field>`` keys)."""
+    return {f.name: metrics.get(f"train_{f.name}") for f in fields(TrainEfficiency)}
 
 
 def primary_values(metrics: dict[str, Any]) -> tuple[str, float, float]:

@@ -59,7 +59,7 @@ def latencies(fp32: nn.Module, int8: nn.Module, task: Task, cfg: EvaluateConfig)
             {"fp32": fp32, "int8": int8}, inputs, None, batch, cfg.latency_repeats
         )
         out.append(
-            Latency(batch, lat["fp32"]["median"], lat["int8"]["median"], lat["fp32"]["tokens"])
+            Latency(batch, lat["fp32"]["median"], lat["int8"]["median"], int(lat["fp32"]["tokens"]))
         )
     return out
 

@@ -22,6 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,7 +112,7 @@ class HFSeq2Seq(nn.Module):
 
     def __init__(self, model: nn.Module, pad_id: int, bos_id: int, eos_id: int, max_len: int):
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a transformers model: get_encoder(), generation API
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.config = _Sizes(max_len)
 

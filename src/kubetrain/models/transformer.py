@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -259,6 +260,7 @@ class Embedding(nn.Module):
         nn.init.normal_(self.tokens.weight, std=c.d_model**-0.5)
         with torch.no_grad():
             self.tokens.weight[pad_id].zero_()
+        self.positions: torch.Tensor
         self.register_buffer("positions", sinusoids(c.max_len, c.d_model), persistent=False)
         self.scale, self.max_len = math.sqrt(c.d_model), c.max_len
         self.drop = nn.Dropout(c.dropout)
@@ -304,6 +306,11 @@ class TransformerClassifier(nn.Module):
         self.encoder = Encoder(config, Embedding(vocab_size, config, pad_id))
         self.head = nn.Linear(config.d_model, num_classes)
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The layers FSDP shards and gathers one at a time (see
+        ``kubetrain.train.distributed.shard_units``): each encoder layer."""
+        return list(self.encoder.layers)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         padding = input_ids == self.pad_id
         h = self.encoder(input_ids, padding)
@@ -332,11 +339,18 @@ class Seq2SeqTransformer(nn.Module):
         self.embed = Embedding(vocab_size, config, pad_id)
         self.encoder = Encoder(config, self.embed)
         n_dec = config.decoder_layers if config.decoder_layers is not None else config.layers
-        self.decoder = nn.ModuleList(DecoderLayer(config) for _ in range(n_dec))
+        self.decoder = cast(
+            "list[DecoderLayer]", nn.ModuleList(DecoderLayer(config) for _ in range(n_dec))
+        )  # a ModuleList (registered, saved), typed by what it holds
         self.norm = nn.LayerNorm(config.d_model)
         # An nn.Linear (so it quantizes with the rest) whose weight *is* the embedding's.
         self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False)
         self.lm_head.weight = self.embed.tokens.weight
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The layers FSDP shards and gathers one at a time (see
+        ``kubetrain.train.distributed.shard_units``): each encoder and decoder layer."""
+        return [*self.encoder.layers, *self.decoder]
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(memory [B,S,D], source padding [B,S])``."""
@@ -462,10 +476,12 @@ class _NextToken:
     """
 
     def __init__(
-        self, model: nn.Module, memory: torch.Tensor, memory_padding: torch.Tensor, beams: int = 1
+        self, model: Any, memory: torch.Tensor, memory_padding: torch.Tensor, beams: int = 1
     ) -> None:
-        """``beams`` rows per source (each source's rows side by side)."""
-        self.model, self.state = model, None
+        """``beams`` rows per source (each source's rows side by side). ``model``: any module
+        with ``encode``/``decode`` (duck-typed: the built-in, an ``hf:`` or a user's model)."""
+        self.model: Any = model
+        self.state: DecodeState | None = None
         cached = callable(getattr(model, "start_decoding", None)) and callable(
             getattr(model, "decode_step", None)
         )
@@ -491,9 +507,7 @@ class _NextToken:
 
 
 @torch.no_grad()
-def greedy_decode(
-    model: Seq2SeqTransformer, src: torch.Tensor, max_new_tokens: int = 64
-) -> list[list[int]]:
+def greedy_decode(model: Any, src: torch.Tensor, max_new_tokens: int = 64) -> list[list[int]]:
     """The most likely next token at every step, until ``</s>`` or ``max_new_tokens`` (or the
     model's ``max_len``). A row that has ended feeds padding until all have.
 
@@ -530,7 +544,7 @@ def greedy_decode(
 
 @torch.no_grad()
 def beam_search(
-    model: Seq2SeqTransformer,
+    model: Any,
     src: torch.Tensor,
     beam_size: int = 4,
     max_new_tokens: int = 64,

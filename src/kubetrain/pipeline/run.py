@@ -13,6 +13,7 @@ alone, with its exit code and the path of its log.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import shutil
 import sys
@@ -40,7 +41,7 @@ RUNNERS = ("subprocess", "docker")
 class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
-    report: Path
+    report: Path | None  # None: nothing was trained
     promoted_model: Path | None
     seconds: float
     retrained: bool = True  # False: retrain.only_if_changed found nothing new
@@ -294,7 +295,7 @@ def _run_pipeline(
 
 
 @contextlib.contextmanager
-def _output_into(stream: IO[str]) -> Iterator[None]:
+def _output_into(stream: IO[str] | io.TextIOBase) -> Iterator[None]:
     """Send this process's stdout, stderr and root-logger records to ``stream`` meanwhile
     (kfp.local prints to stdout and logs through the root logger)."""
     root = logging.getLogger()

@@ -406,8 +406,9 @@ def _qat_ranges(prepared: torch.fx.GraphModule, x: torch.Tensor, mode: str) -> d
         }
 
 
-def _set_range(fq: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
-    """Fix a fused fake-quantizer's range: its scale now, and what ``convert_pt2e`` reads."""
+def _set_range(fq: Any, low: torch.Tensor, high: torch.Tensor) -> None:
+    """Fix a fused fake-quantizer's range (``fq``: torchao's ``FusedMovingAvgObsFakeQuantize``)
+    : its scale now, and what ``convert_pt2e`` reads."""
     obs = fq.activation_post_process
     obs.min_val.copy_(low)
     obs.max_val.copy_(high)

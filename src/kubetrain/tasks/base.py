@@ -50,7 +50,6 @@ class BatchPlan(Protocol):
     def seed(self) -> int:
         """Seed of the shuffle (and of everything else random)."""
 
-    @property
     def tokens_per_micro_batch(self) -> int | None:
         """Text: a micro-batch's token budget per process, if batches are sized by tokens."""
 

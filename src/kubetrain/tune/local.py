@@ -98,7 +98,7 @@ def run_trial(
             return stats.epoch < cfg.train.epochs and trial.should_prune()
 
         result = fit(cfg, open_task(cfg, _DATASETS[dataset_dir]), DistContext(), on_epoch=on_epoch)
-        value = (
+        value: float | None = (
             result.history[-1].val_accuracy
             if metric == "val_accuracy"
             else result.history[-1].val_loss
@@ -196,7 +196,7 @@ def _resume(study: optuna.Study, budget: int) -> _Progress:
     ]
     progress = _Progress(budget=budget, done=len(finished))
     progress.failures = sum(t.state == TrialState.FAIL for t in finished)
-    complete = [t.value for t in finished if t.state == TrialState.COMPLETE]
+    complete = [t.value for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
     if complete:
         progress.best = max(complete) if study.direction.name == "MAXIMIZE" else min(complete)
     if finished:
