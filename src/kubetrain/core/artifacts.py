@@ -64,9 +64,11 @@ PROMOTED_INT8 = "int8"
 REJECTION_RECORD = "decision.json"
 # The registry's record of the last promotion (kubetrain.registry), beside models/<key>/.
 REGISTRY_RECORD = "promoted.json"
-# What `kubetrain run` leaves at the top of a run directory (copies of the evaluation's).
+# What `kubetrain run` leaves at the top of a run directory (copies of the evaluation's), and
+# the file that marks a directory as a run's (kubetrain run writes into such a directory only).
 RUN_METRICS = "metrics.json"
 RUN_REPORT = "report.html"
+RUN_MARKER = ".kubetrain-run"
 
 
 # -- dataset ------------------------------------------------------------------------------------
@@ -371,20 +373,28 @@ class QuantizedModel:
 
 # -- evaluation ---------------------------------------------------------------------------------
 @dataclass
-class ModelScores:
-    """One model on the test split: the task's ``kubetrain.tasks.base.Scores``.
+class Scores:
+    """A model's results on one split (``Task.score``; the evaluation's on the test split).
 
     ``values`` holds the primary metric ``metric`` and every other result of the task:
     classification ``accuracy``, ``per_class_accuracy``, ``confusion_matrix`` (and
     ``top5_accuracy`` for images, ``macro_f1`` for text); seq2seq ``bleu``, ``rouge_l`` and the
     copy-the-source baselines ``copy_baseline_bleu``, ``copy_baseline_rouge_l`` (all 0-1).
+    ``samples`` were scored in ``seconds``: ``samples_per_second`` (read back from a
+    metrics.json, only it is known).
     """
 
     metric: str
     values: dict[str, Any]
     # A few predictions beside their references, for the report.
     examples: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+    seconds: float = 0.0
     samples_per_second: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.samples_per_second is None and self.seconds > 0:
+            self.samples_per_second = self.samples / self.seconds
 
     @property
     def value(self) -> float:
@@ -508,8 +518,8 @@ class Evaluation:
     ``kubetrain run`` prints), ``to_details()`` into details.json; ``load`` reverses both.
     """
 
-    fp32: ModelScores
-    int8: ModelScores
+    fp32: Scores
+    int8: Scores
     latency: list[Latency]
     latency_threads: int
     sizes: Sizes
@@ -689,10 +699,10 @@ class Evaluation:
         d = read_json(details)
         metric = m["metric"]
 
-        def scores(name: str) -> ModelScores:
-            return ModelScores(
+        def scores(name: str) -> Scores:
+            return Scores(
                 metric, d[f"values_{name}"], d[f"examples_{name}"],
-                m.get(f"test_samples_per_second_{name}"),
+                samples_per_second=m.get(f"test_samples_per_second_{name}"),
             )  # fmt: skip
 
         search = SearchResult(

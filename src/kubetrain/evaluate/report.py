@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
-    from kubetrain.core.artifacts import Evaluation, ModelScores, TrainEfficiency
+    from kubetrain.core.artifacts import Evaluation, Scores, TrainEfficiency
     from kubetrain.core.records import Candidate, EpochStats, SearchSummary, Trial
 
 
@@ -315,7 +315,7 @@ def _confusion(matrix: list[list[int]], classes: list[str]) -> str:
     return _png(fig)
 
 
-def per_class_section(scores: ModelScores, classes: list[str]) -> str:
+def per_class_section(scores: Scores, classes: list[str]) -> str:
     """The confusion matrix (the classes with most errors when there are many) and per-class
     accuracy of a classification model; empty for other tasks."""
     matrix = scores.confusion_matrix

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kubetrain.core import artifacts
+from kubetrain.core.artifacts import RUN_MARKER
 from kubetrain.core.errors import ConfigError, DataError, KubetrainError
 from kubetrain.core.io import read_json, write_json
 from kubetrain.pipeline import steps
@@ -33,7 +34,6 @@ from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
-MARKER = ".kubetrain-run"
 RUNNERS = ("subprocess", "docker")
 
 
@@ -130,13 +130,13 @@ def prepare_run_dir(output: Path | None) -> Path:
 
     run_dir = output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     check_writable_dir(run_dir, "--output" if output is not None else "run directory")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / MARKER).exists():
+    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / RUN_MARKER).exists():
         raise KubetrainError(
             f"{run_dir}: exists, is not empty and is not a kubetrain run directory; "
             "choose another --output"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MARKER).touch()
+    (run_dir / RUN_MARKER).touch()
     return run_dir.resolve()
 
 
