@@ -386,12 +386,6 @@ DATA = {
     "unsupported-suffix": Case(
         source("d.txt"), 1, "d.txt: unsupported file type", lambda t: text(t, "d.txt", "1")
     ),
-    "one-class": Case(
-        source("d.csv"),
-        1,
-        "needs at least 2 classes",
-        lambda t: csv(t, "d.csv", frame(labels=("a",))),
-    ),
     "rare-class": Case(
         source("d.csv"),
         1,
