@@ -55,18 +55,20 @@ kubetrain run --config my.yaml --set model.name=cnn
 
 Unknown fields are errors, and nothing is converted without a word: `true` is not a number, `1`
 is not a switch, `inf` and `nan` are refused anywhere. A mistake is one line naming the dotted
-field, exit code 2 (`config error: train.lr: Input should be greater than 0 (got -1.0)`).
+field, exit code 2 (`config error: train.lr: Input should be greater than 0 (got -1)`).
 
 How to read the tables: *field* is the dotted name `--set` takes (`*` stands for any of a
 section's entries, `[]` for an entry of a list: `--set tune.parameters.0.name=train.lr`);
 *default* is written as YAML; *null* means unset.
 
-Environment variables do not configure a run, with four exceptions: `KUBETRAIN_IMAGE` (the
-default image when a pipeline is compiled or a job built; `cluster.image` wins over it),
-`KUBETRAIN_CONFIG` and `KUBETRAIN_CHECKPOINT_DIR` (how a job's pods receive their config and
-checkpoint directory from the launcher; `train.checkpoint_dir` wins over the latter), and
-`KUBETRAIN_PROGRESS=0` (no terminal progress bar: a display choice that changes nothing
-computed).
+Environment variables do not configure what a run computes. Those kubetrain reads:
+`KUBETRAIN_IMAGE` (the default image when a pipeline is compiled or a job built;
+`cluster.image` wins over it), `KUBETRAIN_CONFIG` and `KUBETRAIN_CHECKPOINT_DIR` (how a job's
+pods receive their config and checkpoint directory from the launcher; `train.checkpoint_dir`
+wins over the latter), `KUBETRAIN_PROGRESS=0` (no terminal progress bar) and
+`KUBETRAIN_CACHE_DIR` (where built-in image sets are converted once; default
+`~/.cache/kubetrain`). Object-storage credentials come from the usual variables of s3fs and
+gcsfs (`AWS_ACCESS_KEY_ID`, `GOOGLE_APPLICATION_CREDENTIALS`, ...).
 """
 
 
