@@ -6,7 +6,7 @@ switched off for the call): nothing is downloaded at run time, and a hub id is a
 saying so. A directory on object storage (``s3://...``) is copied to a temporary directory first.
 
 The adapters take and return what the built-in models do, so training, decoding
-(:func:`kubetrain.models.transformer.greedy_decode` / ``beam_search``) and metrics work on either:
+(:func:`kubetrain.models.decoding.greedy_decode` / ``beam_search``) and metrics work on either:
 
 - :class:`HFClassifier`: ``forward(input_ids) -> logits`` (the attention mask is ``ids != pad``);
 - :class:`HFSeq2Seq`: ``forward(src, tgt_in) -> logits``, ``encode``, ``decode``, the three

@@ -265,7 +265,7 @@ class TextTask(Task):
         self, output: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
     ) -> torch.Tensor:
         """Mean label-smoothed (``train.label_smoothing``) cross-entropy, padding ignored."""
-        from kubetrain.models.transformer import label_smoothed_loss
+        from kubetrain.models.losses import label_smoothed_loss
 
         return label_smoothed_loss(output, target, label_smoothing, ignore_index=self.ignore_index)
 
@@ -351,7 +351,7 @@ class Seq2SeqTask(TextTask):
 
     def generate(self, model: nn.Module, src: torch.Tensor) -> list[list[int]]:
         """Token ids the model generates for each source (greedy, or beam search)."""
-        from kubetrain.models.transformer import beam_search, greedy_decode
+        from kubetrain.models.decoding import beam_search, greedy_decode
 
         ev = self.scoring
         if ev.beam_size > 1:
