@@ -132,37 +132,39 @@ def _params_and_preprocess(cfg, schedule_time, data_source, train_epochs, tune_m
     """The first two tasks of either pipeline: the run's parameters, then preprocess."""
     params = _run_params(cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides)
     prep = c.preprocess(
-        config_json=cfg.sections_json("data"), overrides=params.outputs["preprocess"]
+        config_json=_sections(cfg, "preprocess"), overrides=params.outputs["preprocess"]
     )
     _step(cfg, _with_storage_secret(cfg, prep), "preprocess")
     return params, prep
 
 
+def _sections(cfg: PipelineConfig, step: str) -> str:
+    """The config sections ``step`` receives (``STEP_SECTIONS``), as JSON."""
+    return cfg.sections_json(*STEP_SECTIONS[step])
+
+
 def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
     """tune -> train -> quantize -> evaluate -> [promote | reject]; returns (evaluate, gate)."""
-    cfg_train = cfg.sections_json("data", "model", "train", "cluster")
-    cfg_tune = cfg.sections_json("data", "model", "train", "tune", "cluster")
-    cfg_promote = cfg.sections_json(
-        "data", "model", "train", "tune", "quantize", "evaluate", "retrain"
+    search = c.tune(
+        config_json=_sections(cfg, "tune"), overrides=params.outputs["tune"], dataset=dataset
     )
-    search = c.tune(config_json=cfg_tune, overrides=params.outputs["tune"], dataset=dataset)
     _step(cfg, _with_storage_secret(cfg, _on_claim(cfg, search)), "tune")
     fit = c.train(
-        config_json=cfg_train,
+        config_json=_sections(cfg, "train"),
         overrides=params.outputs["train"],
         dataset=dataset,
         best_params=search.outputs["best_params"],
     )
     _step(cfg, _with_storage_secret(cfg, _on_claim(cfg, fit)), "train")
     quant = c.quantize(
-        config_json=cfg.sections_json(*STEP_SECTIONS["quantize"]),
+        config_json=_sections(cfg, "quantize"),
         overrides=params.outputs["quantize"],
         dataset=dataset,
         model=fit.outputs["model"],
     )
     _step(cfg, _with_storage_secret(cfg, quant), "quantize")
     ev = c.evaluate(
-        config_json=cfg.sections_json("evaluate"),
+        config_json=_sections(cfg, "evaluate"),
         overrides=params.outputs["evaluate"],
         min_accuracy=min_accuracy,
         dataset=dataset,
@@ -173,11 +175,35 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
     _step(cfg, _with_storage_secret(cfg, ev), "evaluate")
     gate = c.check_accuracy(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
     _step(cfg, gate, "check-accuracy")
+    _promote_or_reject(cfg, gate, params, fit, quant, ev, min_accuracy)
+    if cfg.tracking.mlflow_uri:
+        _track(cfg, gate, params, fit, quant, ev)
+    return ev, gate
+
+
+def _track(cfg: PipelineConfig, gate, params, fit, quant, ev) -> None:
+    """The ``track`` task: the run, its artifacts and the gate's decision logged to MLflow."""
+    logged = c.track(
+        config_json=_sections(cfg, "track"),
+        overrides=params.outputs["track"],
+        run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        promoted=gate.output,
+        evaluation=ev.outputs["evaluation"],
+        model=fit.outputs["model"],
+        quantized=quant.outputs["quantized"],
+    )
+    # It writes to a server outside the pipeline: never from cache.
+    _step(cfg, logged, "track").set_caching_options(False)
+
+
+def _promote_or_reject(cfg: PipelineConfig, gate, params, fit, quant, ev, min_accuracy) -> None:
+    """The gate's two branches: promote the fp32 and int8 models (and publish them to
+    ``retrain.registry``), or record why not."""
     # Gate on the component's single return value: dsl.If on a *named* output of a
     # NamedTuple silently evaluates false under kfp.local.
     with dsl.If(gate.output == True, name="accuracy-ok"):  # noqa: E712 (a KFP expression)
         publish = c.promote(
-            config_json=cfg_promote,
+            config_json=_sections(cfg, "promote"),
             overrides=params.outputs["promote"],
             model=fit.outputs["model"],
             quantized=quant.outputs["quantized"],
@@ -189,19 +215,6 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
     with dsl.Else(name="accuracy-low"):
         rejected = c.reject(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
         _step(cfg, rejected, "reject")
-    if cfg.tracking.mlflow_uri:
-        logged = c.track(
-            config_json=cfg.sections_json(*type(cfg).model_fields),
-            overrides=params.outputs["track"],
-            run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            promoted=gate.output,
-            evaluation=ev.outputs["evaluation"],
-            model=fit.outputs["model"],
-            quantized=quant.outputs["quantized"],
-        )
-        # It writes to a server outside the pipeline: never from cache.
-        _step(cfg, logged, "track").set_caching_options(False)
-    return ev, gate
 
 
 def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
@@ -217,9 +230,7 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
     """
 
     if cfg.retrain.only_if_changed:
-        cfg_check = cfg.sections_json(
-            "data", "model", "train", "tune", "quantize", "evaluate", "retrain"
-        )
+        cfg_check = _sections(cfg, "check_changed")
 
         @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
         def retrain_pipeline(

@@ -24,8 +24,8 @@ KUBETRAIN = [sys.executable, "-m", "kubetrain.cli"]
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test outside tests/unit ``integration``: the unit tier is tests/unit and
-    nothing else, and a new suite elsewhere still runs in CI's integration step (README,
-    Testing)."""
+    nothing else, and a new suite elsewhere still runs in CI's integration step
+    (docs/testing.md)."""
     for item in items:
         if not Path(item.path).is_relative_to(UNIT):
             item.add_marker(pytest.mark.integration)

@@ -27,7 +27,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         type=Path,
-        help="YAML config file, or a bundled recipe: smoke, gpu (default: the bundled defaults)",
+        help="YAML config file, or the name of a bundled recipe (smoke, vision, translation, ...: "
+        "src/kubetrain/pipeline/recipes/; default: the bundled defaults)",
     )
     p.add_argument(
         "--set",
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "submit",
         help="compile the pipeline and start a run on a KFP server (--set items go as the run's "
-        "parameters; see README: run-time parameters)",
+        "parameters; see docs/cluster.md: run-time parameters)",
     )
     _config_args(p)
     _host_args(p)
@@ -131,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     show = csub.add_parser("show", help="print the effective, validated config as YAML")
     _config_args(show)
+    docs = csub.add_parser(
+        "docs",
+        help="write the configuration reference (every section and field, from the models' "
+        "descriptions) as Markdown: docs/configuration.md",
+    )
+    docs.add_argument(
+        "-o", "--output", type=Path, help="the Markdown file to write (default: standard output)"
+    )
 
     p = sub.add_parser("preprocess", help="step: data source -> dataset artifact")
     _config_args(p)
@@ -311,6 +320,24 @@ def _evaluate(cfg, args: argparse.Namespace) -> None:
     steps.evaluate(cfg, args.dataset, args.model, args.quantized, args.output, args.tune)
 
 
+def _config_docs(args: argparse.Namespace) -> int:
+    """``config docs``: the configuration reference, to ``--output`` or standard output."""
+    from kubetrain.pipeline.docs import render
+
+    page = render()
+    if args.output is None:
+        sys.stdout.write(page)
+        return 0
+    if args.output.is_dir():
+        raise UsageError(f"--output {args.output}: is a directory; give the Markdown file to write")
+    from kubetrain.core.io import atomic_write, check_writable_dir
+
+    check_writable_dir(args.output.parent, "--output")
+    atomic_write(args.output, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    print(f"wrote {args.output}")
+    return 0
+
+
 def dispatch(args: argparse.Namespace) -> int:
     """Run the subcommand of parsed ``args``; returns the exit status (errors raise)."""
     from kubetrain.pipeline import steps
@@ -318,6 +345,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
     if args.command in ("runs", "compare"):
         return _runs_command(args)
+    if args.command == "config" and args.config_command == "docs":
+        return _config_docs(args)
     _check_paths(args)
     cfg = load_config(args.config, args.overrides)
     match args.command:

@@ -104,7 +104,7 @@ def test_evaluation_numbers_are_consistent(evaluated):
     ],
     ids=["model", "quantized", "search", "evaluation", "promotion", "rejection"],
 )
-def test_an_artifact_is_complete_only_with_its_marker(evaluated, tmp_path, kind, marker):
+def test_an_artifact_is_complete_only_with_its_marker(tmp_path, kind, marker):
     assert not kind.is_complete(tmp_path)
     (tmp_path / marker).write_text("{}")
     assert kind.is_complete(tmp_path)

@@ -270,6 +270,19 @@ PATHS = {
         "--output {tmp}/d: is a directory",
         setup=lambda t: (t / "d").mkdir(),
     ),
+    "config-docs-output-is-a-dir": Case(
+        ["config", "docs", "-o", "{tmp}/d"],
+        2,
+        "--output {tmp}/d: is a directory",
+        setup=lambda t: (t / "d").mkdir(),
+    ),
+    "config-docs-output-under-a-file": Case(
+        ["config", "docs", "-o", "{tmp}/f/configuration.md"],
+        2,
+        "--output {tmp}/f: exists and is a file",
+        setup=lambda t: text(t, "f", "keep me"),
+        kept={"f": "keep me"},
+    ),
     "dataset-missing": Case(
         ["train", "--dataset", "{tmp}/none", "--output", "{tmp}/m"], 1, "none: no such directory"
     ),
@@ -385,12 +398,6 @@ DATA = {
     ),
     "unsupported-suffix": Case(
         source("d.txt"), 1, "d.txt: unsupported file type", lambda t: text(t, "d.txt", "1")
-    ),
-    "one-class": Case(
-        source("d.csv"),
-        1,
-        "needs at least 2 classes",
-        lambda t: csv(t, "d.csv", frame(labels=("a",))),
     ),
     "rare-class": Case(
         source("d.csv"),

@@ -25,13 +25,11 @@ def _same(a, b) -> bool:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, digits_dir):
     cfg = load_config(overrides=BASE)
+    directory = tmp_path_factory.mktemp("c")
     result = fit(
-        cfg,
-        open_task(cfg, load_dataset(digits_dir)),
-        DistContext(),
-        checkpoint_dir=tmp_path_factory.mktemp("c"),
+        cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), checkpoint_dir=directory
     )
-    return _weights(result), result
+    return _weights(result), result, directory
 
 
 def _interrupted(tmp_path, digits_dir, *extra):
@@ -94,6 +92,8 @@ def test_resume_can_be_turned_off(tmp_path, digits_dir):
 
 
 def test_only_the_newest_checkpoints_are_kept_and_cost_is_measured(uninterrupted):
-    result = uninterrupted[1]
+    _, result, directory = uninterrupted
     assert result.summary.checkpoints_written == 76 // 7 + 1  # every 7 steps + the end
+    kept = sorted(p.name for p in directory.glob("ckpt-*.pt"))
+    assert kept == ["ckpt-00000070.pt", "ckpt-00000076.pt"]  # train.keep_checkpoints = 2
     assert 0 < result.summary.checkpoint_seconds < result.summary.train_seconds

@@ -20,11 +20,11 @@ from kubetrain.core.artifacts import Evaluation, SearchResult, TrainedModel
 from kubetrain.core.errors import ConfigError
 from kubetrain.evaluate import compare, report
 from kubetrain.evaluate.config import EvaluateConfig
+from kubetrain.models.decoding import greedy_decode
 from kubetrain.models.transformer import (
     Seq2SeqTransformer,
     TransformerClassifier,
     TransformerConfig,
-    greedy_decode,
 )
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
 from kubetrain.tasks.base import Scores, Task

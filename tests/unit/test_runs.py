@@ -85,12 +85,6 @@ def test_bad_arguments_are_one_line(runs_root, capsys, args, message):
     assert len(err) == 1 and message in err[0]
 
 
-def test_a_run_directory_is_marked_as_kubetrain_run_marks_it():
-    from kubetrain.pipeline import run, runs
-
-    assert runs.MARKER == run.MARKER
-
-
 def test_compare_shows_only_what_differs(runs_root):
     runs = [load_run(runs_root / n) for n in ("20261130-0300", "20261130-0400", "20261130-0500")]
     diff = config_differences(runs)

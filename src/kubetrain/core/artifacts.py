@@ -64,9 +64,11 @@ PROMOTED_INT8 = "int8"
 REJECTION_RECORD = "decision.json"
 # The registry's record of the last promotion (kubetrain.registry), beside models/<key>/.
 REGISTRY_RECORD = "promoted.json"
-# What `kubetrain run` leaves at the top of a run directory (copies of the evaluation's).
+# What `kubetrain run` leaves at the top of a run directory (copies of the evaluation's), and
+# the file that marks a directory as a run's (kubetrain run writes into such a directory only).
 RUN_METRICS = "metrics.json"
 RUN_REPORT = "report.html"
+RUN_MARKER = ".kubetrain-run"
 
 
 # -- dataset ------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ class DatasetArtifact:
 
         def write_arrays(tmp: str) -> None:
             with open(tmp, "wb") as f:
-                np.savez(f, **self.arrays)
+                np.savez(f, **self.arrays)  # type: ignore[arg-type]  # numpy's stub: bool
 
         if self.arrays:
             atomic_write(out / DATASET_ARRAYS, write_arrays)
@@ -371,20 +373,28 @@ class QuantizedModel:
 
 # -- evaluation ---------------------------------------------------------------------------------
 @dataclass
-class ModelScores:
-    """One model on the test split: the task's ``kubetrain.tasks.base.Scores``.
+class Scores:
+    """A model's results on one split (``Task.score``; the evaluation's on the test split).
 
     ``values`` holds the primary metric ``metric`` and every other result of the task:
     classification ``accuracy``, ``per_class_accuracy``, ``confusion_matrix`` (and
     ``top5_accuracy`` for images, ``macro_f1`` for text); seq2seq ``bleu``, ``rouge_l`` and the
     copy-the-source baselines ``copy_baseline_bleu``, ``copy_baseline_rouge_l`` (all 0-1).
+    ``samples`` were scored in ``seconds``: ``samples_per_second`` (read back from a
+    metrics.json, only it is known).
     """
 
     metric: str
     values: dict[str, Any]
     # A few predictions beside their references, for the report.
     examples: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+    seconds: float = 0.0
     samples_per_second: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.samples_per_second is None and self.seconds > 0:
+            self.samples_per_second = self.samples / self.seconds
 
     @property
     def value(self) -> float:
@@ -508,8 +518,8 @@ class Evaluation:
     ``kubetrain run`` prints), ``to_details()`` into details.json; ``load`` reverses both.
     """
 
-    fp32: ModelScores
-    int8: ModelScores
+    fp32: Scores
+    int8: Scores
     latency: list[Latency]
     latency_threads: int
     sizes: Sizes
@@ -560,16 +570,41 @@ class Evaluation:
         for lat in self.latency:
             m[f"latency_ms_b{lat.batch_size}_fp32"] = lat.fp32_ms
             m[f"latency_ms_b{lat.batch_size}_int8"] = lat.int8_ms
-        s = self.sizes
-        m.update(
-            model_size_bytes_fp32=s.weights_fp32,
-            model_size_bytes_int8=s.weights_int8,
-            model_file_bytes_fp32=s.file_fp32,
-            model_file_bytes_int8=s.file_int8,
-            model_state_dict_bytes_fp32=s.state_dict_fp32,
-            size_ratio_int8=s.ratio,
-        )
+        m.update(self._size_metrics())
         m[f"{metric}_drop_int8"] = self.metric_drop
+        m.update(self._speed_metrics())
+        m.update(self._quantize_metrics())
+        train = asdict(self.train)
+        for f in fields(TrainEfficiency):
+            m[f"train_{f.name}"] = train[f.name]
+        m.update(dataset_version=self.dataset_version, test_samples=self.test_samples)
+        if self.is_classification:
+            m["min_accuracy"] = self.min_value  # the bar's classification name
+        if self.search.enabled:
+            m["tune_trials"] = self.search.summary.trials_total
+            m["tune_best_value"] = self.search.summary.best_value
+        # The primary metric, the bar, the other results of both models, scoring throughput.
+        m.update(metric=metric, min_value=self.min_value, dataset_kind=self.kind)
+        m.update(self._other_results())
+        if self.copy_baseline is not None:
+            m["beat_copy_baseline"] = self.beat_copy_baseline
+        m["promoted"] = is_promotable(m, self.min_value) if promoted else False
+        return m
+
+    def _size_metrics(self) -> dict[str, Any]:
+        s = self.sizes
+        return {
+            "model_size_bytes_fp32": s.weights_fp32,
+            "model_size_bytes_int8": s.weights_int8,
+            "model_file_bytes_fp32": s.file_fp32,
+            "model_file_bytes_int8": s.file_int8,
+            "model_state_dict_bytes_fp32": s.state_dict_fp32,
+            "size_ratio_int8": s.ratio,
+        }
+
+    def _speed_metrics(self) -> dict[str, Any]:
+        """Per latency batch size: int8/fp32 time, samples/s and (text) tokens/s of both."""
+        m: dict[str, Any] = {}
         for lat in self.latency:
             b = lat.batch_size
             m[f"latency_ratio_b{b}_int8"] = lat.ratio
@@ -579,6 +614,11 @@ class Evaluation:
                 m[f"latency_tokens_b{b}"] = lat.tokens
                 m[f"tokens_per_second_b{b}_fp32"] = lat.tokens_per_second("fp32")
                 m[f"tokens_per_second_b{b}_int8"] = lat.tokens_per_second("int8")
+        return m
+
+    def _quantize_metrics(self) -> dict[str, Any]:
+        """Every candidate's measurements (``quant_<name>_<field>``) and what was kept."""
+        m: dict[str, Any] = {}
         for c in self.quantization.candidates:
             key = c.name.replace("/", "_")
             for name in CANDIDATE_METRICS:
@@ -592,29 +632,21 @@ class Evaluation:
             quantize_decision=q.decision,
             latency_threads=self.latency_threads,
         )
-        train = asdict(self.train)
-        for f in fields(TrainEfficiency):
-            m[f"train_{f.name}"] = train[f.name]
-        m.update(dataset_version=self.dataset_version, test_samples=self.test_samples)
-        if self.is_classification:
-            m["min_accuracy"] = self.min_value  # the bar's classification name, as before
-        if self.search.enabled:
-            m["tune_trials"] = self.search.summary.trials_total
-            m["tune_best_value"] = self.search.summary.best_value
-        # The primary metric, the bar, the other results of both models, scoring throughput.
-        m.update(metric=metric, min_value=self.min_value, dataset_kind=self.kind)
+        return m
+
+    def _other_results(self) -> dict[str, Any]:
+        """Both models' results beside the primary metric (a baseline once), and their
+        scoring throughput."""
+        m: dict[str, Any] = {}
         for name, scores in (("fp32", self.fp32), ("int8", self.int8)):
             for key, value in scores.scalars().items():
-                if key == metric:
+                if key == self.metric:
                     continue
                 if key.startswith(_BASELINE_PREFIX):
                     m.setdefault(key, value)  # the same for both models: once
                 else:
                     m[f"test_{key}_{name}"] = value
             m[f"test_samples_per_second_{name}"] = scores.samples_per_second
-        if self.copy_baseline is not None:
-            m["beat_copy_baseline"] = self.beat_copy_baseline
-        m["promoted"] = is_promotable(m, self.min_value) if promoted else False
         return m
 
     def to_details(self) -> dict[str, Any]:
@@ -665,43 +697,33 @@ class Evaluation:
         m = cls.load_metrics(path)
         details = path / EVAL_DETAILS
         d = read_json(details)
-        batches = [int(b) for b in re.findall(r"latency_ms_b(\d+)_fp32", " ".join(m))]
         metric = m["metric"]
 
-        def scores(name: str) -> ModelScores:
-            return ModelScores(
+        def scores(name: str) -> Scores:
+            return Scores(
                 metric, d[f"values_{name}"], d[f"examples_{name}"],
-                m.get(f"test_samples_per_second_{name}"),
+                samples_per_second=m.get(f"test_samples_per_second_{name}"),
             )  # fmt: skip
 
+        search = SearchResult(
+            SearchSummary.parse(d["tuning"], details),
+            [Trial.parse(trial, details) for trial in d["trials"]],
+        )
         return cls(
             fp32=scores("fp32"),
             int8=scores("int8"),
-            latency=[
-                Latency(
-                    b,
-                    m[f"latency_ms_b{b}_fp32"],
-                    m[f"latency_ms_b{b}_int8"],
-                    m.get(f"latency_tokens_b{b}", 0),
-                )
-                for b in batches
-            ],
+            latency=_latencies(m),
             latency_threads=m["latency_threads"],
             sizes=Sizes(
-                weights_fp32=m["model_size_bytes_fp32"],
-                weights_int8=m["model_size_bytes_int8"],
-                file_fp32=m["model_file_bytes_fp32"],
-                file_int8=m["model_file_bytes_int8"],
-                state_dict_fp32=m["model_state_dict_bytes_fp32"],
+                m["model_size_bytes_fp32"],
+                m["model_size_bytes_int8"],
+                m["model_file_bytes_fp32"],
+                m["model_file_bytes_int8"],
+                m["model_state_dict_bytes_fp32"],
             ),
-            train=TrainEfficiency(
-                **{f.name: m.get(f"train_{f.name}") for f in fields(TrainEfficiency)}
-            ),
+            train=TrainEfficiency(**_train_fields(m)),
             quantization=QuantInfo.parse(d["quantization"], details),
-            search=SearchResult(
-                SearchSummary.parse(d["tuning"], details),
-                [Trial.parse(trial, details) for trial in d["trials"]],
-            ),
+            search=search,
             history=[EpochStats.parse(s, details) for s in d["history"]],
             classes=d["classes"],
             dataset_version=m["dataset_version"],
@@ -710,6 +732,25 @@ class Evaluation:
             kind=m["dataset_kind"],
             beat_copy_baseline=m.get("beat_copy_baseline", True),
         )
+
+
+def _latencies(metrics: dict[str, Any]) -> list[Latency]:
+    """The latency rows of a metrics.json, one per batch size it was measured at."""
+    batches = [int(b) for b in re.findall(r"latency_ms_b(\d+)_fp32", " ".join(metrics))]
+    return [
+        Latency(
+            b,
+            metrics[f"latency_ms_b{b}_fp32"],
+            metrics[f"latency_ms_b{b}_int8"],
+            metrics.get(f"latency_tokens_b{b}", 0),
+        )
+        for b in batches
+    ]
+
+
+def _train_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``TrainEfficiency``'s fields from a metrics.json (``train_<field>`` keys)."""
+    return {f.name: metrics.get(f"train_{f.name}") for f in fields(TrainEfficiency)}
 
 
 def primary_values(metrics: dict[str, Any]) -> tuple[str, float, float]:

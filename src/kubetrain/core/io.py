@@ -88,7 +88,7 @@ def _mount_point(directory: Path) -> Path:
     return path
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
     Args:
@@ -185,7 +185,7 @@ def clean_stale_temp_dirs(root: str | Path | None = None) -> list[Path]:
         The directories removed. Ones that cannot be removed (another user's) are left alone.
     """
     root = Path(root or tempfile.gettempdir())
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(root))
     except OSError:

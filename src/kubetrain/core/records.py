@@ -84,7 +84,7 @@ class DatasetMeta(Record):
     """``meta.json`` of a dataset artifact: what every kind records. A kind's record extends it
     (``DATASET_KINDS``); ``dataset_meta`` reads the right one."""
 
-    format_version: Literal[1] = DATASET_FORMAT_VERSION
+    format_version: Literal[1] = 1
     kind: str
     version: str = Field(description="Content version: a hash of what a step reads.")
     source: str

@@ -74,7 +74,8 @@ def stratified_split(
     rng = np.random.RandomState(seed)
     n_i = _approximate_mode(class_counts, n_train, rng)
     t_i = _approximate_mode(class_counts - n_i, n_test, rng)
-    train, test = [], []
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
     for i, members in enumerate(by_class):
         perm = members.take(rng.permutation(class_counts[i]), mode="clip")
         train.extend(perm[: n_i[i]])

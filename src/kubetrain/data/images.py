@@ -89,7 +89,7 @@ def convert_image(data: bytes, mode: str = "RGB", size: int | None = None) -> tu
     if not data:
         raise ImageDecodeError("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         fmt = img.format
         img.load()  # decodes everything: a truncated file fails here, not later in training
     except UnidentifiedImageError:
@@ -424,7 +424,7 @@ def _manifest(
             f"data error: {cfg.source}: none of its {len(refs)} images decodes "
             f"(e.g. {skipped[0][0]}: {skipped[0][1]})"
         )
-    total = Counter()
+    total: Counter[str] = Counter()
     for c in counts.values():
         total.update(c)
     for class_id, name in enumerate(classes):

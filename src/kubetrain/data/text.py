@@ -376,12 +376,12 @@ def _fit_tokenizer(cfg, stats: ReadStats) -> tuple[Any, list[str] | None]:
     # the classes and feeds the training split's text to the tokenizer trainer.
     def train_texts() -> Iterator[str]:
         for ex in iter_examples(cfg, stats):
-            if is_cls:
+            if is_cls and ex.other is not None:
                 classes[ex.other] += 1
             if ex.split == "train":
                 yield ex.text
-                if not is_cls:  # one vocabulary for both sides of a pair (tied embeddings)
-                    yield ex.other
+                if not is_cls and ex.other is not None:  # one vocabulary for both sides
+                    yield ex.other  # of a pair (tied embeddings)
 
     if cfg.tokenizer.path:
         tok = tokenize.load_tokenizer(cfg.tokenizer.path)
@@ -401,7 +401,7 @@ def _tokenize(
     is_cls = class_list is not None
     label_index = {c: i for i, c in enumerate(class_list or [])}
     examples = (
-        (ex.split, ex.row, ex.text, label_index[ex.other] if is_cls else ex.other)
+        (ex.split, ex.row, ex.text, label_index[str(ex.other)] if is_cls else ex.other)
         for ex in iter_examples(cfg, ReadStats())
     )
     start = time.perf_counter()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -12,8 +13,8 @@ from kubetrain.core.artifacts import (
     DatasetArtifact,
     Evaluation,
     Latency,
-    ModelScores,
     QuantizedModel,
+    Scores,
     SearchResult,
     Sizes,
     TrainedModel,
@@ -25,7 +26,7 @@ from kubetrain.tasks import measure
 from kubetrain.tasks.base import Task
 
 
-def score(model: nn.Module, task: Task, metric: str | None = None) -> ModelScores:
+def score(model: nn.Module, task: Task, metric: str | None = None) -> Scores:
     """The task's scores of ``model`` on the test split, with ``metric`` as the primary
     metric (default: the task's).
 
@@ -39,12 +40,7 @@ def score(model: nn.Module, task: Task, metric: str | None = None) -> ModelScore
             f"evaluate: the {task.kind} task reports no {metric!r} (it has: "
             f"{', '.join(sorted(scores.values))})"
         )
-    return ModelScores(
-        metric=metric,
-        values=scores.values,
-        examples=scores.examples,
-        samples_per_second=scores.samples / scores.seconds if scores.seconds else None,
-    )
+    return replace(scores, metric=metric)
 
 
 def latencies(fp32: nn.Module, int8: nn.Module, task: Task, cfg: EvaluateConfig) -> list[Latency]:
@@ -59,7 +55,7 @@ def latencies(fp32: nn.Module, int8: nn.Module, task: Task, cfg: EvaluateConfig)
             {"fp32": fp32, "int8": int8}, inputs, None, batch, cfg.latency_repeats
         )
         out.append(
-            Latency(batch, lat["fp32"]["median"], lat["int8"]["median"], lat["fp32"]["tokens"])
+            Latency(batch, lat["fp32"]["median"], lat["int8"]["median"], int(lat["fp32"]["tokens"]))
         )
     return out
 

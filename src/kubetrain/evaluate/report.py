@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
-    from kubetrain.core.artifacts import Evaluation, ModelScores, TrainEfficiency
+    from kubetrain.core.artifacts import Evaluation, Scores, TrainEfficiency
     from kubetrain.core.records import Candidate, EpochStats, SearchSummary, Trial
 
 
@@ -117,12 +117,13 @@ def _efficiency_rows(t: TrainEfficiency) -> list[tuple[str, Any]]:
 def _trials(trials: list[Trial], goal: str, objective: str = "objective") -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     colours = {"complete": "tab:blue", "pruned": "tab:orange", "fail": "tab:red"}
-    best, best_line = None, []
+    best: float | None = None
+    best_line: list[float | None] = []
     for t in trials:
         value = t.value if t.value is not None else (t.curve[-1] if t.curve else None)
         if value is not None:
             ax1.scatter(t.number, value, color=colours.get(t.state, "grey"), label=t.state)
-        if t.state == "complete":
+        if t.state == "complete" and value is not None:
             better = best is None or (value > best if goal == "maximize" else value < best)
             best = value if better else best
         best_line.append(best)
@@ -268,11 +269,16 @@ def _page(title: str, body: str) -> str:
 
 def _compare(e: Evaluation) -> str:
     by_batch = {lat.batch_size: lat for lat in e.latency}
-    panels = [(f"test {e.metric}", e.fp32.value, e.int8.value)]
+    panels: list[tuple[str, float | None, float | None]] = [
+        (f"test {e.metric}", e.fp32.value, e.int8.value)
+    ]
     batches = sorted(by_batch)[:2] if len(by_batch) >= 2 else [1, 64]
     for batch in batches:
         lat = by_batch.get(batch)
-        panels.append((f"latency batch {batch} (ms)", lat and lat.fp32_ms, lat and lat.int8_ms))
+        panels.append(
+            (f"latency batch {batch} (ms)", lat.fp32_ms if lat else None,
+             lat.int8_ms if lat else None)
+        )  # fmt: skip
     panels.append(("size (KiB)", e.sizes.weights_fp32 / 1024, e.sizes.weights_int8 / 1024))
     fig, axes = plt.subplots(1, 4, figsize=(12, 3))
     for ax, (title, *values) in zip(axes, panels, strict=True):
@@ -318,7 +324,7 @@ def _confusion(matrix: list[list[int]], classes: list[str]) -> str:
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             if v:
-                ax.text(j, i, v, ha="center", va="center", fontsize=8,
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
                         color="white" if v > peak / 2 else "black")  # fmt: skip
     return _png(fig)
 
@@ -347,7 +353,7 @@ def _pr_curves(curves: dict[str, list[float]], ap: dict[str, float | None]) -> s
     return _png(fig)
 
 
-def detection_section(scores: ModelScores) -> str:
+def detection_section(scores: Scores) -> str:
     """A detector's AP per class (COCO AP@[.5:.95] and AP50) and its precision-recall curve per
     class at IoU 0.5; empty for other tasks."""
     values = scores.values
@@ -374,7 +380,7 @@ def detection_section(scores: ModelScores) -> str:
     )
 
 
-def per_class_section(scores: ModelScores, classes: list[str]) -> str:
+def per_class_section(scores: Scores, classes: list[str]) -> str:
     """The confusion matrix (the classes with most errors when there are many) and per-class
     accuracy of a classification model; empty for other tasks."""
     matrix = scores.confusion_matrix
@@ -397,7 +403,7 @@ def metrics_table(e: Evaluation) -> str:
     """Every single-number result of both models side by side (primary metric first), the
     scoring throughput and, for seq2seq, the copy-the-source baseline."""
     fp32, int8 = e.fp32.scalars(), e.int8.scalars()
-    rows = []
+    rows: list[tuple[str, float | None, float | None]] = []
     for name, value in fp32.items():
         if name.startswith("copy_baseline_"):
             continue

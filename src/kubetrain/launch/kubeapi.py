@@ -10,6 +10,7 @@ Role refuses by design and a 403 lets pass (tests/cluster proves both directions
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import threading
@@ -259,7 +260,7 @@ class KubeApi:
 
     # -- pods and logs ---------------------------------------------------------------------
 
-    def pods(self, label_selector: str) -> list[Any]:
+    def pods(self, label_selector: str) -> builtins.list[Any]:
         found = self._call(
             "list", f"pods in namespace {self.namespace}", self.core.list_namespaced_pod,
             self.namespace, label_selector=label_selector, _request_timeout=REQUEST_TIMEOUT,

@@ -344,21 +344,7 @@ def build_pytorchjob(
         cfg, _container(cfg, command, paths if checkpoints else None), pod_labels
     )
     backoff = max(cl.backoff_limit, tc.max_restarts)
-    restart = "OnFailure" if backoff else "Never"
-    if cl.elastic:
-        replicas = {"Worker": models.KubeflowOrgV1ReplicaSpec(tc.nnodes, restart, template)}
-        elastic = models.KubeflowOrgV1ElasticPolicy(
-            rdzv_backend="c10d",
-            min_replicas=tc.nnodes,
-            max_replicas=tc.nnodes,
-            max_restarts=max_restarts(cfg),
-            n_proc_per_node=tc.nproc,
-        )
-    else:
-        replicas = {"Master": models.KubeflowOrgV1ReplicaSpec(1, restart, template)}
-        if tc.nnodes > 1:
-            replicas["Worker"] = models.KubeflowOrgV1ReplicaSpec(tc.nnodes - 1, restart, template)
-        elastic = None
+    replicas, elastic = _replicas(cfg, template, "OnFailure" if backoff else "Never")
     job = models.KubeflowOrgV1PyTorchJob(
         api_version=f"{PYTORCHJOB.group}/{PYTORCHJOB.version}",
         kind=PYTORCHJOB.kind,
@@ -376,6 +362,27 @@ def build_pytorchjob(
         ),
     )
     return ApiClient().sanitize_for_serialization(job)
+
+
+def _replicas(cfg: JobConfig, template: Any, restart: str) -> tuple[dict[str, Any], Any]:
+    """(replica specs, elasticPolicy or None): 1 Master + (nnodes - 1) Workers, or with
+    ``cluster.elastic`` nnodes Workers meeting through a c10d rendezvous."""
+    from kubeflow.training import models
+
+    tc = cfg.train
+    if cfg.cluster.elastic:
+        elastic = models.KubeflowOrgV1ElasticPolicy(
+            rdzv_backend="c10d",
+            min_replicas=tc.nnodes,
+            max_replicas=tc.nnodes,
+            max_restarts=max_restarts(cfg),
+            n_proc_per_node=tc.nproc,
+        )
+        return {"Worker": models.KubeflowOrgV1ReplicaSpec(tc.nnodes, restart, template)}, elastic
+    replicas = {"Master": models.KubeflowOrgV1ReplicaSpec(1, restart, template)}
+    if tc.nnodes > 1:
+        replicas["Worker"] = models.KubeflowOrgV1ReplicaSpec(tc.nnodes - 1, restart, template)
+    return replicas, None
 
 
 # -- a running job ------------------------------------------------------------------------

@@ -29,8 +29,6 @@ from kubetrain.core.errors import ConfigError
 from kubetrain.core.records import TextDatasetMeta, TextSpec
 from kubetrain.models.config import HF_PREFIX, TEXT_BUILTIN, ModelConfig
 
-TEXT_TASKS = ("text_classification", "seq2seq")
-
 
 def text_spec(meta: TextDatasetMeta) -> TextSpec:
     """The text spec of a text dataset's ``meta.json``."""

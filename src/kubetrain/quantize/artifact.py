@@ -27,6 +27,7 @@ import importlib
 import json
 import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ def check_safe(path: Path) -> None:
                     )
 
 
-def load_program(path: Path, imports: list[str] = ()) -> nn.Module:
+def load_program(path: Path, imports: Sequence[str] = ()) -> nn.Module:
     """Load an exported program as a callable module (after the safety check)."""
     check_safe(path)
     for module in imports:

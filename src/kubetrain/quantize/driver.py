@@ -312,7 +312,8 @@ def _measure_latency(ref: _Reference, tried: list[_Tried]) -> None:
         tokens = lat[fp32_name]["tokens"]
         if tokens:  # a text model: token positions per second too
             for c in [ref.info, *timed]:
-                setattr(c, f"tokens_per_second_b{batch}", tokens * 1e3 / c.latency_ms(batch))
+                ms = c.latency_ms(batch) or float("inf")
+                setattr(c, f"tokens_per_second_b{batch}", tokens * 1e3 / ms)
     fp32_b1, fp32_b64 = ref.info.latency_ms_b1 or 1.0, ref.info.latency_ms_b64 or 1.0
     for c in timed:
         b1, b64 = c.latency_ms_b1 or 0.0, c.latency_ms_b64 or 0.0

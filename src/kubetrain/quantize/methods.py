@@ -260,7 +260,6 @@ def _pt2e_qat(
     with the wrong eps: MobileNetV3 QAT lost 40-60 points where static int8 lost 2.
     """
     from torchao.quantization.pt2e import (
-        disable_observer,
         move_exported_model_to_eval,
         move_exported_model_to_train,
     )
@@ -288,6 +287,20 @@ def _pt2e_qat(
         prepared, _batch(x_train, input_shape, idx), qcfg.qat_activation_ranges
     )
     mode(train=True)
+    info.train_loss = _fine_tune(prepared, x_train, y, input_shape, qcfg, bs, gen)
+    mode(train=False)
+    converted = _strip_unused(convert_pt2e(prepared))
+    return converted, info
+
+
+def _fine_tune(
+    prepared: torch.fx.GraphModule, x_train: np.ndarray, y: torch.Tensor, input_shape: list[int],
+    qcfg: QuantizeConfig, bs: int, gen: torch.Generator,
+) -> list[float]:  # fmt: skip
+    """``qcfg.qat_epochs`` epochs of Adam on whole batches of the training samples, the last
+    with every observer frozen; returns the mean loss of each epoch."""
+    from torchao.quantization.pt2e import disable_observer
+
     optimizer = torch.optim.Adam(prepared.parameters(), lr=qcfg.qat_lr)
     losses = []
     for epoch in range(qcfg.qat_epochs):
@@ -303,10 +316,7 @@ def _pt2e_qat(
             optimizer.step()
             total, count = total + loss.item() * bs, count + bs
         losses.append(total / max(count, 1))
-    mode(train=False)
-    converted = _strip_unused(convert_pt2e(prepared))
-    info.train_loss = losses
-    return converted, info
+    return losses
 
 
 _BATCH_NORMS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default)
@@ -357,7 +367,7 @@ def _qat_ranges(prepared: torch.fx.GraphModule, x: torch.Tensor, mode: str) -> d
     Returns the mode, and with ``search`` the chosen fractions and the output error before and
     after.
     """
-    from torchao.quantization.pt2e import FakeQuantizeBase, disable_fake_quant, enable_fake_quant
+    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
 
     with torch.no_grad():
         prepared.apply(disable_fake_quant)
@@ -365,15 +375,7 @@ def _qat_ranges(prepared: torch.fx.GraphModule, x: torch.Tensor, mode: str) -> d
         prepared.apply(enable_fake_quant)
         if mode == "minmax":
             return {"mode": mode}
-        acts = {}
-        for node in prepared.graph.nodes:
-            module = prepared.get_submodule(node.target) if node.op == "call_module" else None
-            if (
-                isinstance(module, FakeQuantizeBase)
-                and not module.is_per_channel
-                and node.args[0].op != "get_attr"  # a weight, not an activation
-            ):
-                acts[node.target] = module
+        acts = _activation_quantizers(prepared)
         fp32 = {}
         for name, fq in acts.items():
             fq.disable_observer()
@@ -406,8 +408,25 @@ def _qat_ranges(prepared: torch.fx.GraphModule, x: torch.Tensor, mode: str) -> d
         }
 
 
-def _set_range(fq: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
-    """Fix a fused fake-quantizer's range: its scale now, and what ``convert_pt2e`` reads."""
+def _activation_quantizers(prepared: torch.fx.GraphModule) -> dict[str, Any]:
+    """The per-tensor fake-quantizers of activations (not of weights), by node, in graph order."""
+    from torchao.quantization.pt2e import FakeQuantizeBase
+
+    acts = {}
+    for node in prepared.graph.nodes:
+        module = prepared.get_submodule(node.target) if node.op == "call_module" else None
+        if (
+            isinstance(module, FakeQuantizeBase)
+            and not module.is_per_channel
+            and node.args[0].op != "get_attr"  # a weight, not an activation
+        ):
+            acts[node.target] = module
+    return acts
+
+
+def _set_range(fq: Any, low: torch.Tensor, high: torch.Tensor) -> None:
+    """Fix a fused fake-quantizer's range (``fq``: torchao's ``FusedMovingAvgObsFakeQuantize``)
+    : its scale now, and what ``convert_pt2e`` reads."""
     obs = fq.activation_post_process
     obs.min_val.copy_(low)
     obs.max_val.copy_(high)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kubetrain.core.artifacts import Scores
 
 if TYPE_CHECKING:
     from kubetrain.core.artifacts import DatasetArtifact
@@ -52,7 +53,6 @@ class BatchPlan(Protocol):
     def seed(self) -> int:
         """Seed of the shuffle (and of everything else random)."""
 
-    @property
     def tokens_per_micro_batch(self) -> int | None:
         """Text: a micro-batch's token budget per process, if batches are sized by tokens."""
 
@@ -74,26 +74,6 @@ class TrainBatches(ABC):
     @abstractmethod
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the epoch: ``(steps - start_step) * grad_accum_steps`` micro-batches."""
-
-
-@dataclass
-class Scores:
-    """A model's results on one split: the primary metric, everything else, and examples.
-
-    ``metric``: the name of the primary metric (``accuracy``, ``bleu``, ...); ``values`` holds
-    it and the rest (top-5, macro-F1, per-class accuracy, confusion matrix ...); ``examples``:
-    a few predictions beside references for the report.
-    """
-
-    metric: str
-    values: dict[str, Any]
-    examples: list[dict[str, Any]] = field(default_factory=list)
-    samples: int = 0
-    seconds: float = 0.0
-
-    @property
-    def value(self) -> float:
-        return float(self.values[self.metric])
 
 
 class Task(ABC):

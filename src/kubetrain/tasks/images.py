@@ -335,7 +335,8 @@ def channel_stats(
 
     mode = manifest.meta["image_mode"]
     total = count = 0
-    sums = squares = None
+    sums: np.ndarray | None = None
+    squares: np.ndarray | None = None
     for shard in manifest.splits.get("train", []):
         for data in read_shard(root, shard, options)["image"]:
             with Image.open(io.BytesIO(data)) as img:
@@ -349,7 +350,7 @@ def channel_stats(
                 break
         if count >= limit:
             break
-    if not total:
+    if not total or sums is None or squares is None:
         raise DataError(f"data error: {root}: the training split has no images")
     mean = sums / total
     std = np.sqrt(np.maximum(squares / total - mean * mean, 1e-12))
@@ -425,7 +426,7 @@ def transforms(
     )
     collate = BatchCollate(batch_specs(cfg), num_classes)
     if check:
-        check_transforms(train, evaluate, collate)
+        check_transforms(train.inner, evaluate.inner, collate)
     return train, evaluate, collate
 
 
@@ -500,7 +501,8 @@ class ImageTask(Task):
         """On CUDA in ``channels_last`` (cuDNN's fast layout for convolutions); on the CPU as
         it is (measured: no gain for the small networks trained there, README "Vision")."""
         if device.type == "cuda":
-            return model.to(device, memory_format=torch.channels_last)
+            # Module.to takes memory_format (torch documents it); its type stubs omit it.
+            return model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         return model.to(device)
 
     def to_device(self, batch: Batch, device: torch.device) -> Batch:
@@ -537,7 +539,7 @@ class ImageTask(Task):
             "val", EVAL_BATCH, self.eval_transform, rank=ctx.rank, world_size=ctx.world_size,
             shuffle=False,
         )  # fmt: skip
-        loss_sum, correct, count = 0.0, 0, 0
+        loss_sum, correct, count = 0.0, 0.0, 0.0
         was_training = model.training
         model.eval()
         with torch.inference_mode():

@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -213,7 +213,8 @@ class TextTask(Task):
         if tokens is None:
             windows = Windows(per_samples=lambda n: -(-n // micro))
         else:
-            windows = Windows(count=ds.collate.count, agree=lambda n: _agree_min(n, ctx))
+            collate = cast(BucketingCollate, ds.collate)
+            windows = Windows(count=collate.count, agree=lambda n: _agree_min(n, ctx))
         return StreamBatches(
             ds, tc.grad_accum_steps, self.cfg.data.num_workers, self.cfg.data.prefetch,
             unpack=self._unpack, windows=windows, micro=micro,
@@ -264,7 +265,7 @@ class TextTask(Task):
         self, output: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
     ) -> torch.Tensor:
         """Mean label-smoothed (``train.label_smoothing``) cross-entropy, padding ignored."""
-        from kubetrain.models.transformer import label_smoothed_loss
+        from kubetrain.models.losses import label_smoothed_loss
 
         return label_smoothed_loss(output, target, label_smoothing, ignore_index=self.ignore_index)
 
@@ -299,7 +300,9 @@ class TextClassificationTask(TextTask):
     def score(self, model: nn.Module, split: str) -> Scores:
         from kubetrain.tasks import measure, text_metrics
 
-        truth, predicted, wrong = [], [], []
+        truth: list[np.ndarray] = []
+        predicted: list[np.ndarray] = []
+        wrong: list[tuple[torch.Tensor, int, int]] = []
         started = time.perf_counter()
         with torch.no_grad():  # not inference_mode: compiled int8 models fail under it
             for batch in self.batches(split):
@@ -313,7 +316,7 @@ class TextClassificationTask(TextTask):
         y, p = np.concatenate(truth).astype(np.int64), np.concatenate(predicted).astype(np.int64)
         classes = self.data.classes
         values = measure.classification(y, p, classes)
-        values["macro_f1"] = text_metrics.macro_f1(p, y)
+        values["macro_f1"] = text_metrics.macro_f1(p.tolist(), y.tolist())
         examples = [
             {"text": self.decode(ids), "true": classes[t], "predicted": classes[q]}
             for ids, t, q in wrong
@@ -348,7 +351,7 @@ class Seq2SeqTask(TextTask):
 
     def generate(self, model: nn.Module, src: torch.Tensor) -> list[list[int]]:
         """Token ids the model generates for each source (greedy, or beam search)."""
-        from kubetrain.models.transformer import beam_search, greedy_decode
+        from kubetrain.models.decoding import beam_search, greedy_decode
 
         ev = self.scoring
         if ev.beam_size > 1:

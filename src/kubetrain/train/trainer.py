@@ -20,7 +20,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -175,7 +175,7 @@ class Trainer:
             self.net = ddp
         self.compile_seconds: float | None = None
         if tc.compile:
-            self.net = torch.compile(self.net)
+            self.net = cast(nn.Module, torch.compile(self.net))
 
     def sync_buffers(self) -> None:
         """Under DDP, every rank takes rank 0's buffers (batch-norm running statistics), as DDP
@@ -297,7 +297,7 @@ class Trainer:
         if state is not None:
             self.restore(state)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self) -> dict[str, Any]:
         """The model's whole state dict on the CPU: under FSDP gathered from every rank (a
         collective; rank 0 gets it, the other ranks an empty dict)."""
         if self.sharded and self.ctx.distributed:

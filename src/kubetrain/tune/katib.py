@@ -31,7 +31,7 @@ from kubetrain.launch.cluster import ClusterJob, JobPaths, condition, new_name, 
 from kubetrain.launch.jobkinds import JobKind, offline_kind, resolve_kind
 from kubetrain.launch.kubeapi import KubeApi, Resource
 from kubetrain.tasks import kind_of
-from kubetrain.tune.config import SearchConfig, SearchParameter, objective_name
+from kubetrain.tune.config import SearchConfig, SearchParameter, TuneConfig, objective_name
 
 log = logging.getLogger(__name__)
 
@@ -130,47 +130,12 @@ def build_experiment(
 
     tune = cfg.tune
     kind = kind or offline_kind(cfg)
-    dataset = dataset_dir or JobPaths.for_job(cfg, name).dataset
-    trial_cfg = trial_config(cfg)
-    overrides = [f"{p.name}=${{trialParameters.{katib_name(p.name)}}}" for p in tune.parameters]
-    # A trial's model is not kept: the final train step retrains with the best parameters.
-    command = kind.worker_command(trial_cfg, dataset, "/tmp/kubetrain-trial", overrides)
-    job = kind.build_trial(trial_cfg, name, command)
-    # Katib names each trial's job; its labels (Kueue's queue among them) stay.
-    trial_spec = {k: v for k, v in job.items() if k != "metadata"}
-    trial_spec["metadata"] = {"labels": job["metadata"]["labels"]}
-
-    settings = dict(tune.algorithm_settings)
-    if tune.algorithm in SEEDED_ALGORITHMS:
-        settings.setdefault("random_state", tune.seed)
-    max_trials = tune.max_trials
-    if tune.algorithm == "grid":
-        from kubetrain.tune.space import grid_size
-
-        max_trials = min(max_trials, grid_size(tune))
-    metric = tune.objective_metric
     spec = models.V1beta1ExperimentSpec(
-        objective=models.V1beta1ObjectiveSpec(
-            type=tune.goal,
-            objective_metric_name=metric,
-            additional_metric_names=[OTHER_METRIC[metric]],
-            # The local engine scores a trial by its last epoch; so does Katib with "latest".
-            metric_strategies=[
-                models.V1beta1MetricStrategy(name=m, value="latest")
-                for m in (metric, OTHER_METRIC[metric])
-            ],
-        ),
-        algorithm=models.V1beta1AlgorithmSpec(
-            algorithm_name=tune.algorithm,
-            algorithm_settings=[
-                models.V1beta1AlgorithmSetting(name=k, value=str(v))
-                for k, v in sorted(settings.items())
-            ]
-            or None,
-        ),
+        objective=_objective(tune),
+        algorithm=_algorithm(tune),
         early_stopping=_early_stopping(cfg),
         parallel_trial_count=tune.parallel_trials,
-        max_trial_count=max_trials,
+        max_trial_count=_max_trials(tune),
         max_failed_trial_count=tune.max_failed_trials,
         parameters=[_parameter(p, tune.algorithm == "grid") for p in tune.parameters],
         metrics_collector_spec=models.V1beta1MetricsCollectorSpec(
@@ -179,19 +144,7 @@ def build_experiment(
                 filter=models.V1beta1FilterSpec(metrics_format=[METRICS_FILTER])
             ),
         ),
-        trial_template=models.V1beta1TrialTemplate(
-            primary_container_name=kind.container,
-            primary_pod_labels=dict(kind.trial_primary_pod_labels),
-            success_condition=kind.trial_success,
-            failure_condition=kind.trial_failure,
-            trial_parameters=[
-                models.V1beta1TrialParameterSpec(
-                    name=katib_name(p.name), reference=katib_name(p.name), description=p.name
-                )
-                for p in tune.parameters
-            ],
-            trial_spec=trial_spec,
-        ),
+        trial_template=_trial_template(cfg, name, dataset_dir, kind),
     )
     experiment = models.V1beta1Experiment(
         api_version=f"{EXPERIMENT.group}/{EXPERIMENT.version}",
@@ -204,6 +157,79 @@ def build_experiment(
         spec=spec,
     )
     return experiment.to_dict()
+
+
+def _objective(tune: TuneConfig) -> Any:
+    """The objective, and the other metric collected beside it; both scored by their last
+    epoch ("latest"), as the local engine scores a trial."""
+    from kubeflow_katib_api import models
+
+    metric = tune.objective_metric
+    return models.V1beta1ObjectiveSpec(
+        type=tune.goal,
+        objective_metric_name=metric,
+        additional_metric_names=[OTHER_METRIC[metric]],
+        metric_strategies=[
+            models.V1beta1MetricStrategy(name=m, value="latest")
+            for m in (metric, OTHER_METRIC[metric])
+        ],
+    )
+
+
+def _algorithm(tune: TuneConfig) -> Any:
+    """The algorithm and its settings (seeded with ``tune.seed`` where Katib takes a seed)."""
+    from kubeflow_katib_api import models
+
+    settings = dict(tune.algorithm_settings)
+    if tune.algorithm in SEEDED_ALGORITHMS:
+        settings.setdefault("random_state", tune.seed)
+    return models.V1beta1AlgorithmSpec(
+        algorithm_name=tune.algorithm,
+        algorithm_settings=[
+            models.V1beta1AlgorithmSetting(name=k, value=str(v))
+            for k, v in sorted(settings.items())
+        ]
+        or None,
+    )
+
+
+def _max_trials(tune: TuneConfig) -> int:
+    """``tune.max_trials``, at most the grid's size for ``grid``."""
+    if tune.algorithm != "grid":
+        return tune.max_trials
+    from kubetrain.tune.space import grid_size
+
+    return min(tune.max_trials, grid_size(tune))
+
+
+def _trial_template(cfg: SearchConfig, name: str, dataset_dir: str | None, kind: JobKind) -> Any:
+    """What each trial runs: the job of ``kind`` whose worker gets the trial's parameters as
+    ``--set`` overrides, and how Katib reads its outcome."""
+    from kubeflow_katib_api import models
+
+    tune = cfg.tune
+    dataset = dataset_dir or JobPaths.for_job(cfg, name).dataset
+    trial_cfg = trial_config(cfg)
+    overrides = [f"{p.name}=${{trialParameters.{katib_name(p.name)}}}" for p in tune.parameters]
+    # A trial's model is not kept: the final train step retrains with the best parameters.
+    command = kind.worker_command(trial_cfg, dataset, "/tmp/kubetrain-trial", overrides)
+    job = kind.build_trial(trial_cfg, name, command)
+    # Katib names each trial's job; its labels (Kueue's queue among them) stay.
+    trial_spec = {k: v for k, v in job.items() if k != "metadata"}
+    trial_spec["metadata"] = {"labels": job["metadata"]["labels"]}
+    return models.V1beta1TrialTemplate(
+        primary_container_name=kind.container,
+        primary_pod_labels=dict(kind.trial_primary_pod_labels),
+        success_condition=kind.trial_success,
+        failure_condition=kind.trial_failure,
+        trial_parameters=[
+            models.V1beta1TrialParameterSpec(
+                name=katib_name(p.name), reference=katib_name(p.name), description=p.name
+            )
+            for p in tune.parameters
+        ],
+        trial_spec=trial_spec,
+    )
 
 
 def _early_stopping(cfg: SearchConfig) -> Any:
