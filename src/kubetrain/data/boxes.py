@@ -171,7 +171,7 @@ class Categories:
         return self.names[int(label) - 1]
 
 
-def strata(label_sets: Sequence[Sequence[int]], min_count: int = 3) -> np.ndarray:
+def strata(label_sets: Sequence[Sequence[int] | np.ndarray], min_count: int = 3) -> np.ndarray:
     """One stratum per image for a stratified split of multi-label data: the rarest class the
     image holds (counted in images), ``0`` for an image without objects.
 
@@ -180,7 +180,7 @@ def strata(label_sets: Sequence[Sequence[int]], min_count: int = 3) -> np.ndarra
     A stratum with fewer than ``min_count`` images (a split needs one per part) joins the
     stratum of images without objects, or, if that is still too small, the largest one.
     """
-    present = Counter()
+    present: Counter[int] = Counter()
     for labels in label_sets:
         present.update(set(int(x) for x in labels))
     keys = np.array(

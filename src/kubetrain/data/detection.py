@@ -304,7 +304,7 @@ def _local_path(fs, url: str) -> str:
 
 
 def _coco_refs(fs, root, file, images, annotations, categories, counts) -> list[DetectionRef]:
-    by_id: dict[Any, dict] = {}
+    by_id: dict[Any, Mapping[str, Any]] = {}
     for img in images:
         if not isinstance(img, Mapping) or "id" not in img or "file_name" not in img:
             counts.drop("malformed", file)
@@ -354,8 +354,10 @@ def _parse_voc(text: bytes, where: str) -> tuple[str | None, list[tuple[str, tup
         name = (obj.findtext("name") or "").strip()
         box = obj.find("bndbox")
         try:
-            corners = tuple(float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except (AttributeError, TypeError, ValueError):
+            if box is None:
+                raise ValueError("no bndbox")
+            corners = tuple(float(box.findtext(k) or "") for k in ("xmin", "ymin", "xmax", "ymax"))
+        except (TypeError, ValueError):
             malformed += 1
             continue
         if not name:
@@ -682,7 +684,7 @@ def build_detection_dataset(cfg: DataConfig, out_dir: str) -> ShardManifest:
 def _manifest(results: list[_ShardResult], listing: DetectionListing, cfg: DataConfig,
               fingerprint: str) -> ShardManifest:  # fmt: skip
     splits: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
-    objects = {s: Counter() for s in SPLITS}
+    objects: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
     empty = dict.fromkeys(SPLITS, 0)
     counts = BoxCounts()
     counts += listing.counts

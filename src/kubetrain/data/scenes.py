@@ -54,7 +54,8 @@ def compose(items: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
     side = int(rng.integers(CANVAS[0], CANVAS[1] + 1))
     canvas = rng.integers(0, 16, (side, side)).astype(np.uint8)  # faint sensor noise
     count = 0 if rng.random() < EMPTY_SHARE else int(rng.integers(ITEMS[0], ITEMS[1] + 1))
-    boxes, classes = [], []
+    boxes: list[np.ndarray] = []
+    classes: list[int] = []
     for _ in range(count):
         k = int(rng.integers(len(items)))
         size = round(28 * float(rng.uniform(*SCALE)))

@@ -208,7 +208,9 @@ def load_detection_weights(
     own = model.state_dict()
     matched = sum(k in own for k in state)
     if matched and matched >= len(state) / 2:  # a detector's keys
-        fitted, resized, bad = {}, [], []
+        fitted: dict[str, torch.Tensor] = {}
+        resized: list[str] = []
+        bad: list[str] = []
         for key, value in state.items():
             if key in own and own[key].shape != value.shape:
                 (resized if key.startswith(CLASS_HEADS) else bad).append(key)
@@ -233,9 +235,9 @@ def load_detection_weights(
     fitted = {}
     for key, target in body_own.items():
         for candidate in (key, f"features.{key}"):
-            value = state.get(candidate)
-            if value is not None and value.shape == target.shape:
-                fitted[key] = value
+            found = state.get(candidate)
+            if found is not None and found.shape == target.shape:
+                fitted[key] = found
                 break
     if len(fitted) < len(body_own):
         lacking = [k for k in body_own if k not in fitted]
@@ -314,7 +316,7 @@ def small_fasterrcnn(
         *_conv(3, w, 2), *_conv(w, w, 1), *_conv(w, 2 * w, 2), *_conv(2 * w, 2 * w, 1),
         *_conv(2 * w, 4 * w, 2), *_conv(4 * w, 4 * w, 1),
     )  # fmt: skip
-    backbone.out_channels = 4 * w
+    backbone.out_channels = 4 * w  # type: ignore[assignment]  # what FasterRCNN reads
     # 64 sampled proposals an image and one RoIAlign sample a bin: RoIAlign's backward on the
     # CPU took 60 % of a step with torchvision's 512 and 2 (measured: 2.6 s -> 0.7 s a step).
     settings = {

@@ -35,7 +35,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -96,9 +96,10 @@ class PaddedTransform(nn.Module):
     """The detector's transform, its batches padded to one size (zeros bottom-right, where it
     pads a batch anyway): the input size the int8 backbone was exported for."""
 
-    def __init__(self, inner: nn.Module, size: tuple[int, int]) -> None:
+    def __init__(self, inner: Any, size: tuple[int, ...]) -> None:
         super().__init__()
-        self.inner, self.size = inner, tuple(size)
+        self.inner: Any = inner  # a GeneralizedRCNNTransform
+        self.size = (int(size[0]), int(size[1]))
 
     def forward(self, images, targets=None):
         import torch.nn.functional as F
@@ -158,7 +159,7 @@ def _static_backbone(model: nn.Module, images: list[torch.Tensor], qcfg: Quantiz
     from kubetrain.quantize.methods import _export_for_pt2e, _strip_unused, _x86_quantizer
 
     batches = _backbone_inputs(model, images, _pad_size(model))
-    backbone = model.backbone.eval()
+    backbone = cast(nn.Module, model.backbone).eval()
     prepared = prepare_pt2e(_export_for_pt2e(backbone, batches[0]), _x86_quantizer(qcfg))
     with torch.no_grad():
         for x in batches:
@@ -263,7 +264,7 @@ def quantize_detector(
     qcfg: QuantizeConfig,
     task: DetectionTask,
     load_model: Callable[[Path, DetectionTask], nn.Module],
-) -> dict[str, Any]:
+) -> QuantInfo:
     """The quantize step for a detector (see the module docstring): every candidate that
     applies built, reloaded from its files and scored on the validation split (the task's
     primary metric: COCO mAP), latency at batch 1 and 8 side by side, the gate

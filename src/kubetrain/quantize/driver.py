@@ -7,7 +7,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from kubetrain.tasks.base import Task
 
 if TYPE_CHECKING:
     from kubetrain.tasks.config import ScoringConfig
+    from kubetrain.tasks.detection import DetectionTask
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ def quantize_artifact(
         if task is not None and task.kind == "detection":
             from kubetrain.quantize.detection import quantize_detector
 
-            return quantize_detector(Path(model_dir), Path(out_dir), qcfg, task, load_model)
+            return quantize_detector(
+                Path(model_dir), Path(out_dir), qcfg, cast("DetectionTask", task), load_model
+            )
         return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, task)
     finally:
         torch.set_num_threads(threads)

@@ -53,7 +53,8 @@ def ground_truth(
 ) -> dict[str, Any]:
     """A COCO dataset of ``images``: each ``{"id", "width", "height", "boxes": (N, 4) x1 y1 x2
     y2, "category_ids": (N,)}``; ``categories``: ``[{"id", "name"}]``."""
-    out_images, annotations = [], []
+    out_images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for img in images:
         out_images.append({"id": int(img["id"]), "width": int(img["width"]),
                            "height": int(img["height"])})  # fmt: skip

@@ -315,8 +315,9 @@ class DetectionTask(Task):
 
         stream = self._stream("val", EVAL_BATCH, self.eval_transform, rank=ctx.rank,
                               world_size=ctx.world_size, shuffle=False)  # fmt: skip
-        loss_sum, count = 0.0, 0
-        truth, detections = [], []
+        loss_sum, count = 0.0, 0.0
+        truth: list[dict[str, Any]] = []
+        detections: list[dict[str, Any]] = []
         was_training = model.training
         for images, targets in stream:
             (images,), targets = self.to_device(((images,), targets), ctx.device)

@@ -143,7 +143,7 @@ class Trainer:
         self.history: list[EpochStats] = []
         self._history_dicts: list[dict[str, Any]] = []  # history as checkpointed, built once
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.partial = {"loss_sum": 0.0, "count": 0, "seconds": 0.0, "parts": {}}
+        self.partial: dict[str, Any] = {"loss_sum": 0.0, "count": 0, "seconds": 0.0, "parts": {}}
         self.resume_key = resume_key(cfg, data)
         self.resumed_from: int | None = None
         self.checkpoints_written = 0
