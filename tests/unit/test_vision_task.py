@@ -98,7 +98,7 @@ def test_examples_are_a_seeded_subset(built):
     b, yb = w.examples("train", 10, seed=1)
     c, _ = w.examples("train", 10, seed=2)
     assert torch.equal(a, b) and torch.equal(ya, yb) and not torch.equal(a, c)
-    assert len(w.examples("val", 10_000)[1]) == built[1]["sizes"]["val"]
+    assert len(w.examples("val", 10_000)[1]) == built[1].num_samples("val")
 
 
 def _digest(image: torch.Tensor) -> str:
@@ -111,7 +111,7 @@ def test_every_training_sample_once_per_epoch_over_ranks_and_workers(built, worl
     epoch hold the whole training split, each image once."""
     from kubetrain.train.config import TrainConfig
 
-    n_train = built[1]["sizes"]["train"]  # 84: 2 ranks x 2 workers x (3 x 7) with micro 7
+    n_train = built[1].num_samples("train")  # 84: 2 ranks x 2 workers x (3 x 7) with micro 7
     w = task(built, num_workers=workers)
     tc = TrainConfig(batch_size=14, nproc=world)
     seen = []
@@ -147,7 +147,7 @@ def test_validate_and_score_agree_on_a_trained_model(built):
     loss, acc = w.validate(model, DistContext())
     scores = w.score(model, "val")
     assert scores.value == pytest.approx(acc) and loss > 0
-    assert scores.metric == "accuracy" and scores.samples == built[1]["sizes"]["val"]
+    assert scores.metric == "accuracy" and scores.samples == built[1].num_samples("val")
     v = scores.values
     assert v["top5_accuracy"] == 1.0  # 5 classes: the true class is always in the top 5
     assert len(v["confusion_matrix"]) == 5 and set(v["per_class_accuracy"]) == set(w.data.classes)

@@ -37,9 +37,7 @@ import csv
 import functools
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetrain.core.errors import ConfigError, DataError
+from kubetrain.core.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -497,15 +496,7 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
             _empty(out)
             raise
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_directory(out) as tmp:
             meta = _write_dataset(cfg, tok, tmp, special, class_list, stats, num_processes)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     _warn_counts(cfg.source, meta)
     return meta

@@ -24,7 +24,6 @@ import logging
 import os
 import posixpath
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from kubetrain.core.errors import ConfigError, DataError
+from kubetrain.core.io import atomic_directory
 from kubetrain.core.records import ImageMeta
 from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
 from kubetrain.tasks.stream import StreamBatches
@@ -287,9 +287,8 @@ def fashion_mnist_folder(limit: int | None = None) -> Path:
     if folder.is_dir():
         return folder
     started = time.perf_counter()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fashion-mnist-", dir=folder.parent))
-    try:
+    # Another process converting it at the same time: the first to finish wins, both use it.
+    with atomic_directory(folder, replace=False) as tmp:
         written: dict[str, int] = {}
         for images, labels in files:
             left = None if per_class is None else per_class - min(written.values(), default=0)
@@ -301,13 +300,6 @@ def fashion_mnist_folder(limit: int | None = None) -> Path:
             for name, n in part.items():
                 written[name] = written.get(name, 0) + n
         _merge_class_folders(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process converted it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("Fashion-MNIST -> %s in %.1f s", folder, time.perf_counter() - started)
     return folder
 
