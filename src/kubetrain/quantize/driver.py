@@ -7,7 +7,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 from kubetrain.core.artifacts import (
     MODEL_WEIGHTS,
     QUANT_INFO,
+    DatasetArtifact,
     QuantizedModel,
     TrainedModel,
 )
@@ -28,6 +29,7 @@ from kubetrain.tasks.base import Task
 
 if TYPE_CHECKING:
     from kubetrain.tasks.config import ScoringConfig
+    from kubetrain.tasks.detection import DetectionTask
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,12 @@ def load_quantized(
     """
     qdir = Path(qdir)
     info = QuantizedModel.load(qdir).info
+    if info.format == "detector":  # kubetrain.quantize.detection: applied to the fp32 detector
+        from kubetrain.quantize.detection import load_detector
+
+        if model_dir is None:
+            raise KubetrainError(f"{qdir}: an int8 detector: rebuilding it needs the fp32 model")
+        return load_detector(qdir, load_model(model_dir, task))
     if info.format == artifact.STATE_DICT_FORMAT:
         if model_dir is None:
             raise KubetrainError(f"{qdir}: an int8 state dict: rebuilding it needs the fp32 model")
@@ -114,6 +122,16 @@ def quantize_artifact(
             from kubetrain.tasks import task_for_model
 
             task = (task or task_for_model(dataset_dir, model_dir)).measure_as(scoring)
+        if task is None and DatasetArtifact.read_meta(dataset_dir).kind == "detection":
+            from kubetrain.tasks import task_for_model
+
+            task = task_for_model(dataset_dir, model_dir)
+        if task is not None and task.kind == "detection":
+            from kubetrain.quantize.detection import quantize_detector
+
+            return quantize_detector(
+                Path(model_dir), Path(out_dir), qcfg, cast("DetectionTask", task), load_model
+            )
         return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, task)
     finally:
         torch.set_num_threads(threads)
