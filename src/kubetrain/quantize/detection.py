@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from kubetrain.core.artifacts import MODEL_WEIGHTS, QUANT_INFO, QUANT_STATE_DICT, QuantizedModel
+from kubetrain.core.artifacts import MODEL_WEIGHTS, QUANT_INFO, QUANT_STATE_DICT
 from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.core.records import Candidate, QuantInfo
 from kubetrain.quantize import artifact, select
@@ -324,47 +323,20 @@ def quantize_detector(
     )  # fmt: skip
     _measure_latency(task, fp32, fp32_info, tried, qcfg)
     candidates = [c for c, _, _ in tried] + skipped
-    budget, batch = qcfg.max_accuracy_drop, max(LATENCY_BATCHES)
-    chosen = select.choose(candidates, budget, batch)
-    select.verdicts(candidates, chosen, budget)
+    none = None
     if not names:
-        decision = "quantize.method none" if qcfg.method == "none" else (
+        none = "quantize.method none" if qcfg.method == "none" else (
             "no int8 method applies to this detector; keeping fp32")  # fmt: skip
-    else:
-        decision = select.explain(chosen, candidates, budget, metric, batch)
-        if chosen is None:
-            if qcfg.on_drop == "fail":
-                raise KubetrainError(
-                    f"quantize: {decision} (fp32 validation {metric} {reference:.4f}); raise "
-                    "quantize.max_accuracy_drop or set quantize.on_drop=keep_fp32"
-                )
-            decision += "; keeping fp32 (quantize.on_drop=keep_fp32)"
-    log.info("quantize: %s", decision)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    chosen_dir = next((d for c, _, d in tried if c is chosen), None)
-    if chosen_dir is not None:
-        for path in chosen_dir.iterdir():
-            if path.name != QUANT_INFO:
-                shutil.copyfile(path, out_dir / path.name)
-    kept = (chosen or fp32_info).model_dump(exclude={"verdict", "metric"})
-    info = QuantInfo(
-        **kept,
-        metric=metric,
-        decision=decision,
-        gate_passed=chosen is not None or not names,
-        max_accuracy_drop=budget,
-        fp32=fp32_info,
-        fp32_size_bytes=fp32_bytes,
-        fp32_file_bytes=fp32_bytes,
-        fp32_state_dict_bytes=fp32_bytes,
-        candidates=candidates,
-        threads=torch.get_num_threads(),
-        latency_batches=list(LATENCY_BATCHES),
+    chosen, decision = select.decide(
+        candidates, qcfg, metric, reference, max(LATENCY_BATCHES), none
     )
-    info.quantize_seconds = time.perf_counter() - started
-    shutil.rmtree(work, ignore_errors=True)
-    QuantizedModel(out_dir, info).save(out_dir)  # last: marks a complete artifact
-    return info
+    log.info("quantize: %s", decision)
+    return artifact.publish(
+        out_dir, next((d for c, _, d in tried if c is chosen), None), chosen or fp32_info,
+        fp32_info, candidates, qcfg, decision, gate_passed=chosen is not None or not names,
+        fp32_state_dict_bytes=fp32_bytes, started=started, work=work,
+        latency_batches=list(LATENCY_BATCHES),
+    )  # fmt: skip
 
 
 def _measure_latency(

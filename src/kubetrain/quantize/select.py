@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from kubetrain.core.errors import KubetrainError
 from kubetrain.core.records import Candidate
+from kubetrain.quantize.config import QuantizeConfig
 
 
 def within_budget(candidate: Candidate, max_drop: float) -> bool:
@@ -53,3 +55,30 @@ def explain(
         f"{chosen.accuracy_drop or 0:+.4f} ≤ {max_drop:.4f}"
         + (f" (others — {rest})" if rest else "")
     )
+
+
+def decide(
+    candidates: list[Candidate], qcfg: QuantizeConfig, metric: str, reference: float,
+    batch: int = 64, none: str | None = None,
+) -> tuple[Candidate | None, str]:  # fmt: skip
+    """The gate and the choice over the measured ``candidates``: (the chosen one, or None for
+    fp32; the one-line decision). ``none``: nothing was tried, and why (fp32 is kept).
+
+    Raises:
+        KubetrainError: nothing passes the gate and ``quantize.on_drop`` is ``fail`` (the
+            message has every candidate's verdict and the fp32 ``reference``).
+    """
+    budget = qcfg.max_accuracy_drop
+    chosen = None if none is not None else choose(candidates, budget, batch)
+    verdicts(candidates, chosen, budget)
+    if none is not None:
+        return None, none
+    decision = explain(chosen, candidates, budget, metric, batch)
+    if chosen is None:
+        if qcfg.on_drop == "fail":
+            raise KubetrainError(
+                f"quantize: {decision} (fp32 validation {metric} {reference:.4f}); raise "
+                "quantize.max_accuracy_drop or set quantize.on_drop=keep_fp32"
+            )
+        decision += "; keeping fp32 (quantize.on_drop=keep_fp32)"
+    return chosen, decision
