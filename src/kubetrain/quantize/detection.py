@@ -43,6 +43,7 @@ from kubetrain.core.artifacts import MODEL_WEIGHTS, QUANT_INFO, QUANT_STATE_DICT
 from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.core.records import Candidate, QuantInfo
 from kubetrain.quantize import artifact, select
+from kubetrain.quantize.candidates import Tried, attempt, measure_against
 from kubetrain.quantize.config import QAT, QuantizeConfig
 
 if TYPE_CHECKING:
@@ -257,6 +258,23 @@ def _names(qcfg: QuantizeConfig, model: nn.Module) -> tuple[list[str], list[Cand
     return [name], []
 
 
+def _attempt(
+    name: str, work: Path, fp32: nn.Module, fp32_info: Candidate, images: list[torch.Tensor],
+    qcfg: QuantizeConfig, task: DetectionTask, model_dir: Path,
+    load_model: Callable[[Path, DetectionTask], nn.Module],
+) -> Tried:  # fmt: skip
+    """Build candidate ``name``, reload it from its files and score it on the validation
+    split (``candidates.attempt``: under ``auto`` a failure is recorded, not raised)."""
+    cdir = work / name.replace("/", "_")
+
+    def build() -> tuple[Candidate, nn.Module, float]:
+        info = build_candidate(name, fp32, images, qcfg, cdir)
+        runnable = load_detector(cdir, load_model(model_dir, task))
+        return info, runnable, task.score(runnable, "val").values[fp32_info.metric or "map"]
+
+    return attempt(name, cdir, qcfg, fp32_info, build)
+
+
 def quantize_detector(
     model_dir: Path,
     out_dir: Path,
@@ -295,34 +313,17 @@ def quantize_detector(
     work = out_dir / "candidates"
     images = task.sample_images("train", qcfg.calibration_samples, seed=qcfg.seed) if names else []
     fp32_bytes = (Path(model_dir) / MODEL_WEIGHTS).stat().st_size
-    tried: list[tuple[Candidate, nn.Module | None, Path]] = []
-    for name in names:
-        cdir = work / name.replace("/", "_")
-        try:
-            info = build_candidate(name, fp32, images, qcfg, cdir)
-            runnable = load_detector(cdir, load_model(model_dir, task))
-            score = task.score(runnable, "val").values[metric]
-        except Exception as err:
-            if qcfg.method != "auto":
-                raise KubetrainError(
-                    f"quantize: {name} failed: {type(err).__name__}: {err}"
-                ) from err
-            first = (str(err).strip().splitlines() or [""])[0][:200]
-            log.warning("quantize: %s failed: %s: %s", name, type(err).__name__, first)
-            tried.append((Candidate(name=name, error=f"{type(err).__name__}: {first}"), None, cdir))
-            continue
-        info.metric, info.val_metric, info.accuracy_drop = metric, score, reference - score
-        info.size_ratio = (info.size_bytes or 0) / fp32_bytes
-        info.file_ratio = (info.file_bytes or 0) / fp32_bytes
-        log.info("%s: val %s %.4f (fp32 %.4f)", name, metric, score, reference)
-        tried.append((info, runnable, cdir))
     fp32_info = Candidate(
         name="none/fp32", method="none", backend="fp32", format=FORMAT, runtime="eager",
-        size_bytes=fp32_bytes, file_bytes=fp32_bytes, val_metric=reference, accuracy_drop=0.0,
-        size_ratio=1.0, metric=metric,
+        size_bytes=fp32_bytes, file_bytes=fp32_bytes, metric=metric, val_metric=reference,
     )  # fmt: skip
+    measure_against(fp32_info, fp32_info, reference)  # the reference: drop 0, size 1x
+    tried = [
+        _attempt(name, work, fp32, fp32_info, images, qcfg, task, model_dir, load_model)
+        for name in names
+    ]
     _measure_latency(task, fp32, fp32_info, tried, qcfg)
-    candidates = [c for c, _, _ in tried] + skipped
+    candidates = [t.info for t in tried] + skipped
     none = None
     if not names:
         none = "quantize.method none" if qcfg.method == "none" else (
@@ -332,7 +333,7 @@ def quantize_detector(
     )
     log.info("quantize: %s", decision)
     return artifact.publish(
-        out_dir, next((d for c, _, d in tried if c is chosen), None), chosen or fp32_info,
+        out_dir, next((t.dir for t in tried if t.info is chosen), None), chosen or fp32_info,
         fp32_info, candidates, qcfg, decision, gate_passed=chosen is not None or not names,
         fp32_state_dict_bytes=fp32_bytes, started=started, work=work,
         latency_batches=list(LATENCY_BATCHES),
@@ -343,14 +344,14 @@ def _measure_latency(
     task: DetectionTask,
     fp32: nn.Module,
     fp32_info: Candidate,
-    tried: list[tuple[Candidate, nn.Module | None, Path]],
+    tried: list[Tried],
     qcfg: QuantizeConfig,
 ) -> None:
     """Latency of fp32 and every built candidate at batch 1 and 8, timed side by side (padded
     validation images); written into the candidates and ``fp32_info``."""
     from kubetrain.tasks.measure import compare_latency
 
-    built = {c.name: m for c, m, _ in tried if m is not None}
+    built = {t.info.name: t.model for t in tried if t.model is not None}
     if not built:
         return
     x, _ = task.examples("val", max(LATENCY_BATCHES), seed=qcfg.seed)
@@ -358,7 +359,7 @@ def _measure_latency(
         lat = compare_latency({"none/fp32": fp32, **built}, x, None, batch, qcfg.latency_repeats)
         base = lat["none/fp32"]["median"]
         setattr(fp32_info, f"latency_ms_b{batch}", base)
-        for c, _, _ in tried:
+        for c in (t.info for t in tried):
             if c.name in lat:
                 setattr(c, f"latency_ms_b{batch}", lat[c.name]["median"])
                 setattr(c, f"latency_ratio_b{batch}", lat[c.name]["median"] / base)

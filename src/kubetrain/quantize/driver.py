@@ -22,6 +22,7 @@ from kubetrain.core.errors import KubetrainError
 from kubetrain.core.records import Candidate, QuantInfo
 from kubetrain.models.networks import build_from_spec
 from kubetrain.quantize import artifact, select
+from kubetrain.quantize.candidates import Tried, attempt, measure_against
 from kubetrain.quantize.config import QAT, QuantizeConfig
 from kubetrain.tasks.base import Task
 
@@ -175,6 +176,9 @@ def _reference(
     x_train, y_train = task.examples("train", qcfg.qat_samples, seed=qcfg.seed)
     work = out_dir / "candidates"
     scores = task.score(model, "val")
+    fp32 = methods.fp32_program(model, x_train[:64], work / "none_fp32")
+    fp32.metric, fp32.val_metric = scores.metric, scores.value
+    measure_against(fp32, fp32, scores.value)  # the reference: drop 0, size 1x
     return _Reference(
         model=model,
         model_dir=model_dir,
@@ -185,7 +189,7 @@ def _reference(
         work=work,
         metric=scores.metric,
         accuracy=scores.value,
-        info=methods.fp32_program(model, x_train[:64], work / "none_fp32"),
+        info=fp32,
     )
 
 
@@ -220,25 +224,14 @@ def _candidate_names(qcfg: QuantizeConfig, token_inputs: bool = False) -> list[s
     return [name]
 
 
-@dataclass
-class _Tried:
-    """A candidate as built: its info, its runnable model (None if it failed), its directory."""
-
-    info: Candidate
-    model: nn.Module | None
-    dir: Path
-
-
-def _attempt(ref: _Reference, name: str) -> _Tried:
-    """Build candidate ``name``, reload it from its saved artifact and measure its accuracy.
-
-    Returns it with its runnable model, or (under ``auto``) with the error and no model: one
-    broken backend must not stop auto. Raises KubetrainError for an explicit method.
-    """
+def _attempt(ref: _Reference, name: str) -> Tried:
+    """Build candidate ``name``, reload it from its saved artifact and measure it (see
+    ``candidates.attempt``: under ``auto`` a failure is recorded, not raised)."""
     from kubetrain.quantize import methods
 
     cdir = ref.work / name.replace("/", "_")
-    try:
+
+    def build() -> tuple[Candidate, nn.Module, float]:
         if ref.token_inputs:
             info = methods.build_state_dict(name, ref.model, ref.qcfg, cdir)
             fresh = load_model(ref.model_dir, ref.task)
@@ -248,30 +241,12 @@ def _attempt(ref: _Reference, name: str) -> _Tried:
                 name, ref.model, ref.x_train, ref.y_train, ref.shape, ref.qcfg, cdir
             )
             runnable, _ = artifact.load_artifact(cdir)  # measure what was saved
-        score = ref.val_score(runnable)
-    except Exception as err:
-        if ref.qcfg.method != "auto":
-            raise KubetrainError(f"quantize: {name} failed: {type(err).__name__}: {err}") from err
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        log.warning("quantize: %s failed: %s: %s", name, type(err).__name__, first)
-        return _Tried(Candidate(name=name, error=f"{type(err).__name__}: {first}"), None, cdir)
-    _score(info, ref, score)
-    info.size_ratio = (info.size_bytes or 0) / (ref.info.size_bytes or 1)
-    info.file_ratio = (info.file_bytes or 0) / (ref.info.file_bytes or 1)
-    log.info("%s: val %s %.4f (fp32 %.4f)", name, ref.metric, score, ref.accuracy)
-    return _Tried(info, runnable, cdir)
+        return info, runnable, ref.val_score(runnable)
+
+    return attempt(name, cdir, ref.qcfg, ref.info, build)
 
 
-def _score(info: Candidate, ref: _Reference, score: float) -> None:
-    """A candidate's validation score on the primary metric and its drop against fp32 (the
-    gate's ``accuracy_drop``, whatever the metric's name)."""
-    info.metric, info.val_metric = ref.metric, score
-    if ref.metric == "accuracy":
-        info.val_accuracy = score
-    info.accuracy_drop = ref.accuracy - score
-
-
-def _try_candidates(ref: _Reference, names: list[str]) -> list[_Tried]:
+def _try_candidates(ref: _Reference, names: list[str]) -> list[Tried]:
     """Every candidate of ``names``, then QAT if none is within budget (``qat_on_drop``)."""
     tried = [_attempt(ref, n) for n in names]
     budget = ref.qcfg.max_accuracy_drop
@@ -290,7 +265,7 @@ def _try_candidates(ref: _Reference, names: list[str]) -> list[_Tried]:
 LATENCY_BATCHES = (1, 64)
 
 
-def _measure_latency(ref: _Reference, tried: list[_Tried]) -> None:
+def _measure_latency(ref: _Reference, tried: list[Tried]) -> None:
     """Batch-1 and batch-64 latency of fp32 and every built candidate, timed side by side;
     written into the candidates' infos and ``ref.info``."""
     from kubetrain.tasks.measure import compare_latency, latency_inputs
@@ -338,8 +313,6 @@ def _quantize(
     log.info("quantize: %s", decision)
     chosen_dir = next((t.dir for t in tried if t.info is chosen), ref.work / "none_fp32")
     fp32 = ref.info
-    _score(fp32, ref, ref.accuracy)
-    fp32.size_ratio = 1.0
     info = artifact.publish(
         out_dir, chosen_dir, chosen or fp32, fp32, candidates, qcfg, decision,
         gate_passed=chosen is not None or not names,
