@@ -208,26 +208,37 @@ def load_detection_weights(
     own = model.state_dict()
     matched = sum(k in own for k in state)
     if matched and matched >= len(state) / 2:  # a detector's keys
-        fitted: dict[str, torch.Tensor] = {}
-        resized: list[str] = []
-        bad: list[str] = []
-        for key, value in state.items():
-            if key in own and own[key].shape != value.shape:
-                (resized if key.startswith(CLASS_HEADS) else bad).append(key)
-                continue
-            fitted[key] = value
-        result = model.load_state_dict(fitted, strict=False)
-        missing = [k for k in result.missing_keys if k not in resized]
-        if bad or missing or result.unexpected_keys:
-            which = (bad or missing or result.unexpected_keys)[:3]
-            raise ConfigError(
-                f"config error: model.weights: {uri}: does not fit {type(model).__name__} "
-                f"({'shapes differ' if bad else 'keys missing' if missing else 'extra keys'}: "
-                f"{', '.join(which)})"
-            )
-        if resized:
-            log.info("model.weights: %s: class head re-initialised for the data's classes", uri)
-        return
+        _load_detector(model, uri, state)
+    else:
+        _load_backbone(model, uri, state)
+
+
+def _load_detector(model: nn.Module, uri: str, state: Mapping[str, torch.Tensor]) -> None:
+    """A whole detector's weights; a class head of another size keeps its fresh weights."""
+    own = model.state_dict()
+    fitted: dict[str, torch.Tensor] = {}
+    resized: list[str] = []
+    bad: list[str] = []
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            (resized if key.startswith(CLASS_HEADS) else bad).append(key)
+            continue
+        fitted[key] = value
+    result = model.load_state_dict(fitted, strict=False)
+    missing = [k for k in result.missing_keys if k not in resized]
+    if bad or missing or result.unexpected_keys:
+        which = (bad or missing or result.unexpected_keys)[:3]
+        raise ConfigError(
+            f"config error: model.weights: {uri}: does not fit {type(model).__name__} "
+            f"({'shapes differ' if bad else 'keys missing' if missing else 'extra keys'}: "
+            f"{', '.join(which)})"
+        )
+    if resized:
+        log.info("model.weights: %s: class head re-initialised for the data's classes", uri)
+
+
+def _load_backbone(model: nn.Module, uri: str, state: Mapping[str, torch.Tensor]) -> None:
+    """A classification backbone's weights into the detector's ``backbone.body``."""
     body = _backbone_body(model)
     if body is None:
         raise ConfigError(f"config error: model.weights: {uri}: the model has no backbone")
