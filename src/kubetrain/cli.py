@@ -186,7 +186,7 @@ def _print_table(header: list[str], rows: list[list[str]], title: str | None = N
 
 
 def _runs_command(args: argparse.Namespace) -> int:
-    from kubetrain.core.io import atomic_write
+    from kubetrain.core.io import atomic_write, check_writable_dir
     from kubetrain.pipeline import runs
 
     if args.command == "runs":
@@ -197,15 +197,18 @@ def _runs_command(args: argparse.Namespace) -> int:
         _print_table(*runs.list_rows(found))
         return 0
     if len(args.run_dirs) < 2:
-        raise KubetrainError("compare: give at least two runs")
+        raise UsageError("compare: give at least two runs")
+    out = args.output or args.root / "compare.html"
+    if out.is_dir():
+        raise UsageError(f"--output {out}: is a directory; give the HTML file to write")
     chosen = [runs.resolve_run(text, args.root) for text in args.run_dirs]
+    check_writable_dir(out.parent, "--output" if args.output else "--root")
     names, diffs, results = runs.compare_tables(chosen)
     _print_table(["", *names], [[k, *v] for k, v in results], title="results")
     if diffs:
         _print_table(["config", *names], [[k, *v] for k, v in diffs], title="config differences")
     else:
         print("config: no differences")
-    out = args.output or args.root / "compare.html"
     page = runs.render_html(chosen)
     atomic_write(out, lambda tmp: Path(tmp).write_text(page))
     print(f"wrote {out}")

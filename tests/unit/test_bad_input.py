@@ -86,6 +86,12 @@ def npz(tmp: Path, name: str, width: int, **extra) -> None:
     np.savez(tmp / name, **arrays)
 
 
+def run_dirs(tmp: Path, *names: str) -> None:
+    """Directories marked as `kubetrain run` marks its run directories (nothing inside)."""
+    for name in names:
+        text(tmp, f"{name}/.kubetrain-run", "")
+
+
 def fake_artifacts(tmp: Path, *names: str) -> None:
     """Directories with only an artifact's marker file: enough to pass the path checks."""
     markers = {"m": "model.json", "q": "quant.json", "t": "best_params.json", "ds": "meta.json"}
@@ -342,6 +348,33 @@ PATHS = {
     "missing-argument": Case(["train", "--output", "{tmp}/m"], 2, "--dataset"),
     "schedule-without-cron": Case(["schedule", "--name", "n"], 2, "--cron"),
     "submit-without-host": Case(["submit", "--host", ""], 1, "submit: give --host URL"),
+    # `runs` and `compare`: their arguments are usage errors too (exit 2, as the README says)
+    "runs-root-missing": Case(["runs", "--root", "{tmp}/nowhere"], 2, "nowhere: no such directory"),
+    "compare-one-run": Case(
+        ["compare", "a", "--root", "{tmp}"],
+        2,
+        "compare: give at least two runs",
+        setup=lambda t: run_dirs(t, "a"),
+    ),
+    "compare-unknown-run": Case(
+        ["compare", "a", "ghost", "--root", "{tmp}"],
+        2,
+        "ghost: not a run directory",
+        setup=lambda t: run_dirs(t, "a"),
+    ),
+    "compare-output-is-a-dir": Case(
+        ["compare", "a", "b", "--root", "{tmp}", "-o", "{tmp}/d"],
+        2,
+        "--output {tmp}/d: is a directory",
+        setup=lambda t: (run_dirs(t, "a", "b"), (t / "d").mkdir()),
+    ),
+    "compare-output-under-a-file": Case(
+        ["compare", "a", "b", "--root", "{tmp}", "-o", "{tmp}/f/c.html"],
+        2,
+        "--output {tmp}/f: exists and is a file",
+        setup=lambda t: (run_dirs(t, "a", "b"), text(t, "f", "keep me")),
+        kept={"f": "keep me"},
+    ),
 }
 
 DATA = {
@@ -746,3 +779,24 @@ def test_stale_temporary_files_of_atomic_writes_are_removed(tmp_path):
     write_json(tmp_path / "manifest.json", {"ok": True})
     assert not stale.exists()
     assert live.exists() and other_host.exists()  # alive, or another pod's on a shared volume
+
+
+# -- the run experience: what a teammate sharing the run directory can read ---------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077], ids=["022", "027", "077"])
+def test_files_written_atomically_take_the_umask(umask, tmp_path):
+    from kubetrain.core.io import atomic_write, write_json
+
+    old = os.umask(umask)
+    try:
+        written = [
+            write_json(tmp_path / "metrics.json", {"ok": True}),
+            atomic_write(tmp_path / "model.pt", lambda tmp: Path(tmp).write_bytes(b"w")),
+        ]
+        (tmp_path / "neighbour.txt").write_text("plain open()")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (tmp_path / "neighbour.txt").stat().st_mode & 0o777 == want
+    assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(want)] * 2

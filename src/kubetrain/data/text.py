@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetrain.core.errors import ConfigError, DataError
+from kubetrain.core.io import umask_mode
 
 log = logging.getLogger(__name__)
 
@@ -503,6 +504,7 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
             meta = _write_dataset(cfg, tok, tmp, special, class_list, stats, num_processes)
             if out.exists():
                 shutil.rmtree(out)
+            umask_mode(tmp)  # mkdtemp's 0700: the dataset directory is shared like its files
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
