@@ -171,6 +171,12 @@ CONFIG = {
     "quantity-not-k8s": Case(show("cluster.memory=lots"), 2, "cluster.memory"),
     "set-without-value": Case(show("train.epochs"), 2, "expected KEY=VALUE"),
     "set-duplicate-key": Case(show("cluster.env={A: x, A: y}"), 2, "duplicate key 'A'"),
+    # a section's fields are fixed, a free-form mapping's keys are not (see test_set_reaches_...)
+    "set-misspelt-mapping": Case(
+        show("model.name=torchvision:resnet18", "model.kwarg.dropout=0.1"),
+        2,
+        "model.kwarg: no such field",
+    ),
     # the same rules hold on the steps and on `run`, before anything is written
     "train-step-lr-inf": Case(
         ["train", "--dataset", "{digits}", "--output", "{tmp}/m", *_sets("train.lr=.inf")],
@@ -527,6 +533,26 @@ def _duplicate_parquet(tmp: Path) -> None:
 
     columns = [pa.array([1.0, 2.0]), pa.array([3.0, 4.0]), pa.array(["x", "y"])]
     pq.write_table(pa.Table.from_arrays(columns, names=["a", "a", "kind"]), tmp / "d.parquet")
+
+
+@pytest.mark.parametrize(
+    ("setting", "where", "want"),
+    [
+        ("model.kwargs.dropout=0.1", "model.kwargs", {"dropout": 0.1}),
+        ("data.storage_options.client_kwargs.region_name=eu-west-1", "data.storage_options",
+         {"client_kwargs": {"region_name": "eu-west-1"}}),
+        ("cluster.env.HF_HOME=/cache", "cluster.env", {"HF_HOME": "/cache"}),
+    ],
+    ids=["builder-argument", "nested-storage-option", "environment"],
+)  # fmt: skip
+def test_set_reaches_into_free_form_mappings(setting, where, want):
+    """``--set model.kwargs.dropout=0.1`` is what the mapping form ``model.kwargs={dropout:
+    0.1}`` says: a real builder argument, not "no such field"."""
+    from kubetrain.pipeline.config import load_config
+
+    cfg = load_config(None, ["model.name=torchvision:resnet18", setting])
+    section, name = where.split(".")
+    assert getattr(getattr(cfg, section), name) == want
 
 
 TABLE = {
