@@ -492,6 +492,23 @@ DATA = {
     "parquet-duplicate-column": Case(
         source("d.parquet"), 1, "d.parquet: cannot parse", lambda t: _duplicate_parquet(t)
     ),
+    # text: the same rules as tables and images
+    "text-one-class": Case(
+        prep("data.task=text_classification", "data.source={tmp}/t.csv"),
+        1,
+        "t.csv: needs at least 2 classes in column 'label', found 1 ('spam')",
+        lambda t: text(t, "t.csv", "text,label\n" + "".join(f"mail {i},spam\n" for i in range(40))),
+    ),
+    "seq2seq-every-target-empty": Case(
+        prep("data.task=seq2seq", "data.source={tmp}/p.jsonl", "data.target_column=german"),
+        1,
+        "p.jsonl: no usable training text (40 rows read: every target in column 'german' is empty)",
+        lambda t: text(
+            t,
+            "p.jsonl",
+            "".join(json.dumps({"text": f"line {i}", "german": ""}) + "\n" for i in range(40)),
+        ),
+    ),
     # `run` checks the data before it writes anything (preflight)
     "run-glob-missing-column": Case(
         [

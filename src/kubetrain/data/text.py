@@ -82,6 +82,7 @@ class ReadStats:
 
     rows: int = 0
     skipped_empty: int = 0
+    empty_targets: int = 0  # of those, rows whose text was there but the target empty (seq2seq)
     per_split: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0, "test": 0})
 
 
@@ -305,6 +306,7 @@ def iter_examples(cfg, stats: ReadStats | None = None) -> Iterator[TextExample]:
             raise DataError(f"{where}: empty label in column {other!r}")
         if not text.strip() or not value.strip():
             stats.skipped_empty += 1
+            stats.empty_targets += bool(text.strip())
             continue
         split = split_of(row, cfg.seed, cfg.val_fraction, cfg.test_fraction)
         stats.per_split[split] += 1
@@ -464,6 +466,34 @@ def _warn_counts(source: str, meta: TextMeta) -> None:
         )
 
 
+def _check_read(cfg, stats: ReadStats, class_list: list[str] | None) -> None:
+    """Refuse what reading found unusable: no training text (naming the empty column), one
+    class (a classifier of one class scores 1.0 and learns nothing; tables and images refuse
+    it too).
+
+    Raises:
+        DataError: naming the source and the column.
+    """
+    if stats.per_split["train"] == 0:
+        if stats.rows and stats.empty_targets == stats.skipped_empty == stats.rows:
+            why = f"every target in column {cfg.target_column!r} is empty"
+        elif stats.rows and stats.empty_targets == 0 and stats.skipped_empty == stats.rows:
+            why = f"every text in column {cfg.text_column!r} is empty"
+        elif stats.rows:
+            why = (f"{stats.skipped_empty} rows with an empty text ({cfg.text_column!r}) or "
+                   f"target ({cfg.target_column!r}), none left for the training split")  # fmt: skip
+        else:
+            why = "no rows"
+        raise DataError(
+            f"data error: {cfg.source}: no usable training text ({stats.rows} rows read: {why})"
+        )
+    if class_list is not None and len(class_list) < 2:
+        raise DataError(
+            f"data error: {cfg.source}: needs at least 2 classes in column "
+            f"{cfg.label_column!r}, found {len(class_list)} ({', '.join(map(repr, class_list))})"
+        )
+
+
 def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None) -> TextMeta:
     """Preprocess a text source into ``out``: tokenizer, token shards, ``text.json``.
 
@@ -487,8 +517,7 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
     _refuse_foreign_out(out)
     stats = ReadStats()
     tok, class_list = _fit_tokenizer(cfg, stats)
-    if stats.per_split["train"] == 0:
-        raise DataError(f"{cfg.source}: no usable training text ({stats.rows} rows read)")
+    _check_read(cfg, stats, class_list)
     special = tokenize.special_ids(tok, cfg.tokenizer.path or "trained tokenizer")
     if out.is_dir() and not any(out.iterdir()):
         # An empty output directory (a pipeline's artifact): written in place, emptied on failure.
