@@ -219,3 +219,94 @@ def test_run_on_a_full_disk_says_no_space_left(tmp_path):
         assert_one_line(proc.returncode, err.read_text(), 1, "no space left on device", tmp_path)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+# -- object storage that cannot be read: against moto's S3 server on 127.0.0.1 -----------------
+@pytest.fixture(scope="module")
+def bucket():
+    """moto's S3 server with bucket ``bkt``: an image folder ``images/`` and a table ``d.csv``."""
+    import io
+
+    from PIL import Image
+
+    from servers import s3_server
+
+    with s3_server() as s3:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(**s3.storage_options)
+        fs.mkdir("bkt")
+        for i in range(24):
+            png = io.BytesIO()
+            Image.new("RGB", (8, 8), (i * 10, 0, 0)).save(png, format="PNG")
+            fs.pipe(f"bkt/images/{'ab'[i % 2]}/{i}.png", png.getvalue())
+        rows = "".join(f"{i},{i % 3},{i % 2}\n" for i in range(60))
+        fs.pipe("bkt/d.csv", ("a,b,label\n" + rows).encode())
+        yield s3
+
+
+def _no_aws_env() -> dict[str, str]:
+    """This environment without AWS credentials (nor files or an instance to find them in)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    return dict(env, AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/nonexistent",
+                AWS_SHARED_CREDENTIALS_FILE="/nonexistent")  # fmt: skip
+
+
+def _closed_port() -> str:
+    from servers import free_port
+
+    return f"http://127.0.0.1:{free_port()}"
+
+
+S3_CASES = {
+    # (command, source, credentials?, endpoint ("moto" or "closed"), exit code, the line says)
+    "preprocess-images-no-credentials": ("preprocess", "s3://bkt/images/", False, "moto", 2,
+                                         "s3://bkt/images/: no credentials for s3://"),
+    "preprocess-csv-no-credentials": ("preprocess", "s3://bkt/d.csv", False, "moto", 2,
+                                      "s3://bkt/d.csv: no credentials for s3://"),
+    "run-images-no-credentials": ("run", "s3://bkt/images/", False, "moto", 2,
+                                  "s3://bkt/images/: no credentials for s3://"),
+    "preprocess-images-endpoint-closed": ("preprocess", "s3://bkt/images/", True, "closed", 1,
+                                          "s3://bkt/images/: cannot reach the storage endpoint"),
+    "run-csv-endpoint-closed": ("run", "s3://bkt/d.csv", True, "closed", 1,
+                                "s3://bkt/d.csv: cannot reach the storage endpoint"),
+    "preprocess-no-bucket": ("preprocess", "s3://nobkt/images/", True, "moto", 1,
+                             "s3://nobkt/images/: no such bucket 'nobkt'"),
+    "run-csv-no-bucket": ("run", "s3://nobkt/d.csv", True, "moto", 1,
+                          "s3://nobkt/d.csv: no such bucket 'nobkt'"),
+}  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", list(S3_CASES.values()), ids=list(S3_CASES))
+def test_object_storage_that_cannot_be_read_is_one_line(case, bucket, tmp_path):
+    command, source, credentials, endpoint, code, line = case
+    env = _no_aws_env()
+    if credentials:
+        env.update(AWS_ACCESS_KEY_ID=bucket.key, AWS_SECRET_ACCESS_KEY=bucket.secret)
+    url = bucket.url if endpoint == "moto" else _closed_port()
+    options = f"{{client_kwargs: {{endpoint_url: '{url}', region_name: {bucket.region}}}}}"
+    out = tmp_path / ("run" if command == "run" else "ds")
+    args = [command, "--output", str(out), "--set", f"data.source={source}",
+            "--set", f"data.storage_options={options}", *(FAST_RUN if command == "run" else [])]  # fmt: skip
+    proc = subprocess.run([*KUBETRAIN, *args], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert_one_line(proc.returncode, proc.stderr, code, line, tmp_path)
+    if endpoint == "closed":
+        assert url in proc.stderr.splitlines()[-1]
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.integration
+def test_compiling_a_recipe_on_object_storage_needs_neither_credentials_nor_the_endpoint(
+    tmp_path,
+):
+    """``vision-gpu`` reads an ``s3://`` bucket of the cluster's MinIO: compiling it here, with no
+    credentials and its endpoint unreachable, writes the pipeline (it never touches data)."""
+    out = tmp_path / "p.yaml"
+    args = ["compile", "--config", "vision-gpu", "-o", str(out),
+            "--set", f"data.storage_options.endpoint_url={_closed_port()}"]  # fmt: skip
+    proc = subprocess.run([*KUBETRAIN, *args], env=_no_aws_env(), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.stat().st_size > 0 and "Traceback" not in proc.stderr

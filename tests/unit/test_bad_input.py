@@ -171,6 +171,16 @@ CONFIG = {
     "quantity-not-k8s": Case(show("cluster.memory=lots"), 2, "cluster.memory"),
     "set-without-value": Case(show("train.epochs"), 2, "expected KEY=VALUE"),
     "set-duplicate-key": Case(show("cluster.env={A: x, A: y}"), 2, "duplicate key 'A'"),
+    "kind-images-with-seq2seq-task": Case(
+        show("data.kind=images", "data.task=seq2seq"),
+        2,
+        "data.kind 'images' is classification data; data.task is 'seq2seq'",
+    ),
+    "kind-disagrees-with-task": Case(
+        show("data.kind=seq2seq", "data.task=text_classification"),
+        2,
+        "data.kind 'seq2seq' and data.task 'text_classification' disagree",
+    ),
     # a section's fields are fixed, a free-form mapping's keys are not (see test_set_reaches_...)
     "set-misspelt-mapping": Case(
         show("model.name=torchvision:resnet18", "model.kwarg.dropout=0.1"),
@@ -843,3 +853,89 @@ def test_files_written_atomically_take_the_umask(umask, tmp_path):
     want = 0o666 & ~umask
     assert (tmp_path / "neighbour.txt").stat().st_mode & 0o777 == want
     assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(want)] * 2
+
+
+# -- object storage: what s3fs raises, as one line (end to end against moto: the integration
+# catalogue, tests/integration/test_bad_input_run.py) ----------------------------------------
+
+
+def _boto(name: str, code: str = ""):
+    import botocore.exceptions as b
+
+    if name == "ClientError":
+        return b.ClientError({"Error": {"Code": code, "Message": "m"}}, "ListObjectsV2")
+    if name == "EndpointConnectionError":
+        return b.EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    return getattr(b, name)()
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (("NoCredentialsError",), 2, "data.source s3://b/x.csv: no credentials for s3:// (set "
+         "AWS_ACCESS_KEY_ID"),
+        (("EndpointConnectionError",), 1, "s3://b/x.csv: cannot reach the storage endpoint "
+         "http://127.0.0.1:9 (data.storage_options)"),
+        (("ClientError", "NoSuchBucket"), 1, "s3://b/x.csv: no such bucket 'b'"),
+        (("ClientError", "InvalidAccessKeyId"), 1, "refused the credentials or access "
+         "(InvalidAccessKeyId)"),
+    ],
+    ids=["no-credentials", "endpoint-unreachable", "no-bucket", "credentials-refused"],
+)  # fmt: skip
+def test_object_storage_failures_are_one_line(error, code, line):
+    pytest.importorskip("botocore")
+    from kubetrain.data.storage import storage_errors
+
+    options = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    cause = _boto(*error)
+    with pytest.raises(Exception) as raised, storage_errors("s3://b/x.csv", options):
+        try:  # as s3fs raises them: the client's error as the cause of its own
+            raise cause
+        except Exception as inner:
+            raise RuntimeError("s3fs wrapper") from inner
+    assert raised.value.exit_code == code and line in str(raised.value)
+
+
+def test_other_errors_pass_through_storage_errors():
+    from kubetrain.data.storage import storage_errors
+
+    with pytest.raises(ZeroDivisionError), storage_errors("s3://b/x.csv"):
+        _ = 1 / 0
+
+
+RECIPES = sorted(
+    p.stem for p in (Path(__file__).parents[2] / "src/kubetrain/pipeline/recipes").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_compiling_never_reads_the_data(recipe, tmp_path, monkeypatch, capsys):
+    """``kubetrain compile`` (and the run parameters ``submit`` sends) take the kind from the
+    config: the source is never listed or opened, so an unreachable bucket cannot stop it."""
+    import fsspec
+
+    import kubetrain.data.image_sources as image_sources
+    import kubetrain.tasks.images as images
+    from kubetrain.pipeline import submit
+
+    def touched(*args, **kwargs):
+        raise AssertionError(f"compiling read the data: {args}")
+
+    for module, name in ((images, "is_image_source"), (image_sources, "filesystem"),
+                         (fsspec, "open"), (fsspec, "get_fs_token_paths"),
+                         (fsspec.core, "url_to_fs")):  # fmt: skip
+        monkeypatch.setattr(module, name, touched)
+    code, err = run_main(["compile", "--config", recipe, "-o", str(tmp_path / "p.yaml")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "p.yaml").stat().st_size > 0
+    req = submit.request(recipe, ["data.source=s3://elsewhere/{date}/"])
+    assert req.params["min_accuracy"] == pytest.approx(
+        0.0 if req.cfg.data.task == "seq2seq" and req.cfg.evaluate.min_value is None
+        else req.cfg.evaluate.min_value or req.cfg.evaluate.min_accuracy
+    )  # fmt: skip
+
+
+def test_a_declared_text_kind_sets_the_task():
+    from kubetrain.pipeline.config import load_config
+
+    assert load_config(None, ["data.kind=seq2seq"]).data.task == "seq2seq"

@@ -21,6 +21,10 @@ SPECIAL_TOKENS: dict[str, str] = {
 MIN_LEARNED_PIECES = 32
 
 
+# The kinds data.task 'classification' covers; every other declared kind is a task of its own.
+_CLASSIFICATION_KINDS = ("tabular", "images")
+
+
 class TokenizerConfig(Section):
     """The tokenizer of text data: trained on the training split, or loaded from a file."""
 
@@ -138,6 +142,35 @@ class DataConfig(Section):
         "'text_classification' (text + label) or 'seq2seq' (text -> target text: translation, "
         "summarization).",
     )
+    kind: Literal["auto", "tabular", "images", "text_classification", "seq2seq"] = Field(
+        "auto",
+        description="What kind of dataset data.source is. auto: text kinds from data.task; "
+        "for classification, images or tabular found by looking at the source when the "
+        "pipeline runs (its name, one listing or one header). Declared, nothing is looked at "
+        "for it: compiling and submitting a pipeline never read data either way (with auto, "
+        "they take the promotion bar of data.task, and the image-only settings are checked "
+        "when the steps run). A text kind here sets data.task to it.",
+    )
+
+    @model_validator(mode="after")
+    def _kind_fits_task(self) -> DataConfig:
+        if self.kind == "auto":
+            return self
+        if self.kind not in _CLASSIFICATION_KINDS and self.task == "classification":
+            # ``data.kind: seq2seq`` alone says ``data.task: seq2seq`` too: a text kind is
+            # never classification of features, so there is nothing else it could mean.
+            self.__dict__["task"] = self.kind
+            self.__pydantic_fields_set__.add("task")
+        if self.kind in _CLASSIFICATION_KINDS:
+            if self.task != "classification":
+                raise ValueError(
+                    f"data.kind {self.kind!r} is classification data; data.task is "
+                    f"{self.task!r} (leave data.kind at auto, or set data.kind {self.task!r})"
+                )
+        elif self.kind != self.task:
+            raise ValueError(f"data.kind {self.kind!r} and data.task {self.task!r} disagree")
+        return self
+
     text_column: str = Field("text", description="Column of the input text (text tasks).")
     target_column: str = Field("target", description="Column of the output text of seq2seq pairs.")
     max_length: int = Field(

@@ -113,10 +113,14 @@ def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: P
 def promotion_bar(cfg: PipelineConfig) -> float:
     """The promotion bar on the primary metric that ``cfg`` sets: ``evaluate.min_value``, else
     ``evaluate.min_accuracy`` for classification and 0 for seq2seq (the ``min_accuracy``
-    pipeline parameter's default: it carries the bar of whichever metric is primary)."""
-    from kubetrain.tasks import kind_of
+    pipeline parameter's default: it carries the bar of whichever metric is primary).
 
-    return cfg.evaluate.bar(kind_of(cfg.data))
+    Taken from the declared kind (``data.kind``, or ``data.task``), never from the data:
+    compiling a pipeline calls it. Tabular and images have the same bar, so ``auto`` needs no
+    look at the source."""
+    from kubetrain.tasks import declared_kind
+
+    return cfg.evaluate.bar(declared_kind(cfg.data) or "classification")
 
 
 def is_promotable(metrics: dict[str, Any], min_value: float) -> bool:
