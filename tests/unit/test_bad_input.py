@@ -170,6 +170,21 @@ CONFIG = {
     "namespace-not-dns": Case(show("cluster.namespace=Team_A"), 2, "cluster.namespace"),
     "quantity-not-k8s": Case(show("cluster.memory=lots"), 2, "cluster.memory"),
     "set-without-value": Case(show("train.epochs"), 2, "expected KEY=VALUE"),
+    "metric-of-another-task": Case(
+        show("evaluate.metric=bleu"),
+        2,
+        "evaluate.metric: 'bleu' does not apply to tabular or images data",
+    ),
+    "metric-of-another-task-on-run": Case(
+        ["run", "--output", "{tmp}/r", *_sets("evaluate.metric=macro_f1")],
+        2,
+        "evaluate.metric: 'macro_f1' does not apply",
+    ),
+    "metric-top5-on-a-declared-table": Case(
+        show("data.kind=tabular", "evaluate.metric=top5_accuracy"),
+        2,
+        "'top5_accuracy' does not apply to tabular data",
+    ),
     "set-duplicate-key": Case(show("cluster.env={A: x, A: y}"), 2, "duplicate key 'A'"),
     "kind-images-with-seq2seq-task": Case(
         show("data.kind=images", "data.task=seq2seq"),
@@ -186,6 +201,61 @@ CONFIG = {
         show("model.name=torchvision:resnet18", "model.kwarg.dropout=0.1"),
         2,
         "model.kwarg: no such field",
+    ),
+    # the model is built once, before any worker, on the dataset it trains on
+    "train-factory-head-too-wide": Case(
+        [
+            "train",
+            "--dataset",
+            "{digits}",
+            "--output",
+            "{tmp}/m",
+            *_sets("model.name=vision_factory:head_of", "model.kwargs.extra=5"),
+        ],
+        2,
+        "model.name: vision_factory:head_of gives 15 outputs per sample but the data has 10 "
+        "classes",
+    ),
+    "train-factory-head-too-narrow": Case(
+        [
+            "train",
+            "--dataset",
+            "{digits}",
+            "--output",
+            "{tmp}/m",
+            *_sets(
+                "model.name=vision_factory:head_of",
+                "model.kwargs.extra=-1",
+                "train.nproc=2",
+                "train.batch_size=64",
+            ),
+        ],
+        2,
+        "model.name: vision_factory:head_of gives 9 outputs per sample but the data has 10",
+    ),
+    "tune-factory-head-too-wide": Case(
+        [
+            "tune",
+            "--dataset",
+            "{digits}",
+            "--output",
+            "{tmp}/t",
+            *_sets("model.name=vision_factory:head_of", "model.kwargs.extra=5"),
+        ],
+        2,
+        "model.name: vision_factory:head_of gives 15 outputs per sample",
+    ),
+    "train-factory-fails-on-the-inputs": Case(
+        [
+            "train",
+            "--dataset",
+            "{digits}",
+            "--output",
+            "{tmp}/m",
+            *_sets("model.name=vision_factory:rgb_only"),
+        ],
+        2,
+        "model.name: vision_factory:rgb_only fails on this data's inputs (RuntimeError",
     ),
     # the same rules hold on the steps and on `run`, before anything is written
     "train-step-lr-inf": Case(
@@ -520,6 +590,56 @@ DATA = {
         ),
     ),
     # `run` checks the data before it writes anything (preflight)
+    "run-torchvision-on-tabular-data": Case(
+        [
+            "run",
+            "--output",
+            "{tmp}/r",
+            *_sets(
+                "data.source={tmp}/d.csv",
+                "data.label_column=kind",
+                "model.name=torchvision:resnet18",
+            ),
+        ],
+        2,
+        "model.name: torchvision:resnet18 needs image data (C,H,W) and this data is not images",
+        lambda t: csv(t, "d.csv", frame()),
+    ),
+    "run-factory-not-importable": Case(
+        ["run", "--output", "{tmp}/r", *_sets("model.name=no_such_pkg.models:net")],
+        2,
+        "model.name: cannot import module 'no_such_pkg.models'",
+    ),
+    "run-factory-not-callable": Case(
+        ["run", "--output", "{tmp}/r", *_sets("model.name=vision_factory:NOT_CALLABLE")],
+        2,
+        "model.name: module 'vision_factory' has a non-callable attribute 'NOT_CALLABLE'",
+    ),
+    "run-hf-directory-missing": Case(
+        [
+            "run",
+            "--output",
+            "{tmp}/r",
+            *_sets(
+                "data.task=text_classification",
+                "data.source={tmp}/t.csv",
+                "model.name=hf:{tmp}/no-model",
+            ),
+        ],
+        2,
+        "model.name: hf:{tmp}/no-model: no such directory",
+        lambda t: text(t, "t.csv", "text,label\n" + "".join(f"m {i},{i % 2}\n" for i in range(40))),
+    ),
+    "run-weights-missing": Case(
+        [
+            "run",
+            "--output",
+            "{tmp}/r",
+            *_sets("model.name=vision_factory:head_of", "model.weights={tmp}/w.pt"),
+        ],
+        2,
+        "model.weights: {tmp}/w.pt: no such file",
+    ),
     "run-glob-missing-column": Case(
         [
             "run",

@@ -80,7 +80,10 @@ def preflight(cfg: PipelineConfig) -> None:
     from kubetrain.tasks import kind_of
     from kubetrain.tasks import preflight as kind_preflight
 
-    if kind_of(cfg.data) != "tabular":  # streamed kinds check what they can themselves
+    kind = kind_of(cfg.data)
+    cfg.evaluate.primary_metric(kind)  # evaluate.metric=bleu on classification: refused now
+    if kind != "tabular":  # streamed kinds check what they can themselves
+        _check_model_name(cfg, kind == "images")
         kind_preflight(cfg.data)
         return
     # The params task expands {date} in data.source (today, for a local run); so does this check.
@@ -91,6 +94,7 @@ def preflight(cfg: PipelineConfig) -> None:
             "config error: model.name: 'cnn' needs image data; set data.image_shape (C,H,W) "
             "for images stored as columns, or use 'mlp'"
         )
+    _check_model_name(cfg, raw.image_shape is not None)
     # The preprocess step's own checks and split (the same functions), without writing.
     y, classes = encode_labels(raw.y)
     if len(classes) < 2:
@@ -110,6 +114,15 @@ def preflight(cfg: PipelineConfig) -> None:
             f"config error: train.batch_size {cfg.train.batch_size} exceeds the {n_train} "
             "training samples"
         )
+
+
+def _check_model_name(cfg: PipelineConfig, image_data: bool) -> None:
+    """The model's name and weights, before the first step (``check_model_name``); the
+    built-in networks need no look."""
+    if ":" in cfg.model.name or cfg.model.weights:
+        from kubetrain.models.vision import check_model_name
+
+        check_model_name(cfg.model, image_data, cfg.data.storage_options)
 
 
 def prepare_run_dir(output: Path | None) -> Path:

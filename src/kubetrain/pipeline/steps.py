@@ -51,6 +51,23 @@ def check_supported(cfg: PipelineConfig, model: bool = True) -> None:
             )
 
 
+def check_model_on_data(cfg: PipelineConfig, dataset_dir: Path) -> None:
+    """On the local backend, build the model once here and run it on two examples of the
+    dataset (``kubetrain.tasks.check_model``), so that a model that cannot be built or does not
+    fit the data is this step's one line (exit 2) rather than a failure in every worker. On a
+    cluster the job's workers build it (the pod that launches the job has no room for it).
+
+    Raises:
+        ConfigError: naming model.name.
+    """
+    if cfg.cluster.backend != "local":
+        return
+    from kubetrain.data import load_dataset
+    from kubetrain.tasks import check_model
+
+    check_model(cfg, load_dataset(dataset_dir))
+
+
 def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
     """Source -> versioned dataset artifact (``kubetrain.core.artifacts.DatasetArtifact``)."""
     check_supported(cfg, model=False)
@@ -72,6 +89,8 @@ def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any
         return disabled.summary
     from kubetrain.tune.backend import get_tune_backend
 
+    check_supported(cfg)
+    check_model_on_data(cfg, dataset_dir)
     result = get_tune_backend(cfg).run(cfg, dataset_dir, out_dir)
     log.info("best %s %.4f with %s", result["metric"], result["best_value"], result["best_params"])
     return result
@@ -95,6 +114,7 @@ def train(
     from kubetrain.launch import get_launcher
 
     cfg = tuned_config(cfg, params_file)
+    check_model_on_data(cfg, dataset_dir)
     get_launcher(cfg).run(cfg, dataset_dir, out_dir)
     return artifacts.TrainedModel.load_summary(out_dir)
 

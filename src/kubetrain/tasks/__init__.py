@@ -106,6 +106,16 @@ def preflight(cfg: DataConfig) -> None:
             check(cfg)
 
 
+def check_model(cfg: TaskConfig, data: DatasetArtifact) -> None:
+    """Build ``cfg.model`` for the dataset artifact ``data`` once, on the CPU, and run it on two
+    examples (``Task.check_model``): before training or a search starts its workers.
+
+    Raises:
+        ConfigError: the model cannot be built or does not fit the data, naming model.name.
+    """
+    open_task(cfg, data).check_model(cfg.model)
+
+
 def task_for_model(dataset_dir: str | Path, model_dir: str | Path) -> Task:
     """The task of a dataset artifact as the model in ``model_dir`` was trained on it: with
     the data and model settings recorded in its spec (eval transforms, tokenizer use, ...), so

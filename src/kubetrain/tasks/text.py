@@ -328,6 +328,10 @@ class Seq2SeqTask(TextTask):
     kind = "seq2seq"
     metric = "token_accuracy"  # what validate() reports during training
 
+    def output_width(self) -> tuple[int, str]:
+        """One logit per vocabulary entry at every target position."""
+        return int(self.meta["vocab_size"]), "tokens in its vocabulary"
+
     def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         super().__init__(cfg, data)
         self.ignore_index = self.pad_id
