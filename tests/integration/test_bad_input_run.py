@@ -121,6 +121,43 @@ def test_a_signal_stops_training_with_one_line_and_leaves_nothing(
     assert still_running(tree, limit=5) == []  # torchrun and its workers too
 
 
+def _signal_twice(proc: subprocess.Popen, how: str) -> None:
+    """Two SIGTERMs milliseconds apart: both to the CLI, or to the CLI and then to its whole
+    process group (what GNU ``timeout`` does)."""
+    os.kill(proc.pid, signal.SIGTERM)
+    time.sleep(0.01)
+    if how == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+
+
+def _checkpoints(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("ckpt-*"))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["cli", "group"], ids=["twice-to-the-cli", "cli-then-group"])
+def test_two_sigterms_stop_training_with_one_line_and_nothing_runs_after(how, tmp_path, digits_dir):
+    args = ["train", "--dataset", str(digits_dir), "--output", str(tmp_path / "m"), *LONG_TRAIN,
+            "--set", "train.checkpoint_every_steps=5", "--set", f"train.checkpoint_dir={tmp_path / 'ck'}"]  # fmt: skip
+    proc, out, err = start(args, tmp_path)
+    try:
+        wait_for(training_started(tmp_path, err, out), proc, "training")
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        _signal_twice(proc, how)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc, signal.SIGKILL)
+    assert_one_line(proc.returncode, err.read_text(), 143, "terminated (SIGTERM)", tmp_path)
+    assert still_running(tree, limit=1) == []  # torchrun and its workers went before the CLI
+    written = _checkpoints(tmp_path / "ck")
+    time.sleep(2)
+    assert _checkpoints(tmp_path / "ck") == written  # nobody writes after the CLI has gone
+    assert kubetrain_temp_dirs(tmp_path) == []
+
+
 @pytest.mark.integration
 def test_after_sigkill_the_next_start_removes_the_stale_temporary_dirs(tmp_path, digits_dir):
     args = ["train", "--dataset", str(digits_dir), "--output", str(tmp_path / "m"), *LONG_TRAIN]
@@ -170,6 +207,33 @@ def test_sigterm_stops_a_whole_run_with_one_line(tmp_path):
     # what the killed step left (its torchrun log directory) goes at the next start
     nxt, _, _ = start(["config", "show"], tmp_path)
     assert nxt.wait(timeout=120) == 0
+    assert kubetrain_temp_dirs(tmp_path) == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["cli", "group"], ids=["twice-to-the-cli", "cli-then-group"])
+def test_two_sigterms_stop_a_whole_run_and_nothing_runs_after(how, tmp_path):
+    """The KFP task runs under ``sh -ec`` (kfp.local), which passes no signal on: the task, its
+    torchrun agent and workers must still stop before the CLI exits, whichever way the
+    signals come, and leave no temporary folder (kfp.local's ``mktemp -d`` per task included)."""
+    proc, out, err = start(["run", "--output", str(tmp_path / "run"), "--set",
+                            "tune.enabled=false", *LONG_TRAIN, "--set",
+                            "train.checkpoint_every_steps=5"], tmp_path)  # fmt: skip
+    try:
+        wait_for(training_started(tmp_path, err, out), proc, "training", limit=400)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        _signal_twice(proc, how)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc, signal.SIGKILL)
+    assert_one_line(proc.returncode, err.read_text(), 143, "terminated (SIGTERM)", tmp_path)
+    assert still_running(tree, limit=1) == []
+    written = _checkpoints(tmp_path / "run")
+    time.sleep(2)
+    assert _checkpoints(tmp_path / "run") == written
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("tmp.")] == []
     assert kubetrain_temp_dirs(tmp_path) == []
 
 
@@ -310,3 +374,21 @@ def test_compiling_a_recipe_on_object_storage_needs_neither_credentials_nor_the_
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.stat().st_size > 0 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_tracking_server_that_is_down_costs_the_run_nothing_but_its_line(tmp_path):
+    """MLflow at a closed port: the track task fails (in seconds, no hang), and the run's
+    results are still written and listed as done; the last line names the URI (exit 1: an
+    outside service failed)."""
+    url = _closed_port()
+    code, err = run_case(tmp_path, "--set", f"tracking.mlflow_uri={url}")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("kubetrain: track:") and url in lines[-1], lines[-3:]
+    run = tmp_path / "run"
+    assert (run / "metrics.json").is_file() and (run / "report.html").is_file()
+    listed = subprocess.run([*KUBETRAIN, "runs", "--root", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert "done" in listed.stdout and "incomplete" not in listed.stdout, listed.stdout

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -1059,3 +1060,63 @@ def test_a_declared_text_kind_sets_the_task():
     from kubetrain.pipeline.config import load_config
 
     assert load_config(None, ["data.kind=seq2seq"]).data.task == "seq2seq"
+
+
+# -- faults: signals (whole processes: tests/integration/test_bad_input_run.py) ----------------
+
+
+def test_a_second_signal_while_stopping_changes_nothing():
+    """GNU timeout signals the process and its group: two SIGTERMs milliseconds apart. The
+    first unwinds; the second, arriving while the stop runs, is ignored (it re-entered the
+    handler in the middle of an import and printed a traceback)."""
+    import signal
+
+    from kubetrain.core.processes import stop_once
+
+    calls = []
+
+    def first(signum: int) -> None:
+        calls.append(signum)
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopped_cleanly = False
+    try:
+        with stop_once((signal.SIGTERM,), first):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                os.kill(os.getpid(), signal.SIGTERM)  # while stopping
+                time.sleep(0.2)
+                stopped_cleanly = True
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # on its way out
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert calls == [signal.SIGTERM] and stopped_cleanly
+
+
+def test_a_child_learns_its_parent_is_gone(tmp_path):
+    """A torchrun agent (and each worker) gets SIGTERM when the process that started it dies
+    without stopping it: nothing keeps training after a launcher is killed outright."""
+    script = (
+        "import os, signal, subprocess, sys, time\n"
+        "from kubetrain.core.processes import parent_death_signal\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                         preexec_fn=parent_death_signal())\n"
+        "print(child.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    pid = int(proc.stdout.split()[0])
+    import psutil
+
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
