@@ -392,3 +392,6 @@ def test_a_tracking_server_that_is_down_costs_the_run_nothing_but_its_line(tmp_p
     listed = subprocess.run([*KUBETRAIN, "runs", "--root", str(tmp_path)], capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert "done" in listed.stdout and "incomplete" not in listed.stdout, listed.stdout
+    # kfp.local's `mktemp -d` of each task went with the run
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("tmp.")] == []
+    assert kubetrain_temp_dirs(tmp_path) == []

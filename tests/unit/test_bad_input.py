@@ -1120,3 +1120,59 @@ def test_a_child_learns_its_parent_is_gone(tmp_path):
             break
         time.sleep(0.05)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+# -- figures that contradict each other ----------------------------------------------------------
+
+
+def test_both_models_are_warmed_up_before_their_scoring_pass(digits_dir):
+    """The scoring throughput counted a compiled int8 model's compilation (int8 read 17x
+    slower than fp32 over the test split while its latency rows said faster): both models now
+    get the latency rows' warm-up first."""
+    import torch
+
+    from kubetrain.data import load_dataset
+    from kubetrain.evaluate.compare import score
+    from kubetrain.evaluate.config import WARMUP_CALLS
+    from kubetrain.pipeline.config import load_config
+    from kubetrain.tasks import open_task
+
+    task = open_task(load_config(), load_dataset(digits_dir))
+    calls: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = task.build_model(load_config().model).eval()
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.inner(x)
+
+    scored = score(Counting(), task)
+    assert calls[:WARMUP_CALLS] == [64] * WARMUP_CALLS  # warm-up batches, then the test split
+    assert sum(calls[WARMUP_CALLS:]) == task.data.meta["sizes"]["test"]
+    assert scored.samples_per_second and scored.samples_per_second > 0
+
+
+@pytest.mark.parametrize(
+    ("scoring", "latency", "says"),
+    [((5000.0, 2000.0), (1.0, 0.5), "disagree: int8 is faster at batch 64"),
+     ((2000.0, 5000.0), (0.5, 1.0), "disagree: fp32 is faster at batch 64"),
+     ((5000.0, 6000.0), (1.0, 0.5), None)],
+    ids=["int8-faster-per-batch-slower-per-pass", "the-other-way", "agree"],
+)  # fmt: skip
+def test_the_report_says_what_each_speed_figure_measures(scoring, latency, says):
+    from types import SimpleNamespace
+
+    from kubetrain.evaluate.report import throughput_note
+
+    e = SimpleNamespace(
+        fp32=SimpleNamespace(samples_per_second=scoring[0]),
+        int8=SimpleNamespace(samples_per_second=scoring[1]),
+        latency=[SimpleNamespace(batch_size=1, fp32_ms=0.1, int8_ms=0.1),
+                 SimpleNamespace(batch_size=64, fp32_ms=latency[0], int8_ms=latency[1])],
+    )  # fmt: skip
+    note = throughput_note(e)
+    assert "one pass over the whole test split" in note and "one fixed batch" in note
+    assert (says in note) if says else "disagree" not in note

@@ -20,18 +20,34 @@ from kubetrain.core.artifacts import (
     TrainEfficiency,
 )
 from kubetrain.core.errors import KubetrainError
-from kubetrain.evaluate.config import EvaluateConfig
+from kubetrain.evaluate.config import WARMUP_BATCH, WARMUP_CALLS, EvaluateConfig
 from kubetrain.tasks import measure
 from kubetrain.tasks.base import Task
 
 
+def warm_up(model: nn.Module, task: Task) -> None:
+    """Run ``model`` ``WARMUP_CALLS`` times on a test batch before it is measured: its first
+    calls pay for one-off work (a compiled int8 model compiles there, kernels are picked) that
+    would otherwise count as scoring time, making the scoring throughput of one model
+    contradict the latency rows measured after the same warm-up."""
+    import torch
+
+    x, y = task.examples("test", WARMUP_BATCH)
+    inputs = measure.latency_inputs(x, y, task.data.kind)
+    with torch.no_grad():  # not inference_mode: inductor freezing fails under it
+        for _ in range(WARMUP_CALLS):
+            model(*inputs)
+
+
 def score(model: nn.Module, task: Task, metric: str | None = None) -> ModelScores:
     """The task's scores of ``model`` on the test split, with ``metric`` as the primary
-    metric (default: the task's).
+    metric (default: the task's); its scoring throughput is that of one pass over the split
+    after ``warm_up``.
 
     Raises:
         KubetrainError: the task's results have no ``metric``.
     """
+    warm_up(model, task)
     scores = task.score(model, "test")
     metric = metric or scores.metric
     if not isinstance(scores.values.get(metric), (int, float)):

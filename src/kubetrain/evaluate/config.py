@@ -12,6 +12,11 @@ from pydantic import Field
 
 from kubetrain.tasks.config import ScoringConfig
 
+# Forward passes on a test batch before a model is scored or timed (first calls pay for one-off
+# work: a compiled int8 model compiles there): the same for both models and both figures.
+WARMUP_CALLS = 3
+WARMUP_BATCH = 64
+
 
 class EvaluateConfig(ScoringConfig):
     """The primary metric, efficiency measurements and the promotion bar (the scoring fields:

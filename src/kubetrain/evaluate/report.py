@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from kubetrain.evaluate.config import WARMUP_BATCH, WARMUP_CALLS
+
 if TYPE_CHECKING:
     from kubetrain.core.artifacts import Evaluation, ModelScores, TrainEfficiency
 
@@ -337,7 +339,7 @@ def metrics_table(e: Evaluation) -> str:
             continue
         primary = " (primary)" if name == e.metric else ""
         rows.append((f"{name}{primary}", value, int8.get(name)))
-    rows.append(("test samples/s (scoring)", e.fp32.samples_per_second,
+    rows.append(("test samples/s (one scoring pass)", e.fp32.samples_per_second,
                  e.int8.samples_per_second))  # fmt: skip
     body = "".join(
         f"<tr><th>{html.escape(n)}</th><td>{_fmt(a)}</td><td>{_fmt(b)}</td></tr>"
@@ -349,6 +351,32 @@ def metrics_table(e: Evaluation) -> str:
         if n.startswith("copy_baseline_")
     )
     return f"<table><tr><th>test</th><th>fp32</th><th>int8</th></tr>{body}{baselines}</table>"
+
+
+def throughput_note(e: Evaluation) -> str:
+    """What the two speed figures measure, and a word when they disagree on which model is
+    faster (they measure different things; neither is wrong)."""
+    note = (
+        "Two speed figures, measured differently: the latency rows time the model alone on one "
+        "fixed batch (median of repeated calls); 'test samples/s (one scoring pass)' is one "
+        "pass over the whole test split, its varying batch shapes and the task's own work "
+        "(decoding text, argmax, collecting examples) included. Both models are warmed up "
+        f"the same way first ({WARMUP_CALLS} forward passes on a test batch of {WARMUP_BATCH})."
+    )
+    fp32, int8 = e.fp32.samples_per_second, e.int8.samples_per_second
+    largest = max(e.latency, key=lambda lat: lat.batch_size, default=None)
+    if fp32 and int8 and largest is not None:
+        faster_scoring = int8 > fp32
+        faster_latency = largest.int8_ms < largest.fp32_ms
+        if faster_scoring != faster_latency:
+            which = "int8" if faster_latency else "fp32"
+            note += (
+                f" Here they disagree: {which} is faster at batch {largest.batch_size}, but "
+                f"not over the scoring pass ({fp32:.0f} vs {int8:.0f} samples/s fp32 vs "
+                "int8): per-call costs the fixed batch does not show (a compiled model's "
+                "recompiles for new batch shapes, small batches) weigh there."
+            )
+    return note
 
 
 def _data_uri(value: Any) -> str | None:
@@ -477,6 +505,7 @@ def render(e: Evaluation) -> str:
         "<p>Latency: median of repeated forward passes in this process "
         f"({e.latency_threads} torch thread(s)); measure on the target hardware before "
         "relying on it.</p>",
+        f"<p>{html.escape(throughput_note(e))}</p>",
         per_class_section(e.fp32, e.classes or []),
         examples_section(e.fp32.examples, e.kind),
     ]
