@@ -273,6 +273,8 @@ def _summary(result) -> None:
     print(f"train samples/s:    {m['train_samples_per_second']:.0f}")
     verdict = f"yes -> {result.promoted_model}" if m["promoted"] else "no (below the bar)"
     print(f"promoted:           {verdict}")
+    for note in result.data_notes:  # what preprocess left out: said here, not only in its log
+        print(f"data:               {note}")
     print(f"report:             {result.report}")
     print(f"logs:               {result.run_dir / 'logs'}")
     print(f"pipeline time:      {result.seconds:.1f} s")

@@ -395,3 +395,18 @@ def test_a_tracking_server_that_is_down_costs_the_run_nothing_but_its_line(tmp_p
     # kfp.local's `mktemp -d` of each task went with the run
     assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("tmp.")] == []
     assert kubetrain_temp_dirs(tmp_path) == []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_rows_preprocess_drops_reach_the_terminal_and_the_report(tmp_path):
+    """Dropped rows were said only in the preprocess step's log; the run exited 0 in silence."""
+    rows = "".join(f"{'' if i % 20 == 0 else i % 7},{i % 3},{i % 2}\n" for i in range(200))
+    (tmp_path / "d.csv").write_text("a,b,label\n" + rows)
+    code, err = run_case(tmp_path, "--set", f"data.source={tmp_path / 'd.csv'}",
+                         "--set", "evaluate.min_accuracy=0")  # fmt: skip
+    assert code == 0, err[-3000:]
+    said = f"dropped 10 of 200 rows from {tmp_path / 'd.csv'}: 10 with missing values"
+    out = (tmp_path / "stdout.txt").read_text()
+    assert f"data:               {said}" in out, out[-2000:]
+    assert said in (tmp_path / "run" / "report.html").read_text()

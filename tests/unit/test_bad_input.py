@@ -1176,3 +1176,45 @@ def test_the_report_says_what_each_speed_figure_measures(scoring, latency, says)
     note = throughput_note(e)
     assert "one pass over the whole test split" in note and "one fixed batch" in note
     assert (says in note) if says else "disagree" not in note
+
+
+# -- what preprocessing leaves out is said, not only logged ------------------------------------
+
+
+def _rows_with_gaps(tmp: Path) -> None:
+    csv(tmp, "d.csv", frame().assign(a=lambda f: f.a.where(f.index % 20 > 0)))
+
+
+def _texts_some_empty(tmp: Path) -> None:
+    rows = "".join(f"{'' if i % 10 == 0 else 'word ' * (i % 7 + 1)},{i % 2}\n" for i in range(60))
+    text(tmp, "t.csv", "text,label\n" + rows)
+
+
+@pytest.mark.parametrize(
+    ("settings", "setup", "note"),
+    [
+        (("data.source={tmp}/d.csv", "data.label_column=kind"), _rows_with_gaps,
+         "dropped 3 of 60 rows from {tmp}/d.csv: 3 with missing values"),
+        (("data.task=text_classification", "data.source={tmp}/t.csv"), _texts_some_empty,
+         "skipped 6 of 60 rows with empty text"),
+    ],
+    ids=["table-rows-dropped", "text-rows-skipped"],
+)  # fmt: skip
+def test_what_preprocess_leaves_out_is_in_the_dataset_meta(settings, setup, note, tmp_path,
+                                                           capsys):  # fmt: skip
+    setup(tmp_path)
+    argv = prep(*settings)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, err = run_main(argv, capsys)
+    assert code == 0, err
+    notes = json.loads((tmp_path / "ds" / "meta.json").read_text())["notes"]
+    assert any(note.replace("{tmp}", str(tmp_path)) in n for n in notes), notes
+    assert note.replace("{tmp}", str(tmp_path)) in err  # and on the terminal (a warning)
+
+
+def test_the_report_says_what_the_data_lost():
+    from kubetrain.evaluate.report import _data_notes
+
+    page = _data_notes(["d.csv: dropped 3 of 60 rows <b>"])
+    assert "Data left out or cut" in page and "dropped 3 of 60 rows &lt;b&gt;" in page
+    assert _data_notes([]) == ""

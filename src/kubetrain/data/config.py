@@ -204,6 +204,14 @@ class DataConfig(Section):
         "pixels (aspect kept), then centre-cropped to a square, so every stored image has one "
         "shape (None: stored as they are).",
     )
+    max_image_pixels: int | None = Field(
+        64_000_000,
+        ge=1,
+        description="Images whose header declares more pixels than this (width x height) are "
+        "skipped and counted like corrupt ones, before a byte is decoded: a small PNG can "
+        "declare 12 000 x 12 000 pixels and take 8 GB to decode. The default, 64 MP, takes "
+        "any camera's photo; None: no limit.",
+    )
     image_mode: Literal["RGB", "L"] = Field(
         "RGB",
         description="Colour mode every image is converted to when the shards are written "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ class RawData:
     image_shape: list[int] | None
     source: str
     files: list[str]
+    notes: list[str] = field(default_factory=list)  # rows dropped, per file: said to the user
 
 
 def load_source(cfg: DataConfig) -> RawData:
@@ -79,6 +80,7 @@ def load_source(cfg: DataConfig) -> RawData:
     kept = [_drop_bad_rows(p) for p in parts]
     x = np.concatenate([k[0] for k in kept])
     y = np.concatenate([k[1] for k in kept])
+    notes = [k[2] for k in kept if k[2]]
     if len(y) == 0:
         raise DataError(f"data error: {cfg.source}: every row has a missing or non-finite value")
     image_shape = cfg.image_shape
@@ -87,7 +89,7 @@ def load_source(cfg: DataConfig) -> RawData:
             f"data error: data.image_shape {image_shape} has {int(np.prod(image_shape))} values "
             f"but {cfg.source} has {x.shape[1]} feature columns"
         )
-    return RawData(x=x, y=y, image_shape=image_shape, source=cfg.source, files=files)
+    return RawData(x=x, y=y, image_shape=image_shape, source=cfg.source, files=files, notes=notes)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -272,9 +274,10 @@ def _read_npz(f, path: str) -> tuple[np.ndarray, np.ndarray]:
     return _as_float32(x.reshape(x.shape[0], -1)), y
 
 
-def _drop_bad_rows(part: _Part) -> tuple[np.ndarray, np.ndarray]:
+def _drop_bad_rows(part: _Part) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Cleaning: drop rows with a missing label, or a feature that is missing (NaN) or not a
-    finite float32 (inf, -inf, beyond float32's range), and say how many of each, per file."""
+    finite float32 (inf, -inf, beyond float32's range), and say how many of each, per file
+    (the line is returned too: None when nothing was dropped)."""
     import pandas as pd
 
     x, y = part.x, part.y
@@ -289,7 +292,7 @@ def _drop_bad_rows(part: _Part) -> tuple[np.ndarray, np.ndarray]:
             why.append(f"{int(missing.sum())} with missing values")
         if infinite.any():
             why.append(f"{int(infinite.sum())} with infinite values (inf, or beyond float32)")
-        log.warning(
-            "dropped %d of %d rows from %s: %s", int(bad.sum()), len(y), part.path, ", ".join(why)
-        )
-    return x[~bad], y[~bad]
+        note = f"dropped {int(bad.sum())} of {len(y)} rows from {part.path}: {', '.join(why)}"
+        log.warning("%s", note)
+        return x[~bad], y[~bad], note
+    return x, y, None

@@ -453,17 +453,24 @@ def _write_dataset(
     return meta
 
 
+def count_notes(source: str, meta: TextMeta) -> list[str]:
+    """Lines saying how many rows were skipped for empty text and how many sequences were
+    truncated (none: nothing was): what reaches the terminal and the report."""
+    notes = []
+    if meta.skipped_empty:
+        notes.append(f"{source}: skipped {meta.skipped_empty} of {meta.rows} rows with empty text")
+    if meta.truncated:
+        notes.append(
+            f"{source}: truncated {meta.truncated} sequences longer than "
+            f"data.max_length={meta.max_length} tokens"
+        )
+    return notes
+
+
 def _warn_counts(source: str, meta: TextMeta) -> None:
     """Log the rows skipped for empty text and the sequences truncated, if any."""
-    if meta.skipped_empty:
-        log.warning("%s: skipped %d rows with empty text", source, meta.skipped_empty)
-    if meta.truncated:
-        log.warning(
-            "%s: truncated %d sequences longer than data.max_length=%d tokens",
-            source,
-            meta.truncated,
-            meta.max_length,
-        )
+    for note in count_notes(source, meta):
+        log.warning("%s", note)
 
 
 def _check_read(cfg, stats: ReadStats, class_list: list[str] | None) -> None:

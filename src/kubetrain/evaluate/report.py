@@ -440,14 +440,23 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _data_notes(notes: list[str] | tuple[str, ...]) -> str:
+    """What preprocessing left out of the data, one item a line (nothing: no section)."""
+    if not notes:
+        return ""
+    items = "".join(f"<li>{html.escape(str(n))}</li>" for n in notes)
+    return f"<h3>Data left out or cut</h3><ul class='data-notes'>{items}</ul>"
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 
 
-def render(e: Evaluation) -> str:
-    """HTML of the run's evaluation: the primary metric and the others, training, the search,
-    fp32 vs int8, per class (classification), example predictions."""
+def render(e: Evaluation, data_notes: list[str] | tuple[str, ...] = ()) -> str:
+    """HTML of the run's evaluation: the primary metric and the others, what preprocessing
+    dropped, skipped or clipped (``data_notes``: the dataset meta's ``notes``), training, the
+    search, fp32 vs int8, per class (classification), example predictions."""
     verdict = "promoted" if e.promoted else "not promoted"
     metric = html.escape(e.metric)
     latency = []
@@ -484,6 +493,7 @@ def render(e: Evaluation) -> str:
         f"test {metric} fp32 {e.fp32.value:.4f}, int8 {e.int8.value:.4f}, "
         f"bar {e.min_value:.4f}{beyond}.</p>",
         "<h2>Summary</h2>" + _table(headline),
+        _data_notes(data_notes),
         "<h3>All test metrics</h3>" + metrics_table(e),
         "<h2>Training</h2>",
         f"<img src='{_curves(e.history)}' alt='loss and validation metric curves'>",

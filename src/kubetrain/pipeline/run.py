@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -45,6 +45,7 @@ class RunResult:
     seconds: float
     retrained: bool = True  # False: retrain.only_if_changed found nothing new
     reason: str = ""
+    data_notes: list[str] = field(default_factory=list)  # what preprocess dropped or cut
 
 
 class StepFailed(KubetrainError):
@@ -283,7 +284,19 @@ def _write_results(
     write_json(run_dir / artifacts.RUN_METRICS, metrics)
     shutil.copyfile(evaluation / artifacts.EVAL_REPORT, run_dir / artifacts.RUN_REPORT)
     promoted_dir = _find_output(run_dir / "kfp", "promote", "promoted") if promoted else None
-    return RunResult(run_dir, metrics, run_dir / artifacts.RUN_REPORT, promoted_dir, seconds)
+    return RunResult(run_dir, metrics, run_dir / artifacts.RUN_REPORT, promoted_dir, seconds,
+                     data_notes=data_notes(run_dir))  # fmt: skip
+
+
+def data_notes(run_dir: Path) -> list[str]:
+    """What the run's preprocess step dropped, skipped or clipped (its dataset meta's
+    ``notes``): the terminal shows it, not only the step's log."""
+    dataset = _find_output(run_dir / "kfp", "preprocess", "dataset")
+    try:
+        meta = read_json(dataset / artifacts.DATASET_META) if dataset else {}
+    except (OSError, ValueError):
+        return []
+    return [str(n) for n in meta.get("notes") or []]
 
 
 def _run_pipeline(

@@ -171,15 +171,17 @@ def evaluate(
     from kubetrain.data import load_dataset
     from kubetrain.evaluate import compare, report
 
+    data = load_dataset(dataset_dir)
     evaluation = compare.evaluate(
         cfg.evaluate,
-        load_dataset(dataset_dir),
+        data,
         Path(model_dir),
         Path(quantized_dir),
         artifacts.SearchResult.load(tune_dir),
         min_value,
     )
-    evaluation.save(out_dir, report.render(evaluation))
+    # What preprocess dropped, skipped or clipped is said where the results are read.
+    evaluation.save(out_dir, report.render(evaluation, data.meta.get("notes") or []))
     metrics = evaluation.to_metrics()
     log.info(
         "test %s fp32 %.4f int8 %.4f; size %d -> %d bytes; promotable %s (%s)",

@@ -189,8 +189,8 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
         content version), ``classes``, ``input_shape`` ([C, H, W] after the eval transforms),
         ``sizes``, ``class_counts`` (per split, by class name), ``source``, ``config``,
         ``image_mode``, ``mean``/``std`` (per channel, 0..1, of the training split), ``root``
-        (where the shards are, when not in ``out_dir``), ``num_skipped``,
-        ``preprocess_seconds``.
+        (where the shards are, when not in ``out_dir``), ``num_skipped``, ``notes`` (a line
+        saying how many images were skipped and why, if any were), ``preprocess_seconds``.
 
     Raises:
         ConfigError: no torchvision; transforms that do not build.
@@ -199,7 +199,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     """
     from kubetrain.core.artifacts import DATASET_FORMAT_VERSION, DATASET_META
     from kubetrain.core.io import write_json
-    from kubetrain.data.images import build_image_dataset
+    from kubetrain.data.images import build_image_dataset, skipped_note
     from kubetrain.data.shards import read_manifest
 
     require_torchvision()
@@ -241,6 +241,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
             for split, counts in manifest.class_counts.items()
         },
         "num_skipped": manifest.provenance.get("num_skipped", 0),
+        "notes": [n for n in [skipped_note(manifest.provenance)] if n],
         "config": cfg.model_dump(mode="json"),
         "preprocess_seconds": round(time.perf_counter() - started, 3),
     }

@@ -73,7 +73,7 @@ def build(cfg, out_dir: Path) -> dict[str, Any]:
         ConfigError, DataError: see :func:`kubetrain.data.text.build_text_dataset`.
     """
     from kubetrain.data.shards import read_manifest
-    from kubetrain.data.text import build_text_dataset
+    from kubetrain.data.text import build_text_dataset, count_notes
     from kubetrain.data.tokenize import TOKENIZER_FILE
 
     started = time.perf_counter()
@@ -99,6 +99,7 @@ def build(cfg, out_dir: Path) -> dict[str, Any]:
         "rows": text.rows,
         "skipped_empty": text.skipped_empty,
         "truncated": text.truncated,
+        "notes": count_notes(cfg.source, text),
         "tokenize_seconds": text.tokenize_seconds,
         "tokenize_processes": text.tokenize_processes,
         "class_counts": manifest.class_counts.get("train") if text.classes else None,
