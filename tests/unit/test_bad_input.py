@@ -1218,3 +1218,165 @@ def test_the_report_says_what_the_data_lost():
     page = _data_notes(["d.csv: dropped 3 of 60 rows <b>"])
     assert "Data left out or cut" in page and "dropped 3 of 60 rows &lt;b&gt;" in page
     assert _data_notes([]) == ""
+
+
+# -- images: decoding bombs, missing files, full disks, transforms, mixed sizes -----------------
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` pixels and that holds no pixel data:
+    a few dozen bytes (a real one of zeros compresses to kilobytes, and decodes to gigabytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _image_folder(root: Path, per_class: int = 12, sizes=((32, 32),)) -> None:
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = sizes[i % len(sizes)]
+            Image.new("RGB", (w, h), (i * 9, 40 if c == "cat" else 200, 0)).save(
+                root / c / f"{i}.png"
+            )
+
+
+def test_an_image_declaring_more_pixels_than_the_budget_is_skipped_before_decoding(tmp_path):
+    from kubetrain.data.config import DataConfig
+    from kubetrain.data.images import ImageDecodeError, build_image_dataset, convert_image
+
+    bomb = _png_declaring(12_000, 12_000)
+    assert len(bomb) < 100
+    with pytest.raises(ImageDecodeError, match=r"too large: 12000x12000 = 144\.0 MP, above "
+                       r"data\.max_image_pixels \(64\.0 MP\)"):  # fmt: skip
+        convert_image(bomb, "RGB", 32, max_pixels=64_000_000)
+    _image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "cat" / "bomb.png").write_bytes(bomb)
+    manifest = build_image_dataset(
+        DataConfig(source=str(tmp_path / "imgs"), shard_samples=8), str(tmp_path / "ds")
+    )
+    prov = manifest.provenance
+    assert prov["num_skipped"] == 1 and prov["skipped_by_reason"] == {"too large": 1}
+
+
+def test_manifest_rows_whose_files_are_gone_are_counted_and_said(tmp_path):
+    from kubetrain.data.config import DataConfig
+    from kubetrain.data.images import build_image_dataset, skipped_note
+
+    _image_folder(tmp_path / "imgs")
+    rows = [f"imgs/{c}/{i}.png,{c}" for c in ("cat", "dog") for i in range(12)]
+    rows += ["imgs/cat/gone-1.png,cat", "imgs/dog/gone-2.png,dog"]
+    (tmp_path / "index.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    cfg = DataConfig(source=str(tmp_path / "index.csv"), shard_samples=8)
+    manifest = build_image_dataset(cfg, str(tmp_path / "ds"))
+    assert manifest.provenance["skipped_by_reason"] == {"missing": 2}
+    note = skipped_note(manifest.provenance)
+    assert note.startswith(f"{tmp_path / 'index.csv'}: skipped 2 of 26 images: 2 missing (e.g. ")
+
+
+def test_a_full_disk_while_writing_image_shards_names_the_shard_and_leaves_none(tmp_path):
+    from PIL import Image
+
+    from kubetrain.core.errors import KubetrainError
+    from kubetrain.data.config import DataConfig
+    from kubetrain.data.images import build_image_dataset
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(12):  # noise: PNG cannot compress it, so the shards fill the disk
+            pixels = np.random.default_rng([i, ord(c)]).integers(0, 255, (96, 96, 3), np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    with mounted_tmpfs(tmp_path / "disk", "size=192k") as disk:
+        cfg = DataConfig(source=str(root), shard_samples=4)
+        with pytest.raises(KubetrainError) as raised:
+            build_image_dataset(cfg, str(disk / "ds"))
+        line = str(raised.value)
+        assert line.startswith(f"no space left on device while writing {disk / 'ds'}/"), line
+        assert ".parquet" in line and "\n" not in line
+        assert sorted(p.name for p in (disk / "ds").iterdir()) == []  # no shard, no .tmp
+
+
+VISION_CASES = {
+    "transform-value-applied": Case(
+        prep("data.source={tmp}/imgs",
+             "data.transforms.train=[{name: RandomResizedCrop, kwargs: {size: 16, scale: [0.9, 0.1]}}]",
+             "data.transforms.eval=[{name: Resize, kwargs: {size: 16}}, {name: CenterCrop, kwargs: {size: 16}}]"),
+        2,
+        "config error: data.transforms.train[0] (RandomResizedCrop): ",
+        lambda t: _image_folder(t / "imgs"),
+    ),
+    "transform-value-later-in-the-list": Case(
+        prep("data.source={tmp}/imgs",
+             "data.transforms.train=[{name: Resize, kwargs: {size: 16}}, {name: RandomErasing, kwargs: {p: 1.0, scale: [0.5, 0.1]}}, {name: CenterCrop, kwargs: {size: 16}}]",
+             "data.transforms.eval=[{name: Resize, kwargs: {size: 16}}, {name: CenterCrop, kwargs: {size: 16}}]"),
+        2,
+        "config error: data.transforms.train[1] (RandomErasing): ",
+        lambda t: _image_folder(t / "imgs"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize("case", list(VISION_CASES.values()), ids=list(VISION_CASES))
+def test_bad_image_input_is_one_line(case, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torchvision", reason="the image kind needs torchvision")
+    monkeypatch.chdir(tmp_path)
+    case.setup(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in case.argv]
+    before = _files(tmp_path)
+    assert_one_line(*run_main(argv, capsys), case.code, case.names, tmp_path)
+    assert _files(tmp_path) == before, "a failed command left files behind"
+
+
+@pytest.mark.vision
+def test_the_vision_recipe_takes_a_folder_of_mixed_sizes(tmp_path, capsys):
+    pytest.importorskip("torchvision", reason="the image kind needs torchvision")
+    _image_folder(tmp_path / "imgs", sizes=((32, 32), (40, 28), (23, 61)))
+    argv = ["preprocess", "--config", "vision", "--output", str(tmp_path / "ds"),
+            "--set", f"data.source={tmp_path / 'imgs'}"]  # fmt: skip
+    code, err = run_main(argv, capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert meta["input_shape"] == [1, 28, 28] and meta["stored_shape"] is None
+
+
+@pytest.mark.vision
+def test_images_preprocess_skips_are_in_the_meta_and_on_the_terminal(tmp_path, capsys):
+    pytest.importorskip("torchvision", reason="the image kind needs torchvision")
+    _image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "cat" / "bomb.png").write_bytes(_png_declaring(12_000, 12_000))
+    (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"not a png")
+    code, err = run_main(["preprocess", "--output", str(tmp_path / "ds"),
+                          "--set", f"data.source={tmp_path / 'imgs'}"], capsys)  # fmt: skip
+    assert code == 0, err
+    (note,) = json.loads((tmp_path / "ds" / "meta.json").read_text())["notes"]
+    assert "skipped 2 of 26 images: 1 do not decode, 1 too large" in note
+    assert note in err
+
+
+@pytest.mark.vision
+def test_a_full_disk_while_preprocessing_images_is_one_line_and_leaves_no_shard(tmp_path, capsys):
+    pytest.importorskip("torchvision", reason="the image kind needs torchvision")
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.random.default_rng([i, ord(c)]).integers(0, 255, (96, 96, 3), np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    with mounted_tmpfs(tmp_path / "disk", "size=192k") as disk:
+        argv = ["preprocess", "--output", str(disk / "ds"), "--set", f"data.source={root}",
+                "--set", "data.shard_samples=4"]  # fmt: skip
+        last = assert_one_line(*run_main(argv, capsys), 1, "no space left on device", tmp_path)
+        assert f"while writing {disk / 'ds'}/" in last and ".parquet" in last
+        assert [p.name for p in (disk / "ds").iterdir()] == []

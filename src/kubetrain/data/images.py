@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import posixpath
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -96,7 +97,10 @@ def convert_image(
     if not data:
         raise ImageDecodeError("empty file")
     try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # checked below, with a line naming the setting
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
         fmt = img.format
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise ImageDecodeError(
@@ -108,8 +112,8 @@ def convert_image(
         raise ImageDecodeError("not an image format Pillow knows") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(str(err) or type(err).__name__) from None
-    except Image.DecompressionBombError as err:
-        raise ImageDecodeError(str(err)) from None
+    except Image.DecompressionBombError as err:  # Pillow's own limit, above ours
+        raise ImageDecodeError(f"{TOO_LARGE}: {err}") from None
     changed = False
     if img.getexif().get(0x0112, 1) != 1:
         img, changed = ImageOps.exif_transpose(img), True
@@ -294,11 +298,13 @@ def _write_shards(
     options = dict(cfg.storage_options)
     tasks = _plan(refs, ids, parts, cfg, out_dir, options)
     _remove_manifest(out_dir, options)  # a failed build leaves no manifest naming old shards
-    results = _run(tasks, cfg.num_workers)
     try:
+        results = _run(tasks, cfg.num_workers)
         manifest = _manifest(results, classes, refs, cfg, fingerprint)
-    except DataError:
-        _remove_shards(out_dir, [], options)
+    except BaseException:
+        # Half a dataset is no dataset (and on a full disk, what keeps it full): the shards
+        # this build wrote go, and the temporary file a writer was in the middle of.
+        _remove_shards(out_dir, [], options, temporary=True)
         raise
     save_manifest(out_dir, manifest, options)
     _remove_shards(out_dir, [s.path for v in manifest.splits.values() for s in v], options)
@@ -494,12 +500,17 @@ def _remove_manifest(out_dir: str, options: Mapping[str, Any]) -> None:
         fs.rm(path)
 
 
-def _remove_shards(out_dir: str, keep: list[str], options: Mapping[str, Any]) -> None:
-    """Delete shard files of ``out_dir`` that ``keep`` does not name (a previous build's)."""
+def _remove_shards(
+    out_dir: str, keep: list[str], options: Mapping[str, Any], temporary: bool = False
+) -> None:
+    """Delete shard files of ``out_dir`` that ``keep`` does not name (a previous build's), and
+    with ``temporary`` the writers' temporary files (``.<shard>.tmp``) too."""
     fs, root = filesystem(out_dir, options)
     if not fs.exists(root):
         return
     for path in fs.find(root, maxdepth=1):
         name = posixpath.basename(path)
-        if name.endswith(".parquet") and name.split("-")[0] in SPLITS and name not in keep:
+        shard = name.split("-")[0] in SPLITS and name.endswith(".parquet") and name not in keep
+        half = temporary and name.startswith(".") and name.endswith(".parquet.tmp")
+        if shard or half:
             fs.rm(path)

@@ -203,6 +203,10 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     from kubetrain.data.shards import read_manifest
 
     require_torchvision()
+    # The transforms first, on a blank image with stand-in statistics: a wrong name or value
+    # is one line before any shard is written (the real ones come from the training split).
+    channels = len(cfg.image_mode)
+    transforms(cfg, 2, cfg.image_mode, [0.5] * channels, [0.25] * channels)
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -451,15 +455,17 @@ class _ShapedTransform:
     def blank(self, height: int, width: int) -> torch.Tensor:
         from PIL import Image
 
+        from kubetrain.data.transforms import entry_error
+
         buf = io.BytesIO()
         Image.new(self.mode, (width, height)).save(buf, format="PNG")
+        record = {"image": buf.getvalue(), "label": 0}
         try:
-            return self.inner({"image": buf.getvalue(), "label": 0})[0]
+            return self.inner(record)[0]
         except ConfigError:
             raise
         except (TypeError, ValueError, RuntimeError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"config error: {self.where}: {first}") from None
+            raise entry_error(self.inner, record, err) from None
 
 
 # -- the task ------------------------------------------------------------------------------
