@@ -410,3 +410,40 @@ def test_rows_preprocess_drops_reach_the_terminal_and_the_report(tmp_path):
     out = (tmp_path / "stdout.txt").read_text()
     assert f"data:               {said}" in out, out[-2000:]
     assert said in (tmp_path / "run" / "report.html").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.vision
+def test_run_on_a_full_disk_while_writing_image_shards_names_the_step_and_the_shard(tmp_path):
+    pytest.importorskip("torchvision", reason="the image kind needs torchvision")
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(16):  # noise: PNG cannot compress it, so the shards fill the disk
+            pixels = np.random.default_rng([i, ord(c)]).integers(0, 255, (96, 96, 3), np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        proc, _, err = start(["run", "--output", str(disk / "run"), *FAST_RUN,
+                              "--set", f"data.source={root}", "--set", "data.shard_samples=4",
+                              "--set", "model.name=cnn"], tmp_path)  # fmt: skip
+        try:
+            proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc, signal.SIGKILL)
+        text = err.read_text()
+        assert_one_line(proc.returncode, text, 1, "preprocess: no space left on device", tmp_path)
+        assert "while writing " in text.splitlines()[-1] and ".parquet" in text.splitlines()[-1]
+        assert not list(disk.rglob("*.parquet")) and not list(disk.rglob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
