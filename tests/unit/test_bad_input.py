@@ -1380,3 +1380,53 @@ def test_a_full_disk_while_preprocessing_images_is_one_line_and_leaves_no_shard(
         last = assert_one_line(*run_main(argv, capsys), 1, "no space left on device", tmp_path)
         assert f"while writing {disk / 'ds'}/" in last and ".parquet" in last
         assert [p.name for p in (disk / "ds").iterdir()] == []
+
+
+# -- a tracking server that is down (end to end against a closed port: the integration catalogue)
+
+
+def test_a_failed_track_task_keeps_the_runs_results(tmp_path, capsys, monkeypatch):
+    """Only the track task failed: metrics.json and the report are still written from the
+    evaluation, the summary printed, and the last line is the tracking one (exit 1)."""
+    from kubetrain.pipeline import run
+
+    url = "http://127.0.0.1:9"
+
+    def pipeline_whose_tracking_fails(cfg, run_dir, *args):
+        evaluation = run_dir / "kfp" / "kubetrain-1" / "evaluate" / "evaluation"
+        evaluation.mkdir(parents=True)
+        (evaluation / "metrics.json").write_text(json.dumps({
+            "metric": "accuracy", "test_accuracy_fp32": 0.97, "test_accuracy_int8": 0.96,
+            "quantize_method": "dynamic_int8", "model_size_bytes_fp32": 4,
+            "model_size_bytes_int8": 1, "train_samples_per_second": 10.0, "promoted": False,
+        }))  # fmt: skip
+        (evaluation / "report.html").write_text("<html>report</html>")
+        line = f"track: tracking: cannot log to MLflow at {url}: connection refused (log: x)"
+        raise run.StepFailed(line, 1, "track")
+
+    monkeypatch.setattr(run, "_run_pipeline", pipeline_whose_tracking_fails)
+    code = main(["run", "--output", str(tmp_path / "r"), "--set", f"tracking.mlflow_uri={url}"])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and "Traceback" not in err
+    assert lines[-1].startswith("kubetrain: track: tracking: cannot log to MLflow at " + url)
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["test_accuracy_fp32"] == 0.97
+    assert (tmp_path / "r" / "report.html").read_text() == "<html>report</html>"
+    assert "test accuracy fp32: 0.9700" in out
+
+
+def test_kfp_local_tasks_get_a_temporary_directory_that_goes_with_the_run(tmp_path, monkeypatch):
+    """kfp.local's subprocess runner starts each task with `mktemp -d` and never removes it
+    (482 folders in an afternoon): the tasks' TMPDIR is ours for the run, and removed."""
+    from kubetrain.pipeline.run import _tasks_temp_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", "/somewhere/else")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with _tasks_temp_dir() as tmp:
+        assert os.environ["TMPDIR"] == str(tmp) and tmp.parent == tmp_path
+        made = subprocess.run(["mktemp", "-d"], capture_output=True, text=True).stdout.strip()
+        assert Path(made).parent == tmp  # what a task's shell makes lands inside
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))  # cache kept
+    assert not tmp.exists()
+    assert os.environ["TMPDIR"] == "/somewhere/else" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
