@@ -1,4 +1,6 @@
-"""The catalogue's cases that need whole processes: signals, and errors inside ``kubetrain run``.
+"""The catalogue's cases that need whole processes: signals (one or two, to the CLI or its whole
+group), errors inside ``kubetrain run``, object storage that cannot be read (moto's S3 server on
+127.0.0.1, a closed port), a tracking server that is down.
 
 Each case runs ``kubetrain`` as a subprocess with its own temporary directory (``TMPDIR``), so
 what a killed process leaves behind is visible and nothing else's is touched. The checks are the

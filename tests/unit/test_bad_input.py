@@ -9,10 +9,16 @@ promise the README makes:
 - no traceback anywhere in stderr;
 - no ``metrics.json`` under the case's directory: nothing that looks like a result.
 
-Cases are grouped by class: CONFIG, CONFIG_FILES, PATHS (CLI arguments), DATA, a cluster that is
-not there, and FAULTS (full disk, stale temporary files). Cases that need a whole process
-(signals, ``kubetrain run``'s pipeline) are in tests/integration/test_bad_input_run.py; the
-answers of a real Kubernetes API server in tests/cluster/test_bad_input_cluster.py.
+Cases are grouped by class: CONFIG (the model checked before the first step and on its data
+included), CONFIG_FILES, PATHS (CLI arguments, ``runs`` and ``compare`` too), DATA (text
+included), a cluster that is not there, FAULTS (full disks, stale temporary files, signals),
+object storage that cannot be read and compiling that never reads data, images (decoding bombs,
+missing files, transforms, mixed sizes), figures that must not contradict each other, what
+preprocessing leaves out, and the run experience (file modes, temporary folders, a tracking
+server that is down). Cases that need a whole process (signals, ``kubetrain run``'s pipeline,
+moto's S3 server) are in tests/integration/test_bad_input_run.py; the answers of a real
+Kubernetes API server in tests/cluster/test_bad_input_cluster.py. Image cases are marked
+``vision`` (they need torchvision: ``make test-vision``).
 """
 
 from __future__ import annotations
