@@ -13,7 +13,7 @@ VISION_PY := $(VISION_VENV)/bin/python
 VISION_STAMP := $(VISION_VENV)/.installed
 ARGS ?=
 
-.PHONY: venv scan-venv venv-vision run run-vision test test-unit test-integration test-slow test-cluster test-vision lint compile bench clean images image-trainer kind-e2e
+.PHONY: venv scan-venv venv-vision run run-vision test test-unit test-integration test-slow test-cluster test-vision lint compile docs bench clean images image-trainer kind-e2e
 
 # (Re)create the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -73,10 +73,16 @@ test-slow: venv
 
 # Only the folders that exist (benchmarks/ may not yet).
 LINT_DIRS := $(wildcard src components pipelines tests benchmarks images)
+## lint: ruff (lint and format) and the type checker (mypy over src/kubetrain, pyproject's [tool.mypy])
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)
+	$(VENV)/bin/mypy
 
+
+## docs: regenerate docs/configuration.md from the config models' descriptions (a unit test checks it is current)
+docs: venv
+	$(VENV)/bin/kubetrain config docs -o docs/configuration.md
 
 ## compile: the KFP IR YAML of the default pipeline
 compile: venv

@@ -28,12 +28,8 @@ import torch
 from common import cpu_model
 from torch import nn
 
-from kubetrain.models.transformer import (
-    Seq2SeqTransformer,
-    TransformerConfig,
-    beam_search,
-    greedy_decode,
-)
+from kubetrain.models.decoding import beam_search, greedy_decode
+from kubetrain.models.transformer import Seq2SeqTransformer, TransformerConfig
 
 HERE = Path(__file__).resolve().parent
 VOCAB, SRC_LEN, NEW_TOKENS = 4000, 30, 40

@@ -33,11 +33,8 @@ def main() -> None:
     from kubetrain.data.corpora import wordnet_glosses, write_jsonl
     from kubetrain.data.streaming import StreamingDataset
     from kubetrain.data.text import build_text_dataset
-    from kubetrain.models.transformer import (
-        TransformerConfig,
-        build_text_model,
-        label_smoothed_loss,
-    )
+    from kubetrain.models.losses import label_smoothed_loss
+    from kubetrain.models.transformer import TransformerConfig, build_text_model
     from kubetrain.pipeline.config import load_config
     from kubetrain.tasks.text_metrics import accuracy, macro_f1, majority_baseline
 

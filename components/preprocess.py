@@ -23,6 +23,4 @@ def preprocess(config_json: str, overrides: str, dataset: dsl.Output[dsl.Dataset
     meta = steps.preprocess(
         config_from_json(apply_overrides(config_json, overrides)), out_dir=Path(dataset.path)
     )
-    dataset.metadata.update(
-        {"version": meta["version"], "source": meta["source"], "sizes": meta["sizes"]}
-    )
+    dataset.metadata.update({"version": meta.version, "source": meta.source, "sizes": meta.sizes})

@@ -39,9 +39,9 @@ def quantize(
         out_dir=Path(quantized.path),
     )
     quantized.metadata.update(
-        {"method": info["method"], "candidate": info["name"], "decision": info["decision"]}
+        {"method": info.method, "candidate": info.name, "decision": info.decision}
     )
     for key in ("size_bytes", "fp32_size_bytes", "val_accuracy", "latency_ms_b64"):
-        if info.get(key) is not None:
-            quant_metrics.log_metric(key, info[key])
+        if getattr(info, key) is not None:
+            quant_metrics.log_metric(key, getattr(info, key))
     persist(quant_metrics)

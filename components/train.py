@@ -39,7 +39,11 @@ def train(
         params_file=SearchResult.best_params_file(best_params.path),
     )
     model.metadata["framework"] = "pytorch"
-    for key in ("samples_per_second", "train_seconds", "data_wait_share", "final_val_accuracy"):
-        train_metrics.log_metric(key, summary[key])
-    train_metrics.log_metric("world_size", summary["world_size"])
+    if summary.training_api:  # which cluster job trained it (TrainJob or PyTorchJob)
+        model.metadata["training_api"] = summary.training_api
+    train_metrics.log_metric("samples_per_second", summary.samples_per_second)
+    train_metrics.log_metric("train_seconds", summary.train_seconds)
+    train_metrics.log_metric("data_wait_share", summary.data_wait_share)
+    train_metrics.log_metric("final_val_accuracy", summary.final_val_accuracy)
+    train_metrics.log_metric("world_size", summary.world_size)
     persist(train_metrics)

@@ -41,18 +41,19 @@ def tune(
         dataset_dir=Path(dataset.path),
         out_dir=out,
     )
-    best_params.metadata["best_params"] = result["best_params"]
-    search_metrics.log_metric("trials", result["trials_total"])
+    best_params.metadata["best_params"] = result.best_params
+    search_metrics.log_metric("trials", result.trials_total)
     report = out / SEARCH_REPORT
-    if result["enabled"]:
-        search_metrics.log_metric("best_" + result["metric"], result["best_value"])
-        search_metrics.log_metric("trials_pruned", result["trials_pruned"])
-        search_metrics.log_metric("trials_failed", result["trials_failed"])
-        search_metrics.log_metric("trial_epochs_total", result["trial_epochs_total"])
+    if result.enabled:
+        search_metrics.log_metric(f"best_{result.metric}", result.best_value)
+        search_metrics.log_metric("trials_pruned", result.trials_pruned)
+        search_metrics.log_metric("trials_failed", result.trials_failed)
+        if result.trial_epochs_total is not None:  # Katib cannot tell
+            search_metrics.log_metric("trial_epochs_total", result.trial_epochs_total)
     persist(search_metrics)
     Path(search_report.path).parent.mkdir(parents=True, exist_ok=True)
     if report.is_file():
         shutil.copyfile(report, search_report.path)
     else:
         Path(search_report.path).write_text("<p>Tuning was disabled.</p>")
-    return json.dumps(result["best_params"], sort_keys=True)
+    return json.dumps(result.best_params, sort_keys=True)

@@ -14,8 +14,10 @@ after it runs only if they differ, and the pipeline's output is that decision.
 With ``tracking.mlflow_uri`` a ``track`` task after the gate logs the run to MLflow
 (``kubetrain.tracking``).
 
+Every task's pod is sized from ``cluster.steps`` and runs ``cluster.image`` (``_step``).
+
 On ``cluster.backend: kubernetes`` the tune and train steps launch a Katib Experiment and a
-PyTorchJob; they (and the registry steps) mount ``cluster.pvc_name`` at ``cluster.mount_path``,
+TrainJob or PyTorchJob (``cluster.training_api``); they (and the registry steps) mount ``cluster.pvc_name`` at ``cluster.mount_path``,
 through which datasets and models travel to the job pods.
 
 (No ``from __future__ import annotations`` here: KFP reads the annotations as real types.)
@@ -52,6 +54,32 @@ DISPLAY_NAMES = {
     "reject": "Reject the model",
     "track": "Log to MLflow",
 }
+
+
+def _step(cfg: PipelineConfig, task, name: str):
+    """Name the task in the UI and size its pod for a KFP server: the image of
+    ``cluster.image`` (the job pods' too), CPU/memory requests and limits, GPUs, node selector
+    and tolerations from ``cluster.steps`` (its default, then the step's own entry). kfp.local
+    runs the task in this Python and ignores the pod settings."""
+    task.set_display_name(DISPLAY_NAMES[name])
+    if cfg.cluster.image:
+        task.set_container_image(cfg.cluster.image)
+    pod = cfg.cluster.step_pod(name)
+    task.set_cpu_request(pod.cpu).set_cpu_limit(pod.cpu_limit or pod.cpu)
+    task.set_memory_request(pod.memory).set_memory_limit(pod.memory)
+    if pod.gpus:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(pod.gpus)
+    if pod.node_selector or pod.tolerations:
+        from kfp import kubernetes
+
+        for key, value in (pod.node_selector or {}).items():
+            kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        for t in pod.tolerations or []:
+            kubernetes.add_toleration(
+                task, key=t.key or None, operator=t.operator, value=t.value or None,
+                effect=t.effect or None,
+            )  # fmt: skip
+    return task
 
 
 def _on_claim(cfg: PipelineConfig, task):
@@ -93,7 +121,8 @@ def _run_params(cfg, schedule_time, data_source, train_epochs, tune_max_trials, 
         train_epochs=train_epochs,
         tune_max_trials=tune_max_trials,
         schedule_time=schedule_time,
-    ).set_display_name(DISPLAY_NAMES["run-params"])
+    )
+    _step(cfg, task, "run-params")
     # Never from cache: "{date}" may need today's date; the steps' caching keys on its outputs.
     return task.set_caching_options(False)
 
@@ -103,37 +132,39 @@ def _params_and_preprocess(cfg, schedule_time, data_source, train_epochs, tune_m
     """The first two tasks of either pipeline: the run's parameters, then preprocess."""
     params = _run_params(cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides)
     prep = c.preprocess(
-        config_json=cfg.sections_json("data"), overrides=params.outputs["preprocess"]
+        config_json=_sections(cfg, "preprocess"), overrides=params.outputs["preprocess"]
     )
-    _with_storage_secret(cfg, prep).set_display_name(DISPLAY_NAMES["preprocess"])
+    _step(cfg, _with_storage_secret(cfg, prep), "preprocess")
     return params, prep
+
+
+def _sections(cfg: PipelineConfig, step: str) -> str:
+    """The config sections ``step`` receives (``STEP_SECTIONS``), as JSON."""
+    return cfg.sections_json(*STEP_SECTIONS[step])
 
 
 def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
     """tune -> train -> quantize -> evaluate -> [promote | reject]; returns (evaluate, gate)."""
-    cfg_train = cfg.sections_json("data", "model", "train", "cluster")
-    cfg_tune = cfg.sections_json("data", "model", "train", "tune", "cluster")
-    cfg_promote = cfg.sections_json(
-        "data", "model", "train", "tune", "quantize", "evaluate", "retrain"
+    search = c.tune(
+        config_json=_sections(cfg, "tune"), overrides=params.outputs["tune"], dataset=dataset
     )
-    search = c.tune(config_json=cfg_tune, overrides=params.outputs["tune"], dataset=dataset)
-    _with_storage_secret(cfg, _on_claim(cfg, search)).set_display_name(DISPLAY_NAMES["tune"])
+    _step(cfg, _with_storage_secret(cfg, _on_claim(cfg, search)), "tune")
     fit = c.train(
-        config_json=cfg_train,
+        config_json=_sections(cfg, "train"),
         overrides=params.outputs["train"],
         dataset=dataset,
         best_params=search.outputs["best_params"],
     )
-    _with_storage_secret(cfg, _on_claim(cfg, fit)).set_display_name(DISPLAY_NAMES["train"])
+    _step(cfg, _with_storage_secret(cfg, _on_claim(cfg, fit)), "train")
     quant = c.quantize(
-        config_json=cfg.sections_json(*STEP_SECTIONS["quantize"]),
+        config_json=_sections(cfg, "quantize"),
         overrides=params.outputs["quantize"],
         dataset=dataset,
         model=fit.outputs["model"],
     )
-    _with_storage_secret(cfg, quant).set_display_name(DISPLAY_NAMES["quantize"])
+    _step(cfg, _with_storage_secret(cfg, quant), "quantize")
     ev = c.evaluate(
-        config_json=cfg.sections_json("evaluate"),
+        config_json=_sections(cfg, "evaluate"),
         overrides=params.outputs["evaluate"],
         min_accuracy=min_accuracy,
         dataset=dataset,
@@ -141,38 +172,49 @@ def _train_and_gate(cfg: PipelineConfig, dataset, min_accuracy, params):
         quantized=quant.outputs["quantized"],
         best_params=search.outputs["best_params"],
     )
-    _with_storage_secret(cfg, ev).set_display_name(DISPLAY_NAMES["evaluate"])
+    _step(cfg, _with_storage_secret(cfg, ev), "evaluate")
     gate = c.check_accuracy(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
-    gate.set_display_name(DISPLAY_NAMES["check-accuracy"])
+    _step(cfg, gate, "check-accuracy")
+    _promote_or_reject(cfg, gate, params, fit, quant, ev, min_accuracy)
+    if cfg.tracking.mlflow_uri:
+        _track(cfg, gate, params, fit, quant, ev)
+    return ev, gate
+
+
+def _track(cfg: PipelineConfig, gate, params, fit, quant, ev) -> None:
+    """The ``track`` task: the run, its artifacts and the gate's decision logged to MLflow."""
+    logged = c.track(
+        config_json=_sections(cfg, "track"),
+        overrides=params.outputs["track"],
+        run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        promoted=gate.output,
+        evaluation=ev.outputs["evaluation"],
+        model=fit.outputs["model"],
+        quantized=quant.outputs["quantized"],
+    )
+    # It writes to a server outside the pipeline: never from cache.
+    _step(cfg, logged, "track").set_caching_options(False)
+
+
+def _promote_or_reject(cfg: PipelineConfig, gate, params, fit, quant, ev, min_accuracy) -> None:
+    """The gate's two branches: promote the fp32 and int8 models (and publish them to
+    ``retrain.registry``), or record why not."""
     # Gate on the component's single return value: dsl.If on a *named* output of a
     # NamedTuple silently evaluates false under kfp.local.
     with dsl.If(gate.output == True, name="accuracy-ok"):  # noqa: E712 (a KFP expression)
         publish = c.promote(
-            config_json=cfg_promote,
+            config_json=_sections(cfg, "promote"),
             overrides=params.outputs["promote"],
             model=fit.outputs["model"],
             quantized=quant.outputs["quantized"],
             evaluation=ev.outputs["evaluation"],
-        ).set_display_name(DISPLAY_NAMES["promote"])
+        )
+        _step(cfg, publish, "promote")
         if cfg.retrain.registry:
             _on_claim(cfg, publish).set_caching_options(False)  # the registry lives outside
     with dsl.Else(name="accuracy-low"):
-        c.reject(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy).set_display_name(
-            DISPLAY_NAMES["reject"]
-        )
-    if cfg.tracking.mlflow_uri:
-        logged = c.track(
-            config_json=cfg.sections_json(*type(cfg).model_fields),
-            overrides=params.outputs["track"],
-            run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            promoted=gate.output,
-            evaluation=ev.outputs["evaluation"],
-            model=fit.outputs["model"],
-            quantized=quant.outputs["quantized"],
-        )
-        # It writes to a server outside the pipeline: never from cache.
-        logged.set_display_name(DISPLAY_NAMES["track"]).set_caching_options(False)
-    return ev, gate
+        rejected = c.reject(evaluation=ev.outputs["evaluation"], min_accuracy=min_accuracy)
+        _step(cfg, rejected, "reject")
 
 
 def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
@@ -188,9 +230,7 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
     """
 
     if cfg.retrain.only_if_changed:
-        cfg_check = cfg.sections_json(
-            "data", "model", "train", "tune", "quantize", "evaluate", "retrain"
-        )
+        cfg_check = _sections(cfg, "check_changed")
 
         @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
         def retrain_pipeline(
@@ -209,9 +249,7 @@ def build_pipeline(cfg: PipelineConfig, schedule_time: str = ""):
                 dataset=prep.outputs["dataset"],
             )
             # The answer depends on the registry, not only on the inputs: never cache it.
-            _on_claim(cfg, changed).set_display_name(
-                DISPLAY_NAMES["check-changed"]
-            ).set_caching_options(False)
+            _step(cfg, _on_claim(cfg, changed), "check-changed").set_caching_options(False)
             with dsl.If(changed.output == True, name="inputs-changed"):  # noqa: E712
                 _train_and_gate(cfg, prep.outputs["dataset"], min_accuracy, params)
             return changed.output

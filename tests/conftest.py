@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.records import DatasetMeta
 from kubetrain.pipeline.config import PipelineConfig, load_config
 from kubetrain.tasks import open_task
 from kubetrain.tasks.base import Task
@@ -23,8 +24,8 @@ KUBETRAIN = [sys.executable, "-m", "kubetrain.cli"]
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test outside tests/unit ``integration``: the unit tier is tests/unit and
-    nothing else, and a new suite elsewhere still runs in CI's integration step (README,
-    Testing)."""
+    nothing else, and a new suite elsewhere still runs in CI's integration step
+    (docs/testing.md)."""
     for item in items:
         if not Path(item.path).is_relative_to(UNIT):
             item.add_marker(pytest.mark.integration)
@@ -131,7 +132,8 @@ class InMemoryTask(Task):
     factory: Any
 
     def __init__(self, root: Path, meta: dict, x: dict, y: dict) -> None:
-        super().__init__(load_config(), DatasetArtifact(root, meta, {}))
+        record = DatasetMeta(source="memory", config={}, **meta)
+        super().__init__(load_config(), DatasetArtifact(root, record))
         self.x, self.y = x, y
 
     def build_model(self, model):

@@ -29,7 +29,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         type=Path,
-        help="YAML config file, or a bundled recipe: smoke, gpu (default: the bundled defaults)",
+        help="YAML config file, or the name of a bundled recipe (smoke, vision, translation, ...: "
+        "src/kubetrain/pipeline/recipes/; default: the bundled defaults)",
     )
     p.add_argument(
         "--set",
@@ -85,15 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "manifests",
-        help="print, as multi-document YAML, the PyTorchJob and Katib Experiment a cluster run "
-        "creates (a dry run: nothing is sent)",
+        help="print, as multi-document YAML, the TrainJob or PyTorchJob (cluster.training_api; "
+        "offline, auto shows a TrainJob) and the Katib Experiment a cluster run creates (a dry "
+        "run: nothing is sent)",
     )
     _config_args(p)
 
     p = sub.add_parser(
         "submit",
         help="compile the pipeline and start a run on a KFP server (--set items go as the run's "
-        "parameters; see README: run-time parameters)",
+        "parameters; see docs/cluster.md: run-time parameters)",
     )
     _config_args(p)
     _host_args(p)
@@ -132,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     show = csub.add_parser("show", help="print the effective, validated config as YAML")
     _config_args(show)
+    docs = csub.add_parser(
+        "docs",
+        help="write the configuration reference (every section and field, from the models' "
+        "descriptions) as Markdown: docs/configuration.md",
+    )
+    docs.add_argument(
+        "-o", "--output", type=Path, help="the Markdown file to write (default: standard output)"
+    )
 
     p = sub.add_parser("preprocess", help="step: data source -> dataset artifact")
     _config_args(p)
@@ -327,6 +337,24 @@ def _evaluate(cfg, args: argparse.Namespace) -> None:
     steps.evaluate(cfg, args.dataset, args.model, args.quantized, args.output, args.tune)
 
 
+def _config_docs(args: argparse.Namespace) -> int:
+    """``config docs``: the configuration reference, to ``--output`` or standard output."""
+    from kubetrain.pipeline.docs import render
+
+    page = render()
+    if args.output is None:
+        sys.stdout.write(page)
+        return 0
+    if args.output.is_dir():
+        raise UsageError(f"--output {args.output}: is a directory; give the Markdown file to write")
+    from kubetrain.core.io import atomic_write, check_writable_dir
+
+    check_writable_dir(args.output.parent, "--output")
+    atomic_write(args.output, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    print(f"wrote {args.output}")
+    return 0
+
+
 def dispatch(args: argparse.Namespace) -> int:
     """Run the subcommand of parsed ``args``; returns the exit status (errors raise)."""
     from kubetrain.pipeline import steps
@@ -334,6 +362,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
     if args.command in ("runs", "compare"):
         return _runs_command(args)
+    if args.command == "config" and args.config_command == "docs":
+        return _config_docs(args)
     _check_paths(args)
     cfg = load_config(args.config, args.overrides)
     match args.command:
@@ -344,9 +374,9 @@ def dispatch(args: argparse.Namespace) -> int:
         case "run":
             _run(cfg, args)
         case "manifests":
-            from kubetrain.pipeline.manifests import cluster_manifests, to_yaml
+            from kubetrain.pipeline.manifests import cluster_manifests, header, to_yaml
 
-            sys.stdout.write(to_yaml(cluster_manifests(cfg)))
+            sys.stdout.write(to_yaml(cluster_manifests(cfg), header(cfg)))
         case "submit" | "schedule":
             _submit(args)
         case "preprocess":

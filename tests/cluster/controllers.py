@@ -1,5 +1,5 @@
-"""The test in the controllers' place (Training Operator, Katib, kubelet), and the pipeline's
-identity from our own manifests."""
+"""The test in the controllers' place (Training Operator v1, Trainer v2 with JobSet, Kueue,
+Katib, kubelet), and the pipeline's identity from our own manifests."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from cluster.controlplane import ROOT, free_port
-from kubetrain.pipeline.config import PipelineConfig, load_config
+from kubetrain.pipeline.config import load_config
 
 RUNNER_SA = "kubetrain-pipeline-runner"  # manifests/base/serviceaccount.yaml
 
@@ -73,6 +73,22 @@ def tc_condition(kind: str, reason: str, message: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# plural -> (API group, version) of what the controllers write
+APIS = {
+    "pytorchjobs": ("kubeflow.org", "v1"),
+    "experiments": ("kubeflow.org", "v1beta1"),
+    "trials": ("kubeflow.org", "v1beta1"),
+    "trainjobs": ("trainer.kubeflow.org", "v1alpha1"),
+}
+
+
+def condition_v2(kind: str, reason: str, message: str, status: str = "True") -> dict[str, Any]:
+    """A status condition as Trainer v2 writes them (``metav1.Condition``)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {"type": kind, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": now}  # fmt: skip
+
+
 class Operator:
     """Writes what the controllers would, with admin rights, in one namespace."""
 
@@ -83,11 +99,19 @@ class Operator:
         self.custom = client.CustomObjectsApi(admin)
         self.core = client.CoreV1Api(admin)
 
-    def objects(self, plural: str, version: str = "v1") -> list[dict[str, Any]]:
-        found = self.custom.list_namespaced_custom_object("kubeflow.org", version, self.ns, plural)
+    @staticmethod
+    def _gv(plural: str, version: str | None) -> tuple[str, str]:
+        group, default = APIS[plural]
+        return group, version or default
+
+    def objects(self, plural: str, version: str | None = None) -> list[dict[str, Any]]:
+        group, version = self._gv(plural, version)
+        found = self.custom.list_namespaced_custom_object(group, version, self.ns, plural)
         return found["items"]
 
-    def created(self, plural: str, version: str = "v1", timeout: float = 60) -> dict[str, Any]:
+    def created(
+        self, plural: str, version: str | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
         """The first object of ``plural`` once the launcher has created it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -97,37 +121,65 @@ class Operator:
             time.sleep(0.1)
         raise AssertionError(f"no {plural} was created in {self.ns} within {timeout} s")
 
-    def conditions(self, plural, name, conditions, version="v1", **extra) -> None:
+    def conditions(self, plural, name, conditions, version=None, **extra) -> None:
         """Write ``status`` through the status subresource, conditions accumulated in order."""
+        group, version = self._gv(plural, version)
         status = {"conditions": conditions, **extra}
         self.custom.patch_namespaced_custom_object_status(
-            "kubeflow.org", version, self.ns, plural, name, {"status": status}
+            group, version, self.ns, plural, name, {"status": status}
         )
 
-    def pod(self, name: str, job: str, phase: str, container_status: dict[str, Any]) -> None:
+    def suspend(self, plural: str, name: str, suspended: bool) -> None:
+        """What Kueue does to a job of its queue: suspend it (its webhook, at creation) and
+        un-suspend it once admitted."""
+        group, version = self._gv(plural, None)
+        spec = {"suspend": suspended}
+        if plural == "pytorchjobs":
+            spec = {"runPolicy": {"suspend": suspended}}
+        self.custom.patch_namespaced_custom_object(
+            group, version, self.ns, plural, name, {"spec": spec}
+        )
+
+    def pod(
+        self, name: str, job: str, phase: str, container_status: dict[str, Any],
+        labels: dict[str, str] | None = None, container: str = "pytorch",
+    ) -> None:  # fmt: skip
         """A job's pod as the operator creates it, with the status the kubelet would write."""
+        if labels is None:
+            labels = {
+                "training.kubeflow.org/job-name": job,
+                "training.kubeflow.org/replica-type": "master",
+                "training.kubeflow.org/job-role": "master",
+            }
         self.core.create_namespaced_pod(
             self.ns,
             {
-                "metadata": {
-                    "name": name,
-                    "labels": {
-                        "training.kubeflow.org/job-name": job,
-                        "training.kubeflow.org/replica-type": "master",
-                        "training.kubeflow.org/job-role": "master",
-                    },
-                },
-                "spec": {"containers": [{"name": "pytorch", "image": "registry.example/k:1"}]},
+                "metadata": {"name": name, "labels": labels},
+                "spec": {"containers": [{"name": container, "image": "registry.example/k:1"}]},
             },
         )
         status = {
             "phase": phase,
             "containerStatuses": [
-                {"name": "pytorch", "image": "registry.example/k:1", "imageID": "",
+                {"name": container, "image": "registry.example/k:1", "imageID": "",
                  "ready": phase == "Running", "restartCount": 0, **container_status},
             ],
         }  # fmt: skip
         self.core.patch_namespaced_pod_status(name, self.ns, {"status": status})
+
+    def node_pod(self, job: str, phase: str, container_status: dict[str, Any]) -> str:
+        """Node 0 of a TrainJob, as JobSet names and labels it (the JobSet is the TrainJob's
+        namesake; its replicated job ``node``)."""
+        name = f"{job}-node-0-0-x7k2p"
+        labels = {
+            "jobset.sigs.k8s.io/jobset-name": job,
+            "jobset.sigs.k8s.io/replicatedjob-name": "node",
+            "jobset.sigs.k8s.io/job-index": "0",
+            "batch.kubernetes.io/job-completion-index": "0",
+            "trainer.kubeflow.org/trainjob-ancestor-step": "trainer",
+        }
+        self.pod(name, job, phase, container_status, labels=labels, container="node")
+        return name
 
 
 def in_background(fn: Callable[[], Any]) -> Callable[[float], None]:
@@ -157,7 +209,7 @@ def in_background(fn: Callable[[], Any]) -> Callable[[float], None]:
 IMAGE = "registry.example/kubetrain:test"
 
 
-def cluster_cfg(namespace: str, claim: Path, *settings: str) -> PipelineConfig:
+def cluster_cfg(namespace: str, claim: Path, *settings: str, api: str = "pytorchjob"):
     claim.mkdir(exist_ok=True)
     return load_config(
         None,
@@ -165,23 +217,34 @@ def cluster_cfg(namespace: str, claim: Path, *settings: str) -> PipelineConfig:
             "cluster.backend=kubernetes", f"cluster.namespace={namespace}",
             f"cluster.image={IMAGE}", f"cluster.mount_path={claim}",
             "cluster.poll_seconds=1", "cluster.wait_timeout_seconds=120",
+            f"cluster.training_api={api}",
             "train.nproc=1", "train.epochs=1", "tune.enabled=false", *settings,
         ],
     )  # fmt: skip
 
 
 def master(job: dict) -> dict:
+    if job["kind"] == "TrainJob":
+        return job["spec"]["trainer"]
     return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
 
 
 def run_the_master(job: dict) -> None:
-    """What the pod would do: the container's command with the operator's variables."""
+    """What the pod would do: the container's command with the operator's variables (a
+    TrainJob's: the PET_* variables the torch runtime injects)."""
     container = master(job)
-    values = {"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    port = str(free_port())
+    if job["kind"] == "TrainJob":
+        values = {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
+                  "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port}  # fmt: skip
+    else:
+        values = {"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     command = [sys.executable if a == "python" else a for a in container["command"]]
     for key, value in values.items():
         command = [a.replace(f"$({key})", value) for a in command]
-    env = dict(os.environ, **{e["name"]: e["value"] for e in container["env"]}, **values)
+    assert not any("$(" in a for a in command), command
+    plain = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env = dict(os.environ, **plain, **values)
     env["OMP_NUM_THREADS"] = "1"
     subprocess.run(command, env=env, check=True, timeout=300)
 
@@ -218,6 +281,50 @@ def play_success(op: Operator, train=write_model, between=lambda: None) -> dict:
     return job
 
 
+def jobs_status(**counts: int) -> list[dict[str, Any]]:
+    """TrainJob ``status.jobsStatus`` of the ``node`` replicated job, as JobSet counts them."""
+    base = {"ready": 0, "succeeded": 0, "failed": 0, "active": 0, "suspended": 0}
+    return [{"name": "node", **base, **counts}]
+
+
+def play_trainjob(
+    op: Operator,
+    train=write_model,
+    between=lambda: None,
+    queue: Callable[[str], None] | None = None,
+) -> dict:
+    """Trainer v2 (and, with ``queue``, Kueue first): node 0 runs, the work, Complete."""
+    job = op.created("trainjobs")
+    name = job["metadata"]["name"]
+    if queue is not None:
+        queue(name)
+    op.node_pod(name, "Running", {"state": {"running": {}}})
+    op.conditions("trainjobs", name, [], jobsStatus=jobs_status(active=1))
+    between()
+    train(job)
+    complete = condition_v2("Complete", "AllJobsCompleted", "jobset completed successfully")
+    op.conditions("trainjobs", name, [complete], jobsStatus=jobs_status(succeeded=1))
+    return job
+
+
+def kueue_admits_after(op: Operator, seconds: float, plural: str = "trainjobs"):
+    """Kueue: the job is suspended as it is created, and admitted ``seconds`` later."""
+
+    def queue(name: str) -> None:
+        op.suspend(plural, name, True)
+        op.conditions(
+            plural, name, [condition_v2("Suspended", "Suspended", "TrainJob is suspended")]
+        )
+        time.sleep(seconds)
+        op.suspend(plural, name, False)
+        op.conditions(
+            plural, name,
+            [condition_v2("Suspended", "Resumed", "TrainJob is resumed", status="False")],
+        )  # fmt: skip
+
+    return queue
+
+
 # -- Katib's part ------------------------------------------------------------------------------
 
 SEARCH = [
@@ -229,14 +336,15 @@ SEARCH = [
 ]
 
 
-def tune_cfg(namespace: str, claim: Path, *settings: str) -> PipelineConfig:
+def tune_cfg(namespace: str, claim: Path, *settings: str, api: str = "pytorchjob"):
     claim.mkdir(exist_ok=True)
     return load_config(
         None,
         [
             "cluster.backend=kubernetes", f"cluster.namespace={namespace}",
             "cluster.image=registry.example/kubetrain:test", f"cluster.mount_path={claim}",
-            "cluster.poll_seconds=1", "cluster.wait_timeout_seconds=120", *SEARCH, *settings,
+            "cluster.poll_seconds=1", "cluster.wait_timeout_seconds=120",
+            f"cluster.training_api={api}", *SEARCH, *settings,
         ],
     )  # fmt: skip
 
@@ -262,6 +370,35 @@ TRIALS = {
 }  # fmt: skip
 
 
+# Trial outcome -> the condition Trainer v2 writes on the trial's TrainJob (None: still running
+# when Katib stopped it early).
+TRIAL_JOB_CONDITION = {
+    "Succeeded": ("Complete", "AllJobsCompleted", "jobset completed successfully"),
+    "Failed": ("Failed", "FailedJobs", "jobset failed due to reaching max restarts"),
+    "EarlyStopped": None,
+}
+
+
+def trial_trainjob(op: Operator, exp: dict, trial: str, params: list[dict], outcome: str) -> None:
+    """What Katib's trial controller creates from a TrainJob trial template: the trialSpec with
+    the trial's parameters filled in, named after the trial (the API server checks it against
+    the TrainJob schema), then its outcome as Trainer v2 writes it."""
+    template = exp["spec"]["trialTemplate"]
+    text = yaml.safe_dump(template["trialSpec"])
+    refs = {p["name"]: p["reference"] for p in template["trialParameters"]}
+    values = {a["name"]: a["value"] for a in params}
+    for name, reference in refs.items():
+        text = text.replace(f"${{trialParameters.{name}}}", values[reference])
+    job = yaml.safe_load(text)
+    job["metadata"] = {**job.get("metadata", {}), "name": trial, "namespace": op.ns}
+    op.custom.create_namespaced_custom_object(
+        "trainer.kubeflow.org", "v1alpha1", op.ns, "trainjobs", job, field_validation="Strict"
+    )
+    done = TRIAL_JOB_CONDITION[outcome]
+    if done is not None:
+        op.conditions("trainjobs", trial, [condition_v2(*done)])
+
+
 def play_katib(op: Operator, outcome: str = "Succeeded") -> str:
     exp = op.created("experiments", "v1beta1")
     name = exp["metadata"]["name"]
@@ -280,6 +417,9 @@ def play_katib(op: Operator, outcome: str = "Succeeded") -> str:
                          "objective": exp["spec"]["objective"]},
             },
         )  # fmt: skip
+        job_kind = exp["spec"]["trialTemplate"]["trialSpec"]["kind"]
+        if job_kind == "TrainJob":
+            trial_trainjob(op, exp, f"{name}-{trial}", params, kind)
         status = {"conditions": [tc_condition(kind, reason, message)]}
         if accuracy is not None:
             status["observation"] = observation(accuracy)

@@ -3,7 +3,8 @@
 etcd (Debian's ``etcd-server``) and the ``kube-apiserver`` of ``../shared/k8s`` (v1.36, its
 README says how it was built) on free 127.0.0.1 ports, with RBAC, a service-account issuer
 (TokenRequest works), an admin token, an audit log (who called what), and the Kubeflow CRDs
-installed. The same flags as ``shared/k8s/envtest.sh``; done here in Python so that a test can
+(Training Operator v1, Trainer v2 with JobSet, Katib) and Trainer's ``torch-distributed``
+runtime installed. The same flags as ``shared/k8s/envtest.sh``; done here in Python so that a test can
 kill and restart the API server on the same port and etcd (its data stays).
 
 Nothing reconciles: the tests play the Training Operator, Katib and the kubelet by writing
@@ -34,10 +35,18 @@ urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 ROOT = Path(__file__).resolve().parents[2]
 # The shared tools sit beside the checkout (../shared/k8s); KUBETRAIN_K8S_DIR points elsewhere.
 K8S_DIR = Path(os.environ.get("KUBETRAIN_K8S_DIR") or ROOT.parent / "shared" / "k8s")
-# PyTorchJob and Experiment from ../shared/k8s (see its README for their sources), the Trial
-# CRD from here.
-SHARED_CRDS = ("kubeflow.org_pytorchjobs.yaml", "kubeflow.org_experiments.yaml")
-CRDS = [*(K8S_DIR / "crds" / name for name in SHARED_CRDS), Path(__file__).parent / "crds"]
+# The CRDs of ../shared/k8s (see its README for their sources): Training Operator v1.9.4's
+# PyTorchJob, Kubeflow Trainer v2.3.0's TrainJob and runtimes, JobSet v0.12.0, Katib v0.19.0's
+# Experiment, Trial and Suggestion.
+SHARED_CRDS = (
+    "kubeflow.org_pytorchjobs.yaml", "kubeflow.org_experiments.yaml", "kubeflow.org_trials.yaml",
+    "kubeflow.org_suggestions.yaml", "trainer.kubeflow.org_trainjobs.yaml",
+    "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+    "trainer.kubeflow.org_trainingruntimes.yaml", "jobset.x-k8s.io_jobsets.yaml",
+)  # fmt: skip
+CRDS = [K8S_DIR / "crds" / name for name in SHARED_CRDS]
+# Trainer's default ClusterTrainingRuntime, which kubetrain's TrainJobs name (cluster.runtime).
+RUNTIMES = [K8S_DIR / "runtimes" / "torch_distributed.yaml"]
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -54,8 +63,9 @@ def missing() -> str | None:
             f"no kube-apiserver at {K8S_DIR}/bin (the shared/k8s tools; set KUBETRAIN_K8S_DIR): "
             "on a machine with a cluster use `make kind-e2e`"
         )
-    if not all((K8S_DIR / "crds" / name).is_file() for name in SHARED_CRDS):
-        return f"no {' and '.join(SHARED_CRDS)} in {K8S_DIR}/crds (the shared/k8s tools)"
+    absent = [p.name for p in [*CRDS, *RUNTIMES] if not p.is_file()]
+    if absent:
+        return f"no {', '.join(absent)} in {K8S_DIR} (the shared/k8s tools)"
     if not etcd_binary():
         return "no etcd: install Debian's etcd-server (apt-get install etcd-server) or set ETCD"
     if shutil.which("kubectl") is None:
@@ -121,6 +131,7 @@ class ControlPlane:
         self._write_kubeconfig(self.kubeconfig, self.admin_token)
         self.kubectl("apply", "--server-side", *[a for p in CRDS for a in ("-f", str(p))])
         self.wait_established()
+        self.kubectl("apply", "--server-side", *[a for p in RUNTIMES for a in ("-f", str(p))])
         return self
 
     def wait_established(self, timeout: float = 60.0) -> None:

@@ -10,9 +10,11 @@ import pytest
 
 from cluster.controllers import (
     cluster_cfg,
+    condition_v2,
     in_background,
     play_katib,
     play_success,
+    play_trainjob,
     rendered,
     tc_condition,
     tune_cfg,
@@ -55,7 +57,8 @@ def test_the_launchers_use_every_permission_of_the_role_and_no_other(
     control_plane, runner, operator, tiny_dataset, tmp_path
 ):
     # a training that succeeds (its job is deleted), one that fails (deleted: cleanup=always),
-    # and a search: everything a pipeline run does on the cluster
+    # and a search, with each training API (auto asks which one is served): everything a
+    # pipeline run does on the cluster
     cfg = cluster_cfg(runner.namespace, tmp_path / "claim")
     join = in_background(lambda: play_success(operator))
     steps.train(cfg, tiny_dataset, tmp_path / "model")
@@ -77,6 +80,30 @@ def test_the_launchers_use_every_permission_of_the_role_and_no_other(
     steps.tune(tune_cfg(runner.namespace, tmp_path / "claim"), tiny_dataset, tmp_path / "tune")
     join()
 
+    join = in_background(lambda: play_trainjob(operator))
+    steps.train(cluster_cfg(runner.namespace, tmp_path / "claim", api="auto"), tiny_dataset,
+                tmp_path / "model3")  # fmt: skip
+    join()
+
+    def fail_trainjob():
+        job = operator.created("trainjobs")
+        failed = condition_v2("Failed", "FailedJobs", "jobset failed due to reaching max restarts")
+        operator.conditions("trainjobs", job["metadata"]["name"], [failed])
+
+    join = in_background(fail_trainjob)
+    with pytest.raises(KubetrainError, match="failed: FailedJobs"):
+        steps.train(
+            cluster_cfg(runner.namespace, tmp_path / "claim", "cluster.cleanup=always",
+                        api="trainjob"),
+            tiny_dataset, tmp_path / "model4",
+        )  # fmt: skip
+    join()
+    join = in_background(lambda: play_katib(operator))
+    steps.tune(
+        tune_cfg(runner.namespace, tmp_path / "claim", api="auto"), tiny_dataset, tmp_path / "t2"
+    )
+    join()
+
     used, refused = used_permissions(control_plane.audit(runner.username))
     assert used == role_permissions()
     # the one refusal by design: the namespace check, which namespaced RBAC cannot pass
@@ -85,6 +112,9 @@ def test_the_launchers_use_every_permission_of_the_role_and_no_other(
 
 ALLOWED = [
     ("create", "kubeflow.org", "pytorchjobs", ""),
+    ("create", "trainer.kubeflow.org", "trainjobs", ""),
+    ("watch", "trainer.kubeflow.org", "trainjobs", ""),
+    ("delete", "trainer.kubeflow.org", "trainjobs", ""),
     ("watch", "kubeflow.org", "experiments", ""),
     ("list", "kubeflow.org", "trials", ""),
     ("get", "", "pods", "log"),
@@ -101,6 +131,11 @@ REFUSED = [
     ("list", "apiextensions.k8s.io", "customresourcedefinitions", "", ""),
     ("create", "rbac.authorization.k8s.io", "clusterrolebindings", "", ""),
     ("list", "kubeflow.org", "pytorchjobs", "", ""),
+    ("update", "trainer.kubeflow.org", "trainjobs", "status", None),
+    ("patch", "trainer.kubeflow.org", "trainjobs", "", None),
+    ("create", "trainer.kubeflow.org", "trainjobs", "", "other-namespace"),
+    ("list", "trainer.kubeflow.org", "clustertrainingruntimes", "", ""),
+    ("create", "jobset.x-k8s.io", "jobsets", "", None),
 ]
 
 

@@ -15,7 +15,6 @@ from cluster.controllers import in_namespace, rendered
 from cluster.controlplane import ROOT
 from kubetrain.cli import main
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError
-from kubetrain.launch.kubernetes import TRAIN_JOB, build_pytorchjob
 from kubetrain.pipeline.config import load_config
 from tests.conftest import needs_github
 
@@ -78,54 +77,112 @@ RECIPES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(RECIPES))
+# What each recipe is rendered with: every training API, queued (Kueue's labels) or not.
+APIS = {
+    "pytorchjob": ("PyTorchJob", []),
+    "trainjob": ("TrainJob", []),
+    "trainjob-queued": (
+        "TrainJob",
+        ["cluster.training_api=trainjob", "cluster.queue_name=gpu-queue",
+         "cluster.priority_class=high"],
+    ),
+    "auto": ("TrainJob", ["cluster.training_api=auto"]),
+}  # fmt: skip
+CASES = [(case, api) for case in sorted(RECIPES) for api in sorted(APIS)
+         if case != "elastic" or api == "pytorchjob"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "api"), CASES, ids=[f"{c}-{a}" for c, a in CASES])
 def test_every_object_kubetrain_manifests_prints_is_accepted(
-    control_plane, namespace, capsys, case
+    control_plane, namespace, capsys, case, api
 ):
     recipe, settings = RECIPES[case]
+    kind, api_settings = APIS[api]
     args = ["manifests", "--set", f"cluster.namespace={namespace}",
-            "--set", "cluster.image=registry.example/kubetrain:test"]  # fmt: skip
+            "--set", "cluster.image=registry.example/kubetrain:test",
+            "--set", f"cluster.training_api={api.split('-')[0]}"]  # fmt: skip
+    for setting in api_settings:
+        args += ["--set", setting]
     if recipe != "default":
         args += ["--config", recipe]
     for setting in settings:
         args += ["--set", setting]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    kinds = [d["kind"] for d in yaml.safe_load_all(printed)]
-    assert kinds == ["Experiment", "PyTorchJob"]
+    docs = list(yaml.safe_load_all(printed))
+    assert [d["kind"] for d in docs] == ["Experiment", kind]
     for dry_run in ("--dry-run=server", None):
         flags = [f for f in ("--server-side", dry_run, "--validate=strict") if f]
         done = control_plane.kubectl("apply", *flags, "-f", "-", input=printed)
         assert done.stdout.count("serverside-applied") == 2, done.stdout
+    # The Experiment's schema accepts any trial template (Katib checks it in a webhook): the
+    # trial's job is checked against its own kind's schema, as Katib would create it.
+    trial = copy.deepcopy(docs[0]["spec"]["trialTemplate"]["trialSpec"])
+    trial["metadata"] = {**trial.get("metadata", {}), "name": "kubetrain-trial-check"}
+    text = yaml.safe_dump(trial).replace("${trialParameters.", "x${")  # a value, not a template
+    done = control_plane.kubectl("apply", "--server-side", "--dry-run=server", "--validate=strict",
+                                 "-n", namespace, "-f", "-", input=text)  # fmt: skip
+    assert "serverside-applied (server dry run)" in done.stdout, done.stdout
 
 
+def _node_container(job: dict) -> dict:
+    (patch,) = job["spec"]["runtimePatches"]
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    return node["template"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def _master_container(job: dict) -> dict:
+    return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+
+
+# case -> (training API, what breaks the object, what the one line names)
 WRONG = {
-    "replicas-not-a-number": (
+    "pytorchjob-replicas-not-a-number": (
+        "pytorchjob",
         lambda job: job["spec"]["pytorchReplicaSpecs"]["Master"].update(replicas="two"),
         r"spec.pytorchReplicaSpecs.Master.replicas",
     ),
-    "misspelt-field": (
+    "pytorchjob-misspelt-field": (
+        "pytorchjob",
         lambda job: job["spec"].update(nprocsPerNode="1"),
         r'unknown field "spec.nprocsPerNode"',
     ),
-    "port-not-a-number": (
-        lambda job: job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][
-            0
-        ]["ports"][0].update(containerPort="http"),
+    "pytorchjob-port-not-a-number": (
+        "pytorchjob",
+        lambda job: _master_container(job)["ports"][0].update(containerPort="http"),
         r"containerPort",
+    ),
+    "trainjob-num-nodes-not-a-number": (
+        "trainjob",
+        lambda job: job["spec"]["trainer"].update(numNodes="two"),
+        r"spec.trainer.numNodes",
+    ),
+    "trainjob-misspelt-field": (
+        "trainjob",
+        lambda job: job["spec"]["trainer"].update(numProcsPerNode=1),
+        r'unknown field "spec.trainer.numProcsPerNode"',
+    ),
+    # the schema has no place for it: a runtime patch may not set envFrom
+    "trainjob-envfrom-in-a-runtime-patch": (
+        "trainjob",
+        lambda job: _node_container(job).update(envFrom=[{"secretRef": {"name": "s"}}]),
+        r"envFrom",
     ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(WRONG))
 def test_a_wrong_object_is_refused_in_one_line(control_plane, namespace, monkeypatch, case):
-    mutate, field = WRONG[case]
+    from kubetrain.launch.jobkinds import job_kind
+
+    api, mutate, field = WRONG[case]
+    kind = job_kind(api)
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
     cfg = load_config(None, [f"cluster.namespace={namespace}", "cluster.image=img:1"])
-    job = copy.deepcopy(build_pytorchjob(cfg, "kubetrain-train-wrong"))
+    job = copy.deepcopy(kind.build(cfg, "kubetrain-train-wrong"))
     mutate(job)
-    with pytest.raises(KubeApiError, match=r"the API server rejected pytorchjob ") as err:
-        KubeApi(namespace).create(TRAIN_JOB, job)
+    with pytest.raises(KubeApiError, match=rf"the API server rejected {api} ") as err:
+        KubeApi(namespace).create(kind.resource, job)
     # 422 from the schema, 400 from strict decoding (unknown fields)
     assert err.value.status in (400, 422) and "\n" not in str(err.value)
     assert f"{namespace}/kubetrain-train-wrong" in str(err.value)

@@ -21,8 +21,9 @@ from cluster.controllers import (
 )
 from kubetrain.core.errors import KubetrainError
 from kubetrain.launch.cluster import ClusterJob, run_job
+from kubetrain.launch.jobkinds import KubernetesLauncher
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError
-from kubetrain.launch.kubernetes import KubernetesLauncher, PyTorchJobWatcher, build_pytorchjob
+from kubetrain.launch.kubernetes import PyTorchJobWatcher, build_pytorchjob
 from kubetrain.pipeline import steps
 
 pytestmark = pytest.mark.cluster
@@ -36,7 +37,7 @@ def test_the_train_step_returns_the_model_its_job_trained(
     with caplog.at_level(logging.WARNING):
         metrics = steps.train(cfg, digits_dir, tmp_path / "model")
     join()
-    assert metrics["world_size"] == 1 and metrics["epochs"] == 1
+    assert metrics.world_size == 1 and metrics.epochs == 1
     assert (tmp_path / "model" / "model.json").is_file()
     assert operator.objects("pytorchjobs") == []  # cluster.cleanup on_success
     assert list((tmp_path / "claim" / "jobs").iterdir()) == []

@@ -15,15 +15,16 @@ from kubetrain.pipeline import steps
 pytestmark = pytest.mark.cluster
 
 
-def test_the_tune_step_returns_katibs_best_trial(runner, operator, tiny_dataset, tmp_path):
-    cfg = tune_cfg(runner.namespace, tmp_path / "claim")
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_the_tune_step_returns_katibs_best_trial(runner, operator, tiny_dataset, tmp_path, api):
+    cfg = tune_cfg(runner.namespace, tmp_path / "claim", "cluster.queue_name=gpu-queue", api=api)
     join = in_background(lambda: play_katib(operator))
     result = steps.tune(cfg, tiny_dataset, tmp_path / "tune")
     join()
-    assert result["engine"] == "katib"
-    assert result["best_params"] == {"train.lr": 0.004, "train.batch_size": 32}
-    assert result["best_value"] == 0.93
-    assert (result["trials_complete"], result["trials_failed"], result["trials_pruned"]) == (
+    assert result.engine == "katib" and result.training_api == api
+    assert result.best_params == {"train.lr": 0.004, "train.batch_size": 32}
+    assert result.best_value == 0.93
+    assert (result.trials_complete, result.trials_failed, result.trials_pruned) == (
         1,
         1,
         1,
@@ -39,6 +40,15 @@ def test_the_tune_step_returns_katibs_best_trial(runner, operator, tiny_dataset,
     assert (tuned.train.lr, tuned.train.batch_size) == (0.004, 32)
     assert operator.objects("experiments", "v1beta1") == []  # cleanup on_success
     assert list((tmp_path / "claim" / "jobs").iterdir()) == []
+    if api == "trainjob":
+        # the trials' TrainJobs, made from the template as Katib makes them, were accepted by
+        # the server's TrainJob schema, carry the trial's parameters and join the queue
+        jobs = {j["metadata"]["name"].rsplit("-t-", 1)[1]: j for j in operator.objects("trainjobs")}
+        assert set(jobs) == {"ok", "failed", "stopped"}
+        assert "train.lr=0.004" in jobs["ok"]["spec"]["trainer"]["command"]
+        assert jobs["ok"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+        assert jobs["ok"]["status"]["conditions"][0]["type"] == "Complete"
+        assert jobs["failed"]["status"]["conditions"][0]["type"] == "Failed"
 
 
 def test_a_failed_experiment_names_katibs_reason_and_is_kept(
@@ -62,7 +72,8 @@ def test_a_failed_experiment_names_katibs_reason_and_is_kept(
     [
         # a namespace whose name says "namespace": the message names it, the verdict must not
         # depend on that
-        ("my-namespace", "trainjob", r"no trainjobs.trainer.kubeflow.org/v1alpha1 resource"),
+        ("my-namespace", "optimizationjob",
+         r"no optimizationjobs.trainer.kubeflow.org/v1alpha1 resource"),
         ("no-such-namespace", "pytorchjob", r"cannot create pytorchjob no-such-namespace-\w+/"
          r"kubetrain-train-x: not found \(namespaces \"no-such-namespace-\w+\" not found\)"),
     ],
@@ -71,9 +82,10 @@ def test_a_failed_experiment_names_katibs_reason_and_is_kept(
 def test_a_kind_the_server_does_not_serve_is_one_line(
     control_plane, admin, monkeypatch, where, kind, expected
 ):
-    """What a cluster without the operator answers (here: Trainer v2's TrainJob, not installed;
-    as admin: our Role would refuse the unknown kind before the server looked), told apart from
-    a namespace that does not exist by the Status's details, not by the words in the message."""
+    """What a cluster without the operator answers (here: Trainer's OptimizationJob, whose CRD
+    is not installed; as admin: our Role would refuse the unknown kind before the server
+    looked), told apart from a namespace that does not exist by the Status's details, not by
+    the words in the message."""
     import secrets
 
     from kubernetes import client
@@ -87,7 +99,9 @@ def test_a_kind_the_server_does_not_serve_is_one_line(
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
     api = KubeApi(namespace)
     resource = {
-        "trainjob": Resource("trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"),
+        "optimizationjob": Resource(
+            "trainer.kubeflow.org", "v1alpha1", "optimizationjobs", "OptimizationJob"
+        ),
         "pytorchjob": TRAIN_JOB,
     }[kind]
     body = {"apiVersion": f"{resource.group}/{resource.version}", "kind": resource.kind,

@@ -1,7 +1,8 @@
 """The commands the cluster manifests carry, run for real on this machine.
 
-A PyTorchJob's or Katib trial's container command is executed the way the kubelet would (its
-``$(VAR)`` references expanded from the container's env plus the variables the operator adds);
+A PyTorchJob's, TrainJob's or Katib trial's container command is executed the way the kubelet
+would (its ``$(VAR)`` references expanded from the container's env plus the variables the
+operator, or the TrainJob's torch runtime, adds);
 no API server is involved (the launcher running a job's own command against a real API server:
 tests/cluster/test_train_launcher.py).
 """
@@ -30,16 +31,22 @@ SMALL = [
 ]
 
 
-def kubelet_run(container: dict, replace: dict[str, str], timeout: int = 180):
+def injected(api: str) -> dict[str, str]:
+    """What the controller adds to the pod of a one-node job: the Training Operator's variables
+    for a PyTorchJob's Master, the torch runtime's PET_* for a TrainJob's node 0."""
+    port = str(free_port())
+    if api == "trainjob":
+        return {"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
+                "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": port}  # fmt: skip
+    return {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+
+
+def kubelet_run(
+    container: dict, replace: dict[str, str], timeout: int = 180, api: str = "pytorchjob"
+):
     """Run ``container``'s command here as a pod would (python = this interpreter)."""
     env = {e["name"]: e["value"] for e in container["env"]}
-    # What the training operator adds to a Master pod of a one-node job.
-    operator = {
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
+    operator = injected(api)
     env.update(operator)
     cmd = []
     for arg in container["command"]:
@@ -61,11 +68,17 @@ def dataset(tmp_path_factory) -> Path:
     return out
 
 
-def test_katib_trial_command_runs_the_worker_and_the_collector_parses_its_output(dataset, tmp_path):
-    cfg = load_config(None, [*SMALL, "tune.trial_epochs=2"])
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_katib_trial_command_runs_the_worker_and_the_collector_parses_its_output(
+    dataset, tmp_path, api
+):
+    cfg = load_config(None, [*SMALL, "tune.trial_epochs=2", f"cluster.training_api={api}"])
     spec = build_experiment(cfg, "kubetrain-tune-0a1b2c")["spec"]
-    template = spec["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"]
-    container = template["template"]["spec"]["containers"][0]
+    job = spec["trialTemplate"]["trialSpec"]["spec"]
+    if api == "trainjob":
+        container = job["trainer"]
+    else:
+        container = job["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
     dataset_arg = container["command"][container["command"].index("--dataset") + 1]
     out = tmp_path / "trial"
     # Katib substitutes the trial's parameters into the template.
@@ -77,6 +90,7 @@ def test_katib_trial_command_runs_the_worker_and_the_collector_parses_its_output
             dataset_arg: str(dataset),
             "/tmp/kubetrain-trial": str(out),
         },
+        api=api,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = [

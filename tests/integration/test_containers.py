@@ -110,8 +110,12 @@ def test_missing_image_is_one_clear_error(monkeypatch, tmp_path):
         docker_runner(tmp_path / "kfp")
 
 
+OCI_LABELS = ("title", "description", "version", "revision", "created", "source", "licenses")
+
+
 def test_image_holds_nothing_of_the_build_host(runtime_image_built):
-    """Non-root, unbuffered, labelled; no pip setting, secret or wheel mount left behind."""
+    """Non-root (a numeric user runAsNonRoot can verify), unbuffered, labelled; CPU torch and
+    kfp import (the components need kfp); no pip setting, secret or wheel mount left behind."""
     import docker
 
     from kubetrain import __version__
@@ -122,12 +126,17 @@ def test_image_holds_nothing_of_the_build_host(runtime_image_built):
         assert config["User"] == "10001:10001"
         assert "PYTHONUNBUFFERED=1" in config["Env"]
         assert not [e for e in config["Env"] if e.startswith("PIP_")]
-        assert config["Labels"]["org.opencontainers.image.version"] == __version__
-        script = "pip config list; ls /run/secrets /wheels /build 2>/dev/null; echo end"
+        labels = config["Labels"]
+        assert labels["org.opencontainers.image.version"] == __version__
+        assert all(labels.get(f"org.opencontainers.image.{name}") for name in OCI_LABELS)
+        script = (
+            "python -c 'import torch, kfp; print(torch.version.cuda)';"
+            " pip config list; ls /run/secrets /wheels /build 2>/dev/null; echo end"
+        )
         out = client.containers.run(runtime_image_built, ["sh", "-c", script], remove=True)
     finally:
         client.close()
-    assert out.decode().strip() == "end"
+    assert out.decode().split() == ["None", "end"]
 
 
 def test_trainer_image_has_cuda_torch_and_trains_unprivileged():

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from kubetrain.core.errors import ConfigError  # noqa: E402
+from kubetrain.models.decoding import beam_search, greedy_decode  # noqa: E402
 from kubetrain.models.hf import load_hf_model  # noqa: E402
-from kubetrain.models.transformer import beam_search, greedy_decode, seq2seq_loss  # noqa: E402
+from kubetrain.models.losses import seq2seq_loss  # noqa: E402
 
 SPECIAL = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "cls": 4}
 VOCAB = 40

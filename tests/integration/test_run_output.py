@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,17 @@ def plain_run(tmp_path_factory):
     proc = run_cli("run", "--output", str(out), *sets(*SMALL))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
+
+
+@pytest.fixture
+def rerun_dir(tmp_path) -> Path:
+    """A run directory of this test's own, where the small run has run once: the test runs
+    again in it (from its cache), and no test depends on what another ran before it. (A copy
+    of another run's directory would not do: the run's paths are in the steps' inputs.)"""
+    out = tmp_path / "r"
+    proc = run_cli("run", "--output", str(out), *sets(*SMALL))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
 
 
 def test_off_a_terminal_each_task_event_is_one_plain_line(plain_run):
@@ -113,8 +125,8 @@ def _tmux(*args: str) -> str:
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (apt-get install tmux)")
-def test_on_a_terminal_the_view_is_one_line_per_task_redrawn_in_place(plain_run, tmp_path):
-    out, _ = plain_run
+def test_on_a_terminal_the_view_is_one_line_per_task_redrawn_in_place(rerun_dir, tmp_path):
+    out = rerun_dir
     # A re-run with another bar: the steps before it come from the cache, the gate rejects.
     cmd = [sys.executable, "-m", "kubetrain.cli", "run", "--output", str(out),
            *sets(*SMALL, "evaluate.min_accuracy=0.9999")]  # fmt: skip
@@ -146,8 +158,8 @@ def test_on_a_terminal_the_view_is_one_line_per_task_redrawn_in_place(plain_run,
     assert screen.count("preprocess") == 1  # redrawn in place, not printed once per refresh
 
 
-def test_verbose_streams_kfp_output_as_before(plain_run):
-    out, _ = plain_run
+def test_verbose_streams_kfp_output(rerun_dir):
+    out = rerun_dir
     proc = run_cli("run", "-v", "--output", str(out), *sets(*SMALL))  # all from the cache
     assert proc.returncode == 0, proc.stderr[-3000:]
     for task in ("preprocess", "tune", "train", "quantize", "evaluate"):

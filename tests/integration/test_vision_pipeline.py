@@ -174,10 +174,10 @@ def test_training_streams_shards_from_s3(tmp_path):
             "train": {"epochs": 2, "batch_size": 16, "nproc": 2}, "tune": {"enabled": False},
         })  # fmt: skip
         meta = steps.preprocess(cfg, tmp_path / "dataset")
-        assert meta["root"] == "s3://data/shards" and meta["input_shape"] == [3, 24, 24]
+        assert meta.root == "s3://data/shards" and meta.input_shape == [3, 24, 24]
         assert not list((tmp_path / "dataset").glob("*.parquet"))
         summary = steps.train(cfg, tmp_path / "dataset", tmp_path / "model")
-    assert summary["world_size"] == 2 and summary["ranks_identical"] is True
+    assert summary.world_size == 2 and summary.ranks_identical is True
     history = read_json(tmp_path / "model" / "history.json")
     assert len(history) == 2 and all(h["val_loss"] > 0 for h in history)
 

@@ -19,6 +19,7 @@ from kubetrain.core.artifacts import (
 )
 from kubetrain.core.distributed import DistContext
 from kubetrain.core.errors import DataError, KubetrainError
+from kubetrain.core.records import SearchSummary, Trial
 from kubetrain.data import load_dataset
 from kubetrain.pipeline import steps
 from kubetrain.pipeline.config import load_config
@@ -103,7 +104,7 @@ def test_evaluation_numbers_are_consistent(evaluated):
     ],
     ids=["model", "quantized", "search", "evaluation", "promotion", "rejection"],
 )
-def test_an_artifact_is_complete_only_with_its_marker(evaluated, tmp_path, kind, marker):
+def test_an_artifact_is_complete_only_with_its_marker(tmp_path, kind, marker):
     assert not kind.is_complete(tmp_path)
     (tmp_path / marker).write_text("{}")
     assert kind.is_complete(tmp_path)
@@ -126,8 +127,10 @@ def test_loading_an_incomplete_artifact_names_the_directory(tmp_path, load, erro
 
 
 def test_search_result_and_promotion_round_trip(tmp_path):
-    search = SearchResult({"enabled": True, "best_params": {"train.lr": 0.01}, "trials_total": 1},
-                          [{"number": 0, "state": "complete"}])  # fmt: skip
+    search = SearchResult(
+        SearchSummary(enabled=True, best_params={"train.lr": 0.01}, trials_total=1),
+        [Trial(number=0, state="complete", params={"train.lr": 0.01})],
+    )
     search.save(tmp_path / "s", report_html="<p>search</p>")
     assert SearchResult.load(tmp_path / "s") == search
     assert SearchResult.load(None) == SearchResult.disabled()

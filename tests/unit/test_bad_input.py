@@ -122,6 +122,15 @@ class Case:
     kept: dict[str, str] = field(default_factory=dict)  # files that must be left as they were
 
 
+# A valid meta.json of a tabular dataset, for cases that damage the rest of the artifact.
+TABULAR_META = json.dumps(
+    {"kind": "tabular", "version": "v1", "source": "digits", "classes": ["a", "b"],
+     "input_shape": [2], "sizes": {"train": 2, "val": 1, "test": 1}, "config": {},
+     "files": [], "num_features": 2, "class_counts": [2, 2],
+     "normalization": {"kind": "standard", "shift": [0, 0], "scale": [1, 1]}}
+)  # fmt: skip
+
+
 def _sets(*settings: str) -> list[str]:
     return [arg for s in settings for arg in ("--set", s)]
 
@@ -360,6 +369,19 @@ PATHS = {
         "--output {tmp}/d: is a directory",
         setup=lambda t: (t / "d").mkdir(),
     ),
+    "config-docs-output-is-a-dir": Case(
+        ["config", "docs", "-o", "{tmp}/d"],
+        2,
+        "--output {tmp}/d: is a directory",
+        setup=lambda t: (t / "d").mkdir(),
+    ),
+    "config-docs-output-under-a-file": Case(
+        ["config", "docs", "-o", "{tmp}/f/configuration.md"],
+        2,
+        "--output {tmp}/f: exists and is a file",
+        setup=lambda t: text(t, "f", "keep me"),
+        kept={"f": "keep me"},
+    ),
     "dataset-missing": Case(
         ["train", "--dataset", "{tmp}/none", "--output", "{tmp}/m"], 1, "none: no such directory"
     ),
@@ -377,7 +399,7 @@ PATHS = {
         1,
         "ds/data.npz: unreadable",
         setup=lambda t: (
-            text(t, "ds/meta.json", '{"format_version": 1}'),
+            text(t, "ds/meta.json", TABULAR_META),
             text(t, "ds/data.npz", "PK garbage"),
         ),
     ),
@@ -502,12 +524,6 @@ DATA = {
     ),
     "unsupported-suffix": Case(
         source("d.txt"), 1, "d.txt: unsupported file type", lambda t: text(t, "d.txt", "1")
-    ),
-    "one-class": Case(
-        source("d.csv"),
-        1,
-        "needs at least 2 classes",
-        lambda t: csv(t, "d.csv", frame(labels=("a",))),
     ),
     "rare-class": Case(
         source("d.csv"),
@@ -1157,7 +1173,7 @@ def test_both_models_are_warmed_up_before_their_scoring_pass(digits_dir):
 
     scored = score(Counting(), task)
     assert calls[:WARMUP_CALLS] == [64] * WARMUP_CALLS  # warm-up batches, then the test split
-    assert sum(calls[WARMUP_CALLS:]) == task.data.meta["sizes"]["test"]
+    assert sum(calls[WARMUP_CALLS:]) == task.data.meta.num_samples("test")
     assert scored.samples_per_second and scored.samples_per_second > 0
 
 

@@ -25,13 +25,11 @@ def _same(a, b) -> bool:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, digits_dir):
     cfg = load_config(overrides=BASE)
+    directory = tmp_path_factory.mktemp("c")
     result = fit(
-        cfg,
-        open_task(cfg, load_dataset(digits_dir)),
-        DistContext(),
-        checkpoint_dir=tmp_path_factory.mktemp("c"),
+        cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), checkpoint_dir=directory
     )
-    return _weights(result), result
+    return _weights(result), result, directory
 
 
 def _interrupted(tmp_path, digits_dir, *extra):
@@ -55,7 +53,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     resumed = fit(
         cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), checkpoint_dir=tmp_path
     )
-    assert resumed.summary["resumed_from_step"] == 35
+    assert resumed.summary.resumed_from_step == 35
     assert _same(_weights(resumed), uninterrupted[0])
     assert [h.epoch for h in resumed.history] == [1, 2, 3, 4]
     assert resumed.history[1].train_loss == pytest.approx(uninterrupted[1].history[1].train_loss)
@@ -79,9 +77,9 @@ def test_a_bad_newest_checkpoint_is_skipped_with_a_warning(
         )
     assert "skipping checkpoint" in caplog.text and "ckpt-00000035.pt" in caplog.text
     if damage == "other-config":  # neither checkpoint is this job's: it starts afresh
-        assert resumed.summary["resumed_from_step"] is None
+        assert resumed.summary.resumed_from_step is None
     else:
-        assert resumed.summary["resumed_from_step"] == 28
+        assert resumed.summary.resumed_from_step == 28
         assert _same(_weights(resumed), uninterrupted[0])
 
 
@@ -90,10 +88,12 @@ def test_resume_can_be_turned_off(tmp_path, digits_dir):
     fresh_cfg = cfg.with_params({"train.resume": False})
     fresh = fit(fresh_cfg, open_task(fresh_cfg, load_dataset(digits_dir)), DistContext(),
                 checkpoint_dir=tmp_path)  # fmt: skip
-    assert fresh.summary["resumed_from_step"] is None
+    assert fresh.summary.resumed_from_step is None
 
 
 def test_only_the_newest_checkpoints_are_kept_and_cost_is_measured(uninterrupted):
-    result = uninterrupted[1]
-    assert result.summary["checkpoints_written"] == 76 // 7 + 1  # every 7 steps + the end
-    assert 0 < result.summary["checkpoint_seconds"] < result.summary["train_seconds"]
+    _, result, directory = uninterrupted
+    assert result.summary.checkpoints_written == 76 // 7 + 1  # every 7 steps + the end
+    kept = sorted(p.name for p in directory.glob("ckpt-*.pt"))
+    assert kept == ["ckpt-00000070.pt", "ckpt-00000076.pt"]  # train.keep_checkpoints = 2
+    assert 0 < result.summary.checkpoint_seconds < result.summary.train_seconds

@@ -17,21 +17,46 @@ from kubetrain.cli import main
 from kubetrain.pipeline.config import load_config
 from kubetrain.pipeline.manifests import cluster_manifests
 
+# cluster.training_api -> (the train job's kind, the comment's first line)
+APIS = {
+    "auto": ("TrainJob", "# cluster.training_api: auto, rendered offline as TrainJob"),
+    "trainjob": ("TrainJob", "# cluster.training_api: trainjob"),
+    "pytorchjob": ("PyTorchJob", "# cluster.training_api: pytorchjob"),
+}
 
-def test_manifests_prints_every_object_exactly_as_built(capsys):
-    settings = ["cluster.image=registry.example/kubetrain:test", "cluster.namespace=team-a"]
+
+@pytest.mark.parametrize("api", sorted(APIS))
+def test_manifests_prints_every_object_exactly_as_built(capsys, api):
+    kind, comment = APIS[api]
+    settings = ["cluster.image=registry.example/kubetrain:test", "cluster.namespace=team-a",
+                f"cluster.training_api={api}"]  # fmt: skip
     assert main(["manifests", *[arg for s in settings for arg in ("--set", s)]]) == 0
-    docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["kind"] for d in docs] == ["Experiment", "PyTorchJob"]
+    out = capsys.readouterr().out
+    assert out.startswith(comment)
+    docs = list(yaml.safe_load_all(out))
+    assert [d["kind"] for d in docs] == ["Experiment", kind]
+    assert docs[0]["spec"]["trialTemplate"]["trialSpec"]["kind"] == kind
     names = [d["metadata"]["name"] for d in docs]
     assert names[0].startswith("kubetrain-tune-") and names[1].startswith("kubetrain-train-")
     cfg = load_config(None, settings)
     assert docs == cluster_manifests(cfg, train_name=names[1], tune_name=names[0])
 
 
-def test_manifests_without_tuning_is_only_the_pytorchjob(capsys):
+def test_manifests_offline_says_which_api_auto_rendered_and_how_to_see_the_other(capsys):
     assert main(["manifests", "--set", "tune.enabled=false", "--set", "cluster.image=i:1"]) == 0
-    assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)] == ["PyTorchJob"]
+    out = capsys.readouterr().out
+    header = " ".join(line[2:] for line in out.split("---")[0].splitlines())
+    assert "trainjobs.trainer.kubeflow.org gets a PyTorchJob" in header
+    assert "--set cluster.training_api=pytorchjob" in header
+    assert [d["kind"] for d in yaml.safe_load_all(out)] == ["TrainJob"]
+
+
+def test_manifests_with_elastic_on_auto_is_the_pytorchjob(capsys):
+    settings = ["tune.enabled=false", "cluster.image=i:1", "cluster.elastic=true"]
+    assert main(["manifests", *[arg for s in settings for arg in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    assert "rendered offline as PyTorchJob (cluster.elastic needs it)" in out.replace("\n# ", " ")
+    assert [d["kind"] for d in yaml.safe_load_all(out)] == ["PyTorchJob"]
 
 
 # -- bad input: one line, non-zero exit, nothing left behind -------------------------------

@@ -62,6 +62,10 @@ class FakeKubeApiThatCannotConnect:
 
 class QuietWatcher:
     resource = JOBS
+    success = "Succeeded"
+
+    def suspended(self, obj) -> bool:
+        return False
 
     def observe(self, api, obj) -> None:
         pass

@@ -30,11 +30,11 @@ def _frame(n=60, seed=0, labels=("cat", "dog", "eel")):
 
 def test_digits_split_is_stratified_seeded_and_normalised_on_train(digits_dir):
     ds = load_dataset(digits_dir)
-    sizes = ds.meta["sizes"]
+    sizes = ds.meta.sizes
     assert sum(sizes.values()) == 1797
     assert sizes["val"] == sizes["test"] == 270
     assert ds.input_shape == [1, 8, 8]
-    assert ds.meta["classes"] == [str(i) for i in range(10)]
+    assert ds.meta.classes == [str(i) for i in range(10)]
     for split in ("train", "val", "test"):  # every class in every split, in proportion
         _, y = ds.split(split)
         share = np.bincount(y, minlength=10) / len(y)
@@ -44,23 +44,23 @@ def test_digits_split_is_stratified_seeded_and_normalised_on_train(digits_dir):
     varying = x_train.std(axis=0) > 0
     assert np.allclose(x_train.mean(axis=0), 0, atol=1e-5)  # fitted on train ...
     assert not np.allclose(x_val.mean(axis=0)[varying], 0, atol=1e-3)  # ... not on val
-    norm = ds.meta["normalization"]
-    assert norm["kind"] == "standard" and len(norm["shift"]) == 64
+    norm = ds.meta.normalization
+    assert norm.kind == "standard" and len(norm.shift) == 64
 
 
 def test_dataset_version_is_deterministic_and_tracks_config(tmp_path):
-    a = build_dataset(DataConfig(), tmp_path / "a").meta["version"]
-    b = build_dataset(DataConfig(), tmp_path / "b").meta["version"]
-    c = build_dataset(DataConfig(seed=1), tmp_path / "c").meta["version"]
+    a = build_dataset(DataConfig(), tmp_path / "a").meta.version
+    b = build_dataset(DataConfig(), tmp_path / "b").meta.version
+    c = build_dataset(DataConfig(seed=1), tmp_path / "c").meta.version
     assert a == b != c
 
 
 def test_csv_with_string_labels(tmp_path):
     path = _csv(tmp_path, _frame())
     ds = build_dataset(DataConfig(source=str(path), label_column="kind"), tmp_path / "out")
-    assert ds.meta["classes"] == ["cat", "dog", "eel"]
+    assert ds.meta.classes == ["cat", "dog", "eel"]
     assert ds.input_shape == [2]
-    assert sum(ds.meta["sizes"].values()) == 60
+    assert sum(ds.meta.sizes.values()) == 60
 
 
 def test_csv_rows_with_missing_values_are_dropped(tmp_path):
@@ -68,7 +68,7 @@ def test_csv_rows_with_missing_values_are_dropped(tmp_path):
     frame.loc[[0, 5], "a"] = np.nan
     path = _csv(tmp_path, frame)
     ds = build_dataset(DataConfig(source=str(path), label_column="kind"), tmp_path / "out")
-    assert sum(ds.meta["sizes"].values()) == 58
+    assert sum(ds.meta.sizes.values()) == 58
 
 
 def test_glob_reads_several_files_in_parallel_and_parquet_npz(tmp_path):
@@ -76,13 +76,13 @@ def test_glob_reads_several_files_in_parallel_and_parquet_npz(tmp_path):
     _csv(tmp_path, _frame(30, seed=2), "part-2.csv")
     cfg = DataConfig(source=str(tmp_path / "part-*.csv"), label_column="kind", num_workers=2)
     ds = build_dataset(cfg, tmp_path / "out")
-    assert sum(ds.meta["sizes"].values()) == 60 and len(ds.meta["files"]) == 2
+    assert sum(ds.meta.sizes.values()) == 60 and len(ds.meta.files) == 2
 
     _frame().to_parquet(tmp_path / "d.parquet")
     pq = build_dataset(
         DataConfig(source=str(tmp_path / "d.parquet"), label_column="kind"), tmp_path / "pq"
     )
-    assert pq.meta["classes"] == ["cat", "dog", "eel"]
+    assert pq.meta.classes == ["cat", "dog", "eel"]
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.normal(size=(40, 2, 3, 3)), y=np.arange(40) % 4)
@@ -379,10 +379,10 @@ def test_rows_with_non_finite_features_are_dropped_and_counted(tmp_path, caplog,
     frame.to_csv(path, index=False) if suffix == "csv" else frame.to_parquet(path)
     with caplog.at_level("WARNING", logger="kubetrain.data.sources"):
         ds = build_dataset(DataConfig(source=str(path), label_column="kind"), tmp_path / "out")
-    assert sum(ds.meta["sizes"].values()) == 57
+    assert sum(ds.meta.sizes.values()) == 57
     for split in ("train", "val", "test"):  # nothing non-finite reaches the artifact
         assert np.isfinite(ds.split(split)[0]).all()
-    assert np.isfinite(ds.meta["normalization"]["scale"]).all()
+    assert np.isfinite(ds.meta.normalization.scale).all()
     (record,) = [r for r in caplog.records if "dropped" in r.getMessage()]
     message = record.getMessage()
     assert f"dropped 3 of 60 rows from {path}" in message
@@ -395,7 +395,7 @@ def test_non_finite_npz_features_are_dropped_too(tmp_path):
     x[0, 1], x[1, 2] = np.inf, 1e300
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(40) % 4)
     ds = build_dataset(DataConfig(source=str(tmp_path / "d.npz")), tmp_path / "out")
-    assert sum(ds.meta["sizes"].values()) == 38
+    assert sum(ds.meta.sizes.values()) == 38
     assert all(np.isfinite(ds.split(s)[0]).all() for s in ("train", "val", "test"))
 
 

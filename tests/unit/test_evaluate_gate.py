@@ -12,8 +12,8 @@ import pytest
 from kubetrain.core.artifacts import (
     Evaluation,
     Latency,
-    ModelScores,
     Promotion,
+    Scores,
     SearchResult,
     Sizes,
     TrainEfficiency,
@@ -25,6 +25,7 @@ from kubetrain.evaluate.config import EvaluateConfig
 from kubetrain.pipeline.config import load_config
 from kubetrain.pipeline.params import split_sets
 from kubetrain.pipeline.steps import promotion_bar
+from tests.factories import epoch, quant_info
 
 CLASSES = ["cat", "dog", "<b>fox</b>"]
 
@@ -47,7 +48,7 @@ def seq2seq_values(bleu: float, rouge_l: float) -> dict:
     }
 
 
-def evaluation(fp32: ModelScores, int8: ModelScores, kind: str, min_value: float,
+def evaluation(fp32: Scores, int8: Scores, kind: str, min_value: float,
                classes=None) -> Evaluation:  # fmt: skip
     """An Evaluation around hand-made scores (the rest: plausible constants)."""
     train = TrainEfficiency(
@@ -61,26 +62,9 @@ def evaluation(fp32: ModelScores, int8: ModelScores, kind: str, min_value: float
         latency_threads=1,
         sizes=Sizes(4000, 1000, 5000, 2000, 4100),
         train=train,
-        quantization={
-            "method": "dynamic_int8",
-            "name": "dynamic_int8/torchao",
-            "runtime": "eager",
-            "decision": "kept it",
-            "candidates": [],
-        },
+        quantization=quant_info(),
         search=SearchResult.disabled(),
-        history=[
-            {
-                "epoch": 1,
-                "train_loss": 1.0,
-                "val_loss": 1.0,
-                "val_accuracy": 0.5,
-                "step_seconds": 0.01,
-                "epoch_seconds": 1.0,
-                "samples_per_second": 100.0,
-                "data_wait_share": 0.1,
-            }
-        ],
+        history=[epoch()],
         classes=classes,
         dataset_version="v1",
         test_samples=3,
@@ -141,8 +125,8 @@ def test_min_value_is_a_run_time_bar_like_min_accuracy():
 
 def test_classification_metrics_keep_their_keys_and_add_the_extra_ones():
     e = evaluation(
-        ModelScores("accuracy", classification_values(0.95, top5_accuracy=0.99), [], 1000.0),
-        ModelScores("accuracy", classification_values(0.94, top5_accuracy=0.98), [], 2000.0),
+        Scores("accuracy", classification_values(0.95, top5_accuracy=0.99), [], samples_per_second=1000.0),
+        Scores("accuracy", classification_values(0.94, top5_accuracy=0.98), [], samples_per_second=2000.0),
         "images", 0.9, CLASSES,
     )  # fmt: skip
     m = e.to_metrics()
@@ -158,8 +142,8 @@ def test_classification_metrics_keep_their_keys_and_add_the_extra_ones():
 
 def test_seq2seq_metrics_use_the_primary_metric_and_report_the_copy_baseline():
     e = evaluation(
-        ModelScores("bleu", seq2seq_values(0.31, 0.52)),
-        ModelScores("bleu", seq2seq_values(0.30, 0.50)),
+        Scores("bleu", seq2seq_values(0.31, 0.52)),
+        Scores("bleu", seq2seq_values(0.30, 0.50)),
         "seq2seq", 0.25,
     )  # fmt: skip
     m = e.to_metrics()
@@ -184,7 +168,7 @@ def test_seq2seq_metrics_use_the_primary_metric_and_report_the_copy_baseline():
 )
 def test_the_seq2seq_gate(fp32, int8, bar, promoted, why):
     e = evaluation(
-        ModelScores("bleu", seq2seq_values(fp32, 0.5)), ModelScores("bleu", seq2seq_values(int8, 0.5)),
+        Scores("bleu", seq2seq_values(fp32, 0.5)), Scores("bleu", seq2seq_values(int8, 0.5)),
         "seq2seq", bar,
     )  # fmt: skip
     m = e.to_metrics()
@@ -195,29 +179,24 @@ def test_the_seq2seq_gate(fp32, int8, bar, promoted, why):
 
 def test_the_copy_baseline_can_be_left_out_of_the_gate():
     e = evaluation(
-        ModelScores("bleu", seq2seq_values(0.1, 0.5)), ModelScores("bleu", seq2seq_values(0.1, 0.5)),
+        Scores("bleu", seq2seq_values(0.1, 0.5)), Scores("bleu", seq2seq_values(0.1, 0.5)),
         "seq2seq", 0.0,
     )  # fmt: skip
     e.beat_copy_baseline = False
     assert e.promoted is True
 
 
-def test_a_metrics_json_of_an_older_version_is_still_gated_on_accuracy():
-    old = {"test_accuracy_fp32": 0.95, "test_accuracy_int8": 0.93, "min_accuracy": 0.9}
-    assert is_promotable(old, 0.9) and not is_promotable(old, 0.94)
-
-
 @pytest.mark.parametrize("kind", ["seq2seq", "text_classification"])
 def test_an_evaluation_round_trips_through_its_files(tmp_path, kind):
     if kind == "seq2seq":
-        fp32 = ModelScores("rouge_l", seq2seq_values(0.31, 0.52),
-                           [{"source": "a", "reference": "b", "prediction": "c"}], 50.0)  # fmt: skip
-        int8 = ModelScores("rouge_l", seq2seq_values(0.30, 0.51), [], 60.0)
+        fp32 = Scores("rouge_l", seq2seq_values(0.31, 0.52),
+                           [{"source": "a", "reference": "b", "prediction": "c"}], samples_per_second=50.0)  # fmt: skip
+        int8 = Scores("rouge_l", seq2seq_values(0.30, 0.51), [], samples_per_second=60.0)
         e = evaluation(fp32, int8, kind, 0.45)
     else:
-        fp32 = ModelScores("macro_f1", classification_values(0.9, macro_f1=0.8),
+        fp32 = Scores("macro_f1", classification_values(0.9, macro_f1=0.8),
                            [{"text": "<i>x</i>", "true": "cat", "predicted": "dog"}])  # fmt: skip
-        int8 = ModelScores("macro_f1", classification_values(0.9, macro_f1=0.79))
+        int8 = Scores("macro_f1", classification_values(0.9, macro_f1=0.79))
         e = evaluation(fp32, int8, kind, 0.75, CLASSES)
     e.save(tmp_path, "<p>report</p>")
     loaded = Evaluation.load(tmp_path)

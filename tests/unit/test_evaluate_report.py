@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from kubetrain.core.artifacts import ModelScores
+from kubetrain.core.artifacts import Scores
 from kubetrain.evaluate import report
 from tests.unit.test_evaluate_gate import CLASSES, classification_values, evaluation, seq2seq_values
 
@@ -31,8 +31,8 @@ def image_report() -> str:
         {"true": EVIL, "predicted": "fox", "image": "javascript:alert(1)"},
     ]
     e = evaluation(
-        ModelScores("accuracy", classification_values(0.95, top5_accuracy=0.99), examples, 900.0),
-        ModelScores("accuracy", classification_values(0.94, top5_accuracy=0.97), [], 1800.0),
+        Scores("accuracy", classification_values(0.95, top5_accuracy=0.99), examples, samples_per_second=900.0),
+        Scores("accuracy", classification_values(0.94, top5_accuracy=0.97), [], samples_per_second=1800.0),
         "images", 0.9, CLASSES,
     )  # fmt: skip
     return report.render(e)
@@ -41,8 +41,8 @@ def image_report() -> str:
 def text_report() -> str:
     examples = [{"text": f"a & b {EVIL}", "true": "cat", "predicted": "<b>fox</b>"}]
     e = evaluation(
-        ModelScores("accuracy", classification_values(0.8, macro_f1=0.7), examples),
-        ModelScores("accuracy", classification_values(0.79, macro_f1=0.69)),
+        Scores("accuracy", classification_values(0.8, macro_f1=0.7), examples),
+        Scores("accuracy", classification_values(0.79, macro_f1=0.69)),
         "text_classification", 0.75, CLASSES,
     )  # fmt: skip
     return report.render(e)
@@ -51,8 +51,8 @@ def text_report() -> str:
 def seq2seq_report() -> str:
     examples = [{"source": "Datei öffnen", "reference": "open file", "prediction": EVIL}]
     e = evaluation(
-        ModelScores("bleu", seq2seq_values(0.31, 0.52), examples, 40.0),
-        ModelScores("bleu", seq2seq_values(0.30, 0.50), [], 70.0),
+        Scores("bleu", seq2seq_values(0.31, 0.52), examples, samples_per_second=40.0),
+        Scores("bleu", seq2seq_values(0.30, 0.50), [], samples_per_second=70.0),
         "seq2seq", 0.25,
     )  # fmt: skip
     return report.render(e)
@@ -118,5 +118,5 @@ def test_many_classes_say_which_are_shown():
               for i in range(n)]  # fmt: skip
     values = {"accuracy": 0.8, "confusion_matrix": matrix,
               "per_class_accuracy": dict.fromkeys(names, 0.8)}  # fmt: skip
-    section = report.per_class_section(ModelScores("accuracy", values), names)
+    section = report.per_class_section(Scores("accuracy", values), names)
     assert "25 classes: the matrix shows the 20 with the most errors" in section

@@ -110,7 +110,7 @@ def test_sharded_checkpoints_are_directories_with_a_manifest(uninterrupted):
     _, result, directory = uninterrupted
     # 4 epochs x 19 steps: every 7 steps and the end; the newest 2 kept, no partial left.
     assert sorted(p.name for p in directory.iterdir()) == ["step-00000070", "step-00000076"]
-    assert result.summary["checkpoints_written"] == 76 // 7 + 1
+    assert result.summary.checkpoints_written == 76 // 7 + 1
     newest = directory / "step-00000076"
     manifest = read_json(newest / "manifest.json")
     assert manifest["step"] == 76
@@ -124,7 +124,7 @@ def test_sharded_resume_ends_with_the_same_weights(tmp_path, digits_dir, uninter
     resumed = fit(
         cfg, open_task(cfg, load_dataset(digits_dir)), DistContext(), checkpoint_dir=tmp_path
     )
-    assert resumed.summary["resumed_from_step"] == 35
+    assert resumed.summary.resumed_from_step == 35
     expected = uninterrupted[0]
     assert all(torch.equal(v, expected[k]) for k, v in _weights(resumed).items())
     assert [h.epoch for h in resumed.history] == [1, 2, 3, 4]
@@ -151,9 +151,9 @@ def test_a_bad_newest_sharded_checkpoint_is_skipped(
         )
     assert "skipping checkpoint" in caplog.text and "step-00000035" in caplog.text
     if damage == "other-config":
-        assert resumed.summary["resumed_from_step"] is None
+        assert resumed.summary.resumed_from_step is None
     else:
-        assert resumed.summary["resumed_from_step"] == 28
+        assert resumed.summary.resumed_from_step == 28
         expected = uninterrupted[0]
         assert all(torch.equal(v, expected[k]) for k, v in _weights(resumed).items())
 
@@ -169,7 +169,7 @@ def test_checkpoints_of_the_other_strategy_are_not_resumed(
     second = load_config(overrides=[*short, f"train.strategy={reads}"])
     with caplog.at_level(logging.WARNING):
         again = fit(second, open_task(second, data), DistContext(), checkpoint_dir=tmp_path)
-    assert again.summary["resumed_from_step"] is None
+    assert again.summary.resumed_from_step is None
     assert f"not resuming the {wrote.upper()} checkpoints" in caplog.text
 
 

@@ -50,14 +50,55 @@ def roundtrip(manifest: dict) -> dict:
     return V1beta1Experiment.from_dict(manifest).to_dict()
 
 
-def test_experiment_matches_golden_yaml():
-    cfg = load_config(None, GOLDEN_SETTINGS)
-    assert build_experiment(cfg, EXP) == golden("experiment.yaml", build_experiment(cfg, EXP))
+# training API -> the golden file of its Experiment (its trials are jobs of that kind)
+GOLDENS = {"pytorchjob": "experiment.yaml", "trainjob": "experiment-trainjob.yaml"}
 
 
-def test_experiment_survives_a_roundtrip_through_the_official_models():
-    exp = build_experiment(load_config(None, GOLDEN_SETTINGS), EXP)
+def settings_for(api: str, *more: str) -> list[str]:
+    return [*GOLDEN_SETTINGS, f"cluster.training_api={api}", *more]
+
+
+@pytest.mark.parametrize("api", sorted(GOLDENS))
+def test_experiment_matches_golden_yaml(api):
+    cfg = load_config(None, settings_for(api, "cluster.queue_name=gpu-queue"))
+    assert build_experiment(cfg, EXP) == golden(GOLDENS[api], build_experiment(cfg, EXP))
+
+
+@pytest.mark.parametrize("api", sorted(GOLDENS))
+def test_experiment_survives_a_roundtrip_through_the_official_models(api):
+    exp = build_experiment(load_config(None, settings_for(api)), EXP)
     assert roundtrip(exp) == exp
+
+
+# What Katib is told about each kind of trial job (Katib v0.19's defaults for TrainJob).
+TRIAL_TEMPLATES = {
+    "pytorchjob": ("PyTorchJob", "pytorch", {"training.kubeflow.org/job-role": "master"},
+                   "Succeeded"),
+    "trainjob": ("TrainJob", "node", {"jobset.sigs.k8s.io/replicatedjob-name": "node",
+                                      "batch.kubernetes.io/job-completion-index": "0"},
+                 "Complete"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("api", sorted(TRIAL_TEMPLATES))
+def test_the_trials_are_jobs_of_the_training_api_in_the_queue(api):
+    kind, container, primary, success = TRIAL_TEMPLATES[api]
+    cfg = load_config(
+        None, settings_for(api, "cluster.queue_name=gpu-queue", "cluster.priority_class=high")
+    )
+    template = build_experiment(cfg, EXP)["spec"]["trialTemplate"]
+    assert template["trialSpec"]["kind"] == kind
+    assert template["primaryContainerName"] == container
+    assert template["primaryPodLabels"] == primary
+    assert (
+        template["successCondition"]
+        == f'status.conditions.#(type=="{success}")#|#(status=="True")#'
+    )
+    assert template["failureCondition"] == 'status.conditions.#(type=="Failed")#|#(status=="True")#'
+    labels = template["trialSpec"]["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert labels["kueue.x-k8s.io/priority-class"] == "high"
+    assert "name" not in template["trialSpec"]["metadata"]  # Katib names each trial's job
 
 
 @pytest.mark.parametrize(
@@ -73,15 +114,23 @@ def test_experiment_survives_a_roundtrip_through_the_official_models():
     ],
 )
 def test_a_wrong_field_does_not_survive_the_official_models(mutate):
-    bad = copy.deepcopy(build_experiment(load_config(None, GOLDEN_SETTINGS), EXP))
+    bad = copy.deepcopy(build_experiment(load_config(None, settings_for("pytorchjob")), EXP))
     mutate(bad)
     # Either the models drop what they do not know, or they reject it outright.
     with contextlib.suppress(ValidationError):
         assert roundtrip(bad) != bad
 
 
-def test_the_search_space_is_the_config_search_space():
-    cfg = load_config(None, GOLDEN_SETTINGS)
+def trial_command(spec: dict) -> list[str]:
+    job = spec["trialTemplate"]["trialSpec"]["spec"]
+    if "trainer" in job:
+        return job["trainer"]["command"]
+    return job["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["command"]
+
+
+@pytest.mark.parametrize("api", sorted(GOLDENS))
+def test_the_search_space_is_the_config_search_space(api):
+    cfg = load_config(None, settings_for(api))
     spec = build_experiment(cfg, EXP)["spec"]
     assert [p["name"] for p in spec["parameters"]] == [
         "train-lr",
@@ -97,9 +146,7 @@ def test_the_search_space_is_the_config_search_space():
     assert (spec["maxTrialCount"], spec["parallelTrialCount"], spec["maxFailedTrialCount"]) == (
         12, 3, 2,
     )  # fmt: skip
-    command = spec["trialTemplate"]["trialSpec"]["spec"]["pytorchReplicaSpecs"]["Master"][
-        "template"
-    ]["spec"]["containers"][0]["command"]
+    command = trial_command(spec)
     sets = [command[i + 1] for i, a in enumerate(command) if a == "--set"]
     assert sets == [
         "train.lr=${trialParameters.train-lr}",
@@ -161,11 +208,11 @@ def test_trial_records_map_katib_trials_like_the_local_engine():
         },
     ]
     records = trial_records(trials, "val_accuracy")
-    assert [(r["number"], r["name"], r["state"], r["value"]) for r in records] == [
+    assert [(r.number, r.name, r.state, r.value) for r in records] == [
         (0, "t-a", "complete", 0.97), (1, "t-b", "pruned", 0.5), (2, "t-c", "fail", None),
     ]  # fmt: skip
-    assert records[0]["params"] == {"train.lr": 0.003}
-    assert records[2]["error"] == "TrialFailed: OOMKilled"
+    assert records[0].params == {"train.lr": 0.003}
+    assert records[2].error == "TrialFailed: OOMKilled"
 
 
 def test_the_tune_backend_is_chosen_by_cluster_backend():

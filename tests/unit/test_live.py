@@ -104,3 +104,27 @@ def test_a_failed_step_keeps_its_error_record_and_last_lines(task_log):
 )  # fmt: skip
 def test_key_figures(task, line, figure):
     assert key_figure(task, line) == figure
+
+
+def test_a_step_whose_job_waits_in_a_queue_is_queued_not_running(task_log):
+    log, out, _ = task_log
+    log.write(
+        kfp_lines(
+            "train",
+            "12:00:01 INFO kubetrain.launch.cluster: submitted trainjob kf/kubetrain-train-1a",
+            "12:00:01 INFO kubetrain.launch.cluster: trainjob kf/kubetrain-train-1a: waiting in "
+            "queue gpu-queue",
+            "12:03:41 INFO kubetrain.launch.cluster: trainjob kf/kubetrain-train-1a: admitted "
+            "from queue gpu-queue after 220 s",
+            "12:05:00 epoch 1/1 loss 0.31 val_loss 0.2 val_acc 0.93 lr 0.01 900 samples/s",
+        )
+    )
+    events = out.getvalue().splitlines()
+    assert events == [
+        "train           running",
+        "train           queued  waiting in queue gpu-queue",
+        "train           running",
+        events[3],
+    ]
+    assert events[3].startswith("train           done") and "val_acc 0.93" in events[3]
+    assert log.tasks["train"].state == "done"

@@ -224,7 +224,10 @@ def test_role_is_least_privilege():
             if set(rule["verbs"]) - {"get", "list", "watch"}:
                 writes.add(target)
                 assert set(rule["verbs"]) <= {"create", "get", "list", "watch", "delete"}, rule
-    assert writes == {("kubeflow.org", "pytorchjobs"), ("kubeflow.org", "experiments")}
+    assert writes == {
+        ("kubeflow.org", "pytorchjobs"), ("kubeflow.org", "experiments"),
+        ("trainer.kubeflow.org", "trainjobs"),
+    }  # fmt: skip
     assert {("", "pods"), ("", "pods/log"), ("kubeflow.org", "trials")} <= reads
     assert not any(r in ("secrets", "pods/exec", "configmaps") for _, r in reads)
     (binding,) = of_kind("kind", "RoleBinding")
@@ -296,3 +299,22 @@ def test_platform_renders(part):
     needs_github("manifests/platform/ (remote bases, pinned refs)")
     docs = kustomize(MANIFESTS / "platform" / part)
     assert docs, part
+
+
+def test_the_gpu_overlay_shows_kueue_queues_for_its_nodes():
+    """The example is not applied with the overlay (no Kueue CRDs in a plain cluster, nor in the
+    test API server): its objects are checked for what they promise."""
+    path = ROOT / "manifests" / "overlays" / "gpu" / "kueue-queues.yaml"
+    docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text())}
+    assert set(docs) == {"ResourceFlavor", "ClusterQueue", "LocalQueue"}
+    assert {d["apiVersion"] for d in docs.values()} == {"kueue.x-k8s.io/v1beta2"}
+    local = docs["LocalQueue"]
+    assert (local["metadata"]["name"], local["metadata"]["namespace"]) == ("gpu-queue", "kubetrain")
+    assert local["spec"]["clusterQueue"] == docs["ClusterQueue"]["metadata"]["name"]
+    (group,) = docs["ClusterQueue"]["spec"]["resourceGroups"]
+    assert "nvidia.com/gpu" in group["coveredResources"]
+    assert group["flavors"][0]["name"] == docs["ResourceFlavor"]["metadata"]["name"]
+    overlay = yaml.safe_load((path.parent / "kustomization.yaml").read_text())
+    assert path.name not in overlay["resources"]
+    gpu_recipe = yaml.safe_load((ROOT / "src/kubetrain/pipeline/recipes/gpu.yaml").read_text())
+    assert docs["ResourceFlavor"]["spec"]["nodeLabels"] == gpu_recipe["cluster"]["node_selector"]

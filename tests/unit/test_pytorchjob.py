@@ -14,8 +14,9 @@ from fakes.golden import golden
 from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.launch import get_launcher
 from kubetrain.launch.cluster import JobPaths, should_delete
+from kubetrain.launch.jobkinds import KubernetesLauncher
 from kubetrain.launch.kubeapi import KubeApi
-from kubetrain.launch.kubernetes import KubernetesLauncher, build_pytorchjob
+from kubetrain.launch.kubernetes import build_pytorchjob
 from kubetrain.launch.torchrun import torchrun_command
 from kubetrain.pipeline.config import load_config
 from tests.conftest import pytorchjob_roundtrip

@@ -11,6 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from kubetrain.core.errors import KubetrainError
+from kubetrain.core.records import Candidate
 from kubetrain.data import load_dataset
 from kubetrain.quantize import load_model, load_quantized, quantize_artifact, select
 from kubetrain.quantize.config import QuantizeConfig
@@ -24,7 +25,7 @@ def test_auto_keeps_the_fastest_within_budget_and_records_why(tmp_path, model_di
     )
     info = quantize_artifact(model_dir, digits_dir, tmp_path, qcfg)
     saved = json.loads((tmp_path / "quant.json").read_text())
-    assert saved["name"] == info["name"] and saved["gate_passed"] is True
+    assert saved["name"] == info.name and saved["gate_passed"] is True
     names = [c["name"] for c in saved["candidates"]]
     assert names == ["weight_only_int8/torchao", "dynamic_int8/fbgemm"]
     ok = [c for c in saved["candidates"] if c["accuracy_drop"] <= qcfg.max_accuracy_drop]
@@ -73,8 +74,8 @@ def test_gate_fails_with_the_numbers(tmp_path, outlier_dir, digits_dir):
 def test_gate_can_keep_fp32(tmp_path, outlier_dir, digits_dir):
     qcfg = quick_quantize_config(**BAD_STATIC, qat_on_drop=False, on_drop="keep_fp32")
     info = quantize_artifact(outlier_dir, digits_dir, tmp_path, qcfg)
-    assert info["method"] == "none" and info["gate_passed"] is False
-    assert "keeping fp32" in info["decision"]
+    assert info.method == "none" and info.gate_passed is False
+    assert "keeping fp32" in info.decision
     data = load_dataset(digits_dir)
     x, _ = data.split("test")
     same = predict(load_quantized(tmp_path), x, data.input_shape)
@@ -85,10 +86,10 @@ def test_gate_can_keep_fp32(tmp_path, outlier_dir, digits_dir):
 def test_gate_tries_qat_when_post_training_int8_loses_too_much(tmp_path, outlier_dir, digits_dir):
     qcfg = quick_quantize_config(**BAD_STATIC, on_drop="keep_fp32")
     info = quantize_artifact(outlier_dir, digits_dir, tmp_path, qcfg)
-    static, qat = info["candidates"]
-    assert static["name"] == "static_int8/x86_inductor" and static["accuracy_drop"] > 0.5
-    assert qat["name"] == "qat_int8/x86_inductor" and qat["qat"]["epochs"] == 1
-    assert qat["accuracy_drop"] <= 0.02  # recovers (nearly) all of it
+    static, qat = info.candidates
+    assert static.name == "static_int8/x86_inductor" and static.accuracy_drop > 0.5
+    assert qat.name == "qat_int8/x86_inductor" and qat.qat.epochs == 1
+    assert qat.accuracy_drop <= 0.02  # recovers (nearly) all of it
 
 
 @pytest.mark.parametrize(
@@ -101,9 +102,9 @@ def test_qat_activation_ranges(tmp_path, outlier_dir, digits_dir, mode, drop_fro
     two: fine-tuning does not get that back. The range search clips them (they matter little)."""
     qcfg = quick_quantize_config(method="qat_int8", qat_activation_ranges=mode, on_drop="keep_fp32")
     info = quantize_artifact(outlier_dir, digits_dir, tmp_path, qcfg)
-    qat = info["candidates"][0]
-    assert drop_from <= qat["accuracy_drop"] <= drop_to
-    ranges = qat["qat"]["activation_ranges"]
+    qat = info.candidates[0]
+    assert drop_from <= qat.accuracy_drop <= drop_to
+    ranges = qat.qat.activation_ranges
     assert ranges["mode"] == mode
     if mode == "search":
         assert len(ranges["fractions"]) == 3  # the inputs of the three Linear layers
@@ -127,11 +128,11 @@ def test_qat_activation_ranges_are_validated():
 )
 def test_choose_is_fastest_within_budget(drops, expected):
     candidates = [
-        {"name": "a", "accuracy_drop": drops["a"], "latency_ms_b64": 2.0},
-        {"name": "b", "accuracy_drop": drops["b"], "latency_ms_b64": 1.0},
+        Candidate(name="a", accuracy_drop=drops["a"], latency_ms_b64=2.0),
+        Candidate(name="b", accuracy_drop=drops["b"], latency_ms_b64=1.0),
     ]
     chosen = select.choose(candidates, 0.005)
-    assert (chosen["name"] if chosen else None) == expected
+    assert (chosen.name if chosen else None) == expected
 
 
 class _SharedReLU(torch.nn.Module):

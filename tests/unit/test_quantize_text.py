@@ -20,15 +20,16 @@ from kubetrain.core.artifacts import Evaluation, SearchResult, TrainedModel
 from kubetrain.core.errors import ConfigError
 from kubetrain.evaluate import compare, report
 from kubetrain.evaluate.config import EvaluateConfig
+from kubetrain.models.decoding import greedy_decode
 from kubetrain.models.transformer import (
     Seq2SeqTransformer,
     TransformerClassifier,
     TransformerConfig,
-    greedy_decode,
 )
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
 from kubetrain.tasks.base import Scores, Task
 from tests.conftest import InMemoryTask, quick_quantize_config
+from tests.factories import model_spec, train_summary
 
 VOCAB, LENGTH, PAD, BOS, EOS = 200, 20, 0, 1, 2
 SIZES = TransformerConfig(d_model=32, heads=2, layers=1, ff=64, dropout=0.0, max_len=32)
@@ -122,9 +123,7 @@ class FakeSeq2SeqTask(_FakeText):
 
 def model_dir(root: Path, model: torch.nn.Module) -> Path:
     """A model artifact of ``model`` as the train step writes it."""
-    summary = {"train_seconds": 1.0, "step_seconds": 0.1, "samples_per_second": 10.0,
-               "data_wait_share": 0.0, "world_size": 1, "ranks_identical": True, "epochs": 1}  # fmt: skip
-    TrainedModel(None, {"config": {}}, [], summary, model.state_dict()).save(root / "model")
+    TrainedModel(None, model_spec(), [], train_summary(), model.state_dict()).save(root / "model")
     return root / "model"
 
 
@@ -145,22 +144,22 @@ def quantized(request, tmp_path_factory):
 
 def test_auto_tries_only_the_linear_layer_methods_on_a_text_model(quantized):
     _, task, _, info = quantized
-    names = [c["name"] for c in info["candidates"]]
+    names = [c.name for c in info.candidates]
     assert names == ["weight_only_int8/torchao", "dynamic_int8/torchao", "dynamic_int8/fbgemm"]
-    assert info["metric"] == ("accuracy" if task.kind == "text_classification" else "bleu")
-    for c in info["candidates"]:
+    assert info.metric == ("accuracy" if task.kind == "text_classification" else "bleu")
+    for c in info.candidates:
         assert "error" not in c, c
-        assert c["format"] == "state_dict" and c["size_ratio"] < 0.8  # embeddings stay fp32
-        assert c["accuracy_drop"] == pytest.approx(1.0 - c["val_metric"])  # fp32 scores 1.0
-        assert c["val_metric"] >= 0.5  # int8 agrees with fp32 on most samples/tokens
-        assert c["tokens_per_second_b1"] > 0 and c["tokens_per_second_b64"] > 0
+        assert c.format == "state_dict" and c.size_ratio < 0.8  # embeddings stay fp32
+        assert c.accuracy_drop == pytest.approx(1.0 - c.val_metric)  # fp32 scores 1.0
+        assert c.val_metric >= 0.5  # int8 agrees with fp32 on most samples/tokens
+        assert c.tokens_per_second_b1 > 0 and c.tokens_per_second_b64 > 0
 
 
 def test_the_saved_int8_model_reloads_with_its_methods_and_scores_the_same(quantized):
     root, task, mdir, info = quantized
     model = load_quantized(root / "quant", mdir, task)
     assert type(model) is type(task.factory())  # encode/decode and special ids survive
-    assert task.score(model, "val").value == pytest.approx(info["val_metric"])
+    assert task.score(model, "val").value == pytest.approx(info.val_metric)
     assert json.loads((root / "quant" / "quant.json").read_text())["file"] == "model_state.pt"
 
 
@@ -215,4 +214,4 @@ def test_the_gate_measures_on_the_evaluate_sections_metric(tmp_path, metric):
     evaluate = EvaluateConfig(metric=metric) if metric else None
     info = quantize_artifact(mdir, tmp_path, tmp_path / "q", qcfg, task=task,
                              scoring=evaluate)  # fmt: skip
-    assert info["metric"] == (metric or "bleu")
+    assert info.metric == (metric or "bleu")

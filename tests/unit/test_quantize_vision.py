@@ -18,6 +18,7 @@ from kubetrain.quantize.config import CANDIDATES
 from kubetrain.quantize.driver import load_quantized, quantize_artifact
 from kubetrain.tasks.base import Scores
 from tests.conftest import InMemoryTask, quick_quantize_config
+from tests.factories import model_spec, train_summary
 
 pytestmark = pytest.mark.vision
 torchvision = pytest.importorskip("torchvision")
@@ -112,12 +113,9 @@ def model_dir(request, tmp_path_factory):
     factory = request.param
     if factory.__name__ not in _TRAINED:
         root = tmp_path_factory.mktemp(factory.__name__)
-        summary = {"train_seconds": 1.0, "step_seconds": 0.1, "samples_per_second": 10.0,
-                   "data_wait_share": 0.0, "world_size": 1, "ranks_identical": True,
-                   "epochs": 1}  # fmt: skip
         torch.manual_seed(0)
         state = trained(factory).state_dict()
-        TrainedModel(None, {"config": {}}, [], summary, state).save(root / "m")
+        TrainedModel(None, model_spec(), [], train_summary(), state).save(root / "m")
         _TRAINED[factory.__name__] = (root / "m", FakeImageTask(root, factory))
     return _TRAINED[factory.__name__]
 
@@ -130,11 +128,11 @@ def test_every_int8_method_quantizes_a_torchvision_cnn(tmp_path, model_dir, cand
         qat_samples=SAMPLES, calibration_samples=SAMPLES, qat_batch_size=16,
     )  # fmt: skip
     info = quantize_artifact(mdir, tmp_path, tmp_path / "q", qcfg, task=task)
-    (built,) = info["candidates"]
-    assert "error" not in built, built.get("error")
-    assert info["fp32"]["val_accuracy"] >= 0.9  # trained: the gate measures something
-    assert built["verdict"] == "chosen" and info["gate_passed"]  # within 5 points of fp32
-    assert info["name"] == candidate
-    assert built["size_bytes"] < info["fp32_size_bytes"]
+    (built,) = info.candidates
+    assert built.error is None, built.error
+    assert info.fp32.val_accuracy >= 0.9  # trained: the gate measures something
+    assert built.verdict == "chosen" and info.gate_passed  # within 5 points of fp32
+    assert info.name == candidate
+    assert built.size_bytes < info.fp32_size_bytes
     model = load_quantized(tmp_path / "q")
-    assert task.score(model, "val").value == pytest.approx(built["val_accuracy"])
+    assert task.score(model, "val").value == pytest.approx(built.val_accuracy)

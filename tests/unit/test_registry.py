@@ -90,7 +90,7 @@ def test_promote_step_publishes_to_the_registry(tmp_path):
         d.mkdir()
         (d / "model.pt").write_bytes(b"x")
     metrics = tmp_path / "metrics.json"
-    metrics.write_text(json.dumps({"dataset_version": "v9", "test_accuracy_fp32": 0.95,
+    metrics.write_text(json.dumps({"dataset_version": "v9", "metric": "accuracy", "test_accuracy_fp32": 0.95,
                                    "test_accuracy_int8": 0.94, "min_accuracy": 0.9}))  # fmt: skip
     record = steps.promote(model, quant, metrics, tmp_path / "out", cfg=cfg)
     assert record["fingerprint"] == registry.model_inputs_fingerprint(cfg.model_inputs_json(), "v9")

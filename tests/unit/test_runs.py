@@ -92,12 +92,6 @@ def test_every_task_shows_its_primary_metric(tmp_path, capsys):
     assert rows["test fp32"][-2:] == ["21.5300", "0.9593"]
 
 
-def test_a_run_directory_is_marked_as_kubetrain_run_marks_it():
-    from kubetrain.pipeline import run, runs
-
-    assert runs.MARKER == run.MARKER
-
-
 def test_compare_shows_only_what_differs(runs_root):
     runs = [load_run(runs_root / n) for n in ("20261130-0300", "20261130-0400", "20261130-0500")]
     diff = config_differences(runs)

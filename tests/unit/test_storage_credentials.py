@@ -55,16 +55,38 @@ def test_without_a_secret_the_pods_get_no_env_from():
     assert all("envFrom" not in c for c in containers(job))
 
 
-def test_search_trials_take_the_secret_too():
+def secret_of(job: dict) -> list:
+    """How a job's training containers get the Secret: PyTorchJob containers every key
+    (``envFrom``); a TrainJob's trainer, which has no envFrom, the storage keys one by one."""
+    if job["kind"] == "TrainJob":
+        return sorted(
+            (e["name"], e["valueFrom"]["secretKeyRef"]["name"])
+            for e in job["spec"]["trainer"]["env"]
+            if "valueFrom" in e
+        )
+    (found,) = {json.dumps(c.get("envFrom")) for c in containers(job)}
+    return json.loads(found)
+
+
+def expected_secret(api: str, name: str) -> list:
+    if api == "trainjob":
+        from kubetrain.launch.trainjob import STORAGE_SECRET_KEYS
+
+        return sorted((key, name) for key in STORAGE_SECRET_KEYS)
+    return [{"secretRef": {"name": name}}]
+
+
+@pytest.mark.parametrize("api", ["pytorchjob", "trainjob"])
+def test_search_trials_take_the_secret_too(api):
     cfg = load_config(
         None,
-        ["cluster.backend=kubernetes", "cluster.image=img:1", f"cluster.storage_secret={SECRET}"],
-    )
+        ["cluster.backend=kubernetes", "cluster.image=img:1", f"cluster.storage_secret={SECRET}",
+         f"cluster.training_api={api}"],
+    )  # fmt: skip
     experiment, job = cluster_manifests(cfg)
     assert experiment["kind"] == "Experiment"
     trial_job = experiment["spec"]["trialTemplate"]["trialSpec"]
-    assert all(c["envFrom"] == [{"secretRef": {"name": SECRET}}] for c in containers(trial_job))
-    assert all(c["envFrom"] == [{"secretRef": {"name": SECRET}}] for c in containers(job))
+    assert secret_of(trial_job) == secret_of(job) == expected_secret(api, SECRET)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +181,8 @@ def test_vision_gpu_recipe_is_the_cluster_run_it_says():
 
 
 def test_vision_gpu_manifests_are_two_gpu_workers_reading_the_secret(capsys):
-    assert main(["manifests", "--config", "vision-gpu"]) == 0
+    args = ["manifests", "--config", "vision-gpu", "--set", "cluster.training_api=pytorchjob"]
+    assert main(args) == 0
     experiment, job = yaml.safe_load_all(capsys.readouterr().out)
     assert pytorchjob_roundtrip(job) == job
     replicas = job["spec"]["pytorchReplicaSpecs"]
@@ -168,3 +191,14 @@ def test_vision_gpu_manifests_are_two_gpu_workers_reading_the_secret(capsys):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert container["envFrom"] == [{"secretRef": {"name": "kubetrain-storage"}}]
         assert container["image"].startswith("ghcr.io/kubetrain/kubetrain-trainer:")
+
+
+def test_vision_gpu_manifests_are_a_trainjob_of_two_gpu_nodes_reading_the_secret(capsys):
+    assert main(["manifests", "--config", "vision-gpu"]) == 0  # auto, offline: a TrainJob
+    experiment, job = yaml.safe_load_all(capsys.readouterr().out)
+    trial = experiment["spec"]["trialTemplate"]["trialSpec"]
+    assert (job["spec"]["trainer"]["numNodes"], trial["spec"]["trainer"]["numNodes"]) == (2, 1)
+    for trainer in (job["spec"]["trainer"], trial["spec"]["trainer"]):
+        assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "1"
+        assert trainer["image"].startswith("ghcr.io/kubetrain/kubetrain-trainer:")
+    assert secret_of(job) == secret_of(trial) == expected_secret("trainjob", "kubetrain-storage")

@@ -397,12 +397,11 @@ def test_token_shards_stream_bucketed_into_a_transformer(tmp_path, task):
 
     from kubetrain.data.batching import BucketingCollate, iter_batches
     from kubetrain.data.streaming import StreamingDataset
+    from kubetrain.models.losses import label_smoothed_loss, seq2seq_loss
     from kubetrain.models.transformer import (
         Seq2SeqTransformer,
         TransformerClassifier,
         TransformerConfig,
-        label_smoothed_loss,
-        seq2seq_loss,
     )
 
     out = tmp_path / "ds"

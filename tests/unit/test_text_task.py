@@ -77,10 +77,10 @@ def dataset(request, tmp_path_factory):
 def test_preprocess_writes_meta_json_last_into_an_empty_output_dir(dataset):
     cfg, data = dataset
     meta = data.meta
-    assert data.kind == cfg.data.task and meta["format_version"] == 1
-    assert meta["input_shape"] == [16] and sum(meta["sizes"].values()) == 240
-    assert (meta["classes"] == ["long", "short"]) == (cfg.data.task == "text_classification")
-    assert meta["vocab_size"] == 64 and meta["special_ids"]["pad"] == 0
+    assert data.kind == cfg.data.task and meta.format_version == 1
+    assert meta.input_shape == [16] and sum(meta.sizes.values()) == 240
+    assert (meta.classes == ["long", "short"]) == (cfg.data.task == "text_classification")
+    assert meta.vocab_size == 64 and meta.special_ids["pad"] == 0
     assert DatasetArtifact.is_complete(data.path)
     assert not list(data.path.parent.glob(".ds.*"))  # no temporary directory beside it
 
@@ -148,7 +148,7 @@ def test_model_trains_validates_scores_and_rebuilds_from_its_spec(dataset):
     inputs = (x,) if data.kind == "text_classification" else (x, y[:, :-1])
     assert torch.equal(model(*inputs), rebuilt(*inputs))
     scores = task.score(rebuilt, "test")
-    assert scores.samples == data.meta["sizes"]["test"] and scores.examples
+    assert scores.samples == data.meta.num_samples("test") and scores.examples
     if data.kind == "text_classification":
         assert scores.metric == "accuracy" and 0 <= scores.values["macro_f1"] <= 1
         assert set(scores.examples[0]) == {"text", "true", "predicted"}
@@ -169,14 +169,14 @@ def test_examples_are_a_seeded_draw_streamed_from_the_split(dataset):
     cfg, data = dataset
     task = open_task(cfg, data)
     every = list(task.records("train"))
-    assert len(every) == data.meta["sizes"]["train"]
+    assert len(every) == data.meta.num_samples("train")
     drawn = np.sort(np.random.default_rng(3).permutation(len(every))[:7])
     first = "input_ids" if data.kind == "text_classification" else "src_ids"
     x, _ = task.examples("train", 7, seed=3)
     expected = task._full([every[i][first] for i in drawn])
     assert torch.equal(x, expected)
     assert not torch.equal(x, task.examples("train", 7, seed=4)[0])
-    assert len(task.examples("val", 10_000)[0]) == data.meta["sizes"]["val"]
+    assert len(task.examples("val", 10_000)[0]) == data.meta.num_samples("val")
 
 
 def test_beam_search_setting_reaches_the_score(dataset):

@@ -35,8 +35,8 @@ def test_training_learns_digits_and_records_every_epoch(digits_dir):
     for h in result.history:
         assert h.samples_per_second > 0 and 0 <= h.data_wait_share < 1 and h.step_seconds > 0
     s = result.summary
-    assert s["steps"] == 4 * (1257 // 64) and s["samples_seen"] == s["steps"] * 64
-    assert s["ranks_identical"] is True
+    assert s.steps == 4 * (1257 // 64) and s.samples_seen == s.steps * 64
+    assert s.ranks_identical is True
 
 
 def test_gradient_accumulation_matches_one_big_batch(digits_dir):
@@ -114,7 +114,7 @@ def test_lr_schedules(overrides, step, expected):
 def test_bf16_autocast_trains_close_to_fp32(digits_dir):
     fp32 = _fit(digits_dir, "train.epochs=3")
     bf16 = _fit(digits_dir, "train.epochs=3", "train.precision=bf16")
-    assert bf16.summary["precision"] == "bf16"
+    assert bf16.summary.precision == "bf16"
     assert abs(bf16.history[-1].val_accuracy - fp32.history[-1].val_accuracy) <= 0.02
     assert _max_diff(bf16.model, fp32.model) > 0  # it really computed in another precision
 
@@ -136,9 +136,9 @@ def test_step_time_is_split_and_flops_counted(digits_dir):
     assert 0.5 * h.epoch_seconds < parts <= h.epoch_seconds * 1.001
     # MLP 64-256-128-10: forward 2*(64*256 + 256*128 + 128*10) FLOPs, backward about twice that.
     forward = 2 * (64 * 256 + 256 * 128 + 128 * 10)
-    assert 2.5 * forward <= s["flops_per_sample"] <= 3.5 * forward
-    assert 0 < s["mfu"] < 1
-    assert s["cpu_percent"] > 0 and s["peak_rss_mib"] > 50
+    assert 2.5 * forward <= s.flops_per_sample <= 3.5 * forward
+    assert 0 < s.mfu < 1
+    assert s.cpu_percent > 0 and s.peak_rss_mib > 50
 
 
 def _poisoned(digits_dir, tmp_path):

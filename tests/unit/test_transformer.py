@@ -11,15 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubetrain.models.decoding import beam_search, greedy_decode, sequence_log_prob
+from kubetrain.models.losses import label_smoothed_loss, seq2seq_loss
 from kubetrain.models.transformer import (
     Seq2SeqTransformer,
     TransformerClassifier,
     TransformerConfig,
-    beam_search,
-    greedy_decode,
-    label_smoothed_loss,
-    seq2seq_loss,
-    sequence_log_prob,
 )
 
 PAD, BOS, EOS = 0, 1, 2

@@ -57,17 +57,17 @@ def test_medianstop_maps_katib_settings():
 def test_search_runs_trials_in_processes_and_writes_the_best_and_a_report(tmp_path, digits_dir):
     cfg = load_config(overrides=[*FAST, "tune.max_trials=4", "tune.algorithm=random"])
     result = run_search(cfg, digits_dir, tmp_path)
-    assert result["trials_total"] == 4 and result["trials_complete"] == 4
-    assert result["best_value"] > 0.8
+    assert result.trials_total == 4 and result.trials_complete == 4
+    assert result.best_value > 0.8
     saved = read_json(tmp_path / "best_params.json")
-    assert saved["best_params"] == result["best_params"]
+    assert saved["best_params"] == result.best_params
     trials = read_json(tmp_path / "trials.json")
     assert len(trials) == 4 and all(len(t["curve"]) == 2 for t in trials)
     best = max(trials, key=lambda t: t["value"])
-    assert best["params"] == result["best_params"]
+    assert best["params"] == result.best_params
     assert (tmp_path / "study.journal").stat().st_size > 0
-    assert set(result["param_importance"]) == {"train.lr", "train.weight_decay"}
-    assert abs(sum(result["param_importance"].values()) - 1) < 1e-6
+    assert set(result.param_importance) == {"train.lr", "train.weight_decay"}
+    assert abs(sum(result.param_importance.values()) - 1) < 1e-6
     report = (tmp_path / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 2 and "parameter importance" in report
 
@@ -84,11 +84,11 @@ def test_grid_is_capped_at_its_size_and_resumes(tmp_path, digits_dir):
         ]
     )
     first = run_search(cfg, digits_dir, tmp_path)
-    assert first["trials_total"] == 4  # 4 learning rates x 1 weight decay
+    assert first.trials_total == 4  # 4 learning rates x 1 weight decay
     tried = sorted(t["params"]["train.lr"] for t in read_json(tmp_path / "trials.json"))
     assert tried == [0.001, 0.004, 0.007, 0.01]
     again = run_search(cfg, digits_dir, tmp_path)  # the study persists: nothing is redone
-    assert again["trials_total"] == 4
+    assert again.trials_total == 4
 
 
 def test_failed_trials_are_recorded_not_fatal(tmp_path, digits_dir):
@@ -105,10 +105,10 @@ def test_failed_trials_are_recorded_not_fatal(tmp_path, digits_dir):
         ]
     )
     result = run_search(cfg, digits_dir, tmp_path)
-    assert result["trials_failed"] == 1 and result["trials_complete"] == 1
+    assert result.trials_failed == 1 and result.trials_complete == 1
     failed = [t for t in read_json(tmp_path / "trials.json") if t["state"] == "fail"]
     assert "exceeds the 1257 training samples" in failed[0]["error"]
-    assert result["best_params"] == {"train.batch_size": 64}
+    assert result.best_params == {"train.batch_size": 64}
 
 
 def test_too_many_failures_stop_the_search(tmp_path, digits_dir):

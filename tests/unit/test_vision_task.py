@@ -50,14 +50,14 @@ def task(built, **data) -> ImageTask:
 
 def test_meta_describes_the_shards(built, folder):
     out, meta, _ = built
-    assert meta["kind"] == "images" and meta["format_version"] == 1
-    assert meta["classes"] == [f"class_{k}" for k in range(5)]
-    assert meta["input_shape"] == [3, 16, 16]
-    assert sum(meta["sizes"].values()) == folder[1]["good"]
-    assert meta["num_skipped"] == folder[1]["corrupt"]
-    assert sum(sum(c.values()) for c in meta["class_counts"].values()) == folder[1]["good"]
-    assert len(meta["mean"]) == len(meta["std"]) == 3
-    assert all(0 < m < 1 for m in meta["mean"]) and all(0 < s < 1 for s in meta["std"])
+    assert meta.kind == "images" and meta.format_version == 1
+    assert meta.classes == [f"class_{k}" for k in range(5)]
+    assert meta.input_shape == [3, 16, 16]
+    assert sum(meta.sizes.values()) == folder[1]["good"]
+    assert meta.num_skipped == folder[1]["corrupt"]
+    assert sum(sum(c.values()) for c in meta.class_counts.values()) == folder[1]["good"]
+    assert len(meta.mean) == len(meta.std) == 3
+    assert all(0 < m < 1 for m in meta.mean) and all(0 < s < 1 for s in meta.std)
     assert (out / "shards.json").is_file() and "root" not in meta
     assert DatasetArtifact.load(out).kind == "images"
 
@@ -65,7 +65,7 @@ def test_meta_describes_the_shards(built, folder):
 def test_a_sharded_source_is_streamed_in_place(built, tmp_path):
     out, meta, _ = built
     again = build_dataset(DataConfig(source=str(out)), tmp_path / "ref")
-    assert again["root"] == str(out) and again["version"] == meta["version"]
+    assert again.root == str(out) and again.version == meta.version
     assert not list((tmp_path / "ref").glob("*.parquet"))  # not copied
     data = DatasetArtifact.load(tmp_path / "ref")
     assert data.root == str(out)
@@ -98,7 +98,7 @@ def test_examples_are_a_seeded_subset(built):
     b, yb = w.examples("train", 10, seed=1)
     c, _ = w.examples("train", 10, seed=2)
     assert torch.equal(a, b) and torch.equal(ya, yb) and not torch.equal(a, c)
-    assert len(w.examples("val", 10_000)[1]) == built[1]["sizes"]["val"]
+    assert len(w.examples("val", 10_000)[1]) == built[1].num_samples("val")
 
 
 def _digest(image: torch.Tensor) -> str:
@@ -111,7 +111,7 @@ def test_every_training_sample_once_per_epoch_over_ranks_and_workers(built, worl
     epoch hold the whole training split, each image once."""
     from kubetrain.train.config import TrainConfig
 
-    n_train = built[1]["sizes"]["train"]  # 84: 2 ranks x 2 workers x (3 x 7) with micro 7
+    n_train = built[1].num_samples("train")  # 84: 2 ranks x 2 workers x (3 x 7) with micro 7
     w = task(built, num_workers=workers)
     tc = TrainConfig(batch_size=14, nproc=world)
     seen = []
@@ -147,7 +147,7 @@ def test_validate_and_score_agree_on_a_trained_model(built):
     loss, acc = w.validate(model, DistContext())
     scores = w.score(model, "val")
     assert scores.value == pytest.approx(acc) and loss > 0
-    assert scores.metric == "accuracy" and scores.samples == built[1]["sizes"]["val"]
+    assert scores.metric == "accuracy" and scores.samples == built[1].num_samples("val")
     v = scores.values
     assert v["top5_accuracy"] == 1.0  # 5 classes: the true class is always in the top 5
     assert len(v["confusion_matrix"]) == 5 and set(v["per_class_accuracy"]) == set(w.data.classes)
@@ -231,7 +231,7 @@ def test_resume_mid_epoch_gives_the_weights_of_an_uninterrupted_run(built, tmp_p
     # (step 7) is in the middle of epoch 1.
     assert [p.name for p in tmp_path.glob("b/ckpt-*.pt")] == ["ckpt-00000007.pt"]
     resumed = fit(cfg(), open_task(cfg(), data), DistContext(), checkpoint_dir=tmp_path / "b")
-    assert resumed.summary["resumed_from_step"] == 7
+    assert resumed.summary.resumed_from_step == 7
     a, b = whole.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

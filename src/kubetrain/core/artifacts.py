@@ -10,9 +10,10 @@
     Promotion        promote      fp32/, int8/, promotion.json
     Rejection        reject       decision.json
 
-The file names below are the only place they are spelled. Writes are atomic and the marker file
-comes last, so ``is_complete`` is true only for a finished artifact. Importing this is cheap (no
-numpy, no torch at module level): the KFP components and the CLI read artifacts through it.
+The file names below are the only place they are spelled; what the JSON files hold is typed in
+``kubetrain.core.records``. Writes are atomic and the marker file comes last, so ``is_complete``
+is true only for a finished artifact. Importing this is cheap (no numpy, no torch at module
+level): the KFP components and the CLI read artifacts through it.
 """
 
 from __future__ import annotations
@@ -20,13 +21,25 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kubetrain.core.errors import DataError, KubetrainError
 from kubetrain.core.io import atomic_write, read_json, write_json
+from kubetrain.core.records import (
+    DatasetMeta,
+    EpochStats,
+    ModelSpec,
+    QuantInfo,
+    SearchSummary,
+    TrainSummary,
+    Trial,
+    dataset_meta,
+)
 
 if TYPE_CHECKING:
     import numpy as np
+
+M = TypeVar("M", bound=DatasetMeta)
 
 # -- file names ---------------------------------------------------------------------------------
 DATASET_ARRAYS = "data.npz"
@@ -51,57 +64,67 @@ PROMOTED_INT8 = "int8"
 REJECTION_RECORD = "decision.json"
 # The registry's record of the last promotion (kubetrain.registry), beside models/<key>/.
 REGISTRY_RECORD = "promoted.json"
-# What `kubetrain run` leaves at the top of a run directory (copies of the evaluation's).
+# What `kubetrain run` leaves at the top of a run directory (copies of the evaluation's), and
+# the file that marks a directory as a run's (kubetrain run writes into such a directory only).
 RUN_METRICS = "metrics.json"
 RUN_REPORT = "report.html"
+RUN_MARKER = ".kubetrain-run"
 
 
 # -- dataset ------------------------------------------------------------------------------------
-DATASET_FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 
 
 @dataclass
 class DatasetArtifact:
-    """The preprocess step's output: split, normalised arrays and what is needed to use them.
-
-    ``arrays``: ``x_train y_train x_val y_val x_test y_test`` (float32 features, int64 class
-    ids). ``meta``: format_version, version (a hash of arrays and data config), source, files,
-    classes, input_shape, num_features, sizes, class_counts, normalization, config,
-    preprocess_seconds.
-    """
+    """The preprocess step's output: ``meta.json`` (its kind's ``DatasetMeta``) and the data:
+    for tabular data the arrays ``x_train y_train x_val y_val x_test y_test`` (float32
+    features, int64 class ids) in ``data.npz``, for the streamed kinds shards beside
+    ``meta.json`` or at ``meta.root``."""
 
     path: Path
-    meta: dict[str, Any]
-    arrays: dict[str, np.ndarray]
+    meta: DatasetMeta
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
-        return self.meta["version"]
+        return self.meta.version
 
     @property
     def kind(self) -> str:
         """``tabular`` (arrays in ``data.npz``) or a streamed kind (``images``, the text tasks:
-        shards beside ``meta.json``, or at ``meta["root"]``); see ``kubetrain.tasks``."""
-        return self.meta.get("kind", "tabular")
+        shards beside ``meta.json``, or at ``meta.root``); see ``kubetrain.tasks``."""
+        return self.meta.kind
 
     @property
     def root(self) -> str:
-        """Where a streamed kind's shards are: ``meta["root"]`` (e.g. an ``s3://`` URI the
-        shards were published to) or the artifact's own directory."""
-        return self.meta.get("root") or str(self.path)
+        """Where a streamed kind's shards are: ``meta.root`` (e.g. an ``s3://`` URI the shards
+        were published to) or the artifact's own directory."""
+        return self.meta.root or str(self.path)
 
     @property
     def classes(self) -> list[str]:
-        return self.meta["classes"]
+        return list(self.meta.classes or [])
 
     @property
     def input_shape(self) -> list[int]:
-        return self.meta["input_shape"]
+        return self.meta.input_shape
 
     @property
     def num_classes(self) -> int:
-        return len(self.meta["classes"])
+        return len(self.meta.classes or [])
+
+    def meta_of(self, kind: type[M]) -> M:
+        """``meta`` as the record of its kind (``ImageMeta``, ...).
+
+        Raises:
+            DataError: the dataset is of another kind.
+        """
+        if not isinstance(self.meta, kind):
+            raise DataError(
+                f"data error: {self.path}: a {self.kind} dataset, not {kind.__name__}'s kind"
+            )
+        return self.meta
 
     @property
     def is_image(self) -> bool:
@@ -122,10 +145,16 @@ class DatasetArtifact:
 
         def write_arrays(tmp: str) -> None:
             with open(tmp, "wb") as f:
-                np.savez(f, **self.arrays)
+                np.savez(f, **self.arrays)  # type: ignore[arg-type]  # numpy's stub: bool
 
-        atomic_write(out / DATASET_ARRAYS, write_arrays)
-        write_json(out / DATASET_META, self.meta)
+        if self.arrays:
+            atomic_write(out / DATASET_ARRAYS, write_arrays)
+        self.write_meta(out, self.meta)
+
+    @staticmethod
+    def write_meta(directory: str | Path, meta: DatasetMeta) -> None:
+        """Write ``meta.json``: the last file of a dataset artifact (it marks it complete)."""
+        meta.write(Path(directory) / DATASET_META)
 
     @staticmethod
     def is_complete(directory: str | Path) -> bool:
@@ -142,7 +171,7 @@ class DatasetArtifact:
             return False
 
     @classmethod
-    def read_meta(cls, directory: str | Path) -> dict[str, Any]:
+    def read_meta(cls, directory: str | Path) -> DatasetMeta:
         """Only ``meta.json`` (no arrays); raises DataError if ``directory`` is no dataset."""
         path = Path(directory)
         if not cls.is_complete(path):
@@ -150,13 +179,13 @@ class DatasetArtifact:
                 f"data error: {path}: not a kubetrain dataset (no {DATASET_META}/{DATASET_ARRAYS})"
             )
         try:
-            meta = read_json(path / DATASET_META)
+            data = read_json(path / DATASET_META)
         except ValueError as err:  # a damaged artifact: one line, not a traceback
             raise DataError(f"data error: {path / DATASET_META}: not valid JSON ({err})") from None
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        if version != DATASET_FORMAT_VERSION:
-            raise DataError(f"data error: {path}: dataset format {version} unknown")
-        return meta
+        try:
+            return dataset_meta(data, path / DATASET_META)
+        except KubetrainError as err:
+            raise DataError(f"data error: {err}") from None
 
     @classmethod
     def load(cls, directory: str | Path) -> DatasetArtifact:
@@ -165,8 +194,8 @@ class DatasetArtifact:
 
         path = Path(directory)
         meta = cls.read_meta(path)
-        if meta.get("kind", "tabular") != "tabular":
-            return cls(path=path, meta=meta, arrays={})
+        if meta.kind != "tabular":
+            return cls(path=path, meta=meta)
         import zipfile
 
         try:
@@ -186,37 +215,33 @@ def load_dataset(path: str | Path) -> DatasetArtifact:
 # -- search result ------------------------------------------------------------------------------
 @dataclass
 class SearchResult:
-    """The tune step's output: the best parameters (dotted config keys) and every trial.
+    """The tune step's output: the best parameters (dotted config keys, in ``summary``: the
+    ``best_params.json`` record) and every trial (``trials.json``)."""
 
-    ``summary`` is ``best_params.json``: enabled, best_params, trials_total and, for a search
-    that ran, algorithm, metric, goal, best_value, best_trial, trials_complete/pruned/failed,
-    trial_epochs_total and what the engine adds (param_importance, experiment, ...).
-    """
-
-    summary: dict[str, Any]
-    trials: list[dict[str, Any]] = field(default_factory=list)
+    summary: SearchSummary
+    trials: list[Trial] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.summary.get("enabled"))
+        return self.summary.enabled
 
     @property
     def best_params(self) -> dict[str, Any]:
-        return self.summary.get("best_params") or {}
+        return self.summary.best_params
 
     @classmethod
     def disabled(cls) -> SearchResult:
         """What a step without a search hands on: no parameters to change."""
-        return cls({"enabled": False, "best_params": {}, "trials_total": 0})
+        return cls(SearchSummary.disabled())
 
     def save(self, directory: str | Path, report_html: str | None = None) -> None:
         """Write trials (and the report), then ``best_params.json`` (marks it complete)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / SEARCH_TRIALS, self.trials)
+        write_json(out / SEARCH_TRIALS, [t.to_json() for t in self.trials])
         if report_html is not None:
             atomic_write(out / SEARCH_REPORT, lambda tmp: Path(tmp).write_text(report_html))
-        write_json(out / SEARCH_RESULT, self.summary)
+        self.summary.write(out / SEARCH_RESULT)
 
     @staticmethod
     def is_complete(directory: str | Path) -> bool:
@@ -230,8 +255,12 @@ class SearchResult:
         path = Path(directory)
         if not cls.is_complete(path):
             raise KubetrainError(f"{path}: not a kubetrain search result (no {SEARCH_RESULT})")
-        trials = read_json(path / SEARCH_TRIALS) if (path / SEARCH_TRIALS).is_file() else []
-        return cls(read_json(path / SEARCH_RESULT), trials)
+        trials_file = path / SEARCH_TRIALS
+        trials = read_json(trials_file) if trials_file.is_file() else []
+        return cls(
+            SearchSummary.read(path / SEARCH_RESULT),
+            [Trial.parse(t, trials_file) for t in trials],
+        )
 
     @staticmethod
     def best_params_file(directory: str | Path) -> Path:
@@ -244,16 +273,15 @@ class SearchResult:
 class TrainedModel:
     """The train step's output: fp32 weights and how to rebuild and judge them.
 
-    ``spec``: model.json (``kubetrain.models.networks.model_spec`` plus dataset_version, classes,
-    normalization and the train config). ``history``: one dict per epoch
-    (``kubetrain.train.loop.EpochStats``). ``summary``: metrics.json, the run's totals.
+    ``spec``: model.json (the network, and the dataset and sections it was trained with).
+    ``history``: one ``EpochStats`` per epoch. ``summary``: metrics.json, the run's totals.
     ``state_dict`` is only set on save; ``load`` leaves the weights on disk (``weights``).
     """
 
     path: Path | None
-    spec: dict[str, Any]
-    history: list[dict[str, Any]]
-    summary: dict[str, Any]
+    spec: ModelSpec
+    history: list[EpochStats]
+    summary: TrainSummary
     state_dict: dict[str, Any] | None = None
 
     @property
@@ -271,9 +299,9 @@ class TrainedModel:
         if self.state_dict is not None:
             state = self.state_dict
             atomic_write(out / MODEL_WEIGHTS, lambda tmp: torch.save(state, tmp))
-        write_json(out / MODEL_HISTORY, self.history)
-        write_json(out / MODEL_METRICS, self.summary)
-        write_json(out / MODEL_SPEC, self.spec)
+        write_json(out / MODEL_HISTORY, [s.to_json() for s in self.history])
+        self.summary.write(out / MODEL_METRICS)
+        self.spec.write(out / MODEL_SPEC)
         self.path = out
 
     @staticmethod
@@ -286,57 +314,50 @@ class TrainedModel:
         path = Path(directory)
         if not cls.is_complete(path):
             raise KubetrainError(f"{path}: not a kubetrain model (no {MODEL_SPEC})")
+        history = path / MODEL_HISTORY
         return cls(
             path=path,
-            spec=read_json(path / MODEL_SPEC),
-            history=read_json(path / MODEL_HISTORY),
-            summary=read_json(path / MODEL_METRICS),
+            spec=ModelSpec.read(path / MODEL_SPEC),
+            history=[EpochStats.parse(s, history) for s in read_json(history)],
+            summary=TrainSummary.read(path / MODEL_METRICS),
         )
 
     @staticmethod
-    def load_summary(directory: str | Path) -> dict[str, Any]:
+    def load_summary(directory: str | Path) -> TrainSummary:
         """Only metrics.json (what the train step reports)."""
-        return read_json(Path(directory) / MODEL_METRICS)
+        return TrainSummary.read(Path(directory) / MODEL_METRICS)
 
 
 # -- quantized model ----------------------------------------------------------------------------
 @dataclass
 class QuantizedModel:
-    """The quantize step's output: one runnable program and ``quant.json`` (``info``).
-
-    ``info``: how to run it (format, file, runtime, imports), what was kept (name, method,
-    backend, decision, gate_passed, size_bytes, file_bytes, val_accuracy, latencies), the fp32
-    reference (fp32, fp32_size_bytes, fp32_file_bytes, fp32_state_dict_bytes) and every
-    candidate tried (candidates). ``kubetrain.quantize.artifact`` reloads the program.
-    """
+    """The quantize step's output: one runnable program and ``quant.json`` (``info``: how to run
+    it, what was kept and why, the fp32 reference and every candidate tried).
+    ``kubetrain.quantize.artifact`` reloads the program."""
 
     path: Path
-    info: dict[str, Any]
+    info: QuantInfo
 
     @property
-    def method(self) -> str:
-        return self.info["method"]
+    def method(self) -> str | None:
+        return self.info.method
 
     @property
     def name(self) -> str:
-        return self.info["name"]
+        return self.info.name
 
     @property
     def decision(self) -> str:
-        return self.info["decision"]
-
-    @property
-    def candidates(self) -> list[dict[str, Any]]:
-        return self.info.get("candidates", [])
+        return self.info.decision
 
     @property
     def program(self) -> Path:
-        return self.path / self.info["file"]
+        return self.path / (self.info.file or "")
 
     def save(self, directory: str | Path) -> None:
         """Write ``quant.json`` (after the program file: it marks the artifact complete)."""
         self.path = Path(directory)
-        write_json(self.path / QUANT_INFO, self.info)
+        self.info.write(self.path / QUANT_INFO)
 
     @staticmethod
     def is_complete(directory: str | Path) -> bool:
@@ -347,25 +368,33 @@ class QuantizedModel:
         path = Path(directory)
         if not cls.is_complete(path):
             raise KubetrainError(f"{path}: not a kubetrain quantized model (no {QUANT_INFO})")
-        return cls(path=path, info=read_json(path / QUANT_INFO))
+        return cls(path=path, info=QuantInfo.read(path / QUANT_INFO))
 
 
 # -- evaluation ---------------------------------------------------------------------------------
 @dataclass
-class ModelScores:
-    """One model on the test split: the task's ``kubetrain.tasks.base.Scores``.
+class Scores:
+    """A model's results on one split (``Task.score``; the evaluation's on the test split).
 
     ``values`` holds the primary metric ``metric`` and every other result of the task:
     classification ``accuracy``, ``per_class_accuracy``, ``confusion_matrix`` (and
     ``top5_accuracy`` for images, ``macro_f1`` for text); seq2seq ``bleu``, ``rouge_l`` and the
     copy-the-source baselines ``copy_baseline_bleu``, ``copy_baseline_rouge_l`` (all 0-1).
+    ``samples`` were scored in ``seconds``: ``samples_per_second`` (read back from a
+    metrics.json, only it is known).
     """
 
     metric: str
     values: dict[str, Any]
     # A few predictions beside their references, for the report.
     examples: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+    seconds: float = 0.0
     samples_per_second: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.samples_per_second is None and self.seconds > 0:
+            self.samples_per_second = self.samples / self.seconds
 
     @property
     def value(self) -> float:
@@ -430,25 +459,6 @@ class Sizes:
         return self.weights_int8 / self.weights_fp32
 
 
-# The training figures every model has (field, key in the model's metrics.json); the efficiency
-# fields after them may be missing from models trained by older versions (they are then None).
-_TRAIN_REQUIRED = (
-    ("seconds", "train_seconds"),
-    ("step_seconds", "step_seconds"),
-    ("samples_per_second", "samples_per_second"),
-    ("data_wait_share", "data_wait_share"),
-    ("world_size", "world_size"),
-    ("ranks_identical", "ranks_identical"),
-    ("epochs", "epochs"),
-)
-_TRAIN_OPTIONAL = (
-    "precision", "mfu", "flops_per_sample", "compute_share", "optimizer_share", "comm_seconds",
-    "allreduce_calls", "cpu_percent", "peak_rss_mib", "rank_cpu_percent", "rank_peak_rss_mib",
-    "gpu_peak_mib", "checkpoint_seconds", "checkpoints_written", "compile_seconds",
-    "resumed_from_step", "restarts",
-)  # fmt: skip
-
-
 @dataclass
 class TrainEfficiency:
     """What training cost, from the model's metrics.json (``kubetrain.train.loop``)."""
@@ -479,12 +489,11 @@ class TrainEfficiency:
     restarts: int | None = None
 
     @classmethod
-    def from_summary(cls, summary: dict[str, Any]) -> TrainEfficiency:
-        """From a model's metrics.json."""
-        return cls(
-            **{name: summary[key] for name, key in _TRAIN_REQUIRED},
-            **{key: summary.get(key) for key in _TRAIN_OPTIONAL},
-        )
+    def from_summary(cls, summary: TrainSummary) -> TrainEfficiency:
+        """From a model's metrics.json (its ``train_seconds`` is ``seconds`` here)."""
+        values = summary.model_dump()
+        values["seconds"] = values["train_seconds"]
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
 
 
 # Per quantize candidate, the measurements copied into metrics.json (as quant_<name>_<field>).
@@ -509,15 +518,15 @@ class Evaluation:
     ``kubetrain run`` prints), ``to_details()`` into details.json; ``load`` reverses both.
     """
 
-    fp32: ModelScores
-    int8: ModelScores
+    fp32: Scores
+    int8: Scores
     latency: list[Latency]
     latency_threads: int
     sizes: Sizes
     train: TrainEfficiency
-    quantization: dict[str, Any]  # the quantized model's quant.json
+    quantization: QuantInfo  # the quantized model's quant.json
     search: SearchResult
-    history: list[dict[str, Any]]  # the model's per-epoch stats
+    history: list[EpochStats]  # the model's per-epoch stats
     classes: list[str] | None
     dataset_version: str
     test_samples: int
@@ -561,16 +570,41 @@ class Evaluation:
         for lat in self.latency:
             m[f"latency_ms_b{lat.batch_size}_fp32"] = lat.fp32_ms
             m[f"latency_ms_b{lat.batch_size}_int8"] = lat.int8_ms
-        s = self.sizes
-        m.update(
-            model_size_bytes_fp32=s.weights_fp32,
-            model_size_bytes_int8=s.weights_int8,
-            model_file_bytes_fp32=s.file_fp32,
-            model_file_bytes_int8=s.file_int8,
-            model_state_dict_bytes_fp32=s.state_dict_fp32,
-            size_ratio_int8=s.ratio,
-        )
+        m.update(self._size_metrics())
         m[f"{metric}_drop_int8"] = self.metric_drop
+        m.update(self._speed_metrics())
+        m.update(self._quantize_metrics())
+        train = asdict(self.train)
+        for f in fields(TrainEfficiency):
+            m[f"train_{f.name}"] = train[f.name]
+        m.update(dataset_version=self.dataset_version, test_samples=self.test_samples)
+        if self.is_classification:
+            m["min_accuracy"] = self.min_value  # the bar's classification name
+        if self.search.enabled:
+            m["tune_trials"] = self.search.summary.trials_total
+            m["tune_best_value"] = self.search.summary.best_value
+        # The primary metric, the bar, the other results of both models, scoring throughput.
+        m.update(metric=metric, min_value=self.min_value, dataset_kind=self.kind)
+        m.update(self._other_results())
+        if self.copy_baseline is not None:
+            m["beat_copy_baseline"] = self.beat_copy_baseline
+        m["promoted"] = is_promotable(m, self.min_value) if promoted else False
+        return m
+
+    def _size_metrics(self) -> dict[str, Any]:
+        s = self.sizes
+        return {
+            "model_size_bytes_fp32": s.weights_fp32,
+            "model_size_bytes_int8": s.weights_int8,
+            "model_file_bytes_fp32": s.file_fp32,
+            "model_file_bytes_int8": s.file_int8,
+            "model_state_dict_bytes_fp32": s.state_dict_fp32,
+            "size_ratio_int8": s.ratio,
+        }
+
+    def _speed_metrics(self) -> dict[str, Any]:
+        """Per latency batch size: int8/fp32 time, samples/s and (text) tokens/s of both."""
+        m: dict[str, Any] = {}
         for lat in self.latency:
             b = lat.batch_size
             m[f"latency_ratio_b{b}_int8"] = lat.ratio
@@ -580,42 +614,39 @@ class Evaluation:
                 m[f"latency_tokens_b{b}"] = lat.tokens
                 m[f"tokens_per_second_b{b}_fp32"] = lat.tokens_per_second("fp32")
                 m[f"tokens_per_second_b{b}_int8"] = lat.tokens_per_second("int8")
-        for c in self.quantization.get("candidates", []):
-            key = c["name"].replace("/", "_")
+        return m
+
+    def _quantize_metrics(self) -> dict[str, Any]:
+        """Every candidate's measurements (``quant_<name>_<field>``) and what was kept."""
+        m: dict[str, Any] = {}
+        for c in self.quantization.candidates:
+            key = c.name.replace("/", "_")
             for name in CANDIDATE_METRICS:
-                if c.get(name) is not None:
-                    m[f"quant_{key}_{name}"] = c[name]
+                if getattr(c, name) is not None:
+                    m[f"quant_{key}_{name}"] = getattr(c, name)
         q = self.quantization
         m.update(
-            quantize_method=q["method"],
-            quantize_candidate=q["name"],
-            quantize_runtime=q["runtime"],
-            quantize_decision=q["decision"],
+            quantize_method=q.method,
+            quantize_candidate=q.name,
+            quantize_runtime=q.runtime,
+            quantize_decision=q.decision,
             latency_threads=self.latency_threads,
         )
-        train = asdict(self.train)
-        for f in fields(TrainEfficiency):
-            m[f"train_{f.name}"] = train[f.name]
-        m.update(dataset_version=self.dataset_version, test_samples=self.test_samples)
-        if self.is_classification:
-            m["min_accuracy"] = self.min_value  # the bar's classification name, as before
-        if self.search.enabled:
-            m["tune_trials"] = self.search.summary["trials_total"]
-            m["tune_best_value"] = self.search.summary["best_value"]
-        # The primary metric, the bar, the other results of both models, scoring throughput.
-        m.update(metric=metric, min_value=self.min_value, dataset_kind=self.kind)
+        return m
+
+    def _other_results(self) -> dict[str, Any]:
+        """Both models' results beside the primary metric (a baseline once), and their
+        scoring throughput."""
+        m: dict[str, Any] = {}
         for name, scores in (("fp32", self.fp32), ("int8", self.int8)):
             for key, value in scores.scalars().items():
-                if key == metric:
+                if key == self.metric:
                     continue
                 if key.startswith(_BASELINE_PREFIX):
                     m.setdefault(key, value)  # the same for both models: once
                 else:
                     m[f"test_{key}_{name}"] = value
             m[f"test_samples_per_second_{name}"] = scores.samples_per_second
-        if self.copy_baseline is not None:
-            m["beat_copy_baseline"] = self.beat_copy_baseline
-        m["promoted"] = is_promotable(m, self.min_value) if promoted else False
         return m
 
     def to_details(self) -> dict[str, Any]:
@@ -633,10 +664,10 @@ class Evaluation:
             "values_int8": self.int8.values,
             "examples_fp32": self.fp32.examples,
             "examples_int8": self.int8.examples,
-            "history": self.history,
-            "tuning": self.search.summary,
-            "quantization": self.quantization,
-            "trials": self.search.trials,
+            "history": [s.to_json() for s in self.history],
+            "tuning": self.search.summary.to_json(),
+            "quantization": self.quantization.to_json(),
+            "trials": [t.to_json() for t in self.search.trials],
         }
 
     def save(self, directory: str | Path, report_html: str) -> None:
@@ -664,64 +695,67 @@ class Evaluation:
         """The evaluation in ``directory`` (metrics.json and details.json)."""
         path = Path(directory)
         m = cls.load_metrics(path)
-        d = read_json(path / EVAL_DETAILS)
-        batches = [int(b) for b in re.findall(r"latency_ms_b(\d+)_fp32", " ".join(m))]
-        metric = m.get("metric", "accuracy")
+        details = path / EVAL_DETAILS
+        d = read_json(details)
+        metric = m["metric"]
 
-        def scores(name: str) -> ModelScores:
-            values = d.get(f"values_{name}")
-            if values is None:  # written before values were kept
-                values = {
-                    "accuracy": m[f"test_accuracy_{name}"],
-                    "per_class_accuracy": d[
-                        f"per_class_accuracy{'' if name == 'fp32' else '_int8'}"
-                    ],
-                    "confusion_matrix": d[f"confusion_matrix{'' if name == 'fp32' else '_int8'}"],
-                }
-            return ModelScores(
-                metric, values, d.get(f"examples_{name}") or [],
-                m.get(f"test_samples_per_second_{name}"),
+        def scores(name: str) -> Scores:
+            return Scores(
+                metric, d[f"values_{name}"], d[f"examples_{name}"],
+                samples_per_second=m.get(f"test_samples_per_second_{name}"),
             )  # fmt: skip
 
+        search = SearchResult(
+            SearchSummary.parse(d["tuning"], details),
+            [Trial.parse(trial, details) for trial in d["trials"]],
+        )
         return cls(
             fp32=scores("fp32"),
             int8=scores("int8"),
-            latency=[
-                Latency(
-                    b,
-                    m[f"latency_ms_b{b}_fp32"],
-                    m[f"latency_ms_b{b}_int8"],
-                    m.get(f"latency_tokens_b{b}", 0),
-                )
-                for b in batches
-            ],
+            latency=_latencies(m),
             latency_threads=m["latency_threads"],
             sizes=Sizes(
-                weights_fp32=m["model_size_bytes_fp32"],
-                weights_int8=m["model_size_bytes_int8"],
-                file_fp32=m["model_file_bytes_fp32"],
-                file_int8=m["model_file_bytes_int8"],
-                state_dict_fp32=m["model_state_dict_bytes_fp32"],
+                m["model_size_bytes_fp32"],
+                m["model_size_bytes_int8"],
+                m["model_file_bytes_fp32"],
+                m["model_file_bytes_int8"],
+                m["model_state_dict_bytes_fp32"],
             ),
-            train=TrainEfficiency(
-                **{f.name: m.get(f"train_{f.name}") for f in fields(TrainEfficiency)}
-            ),
-            quantization=d["quantization"],
-            search=SearchResult(d["tuning"], d["trials"]),
-            history=d["history"],
+            train=TrainEfficiency(**_train_fields(m)),
+            quantization=QuantInfo.parse(d["quantization"], details),
+            search=search,
+            history=[EpochStats.parse(s, details) for s in d["history"]],
             classes=d["classes"],
             dataset_version=m["dataset_version"],
             test_samples=m["test_samples"],
-            min_value=m.get("min_value", m.get("min_accuracy")),
-            kind=m.get("dataset_kind", d.get("kind", "tabular")),
+            min_value=m["min_value"],
+            kind=m["dataset_kind"],
             beat_copy_baseline=m.get("beat_copy_baseline", True),
         )
 
 
+def _latencies(metrics: dict[str, Any]) -> list[Latency]:
+    """The latency rows of a metrics.json, one per batch size it was measured at."""
+    batches = [int(b) for b in re.findall(r"latency_ms_b(\d+)_fp32", " ".join(metrics))]
+    return [
+        Latency(
+            b,
+            metrics[f"latency_ms_b{b}_fp32"],
+            metrics[f"latency_ms_b{b}_int8"],
+            metrics.get(f"latency_tokens_b{b}", 0),
+        )
+        for b in batches
+    ]
+
+
+def _train_fields(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``TrainEfficiency``'s fields from a metrics.json (``train_<field>`` keys)."""
+    return {f.name: metrics.get(f"train_{f.name}") for f in fields(TrainEfficiency)}
+
+
 def primary_values(metrics: dict[str, Any]) -> tuple[str, float, float]:
-    """``(metric, fp32 value, int8 value)`` of a metrics.json (``accuracy`` if it names none:
-    written by an older version)."""
-    metric = metrics.get("metric", "accuracy")
+    """``(metric, fp32 value, int8 value)`` of a metrics.json."""
+    metric = metrics["metric"]
     return metric, metrics[f"test_{metric}_fp32"], metrics[f"test_{metric}_int8"]
 
 

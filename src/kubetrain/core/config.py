@@ -33,7 +33,7 @@ class Section(BaseModel):
         """Refuse what pydantic would otherwise convert without a word: ``true`` for a number
         (``train.epochs=true`` would train 1 epoch), ``1`` or ``"yes"`` for a switch, and
         inf/nan anywhere (``train.lr=.inf``, a ``.nan`` in a search-space list)."""
-        annotation = cls.model_fields[info.field_name].annotation
+        annotation = cls.model_fields[str(info.field_name)].annotation
         kinds = _union_members(annotation)
         if bool in kinds:
             if value is not None and not isinstance(value, bool):

@@ -11,6 +11,7 @@ a process that is still running -- on this host or, on a shared volume, on anoth
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -18,7 +19,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def _mount_point(directory: Path) -> Path:
     return path
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place.
 
     Args:
@@ -154,6 +155,35 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, replace: bool = True) -> Iterator[Path]:
+    """A temporary directory beside ``path`` for the caller to fill; when the block ends without
+    an error it becomes ``path``, else it is removed: a reader never sees a half-written one.
+
+    Args:
+        path: the directory to make.
+        replace: replace an existing ``path`` (else keep it: another process made it first).
+
+    Yields:
+        The temporary directory (on ``path``'s file system, so the final rename is atomic).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if replace and path.exists():
+            shutil.rmtree(path)
+        umask_mode(tmp)  # mkdtemp's 0700: the directory is shared like the files in it
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if replace or not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed
 
 
 def clean_stale_files(directory: Path) -> int:
@@ -214,7 +244,7 @@ def clean_stale_temp_dirs(root: str | Path | None = None) -> list[Path]:
         The directories removed. Ones that cannot be removed (another user's) are left alone.
     """
     root = Path(root or tempfile.gettempdir())
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(root))
     except OSError:

@@ -57,7 +57,11 @@ def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     prctl = _prctl()
     if prctl is None:
         return None
-    return lambda: prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    def ask() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return ask
 
 
 def descendants() -> list[Any]:

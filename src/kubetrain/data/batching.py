@@ -77,17 +77,20 @@ def padding_counts(batch: dict[str, torch.Tensor], pad_id: int) -> tuple[int, in
     return padding, total
 
 
-def cut(lengths: Sequence[tuple[int, ...]], batch_size: int | None, batch_tokens: int | None):
+def cut(
+    lengths: Sequence[tuple[int, ...]], batch_size: int | None, batch_tokens: int | None
+) -> list[list[int]]:
     """Index groups of consecutive (sorted) samples: at most ``batch_size`` samples each, or
     each within ``batch_tokens`` padded tokens (a longer sample alone)."""
-    groups, current, longest = [], [], None
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest: tuple[int, ...] | None = None
     for i, lens in enumerate(lengths):
         grown = lens if longest is None else tuple(map(max, longest, lens))
-        fits = (
-            len(current) < batch_size
-            if batch_tokens is None
-            else (len(current) + 1) * sum(grown) <= batch_tokens
-        )
+        if batch_tokens is None:
+            fits = len(current) < (batch_size or 1)
+        else:
+            fits = (len(current) + 1) * sum(grown) <= batch_tokens
         if current and not fits:
             groups.append(current)
             current, grown = [], lens

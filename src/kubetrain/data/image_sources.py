@@ -294,8 +294,9 @@ def _list_tar(url: str, storage_options: Mapping[str, Any] | None) -> tuple[list
             compressed = not url.lower().endswith(".tar")
             for member in _members(tar):
                 key, _, ext = _split_key(member.name)
-                if ext.lower() in LABEL_EXTENSIONS:
-                    labels[key] = tar.extractfile(member).read().decode().strip()
+                member_file = tar.extractfile(member)
+                if ext.lower() in LABEL_EXTENSIONS and member_file is not None:
+                    labels[key] = member_file.read().decode().strip()
                 elif ("." + ext.lower()) in IMAGE_SUFFIXES and key not in images:
                     images[key] = (member.name, member.offset_data, member.size)
     except FileNotFoundError:
@@ -307,13 +308,13 @@ def _list_tar(url: str, storage_options: Mapping[str, Any] | None) -> tuple[list
         # plain tars (as WebDataset writes them).
         raise DataError(f"data error: {url}: compressed tar shards are not supported; use .tar")
     refs = []
-    for key, (member, offset, size) in images.items():
+    for key, (name, offset, size) in images.items():
         if key not in labels:
             raise DataError(
-                f"data error: {url}::{member}: no label member "
+                f"data error: {url}::{name}: no label member "
                 f"({' or '.join(f'{key}.{e}' for e in LABEL_EXTENSIONS)})"
             )
-        refs.append(ImageRef(url, labels[key], offset, size, member))
+        refs.append(ImageRef(url, labels[key], offset, size, name))
     return refs, stamp
 
 

@@ -100,7 +100,7 @@ def convert_image(
         with warnings.catch_warnings():
             if max_pixels is not None:  # checked below, with a line naming the setting
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
+            img: Image.Image = Image.open(io.BytesIO(data))  # reads the header only
         fmt = img.format
         if max_pixels is not None and img.width * img.height > max_pixels:
             raise ImageDecodeError(
@@ -458,7 +458,7 @@ def _manifest(
             f"data error: {cfg.source}: none of its {len(refs)} images decodes "
             f"(e.g. {skipped[0][0]}: {skipped[0][1]})"
         )
-    total = Counter()
+    total: Counter[str] = Counter()
     for c in counts.values():
         total.update(c)
     for class_id, name in enumerate(classes):

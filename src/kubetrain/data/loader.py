@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
+from typing import cast
 
 import numpy as np
 import torch
@@ -93,9 +94,11 @@ class GlobalBatchSampler(Sampler):
         self.accum = accum
         self.epoch = 0
         self.start_step = 0  # first step to yield (resuming mid-epoch)
-        self._sampler = DistributedSampler(
-            range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
-        )
+        # The sampler only needs the dataset's length: a range of the sample indices.
+        self._sampler: DistributedSampler[int] = DistributedSampler(
+            cast("Dataset[int]", range(num_samples)),
+            num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+        )  # fmt: skip
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -110,7 +113,7 @@ class GlobalBatchSampler(Sampler):
         s = self._sampler
         g = torch.Generator()
         g.manual_seed(s.seed + s.epoch)
-        perm = torch.randperm(len(s.dataset), generator=g)
+        perm = torch.randperm(len(cast("Sized", s.dataset)), generator=g)
         padding = s.total_size - len(perm)
         if padding > 0:
             perm = torch.cat([perm, perm.repeat(-(-padding // len(perm)))[:padding]])

@@ -182,7 +182,7 @@ class ShardWriter:
         self._pending_bytes += sum(
             len(v) if kinds[k] == "bytes" else getattr(v, "nbytes", 8) for k, v in record.items()
         )
-        if self.label_column in record:
+        if self.label_column is not None and self.label_column in record:
             self.class_counts[str(record[self.label_column])] += 1
         if len(self._pending) >= self.max_samples or self._pending_bytes >= self.max_bytes:
             self.flush()

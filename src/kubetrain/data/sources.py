@@ -233,6 +233,7 @@ def _align_columns(parts: list[_Part]) -> list[_Part]:
                 )
             aligned.append(part)
             continue
+        assert first.columns is not None and part.columns is not None  # both named here
         missing = [c for c in first.columns if c not in part.columns]
         if missing:
             raise DataError(

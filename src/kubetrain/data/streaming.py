@@ -80,7 +80,8 @@ class _ShuffleBuffer:
     items went in: replaying it on positions gives the same order as running it on records."""
 
     def __init__(self, size: int, rng: np.random.Generator) -> None:
-        self.size, self.rng, self.items = size, rng, []
+        self.size, self.rng = size, rng
+        self.items: list[Any] = []
 
     def push(self, item: Any) -> Any | None:
         """Add ``item``; once full, return a random earlier item in its place (else None)."""

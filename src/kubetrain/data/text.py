@@ -37,9 +37,7 @@ import csv
 import functools
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetrain.core.errors import ConfigError, DataError
-from kubetrain.core.io import umask_mode
+from kubetrain.core.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -379,12 +377,12 @@ def _fit_tokenizer(cfg, stats: ReadStats) -> tuple[Any, list[str] | None]:
     # the classes and feeds the training split's text to the tokenizer trainer.
     def train_texts() -> Iterator[str]:
         for ex in iter_examples(cfg, stats):
-            if is_cls:
+            if is_cls and ex.other is not None:
                 classes[ex.other] += 1
             if ex.split == "train":
                 yield ex.text
-                if not is_cls:  # one vocabulary for both sides of a pair (tied embeddings)
-                    yield ex.other
+                if not is_cls and ex.other is not None:  # one vocabulary for both sides
+                    yield ex.other  # of a pair (tied embeddings)
 
     if cfg.tokenizer.path:
         tok = tokenize.load_tokenizer(cfg.tokenizer.path)
@@ -404,7 +402,7 @@ def _tokenize(
     is_cls = class_list is not None
     label_index = {c: i for i, c in enumerate(class_list or [])}
     examples = (
-        (ex.split, ex.row, ex.text, label_index[ex.other] if is_cls else ex.other)
+        (ex.split, ex.row, ex.text, label_index[str(ex.other)] if is_cls else ex.other)
         for ex in iter_examples(cfg, ReadStats())
     )
     start = time.perf_counter()
@@ -534,16 +532,7 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
             _empty(out)
             raise
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_directory(out) as tmp:
             meta = _write_dataset(cfg, tok, tmp, special, class_list, stats, num_processes)
-            if out.exists():
-                shutil.rmtree(out)
-            umask_mode(tmp)  # mkdtemp's 0700: the dataset directory is shared like its files
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     _warn_counts(cfg.source, meta)
     return meta

@@ -72,6 +72,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig):
 
     specials = list(SPECIAL_TOKENS.values())
     unk = SPECIAL_TOKENS["unk"]
+    trainer: trainers.Trainer
     if cfg.kind == "bpe":
         tok = tk.Tokenizer(models.BPE(unk_token=unk))
         tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()

@@ -107,7 +107,7 @@ def build_one(spec: Mapping[str, Any], where: str, defaults: Mapping[str, Any] |
         )
     raw = dict(spec.get("kwargs") or {})
     kwargs = {k: _argument(k, v, f"{where}.kwargs.{k}", defaults or {}) for k, v in raw.items()}
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters
     for key, value in (defaults or {}).items():
         if key in params and key not in kwargs:
             kwargs[key] = value

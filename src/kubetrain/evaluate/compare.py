@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -12,8 +13,8 @@ from kubetrain.core.artifacts import (
     DatasetArtifact,
     Evaluation,
     Latency,
-    ModelScores,
     QuantizedModel,
+    Scores,
     SearchResult,
     Sizes,
     TrainedModel,
@@ -39,7 +40,7 @@ def warm_up(model: nn.Module, task: Task) -> None:
             model(*inputs)
 
 
-def score(model: nn.Module, task: Task, metric: str | None = None) -> ModelScores:
+def score(model: nn.Module, task: Task, metric: str | None = None) -> Scores:
     """The task's scores of ``model`` on the test split, with ``metric`` as the primary
     metric (default: the task's); its scoring throughput is that of one pass over the split
     after ``warm_up``.
@@ -55,12 +56,7 @@ def score(model: nn.Module, task: Task, metric: str | None = None) -> ModelScore
             f"evaluate: the {task.kind} task reports no {metric!r} (it has: "
             f"{', '.join(sorted(scores.values))})"
         )
-    return ModelScores(
-        metric=metric,
-        values=scores.values,
-        examples=scores.examples,
-        samples_per_second=scores.samples / scores.seconds if scores.seconds else None,
-    )
+    return replace(scores, metric=metric)
 
 
 def latencies(fp32: nn.Module, int8: nn.Module, task: Task, cfg: EvaluateConfig) -> list[Latency]:
@@ -75,7 +71,7 @@ def latencies(fp32: nn.Module, int8: nn.Module, task: Task, cfg: EvaluateConfig)
             {"fp32": fp32, "int8": int8}, inputs, None, batch, cfg.latency_repeats
         )
         out.append(
-            Latency(batch, lat["fp32"]["median"], lat["int8"]["median"], lat["fp32"]["tokens"])
+            Latency(batch, lat["fp32"]["median"], lat["int8"]["median"], int(lat["fp32"]["tokens"]))
         )
     return out
 
@@ -84,10 +80,10 @@ def sizes(quantized: QuantizedModel, model_dir: Path) -> Sizes:
     """Weight and file bytes of both models, as the quantize step measured them."""
     info = quantized.info
     return Sizes(
-        weights_fp32=info["fp32_size_bytes"],
-        weights_int8=info["size_bytes"],
-        file_fp32=info["fp32_file_bytes"],
-        file_int8=info["file_bytes"],
+        weights_fp32=info.fp32_size_bytes or 0,
+        weights_int8=info.size_bytes or 0,
+        file_fp32=info.fp32_file_bytes or 0,
+        file_int8=info.file_bytes or 0,
         state_dict_fp32=(model_dir / MODEL_WEIGHTS).stat().st_size,
     )
 
@@ -142,9 +138,9 @@ def evaluate(
         quantization=quantized.info,
         search=search,
         history=trained.history,
-        classes=data.meta.get("classes"),
+        classes=data.meta.classes,
         dataset_version=data.version,
-        test_samples=data.meta["sizes"]["test"],
+        test_samples=data.meta.num_samples("test"),
         min_value=cfg.bar(data.kind) if min_value is None else min_value,
         kind=data.kind,
         beat_copy_baseline=cfg.beat_copy_baseline,

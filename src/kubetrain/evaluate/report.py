@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt
 from kubetrain.evaluate.config import WARMUP_BATCH, WARMUP_CALLS
 
 if TYPE_CHECKING:
-    from kubetrain.core.artifacts import Evaluation, ModelScores, TrainEfficiency
+    from kubetrain.core.artifacts import Evaluation, Scores, TrainEfficiency
+    from kubetrain.core.records import Candidate, EpochStats, SearchSummary, Trial
 
 
 def _png(fig) -> str:
@@ -27,15 +28,15 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _curves(history: list[dict], metric: str = "accuracy") -> str:
-    epochs = [h["epoch"] for h in history]
+def _curves(history: list[EpochStats], metric: str = "accuracy") -> str:
+    epochs = [h.epoch for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
-    ax1.plot(epochs, [h["val_loss"] for h in history], marker="o", label="val loss")
+    ax1.plot(epochs, [h.train_loss for h in history], marker="o", label="train loss")
+    ax1.plot(epochs, [h.val_loss for h in history], marker="o", label="val loss")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("cross-entropy")
     ax1.legend()
-    ax2.plot(epochs, [h.get("val_accuracy") for h in history], marker="o", color="tab:green")
+    ax2.plot(epochs, [h.val_accuracy for h in history], marker="o", color="tab:green")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel(f"validation {metric}")
     for ax in (ax1, ax2):
@@ -43,9 +44,9 @@ def _curves(history: list[dict], metric: str = "accuracy") -> str:
     return _png(fig)
 
 
-def _efficiency(history: list[dict]) -> str:
+def _efficiency(history: list[EpochStats]) -> str:
     """Per epoch: step time split, throughput and data wait, CPU and memory of every rank."""
-    epochs = [h["epoch"] for h in history]
+    epochs = [h.epoch for h in history]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.4))
     bottom = [0.0] * len(history)
     for key, label in (
@@ -53,34 +54,34 @@ def _efficiency(history: list[dict]) -> str:
         ("compute_seconds", "forward+backward"),
         ("optimizer_seconds", "optimizer"),
     ):
-        per_step = [1e3 * h.get(key, 0.0) * h["step_seconds"] / max(h["epoch_seconds"], 1e-12)
+        per_step = [1e3 * getattr(h, key) * h.step_seconds / max(h.epoch_seconds, 1e-12)
                     for h in history]  # fmt: skip
         ax1.bar(epochs, per_step, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, per_step, strict=True)]
-    comm = [1e3 * h.get("comm_seconds", 0.0) * h["step_seconds"] / max(h["epoch_seconds"], 1e-12)
+    comm = [1e3 * h.comm_seconds * h.step_seconds / max(h.epoch_seconds, 1e-12)
             for h in history]  # fmt: skip
     if any(comm):
         ax1.plot(epochs, comm, color="black", marker=".", label="all-reduce (overlaps)")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("ms per step")
     ax1.legend(fontsize=8)
-    ax2.plot(epochs, [h["samples_per_second"] for h in history], marker="o", label="samples/s")
+    ax2.plot(epochs, [h.samples_per_second for h in history], marker="o", label="samples/s")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("samples/s")
     twin = ax2.twinx()
-    twin.plot(epochs, [100 * h["data_wait_share"] for h in history], color="tab:red", marker=".")
+    twin.plot(epochs, [100 * h.data_wait_share for h in history], color="tab:red", marker=".")
     twin.set_ylabel("data-wait share (%)", color="tab:red")
-    ranks = max((len(h.get("rank_cpu_percent") or []) for h in history), default=0)
+    ranks = max((len(h.rank_cpu_percent) for h in history), default=0)
     for r in range(ranks):
         ax3.plot(
-            epochs, [h["rank_cpu_percent"][r] for h in history], marker=".", label=f"rank {r} CPU %"
+            epochs, [h.rank_cpu_percent[r] for h in history], marker=".", label=f"rank {r} CPU %"
         )
     ax3.set_xlabel("epoch")
     ax3.set_ylabel("CPU % (100 = one core)")
     if ranks:
         mem = ax3.twinx()
         for r in range(ranks):
-            mem.plot(epochs, [h["rank_peak_rss_mib"][r] for h in history], ls="--",
+            mem.plot(epochs, [h.rank_peak_rss_mib[r] for h in history], ls="--",
                      label=f"rank {r} peak MiB")  # fmt: skip
         mem.set_ylabel("peak memory (MiB, dashed)")
         ax3.legend(fontsize=8, loc="lower left")
@@ -111,22 +112,23 @@ def _efficiency_rows(t: TrainEfficiency) -> list[tuple[str, Any]]:
     return [(k, [round(x, 1) for x in v] if isinstance(v, list) else v) for k, v in rows]
 
 
-def _trials(trials: list[dict], goal: str, objective: str = "objective") -> str:
+def _trials(trials: list[Trial], goal: str, objective: str = "objective") -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     colours = {"complete": "tab:blue", "pruned": "tab:orange", "fail": "tab:red"}
-    best, best_line = None, []
+    best: float | None = None
+    best_line: list[float | None] = []
     for t in trials:
-        value = t["value"] if t["value"] is not None else (t["curve"][-1] if t["curve"] else None)
+        value = t.value if t.value is not None else (t.curve[-1] if t.curve else None)
         if value is not None:
-            ax1.scatter(t["number"], value, color=colours.get(t["state"], "grey"), label=t["state"])
-        if t["state"] == "complete":
+            ax1.scatter(t.number, value, color=colours.get(t.state, "grey"), label=t.state)
+        if t.state == "complete" and value is not None:
             better = best is None or (value > best if goal == "maximize" else value < best)
             best = value if better else best
         best_line.append(best)
-        if t["curve"]:
-            ax2.plot(range(1, len(t["curve"]) + 1), t["curve"], color=colours.get(t["state"], "grey"),
+        if t.curve:
+            ax2.plot(range(1, len(t.curve) + 1), t.curve, color=colours.get(t.state, "grey"),
                      alpha=0.7)  # fmt: skip
-    ax1.plot([t["number"] for t in trials], best_line, color="black", lw=1, label="best so far")
+    ax1.plot([t.number for t in trials], best_line, color="black", lw=1, label="best so far")
     handles, labels = ax1.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=False))
     ax1.legend(unique.values(), unique.keys())
@@ -139,13 +141,13 @@ def _trials(trials: list[dict], goal: str, objective: str = "objective") -> str:
     return _png(fig)
 
 
-def _search_summary(trials: list[dict], importance: dict[str, float]) -> str:
+def _search_summary(trials: list[Trial], importance: dict[str, float]) -> str:
     """Pruned vs completed (trials and the epochs they spent) and parameter importance."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.0))
     states = ["complete", "pruned", "fail"]
     colours = ["tab:blue", "tab:orange", "tab:red"]
-    counts = [sum(t["state"] == s for t in trials) for s in states]
-    epochs = [sum(len(t["curve"]) for t in trials if t["state"] == s) for s in states]
+    counts = [sum(t.state == s for t in trials) for s in states]
+    epochs = [sum(len(t.curve) for t in trials if t.state == s) for s in states]
     xs = range(len(states))
     ax1.bar([x - 0.2 for x in xs], counts, width=0.4, color=colours, label="trials")
     ax1b = ax1.twinx()
@@ -165,26 +167,26 @@ def _search_summary(trials: list[dict], importance: dict[str, float]) -> str:
     return _png(fig)
 
 
-def search_section(tuning: dict[str, Any], trials: list[dict]) -> str:
+def search_section(tuning: SearchSummary, trials: list[Trial]) -> str:
     """HTML of a search: summary line, plots and the trials table."""
-    objective = tuning.get("objective", tuning["metric"])
+    objective = tuning.objective or tuning.metric or "objective"
     html_parts = [
-        f"<p>{tuning['trials_total']} trials ({tuning['trials_complete']} complete, "
-        f"{tuning['trials_pruned']} stopped early, {tuning['trials_failed']} failed; "
-        f"{tuning.get('trial_epochs_total', '?')} trial-epochs) with "
-        f"<code>{html.escape(tuning['algorithm'])}</code>; best {html.escape(objective)} "
-        f"{tuning['best_value']:.4f} at trial {tuning['best_trial']}: "
-        f"<code>{html.escape(str(tuning['best_params']))}</code></p>",
-        f"<img src='{_trials(trials, tuning['goal'], objective)}' alt='objective vs trial'>",
-        f"<img src='{_search_summary(trials, tuning.get('param_importance') or {})}' "
+        f"<p>{tuning.trials_total} trials ({tuning.trials_complete} complete, "
+        f"{tuning.trials_pruned} stopped early, {tuning.trials_failed} failed; "
+        f"{'?' if tuning.trial_epochs_total is None else tuning.trial_epochs_total} trial-epochs) with "
+        f"<code>{html.escape(tuning.algorithm or '')}</code>; best {html.escape(objective)} "
+        f"{tuning.best_value or float('nan'):.4f} at trial {tuning.best_trial}: "
+        f"<code>{html.escape(str(tuning.best_params))}</code></p>",
+        f"<img src='{_trials(trials, tuning.goal or 'maximize', objective)}' alt='objective vs trial'>",
+        f"<img src='{_search_summary(trials, tuning.param_importance or {})}' "
         "alt='pruned vs completed, parameter importance'>",
     ]
     rows = "".join(
-        f"<tr><td>{t['number']}</td><td>{t['state']}</td>"
-        f"<td>{_objective(t['value'])}</td>"
-        f"<td>{len(t['curve'])}</td><td>{t.get('world_size') or ''}</td>"
-        f"<td><code>{html.escape(str(t['params']))}</code></td>"
-        f"<td>{html.escape(t.get('error') or '')}</td></tr>"
+        f"<tr><td>{t.number}</td><td>{t.state}</td>"
+        f"<td>{_objective(t.value)}</td>"
+        f"<td>{len(t.curve)}</td><td>{t.world_size or ''}</td>"
+        f"<td><code>{html.escape(str(t.params))}</code></td>"
+        f"<td>{html.escape(t.error or '')}</td></tr>"
         for t in trials
     )
     html_parts.append(
@@ -194,19 +196,19 @@ def search_section(tuning: dict[str, Any], trials: list[dict]) -> str:
     return "".join(html_parts)
 
 
-def render_search(tuning: dict[str, Any], trials: list[dict]) -> str:
+def render_search(tuning: SearchSummary, trials: list[Trial]) -> str:
     """The tune step's own HTML page."""
     return _page(
         "kubetrain search report", "<h1>kubetrain search</h1>" + search_section(tuning, trials)
     )
 
 
-def _quant_table(candidates: list[dict[str, Any]], metric: str = "accuracy") -> str:
+def _quant_table(candidates: list[Candidate], metric: str = "accuracy") -> str:
     """Every quantization tried: size, latency, throughput (tokens/s for text), the primary
     metric on validation, verdict."""
     if not candidates:
         return ""
-    tokens = any(c.get("tokens_per_second_b64") for c in candidates)
+    tokens = any(c.tokens_per_second_b64 for c in candidates)
     head = (
         f"<tr><th>candidate</th><th>val {html.escape(metric)}</th><th>drop</th>"
         "<th>size (bytes)</th><th>× fp32</th><th>batch 1 (ms)</th><th>batch 64 (ms)</th>"
@@ -219,20 +221,20 @@ def _quant_table(candidates: list[dict[str, Any]], metric: str = "accuracy") -> 
         return "" if v is None else format(v, fmt)
 
     rows = "".join(
-        f"<tr><td>{html.escape(c['name'])}</td>"
-        f"<td>{num(c.get('val_metric', c.get('val_accuracy')), '.4f')}</td>"
-        f"<td>{num(c.get('accuracy_drop'), '+.4f')}</td><td>{num(c.get('size_bytes'), 'd')}</td>"
-        f"<td>{num(c.get('size_ratio'), '.2f')}</td><td>{num(c.get('latency_ms_b1'), '.3f')}</td>"
-        f"<td>{num(c.get('latency_ms_b64'), '.3f')}</td>"
-        f"<td>{num(c.get('latency_ratio_b64'), '.2f')}</td>"
-        f"<td>{num(c.get('samples_per_second_b64'), '.0f')}</td>"
+        f"<tr><td>{html.escape(c.name)}</td>"
+        f"<td>{num(c.val_metric, '.4f')}</td>"
+        f"<td>{num(c.accuracy_drop, '+.4f')}</td><td>{num(c.size_bytes, 'd')}</td>"
+        f"<td>{num(c.size_ratio, '.2f')}</td><td>{num(c.latency_ms_b1, '.3f')}</td>"
+        f"<td>{num(c.latency_ms_b64, '.3f')}</td>"
+        f"<td>{num(c.latency_ratio_b64, '.2f')}</td>"
+        f"<td>{num(c.samples_per_second_b64, '.0f')}</td>"
         + (
-            f"<td>{num(c.get('tokens_per_second_b1'), '.0f')}</td>"
-            f"<td>{num(c.get('tokens_per_second_b64'), '.0f')}</td>"
+            f"<td>{num(c.tokens_per_second_b1, '.0f')}</td>"
+            f"<td>{num(c.tokens_per_second_b64, '.0f')}</td>"
             if tokens
             else ""
         )
-        + f"<td>{html.escape(c.get('verdict', ''))}</td></tr>"
+        + f"<td>{html.escape(c.verdict or '')}</td></tr>"
         for c in candidates
     )
     return f"<table>{head}{rows}</table>"
@@ -256,10 +258,15 @@ def _page(title: str, body: str) -> str:
 
 def _compare(e: Evaluation) -> str:
     by_batch = {lat.batch_size: lat for lat in e.latency}
-    panels = [(f"test {e.metric}", e.fp32.value, e.int8.value)]
+    panels: list[tuple[str, float | None, float | None]] = [
+        (f"test {e.metric}", e.fp32.value, e.int8.value)
+    ]
     for batch in (1, 64):
         lat = by_batch.get(batch)
-        panels.append((f"latency batch {batch} (ms)", lat and lat.fp32_ms, lat and lat.int8_ms))
+        panels.append(
+            (f"latency batch {batch} (ms)", lat.fp32_ms if lat else None,
+             lat.int8_ms if lat else None)
+        )  # fmt: skip
     panels.append(("size (KiB)", e.sizes.weights_fp32 / 1024, e.sizes.weights_int8 / 1024))
     fig, axes = plt.subplots(1, 4, figsize=(12, 3))
     for ax, (title, *values) in zip(axes, panels, strict=True):
@@ -305,12 +312,12 @@ def _confusion(matrix: list[list[int]], classes: list[str]) -> str:
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             if v:
-                ax.text(j, i, v, ha="center", va="center", fontsize=8,
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
                         color="white" if v > peak / 2 else "black")  # fmt: skip
     return _png(fig)
 
 
-def per_class_section(scores: ModelScores, classes: list[str]) -> str:
+def per_class_section(scores: Scores, classes: list[str]) -> str:
     """The confusion matrix (the classes with most errors when there are many) and per-class
     accuracy of a classification model; empty for other tasks."""
     matrix = scores.confusion_matrix
@@ -333,7 +340,7 @@ def metrics_table(e: Evaluation) -> str:
     """Every single-number result of both models side by side (primary metric first), the
     scoring throughput and, for seq2seq, the copy-the-source baseline."""
     fp32, int8 = e.fp32.scalars(), e.int8.scalars()
-    rows = []
+    rows: list[tuple[str, float | None, float | None]] = []
     for name, value in fp32.items():
         if name.startswith("copy_baseline_"):
             continue
@@ -473,7 +480,7 @@ def render(e: Evaluation, data_notes: list[str] | tuple[str, ...] = ()) -> str:
         (f"test {e.metric} fp32", e.fp32.value),
         (f"test {e.metric} int8", e.int8.value),
         *([(f"copy-the-source {e.metric}", baseline)] if baseline is not None else []),
-        ("quantization", e.quantization["method"]),
+        ("quantization", e.quantization.method),
         ("model size fp32 / int8 (bytes)", f"{e.sizes.weights_fp32} / {e.sizes.weights_int8}"),
         *latency,
         ("training time (s)", t.seconds),
@@ -509,9 +516,9 @@ def render(e: Evaluation, data_notes: list[str] | tuple[str, ...] = ()) -> str:
     quant = e.quantization
     parts += [
         "<h2>fp32 vs int8</h2>",
-        f"<p>{html.escape(quant.get('decision', ''))}</p>",
+        f"<p>{html.escape(quant.decision)}</p>",
         f"<img src='{_compare(e)}' alt='fp32 vs int8'>",
-        _quant_table(quant.get("candidates") or [], quant.get("metric", "accuracy")),
+        _quant_table(quant.candidates, quant.metric or "accuracy"),
         "<p>Latency: median of repeated forward passes in this process "
         f"({e.latency_threads} torch thread(s)); measure on the target hardware before "
         "relying on it.</p>",

@@ -1,7 +1,9 @@
 """Launchers: where a training job runs. One interface; the maths is the same everywhere.
 
 ``local``: the current process (1 process) or torchrun worker processes on this machine.
-``kubernetes``: a Kubeflow Training Operator PyTorchJob (``kubetrain.launch.kubernetes``), through
+``kubernetes``: a Kubeflow Trainer v2 TrainJob (``kubetrain.launch.trainjob``) or a Training
+Operator v1 PyTorchJob (``kubetrain.launch.kubernetes``), as ``cluster.training_api`` picks
+(``kubetrain.launch.jobkinds``), through
 the one cluster lifecycle (``kubetrain.launch.cluster``) that Katib's search uses too. The tune
 step's seam with the same shape is ``kubetrain.tune.backend``; the one torchrun command line all
 of them start is ``kubetrain.launch.torchrun``.
@@ -25,7 +27,7 @@ def get_launcher(cfg: JobConfig) -> TrainLauncher:
     """The launcher of ``cluster.backend``."""
     match cfg.cluster.backend:
         case "kubernetes":
-            from kubetrain.launch.kubernetes import KubernetesLauncher
+            from kubetrain.launch.jobkinds import KubernetesLauncher
 
             return KubernetesLauncher()
         case _:

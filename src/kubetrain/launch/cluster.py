@@ -1,7 +1,8 @@
 """One lifecycle for everything kubetrain runs on a cluster: submit, wait, logs, explain, clean up.
 
-The train backend (a ``PyTorchJob``, ``kubetrain.launch.kubernetes``) and the tune backend (a
-Katib ``Experiment``, ``kubetrain.tune.katib``) differ only in the object they build and in a
+The train backend (a ``TrainJob``, ``kubetrain.launch.trainjob``, or a ``PyTorchJob``,
+``kubetrain.launch.kubernetes``) and the tune backend (a Katib ``Experiment``,
+``kubetrain.tune.katib``) differ only in the object they build and in a
 ``Watcher`` that knows how to read it (its pods and logs, how to explain its failure). The rest
 is here, once:
 
@@ -11,6 +12,8 @@ is here, once:
   list, and an API server that goes away (restarts, network, the moments after a restart when
   it still refuses valid tokens) is waited for up to ``OUTAGE_SECONDS`` with a warning: the
   same object is watched again, nothing is created twice;
+- **queue**: a job that a queue (Kueue) holds suspended is ``waiting in queue <name>`` in the
+  log, not running; ``cluster.wait_timeout_seconds`` counts the time in the queue too;
 - **explain**: the object's own ``Failed`` condition plus what the watcher saw, in one line;
 - **clean up**: per ``cluster.cleanup``, the object and its directory on the claim.
 """
@@ -95,6 +98,11 @@ class Watcher(Protocol):
     """What one kind of object adds to the lifecycle (pods and logs, progress, explanations)."""
 
     resource: Resource
+    success: str
+    """The condition type that means the object succeeded (``Succeeded``, ``Complete``)."""
+
+    def suspended(self, obj: dict[str, Any]) -> bool:
+        """Whether the object is suspended (held in a queue until admitted)."""
 
     def observe(self, api: KubeApi, obj: dict[str, Any]) -> None:
         """Called on every change and at least every window; raises KubetrainError for a
@@ -115,6 +123,8 @@ class ClusterJob:
         self.api = api
         self.watcher = watcher
         self.resource = watcher.resource
+        self.queue = _Queue(cfg.cluster.queue_name)
+        self._last: dict[str, Any] | None = None  # the object as last seen
 
     def what(self, name: str) -> str:
         """``"pytorchjob NAMESPACE/NAME"``: how every message names the object."""
@@ -143,6 +153,7 @@ class ClusterJob:
         cl = self.cfg.cluster
         deadline = time.monotonic() + cl.wait_timeout_seconds
         outage = _Outage(self.api.host)
+        self.queue = _Queue(cl.queue_name)
         version = since
         try:
             while True:
@@ -163,7 +174,7 @@ class ClusterJob:
                 if time.monotonic() >= deadline:
                     raise KubetrainError(
                         f"{self.what(name)} did not finish within cluster.wait_timeout_seconds = "
-                        f"{cl.wait_timeout_seconds}{outage.describe()}"
+                        f"{cl.wait_timeout_seconds}{self.queue.describe()}{outage.describe()}"
                     )
         finally:
             self.watcher.close()
@@ -188,14 +199,20 @@ class ClusterJob:
             done = self._check(name, None if kind == "DELETED" else obj)
             if done is not None:
                 return done, version
+        # A window without a change of the object still looks at its pods: a pod that cannot
+        # pull its image changes nothing in the job's own status.
+        if self._last is not None:
+            self._check(name, self._last)
         return None, version
 
     def _check(self, name: str, obj: dict[str, Any] | None) -> dict[str, Any] | None:
         if obj is None:
             raise KubetrainError(f"{self.what(name)} was deleted while kubetrain waited for it")
+        self._last = obj
+        self.queue.update(self.watcher.suspended(obj), self.what(name))
         self.watcher.observe(self.api, obj)
-        kind, text = condition(obj, "Succeeded", "Failed")
-        if kind == "Succeeded":
+        kind, text = condition(obj, self.watcher.success, "Failed")
+        if kind == self.watcher.success:
             return obj
         if kind == "Failed":
             raise JobFailed(self.watcher.explain(self.what(name), text))
@@ -208,6 +225,39 @@ class ClusterJob:
                 log.info("deleted %s", self.what(name))
         except KubeApiError as err:
             log.warning("could not delete %s: %s", self.what(name), err)
+
+
+class _Queue:
+    """Whether a job is held suspended (by Kueue, in ``cluster.queue_name``), said once per
+    change: ``waiting in queue <name>``, then ``admitted``."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.since: float | None = None
+
+    @property
+    def where(self) -> str:
+        return f"queue {self.name}" if self.name else "a queue (it is suspended)"
+
+    def update(self, suspended: bool, what: str) -> None:
+        """The job's state now."""
+        if suspended and self.since is None:
+            self.since = time.monotonic()
+            log.info("%s: waiting in %s", what, self.where)
+        elif not suspended and self.since is not None:
+            log.info(
+                "%s: admitted from %s after %.0f s", what, self.where, time.monotonic() - self.since
+            )
+            self.since = None
+
+    def describe(self) -> str:
+        """`` (waiting in queue Q for N s: not admitted)`` while held, else ""."""
+        if self.since is None:
+            return ""
+        return (
+            f" (waiting in {self.where} for {time.monotonic() - self.since:.0f} s: not admitted; "
+            "is the queue's quota large enough for the job?)"
+        )
 
 
 class _Outage:
@@ -256,6 +306,18 @@ class _Outage:
             self.since = None
 
 
+def check_claim(cfg: JobConfig, kind: str = "job") -> None:
+    """Raise KubetrainError unless the shared claim is mounted here (``cluster.mount_path``):
+    before anything is asked of the cluster."""
+    mount = Path(cfg.cluster.mount_path)
+    if not mount.is_dir():
+        raise KubetrainError(
+            f"cluster.mount_path {mount} does not exist here: the step that creates "
+            f"{kind} objects must mount PVC '{cfg.cluster.pvc_name}' there "
+            "(the pipeline does this on a cluster)"
+        )
+
+
 def run_job(
     cfg: JobConfig,
     api: KubeApi,
@@ -284,13 +346,7 @@ def run_job(
     """
     name = body["metadata"]["name"]
     paths = JobPaths.for_job(cfg, name)
-    mount = Path(cfg.cluster.mount_path)
-    if not mount.is_dir():
-        raise KubetrainError(
-            f"cluster.mount_path {mount} does not exist here: the step that creates "
-            f"{watcher.resource.kind} objects must mount PVC '{cfg.cluster.pvc_name}' there "
-            "(the pipeline does this on a cluster)"
-        )
+    check_claim(cfg, watcher.resource.kind)
     api.check_namespace()
     if Path(paths.root).exists():  # not ours to overwrite, nor to remove below
         raise KubetrainError(

@@ -10,6 +10,7 @@ Role refuses by design and a 403 lets pass (tests/cluster proves both directions
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import threading
@@ -143,6 +144,25 @@ class KubeApi:
             if mapped.status != 403:  # namespaced RBAC cannot read namespaces: let create tell
                 raise mapped from None
 
+    # -- discovery -------------------------------------------------------------------------
+
+    def served(self, group: str, version: str) -> set[str]:
+        """The resources (plurals) the API server serves in ``group/version``; empty if it
+        serves no such group version. Discovery (``GET /apis/GROUP/VERSION``) is open to every
+        authenticated account (the ``system:discovery`` ClusterRole): no Role rule needed.
+
+        Raises:
+            KubeApiError: the server cannot be reached or refuses the credentials.
+        """
+        try:
+            found = self.custom.get_api_resources(group, version, _request_timeout=REQUEST_TIMEOUT)
+        except Exception as err:
+            mapped = self.error(err, "discover", f"{group}/{version}")
+            if mapped.status == 404:
+                return set()
+            raise mapped from None
+        return {r.name for r in found.resources or [] if "/" not in r.name}
+
     # -- custom objects --------------------------------------------------------------------
 
     def create(self, res: Resource, body: dict[str, Any]) -> dict[str, Any]:
@@ -240,7 +260,7 @@ class KubeApi:
 
     # -- pods and logs ---------------------------------------------------------------------
 
-    def pods(self, label_selector: str) -> list[Any]:
+    def pods(self, label_selector: str) -> builtins.list[Any]:
         found = self._call(
             "list", f"pods in namespace {self.namespace}", self.core.list_namespaced_pod,
             self.namespace, label_selector=label_selector, _request_timeout=REQUEST_TIMEOUT,

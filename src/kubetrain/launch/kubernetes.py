@@ -1,14 +1,15 @@
-"""Kubernetes launcher: training as a Kubeflow Training Operator ``PyTorchJob`` (kubeflow.org/v1).
+"""Kubernetes launcher: training as a Kubeflow Training Operator ``PyTorchJob`` (kubeflow.org/v1),
+and what every job kind's pods share.
 
-This is the one module that knows the train job's kind. ``build_pytorchjob`` is a pure function
-(config -> manifest dict) built with the official ``kubeflow-training`` models;
-``PyTorchJobWatcher`` reads a running job (its pods, the leader's log, why it failed) for the
-shared lifecycle in ``kubetrain.launch.cluster``; ``KubernetesLauncher`` is the
-``TrainLauncher`` that ties them to artifacts. Katib trials and ``kubetrain manifests`` embed
-the same job through ``build_train_job`` and the ``TRIAL_*`` constants. **Moving to Kubeflow
-Trainer v2's ``TrainJob`` touches this module only**: its builder, ``TRAIN_JOB``, the labels, the
-watcher's pod selector, and what Katib is told about the job (``TRIAL_*``); the lifecycle, the
-client and the tune backend stay as they are.
+``build_pytorchjob`` is a pure function (config -> manifest dict) built with the official
+``kubeflow-training`` models; ``PyTorchJobWatcher`` reads a running job (its pods, the leader's
+log, whether a queue holds it, why it failed) for the shared lifecycle in
+``kubetrain.launch.cluster``. The pods' environment, resources, labels and the checks of what
+they can serve (``pod_env``, ``pod_resources``, ``job_labels``, ``check_processes``, ...) and the
+watcher's base (``PodJobWatcher``) serve Kubeflow Trainer v2's ``TrainJob`` too
+(``kubetrain.launch.trainjob``). ``kubetrain.launch.jobkinds`` picks the kind
+(``cluster.training_api``) and holds the ``KubernetesLauncher``; Katib trials and ``kubetrain
+manifests`` take the same kind.
 
 How data travels (the PVC contract): the launching step (the KFP train task, or ``kubetrain
 train`` on a machine with the claim mounted) and every job pod mount ``cluster.pvc_name`` at
@@ -29,15 +30,12 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from kubetrain.core.errors import ConfigError, KubetrainError
-from kubetrain.launch.cluster import ClusterJob, JobPaths, new_name, run_job
-from kubetrain.launch.config import JobConfig
+from kubetrain.launch.cluster import JobPaths, condition
+from kubetrain.launch.config import JobConfig, cpu_cores
 from kubetrain.launch.kubeapi import KubeApi, KubeApiError, LogFollower, Resource
 from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 
@@ -64,10 +62,7 @@ FATAL_WAITING = {
 }
 
 
-def _cpu_cores(quantity: str) -> float:
-    if quantity.endswith("m"):
-        return float(quantity[:-1]) / 1000
-    return float(re.sub(r"[A-Za-z]+$", "", quantity))
+_cpu_cores = cpu_cores
 
 
 def threads_per_pod_process(cfg: JobConfig) -> int:
@@ -187,9 +182,50 @@ def check_no_inline_credentials(cfg: JobConfig) -> None:
         )
 
 
-def _container(cfg: JobConfig, command: list[str], paths: JobPaths | None) -> Any:
-    from kubernetes import client as k8s
+# Kueue: the LocalQueue a job joins and its priority (labels on the job; Kueue suspends it at
+# creation and un-suspends it once admitted).
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 
+
+def job_labels(cfg: JobConfig, component: str) -> dict[str, str]:
+    """The labels of a job (and of each Katib trial's job): ours, and Kueue's queue and
+    priority when ``cluster.queue_name`` / ``cluster.priority_class`` are set."""
+    labels = {"app.kubernetes.io/name": "kubetrain", "app.kubernetes.io/component": component}
+    if cfg.cluster.queue_name:
+        labels[QUEUE_LABEL] = cfg.cluster.queue_name
+    if cfg.cluster.priority_class:
+        labels[PRIORITY_LABEL] = cfg.cluster.priority_class
+    return labels
+
+
+def prepare_job(
+    cfg: JobConfig,
+    name: str,
+    paths: JobPaths | None,
+    command: list[str] | None,
+    worker: Callable[[JobConfig, str, str], list[str]],
+) -> tuple[JobPaths, list[str], dict[str, str], dict[str, str]]:
+    """What every job kind's builder starts from: the checks of what the pods can serve, then
+    (its paths on the claim, its command, the job's labels, the pods' labels).
+
+    Raises:
+        ConfigError: see ``check_processes`` and ``check_no_inline_credentials``.
+    """
+    check_processes(cfg)
+    check_no_inline_credentials(cfg)
+    paths = paths or JobPaths.for_job(cfg, name)
+    if command is None:
+        command = worker(cfg, paths.dataset, paths.model)
+    labels = job_labels(cfg, "train")
+    # Kueue's labels belong to the job (it queues jobs), ours to its pods too.
+    pod_labels = {k: v for k, v in labels.items() if k.startswith("app.kubernetes.io/")}
+    return paths, command, labels, pod_labels
+
+
+def pod_env(cfg: JobConfig, paths: JobPaths | None) -> dict[str, str]:
+    """The environment of the training container, whatever the job kind: the config the
+    worker reads, its threads, the checkpoint directory, and ``cluster.env`` (which wins)."""
     cl = cfg.cluster
     env = {
         CONFIG_ENV: cfg.sections_json("data", "model", "train"),
@@ -201,9 +237,27 @@ def _container(cfg: JobConfig, command: list[str], paths: JobPaths | None) -> An
     if paths is not None:
         env["KUBETRAIN_CHECKPOINT_DIR"] = paths.checkpoints
     env.update(cl.env)  # the user's settings win
+    return env
+
+
+def pod_resources(cfg: JobConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """(requests, limits) of each job pod: ``cluster.cpu``/``memory`` requested, the memory
+    also as the limit (an OOM is then the pod's own, and says so), GPUs as both."""
+    cl = cfg.cluster
+    requests = {"cpu": cl.cpu, "memory": cl.memory}
     limits = {"memory": cl.memory}
     if cl.num_gpus:
-        limits["nvidia.com/gpu"] = str(cl.num_gpus)
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(cl.num_gpus)
+    return requests, limits
+
+
+def _container(cfg: JobConfig, command: list[str], paths: JobPaths | None) -> Any:
+    from kubernetes import client as k8s
+
+    cl = cfg.cluster
+    env = pod_env(cfg, paths)
+    requests, limits = pod_resources(cfg)
+    requests.pop("nvidia.com/gpu", None)  # as the PyTorchJob always had it: the limit only
     return k8s.V1Container(
         name=CONTAINER,
         image=cl.resolved_image(),
@@ -215,9 +269,7 @@ def _container(cfg: JobConfig, command: list[str], paths: JobPaths | None) -> An
         if cl.storage_secret
         else None,
         ports=[k8s.V1ContainerPort(name=PORT_NAME, container_port=PORT)],
-        resources=k8s.V1ResourceRequirements(
-            requests={"cpu": cl.cpu, "memory": cl.memory}, limits=limits
-        ),
+        resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
         volume_mounts=[
             k8s.V1VolumeMount(name="data", mount_path=cl.mount_path),
             k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
@@ -287,29 +339,12 @@ def build_pytorchjob(
     from kubernetes import client as k8s
 
     cl, tc = cfg.cluster, cfg.train
-    check_processes(cfg)
-    check_no_inline_credentials(cfg)
-    paths = paths or JobPaths.for_job(cfg, name)
-    if command is None:
-        command = worker_command(cfg, paths.dataset, paths.model)
-    labels = {"app.kubernetes.io/name": "kubetrain", "app.kubernetes.io/component": "train"}
-    template = _pod_template(cfg, _container(cfg, command, paths if checkpoints else None), labels)
+    paths, command, labels, pod_labels = prepare_job(cfg, name, paths, command, worker_command)
+    template = _pod_template(
+        cfg, _container(cfg, command, paths if checkpoints else None), pod_labels
+    )
     backoff = max(cl.backoff_limit, tc.max_restarts)
-    restart = "OnFailure" if backoff else "Never"
-    if cl.elastic:
-        replicas = {"Worker": models.KubeflowOrgV1ReplicaSpec(tc.nnodes, restart, template)}
-        elastic = models.KubeflowOrgV1ElasticPolicy(
-            rdzv_backend="c10d",
-            min_replicas=tc.nnodes,
-            max_replicas=tc.nnodes,
-            max_restarts=max_restarts(cfg),
-            n_proc_per_node=tc.nproc,
-        )
-    else:
-        replicas = {"Master": models.KubeflowOrgV1ReplicaSpec(1, restart, template)}
-        if tc.nnodes > 1:
-            replicas["Worker"] = models.KubeflowOrgV1ReplicaSpec(tc.nnodes - 1, restart, template)
-        elastic = None
+    replicas, elastic = _replicas(cfg, template, "OnFailure" if backoff else "Never")
     job = models.KubeflowOrgV1PyTorchJob(
         api_version=f"{PYTORCHJOB.group}/{PYTORCHJOB.version}",
         kind=PYTORCHJOB.kind,
@@ -329,9 +364,26 @@ def build_pytorchjob(
     return ApiClient().sanitize_for_serialization(job)
 
 
-# What the rest of kubetrain (Katib's trial template, ``kubetrain manifests``) calls: the train
-# job of the kind this module builds; a TrainJob builder would take its place here.
-build_train_job = build_pytorchjob
+def _replicas(cfg: JobConfig, template: Any, restart: str) -> tuple[dict[str, Any], Any]:
+    """(replica specs, elasticPolicy or None): 1 Master + (nnodes - 1) Workers, or with
+    ``cluster.elastic`` nnodes Workers meeting through a c10d rendezvous."""
+    from kubeflow.training import models
+
+    tc = cfg.train
+    if cfg.cluster.elastic:
+        elastic = models.KubeflowOrgV1ElasticPolicy(
+            rdzv_backend="c10d",
+            min_replicas=tc.nnodes,
+            max_replicas=tc.nnodes,
+            max_restarts=max_restarts(cfg),
+            n_proc_per_node=tc.nproc,
+        )
+        return {"Worker": models.KubeflowOrgV1ReplicaSpec(tc.nnodes, restart, template)}, elastic
+    replicas = {"Master": models.KubeflowOrgV1ReplicaSpec(1, restart, template)}
+    if tc.nnodes > 1:
+        replicas["Worker"] = models.KubeflowOrgV1ReplicaSpec(tc.nnodes - 1, restart, template)
+    return replicas, None
+
 
 # -- a running job ------------------------------------------------------------------------
 
@@ -373,17 +425,33 @@ def pod_problems(pods: list[Any]) -> tuple[str | None, list[str]]:
     return fatal, notes
 
 
-class PyTorchJobWatcher:
-    """The lifecycle's ``Watcher`` for a PyTorchJob: its pods, the leader's log, its failure."""
+class PodJobWatcher:
+    """The lifecycle's ``Watcher`` for a job that runs pods (PyTorchJob, TrainJob): its pods,
+    the leader's log, whether a queue holds it, why it failed. A kind says how to find its pods
+    (``pod_selector``), which one leads (``is_leader``), where suspension is written
+    (``suspended``) and which condition means success (``success``)."""
 
-    resource = TRAIN_JOB
+    resource: Resource
+    container: str
+    success = "Succeeded"
 
     def __init__(self, cfg: JobConfig, emit: Callable[[str], None] = print):
         self.cfg = cfg
         self.emit = emit
-        self.leader = "worker" if cfg.cluster.elastic else "master"
         self.notes: list[str] = []
         self.follower: LogFollower | None = None
+
+    def pod_selector(self, name: str) -> str:
+        """The label selector of job ``name``'s pods."""
+        raise NotImplementedError
+
+    def is_leader(self, labels: dict[str, str]) -> bool:
+        """Whether a pod with ``labels`` is the one whose log is followed."""
+        raise NotImplementedError
+
+    def suspended(self, obj: dict[str, Any]) -> bool:
+        """Whether the job is suspended (a queue such as Kueue holds it until admission)."""
+        raise NotImplementedError
 
     def observe(self, api: KubeApi, obj: dict[str, Any]) -> None:
         """Read the job's pods; start following the leader's log once it runs.
@@ -393,7 +461,7 @@ class PyTorchJobWatcher:
         """
         name = obj["metadata"]["name"]
         try:
-            pods = api.pods(f"{JOB_NAME_LABEL}={name}")
+            pods = api.pods(self.pod_selector(name))
         except KubeApiError as err:
             if err.status == 0:
                 raise  # the lifecycle waits for the server
@@ -404,15 +472,14 @@ class PyTorchJobWatcher:
         if self.follower is None:
             self.follower = self._follow_leader(api, pods)
         if fatal:
-            where = TRAIN_JOB.describe(api.namespace, name)
+            where = self.resource.describe(api.namespace, name)
             raise KubetrainError(f"{where} cannot start: {fatal}")
 
     def _follow_leader(self, api: KubeApi, pods: list[Any]) -> LogFollower | None:
         for pod in pods:
-            labels = pod.metadata.labels or {}
             started = pod.status and pod.status.phase in ("Running", "Succeeded", "Failed")
-            if labels.get(REPLICA_TYPE_LABEL) == self.leader and started:
-                return LogFollower(api, pod.metadata.name, CONTAINER, self.emit)
+            if self.is_leader(pod.metadata.labels or {}) and started:
+                return LogFollower(api, pod.metadata.name, self.container, self.emit)
         return None
 
     def explain(self, what: str, reason: str) -> str:
@@ -433,31 +500,23 @@ class PyTorchJobWatcher:
             self.follower.join()
 
 
-class KubernetesLauncher:
-    """``TrainLauncher`` for ``cluster.backend: kubernetes``: one PyTorchJob per training."""
+class PyTorchJobWatcher(PodJobWatcher):
+    """A PyTorchJob: pods by the operator's job-name label, the master (elastic: worker 0)
+    leads, suspension in ``spec.runPolicy.suspend`` or the operator's Suspended condition."""
 
-    def __init__(self, api_factory: Callable[[str], KubeApi] = KubeApi):
-        self._api_factory = api_factory
+    resource = TRAIN_JOB
+    container = CONTAINER
 
-    def run(self, cfg: JobConfig, dataset_dir: Path, out_dir: Path) -> None:
-        """Train ``cfg`` as a PyTorchJob; the model lands in ``out_dir``.
+    def __init__(self, cfg: JobConfig, emit: Callable[[str], None] = print):
+        super().__init__(cfg, emit)
+        self.leader = "worker" if cfg.cluster.elastic else "master"
 
-        Raises:
-            ConfigError: ``train.nproc`` does not fit the pods.
-            KubetrainError: see ``kubetrain.launch.cluster.run_job``; or the job succeeded
-                without writing a model.
-        """
-        name = new_name(cfg, "train")
-        job = build_pytorchjob(cfg, name)  # raises first if no image is set
-        api = self._api_factory(cfg.cluster.namespace)
+    def pod_selector(self, name: str) -> str:
+        return f"{JOB_NAME_LABEL}={name}"
 
-        def collect(run: ClusterJob, _job: dict[str, Any], paths: JobPaths) -> None:
-            from kubetrain.core.artifacts import TrainedModel
+    def is_leader(self, labels: dict[str, str]) -> bool:
+        return labels.get(REPLICA_TYPE_LABEL) == self.leader
 
-            model = Path(paths.model)
-            if not TrainedModel.is_complete(model):
-                raise KubetrainError(f"{run.what(name)} succeeded but wrote no model to {model}")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(model, out_dir, dirs_exist_ok=True)
-
-        run_job(cfg, api, PyTorchJobWatcher(cfg), job, dataset_dir, collect)
+    def suspended(self, obj: dict[str, Any]) -> bool:
+        run_policy = (obj.get("spec") or {}).get("runPolicy") or {}
+        return bool(run_policy.get("suspend")) or condition(obj, "Suspended")[0] is not None

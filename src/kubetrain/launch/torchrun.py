@@ -16,7 +16,7 @@ WORKER_MODULE = "kubetrain.launch.worker"
 
 
 def torchrun_command(
-    nproc: int,
+    nproc: int | str,
     rendezvous: Sequence[str],
     worker_args: Sequence[str],
     *,
@@ -29,7 +29,7 @@ def torchrun_command(
     Local agents, PyTorchJob pods and Katib trials all start training through this.
 
     Args:
-        nproc: ``--nproc-per-node``.
+        nproc: ``--nproc-per-node`` (a number, or ``$(PET_NPROC_PER_NODE)`` in a TrainJob pod).
         rendezvous: how the nodes meet (``--nnodes``/``--rdzv-*`` locally, the operator's
             ``$(MASTER_ADDR)`` variables in a pod, nothing with an elasticPolicy).
         worker_args: the worker's own arguments (``--dataset ... --output ...``).

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             on_epoch=_print_metrics if ctx.is_main else None,
             checkpoint_dir=checkpoint_dir(cfg, args.output),
         )
-        result.summary["restarts"] = restarts
+        result.summary.restarts = restarts
         if ctx.is_main:
             save_model(result, cfg, task, args.output)
         shutdown()

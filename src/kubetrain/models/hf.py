@@ -6,7 +6,7 @@ switched off for the call): nothing is downloaded at run time, and a hub id is a
 saying so. A directory on object storage (``s3://...``) is copied to a temporary directory first.
 
 The adapters take and return what the built-in models do, so training, decoding
-(:func:`kubetrain.models.transformer.greedy_decode` / ``beam_search``) and metrics work on either:
+(:func:`kubetrain.models.decoding.greedy_decode` / ``beam_search``) and metrics work on either:
 
 - :class:`HFClassifier`: ``forward(input_ids) -> logits`` (the attention mask is ``ids != pad``);
 - :class:`HFSeq2Seq`: ``forward(src, tgt_in) -> logits``, ``encode``, ``decode``, the three
@@ -22,6 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,7 +112,7 @@ class HFSeq2Seq(nn.Module):
 
     def __init__(self, model: nn.Module, pad_id: int, bos_id: int, eos_id: int, max_len: int):
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a transformers model: get_encoder(), generation API
         self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
         self.config = _Sizes(max_len)
 

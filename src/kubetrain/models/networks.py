@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from kubetrain.core.errors import ConfigError
+from kubetrain.core.records import NetworkSpec
 from kubetrain.models.config import ModelConfig
 
 
@@ -57,23 +58,23 @@ def build_model(cfg: ModelConfig, input_shape: list[int], num_classes: int) -> n
     return REGISTRY[cfg.name](list(input_shape), num_classes, cfg)
 
 
-def model_spec(cfg: ModelConfig, input_shape: list[int], num_classes: int) -> dict:
+def model_spec(cfg: ModelConfig, input_shape: list[int], num_classes: int) -> NetworkSpec:
     """What ``build_from_spec`` needs to rebuild the network in another process."""
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "input_shape": list(input_shape),
-        "num_classes": num_classes,
-    }
+    return NetworkSpec(
+        config=cfg.model_dump(mode="json"), input_shape=list(input_shape), num_classes=num_classes
+    )
 
 
-def build_from_spec(spec: dict) -> nn.Module:
+def build_from_spec(spec: NetworkSpec) -> nn.Module:
     """The network described by ``model_spec`` (untrained: load its weights next).
 
     The initial ``model.weights`` are not read again: the trained weights replace them, and the
     process rebuilding the model (quantize, evaluate, a pod) may not reach that file."""
-    config = {**spec["config"], "weights": None, "freeze_backbone": False}
-    if spec.get("text"):  # a text model (kubetrain.models.text): vocabulary, special ids, task
+    config = {**spec.config, "weights": None, "freeze_backbone": False}
+    if spec.text is not None:  # a text model (kubetrain.models.text): vocabulary, special ids
         from kubetrain.models.text import build_text_network
 
-        return build_text_network(ModelConfig(**config), spec["text"])
-    return build_model(ModelConfig(**config), spec["input_shape"], spec["num_classes"])
+        return build_text_network(ModelConfig(**config), spec.text)
+    if spec.num_classes is None:
+        raise ConfigError(f"config error: model.name {spec.config.get('name')!r}: no outputs")
+    return build_model(ModelConfig(**config), spec.input_shape, spec.num_classes)

@@ -23,34 +23,22 @@ decoded through ``encode``/``decode`` (:mod:`kubetrain.models.transformer`).
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from kubetrain.core.errors import ConfigError
+from kubetrain.core.records import TextDatasetMeta, TextSpec
 from kubetrain.models.config import HF_PREFIX, TEXT_BUILTIN, ModelConfig
 
-TEXT_TASKS = ("text_classification", "seq2seq")
 
-
-def text_spec(meta: dict[str, Any]) -> dict[str, Any]:
-    """The text spec of a dataset artifact's ``meta.json`` (a text kind)."""
-    return {
-        "task": meta["kind"],
-        "vocab_size": int(meta["vocab_size"]),
-        "special_ids": dict(meta["special_ids"]),
-        "max_length": int(meta["max_length"]),
-        "classes": meta.get("classes"),
-    }
-
-
-class _Meta:
-    """The attributes :func:`kubetrain.models.transformer.build_text_model` reads."""
-
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self.task, self.vocab_size = spec["task"], spec["vocab_size"]
-        self.special_ids, self.max_length = spec["special_ids"], spec["max_length"]
-        self.classes = spec["classes"]
+def text_spec(meta: TextDatasetMeta) -> TextSpec:
+    """The text spec of a text dataset's ``meta.json``."""
+    return TextSpec(
+        task=meta.kind,
+        vocab_size=meta.vocab_size,
+        special_ids=dict(meta.special_ids),
+        max_length=meta.max_length,
+        classes=meta.classes,
+    )
 
 
 def transformer_config(cfg: ModelConfig, max_length: int):
@@ -121,17 +109,17 @@ def check_interface(model: nn.Module, task: str, where: str) -> None:
             )
 
 
-def _factory(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
+def _factory(cfg: ModelConfig, spec: TextSpec) -> nn.Module:
     from kubetrain.models.vision import InputSpec, call_factory
 
-    classes = spec["classes"]
-    inputs = InputSpec((spec["max_length"],), kind=spec["task"], extra=dict(spec))
+    classes = spec.classes
+    inputs = InputSpec((spec.max_length,), kind=spec.task, extra=spec.to_json())
     model = call_factory(cfg.name, inputs, len(classes) if classes else None, **cfg.kwargs)
-    check_interface(model, spec["task"], cfg.name)
+    check_interface(model, spec.task, cfg.name)
     return model
 
 
-def build_text_network(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
+def build_text_network(cfg: ModelConfig, spec: TextSpec) -> nn.Module:
     """The network ``cfg.name`` for a text dataset of text spec ``spec`` (untrained, or as
     loaded for ``hf:``).
 
@@ -142,18 +130,18 @@ def build_text_network(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
     """
     from kubetrain.models import transformer
 
-    task = spec["task"]
+    task = spec.task
     if cfg.name in TEXT_BUILTIN:
         model = transformer.build_text_model(
-            cfg.name, _Meta(spec), transformer_config(cfg, spec["max_length"])
+            cfg.name, spec, transformer_config(cfg, spec.max_length)
         )
     elif cfg.name.startswith(HF_PREFIX):
         from kubetrain.models.hf import load_hf_model
 
-        classes = spec["classes"]
+        classes = spec.classes
         model = load_hf_model(
-            cfg.name, task, spec["special_ids"], num_classes=len(classes) if classes else None,
-            max_len=cfg.max_len or spec["max_length"],
+            cfg.name, task, spec.special_ids, num_classes=len(classes) if classes else None,
+            max_len=cfg.max_len or spec.max_length,
         )  # fmt: skip
     elif ":" in cfg.name and not cfg.name.startswith(("torchvision:", "timm:")):
         model = _factory(cfg, spec)

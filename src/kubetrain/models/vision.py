@@ -28,7 +28,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -218,20 +218,25 @@ def _replace_head(model: nn.Module, num_classes: int) -> str:
     layout of every torchvision classification model.
     """
     name, layer = _last_classifier(model)
-    if name is None:
+    if name is None or layer is None:
         raise ConfigError("config error: model.name: found no Linear classifier to resize")
-    out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-    if out != num_classes:
-        if isinstance(layer, nn.Linear):
+    new: nn.Module
+    if isinstance(layer, nn.Linear):
+        if layer.out_features != num_classes:
             new = nn.Linear(layer.in_features, num_classes, bias=layer.bias is not None)
-        else:
-            new = nn.Conv2d(layer.in_channels, num_classes, layer.kernel_size, layer.stride)
+            _set_module(model, name, new)
+    elif layer.out_channels != num_classes:
+        size, stride = (
+            cast("tuple[int, int]", layer.kernel_size),
+            cast("tuple[int, int]", layer.stride),
+        )
+        new = nn.Conv2d(layer.in_channels, num_classes, size, stride)
         _set_module(model, name, new)
     return name
 
 
-def _last_classifier(model: nn.Module) -> tuple[str | None, nn.Module | None]:
-    found: tuple[str | None, nn.Module | None] = (None, None)
+def _last_classifier(model: nn.Module) -> tuple[str | None, nn.Linear | nn.Conv2d | None]:
+    found: tuple[str | None, nn.Linear | nn.Conv2d | None] = (None, None)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) or (
             isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and "classifier" in name
@@ -248,17 +253,17 @@ def _adapt_input_conv(model: nn.Module, channels: int) -> None:
             new = nn.Conv2d(
                 channels,
                 module.out_channels,
-                module.kernel_size,
-                module.stride,
-                module.padding,
-                module.dilation,
+                cast("tuple[int, int]", module.kernel_size),
+                cast("tuple[int, int]", module.stride),
+                cast("str | tuple[int, int]", module.padding),
+                cast("tuple[int, int]", module.dilation),
                 module.groups,
                 module.bias is not None,
             )
             with torch.no_grad():
                 summed = module.weight.sum(dim=1, keepdim=True)
                 new.weight.copy_(summed.repeat(1, channels, 1, 1) / channels)
-                if module.bias is not None:
+                if module.bias is not None and new.bias is not None:
                     new.bias.copy_(module.bias)
             _set_module(model, name, new)
             return
@@ -396,7 +401,7 @@ def read_state_dict(
         ) from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
+            state = cast("dict[str, torch.Tensor]", state[key])
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         raise ConfigError(f"config error: model.weights: {uri}: not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}

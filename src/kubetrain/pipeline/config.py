@@ -21,12 +21,13 @@ loading a config stays cheap.
 
 Environment variables. Every knob is a config field, with these exceptions, each for a reason:
 
-- ``KUBETRAIN_IMAGE``: the image the steps run in, read when a pipeline is *compiled* (each
-  component names its image before any config is loaded); ``cluster.image`` overrides it for
-  the job pods.
-- ``KUBETRAIN_CONFIG`` (``--config-env``): how a PyTorchJob or Katib trial pod receives its
-  config: the pod's input, not a setting.
-- ``KUBETRAIN_CHECKPOINT_DIR``: how a PyTorchJob pod receives its checkpoint directory on the
+- ``KUBETRAIN_IMAGE``: an override of the default image (the runtime image of this version),
+  read when a pipeline is *compiled* (each component names its image before any config is
+  loaded) and when a job is built; ``cluster.image``, the one image setting of the steps and the
+  job pods alike, wins over it.
+- ``KUBETRAIN_CONFIG`` (``--config-env``): how a TrainJob, PyTorchJob or Katib trial pod receives
+  its config: the pod's input, not a setting.
+- ``KUBETRAIN_CHECKPOINT_DIR``: how a job pod receives its checkpoint directory on the
   shared volume (per job, chosen by the launcher); ``train.checkpoint_dir`` overrides it.
 - ``KUBETRAIN_PROGRESS=0``: no terminal progress bar. A choice of the terminal, not of the run:
   it changes nothing that is computed, and as a field it would change the steps' cache keys.
@@ -89,6 +90,45 @@ def recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES.glob("*.yaml"))
 
 
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The mapping in the YAML file ``path``, or in the bundled recipe of that name.
+
+    Raises:
+        ConfigError: one line naming the file (and the line, for YAML errors).
+    """
+    if not path.is_file() and str(path) in recipes():
+        path = RECIPES / f"{path}.yaml"
+    if path.is_dir():
+        raise ConfigError(f"config error: {path}: is a directory, not a YAML config file")
+    if not path.is_file():
+        raise ConfigError(
+            f"config error: {path}: no such file (bundled recipes: {', '.join(recipes())})"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config error: {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+            f"offset {err.start}); save the config as UTF-8"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config error: {path}: cannot read ({err.strerror})") from None
+    try:
+        loaded = load_yaml(text)
+    except DuplicateKeyError as err:
+        raise ConfigError(
+            f"config error: {path}:{err.line}: duplicate key '{err.key}' (first on line "
+            f"{err.first_line})"
+        ) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"config error: {where}: not valid YAML") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
+    return loaded or {}
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> PipelineConfig:
@@ -97,40 +137,7 @@ def load_config(
 
     Raises ConfigError (one line naming the file or the dotted field) on any problem.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file() and str(path) in recipes():
-            path = RECIPES / f"{path}.yaml"
-        if path.is_dir():
-            raise ConfigError(f"config error: {path}: is a directory, not a YAML config file")
-        if not path.is_file():
-            raise ConfigError(
-                f"config error: {path}: no such file (bundled recipes: {', '.join(recipes())})"
-            )
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ConfigError(
-                f"config error: {path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
-                f"offset {err.start}); save the config as UTF-8"
-            ) from None
-        except OSError as err:
-            raise ConfigError(f"config error: {path}: cannot read ({err.strerror})") from None
-        try:
-            loaded = load_yaml(text)
-        except DuplicateKeyError as err:
-            raise ConfigError(
-                f"config error: {path}:{err.line}: duplicate key '{err.key}' (first on line "
-                f"{err.first_line})"
-            ) from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"config error: {where}: not valid YAML") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config error: {path}: the top level must be a mapping of sections")
-        data = loaded or {}
+    data = _read_config_file(Path(path)) if path is not None else {}
     base = validate_config(data)
     if not overrides:
         return base

@@ -4,8 +4,9 @@ kfp.local prints everything to this process's stdout: its own lines ("Executing 
 "Task ... finished ...") and each task's streamed output, echoing every executor input as JSON
 (hundreds of lines for a small run). ``TaskLog`` takes that stream instead of the terminal: it
 writes it all to ``<run>/logs/pipeline.log`` and each task's part to ``<run>/logs/<task>.log``,
-and follows each task's state (waiting / running / cached / done / failed / skipped) and its key
-figure, read from the lines the steps log anyway. ``LiveView`` draws one line per task with
+and follows each task's state (waiting / running / queued / cached / done / failed / skipped) and
+its key figure, read from the lines the steps log anyway: a step whose cluster job a queue
+(Kueue) holds suspended is ``queued``, ``waiting in queue <name>``, until it is admitted. ``LiveView`` draws one line per task with
 ``rich`` on a terminal; elsewhere (CI, pipes) ``PlainView`` prints one line per task event.
 
 A step that fails with a ``KubetrainError`` prints a machine-readable line (``ERROR_MARKER``,
@@ -42,13 +43,16 @@ _EPOCH = re.compile(
 _QUANTIZED = re.compile(r"kubetrain\.pipeline\.steps: (\S+): (\d+) -> (\d+) bytes")
 _DATASET = re.compile(r"kubetrain\.pipeline\.steps: dataset (\w+): (\{.*?\}) samples")
 _EVALUATED = re.compile(r"test (\w+) fp32 (\S+) int8 (\S+);")  # the primary metric
+# The cluster lifecycle's lines about a job a queue holds (kubetrain.launch.cluster._Queue).
+_QUEUED = re.compile(r": (waiting in (?:queue \S+|a queue))")
+_ADMITTED = re.compile(r": admitted from ")
 
 # kfp.local's own lines and the executor's JSON echo: not what a step said.
 _KFP_OWN = re.compile(r"\d\d:\d\d:\d\d\.\d+ - \w+ - |\[KFP Executor |[{}\[\]\"]")
 
-STATES = ("waiting", "running", "cached", "done", "failed", "skipped")
-_STYLE = {"waiting": "dim", "running": "yellow", "cached": "cyan", "done": "green",
-          "failed": "bold red", "skipped": "dim"}  # fmt: skip
+STATES = ("waiting", "running", "queued", "cached", "done", "failed", "skipped")
+_STYLE = {"waiting": "dim", "running": "yellow", "queued": "magenta", "cached": "cyan",
+          "done": "green", "failed": "bold red", "skipped": "dim"}  # fmt: skip
 _TAIL_LINES = 12
 
 
@@ -197,6 +201,15 @@ class TaskLog(io.TextIOBase):
             return
         if text and not _KFP_OWN.match(text):
             task.tail.append(text)
+        if task.state in ("running", "queued"):
+            if m := _QUEUED.search(text):
+                task.figure = m[1]
+                self._set(task, "queued")
+                return
+            if task.state == "queued" and _ADMITTED.search(text):
+                task.figure = ""
+                self._set(task, "running")
+                return
         figure = key_figure(task.name, text)
         if figure:
             task.figure = figure
@@ -236,7 +249,7 @@ class PlainView:
         parts = [f"{task.name:<15} {task.state}"]
         if task.state in ("done", "failed") and _duration(task):
             parts.append(_duration(task))
-        if task.state in ("done", "failed") and task.figure:
+        if task.state in ("done", "failed", "queued") and task.figure:
             parts.append(task.figure)
         self.out.write("  ".join(parts) + "\n")
         self.out.flush()

@@ -39,6 +39,7 @@ from typing import Any
 from kubetrain.core.config import parse_override
 from kubetrain.core.errors import ConfigError
 from kubetrain.pipeline.config import PipelineConfig, config_from_json, validate_config
+from kubetrain.tasks.config import ScoringConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ STEP_SECTIONS: dict[str, tuple[str, ...]] = {
     "tune": ("data", "model", "train", "tune", "cluster"),
     "train": ("data", "model", "train", "cluster"),
     # The gate measures as evaluate will (its metric and decoding), not at evaluate's bar.
-    "quantize": ("quantize", "evaluate.metric", "evaluate.beam_size", "evaluate.length_penalty",
-                 "evaluate.max_decode_length"),
+    "quantize": ("quantize", *(f"evaluate.{field}" for field in ScoringConfig.model_fields)),
     "evaluate": ("evaluate",),
     "promote": ("data", "model", "train", "tune", "quantize", "evaluate", "retrain"),
     # tracking.mlflow_uri set: the track task logs the whole effective config

@@ -13,6 +13,7 @@ alone, with its exit code and the path of its log.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import shutil
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kubetrain.core import artifacts
+from kubetrain.core.artifacts import RUN_MARKER
 from kubetrain.core.errors import ConfigError, DataError, KubetrainError
 from kubetrain.core.io import read_json, write_json
 from kubetrain.pipeline import steps
@@ -32,7 +34,6 @@ from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
-MARKER = ".kubetrain-run"
 RUNNERS = ("subprocess", "docker")
 
 
@@ -40,7 +41,7 @@ RUNNERS = ("subprocess", "docker")
 class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
-    report: Path
+    report: Path | None  # None: nothing was trained
     promoted_model: Path | None
     seconds: float
     retrained: bool = True  # False: retrain.only_if_changed found nothing new
@@ -153,13 +154,13 @@ def prepare_run_dir(output: Path | None) -> Path:
 
     run_dir = output or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     check_writable_dir(run_dir, "--output" if output is not None else "run directory")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / MARKER).exists():
+    if run_dir.exists() and any(run_dir.iterdir()) and not (run_dir / RUN_MARKER).exists():
         raise KubetrainError(
             f"{run_dir}: exists, is not empty and is not a kubetrain run directory; "
             "choose another --output"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MARKER).touch()
+    (run_dir / RUN_MARKER).touch()
     return run_dir.resolve()
 
 
@@ -388,7 +389,7 @@ def _tasks_temp_dir() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _output_into(stream: IO[str]) -> Iterator[None]:
+def _output_into(stream: IO[str] | io.TextIOBase) -> Iterator[None]:
     """Send this process's stdout, stderr and root-logger records to ``stream`` meanwhile
     (kfp.local prints to stdout and logs through the root logger)."""
     root = logging.getLogger()

@@ -19,10 +19,8 @@ from typing import Any
 
 import yaml
 
-from kubetrain.core.artifacts import MODEL_HISTORY, RUN_METRICS
+from kubetrain.core.artifacts import MODEL_HISTORY, RUN_MARKER, RUN_METRICS
 from kubetrain.core.errors import UsageError
-
-MARKER = ".kubetrain-run"  # kubetrain.pipeline.run.MARKER: every run directory has it
 
 # (metrics.json key, column title, format) of the results shown for each run, after its primary
 # metric (``primary``).
@@ -91,7 +89,7 @@ def _read_json(path: Path) -> tuple[dict[str, Any], str]:
 def load_run(path: Path) -> Run:
     """Read one run directory; never raises for what is inside it (see ``Run.status``)."""
     started = None
-    for stamp in (path / MARKER, path / "config.yaml", path):
+    for stamp in (path / RUN_MARKER, path / "config.yaml", path):
         if stamp.exists():
             started = datetime.fromtimestamp(stamp.stat().st_mtime)
             break
@@ -107,7 +105,7 @@ def load_run(path: Path) -> Run:
 
 
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in (MARKER, "config.yaml"))
+    return path.is_dir() and any((path / f).exists() for f in (RUN_MARKER, "config.yaml"))
 
 
 def find_runs(root: Path) -> list[Run]:
@@ -131,7 +129,7 @@ def resolve_run(text: str, root: Path) -> Run:
     for path in (Path(text), root / text):
         if is_run_dir(path):
             return load_run(path)
-    raise UsageError(f"{text}: not a run directory (no {MARKER} or config.yaml; see "
+    raise UsageError(f"{text}: not a run directory (no {RUN_MARKER} or config.yaml; see "
                          f"`kubetrain runs --root {root}`)")  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from kubetrain.core import artifacts
 from kubetrain.core.io import read_json
+from kubetrain.core.records import DatasetMeta, QuantInfo, SearchSummary, TrainSummary
 from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -68,17 +69,17 @@ def check_model_on_data(cfg: PipelineConfig, dataset_dir: Path) -> None:
     check_model(cfg, load_dataset(dataset_dir))
 
 
-def preprocess(cfg: PipelineConfig, out_dir: Path) -> dict[str, Any]:
+def preprocess(cfg: PipelineConfig, out_dir: Path) -> DatasetMeta:
     """Source -> versioned dataset artifact (``kubetrain.core.artifacts.DatasetArtifact``)."""
     check_supported(cfg, model=False)
     from kubetrain.tasks import build_dataset
 
     meta = build_dataset(cfg.data, out_dir)
-    log.info("dataset %s: %s samples from %s", meta["version"], meta["sizes"], meta["source"])
+    log.info("dataset %s: %s samples from %s", meta.version, meta.sizes, meta.source)
     return meta
 
 
-def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> SearchSummary:
     """Search -> the search artifact (``kubetrain.core.artifacts.SearchResult``).
 
     Optuna in local processes, or a Katib Experiment on ``cluster.backend: kubernetes``.
@@ -92,7 +93,7 @@ def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any
     check_supported(cfg)
     check_model_on_data(cfg, dataset_dir)
     result = get_tune_backend(cfg).run(cfg, dataset_dir, out_dir)
-    log.info("best %s %.4f with %s", result["metric"], result["best_value"], result["best_params"])
+    log.info("best %s %.4f with %s", result.metric, result.best_value, result.best_params)
     return result
 
 
@@ -100,7 +101,7 @@ def tuned_config(cfg: PipelineConfig, params_file: Path | None) -> PipelineConfi
     """``cfg`` with the best parameters of a tune artifact applied (if one is given)."""
     if params_file is None:
         return cfg
-    best = read_json(params_file).get("best_params") or {}
+    best = SearchSummary.read(params_file).best_params
     if best:
         log.info("training with tuned parameters %s", best)
     return cfg.with_params(best)
@@ -108,7 +109,7 @@ def tuned_config(cfg: PipelineConfig, params_file: Path | None) -> PipelineConfi
 
 def train(
     cfg: PipelineConfig, dataset_dir: Path, out_dir: Path, params_file: Path | None = None
-) -> dict[str, Any]:
+) -> TrainSummary:
     """Dataset (+ tuned params) -> model artifact, through the configured launcher."""
     check_supported(cfg)
     from kubetrain.launch import get_launcher
@@ -119,14 +120,14 @@ def train(
     return artifacts.TrainedModel.load_summary(out_dir)
 
 
-def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: Path) -> dict:
+def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: Path) -> QuantInfo:
     """fp32 model artifact -> int8 artifact (``quantize.*``): calibration and QAT use the
     training split, the accuracy gate the validation split, measured as the evaluate step will
     (``evaluate.metric``, beam size, decode length); raises KubetrainError if it fails."""
     from kubetrain.quantize.driver import quantize_artifact
 
     info = quantize_artifact(model_dir, dataset_dir, out_dir, cfg.quantize, scoring=cfg.evaluate)
-    log.info("%s: %d -> %d bytes", info["name"], info["fp32_size_bytes"], info["size_bytes"])
+    log.info("%s: %d -> %d bytes", info.name, info.fp32_size_bytes, info.size_bytes)
     return info
 
 
@@ -181,7 +182,7 @@ def evaluate(
         min_value,
     )
     # What preprocess dropped, skipped or clipped is said where the results are read.
-    evaluation.save(out_dir, report.render(evaluation, data.meta.get("notes") or []))
+    evaluation.save(out_dir, report.render(evaluation, data.meta.notes))
     metrics = evaluation.to_metrics()
     log.info(
         "test %s fp32 %.4f int8 %.4f; size %d -> %d bytes; promotable %s (%s)",
@@ -196,7 +197,7 @@ def needs_training(cfg: PipelineConfig, dataset_dir: Path) -> bool:
     """``retrain.only_if_changed``: False if data and config match the last promoted model."""
     from kubetrain.registry import needs_training as check
 
-    version = artifacts.DatasetArtifact.read_meta(dataset_dir)["version"]
+    version = artifacts.DatasetArtifact.read_meta(dataset_dir).version
     train, why = check(cfg.retrain, cfg.model_inputs_json(), version)
     log.info("%s: %s", "training" if train else "skipping training", why)
     return train

@@ -27,6 +27,7 @@ import importlib
 import json
 import re
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from torch import nn
 
 from kubetrain.core.artifacts import QUANT_INFO
 from kubetrain.core.errors import KubetrainError
+from kubetrain.core.records import QuantInfo
 
 MAX_BATCH = 1 << 16
 STATE_DICT_FORMAT = "state_dict"
@@ -74,7 +76,7 @@ def check_safe(path: Path) -> None:
                     )
 
 
-def load_program(path: Path, imports: list[str] = ()) -> nn.Module:
+def load_program(path: Path, imports: Sequence[str] = ()) -> nn.Module:
     """Load an exported program as a callable module (after the safety check)."""
     check_safe(path)
     for module in imports:
@@ -101,21 +103,22 @@ class Compiled(nn.Module):
             return self.inner(x)
 
 
-def load_artifact(qdir: Path, fp32: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """The runnable model of a quantized artifact directory and its ``quant.json``; an int8
-    state dict needs ``fp32``, the rebuilt fp32 network (``load_state_dict_artifact``)."""
+def load_artifact(qdir: Path, fp32: nn.Module | None = None) -> tuple[nn.Module, QuantInfo]:
+    """The runnable model of a quantized artifact (or candidate) directory and its
+    ``quant.json``; an int8 state dict needs ``fp32``, the rebuilt fp32 network
+    (``load_state_dict_artifact``)."""
     info_file = qdir / QUANT_INFO
     if not info_file.is_file():
         raise KubetrainError(f"{qdir}: not a kubetrain quantized model (no {QUANT_INFO})")
-    info = json.loads(info_file.read_text())
-    if info["format"] == STATE_DICT_FORMAT:
+    info = QuantInfo.read(info_file)
+    if info.format == STATE_DICT_FORMAT:
         if fp32 is None:
             raise KubetrainError(f"{qdir}: an int8 state dict: rebuilding it needs the fp32 model")
         return load_state_dict_artifact(qdir, fp32), info
-    if info["format"] == "torchscript":
-        return torch.jit.load(str(qdir / info["file"])).eval(), info
-    module = load_program(qdir / info["file"], info.get("imports", []))
-    if info["runtime"] == "inductor":
+    if info.format == "torchscript":
+        return torch.jit.load(str(qdir / (info.file or ""))).eval(), info
+    module = load_program(qdir / (info.file or ""), info.imports)
+    if info.runtime == "inductor":
         module = Compiled(module)
     return module, info
 
@@ -170,16 +173,14 @@ def load_state_dict_artifact(qdir: Path, fp32: nn.Module) -> nn.Module:
     Raises:
         KubetrainError: ``qdir`` has no quant.json, or the weights do not fit the network.
     """
-    info = json.loads((qdir / QUANT_INFO).read_text())
+    info = QuantInfo.read(qdir / QUANT_INFO)
     model = fp32.eval()
-    if info["method"] != "none":
-        model = quantize_linear(model, info["method"], info["backend"])
+    if info.method != "none":
+        model = quantize_linear(model, info.method or "", info.backend or "")
+    weights = qdir / (info.file or "")
     try:
-        state = torch.load(qdir / info["file"], weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(torch.load(weights, weights_only=True))
     except (RuntimeError, OSError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise KubetrainError(
-            f"{qdir / info['file']}: does not load into the model: {first}"
-        ) from None
+        raise KubetrainError(f"{weights}: does not load into the model: {first}") from None
     return model.eval()

@@ -7,7 +7,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from kubetrain.core.artifacts import (
     TrainedModel,
 )
 from kubetrain.core.errors import KubetrainError
+from kubetrain.core.records import Candidate, QuantInfo
 from kubetrain.models.networks import build_from_spec
 from kubetrain.quantize import artifact, select
 from kubetrain.quantize.config import QAT, QuantizeConfig
@@ -71,7 +72,7 @@ def load_quantized(
     """
     qdir = Path(qdir)
     info = QuantizedModel.load(qdir).info
-    if info.get("format") == artifact.STATE_DICT_FORMAT:
+    if info.format == artifact.STATE_DICT_FORMAT:
         if model_dir is None:
             raise KubetrainError(f"{qdir}: an int8 state dict: rebuilding it needs the fp32 model")
         return artifact.load_state_dict_artifact(qdir, load_model(model_dir, task))
@@ -85,7 +86,7 @@ def quantize_artifact(
     qcfg: QuantizeConfig,
     task: Task | None = None,
     scoring: ScoringConfig | None = None,
-) -> dict[str, Any]:
+) -> QuantInfo:
     """Quantize the model in ``model_dir`` as ``qcfg`` says into ``out_dir``; returns quant.json.
 
     Args:
@@ -131,7 +132,7 @@ class _Reference:
     work: Path  # candidates are built here
     metric: str  # the task's primary metric (accuracy, bleu, ...): what the gate is on
     accuracy: float  # fp32 validation score on ``metric``
-    info: dict[str, Any]  # the fp32 model exported like a candidate: size, file, latency
+    info: Candidate  # the fp32 model exported like a candidate: size, file, latency
 
     @property
     def shape(self) -> list[int]:
@@ -203,11 +204,20 @@ def _candidate_names(qcfg: QuantizeConfig, token_inputs: bool = False) -> list[s
     return [name]
 
 
-def _attempt(ref: _Reference, name: str) -> tuple[dict[str, Any], nn.Module | None]:
+@dataclass
+class _Tried:
+    """A candidate as built: its info, its runnable model (None if it failed), its directory."""
+
+    info: Candidate
+    model: nn.Module | None
+    dir: Path
+
+
+def _attempt(ref: _Reference, name: str) -> _Tried:
     """Build candidate ``name``, reload it from its saved artifact and measure its accuracy.
 
-    Returns its info and runnable model, or (under ``auto``) an info with the error and None:
-    one broken backend must not stop auto. Raises KubetrainError for an explicit method.
+    Returns it with its runnable model, or (under ``auto``) with the error and no model: one
+    broken backend must not stop auto. Raises KubetrainError for an explicit method.
     """
     from kubetrain.quantize import methods
 
@@ -222,26 +232,30 @@ def _attempt(ref: _Reference, name: str) -> tuple[dict[str, Any], nn.Module | No
                 name, ref.model, ref.x_train, ref.y_train, ref.shape, ref.qcfg, cdir
             )
             runnable, _ = artifact.load_artifact(cdir)  # measure what was saved
-        info["val_metric"] = ref.val_score(runnable)
+        score = ref.val_score(runnable)
     except Exception as err:
         if ref.qcfg.method != "auto":
             raise KubetrainError(f"quantize: {name} failed: {type(err).__name__}: {err}") from err
         first = (str(err).strip().splitlines() or [""])[0][:200]
         log.warning("quantize: %s failed: %s: %s", name, type(err).__name__, first)
-        return {"name": name, "error": f"{type(err).__name__}: {first}"}, None
-    info["metric"] = ref.metric
+        return _Tried(Candidate(name=name, error=f"{type(err).__name__}: {first}"), None, cdir)
+    _score(info, ref, score)
+    info.size_ratio = (info.size_bytes or 0) / (ref.info.size_bytes or 1)
+    info.file_ratio = (info.file_bytes or 0) / (ref.info.file_bytes or 1)
+    log.info("%s: val %s %.4f (fp32 %.4f)", name, ref.metric, score, ref.accuracy)
+    return _Tried(info, runnable, cdir)
+
+
+def _score(info: Candidate, ref: _Reference, score: float) -> None:
+    """A candidate's validation score on the primary metric and its drop against fp32 (the
+    gate's ``accuracy_drop``, whatever the metric's name)."""
+    info.metric, info.val_metric = ref.metric, score
     if ref.metric == "accuracy":
-        info["val_accuracy"] = info["val_metric"]
-    info["dir"] = str(cdir)
-    # The gate's drop is on the primary metric (accuracy, BLEU, ...), whatever its name.
-    info["accuracy_drop"] = ref.accuracy - info["val_metric"]
-    info["size_ratio"] = info["size_bytes"] / ref.info["size_bytes"]
-    info["file_ratio"] = info["file_bytes"] / ref.info["file_bytes"]
-    log.info("%s: val %s %.4f (fp32 %.4f)", name, ref.metric, info["val_metric"], ref.accuracy)
-    return info, runnable
+        info.val_accuracy = score
+    info.accuracy_drop = ref.accuracy - score
 
 
-def _try_candidates(ref: _Reference, names: list[str]) -> list[tuple[dict, nn.Module | None]]:
+def _try_candidates(ref: _Reference, names: list[str]) -> list[_Tried]:
     """Every candidate of ``names``, then QAT if none is within budget (``qat_on_drop``)."""
     tried = [_attempt(ref, n) for n in names]
     budget = ref.qcfg.max_accuracy_drop
@@ -249,46 +263,53 @@ def _try_candidates(ref: _Reference, names: list[str]) -> list[tuple[dict, nn.Mo
         names
         and ref.qcfg.qat_on_drop
         and QAT not in names
-        and not any(select.within_budget(c, budget) for c, _ in tried)
+        and not any(select.within_budget(t.info, budget) for t in tried)
     ):
         log.info("no post-training int8 model within %.4f: trying QAT", budget)
         tried.append(_attempt(ref, QAT))
     return tried
 
 
-def _measure_latency(ref: _Reference, tried: list[tuple[dict, nn.Module | None]]) -> None:
+# The batch sizes every candidate is timed at (Candidate has a field per size).
+LATENCY_BATCHES = (1, 64)
+
+
+def _measure_latency(ref: _Reference, tried: list[_Tried]) -> None:
     """Batch-1 and batch-64 latency of fp32 and every built candidate, timed side by side;
     written into the candidates' infos and ``ref.info``."""
     from kubetrain.tasks.measure import compare_latency, latency_inputs
 
-    built = {c["name"]: m for c, m in tried if m is not None}
+    built = {t.info.name: t.model for t in tried if t.model is not None}
     if not built:
         return
     fp32_name = "none/fp32"
     runs = {fp32_name: ref.model, **built}
     x_val, y_val = ref.task.examples("val", 64, seed=ref.qcfg.seed)
     inputs = latency_inputs(x_val, y_val, ref.task.data.kind)
-    for batch in (1, 64):
+    timed = [t.info for t in tried if t.info.name in built]
+    for batch in LATENCY_BATCHES:
         lat = compare_latency(runs, inputs, None, batch, ref.qcfg.latency_repeats)
-        for c, _ in tried:
-            if c["name"] in lat:
-                c[f"latency_ms_b{batch}"] = lat[c["name"]]["median"]
-                c[f"latency_ms_b{batch}_min"] = lat[c["name"]]["min"]
-                c[f"latency_ms_b{batch}_max"] = lat[c["name"]]["max"]
-        ref.info[f"latency_ms_b{batch}"] = lat[fp32_name]["median"]
+        for c in timed:
+            setattr(c, f"latency_ms_b{batch}", lat[c.name]["median"])
+            setattr(c, f"latency_ms_b{batch}_min", lat[c.name]["min"])
+            setattr(c, f"latency_ms_b{batch}_max", lat[c.name]["max"])
+        setattr(ref.info, f"latency_ms_b{batch}", lat[fp32_name]["median"])
         tokens = lat[fp32_name]["tokens"]
         if tokens:  # a text model: token positions per second too
-            for c in [ref.info] + [c for c, _ in tried if f"latency_ms_b{batch}" in c]:
-                c[f"tokens_per_second_b{batch}"] = tokens * 1e3 / c[f"latency_ms_b{batch}"]
-    for c, _ in tried:
-        if "latency_ms_b64" in c:
-            c["latency_ratio_b64"] = c["latency_ms_b64"] / ref.info["latency_ms_b64"]
-            c["latency_ratio_b1"] = c["latency_ms_b1"] / ref.info["latency_ms_b1"]
-            c["samples_per_second_b64"] = 64e3 / c["latency_ms_b64"]
-    ref.info["samples_per_second_b64"] = 64e3 / ref.info["latency_ms_b64"]
+            for c in [ref.info, *timed]:
+                ms = c.latency_ms(batch) or float("inf")
+                setattr(c, f"tokens_per_second_b{batch}", tokens * 1e3 / ms)
+    fp32_b1, fp32_b64 = ref.info.latency_ms_b1 or 1.0, ref.info.latency_ms_b64 or 1.0
+    for c in timed:
+        b1, b64 = c.latency_ms_b1 or 0.0, c.latency_ms_b64 or 0.0
+        c.latency_ratio_b64, c.latency_ratio_b1 = b64 / fp32_b64, b1 / fp32_b1
+        c.samples_per_second_b64 = 64e3 / b64
+    ref.info.samples_per_second_b64 = 64e3 / fp32_b64
 
 
-def _decide(ref: _Reference, candidates: list[dict], tried_any: bool) -> tuple[dict | None, str]:
+def _decide(
+    ref: _Reference, candidates: list[Candidate], tried_any: bool
+) -> tuple[Candidate | None, str]:
     """The gate and the choice: (chosen candidate or None for fp32, the one-line decision).
 
     Raises KubetrainError when nothing passes the gate and ``on_drop`` is ``fail``.
@@ -312,34 +333,35 @@ def _decide(ref: _Reference, candidates: list[dict], tried_any: bool) -> tuple[d
 def _quantize(
     model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig,
     task: Task | None,
-) -> dict:  # fmt: skip
+) -> QuantInfo:  # fmt: skip
     started = time.perf_counter()
     ref = _reference(model_dir, dataset_dir, out_dir, qcfg, task)
     names = _candidate_names(qcfg, ref.token_inputs)
     tried = _try_candidates(ref, names)
     _measure_latency(ref, tried)
-    candidates = [c for c, _ in tried]
+    candidates = [t.info for t in tried]
     chosen, decision = _decide(ref, candidates, bool(names))
     log.info("quantize: %s", decision)
-    _publish(Path(chosen["dir"]) if chosen else ref.work / "none_fp32", out_dir)
+    chosen_dir = next((t.dir for t in tried if t.info is chosen), ref.work / "none_fp32")
+    _publish(chosen_dir, out_dir)
     fp32 = ref.info
-    fp32.update(val_metric=ref.accuracy, size_ratio=1.0, accuracy_drop=0.0, metric=ref.metric)
-    if ref.metric == "accuracy":
-        fp32["val_accuracy"] = ref.accuracy
-    info = {
-        **{k: v for k, v in (chosen or fp32).items() if k not in ("dir", "verdict")},
-        "decision": decision,
-        "gate_passed": chosen is not None or not names,
-        "max_accuracy_drop": qcfg.max_accuracy_drop,
-        "metric": ref.metric,
-        "fp32": {k: v for k, v in fp32.items() if k != "dir"},
-        "fp32_size_bytes": fp32["size_bytes"],
-        "fp32_file_bytes": fp32["file_bytes"],
-        "fp32_state_dict_bytes": (model_dir / MODEL_WEIGHTS).stat().st_size,
-        "candidates": [{k: v for k, v in c.items() if k != "dir"} for c in candidates],
-        "quantize_seconds": time.perf_counter() - started,
-        "threads": torch.get_num_threads(),
-    }
+    _score(fp32, ref, ref.accuracy)
+    fp32.size_ratio = 1.0
+    kept = (chosen or fp32).model_dump(exclude={"verdict", "metric"})
+    info = QuantInfo(
+        **kept,
+        metric=ref.metric,
+        decision=decision,
+        gate_passed=chosen is not None or not names,
+        max_accuracy_drop=qcfg.max_accuracy_drop,
+        fp32=fp32,
+        fp32_size_bytes=fp32.size_bytes,
+        fp32_file_bytes=fp32.file_bytes,
+        fp32_state_dict_bytes=(model_dir / MODEL_WEIGHTS).stat().st_size,
+        candidates=candidates,
+        threads=torch.get_num_threads(),
+    )
+    info.quantize_seconds = time.perf_counter() - started
     shutil.rmtree(ref.work, ignore_errors=True)
     QuantizedModel(out_dir, info).save(out_dir)  # last: marks a complete artifact
     return info

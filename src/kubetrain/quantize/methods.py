@@ -17,7 +17,6 @@ Models that take token ids (the text Transformers) get the Linear-layer methods 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 import warnings
@@ -31,6 +30,7 @@ from torch import nn
 
 from kubetrain.core.artifacts import QUANT_INFO, QUANT_PROGRAM, QUANT_SCRIPT, QUANT_STATE_DICT
 from kubetrain.core.errors import KubetrainError
+from kubetrain.core.records import Candidate, QatStats
 from kubetrain.quantize import artifact
 from kubetrain.quantize.config import CANDIDATES, QuantizeConfig
 
@@ -54,9 +54,7 @@ def not_applicable(name: str, token_inputs: bool) -> str | None:
     return None
 
 
-def build_state_dict(
-    name: str, model: nn.Module, qcfg: QuantizeConfig, out_dir: Path
-) -> dict[str, Any]:
+def build_state_dict(name: str, model: nn.Module, qcfg: QuantizeConfig, out_dir: Path) -> Candidate:
     """Candidate ``name`` for a model that takes token ids: a copy of ``model`` with its Linear
     layers in int8 (``artifact.quantize_linear``), saved as a state dict; returns its info."""
     method, backend = name.split("/")
@@ -66,27 +64,27 @@ def build_state_dict(
     if method != "none":
         qmodel = artifact.quantize_linear(qmodel, method, backend)
     info = _save_state(qmodel, out_dir, name, method, backend)
-    info["quantize_seconds"] = time.perf_counter() - started
-    (out_dir / QUANT_INFO).write_text(json.dumps(info, indent=2))
+    info.quantize_seconds = time.perf_counter() - started
+    info.write(out_dir / QUANT_INFO)
     return info
 
 
-def _save_state(model: nn.Module, out_dir: Path, name: str, method: str, backend: str) -> dict:
+def _save_state(model: nn.Module, out_dir: Path, name: str, method: str, backend: str) -> Candidate:
     path = out_dir / QUANT_STATE_DICT
     torch.save(model.state_dict(), path)
     size = path.stat().st_size
-    return {
-        "name": name,
-        "method": method,
-        "backend": backend,
-        "format": artifact.STATE_DICT_FORMAT,
-        "file": QUANT_STATE_DICT,
-        "runtime": "eager",
-        "imports": ["torchao"] if backend == "torchao" else [],
+    return Candidate(
+        name=name,
+        method=method,
+        backend=backend,
+        format=artifact.STATE_DICT_FORMAT,
+        file=QUANT_STATE_DICT,
+        runtime="eager",
+        imports=["torchao"] if backend == "torchao" else [],
         # A state dict is little besides its tensors: its size is the weights' size.
-        "size_bytes": size,
-        "file_bytes": size,
-    }
+        size_bytes=size,
+        file_bytes=size,
+    )
 
 
 def candidate_for(method: str, qcfg: QuantizeConfig) -> str:
@@ -108,7 +106,7 @@ def build(
     input_shape: list[int],
     qcfg: QuantizeConfig,
     out_dir: Path,
-) -> dict[str, Any]:
+) -> Candidate:
     """Quantize a copy of ``model`` as candidate ``name`` into ``out_dir``; returns its info."""
     method, backend = name.split("/")
     started = time.perf_counter()
@@ -116,11 +114,12 @@ def build(
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(qcfg.seed)
     example = _batch(x_train, input_shape, torch.randperm(len(x_train), generator=gen)[:64])
-    info: dict[str, Any] = {"name": name, "method": method, "backend": backend}
+    info = Candidate(name=name, method=method, backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation and export chatter
         if backend == "fbgemm":
-            info.update(_fbgemm_dynamic(model, example, out_dir))
+            _fbgemm_dynamic(model, example, out_dir)
+            info.format, info.file, info.runtime = "torchscript", QUANT_SCRIPT, "torchscript"
         else:
             if method in ("weight_only_int8", "dynamic_int8"):
                 _torchao(model, method)
@@ -128,19 +127,15 @@ def build(
                 idx = torch.randperm(len(x_train), generator=gen)[: qcfg.calibration_samples]
                 model = _pt2e_static(model, _batch(x_train, input_shape, idx), example, qcfg)
             elif method == "qat_int8":
-                model, info["qat"] = _pt2e_qat(model, x_train, y_train, input_shape, qcfg)
-            imports = artifact.export_program(model, example, out_dir / QUANT_PROGRAM)
-            info.update(
-                format="torch.export",
-                file=QUANT_PROGRAM,
-                runtime="inductor" if backend == "x86_inductor" else "eager",
-                imports=imports,
-            )
-    path = out_dir / info["file"]
-    info["size_bytes"] = artifact.tensor_bytes(path)
-    info["file_bytes"] = path.stat().st_size
-    info["quantize_seconds"] = time.perf_counter() - started
-    (out_dir / QUANT_INFO).write_text(json.dumps(info, indent=2))
+                model, info.qat = _pt2e_qat(model, x_train, y_train, input_shape, qcfg)
+            info.imports = artifact.export_program(model, example, out_dir / QUANT_PROGRAM)
+            info.format, info.file = "torch.export", QUANT_PROGRAM
+            info.runtime = "inductor" if backend == "x86_inductor" else "eager"
+    path = out_dir / (info.file or QUANT_PROGRAM)
+    info.size_bytes = artifact.tensor_bytes(path)
+    info.file_bytes = path.stat().st_size
+    info.quantize_seconds = time.perf_counter() - started
+    info.write(out_dir / QUANT_INFO)
     return info
 
 
@@ -162,7 +157,8 @@ def _torchao(model: nn.Module, method: str) -> None:
     unwrap_tensor_subclass(model)
 
 
-def _fbgemm_dynamic(model: nn.Module, example: torch.Tensor, out_dir: Path) -> dict[str, Any]:
+def _fbgemm_dynamic(model: nn.Module, example: torch.Tensor, out_dir: Path) -> None:
+    """``quantize_dynamic`` (fbgemm) of the Linear layers, saved as frozen TorchScript."""
     from torch.ao.quantization import quantize_dynamic
 
     if "fbgemm" not in torch.backends.quantized.supported_engines:
@@ -172,7 +168,6 @@ def _fbgemm_dynamic(model: nn.Module, example: torch.Tensor, out_dir: Path) -> d
     with torch.inference_mode():
         script = torch.jit.freeze(torch.jit.trace(qmodel, example))
     script.save(str(out_dir / QUANT_SCRIPT))
-    return {"format": "torchscript", "file": QUANT_SCRIPT, "runtime": "torchscript"}
 
 
 def _x86_quantizer(qcfg: QuantizeConfig, is_qat: bool = False):
@@ -249,7 +244,7 @@ def _pt2e_qat(
     y_train: np.ndarray,
     input_shape: list[int],
     qcfg: QuantizeConfig,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, QatStats]:
     """Fake-quantize with the x86 quantizer's QAT config, set the activation ranges
     (``qcfg.qat_activation_ranges``), fine-tune, convert to int8.
 
@@ -265,7 +260,6 @@ def _pt2e_qat(
     with the wrong eps: MobileNetV3 QAT lost 40-60 points where static int8 lost 2.
     """
     from torchao.quantization.pt2e import (
-        disable_observer,
         move_exported_model_to_eval,
         move_exported_model_to_train,
     )
@@ -287,12 +281,26 @@ def _pt2e_qat(
 
     y = torch.from_numpy(y_train)
     idx = torch.randperm(len(x_train), generator=gen)[: qcfg.calibration_samples]
-    info: dict[str, Any] = {"epochs": qcfg.qat_epochs, "lr": qcfg.qat_lr}
+    info = QatStats(epochs=qcfg.qat_epochs, lr=qcfg.qat_lr)
     mode(train=False)
-    info["activation_ranges"] = _qat_ranges(
+    info.activation_ranges = _qat_ranges(
         prepared, _batch(x_train, input_shape, idx), qcfg.qat_activation_ranges
     )
     mode(train=True)
+    info.train_loss = _fine_tune(prepared, x_train, y, input_shape, qcfg, bs, gen)
+    mode(train=False)
+    converted = _strip_unused(convert_pt2e(prepared))
+    return converted, info
+
+
+def _fine_tune(
+    prepared: torch.fx.GraphModule, x_train: np.ndarray, y: torch.Tensor, input_shape: list[int],
+    qcfg: QuantizeConfig, bs: int, gen: torch.Generator,
+) -> list[float]:  # fmt: skip
+    """``qcfg.qat_epochs`` epochs of Adam on whole batches of the training samples, the last
+    with every observer frozen; returns the mean loss of each epoch."""
+    from torchao.quantization.pt2e import disable_observer
+
     optimizer = torch.optim.Adam(prepared.parameters(), lr=qcfg.qat_lr)
     losses = []
     for epoch in range(qcfg.qat_epochs):
@@ -308,9 +316,7 @@ def _pt2e_qat(
             optimizer.step()
             total, count = total + loss.item() * bs, count + bs
         losses.append(total / max(count, 1))
-    mode(train=False)
-    converted = _strip_unused(convert_pt2e(prepared))
-    return converted, {**info, "train_loss": losses}
+    return losses
 
 
 _BATCH_NORMS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default)
@@ -361,7 +367,7 @@ def _qat_ranges(prepared: torch.fx.GraphModule, x: torch.Tensor, mode: str) -> d
     Returns the mode, and with ``search`` the chosen fractions and the output error before and
     after.
     """
-    from torchao.quantization.pt2e import FakeQuantizeBase, disable_fake_quant, enable_fake_quant
+    from torchao.quantization.pt2e import disable_fake_quant, enable_fake_quant
 
     with torch.no_grad():
         prepared.apply(disable_fake_quant)
@@ -369,15 +375,7 @@ def _qat_ranges(prepared: torch.fx.GraphModule, x: torch.Tensor, mode: str) -> d
         prepared.apply(enable_fake_quant)
         if mode == "minmax":
             return {"mode": mode}
-        acts = {}
-        for node in prepared.graph.nodes:
-            module = prepared.get_submodule(node.target) if node.op == "call_module" else None
-            if (
-                isinstance(module, FakeQuantizeBase)
-                and not module.is_per_channel
-                and node.args[0].op != "get_attr"  # a weight, not an activation
-            ):
-                acts[node.target] = module
+        acts = _activation_quantizers(prepared)
         fp32 = {}
         for name, fq in acts.items():
             fq.disable_observer()
@@ -410,8 +408,25 @@ def _qat_ranges(prepared: torch.fx.GraphModule, x: torch.Tensor, mode: str) -> d
         }
 
 
-def _set_range(fq: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
-    """Fix a fused fake-quantizer's range: its scale now, and what ``convert_pt2e`` reads."""
+def _activation_quantizers(prepared: torch.fx.GraphModule) -> dict[str, Any]:
+    """The per-tensor fake-quantizers of activations (not of weights), by node, in graph order."""
+    from torchao.quantization.pt2e import FakeQuantizeBase
+
+    acts = {}
+    for node in prepared.graph.nodes:
+        module = prepared.get_submodule(node.target) if node.op == "call_module" else None
+        if (
+            isinstance(module, FakeQuantizeBase)
+            and not module.is_per_channel
+            and node.args[0].op != "get_attr"  # a weight, not an activation
+        ):
+            acts[node.target] = module
+    return acts
+
+
+def _set_range(fq: Any, low: torch.Tensor, high: torch.Tensor) -> None:
+    """Fix a fused fake-quantizer's range (``fq``: torchao's ``FusedMovingAvgObsFakeQuantize``)
+    : its scale now, and what ``convert_pt2e`` reads."""
     obs = fq.activation_post_process
     obs.min_val.copy_(low)
     obs.max_val.copy_(high)
@@ -420,25 +435,25 @@ def _set_range(fq: nn.Module, low: torch.Tensor, high: torch.Tensor) -> None:
     fq.zero_point.copy_(zero_point)
 
 
-def fp32_program(model: nn.Module, example: torch.Tensor, out_dir: Path) -> dict[str, Any]:
+def fp32_program(model: nn.Module, example: torch.Tensor, out_dir: Path) -> Candidate:
     """The fp32 model as an exported program (what ``on_drop: keep_fp32`` ships); a model
     that takes token ids as a state dict, like its int8 candidates."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if not example.is_floating_point():
         info = _save_state(model.eval(), out_dir, "none/fp32", "none", "fp32")
-        (out_dir / QUANT_INFO).write_text(json.dumps(info, indent=2))
+        info.write(out_dir / QUANT_INFO)
         return info
     imports = artifact.export_program(model.eval(), example, out_dir / QUANT_PROGRAM)
-    info = {
-        "name": "none/fp32",
-        "method": "none",
-        "backend": "fp32",
-        "format": "torch.export",
-        "file": QUANT_PROGRAM,
-        "runtime": "eager",
-        "imports": imports,
-        "size_bytes": artifact.tensor_bytes(out_dir / QUANT_PROGRAM),
-        "file_bytes": (out_dir / QUANT_PROGRAM).stat().st_size,
-    }
-    (out_dir / QUANT_INFO).write_text(json.dumps(info, indent=2))
+    info = Candidate(
+        name="none/fp32",
+        method="none",
+        backend="fp32",
+        format="torch.export",
+        file=QUANT_PROGRAM,
+        runtime="eager",
+        imports=imports,
+        size_bytes=artifact.tensor_bytes(out_dir / QUANT_PROGRAM),
+        file_bytes=(out_dir / QUANT_PROGRAM).stat().st_size,
+    )
+    info.write(out_dir / QUANT_INFO)
     return info

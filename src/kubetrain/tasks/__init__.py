@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.core.records import DatasetMeta
     from kubetrain.data.config import DataConfig
     from kubetrain.tasks.base import Task
     from kubetrain.tasks.config import TaskConfig
@@ -81,7 +82,7 @@ def kind_of(cfg: DataConfig) -> str:
     return "tabular"
 
 
-def build_dataset(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
+def build_dataset(cfg: DataConfig, out_dir: str | Path) -> DatasetMeta:
     """Preprocess: the dataset artifact of ``cfg`` in ``out_dir``; returns its meta.
 
     Raises:
@@ -126,7 +127,6 @@ def task_for_model(dataset_dir: str | Path, model_dir: str | Path) -> Task:
     data = DatasetArtifact.load(dataset_dir)
     spec = TrainedModel.load(model_dir).spec
     cfg = TaskConfig.model_validate(
-        {"data": spec.get("data_config") or data.meta.get("config") or {},
-         "model": spec.get("config") or {}, "evaluate": spec.get("evaluate") or {}}
-    )  # fmt: skip
+        {"data": spec.data_config, "model": spec.config, "evaluate": spec.evaluate or {}}
+    )
     return open_task(cfg, data)

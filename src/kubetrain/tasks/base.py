@@ -18,16 +18,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kubetrain.core.artifacts import Scores
+
 if TYPE_CHECKING:
     from kubetrain.core.artifacts import DatasetArtifact
     from kubetrain.core.distributed import DistContext
+    from kubetrain.core.records import NetworkSpec
     from kubetrain.models.config import ModelConfig
     from kubetrain.tasks.config import ScoringConfig, TaskConfig
 
@@ -49,7 +51,6 @@ class BatchPlan(Protocol):
     def seed(self) -> int:
         """Seed of the shuffle (and of everything else random)."""
 
-    @property
     def tokens_per_micro_batch(self) -> int | None:
         """Text: a micro-batch's token budget per process, if batches are sized by tokens."""
 
@@ -71,26 +72,6 @@ class TrainBatches(ABC):
     @abstractmethod
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the epoch: ``(steps - start_step) * grad_accum_steps`` micro-batches."""
-
-
-@dataclass
-class Scores:
-    """A model's results on one split: the primary metric, everything else, and examples.
-
-    ``metric``: the name of the primary metric (``accuracy``, ``bleu``, ...); ``values`` holds
-    it and the rest (top-5, macro-F1, per-class accuracy, confusion matrix ...); ``examples``:
-    a few predictions beside references for the report.
-    """
-
-    metric: str
-    values: dict[str, Any]
-    examples: list[dict[str, Any]] = field(default_factory=list)
-    samples: int = 0
-    seconds: float = 0.0
-
-    @property
-    def value(self) -> float:
-        return float(self.values[self.metric])
 
 
 class Task(ABC):
@@ -116,7 +97,7 @@ class Task(ABC):
         return self
 
     # -- the model -----------------------------------------------------------------------------
-    def model_spec(self, model: ModelConfig) -> dict[str, Any]:
+    def model_spec(self, model: ModelConfig) -> NetworkSpec:
         """What ``kubetrain.models.networks.build_from_spec`` needs to rebuild the network in
         another process (quantize, evaluate, a serving pod)."""
         from kubetrain.models.networks import model_spec

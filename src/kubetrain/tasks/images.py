@@ -24,7 +24,6 @@ import logging
 import os
 import posixpath
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -36,6 +35,8 @@ import torch
 from torch import nn
 
 from kubetrain.core.errors import ConfigError, DataError
+from kubetrain.core.io import atomic_directory
+from kubetrain.core.records import ImageMeta
 from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
 from kubetrain.tasks.stream import StreamBatches
 
@@ -176,7 +177,7 @@ def preflight(cfg: DataConfig) -> None:
     transforms(data, 2, "RGB" if data.image_mode == "RGB" else "L", [0.5], [0.5])
 
 
-def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
+def build(cfg: DataConfig, out_dir: str | Path) -> ImageMeta:
     """Preprocess: the image dataset of ``cfg`` as shards in ``out_dir`` (or, for a source that
     already is a sharded dataset, a reference to it), then ``meta.json``.
 
@@ -185,20 +186,17 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
         out_dir: the dataset artifact's directory.
 
     Returns:
-        The meta: ``format_version``, ``kind`` (``images``), ``version`` (the shard manifest's
-        content version), ``classes``, ``input_shape`` ([C, H, W] after the eval transforms),
-        ``sizes``, ``class_counts`` (per split, by class name), ``source``, ``config``,
-        ``image_mode``, ``mean``/``std`` (per channel, 0..1, of the training split), ``root``
-        (where the shards are, when not in ``out_dir``), ``num_skipped``, ``notes`` (a line
-        saying how many images were skipped and why, if any were), ``preprocess_seconds``.
+        The meta (``ImageMeta``): the shard manifest's content version, the model's input
+        shape after the eval transforms, the training split's per-channel mean and std, the
+        class counts per split, ``root`` when the shards are not in ``out_dir``, ``notes`` (a
+        line saying how many images were skipped and why, if any were).
 
     Raises:
         ConfigError: no torchvision; transforms that do not build.
         DataError: the source is missing or malformed, nothing decodes, or the images differ in
             size and neither ``data.image_size`` nor the eval transforms give one size.
     """
-    from kubetrain.core.artifacts import DATASET_FORMAT_VERSION, DATASET_META
-    from kubetrain.core.io import write_json
+    from kubetrain.core.artifacts import DATASET_META, DatasetArtifact
     from kubetrain.data.images import build_image_dataset, skipped_note
     from kubetrain.data.shards import read_manifest
 
@@ -228,30 +226,27 @@ def build(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     classes = list(manifest.meta["classes"])
     mean, std = channel_stats(root or str(out), manifest, options)
     shape = model_input_shape(cfg, manifest.meta.get("input_shape"), len(classes), mode, mean, std)
-    meta = {
-        "format_version": DATASET_FORMAT_VERSION,
-        "kind": "images",
-        "version": manifest.version,
-        "source": cfg.source,
-        "classes": classes,
-        "input_shape": shape,
-        "stored_shape": manifest.meta.get("input_shape"),
-        "image_mode": mode,
-        "mean": mean,
-        "std": std,
-        "sizes": {s: manifest.num_samples(s) for s in ("train", "val", "test")},
-        "class_counts": {
+    meta = ImageMeta(
+        version=manifest.version,
+        source=cfg.source,
+        classes=classes,
+        input_shape=shape,
+        stored_shape=manifest.meta.get("input_shape"),
+        image_mode=mode,
+        mean=mean,
+        std=std,
+        sizes={s: manifest.num_samples(s) for s in ("train", "val", "test")},
+        class_counts={
             split: {classes[int(k)]: v for k, v in counts.items()}
             for split, counts in manifest.class_counts.items()
         },
-        "num_skipped": manifest.provenance.get("num_skipped", 0),
-        "notes": [n for n in [skipped_note(manifest.provenance)] if n],
-        "config": cfg.model_dump(mode="json"),
-        "preprocess_seconds": round(time.perf_counter() - started, 3),
-    }
-    if root is not None:
-        meta["root"] = root
-    write_json(out / DATASET_META, meta)  # last: marks the artifact complete
+        num_skipped=manifest.provenance.get("num_skipped", 0),
+        notes=[n for n in [skipped_note(manifest.provenance)] if n],
+        config=cfg.model_dump(mode="json"),
+        preprocess_seconds=round(time.perf_counter() - started, 3),
+        root=root,
+    )
+    DatasetArtifact.write_meta(out, meta)  # last: marks the artifact complete
     return meta
 
 
@@ -298,9 +293,8 @@ def fashion_mnist_folder(limit: int | None = None) -> Path:
     if folder.is_dir():
         return folder
     started = time.perf_counter()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fashion-mnist-", dir=folder.parent))
-    try:
+    # Another process converting it at the same time: the first to finish wins, both use it.
+    with atomic_directory(folder, replace=False) as tmp:
         written: dict[str, int] = {}
         for images, labels in files:
             left = None if per_class is None else per_class - min(written.values(), default=0)
@@ -312,13 +306,6 @@ def fashion_mnist_folder(limit: int | None = None) -> Path:
             for name, n in part.items():
                 written[name] = written.get(name, 0) + n
         _merge_class_folders(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process converted it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("Fashion-MNIST -> %s in %.1f s", folder, time.perf_counter() - started)
     return folder
 
@@ -346,7 +333,8 @@ def channel_stats(
 
     mode = manifest.meta["image_mode"]
     total = count = 0
-    sums = squares = None
+    sums: np.ndarray | None = None
+    squares: np.ndarray | None = None
     for shard in manifest.splits.get("train", []):
         for data in read_shard(root, shard, options)["image"]:
             with Image.open(io.BytesIO(data)) as img:
@@ -360,7 +348,7 @@ def channel_stats(
                 break
         if count >= limit:
             break
-    if not total:
+    if not total or sums is None or squares is None:
         raise DataError(f"data error: {root}: the training split has no images")
     mean = sums / total
     std = np.sqrt(np.maximum(squares / total - mean * mean, 1e-12))
@@ -436,7 +424,7 @@ def transforms(
     )
     collate = BatchCollate(batch_specs(cfg), num_classes)
     if check:
-        check_transforms(train, evaluate, collate)
+        check_transforms(train.inner, evaluate.inner, collate)
     return train, evaluate, collate
 
 
@@ -478,18 +466,18 @@ class ImageTask(Task):
     def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         require_torchvision()
         super().__init__(cfg, data)
-        meta = data.meta
-        self.mode = meta.get("image_mode", "RGB")
+        meta = data.meta_of(ImageMeta)
+        self.mode = meta.image_mode
         self.options = dict(cfg.data.storage_options)
         self.train_transform, self.eval_transform, self.collate = transforms(
-            cfg.data, data.num_classes, self.mode, meta["mean"], meta["std"]
+            cfg.data, data.num_classes, self.mode, meta.mean, meta.std
         )
         # The model's input: what the (possibly tuned) eval transforms make of a stored image.
-        stored = meta.get("stored_shape") or meta["input_shape"]
+        stored = meta.stored_shape or meta.input_shape
         shape = list(self.eval_transform.blank(stored[1], stored[2]).shape)
-        if shape != list(meta["input_shape"]):
-            self.data = type(data)(path=data.path, meta={**meta, "input_shape": shape},
-                                   arrays=data.arrays)  # fmt: skip
+        if shape != list(meta.input_shape):
+            meta = meta.model_copy(update={"input_shape": shape})
+            self.data = type(data)(path=data.path, meta=meta, arrays=data.arrays)
         self._manifest: ShardManifest | None = None
 
     @property
@@ -513,7 +501,8 @@ class ImageTask(Task):
         """On CUDA in ``channels_last`` (cuDNN's fast layout for convolutions); on the CPU as
         it is (measured: no gain for the small networks trained there, README "Vision")."""
         if device.type == "cuda":
-            return model.to(device, memory_format=torch.channels_last)
+            # Module.to takes memory_format (torch documents it); its type stubs omit it.
+            return model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         return model.to(device)
 
     def to_device(self, batch: Batch, device: torch.device) -> Batch:
@@ -550,7 +539,7 @@ class ImageTask(Task):
             "val", EVAL_BATCH, self.eval_transform, rank=ctx.rank, world_size=ctx.world_size,
             shuffle=False,
         )  # fmt: skip
-        loss_sum, correct, count = 0.0, 0, 0
+        loss_sum, correct, count = 0.0, 0.0, 0.0
         was_training = model.training
         model.eval()
         with torch.inference_mode():

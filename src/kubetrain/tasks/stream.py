@@ -127,8 +127,10 @@ class StreamBatches(TrainBatches):
     def _window_counts(self) -> list[int]:
         """Batches per window of the current epoch on this rank, in the loader's order."""
         ds, w = self.dataset, self.windows
+        assert w is not None  # only with windows: see _epoch_batches
         if w.per_samples is not None:
             return _sized_window_counts(ds, w.per_samples, ds.rank)
+        assert w.count is not None, "Windows without per_samples need count"
         counting = copy.copy(ds)
         counting.collate = w.count
         counting.set_epoch(ds.epoch)
@@ -149,6 +151,7 @@ class StreamBatches(TrainBatches):
                 sum(_sized_window_counts(ds, self.windows.per_samples, r))
                 for r in range(ds.world_size)
             )
+        assert self.windows.agree is not None, "Windows without per_samples need agree"
         return self.windows.agree(sum(self._counts))
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:

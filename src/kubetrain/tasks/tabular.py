@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from kubetrain.core.records import TabularMeta
 from kubetrain.data.loader import ArrayDataset, GlobalBatchSampler, make_train_loader
 from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task, TrainBatches
 
 if TYPE_CHECKING:
     from kubetrain.core.distributed import DistContext
+    from kubetrain.data.config import DataConfig
 
 
 class ArrayBatches(TrainBatches):
@@ -90,8 +93,8 @@ class TabularTask(Task):
         return Scores("accuracy", values, samples=len(y), seconds=seconds)
 
 
-def build(cfg, out_dir) -> dict:
+def build(cfg: DataConfig, out_dir: str | Path) -> TabularMeta:
     """Preprocess: read, clean, split, normalise (``kubetrain.data.dataset``); returns the meta."""
     from kubetrain.data.dataset import build_dataset
 
-    return build_dataset(cfg, out_dir).meta
+    return build_dataset(cfg, out_dir).meta_of(TabularMeta)

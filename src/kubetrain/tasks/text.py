@@ -35,14 +35,15 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kubetrain.core.io import write_json
+from kubetrain.core.artifacts import DatasetArtifact
+from kubetrain.core.records import NetworkSpec, TextDatasetMeta
 from kubetrain.data.batching import BucketingCollate, PaddingMeter
 from kubetrain.data.streaming import StreamingDataset
 from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
@@ -50,8 +51,8 @@ from kubetrain.tasks.config import ScoringConfig
 from kubetrain.tasks.stream import StreamBatches, Windows
 
 if TYPE_CHECKING:
-    from kubetrain.core.artifacts import DatasetArtifact
     from kubetrain.core.distributed import DistContext
+    from kubetrain.data.config import DataConfig
     from kubetrain.models.config import ModelConfig
     from kubetrain.tasks.config import TaskConfig
 
@@ -59,13 +60,12 @@ log = logging.getLogger(__name__)
 # rouge-score logs "Using default tokenizer." at INFO for every scorer it makes.
 logging.getLogger("absl").setLevel(logging.WARNING)
 
-FORMAT_VERSION = 1
 WINDOW_BATCHES = 32  # batches' worth of samples sorted by length at once
 EVAL_BATCH = 128  # samples per batch when scoring (no gradients: larger is faster)
 MAX_EXAMPLES = 32
 
 
-def build(cfg, out_dir: Path) -> dict[str, Any]:
+def build(cfg: DataConfig, out_dir: Path) -> TextDatasetMeta:
     """Preprocess a text source into ``out_dir`` (tokenizer, token shards, ``text.json``) and
     write ``meta.json`` last; returns the meta.
 
@@ -84,29 +84,28 @@ def build(cfg, out_dir: Path) -> dict[str, Any]:
 
     digest = hashlib.sha256(manifest.version.encode())
     digest.update((Path(out_dir) / TOKENIZER_FILE).read_bytes())
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "kind": cfg.task,
-        "version": digest.hexdigest()[:16],
-        "source": cfg.source,
-        "classes": text.classes,
-        "input_shape": [text.max_length],
-        "sizes": dict(text.samples),
-        "tokens": dict(text.tokens),
-        "vocab_size": text.vocab_size,
-        "special_ids": text.special_ids,
-        "max_length": text.max_length,
-        "rows": text.rows,
-        "skipped_empty": text.skipped_empty,
-        "truncated": text.truncated,
-        "notes": count_notes(cfg.source, text),
-        "tokenize_seconds": text.tokenize_seconds,
-        "tokenize_processes": text.tokenize_processes,
-        "class_counts": manifest.class_counts.get("train") if text.classes else None,
-        "config": cfg.model_dump(mode="json"),
-        "preprocess_seconds": round(time.perf_counter() - started, 3),
-    }
-    write_json(Path(out_dir) / "meta.json", meta)
+    meta = TextDatasetMeta(
+        kind=cfg.task,
+        version=digest.hexdigest()[:16],
+        source=cfg.source,
+        classes=text.classes,
+        input_shape=[text.max_length],
+        sizes=dict(text.samples),
+        tokens=dict(text.tokens),
+        vocab_size=text.vocab_size,
+        special_ids=text.special_ids,
+        max_length=text.max_length,
+        rows=text.rows,
+        skipped_empty=text.skipped_empty,
+        truncated=text.truncated,
+        notes=count_notes(cfg.source, text),
+        tokenize_seconds=text.tokenize_seconds,
+        tokenize_processes=text.tokenize_processes,
+        class_counts=manifest.class_counts.get("train") if text.classes else None,
+        config=cfg.model_dump(mode="json"),
+        preprocess_seconds=round(time.perf_counter() - started, 3),
+    )
+    DatasetArtifact.write_meta(out_dir, meta)  # last: marks the artifact complete
     return meta
 
 
@@ -126,27 +125,25 @@ class TextTask(Task):
 
     def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         super().__init__(cfg, data)
-        self.meta = data.meta
-        self.pad_id = int(data.meta["special_ids"]["pad"])
-        self.max_length = int(data.meta["max_length"])
+        self.meta = data.meta_of(TextDatasetMeta)
+        self.pad_id = self.meta.special_ids["pad"]
+        self.max_length = self.meta.max_length
         self.padding = PaddingMeter(self.pad_id)
         self._tokenizer = None
 
     # -- the model -----------------------------------------------------------------------------
-    def model_spec(self, model: ModelConfig) -> dict[str, Any]:
+    def model_spec(self, model: ModelConfig) -> NetworkSpec:
         from kubetrain.models.text import text_spec
 
-        return {
-            "config": model.model_dump(mode="json"),
-            "input_shape": list(self.data.input_shape),
-            "num_classes": len(self.data.classes) if self.data.meta.get("classes") else None,
-            "text": text_spec(self.meta),
+        return NetworkSpec(
+            config=model.model_dump(mode="json"),
+            input_shape=list(self.data.input_shape),
+            num_classes=len(self.data.classes) if self.meta.classes else None,
+            text=text_spec(self.meta),
             # Decoding settings travel with the model: quantize and evaluate rebuild the
             # task from the model artifact (kubetrain.tasks.task_for_model).
-            "evaluate": self.scoring.model_dump(
-                mode="json", include=set(ScoringConfig.model_fields)
-            ),
-        }
+            evaluate=self.scoring.model_dump(mode="json", include=set(ScoringConfig.model_fields)),
+        )
 
     def build_model(self, model: ModelConfig) -> nn.Module:
         from kubetrain.models.text import build_text_network, text_spec
@@ -206,7 +203,7 @@ class TextTask(Task):
         if tokens is not None:
             # A window of about WINDOW_BATCHES budgets of average-length sequences.
             per_sample = max(
-                1.0, self.meta["tokens"]["train"] / max(1, self.meta["sizes"]["train"])
+                1.0, self.meta.tokens["train"] / max(1, self.meta.num_samples("train"))
             )
             window = max(64, int(WINDOW_BATCHES * tokens / per_sample))
             micro = max(1, int(tokens / per_sample))
@@ -217,7 +214,8 @@ class TextTask(Task):
         if tokens is None:
             windows = Windows(per_samples=lambda n: -(-n // micro))
         else:
-            windows = Windows(count=ds.collate.count, agree=lambda n: _agree_min(n, ctx))
+            collate = cast(BucketingCollate, ds.collate)
+            windows = Windows(count=collate.count, agree=lambda n: _agree_min(n, ctx))
         return StreamBatches(
             ds, tc.grad_accum_steps, self.cfg.data.num_workers, self.cfg.data.prefetch,
             unpack=self._unpack, windows=windows, micro=micro,
@@ -268,14 +266,14 @@ class TextTask(Task):
         self, output: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
     ) -> torch.Tensor:
         """Mean label-smoothed (``train.label_smoothing``) cross-entropy, padding ignored."""
-        from kubetrain.models.transformer import label_smoothed_loss
+        from kubetrain.models.losses import label_smoothed_loss
 
         return label_smoothed_loss(output, target, label_smoothing, ignore_index=self.ignore_index)
 
     def _sample(self, split: str, n: int, seed: int) -> list[dict[str, Any]]:
         """``n`` records of ``split`` drawn at random (seeded), in stream order; only those are
         kept while the split streams by (it may be larger than memory)."""
-        total = int(self.meta["sizes"][split])
+        total = self.meta.num_samples(split)
         if n >= total:
             return list(self.records(split))
         chosen = set(np.random.default_rng(seed).permutation(total)[:n].tolist())
@@ -303,7 +301,9 @@ class TextClassificationTask(TextTask):
     def score(self, model: nn.Module, split: str) -> Scores:
         from kubetrain.tasks import measure, text_metrics
 
-        truth, predicted, wrong = [], [], []
+        truth: list[np.ndarray] = []
+        predicted: list[np.ndarray] = []
+        wrong: list[tuple[torch.Tensor, int, int]] = []
         started = time.perf_counter()
         with torch.no_grad():  # not inference_mode: compiled int8 models fail under it
             for batch in self.batches(split):
@@ -317,7 +317,7 @@ class TextClassificationTask(TextTask):
         y, p = np.concatenate(truth).astype(np.int64), np.concatenate(predicted).astype(np.int64)
         classes = self.data.classes
         values = measure.classification(y, p, classes)
-        values["macro_f1"] = text_metrics.macro_f1(p, y)
+        values["macro_f1"] = text_metrics.macro_f1(p.tolist(), y.tolist())
         examples = [
             {"text": self.decode(ids), "true": classes[t], "predicted": classes[q]}
             for ids, t, q in wrong
@@ -331,7 +331,7 @@ class Seq2SeqTask(TextTask):
 
     def output_width(self) -> tuple[int, str]:
         """One logit per vocabulary entry at every target position."""
-        return int(self.meta["vocab_size"]), "tokens in its vocabulary"
+        return self.meta.vocab_size, "tokens in its vocabulary"
 
     def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         super().__init__(cfg, data)
@@ -356,7 +356,7 @@ class Seq2SeqTask(TextTask):
 
     def generate(self, model: nn.Module, src: torch.Tensor) -> list[list[int]]:
         """Token ids the model generates for each source (greedy, or beam search)."""
-        from kubetrain.models.transformer import beam_search, greedy_decode
+        from kubetrain.models.decoding import beam_search, greedy_decode
 
         ev = self.scoring
         if ev.beam_size > 1:

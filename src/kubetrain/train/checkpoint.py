@@ -352,7 +352,7 @@ def load_latest_sharded(
         return None
     path = Path(chosen)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
     try:
         with _single_process_is_intended():
             dcp.load(state, checkpoint_id=path, no_dist=not ctx.distributed)
@@ -366,8 +366,8 @@ def load_latest_sharded(
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )
-    for group, chosen in zip(optimizer.param_groups, kernels, strict=True):
-        group.update(chosen)
+    for group, kernel in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(kernel)
     log.info("resuming from %s (step %d)", path, progress["global_step"])
     return progress
 

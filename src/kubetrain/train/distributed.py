@@ -47,24 +47,27 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: a sharded one gathered from every rank (a collective), else itself."""
-    return tensor.full_tensor() if is_sharded(tensor) else tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded tensor (no communication), else the tensor itself."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The submodules ``shard_model`` gathers one at a time, in order: each layer of the
-    built-in Transformers (``models.transformer``'s encoder and decoder layers); else each entry
-    of an ``nn.ModuleList`` (the layers of most other Transformers); else each direct child
-    that has parameters. A module whose parameters are shared with another part of the model (a
+    """The submodules ``shard_model`` gathers one at a time, in order: what the model names
+    itself (a ``fsdp_units()`` method: the built-in Transformers return their layers, and a
+    user's model may too); else each entry of an ``nn.ModuleList`` (the layers of most other
+    Transformers); else each direct child that has parameters. A module whose parameters are shared with another part of the model (a
     tied embedding and output layer) is left to the root's unit: a parameter can belong to one
     unit only."""
-    from kubetrain.models.transformer import DecoderLayer, EncoderLayer
-
-    units = [m for m in model.modules() if isinstance(m, (EncoderLayer, DecoderLayer))]
+    named = getattr(model, "fsdp_units", None)
+    units: list[torch.nn.Module] = list(named()) if callable(named) else []
     if not units:
         units = [
             child

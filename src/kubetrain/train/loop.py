@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,13 @@ from torch import nn
 from kubetrain.core.artifacts import TrainedModel
 from kubetrain.core.distributed import DistContext
 from kubetrain.core.errors import ConfigError
+from kubetrain.core.records import EpochStats, ModelSpec, TabularMeta, TrainSummary
 from kubetrain.tasks.base import Task
 from kubetrain.train import metrics
 from kubetrain.train.config import TrainingConfig
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.step import batch_generator, train_step
 from kubetrain.train.trainer import (
-    EpochStats,
     NonFiniteLoss,
     Trainer,
     resolve_precision,
@@ -65,7 +65,7 @@ class FitResult:
 
     model: nn.Module
     history: list[EpochStats]
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: TrainSummary
     state_dict: dict[str, Any] | None = None
 
 
@@ -100,7 +100,7 @@ def fit(
             f"config error: train.nnodes*train.nproc = {tc.world_size} but this job has "
             f"{ctx.world_size} processes"
         )
-    n_train = task.data.meta["sizes"]["train"]
+    n_train = task.data.meta.num_samples("train")
     if n_train < tc.batch_size:
         raise ConfigError(
             f"config error: train.batch_size {tc.batch_size} exceeds the {n_train} training samples"
@@ -201,20 +201,18 @@ def save_model(result: FitResult, cfg: TrainingConfig, task: Task, out_dir: Path
     weights (whole, unsharded: ``result.state_dict`` after FSDP), how to rebuild the network
     (with the dataset's classes and normalisation), the history and the summary."""
     data = task.data
-    spec = task.model_spec(cfg.model)
-    spec.update(
-        {
-            "dataset_version": data.meta["version"],
-            "classes": data.meta.get("classes"),
-            "data_config": cfg.data.model_dump(mode="json"),
-            "normalization": data.meta.get("normalization"),
-            "train": cfg.train.model_dump(mode="json"),
-        }
+    spec = ModelSpec(
+        **task.model_spec(cfg.model).model_dump(),
+        dataset_version=data.version,
+        classes=data.meta.classes,
+        data_config=cfg.data.model_dump(mode="json"),
+        normalization=data.meta.normalization if isinstance(data.meta, TabularMeta) else None,
+        train=cfg.train.model_dump(mode="json"),
     )
     TrainedModel(
         path=out_dir,
         spec=spec,
-        history=[asdict(s) for s in result.history],
+        history=result.history,
         summary=result.summary,
         state_dict=(
             result.state_dict

@@ -9,15 +9,15 @@ the run's totals (the model artifact's metrics.json).
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 import torch
 
 from kubetrain.core.distributed import all_reduce_sum, gather_objects
+from kubetrain.core.records import EpochStats, TrainSummary
 from kubetrain.train import instrument
 from kubetrain.train.distributed import ranks_agree
-from kubetrain.train.trainer import EpochStats, Trainer
+from kubetrain.train.trainer import Trainer
 
 
 class EpochMeter:
@@ -88,45 +88,47 @@ class EpochMeter:
         return stats
 
 
-def summary(trainer: Trainer, wall: float) -> dict[str, Any]:
+def summary(trainer: Trainer, wall: float) -> TrainSummary:
     """The run's totals (metrics.json of the model artifact); a collective (``ranks_agree``)."""
     history, tc = trainer.history, trainer.tc
     train_seconds = sum(s.epoch_seconds for s in history)
     steps = trainer.batches.steps * tc.epochs
     mfus = [s.mfu for s in history if s.mfu is not None]
-    return {
-        "world_size": trainer.ctx.world_size,
-        "epochs": tc.epochs,
-        "steps": steps,
-        "samples_seen": steps * tc.batch_size,
-        "train_seconds": train_seconds,
-        "wall_seconds": wall,
-        "step_seconds": train_seconds / max(1, steps),
-        "samples_per_second": steps * tc.batch_size / max(train_seconds, 1e-9),
-        "data_wait_share": float(np.mean([s.data_wait_share for s in history])),
-        "compute_share": sum(s.compute_seconds for s in history) / max(train_seconds, 1e-9),
-        "optimizer_share": sum(s.optimizer_seconds for s in history) / max(train_seconds, 1e-9),
-        "comm_seconds": sum(s.comm_seconds for s in history),
-        "allreduce_calls": sum(s.allreduce_calls for s in history),
-        "cpu_percent": float(np.mean([s.cpu_percent for s in history])),
-        "peak_rss_mib": max(s.peak_rss_mib for s in history),
-        "rank_peak_rss_mib": _per_rank([s.rank_peak_rss_mib for s in history], max),
-        "rank_cpu_percent": _per_rank([s.rank_cpu_percent for s in history], np.mean),
-        "gpu_peak_mib": max((s.gpu_peak_mib or 0 for s in history), default=0) or None,
-        "flops_per_sample": trainer.flops_per_sample,
-        "mfu": float(np.mean(mfus)) if mfus else None,
-        "precision": trainer.precision,
-        "compile_seconds": trainer.compile_seconds,
-        "checkpoints_written": trainer.checkpoints_written,
-        "checkpoint_seconds": trainer.checkpoint_seconds,
-        "resumed_from_step": trainer.resumed_from,
-        "final_val_accuracy": history[-1].val_accuracy,
-        "best_val_accuracy": max(s.val_accuracy for s in history),
-        "final_val_loss": history[-1].val_loss,
-        "parameters": sum(p.numel() for p in trainer.model.parameters()),
-        "ranks_identical": ranks_agree(trainer.model, trainer.ctx),
-        **trainer.task.train_summary(trainer.ctx),
-    }
+    return TrainSummary(
+        **{
+            "world_size": trainer.ctx.world_size,
+            "epochs": tc.epochs,
+            "steps": steps,
+            "samples_seen": steps * tc.batch_size,
+            "train_seconds": train_seconds,
+            "wall_seconds": wall,
+            "step_seconds": train_seconds / max(1, steps),
+            "samples_per_second": steps * tc.batch_size / max(train_seconds, 1e-9),
+            "data_wait_share": float(np.mean([s.data_wait_share for s in history])),
+            "compute_share": sum(s.compute_seconds for s in history) / max(train_seconds, 1e-9),
+            "optimizer_share": sum(s.optimizer_seconds for s in history) / max(train_seconds, 1e-9),
+            "comm_seconds": sum(s.comm_seconds for s in history),
+            "allreduce_calls": sum(s.allreduce_calls for s in history),
+            "cpu_percent": float(np.mean([s.cpu_percent for s in history])),
+            "peak_rss_mib": max(s.peak_rss_mib for s in history),
+            "rank_peak_rss_mib": _per_rank([s.rank_peak_rss_mib for s in history], max),
+            "rank_cpu_percent": _per_rank([s.rank_cpu_percent for s in history], np.mean),
+            "gpu_peak_mib": max((s.gpu_peak_mib or 0 for s in history), default=0) or None,
+            "flops_per_sample": trainer.flops_per_sample,
+            "mfu": float(np.mean(mfus)) if mfus else None,
+            "precision": trainer.precision,
+            "compile_seconds": trainer.compile_seconds,
+            "checkpoints_written": trainer.checkpoints_written,
+            "checkpoint_seconds": trainer.checkpoint_seconds,
+            "resumed_from_step": trainer.resumed_from,
+            "final_val_accuracy": history[-1].val_accuracy,
+            "best_val_accuracy": max(s.val_accuracy for s in history),
+            "final_val_loss": history[-1].val_loss,
+            "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            "ranks_identical": ranks_agree(trainer.model, trainer.ctx),
+            **trainer.task.train_summary(trainer.ctx),
+        }
+    )
 
 
 def _per_rank(epochs: list[list[float]], reduce) -> list[float]:

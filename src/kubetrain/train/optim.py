@@ -18,32 +18,33 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     implementation up to float rounding.
     """
     params = list(params)
-    fast = _implementation(params)
+    fused = _fused(params)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            foreach=bool(fast) or None,
+            foreach=fused,
         )  # fmt: skip
-    if fast and any(type(p).__name__ == "DTensor" for p in params):
-        fast = {"foreach": True}  # FSDP-sharded parameters: DTensor has no fused SGD kernel
+    foreach = None
+    if fused and any(type(p).__name__ == "DTensor" for p in params):
+        fused, foreach = None, True  # FSDP-sharded parameters: DTensor has no fused SGD kernel
     return torch.optim.SGD(
         params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True,
-        **fast,
+        fused=fused, foreach=foreach,
     )  # fmt: skip
 
 
-def _implementation(params: list) -> dict[str, bool]:
-    """``{"fused": True}`` where fused kernels exist for these parameters (floating point, on
-    CPU or CUDA), else ``{}`` (PyTorch's default choice)."""
+def _fused(params: list) -> bool | None:
+    """True where fused kernels exist for these parameters (floating point, on CPU or CUDA),
+    else None (PyTorch's default choice)."""
     tensors = [p for p in params if isinstance(p, torch.Tensor)]
     supported = tensors and all(
         p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors
     )
-    return {"fused": True} if supported else {}
+    return True if supported else None
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:

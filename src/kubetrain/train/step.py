@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, cast
 
 import torch
+from torch import nn
 
 from kubetrain.core.distributed import any_rank
 from kubetrain.tasks.base import Batch
@@ -33,6 +35,9 @@ from kubetrain.train import instrument
 from kubetrain.train.distributed import clip_grad_norm, local_tensor
 from kubetrain.train.metrics import EpochMeter
 from kubetrain.train.trainer import NonFiniteLoss, Trainer, diverged_message
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[Batch]:
@@ -65,12 +70,13 @@ def forward_backward_step(trainer: Trainer, batch: Batch, sync_gradients: bool) 
     if trainer.plain:  # one process, fp32: nothing to wrap the step in
         loss = trainer.task.loss(trainer.net(*inputs), target, smoothing)
     elif trainer.sharded and trainer.ctx.distributed:
-        trainer.model.set_requires_gradient_sync(sync_gradients)
+        cast("FSDPModule", trainer.model).set_requires_gradient_sync(sync_gradients)
         with trainer.autocast():
             loss = trainer.task.loss(trainer.net(*inputs).float(), target, smoothing)
     else:
         skip_sync = trainer.ctx.distributed and not sync_gradients
-        with trainer.net.no_sync() if skip_sync else contextlib.nullcontext(), trainer.autocast():
+        ddp = cast("nn.parallel.DistributedDataParallel", trainer.net)
+        with ddp.no_sync() if skip_sync else contextlib.nullcontext(), trainer.autocast():
             loss = trainer.task.loss(trainer.net(*inputs).float(), target, smoothing)
     scaled = loss / accum if accum > 1 else loss
     (trainer.scaler.scale(scaled) if trainer.scaling else scaled).backward()
@@ -114,8 +120,10 @@ def _check_finite(trainer: Trainer, losses: list[torch.Tensor], norm: torch.Tens
     elif norm is not None:  # clipping computed the norm of every gradient anyway
         bad = not bool(torch.isfinite(norm))
     elif trainer.sharded:  # this rank's shard of that gradient (maybe empty): ranks agree
+        assert grad is not None  # the first branch takes a step without one
         bad = any_rank(not bool(torch.isfinite(local_tensor(grad)).all()), trainer.ctx)
     else:
+        assert grad is not None
         bad = not bool(torch.isfinite(grad).all())
     if bad:
         raise NonFiniteLoss(diverged_message(trainer, losses))

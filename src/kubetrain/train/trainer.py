@@ -19,9 +19,8 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -29,6 +28,7 @@ from torch import nn
 from kubetrain.core.artifacts import DatasetArtifact
 from kubetrain.core.distributed import DistContext, any_rank
 from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.core.records import EpochStats
 from kubetrain.tasks.base import Task
 from kubetrain.train import checkpoint, instrument
 from kubetrain.train.config import TrainConfig
@@ -37,34 +37,6 @@ from kubetrain.train.optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
     from kubetrain.train.config import TrainingConfig
-
-
-@dataclass
-class EpochStats:
-    """One epoch of training, over all ranks (``rank_*``: one entry per rank); the trainer's
-    history and its checkpoints hold these, ``kubetrain.train.metrics`` makes them."""
-
-    epoch: int
-    train_loss: float
-    val_loss: float
-    val_accuracy: float
-    lr: float
-    samples_per_second: float
-    data_wait_share: float
-    epoch_seconds: float
-    step_seconds: float
-    compute_seconds: float = 0.0
-    optimizer_seconds: float = 0.0
-    data_seconds: float = 0.0
-    comm_seconds: float = 0.0
-    allreduce_calls: int = 0
-    cpu_percent: float = 0.0
-    peak_rss_mib: float = 0.0
-    gpu_percent: float | None = None
-    gpu_peak_mib: float | None = None
-    mfu: float | None = None
-    rank_cpu_percent: list[float] = field(default_factory=list)
-    rank_peak_rss_mib: list[float] = field(default_factory=list)
 
 
 class NonFiniteLoss(KubetrainError):
@@ -203,7 +175,7 @@ class Trainer:
             self.net = ddp
         self.compile_seconds: float | None = None
         if tc.compile:
-            self.net = torch.compile(self.net)
+            self.net = cast(nn.Module, torch.compile(self.net))
 
     def whole_model(self) -> contextlib.AbstractContextManager[nn.Module]:
         """Within it, every rank holds the whole model and its forward needs no collective
@@ -245,7 +217,7 @@ class Trainer:
     def _history_state(self) -> list[dict[str, Any]]:
         # A recorded epoch never changes: each is converted once, not at every checkpoint.
         done = self._history_dicts
-        done.extend(asdict(h) for h in self.history[len(done) :])
+        done.extend(h.to_json() for h in self.history[len(done) :])
         return list(done)
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -260,7 +232,7 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
         self.partial = dict(state["partial"])
-        self.history = [EpochStats(**h) for h in state["history"]]
+        self.history = [EpochStats.model_validate(h) for h in state["history"]]
         self._history_dicts = []
         self.resumed_from = self.global_step
 
@@ -313,7 +285,7 @@ class Trainer:
         if state is not None:
             self.restore(state)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self) -> dict[str, Any]:
         """The model's whole state dict on the CPU: under FSDP gathered from every rank (a
         collective; rank 0 gets it, the other ranks an empty dict)."""
         if self.sharded and self.ctx.distributed:

@@ -10,20 +10,21 @@ fields and return the search result.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from kubetrain.core.records import SearchSummary
 from kubetrain.tune.config import SearchConfig
 
 
 class TuneBackend(Protocol):
-    def run(self, cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+    def run(self, cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> SearchSummary:
         """Search ``cfg.tune`` on the dataset artifact; write the tune artifact to ``out_dir``."""
 
 
 class OptunaBackend:
     """``cluster.backend: local``: Optuna trials as processes on this machine."""
 
-    def run(self, cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+    def run(self, cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> SearchSummary:
         """See ``kubetrain.tune.local.run_search``."""
         from kubetrain.tune.local import run_search
 
@@ -31,9 +32,10 @@ class OptunaBackend:
 
 
 class KatibBackend:
-    """``cluster.backend: kubernetes``: one Katib Experiment whose trials are PyTorchJobs."""
+    """``cluster.backend: kubernetes``: one Katib Experiment whose trials are TrainJobs or
+    PyTorchJobs (``cluster.training_api``)."""
 
-    def run(self, cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+    def run(self, cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> SearchSummary:
         """See ``kubetrain.tune.katib.run_experiment``."""
         from kubetrain.tune.katib import run_experiment
 

@@ -50,6 +50,13 @@ class FeasibleSpace(Section):
     )
 
 
+def _range(space: FeasibleSpace) -> tuple[float, float]:
+    """(min, max) of a range; both are set (``SearchParameter`` checks it)."""
+    if space.min is None or space.max is None:
+        raise ValueError("feasibleSpace needs min and max")
+    return space.min, space.max
+
+
 class SearchParameter(Section):
     """One entry of Katib's ``parameters`` list; ``name`` is a dotted config key (``train.lr``)."""
 
@@ -77,15 +84,20 @@ class SearchParameter(Section):
         space = self.feasibleSpace
         if space.list is not None:
             return list(space.list)
+        low, high = _range(space)
         if self.parameterType == "int":
             step = int(space.step or 1)
-            return list(range(int(space.min), int(space.max) + 1, step))
+            return list(range(int(low), int(high) + 1, step))
         if space.step is None:
             raise ValueError(
                 f"grid search needs feasibleSpace.step for double parameter {self.name}"
             )
-        count = math.floor((space.max - space.min) / space.step + 1e-9) + 1
-        return [round(space.min + i * space.step, 12) for i in range(count)]
+        count = math.floor((high - low) / space.step + 1e-9) + 1
+        return [round(low + i * space.step, 12) for i in range(count)]
+
+    def bounds(self) -> tuple[float, float]:
+        """(min, max) of a range parameter."""
+        return _range(self.feasibleSpace)
 
 
 def _default_search_space() -> list[SearchParameter]:
@@ -300,4 +312,5 @@ def _sample_value(param: SearchParameter) -> Any:
     space = param.feasibleSpace
     if space.list:
         return space.list[0]
-    return int(space.min) if param.parameterType == "int" else space.min
+    low = param.bounds()[0]
+    return int(low) if param.parameterType == "int" else low

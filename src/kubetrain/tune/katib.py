@@ -1,4 +1,6 @@
-"""Search on a cluster: a Katib ``Experiment`` (kubeflow.org/v1beta1) whose trials are PyTorchJobs.
+"""Search on a cluster: a Katib ``Experiment`` (kubeflow.org/v1beta1) whose trials are training
+jobs of the kind training uses (``cluster.training_api``: TrainJob, which needs Katib v0.19+, or
+PyTorchJob), each labelled for ``cluster.queue_name`` like the train job.
 
 ``build_experiment`` is a pure function built with ``kubeflow-katib-api``'s models from the same
 ``TuneConfig`` the local Optuna engine reads: same algorithm names and settings, same budget,
@@ -24,18 +26,12 @@ from typing import Any
 
 from kubetrain.core.config import parse_override
 from kubetrain.core.errors import KubetrainError
+from kubetrain.core.records import SearchSummary, Trial
 from kubetrain.launch.cluster import ClusterJob, JobPaths, condition, new_name, run_job
+from kubetrain.launch.jobkinds import JobKind, offline_kind, resolve_kind
 from kubetrain.launch.kubeapi import KubeApi, Resource
-from kubetrain.launch.kubernetes import (
-    CONTAINER,
-    TRIAL_FAILURE_CONDITION,
-    TRIAL_PRIMARY_POD_LABELS,
-    TRIAL_SUCCESS_CONDITION,
-    build_train_job,
-    worker_command,
-)
 from kubetrain.tasks import kind_of
-from kubetrain.tune.config import SearchConfig, SearchParameter, objective_name
+from kubetrain.tune.config import SearchConfig, SearchParameter, TuneConfig, objective_name
 
 log = logging.getLogger(__name__)
 
@@ -114,57 +110,32 @@ def trial_config(cfg: SearchConfig) -> SearchConfig:
     return local_trial_config(cfg, {})
 
 
-def build_experiment(cfg: SearchConfig, name: str, dataset_dir: str | None = None) -> dict:
+def build_experiment(
+    cfg: SearchConfig, name: str, dataset_dir: str | None = None, kind: JobKind | None = None
+) -> dict:
     """The Katib Experiment for ``cfg.tune``, as the dict sent to the API server.
 
-    ``dataset_dir`` is the dataset's path on the shared claim (default:
-    ``JobPaths.for_job(cfg, name).dataset``). Raises KubetrainError if no image is set.
+    Args:
+        cfg: the pipeline config.
+        name: the Experiment's name.
+        dataset_dir: the dataset's path on the shared claim (default:
+            ``JobPaths.for_job(cfg, name).dataset``).
+        kind: the trials' job kind (default: ``cluster.training_api``, TrainJob for ``auto``,
+            as ``kubetrain manifests`` renders it).
+
+    Raises:
+        KubetrainError: no image is set; ConfigError: the trial job cannot serve the config.
     """
     from kubeflow_katib_api import models
 
     tune = cfg.tune
-    dataset = dataset_dir or JobPaths.for_job(cfg, name).dataset
-    trial_cfg = trial_config(cfg)
-    overrides = [f"{p.name}=${{trialParameters.{katib_name(p.name)}}}" for p in tune.parameters]
-    # A trial's model is not kept: the final train step retrains with the best parameters.
-    command = worker_command(trial_cfg, dataset, "/tmp/kubetrain-trial", overrides)
-    # Keep a trial's pods until it ends: Katib's collector sidecar reads the finished log.
-    job = build_train_job(
-        trial_cfg, name, command=command, clean_pod_policy="None", checkpoints=False
-    )
-    trial_spec = {k: v for k, v in job.items() if k != "metadata"}  # Katib names each trial
-
-    settings = dict(tune.algorithm_settings)
-    if tune.algorithm in SEEDED_ALGORITHMS:
-        settings.setdefault("random_state", tune.seed)
-    max_trials = tune.max_trials
-    if tune.algorithm == "grid":
-        from kubetrain.tune.space import grid_size
-
-        max_trials = min(max_trials, grid_size(tune))
-    metric = tune.objective_metric
+    kind = kind or offline_kind(cfg)
     spec = models.V1beta1ExperimentSpec(
-        objective=models.V1beta1ObjectiveSpec(
-            type=tune.goal,
-            objective_metric_name=metric,
-            additional_metric_names=[OTHER_METRIC[metric]],
-            # The local engine scores a trial by its last epoch; so does Katib with "latest".
-            metric_strategies=[
-                models.V1beta1MetricStrategy(name=m, value="latest")
-                for m in (metric, OTHER_METRIC[metric])
-            ],
-        ),
-        algorithm=models.V1beta1AlgorithmSpec(
-            algorithm_name=tune.algorithm,
-            algorithm_settings=[
-                models.V1beta1AlgorithmSetting(name=k, value=str(v))
-                for k, v in sorted(settings.items())
-            ]
-            or None,
-        ),
+        objective=_objective(tune),
+        algorithm=_algorithm(tune),
         early_stopping=_early_stopping(cfg),
         parallel_trial_count=tune.parallel_trials,
-        max_trial_count=max_trials,
+        max_trial_count=_max_trials(tune),
         max_failed_trial_count=tune.max_failed_trials,
         parameters=[_parameter(p, tune.algorithm == "grid") for p in tune.parameters],
         metrics_collector_spec=models.V1beta1MetricsCollectorSpec(
@@ -173,19 +144,7 @@ def build_experiment(cfg: SearchConfig, name: str, dataset_dir: str | None = Non
                 filter=models.V1beta1FilterSpec(metrics_format=[METRICS_FILTER])
             ),
         ),
-        trial_template=models.V1beta1TrialTemplate(
-            primary_container_name=CONTAINER,
-            primary_pod_labels=dict(TRIAL_PRIMARY_POD_LABELS),
-            success_condition=TRIAL_SUCCESS_CONDITION,
-            failure_condition=TRIAL_FAILURE_CONDITION,
-            trial_parameters=[
-                models.V1beta1TrialParameterSpec(
-                    name=katib_name(p.name), reference=katib_name(p.name), description=p.name
-                )
-                for p in tune.parameters
-            ],
-            trial_spec=trial_spec,
-        ),
+        trial_template=_trial_template(cfg, name, dataset_dir, kind),
     )
     experiment = models.V1beta1Experiment(
         api_version=f"{EXPERIMENT.group}/{EXPERIMENT.version}",
@@ -198,6 +157,79 @@ def build_experiment(cfg: SearchConfig, name: str, dataset_dir: str | None = Non
         spec=spec,
     )
     return experiment.to_dict()
+
+
+def _objective(tune: TuneConfig) -> Any:
+    """The objective, and the other metric collected beside it; both scored by their last
+    epoch ("latest"), as the local engine scores a trial."""
+    from kubeflow_katib_api import models
+
+    metric = tune.objective_metric
+    return models.V1beta1ObjectiveSpec(
+        type=tune.goal,
+        objective_metric_name=metric,
+        additional_metric_names=[OTHER_METRIC[metric]],
+        metric_strategies=[
+            models.V1beta1MetricStrategy(name=m, value="latest")
+            for m in (metric, OTHER_METRIC[metric])
+        ],
+    )
+
+
+def _algorithm(tune: TuneConfig) -> Any:
+    """The algorithm and its settings (seeded with ``tune.seed`` where Katib takes a seed)."""
+    from kubeflow_katib_api import models
+
+    settings = dict(tune.algorithm_settings)
+    if tune.algorithm in SEEDED_ALGORITHMS:
+        settings.setdefault("random_state", tune.seed)
+    return models.V1beta1AlgorithmSpec(
+        algorithm_name=tune.algorithm,
+        algorithm_settings=[
+            models.V1beta1AlgorithmSetting(name=k, value=str(v))
+            for k, v in sorted(settings.items())
+        ]
+        or None,
+    )
+
+
+def _max_trials(tune: TuneConfig) -> int:
+    """``tune.max_trials``, at most the grid's size for ``grid``."""
+    if tune.algorithm != "grid":
+        return tune.max_trials
+    from kubetrain.tune.space import grid_size
+
+    return min(tune.max_trials, grid_size(tune))
+
+
+def _trial_template(cfg: SearchConfig, name: str, dataset_dir: str | None, kind: JobKind) -> Any:
+    """What each trial runs: the job of ``kind`` whose worker gets the trial's parameters as
+    ``--set`` overrides, and how Katib reads its outcome."""
+    from kubeflow_katib_api import models
+
+    tune = cfg.tune
+    dataset = dataset_dir or JobPaths.for_job(cfg, name).dataset
+    trial_cfg = trial_config(cfg)
+    overrides = [f"{p.name}=${{trialParameters.{katib_name(p.name)}}}" for p in tune.parameters]
+    # A trial's model is not kept: the final train step retrains with the best parameters.
+    command = kind.worker_command(trial_cfg, dataset, "/tmp/kubetrain-trial", overrides)
+    job = kind.build_trial(trial_cfg, name, command)
+    # Katib names each trial's job; its labels (Kueue's queue among them) stay.
+    trial_spec = {k: v for k, v in job.items() if k != "metadata"}
+    trial_spec["metadata"] = {"labels": job["metadata"]["labels"]}
+    return models.V1beta1TrialTemplate(
+        primary_container_name=kind.container,
+        primary_pod_labels=dict(kind.trial_primary_pod_labels),
+        success_condition=kind.trial_success,
+        failure_condition=kind.trial_failure,
+        trial_parameters=[
+            models.V1beta1TrialParameterSpec(
+                name=katib_name(p.name), reference=katib_name(p.name), description=p.name
+            )
+            for p in tune.parameters
+        ],
+        trial_spec=trial_spec,
+    )
 
 
 def _early_stopping(cfg: SearchConfig) -> Any:
@@ -243,31 +275,29 @@ TRIAL_STATES = {
 }
 
 
-def trial_records(trials: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+def trial_records(trials: list[dict[str, Any]], metric: str) -> list[Trial]:
     """Trial CRs -> the records the local engine writes to trials.json (oldest first)."""
     ordered = sorted(trials, key=lambda t: t["metadata"].get("creationTimestamp") or "")
     records = []
     for number, trial in enumerate(ordered):
         kind, text = condition(trial, *TRIAL_STATES)
         records.append(
-            {
-                "number": number,
-                "name": trial["metadata"]["name"],
-                "state": TRIAL_STATES.get(kind or "", "running"),
-                "value": _metric_value((trial.get("status") or {}).get("observation"), metric),
-                "params": _params((trial.get("spec") or {}).get("parameterAssignments")),
-                "curve": [],
-                "seconds": None,
-                "error": text if kind in ("Failed", "MetricsUnavailable", "Killed") else None,
-            }
+            Trial(
+                number=number,
+                name=trial["metadata"]["name"],
+                state=TRIAL_STATES.get(kind or "", "running"),
+                value=_metric_value((trial.get("status") or {}).get("observation"), metric),
+                params=_params((trial.get("spec") or {}).get("parameterAssignments")),
+                error=text if kind in ("Failed", "MetricsUnavailable", "Killed") else None,
+            )
         )
     return records
 
 
 def search_result(
-    cfg: SearchConfig, experiment: dict[str, Any], records: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """best_params.json of a finished Experiment (the local engine's fields)."""
+    cfg: SearchConfig, experiment: dict[str, Any], records: list[Trial], training_api: str
+) -> SearchSummary:
+    """best_params.json of a finished Experiment (the local engine's record)."""
     tune = cfg.tune
     optimal = (experiment.get("status") or {}).get("currentOptimalTrial") or {}
     best_params = _params(optimal.get("parameterAssignments"))
@@ -282,33 +312,38 @@ def search_result(
             f"{tune.objective_metric} (does the trial log print it?)"
         )
     best_name = optimal.get("bestTrialName")
-    best_number = next((r["number"] for r in records if r["name"] == best_name), None)
-    return {
-        "enabled": True,
-        "engine": "katib",
-        "experiment": f"{cfg.cluster.namespace}/{name}",
-        "algorithm": tune.algorithm,
-        "metric": tune.objective_metric,
-        "objective": objective_name(tune, kind_of(cfg.data)),
-        "goal": tune.goal,
-        "best_params": best_params,
-        "best_value": best_value,
-        "best_trial": best_number,
-        "trials_total": len(records),
-        "trials_complete": sum(r["state"] == "complete" for r in records),
-        "trials_pruned": sum(r["state"] == "pruned" for r in records),
-        "trials_failed": sum(r["state"] == "fail" for r in records),
-        "trial_epochs_total": None,
-    }
+    best_number = next((r.number for r in records if r.name == best_name), None)
+    return SearchSummary(
+        enabled=True,
+        engine="katib",
+        experiment=f"{cfg.cluster.namespace}/{name}",
+        training_api=training_api,
+        algorithm=tune.algorithm,
+        metric=tune.objective_metric,
+        objective=objective_name(tune, kind_of(cfg.data)),
+        goal=tune.goal,
+        best_params=best_params,
+        best_value=best_value,
+        best_trial=best_number,
+        trials_total=len(records),
+        trials_complete=sum(r.state == "complete" for r in records),
+        trials_pruned=sum(r.state == "pruned" for r in records),
+        trials_failed=sum(r.state == "fail" for r in records),
+    )
 
 
 class ExperimentWatcher:
     """The lifecycle's ``Watcher`` for a Katib Experiment: logs trial progress as it changes."""
 
     resource = EXPERIMENT
+    success = "Succeeded"
 
     def __init__(self) -> None:
         self.seen: tuple[int, int, int] | None = None
+
+    def suspended(self, obj: dict[str, Any]) -> bool:
+        """Never: Kueue holds the trials' jobs, not the Experiment."""
+        return False
 
     def observe(self, api: KubeApi, obj: dict[str, Any]) -> None:
         """Log "N trial(s) done, R running, F failed" whenever those counts change."""
@@ -330,7 +365,7 @@ class ExperimentWatcher:
 
 def run_experiment(
     cfg: SearchConfig, dataset_dir: Path, out_dir: Path, api: KubeApi | None = None
-) -> dict[str, Any]:
+) -> SearchSummary:
     """The tune step on ``kubernetes``: the search artifact (``SearchResult``) in ``out_dir``.
 
     The dataset travels through the shared claim like a PyTorchJob's (``JobPaths``).
@@ -342,14 +377,22 @@ def run_experiment(
         KubetrainError: no image, the claim or namespace is missing, the API refused the
             Experiment, Katib failed it, or its best trial reported no metric.
     """
-    name = new_name(cfg, "tune")
-    experiment = build_experiment(cfg, name, JobPaths.for_job(cfg, name).dataset)
-    api = api or KubeApi(cfg.cluster.namespace)
+    from kubetrain.launch.cluster import check_claim
 
-    def collect(run: ClusterJob, exp: dict[str, Any], _paths: JobPaths) -> tuple[list, dict]:
+    name = new_name(cfg, "tune")
+    build_experiment(cfg, name)  # what is wrong with the config fails first
+    check_claim(cfg, EXPERIMENT.kind)
+    api = api or KubeApi(cfg.cluster.namespace)
+    api.check_namespace()  # a missing namespace says so before anything else is asked
+    kind = resolve_kind(cfg, api)
+    experiment = build_experiment(cfg, name, JobPaths.for_job(cfg, name).dataset, kind)
+
+    def collect(
+        run: ClusterJob, exp: dict[str, Any], _paths: JobPaths
+    ) -> tuple[list[Trial], SearchSummary]:
         trials = api.list(TRIAL, f"{EXPERIMENT_LABEL}={name}")
         records = trial_records(trials, cfg.tune.objective_metric)
-        return records, search_result(cfg, exp, records)
+        return records, search_result(cfg, exp, records, kind.api)
 
     from kubetrain.core.artifacts import SearchResult
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetrain.core.errors import ConfigError, KubetrainError
+from kubetrain.core.records import SearchSummary, Trial
 from kubetrain.tasks import kind_of
 from kubetrain.tune.config import SearchConfig, TuneConfig, objective_name
 from kubetrain.tune.study import JOURNAL, STUDY_NAME, storage
@@ -63,13 +64,11 @@ def run_trial(
     cfg_json: str, dataset_dir: str, journal: str, trial_id: int, params: dict[str, Any]
 ) -> dict[str, Any]:
     """Train one trial (in a worker process); never raises: failures come back as data."""
-    import optuna
-
     from kubetrain.core.distributed import DistContext
     from kubetrain.data import load_dataset
     from kubetrain.tasks import open_task
     from kubetrain.train.loop import Stopped, fit
-    from kubetrain.tune.space import make_pruner
+    from kubetrain.tune.study import pruning_callback
 
     started = time.perf_counter()
     curve: list[float] = []
@@ -82,26 +81,9 @@ def run_trial(
             return launch(cfg, dataset_dir, journal, trial_id, work)
         if dataset_dir not in _DATASETS:
             _DATASETS[dataset_dir] = load_dataset(dataset_dir)
-        # The pruner is not kept in the storage: the worker's study needs it given again.
-        study = optuna.load_study(
-            study_name=STUDY_NAME, storage=storage(Path(journal)), pruner=make_pruner(cfg.tune)
-        )
-        trial = optuna.trial.Trial(study, trial_id)
-        metric = cfg.tune.objective_metric
-
-        def on_epoch(stats) -> bool:
-            value = getattr(stats, metric)
-            curve.append(value)
-            trial.report(value, stats.epoch)
-            # Stopping after the last epoch saves nothing: the trial counts as complete.
-            return stats.epoch < cfg.train.epochs and trial.should_prune()
-
-        result = fit(cfg, open_task(cfg, _DATASETS[dataset_dir]), DistContext(), on_epoch=on_epoch)
-        value = (
-            result.history[-1].val_accuracy
-            if metric == "val_accuracy"
-            else result.history[-1].val_loss
-        )
+        on_epoch = pruning_callback(cfg, journal, trial_id, DistContext(), curve)
+        fit(cfg, open_task(cfg, _DATASETS[dataset_dir]), DistContext(), on_epoch=on_epoch)
+        value: float | None = curve[-1]  # the objective of the last epoch
         state = "complete"
     except Stopped:
         value, state, error = (curve[-1] if curve else None), "pruned", None
@@ -134,7 +116,7 @@ class _Progress:
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-def run_search(cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run_search(cfg: SearchConfig, dataset_dir: Path, out_dir: Path) -> SearchSummary:
     """Run the search; write best_params.json and trials.json to ``out_dir``.
 
     Args:
@@ -195,7 +177,7 @@ def _resume(study: optuna.Study, budget: int) -> _Progress:
     ]
     progress = _Progress(budget=budget, done=len(finished))
     progress.failures = sum(t.state == TrialState.FAIL for t in finished)
-    complete = [t.value for t in finished if t.state == TrialState.COMPLETE]
+    complete = [t.value for t in finished if t.state == TrialState.COMPLETE and t.value is not None]
     if complete:
         progress.best = max(complete) if study.direction.name == "MAXIMIZE" else min(complete)
     if finished:
@@ -368,49 +350,58 @@ def _tell(study: optuna.Study, trial: optuna.trial.Trial, rec: dict[str, Any]) -
             raise
 
 
-def _write_results(
-    study, records, cfg: SearchConfig, out_dir: Path, seconds: float
-) -> dict[str, Any]:
-    trials = []
+def _trials(study: optuna.Study, records: dict[int, dict[str, Any]]) -> tuple[list[Trial], int]:
+    """The study's trials as records (this run's measurements where it has them), and how many
+    an interrupted run left unfinished (those are not counted)."""
+    trials, interrupted = [], 0
     for t in study.trials:
+        if t.user_attrs.get(INTERRUPTED):
+            interrupted += 1
+            continue
         rec = records.get(t.number, {})
-        state = INTERRUPTED if t.user_attrs.get(INTERRUPTED) else t.state.name.lower()
         trials.append(
-            {
-                "number": t.number,
-                "state": state,
-                "value": t.value,
-                "params": t.params,
-                "curve": rec.get("curve") or [v for _, v in sorted(t.intermediate_values.items())],
-                "seconds": rec.get("seconds", t.user_attrs.get("seconds")),
-                "error": rec.get("error", t.user_attrs.get("error")),
-                "world_size": rec.get("world_size", t.user_attrs.get("world_size")),
-            }
+            Trial(
+                number=t.number,
+                state=t.state.name.lower(),
+                value=t.value,
+                params=t.params,
+                curve=rec.get("curve") or [v for _, v in sorted(t.intermediate_values.items())],
+                seconds=rec.get("seconds", t.user_attrs.get("seconds")),
+                error=rec.get("error", t.user_attrs.get("error")),
+                world_size=rec.get("world_size", t.user_attrs.get("world_size")),
+            )
         )
-    interrupted = [t for t in trials if t["state"] == INTERRUPTED]
-    trials = [t for t in trials if t["state"] != INTERRUPTED]
-    complete = [t for t in trials if t["state"] == "complete"]
+    return trials, interrupted
+
+
+def _write_results(
+    study: optuna.Study, records: dict[int, dict[str, Any]], cfg: SearchConfig, out_dir: Path,
+    seconds: float,
+) -> SearchSummary:  # fmt: skip
+    trials, interrupted = _trials(study, records)
+    complete = [t for t in trials if t.state == "complete"]
     if not complete:
         raise KubetrainError("tuning failed: no trial completed")
     best = study.best_trial
-    result = {
-        "enabled": True,
-        "algorithm": cfg.tune.algorithm,
-        "metric": cfg.tune.objective_metric,
-        "objective": objective_name(cfg.tune, kind_of(cfg.data)),
-        "goal": cfg.tune.goal,
-        "best_params": best.params,
-        "best_value": best.value,
-        "best_trial": best.number,
-        "trials_total": len(trials),
-        "trials_complete": len(complete),
-        "trials_pruned": sum(t["state"] == "pruned" for t in trials),
-        "trials_failed": sum(t["state"] == "fail" for t in trials),
-        "trials_interrupted": len(interrupted),
-        "trial_epochs_total": sum(len(t["curve"]) for t in trials),
-        "param_importance": param_importance(study, cfg.tune.seed),
-        "search_seconds": seconds,
-    }
+    result = SearchSummary(
+        enabled=True,
+        engine="optuna",
+        algorithm=cfg.tune.algorithm,
+        metric=cfg.tune.objective_metric,
+        objective=objective_name(cfg.tune, kind_of(cfg.data)),
+        goal=cfg.tune.goal,
+        best_params=best.params,
+        best_value=best.value,
+        best_trial=best.number,
+        trials_total=len(trials),
+        trials_complete=len(complete),
+        trials_pruned=sum(t.state == "pruned" for t in trials),
+        trials_failed=sum(t.state == "fail" for t in trials),
+        trials_interrupted=interrupted,
+        trial_epochs_total=sum(len(t.curve) for t in trials),
+        param_importance=param_importance(study, cfg.tune.seed),
+        search_seconds=seconds,
+    )
     from kubetrain.core.artifacts import SearchResult
     from kubetrain.evaluate.report import render_search
 

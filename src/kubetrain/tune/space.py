@@ -16,15 +16,16 @@ def distribution(param: SearchParameter, algorithm: str) -> optuna.distributions
     if algorithm == "grid":
         return optuna.distributions.CategoricalDistribution(param.grid_values())
     if param.parameterType in ("categorical", "discrete"):
-        return optuna.distributions.CategoricalDistribution(list(space.list))
+        return optuna.distributions.CategoricalDistribution(list(space.list or []))
     log = space.distribution == "logUniform"
+    low, high = param.bounds()
     if param.parameterType == "int":
         return optuna.distributions.IntDistribution(
-            int(space.min), int(space.max), log=log, step=1 if log else int(space.step or 1)
+            int(low), int(high), log=log, step=1 if log else int(space.step or 1)
         )
     # Optuna cannot combine log and step; a log-uniform double is sampled continuously.
     return optuna.distributions.FloatDistribution(
-        space.min, space.max, log=log, step=None if log else space.step
+        low, high, log=log, step=None if log else space.step
     )
 
 
@@ -77,7 +78,7 @@ def make_sampler(tune: TuneConfig) -> optuna.samplers.BaseSampler:
         return optuna.samplers.CmaEsSampler(
             seed=seed,
             sigma0=float(sigma) if sigma is not None else None,
-            restart_strategy=settings.get("restart_strategy"),
+            restart_strategy=_text(settings.get("restart_strategy")),
             warn_independent_sampling=False,
         )
     if algo == "sobol":
@@ -116,3 +117,8 @@ def make_pruner(tune: TuneConfig) -> optuna.pruners.BasePruner:
             n_startup_trials=es.min_trials_required, n_warmup_steps=es.start_step
         )
     return optuna.pruners.NopPruner()
+
+
+def _text(value: object) -> str | None:
+    """A setting that names something (``restart_strategy``), as text."""
+    return None if value is None else str(value)

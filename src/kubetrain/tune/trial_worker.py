@@ -19,6 +19,7 @@ from typing import Any
 
 from kubetrain.core.io import make_temp_dir, read_json, write_json
 from kubetrain.tune.config import SearchConfig
+from kubetrain.tune.study import pruning_callback
 
 
 def launch(
@@ -65,24 +66,27 @@ def launch(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="kubetrain.tune.trial_worker")
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--config-json", required=True, type=Path)
     parser.add_argument("--journal", required=True)
     parser.add_argument("--trial-id", required=True, type=int)
     parser.add_argument("--result", required=True, type=Path)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a multi-process trial: train, report each epoch, rank 0 writes the result."""
+    args = _parse_args(argv)
 
     import optuna
     import torch
 
-    from kubetrain.core.distributed import all_reduce_sum, init_from_env, shutdown
+    from kubetrain.core.distributed import init_from_env, shutdown
     from kubetrain.data import load_dataset
     from kubetrain.tasks import open_task
     from kubetrain.train.loop import Stopped, fit
-    from kubetrain.tune.space import make_pruner
-    from kubetrain.tune.study import STUDY_NAME, storage
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.WARNING, format=f"[trial rank {rank}] %(message)s")
@@ -91,42 +95,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SearchConfig.from_json(args.config_json.read_text())
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ctx = init_from_env()
-    trial = None
-    if ctx.is_main:
-        study = optuna.load_study(
-            study_name=STUDY_NAME, storage=storage(Path(args.journal)), pruner=make_pruner(cfg.tune)
-        )
-        trial = optuna.trial.Trial(study, args.trial_id)
-    metric = cfg.tune.objective_metric
     curve: list[float] = []
-
-    def on_epoch(stats) -> bool:
-        value = getattr(stats, metric)
-        curve.append(value)
-        stop = 0.0
-        if trial is not None:
-            trial.report(value, stats.epoch)
-            stop = float(stats.epoch < cfg.train.epochs and trial.should_prune())
-        return all_reduce_sum([stop], ctx)[0] > 0
-
+    on_epoch = pruning_callback(cfg, args.journal, args.trial_id, ctx, curve)
     state = "complete"
     try:
         fit(cfg, open_task(cfg, load_dataset(args.dataset)), ctx, on_epoch=on_epoch)
     except Stopped:
         state = "pruned"
     if ctx.is_main:
-        write_json(
-            args.result,
-            {
-                "state": state,
-                "value": curve[-1] if curve else None,
-                "curve": curve,
-                "epochs": len(curve),
-                "error": None,
-                "seconds": time.perf_counter() - started,
-                "world_size": ctx.world_size,
-            },
-        )
+        result = {
+            "state": state, "value": curve[-1] if curve else None, "curve": curve,
+            "epochs": len(curve), "error": None, "seconds": time.perf_counter() - started,
+            "world_size": ctx.world_size,
+        }  # fmt: skip
+        write_json(args.result, result)
     shutdown()
     return 0
 
