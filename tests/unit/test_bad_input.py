@@ -1171,7 +1171,7 @@ def test_both_models_are_warmed_up_before_their_scoring_pass(digits_dir):
             calls.append(len(x))
             return self.inner(x)
 
-    scored = score(Counting(), task)
+    scored = score(Counting(), task, warm_batch=64)
     assert calls[:WARMUP_CALLS] == [64] * WARMUP_CALLS  # warm-up batches, then the test split
     assert sum(calls[WARMUP_CALLS:]) == task.data.meta.num_samples("test")
     assert scored.samples_per_second and scored.samples_per_second > 0

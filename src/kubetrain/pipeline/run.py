@@ -95,7 +95,8 @@ def preflight(cfg: PipelineConfig) -> None:
     kind = kind_of(cfg.data)
     cfg.evaluate.primary_metric(kind)  # evaluate.metric=bleu on classification: refused now
     if kind != "tabular":  # streamed kinds check what they can themselves
-        _check_model_name(cfg, kind == "images")
+        if kind != "detection":  # detectors have builders of their own (models.detection)
+            _check_model_name(cfg, kind == "images")
         kind_preflight(cfg.data)
         return
     # The params task expands {date} in data.source (today, for a local run); so does this check.

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 
 from kubetrain.core.artifacts import (
     MODEL_WEIGHTS,
-    QUANT_INFO,
+    DatasetArtifact,
     QuantizedModel,
     TrainedModel,
 )
@@ -28,6 +27,7 @@ from kubetrain.tasks.base import Task
 
 if TYPE_CHECKING:
     from kubetrain.tasks.config import ScoringConfig
+    from kubetrain.tasks.detection import DetectionTask
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,12 @@ def load_quantized(
     """
     qdir = Path(qdir)
     info = QuantizedModel.load(qdir).info
+    if info.format == "detector":  # kubetrain.quantize.detection: applied to the fp32 detector
+        from kubetrain.quantize.detection import load_detector
+
+        if model_dir is None:
+            raise KubetrainError(f"{qdir}: an int8 detector: rebuilding it needs the fp32 model")
+        return load_detector(qdir, load_model(model_dir, task))
     if info.format == artifact.STATE_DICT_FORMAT:
         if model_dir is None:
             raise KubetrainError(f"{qdir}: an int8 state dict: rebuilding it needs the fp32 model")
@@ -114,6 +120,16 @@ def quantize_artifact(
             from kubetrain.tasks import task_for_model
 
             task = (task or task_for_model(dataset_dir, model_dir)).measure_as(scoring)
+        if task is None and DatasetArtifact.read_meta(dataset_dir).kind == "detection":
+            from kubetrain.tasks import task_for_model
+
+            task = task_for_model(dataset_dir, model_dir)
+        if task is not None and task.kind == "detection":
+            from kubetrain.quantize.detection import quantize_detector
+
+            return quantize_detector(
+                Path(model_dir), Path(out_dir), qcfg, cast("DetectionTask", task), load_model
+            )
         return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, task)
     finally:
         torch.set_num_threads(threads)
@@ -307,29 +323,6 @@ def _measure_latency(ref: _Reference, tried: list[_Tried]) -> None:
     ref.info.samples_per_second_b64 = 64e3 / fp32_b64
 
 
-def _decide(
-    ref: _Reference, candidates: list[Candidate], tried_any: bool
-) -> tuple[Candidate | None, str]:
-    """The gate and the choice: (chosen candidate or None for fp32, the one-line decision).
-
-    Raises KubetrainError when nothing passes the gate and ``on_drop`` is ``fail``.
-    """
-    budget = ref.qcfg.max_accuracy_drop
-    chosen = select.choose(candidates, budget)
-    select.verdicts(candidates, chosen, budget)
-    if not tried_any:
-        return None, "quantize.method none"
-    decision = select.explain(chosen, candidates, budget, ref.metric)
-    if chosen is None:
-        if ref.qcfg.on_drop == "fail":
-            raise KubetrainError(
-                f"quantize: {decision} (fp32 validation {ref.metric} {ref.accuracy:.4f}); raise "
-                "quantize.max_accuracy_drop or set quantize.on_drop=keep_fp32"
-            )
-        decision += "; keeping fp32 (quantize.on_drop=keep_fp32)"
-    return chosen, decision
-
-
 def _quantize(
     model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig,
     task: Task | None,
@@ -340,35 +333,17 @@ def _quantize(
     tried = _try_candidates(ref, names)
     _measure_latency(ref, tried)
     candidates = [t.info for t in tried]
-    chosen, decision = _decide(ref, candidates, bool(names))
+    none = None if names else "quantize.method none"
+    chosen, decision = select.decide(candidates, qcfg, ref.metric, ref.accuracy, none=none)
     log.info("quantize: %s", decision)
     chosen_dir = next((t.dir for t in tried if t.info is chosen), ref.work / "none_fp32")
-    _publish(chosen_dir, out_dir)
     fp32 = ref.info
     _score(fp32, ref, ref.accuracy)
     fp32.size_ratio = 1.0
-    kept = (chosen or fp32).model_dump(exclude={"verdict", "metric"})
-    info = QuantInfo(
-        **kept,
-        metric=ref.metric,
-        decision=decision,
+    info = artifact.publish(
+        out_dir, chosen_dir, chosen or fp32, fp32, candidates, qcfg, decision,
         gate_passed=chosen is not None or not names,
-        max_accuracy_drop=qcfg.max_accuracy_drop,
-        fp32=fp32,
-        fp32_size_bytes=fp32.size_bytes,
-        fp32_file_bytes=fp32.file_bytes,
         fp32_state_dict_bytes=(model_dir / MODEL_WEIGHTS).stat().st_size,
-        candidates=candidates,
-        threads=torch.get_num_threads(),
-    )
-    info.quantize_seconds = time.perf_counter() - started
-    shutil.rmtree(ref.work, ignore_errors=True)
-    QuantizedModel(out_dir, info).save(out_dir)  # last: marks a complete artifact
+        started=started, work=ref.work,
+    )  # fmt: skip
     return info
-
-
-def _publish(source: Path, out_dir: Path) -> None:
-    """Copy the chosen candidate's model file into ``out_dir`` (its quant.json comes last)."""
-    for path in source.iterdir():
-        if path.name != QUANT_INFO:
-            shutil.copyfile(path, out_dir / path.name)
