@@ -94,6 +94,11 @@ class DatasetMeta(Record):
     config: dict[str, Any] = Field(description="The data section it was made with.")
     preprocess_seconds: float = 0.0
     root: str | None = Field(None, description="Where the shards are, when not beside it.")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="What preprocessing dropped, skipped or cut, one line each (rows, images, "
+        "truncated sequences): said on the terminal and in the report.",
+    )
 
     def num_samples(self, split: str) -> int:
         return int(self.sizes.get(split, 0))

@@ -50,30 +50,72 @@ def open_task(cfg: TaskConfig, data: DatasetArtifact) -> Task:
     return _resolve(data.kind)[1](cfg, data)
 
 
-def kind_of(cfg: DataConfig) -> str:
-    """Which kind of dataset ``cfg`` describes (what preprocess builds)."""
+def declared_kind(cfg: DataConfig) -> str | None:
+    """The kind of dataset ``cfg`` says it is, without looking at the data: ``data.kind``, or
+    ``data.task`` for a text kind; None for ``classification`` with ``data.kind: auto`` (tabular
+    or images: ``kind_of`` finds out). What compiling a pipeline may use: it never reads data."""
+    if cfg.kind != "auto":
+        return cfg.kind
     if cfg.task != "classification":
         return cfg.task
+    return None
+
+
+def kind_of(cfg: DataConfig) -> str:
+    """Which kind of dataset ``cfg`` describes (what preprocess builds): the declared kind, or
+    for ``data.kind: auto`` classification, images or tabular from a look at the source (its
+    name, one listing or one header: ``kubetrain.tasks.images.is_image_source``). Only steps
+    that read the data anyway call it, never compiling.
+
+    Raises:
+        ConfigError, DataError: the source is in object storage that cannot be read (no
+            credentials, no endpoint, no bucket: ``kubetrain.data.storage``).
+    """
+    declared = declared_kind(cfg)
+    if declared is not None:
+        return declared
+    from kubetrain.data.storage import storage_errors
     from kubetrain.tasks.images import is_image_source
 
-    if is_image_source(cfg):
-        return "images"
+    with storage_errors(cfg.source, cfg.storage_options):
+        if is_image_source(cfg):
+            return "images"
     return "tabular"
 
 
 def build_dataset(cfg: DataConfig, out_dir: str | Path) -> DatasetMeta:
-    """Preprocess: the dataset artifact of ``cfg`` in ``out_dir``; returns its meta."""
+    """Preprocess: the dataset artifact of ``cfg`` in ``out_dir``; returns its meta.
+
+    Raises:
+        ConfigError, DataError: the kind's own, and object storage that cannot be read.
+    """
+    from kubetrain.data.storage import storage_errors
+
     module, _ = _resolve(kind_of(cfg))
-    return module.build(cfg, Path(out_dir))
+    with storage_errors(cfg.source, cfg.storage_options):
+        return module.build(cfg, Path(out_dir))
 
 
 def preflight(cfg: DataConfig) -> None:
     """The checks a kind can make before anything is written (its module's ``preflight``,
     if it has one); raises ConfigError or DataError."""
+    from kubetrain.data.storage import storage_errors
+
     module, _ = _resolve(kind_of(cfg))
     check = getattr(module, "preflight", None)
     if check is not None:
-        check(cfg)
+        with storage_errors(cfg.source, cfg.storage_options):
+            check(cfg)
+
+
+def check_model(cfg: TaskConfig, data: DatasetArtifact) -> None:
+    """Build ``cfg.model`` for the dataset artifact ``data`` once, on the CPU, and run it on two
+    examples (``Task.check_model``): before training or a search starts its workers.
+
+    Raises:
+        ConfigError: the model cannot be built or does not fit the data, naming model.name.
+    """
+    open_task(cfg, data).check_model(cfg.model)
 
 
 def task_for_model(dataset_dir: str | Path, model_dir: str | Path) -> Task:

@@ -188,7 +188,8 @@ def build(cfg: DataConfig, out_dir: str | Path) -> ImageMeta:
     Returns:
         The meta (``ImageMeta``): the shard manifest's content version, the model's input
         shape after the eval transforms, the training split's per-channel mean and std, the
-        class counts per split, ``root`` when the shards are not in ``out_dir``.
+        class counts per split, ``root`` when the shards are not in ``out_dir``, ``notes`` (a
+        line saying how many images were skipped and why, if any were).
 
     Raises:
         ConfigError: no torchvision; transforms that do not build.
@@ -196,10 +197,14 @@ def build(cfg: DataConfig, out_dir: str | Path) -> ImageMeta:
             size and neither ``data.image_size`` nor the eval transforms give one size.
     """
     from kubetrain.core.artifacts import DATASET_META, DatasetArtifact
-    from kubetrain.data.images import build_image_dataset
+    from kubetrain.data.images import build_image_dataset, skipped_note
     from kubetrain.data.shards import read_manifest
 
     require_torchvision()
+    # The transforms first, on a blank image with stand-in statistics: a wrong name or value
+    # is one line before any shard is written (the real ones come from the training split).
+    channels = len(cfg.image_mode)
+    transforms(cfg, 2, cfg.image_mode, [0.5] * channels, [0.25] * channels)
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +241,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> ImageMeta:
             for split, counts in manifest.class_counts.items()
         },
         num_skipped=manifest.provenance.get("num_skipped", 0),
+        notes=[n for n in [skipped_note(manifest.provenance)] if n],
         config=cfg.model_dump(mode="json"),
         preprocess_seconds=round(time.perf_counter() - started, 3),
         root=root,
@@ -437,15 +443,17 @@ class _ShapedTransform:
     def blank(self, height: int, width: int) -> torch.Tensor:
         from PIL import Image
 
+        from kubetrain.data.transforms import entry_error
+
         buf = io.BytesIO()
         Image.new(self.mode, (width, height)).save(buf, format="PNG")
+        record = {"image": buf.getvalue(), "label": 0}
         try:
-            return self.inner({"image": buf.getvalue(), "label": 0})[0]
+            return self.inner(record)[0]
         except ConfigError:
             raise
         except (TypeError, ValueError, RuntimeError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"config error: {self.where}: {first}") from None
+            raise entry_error(self.inner, record, err) from None
 
 
 # -- the task ------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def build(cfg: DataConfig, out_dir: Path) -> TextDatasetMeta:
         ConfigError, DataError: see :func:`kubetrain.data.text.build_text_dataset`.
     """
     from kubetrain.data.shards import read_manifest
-    from kubetrain.data.text import build_text_dataset
+    from kubetrain.data.text import build_text_dataset, count_notes
     from kubetrain.data.tokenize import TOKENIZER_FILE
 
     started = time.perf_counter()
@@ -98,6 +98,7 @@ def build(cfg: DataConfig, out_dir: Path) -> TextDatasetMeta:
         rows=text.rows,
         skipped_empty=text.skipped_empty,
         truncated=text.truncated,
+        notes=count_notes(cfg.source, text),
         tokenize_seconds=text.tokenize_seconds,
         tokenize_processes=text.tokenize_processes,
         class_counts=manifest.class_counts.get("train") if text.classes else None,
@@ -327,6 +328,10 @@ class TextClassificationTask(TextTask):
 class Seq2SeqTask(TextTask):
     kind = "seq2seq"
     metric = "token_accuracy"  # what validate() reports during training
+
+    def output_width(self) -> tuple[int, str]:
+        """One logit per vocabulary entry at every target position."""
+        return self.meta.vocab_size, "tokens in its vocabulary"
 
     def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         super().__init__(cfg, data)
