@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from kubetrain.core.errors import ConfigError
-from kubetrain.models.config import BUILTIN, ModelConfig
+from kubetrain.models.config import BUILTIN, ModelConfig, family_of
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,18 @@ def build_model(
             weights asked for, a factory that fails or returns something else than a module,
             weights that do not fit the model.
     """
-    if cfg.name in BUILTIN:
+    family = family_of(cfg.name)
+    if family in BUILTIN:
         raise ConfigError(f"config error: model.name: {cfg.name!r} is built by models.networks")
     kind, _, target = cfg.name.partition(":")
-    if kind in ("torchvision", "timm") and len(input_shape) != 3:
+    if family in ("torchvision", "timm") and len(input_shape) != 3:
         raise ConfigError(
             f"config error: model.name: {cfg.name} needs image data (C,H,W); this data has "
             f"shape {list(input_shape)} (use 'mlp', or an image source: see README 'Vision')"
         )
-    if kind == "torchvision":
+    if family == "torchvision":
         model, head = _torchvision(target, input_shape, num_classes, dict(cfg.kwargs))
-    elif kind == "timm":
+    elif family == "timm":
         model, head = _timm(target, input_shape, num_classes, dict(cfg.kwargs))
     else:
         model, head = _factory(kind, target, input_shape, num_classes, dict(cfg.kwargs))
@@ -118,13 +119,13 @@ def check_model_name(
     Raises:
         ConfigError: naming model.name or model.weights.
     """
-    kind, _, target = cfg.name.partition(":")
-    if kind in ("torchvision", "timm") and image_data is False:
+    family, target = family_of(cfg.name), cfg.name.partition(":")[2]
+    if family in ("torchvision", "timm") and image_data is False:
         raise ConfigError(
             f"config error: model.name: {cfg.name} needs image data (C,H,W) and this data is not "
             "images (use 'mlp' for a table, or set data.image_shape for images stored as columns)"
         )
-    if kind == "torchvision":
+    if family == "torchvision":
         require = "pip install 'kubetrain[vision]'"
         try:
             import torchvision
@@ -137,7 +138,7 @@ def check_model_name(
                 f"config error: model.name: {target!r} is not a torchvision classification "
                 f"builder{_did_you_mean(target, known)}"
             )
-    elif kind == "timm":
+    elif family == "timm":
         try:
             import timm
         except ImportError:
@@ -146,13 +147,13 @@ def check_model_name(
         if not timm.is_model(target):
             raise ConfigError(f"config error: model.name: {target!r} is not a timm model"
                               f"{_did_you_mean(target, timm.list_models())}")  # fmt: skip
-    elif cfg.name.startswith("hf:"):
+    elif family == "hf":
         where = cfg.name[len("hf:") :]
         if "://" not in where or where.startswith("file://"):
             from kubetrain.models.hf import local_model_dir
 
             local_model_dir(cfg.name)
-    elif ":" in cfg.name:
+    elif family == "factory":
         _resolve_factory(cfg.name)
     if cfg.weights:
         import fsspec
