@@ -10,6 +10,7 @@ import pytest
 from cluster.controllers import in_background, play_katib, tune_cfg
 from kubetrain.core.errors import KubetrainError
 from kubetrain.core.io import read_json
+from kubetrain.core.records import SearchSummary
 from kubetrain.pipeline import steps
 
 pytestmark = pytest.mark.cluster
@@ -34,7 +35,7 @@ def test_the_tune_step_returns_katibs_best_trial(runner, operator, tiny_dataset,
     assert states == {"ok": "complete", "failed": "fail", "stopped": "pruned"}
     (failed,) = [t for t in trials if t["state"] == "fail"]
     assert failed["error"].startswith("TrialFailed: Trial has failed")
-    assert read_json(tmp_path / "tune" / "best_params.json") == result
+    assert SearchSummary.read(tmp_path / "tune" / "best_params.json") == result
     # the train step applies them as it does the local engine's
     tuned = steps.tuned_config(cfg, tmp_path / "tune" / "best_params.json")
     assert (tuned.train.lr, tuned.train.batch_size) == (0.004, 32)
