@@ -198,6 +198,11 @@ class PreprocessPlan(Record):
     whole: bool = Field(
         False, description="The kind is built in one task (by merge); convert tasks do nothing."
     )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The data section it was made with, the run's overrides applied: what the "
+        "convert tasks and merge read (so every task of one preprocess reads the same).",
+    )
     seconds: float = 0.0
 
 

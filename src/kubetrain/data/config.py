@@ -3,7 +3,7 @@ augmented (used by ``kubetrain.data`` and the training loader)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -93,6 +93,12 @@ class TransformsConfig(Section):
 
 class DataConfig(Section):
     """Where the data comes from and how it is split, normalised and augmented."""
+
+    # How preprocess is spread over tasks, not what it makes: the dataset is the same for every
+    # value, so a model's fingerprint (kubetrain.registry) leaves them out.
+    RUN_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"parallel_tasks", "max_parallel_tasks", "convert_retries", "shard_store"}
+    )
 
     source: str = Field(
         "digits",

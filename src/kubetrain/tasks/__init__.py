@@ -105,16 +105,22 @@ def plan_dataset(cfg: DataConfig, plan_dir: str | Path, num_tasks: int) -> Prepr
     out.mkdir(parents=True, exist_ok=True)
     planner = getattr(module, "plan", None)
     plan = planner(cfg, out, num_tasks) if planner else whole_plan(kind, cfg.source, num_tasks)
-    plan = plan.model_copy(update={"seconds": round(time.perf_counter() - started, 3)})
+    seconds = round(time.perf_counter() - started, 3)
+    plan = plan.model_copy(update={"seconds": seconds, "config": cfg.model_dump(mode="json")})
     PlanArtifact(out, plan).save()
     return plan
 
 
-def convert_range(
-    cfg: DataConfig, plan_dir: str | Path, task: int, out_dir: str | Path
-) -> DatasetPart:
+def plan_config(plan: PreprocessPlan) -> DataConfig:
+    """The data section a plan was made with (what its convert tasks and merge read)."""
+    from kubetrain.data.config import DataConfig
+
+    return DataConfig.model_validate(plan.config)
+
+
+def convert_range(plan_dir: str | Path, task: int, out_dir: str | Path) -> DatasetPart:
     """Convert task ``task`` (0-based): its range of the plan's shards into ``out_dir`` (or the
-    shard store), then ``part.json`` there.
+    shard store), then ``part.json`` there; with the data section the plan was made with.
 
     Raises:
         DataError: the plan is missing or unreadable, ``task`` is not one of its tasks, or the
@@ -125,6 +131,7 @@ def convert_range(
     from kubetrain.data.fanout import task_slots
 
     plan = PlanArtifact.load(plan_dir).plan
+    cfg = plan_config(plan)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = shard_root(cfg, plan)
@@ -139,11 +146,12 @@ def convert_range(
 
 
 def merge_dataset(
-    cfg: DataConfig, plan_dir: str | Path, part_dirs: list[str | Path], out_dir: str | Path
+    plan_dir: str | Path, part_dirs: list[str | Path], out_dir: str | Path
 ) -> DatasetMeta:
     """The merge task: check that every convert task's range is there, bring the shards into
     ``out_dir`` (unless they are in the shard store), write the manifest, the statistics
-    combined from the parts and ``meta.json`` (last).
+    combined from the parts and ``meta.json`` (last); with the data section the plan was made
+    with.
 
     Raises:
         DataError: a range is missing (one line naming it), a part is another plan's, or the
@@ -153,6 +161,7 @@ def merge_dataset(
     from kubetrain.data.fanout import gather, ordered_results
 
     plan = PlanArtifact.load(plan_dir).plan
+    cfg = plan_config(plan)
     module, _ = _resolve(plan.kind)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
