@@ -457,13 +457,17 @@ def plan_text(cfg, num_tasks: int) -> TextPlan:
     from kubetrain.data import tokenize
     from kubetrain.data.fanout import assign_ranges, slots_of
 
+    import hashlib
+
     stats = ReadStats()
     classes: Counter[str] = Counter()
     is_cls = cfg.task == "text_classification"
     sample = _Sample(cfg.tokenizer.sample_size, cfg.seed)
+    content = hashlib.sha256()  # of every usable row: the input's identity
 
     def rows() -> Iterator[tuple[str, int, str, Any]]:
         for ex in iter_examples(cfg, stats):
+            content.update(json.dumps([ex.row, ex.text, ex.other]).encode())
             if is_cls and ex.other is not None:
                 classes[ex.other] += 1
             if ex.split == "train" and cfg.tokenizer.path is None:
@@ -493,7 +497,7 @@ def plan_text(cfg, num_tasks: int) -> TextPlan:
     record = PreprocessPlan(
         kind=cfg.task,
         source=cfg.source,
-        fingerprint=_text_fingerprint(cfg, tok, stats),
+        fingerprint=_text_fingerprint(cfg, tok, content.hexdigest()),
         num_tasks=num_tasks,
         slots=slots,
         ranges=assign_ranges([s.samples for s in slots], num_tasks),
@@ -501,18 +505,18 @@ def plan_text(cfg, num_tasks: int) -> TextPlan:
     return TextPlan(tok, _sorted_classes(classes) if is_cls else None, stats, special, record)
 
 
-def _text_fingerprint(cfg, tok, stats: ReadStats) -> str:
-    """What identifies a text plan: the tokenizer, the counts read and every setting that
-    shapes the shards."""
+def _text_fingerprint(cfg, tok, content: str) -> str:
+    """What identifies a text plan: the rows read, the tokenizer and every setting that shapes
+    the shards."""
     import hashlib
 
     settings = cfg.model_dump(
         mode="json",
-        include={"source", "task", "text_column", "label_column", "target_column",
-                 "max_length", "shard_samples", "seed", "val_fraction", "test_fraction"},
+        include={"task", "text_column", "label_column", "target_column", "max_length",
+                 "shard_samples", "seed", "val_fraction", "test_fraction"},
     )  # fmt: skip
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    h.update(json.dumps(asdict(stats), sort_keys=True).encode())
+    h.update(content.encode())
     h.update(tok.to_str().encode())
     return h.hexdigest()[:16]
 
@@ -564,10 +568,11 @@ def convert_text(
     out = []
     for r in results:
         slot = wanted[(r.split, r.index)]
-        if r.samples != planned[slot].samples:
+        if (r.samples, r.last_row) != (planned[slot].samples, planned[slot].last_row):
             raise DataError(
-                f"data error: {cfg.source}: shard {planned[slot].name} has {r.samples} samples, "
-                f"the plan {planned[slot].samples} (the source changed since it was planned)"
+                f"data error: {cfg.source}: shard {planned[slot].name} has {r.samples} samples "
+                f"up to row {r.last_row}, the plan {planned[slot].samples} up to row "
+                f"{planned[slot].last_row} (the source changed since it was planned)"
             )
         shard = shard_record(r.shards[0])
         out.append(

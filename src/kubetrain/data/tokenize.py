@@ -195,6 +195,7 @@ class PartResult:
     tokens: int
     truncated: int
     samples: int
+    last_row: int = -1  # the last source row the part holds
 
 
 @dataclass
@@ -296,7 +297,7 @@ def _encode_part(part: Part, root: str, opts: dict[str, Any]) -> PartResult:
         w.write_all(records)
     return PartResult(
         part.split, part.index, w.shards, dict(w.class_counts), w.columns, tokens, cut,
-        len(records),
+        len(records), part.rows[-1] if part.rows else -1,
     )  # fmt: skip
 
 
