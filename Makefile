@@ -110,6 +110,7 @@ bench: venv venv-vision
 	$(PY) benchmarks/decode_bench.py
 	$(VISION_PY) benchmarks/vision_loader.py
 	$(VISION_PY) benchmarks/vision_train.py
+	$(PY) benchmarks/preprocess_scaling.py --vision-python $(VISION_PY)
 	$(PY) benchmarks/collect.py
 
 clean:

@@ -117,3 +117,39 @@ def test_kubetrain_run_shows_the_fan_out_and_trains_on_the_same_dataset(tmp_path
     assert len(merged) == 1 and f"dataset {one.version}" in merged[0]
     model = json.loads(next((tmp_path / "run").glob("kfp/*/train/model/model.json")).read_text())
     assert model["dataset_version"] == one.version
+
+
+def test_convert_tasks_write_to_an_s3_shard_store_and_training_streams_from_it(tmp_path):
+    """Each convert task (its own call, as its own pod) reads the source from S3 and writes its
+    shards to the store; merge writes the manifest there; the dataset artifact points at it."""
+    import s3fs
+
+    from kubetrain.data.shards import read_manifest
+    from kubetrain.tasks import convert_range, merge_dataset, plan_dataset
+    from servers import s3_server
+
+    source = write_texts(tmp_path / "texts.jsonl")
+    one = build_dataset(text_config(source).data, tmp_path / "one")
+    with s3_server() as s3:
+        s3.make_bucket("data")
+        fs = s3fs.S3FileSystem(**s3.storage_options)
+        fs.put(str(source), "data/in/texts.jsonl")
+        options = json.dumps(s3.storage_options)
+        cfg = text_config(
+            source, "data.source=s3://data/in/texts.jsonl", f"data.storage_options={options}",
+            "data.shard_store=s3://data/datasets", "data.parallel_tasks=2",
+        ).data  # fmt: skip
+        plan = plan_dataset(cfg, tmp_path / "plan", 2)
+        parts = [tmp_path / f"part-{k}" for k in range(2)]
+        for k, part in enumerate(parts):
+            convert_range(tmp_path / "plan", k, part)
+            assert not list(part.glob("*.parquet"))
+        meta = merge_dataset(tmp_path / "plan", parts, tmp_path / "dataset")
+        root = f"s3://data/datasets/text_classification-{plan.fingerprint}"
+        assert meta.root == root and meta.version == one.version
+        stored = read_manifest(root, s3.storage_options)
+        assert stored.to_json() == read_manifest(str(tmp_path / "one")).to_json()
+        for shard in (s for v in stored.splits.values() for s in v):
+            assert (
+                fs.cat(f"{root[5:]}/{shard.path}") == (tmp_path / "one" / shard.path).read_bytes()
+            )

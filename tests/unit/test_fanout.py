@@ -189,6 +189,26 @@ def test_merge_refuses_a_part_of_another_plan_and_a_shard_that_is_not_there(text
         )  # fmt: skip
 
 
+def test_a_shard_store_takes_every_task_s_shards_and_the_dataset_points_at_it(
+    text_source, tmp_path
+):
+    from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.tasks import open_task
+    from kubetrain.tasks.config import TaskConfig
+
+    cfg = text_cfg(text_source, shard_store=str(tmp_path / "store"))
+    plan, dataset = fan_out(cfg, tmp_path / "run", 3)
+    root = tmp_path / "store" / f"text_classification-{plan.fingerprint}"
+    one = build_dataset(text_cfg(text_source), tmp_path / "one")
+    assert digests(root) == digests(tmp_path / "one")  # the shards, manifest and tokenizer
+    assert sorted(p.name for p in dataset.iterdir()) == ["meta.json"]  # nothing gathered
+    assert not list((tmp_path / "run" / "part-0").glob("*.parquet"))
+    data = DatasetArtifact.load(dataset)
+    assert data.meta.root == str(root) and data.version == one.version
+    task = open_task(TaskConfig.model_validate({"data": cfg.model_dump()}), data)
+    assert sum(1 for _ in task.records("train")) == one.sizes["train"]
+
+
 def test_a_convert_task_refuses_a_source_that_changed_since_the_plan(text_source, tmp_path):
     source = tmp_path / "moving.csv"
     shutil.copy(text_source, source)

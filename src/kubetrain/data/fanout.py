@@ -183,6 +183,7 @@ def gather(
         if result.shard is None:
             continue
         sfs, src_dir = _filesystem(src_root, storage_options)
+        here = src_root.rstrip("/") == root.rstrip("/")  # written in place
         src = posixpath.join(src_dir, result.shard.path)
         try:
             size = sfs.size(src)
@@ -194,7 +195,7 @@ def gather(
             )
             raise DataError(f"data error: preprocess merge: shard {src}: {found}")
         target = posixpath.join(dest, result.shard.path)
-        if sfs is fs and src_dir == dest:
+        if here:
             continue
         if fs.exists(target):
             fs.rm(target)

@@ -454,10 +454,10 @@ def plan_text(cfg, num_tasks: int) -> TextPlan:
         DataError: bad source (see the module docstring), a bad tokenizer file, no training
             text.
     """
+    import hashlib
+
     from kubetrain.data import tokenize
     from kubetrain.data.fanout import assign_ranges, slots_of
-
-    import hashlib
 
     stats = ReadStats()
     classes: Counter[str] = Counter()
