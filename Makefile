@@ -13,7 +13,7 @@ VISION_PY := $(VISION_VENV)/bin/python
 VISION_STAMP := $(VISION_VENV)/.installed
 ARGS ?=
 
-.PHONY: venv scan-venv venv-vision run run-vision test test-unit test-integration test-slow test-cluster test-vision lint compile docs bench clean images image-trainer kind-e2e
+.PHONY: venv scan-venv venv-vision run run-vision run-detection test test-unit test-integration test-slow test-cluster test-vision lint compile docs bench clean images image-trainer kind-e2e
 
 # (Re)create the virtual environment whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -47,6 +47,10 @@ run: venv
 ## run-vision: image classification end to end (Fashion-MNIST, recipes/vision.yaml) in the vision venv
 run-vision: venv-vision
 	$(VISION_VENV)/bin/kubetrain run --config vision $(ARGS)
+
+## run-detection: object detection end to end (Fashion-MNIST scenes, pipeline/recipes/detection.yaml; docs/detection.md) in the vision venv
+run-detection: venv-vision
+	$(VISION_VENV)/bin/kubetrain run --config detection $(ARGS)
 
 ## test: lint, then the unit tier and the integration tier (not the slow suites)
 test: lint test-unit test-integration
@@ -110,6 +114,8 @@ bench: venv venv-vision
 	$(PY) benchmarks/decode_bench.py
 	$(VISION_PY) benchmarks/vision_loader.py
 	$(VISION_PY) benchmarks/vision_train.py
+	$(VISION_PY) benchmarks/detection_loader.py
+	$(VISION_PY) benchmarks/detection_train.py
 	$(PY) benchmarks/preprocess_scaling.py --vision-python $(VISION_PY)
 	$(PY) benchmarks/collect.py
 

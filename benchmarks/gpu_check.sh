@@ -32,3 +32,18 @@ if python3 -c "import torch, torchvision; assert torch.cuda.is_available()" 2>/d
 else
   echo "vision part skipped: no CUDA device, or torchvision not importable (pip install -e '.[vision]')"
 fi
+
+# Detection (≤ 5 minutes): a ResNet-50 FPN Faster R-CNN (v2) at 640 px, bf16, one GPU, fed by
+# kubetrain's loader (sharded Fashion-MNIST scenes, box transforms in DataLoader workers) through
+# kubetrain's fit, beside torchvision's reference loop on the same stream: images/s and
+# data-wait. Writes benchmarks/results/gpu_detection.{json,md}.
+if python3 -c "import torch, torchvision, pycocotools; assert torch.cuda.is_available()" 2>/dev/null; then
+  cores=$(nproc)
+  workers=${DETECTION_WORKERS:-$(( cores > 10 ? 8 : (cores > 3 ? cores - 2 : 1) ))}
+  timeout 300 python3 benchmarks/detection_train.py --device cuda --precision bf16 \
+    --model torchvision:fasterrcnn_resnet50_fpn_v2 \
+    --model-kwargs '{"min_size": 640, "max_size": 640}' --batch "${DETECTION_BATCH:-16}" \
+    --steps 40 --workers "$workers" --prefetch 2 --rounds 1 --threads 2 --tag gpu_detection
+else
+  echo "detection part skipped: no CUDA device, or torchvision/pycocotools not importable"
+fi

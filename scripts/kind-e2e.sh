@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # kind end to end: a throw-away kind cluster with the pinned platform (KFP standalone, Training
-# Operator, Katib), kubetrain's manifests and images; the standalone training PyTorchJob must
-# succeed, and the pipeline, compiled by `kubetrain compile` and submitted with the `kfp` CLI,
-# must succeed and promote its model. The cluster is deleted at the end (KEEP_CLUSTER=1 keeps it).
+# Operator v1, Kubeflow Trainer v2 with its runtimes, Katib), kubetrain's manifests and images;
+# the standalone training PyTorchJob must succeed, and the pipeline, compiled by `kubetrain
+# compile` and submitted with the `kfp` CLI, must succeed and promote its model (its train step
+# finds TrainJob served: cluster.training_api auto picks it). The cluster is deleted at the end
+# (KEEP_CLUSTER=1 keeps it).
 #
 # Needs: docker (engine running), kind, kubectl, and kubetrain + kfp on PATH (`make kind-e2e`
 # puts the project's venv first). Network access to github.com and the image registries the
@@ -74,9 +76,13 @@ k wait --for condition=established --timeout=120s crd/applications.app.k8s.io
 k apply -k manifests/platform/kfp
 # The operators' CRDs exceed the client-side apply annotation limit.
 k apply --server-side -k manifests/platform/training-operator
+k apply --server-side -k manifests/platform/trainer
 k apply --server-side -k manifests/platform/katib
 k wait --for condition=established --timeout=120s crd/pytorchjobs.kubeflow.org \
-  crd/experiments.kubeflow.org
+  crd/experiments.kubeflow.org crd/trainjobs.trainer.kubeflow.org
+# The runtimes go in once Trainer's webhook, which validates them, is up.
+k -n kubeflow-system wait --for=condition=Available deployment --all --timeout="${platform_timeout}s"
+k apply --server-side -k manifests/platform/trainer-runtimes
 step "waiting for the platform's deployments (up to $platform_timeout s)"
 k -n kubeflow wait --for=condition=Available deployment --all --timeout="${platform_timeout}s"
 

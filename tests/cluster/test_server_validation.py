@@ -59,6 +59,8 @@ RECIPES = {
     "smoke": ("smoke", []),
     "gpu": ("gpu", []),  # GPUs, node selector, tolerations, two nodes
     "vision-gpu": ("vision-gpu", []),  # ResNet-50, 2 x 1 GPU, credentials from a Secret (envFrom)
+    # a ResNet-50 FPN detector at 640 px, bf16, 2 x 1 GPU, the search on mAP
+    "detection-gpu": ("detection-gpu", []),
     # seq2seq Transformer, FSDP, 2 x 1 GPU; with the search on, so the Experiment is checked too
     "translation-gpu": ("translation-gpu", ["tune.enabled=true"]),
     "elastic": (

@@ -143,7 +143,13 @@ def test_bundled_recipes_load_by_name_and_an_unknown_name_lists_them():
     assert smoke.tune.max_trials == 2 and smoke.evaluate.min_accuracy == 0.5
     gpu = load_config("gpu", overrides=["train.nnodes=1"])
     assert gpu.cluster.num_gpus == 1 and gpu.train.precision == "bf16" and gpu.train.nnodes == 1
-    with pytest.raises(ConfigError, match=r"nope: no such file \(bundled recipes: gpu, smoke, "):
+    for name in ("detection", "detection-gpu"):
+        det = load_config(name)
+        assert det.data.task == "detection" and det.evaluate.primary_metric("detection") in (
+            "map",
+            "map_50",
+        )
+    with pytest.raises(ConfigError, match=r"nope: no such file \(bundled recipes: "):
         load_config("nope")
 
 

@@ -141,11 +141,28 @@ class TextDatasetMeta(DatasetMeta):
     class_counts: dict[str, int] | None = None
 
 
+class DetectionMeta(DatasetMeta):
+    """Box-annotated image shards (``kubetrain.data.detection``): the categories (their own ids
+    and names; labels 1..K are their order), objects per split and class, images without
+    objects, and what the box checks kept, clipped and dropped."""
+
+    kind: Literal["detection"] = "detection"
+    categories: list[dict[str, Any]] = Field(description="[{id, name}] in id order.")
+    image_mode: str
+    annotation_format: str
+    class_counts: dict[str, dict[str, int]] = Field(description="Objects per split and class.")
+    objects: dict[str, int]
+    empty_images: dict[str, int]
+    boxes: dict[str, Any] = Field(description="kept, clipped, dropped (by reason), examples.")
+    num_skipped: int = 0
+
+
 DATASET_KINDS: dict[str, type[DatasetMeta]] = {
     "tabular": TabularMeta,
     "images": ImageMeta,
     "text_classification": TextDatasetMeta,
     "seq2seq": TextDatasetMeta,
+    "detection": DetectionMeta,
 }
 
 
@@ -280,6 +297,13 @@ class TextSpec(Record):
     classes: list[str] | None = None
 
 
+class DetectionSpec(Record):
+    """What a detector is sized by: its categories (``num_classes`` counts the background)."""
+
+    classes: list[str]
+    categories: list[dict[str, Any]] = Field(description="[{id, name}]: labels 1..K map back.")
+
+
 class NetworkSpec(Record):
     """What rebuilds a network in another process (``kubetrain.models.build_from_spec``): the
     model section, the input shape and the outputs; for text the vocabulary and how it decodes."""
@@ -288,6 +312,7 @@ class NetworkSpec(Record):
     input_shape: list[int]
     num_classes: int | None
     text: TextSpec | None = None
+    detection: DetectionSpec | None = None
     evaluate: dict[str, Any] | None = Field(
         None, description="Text: the scoring settings it was trained with (decoding)."
     )
@@ -328,6 +353,11 @@ class EpochStats(Record):
     mfu: float | None = None
     rank_cpu_percent: list[float] = Field(default_factory=list)
     rank_peak_rss_mib: list[float] = Field(default_factory=list)
+    loss_components: dict[str, float] = Field(
+        default_factory=dict,
+        description="The training loss's named parts per sample (a detector's classifier, box "
+        "regression, objectness ... losses); empty where the loss is one term.",
+    )
 
 
 class TrainSummary(Record):
@@ -410,6 +440,14 @@ class Candidate(Record):
     latency_ms_b64_max: float | None = None
     latency_ratio_b1: float | None = None
     latency_ratio_b64: float | None = None
+    # A detector's candidates are timed at batch 8 (kubetrain.quantize.detection).
+    latency_ms_b8: float | None = None
+    latency_ratio_b8: float | None = None
+    part: str | None = Field(None, description="A detector: what became int8 (heads, backbone).")
+    pad_to: list[int] | None = Field(
+        None, description="A detector's int8 backbone: the input size it was exported for."
+    )
+    out_channels: int | None = Field(None, description="A detector's backbone's out_channels.")
     samples_per_second_b64: float | None = None
     tokens_per_second_b1: float | None = None
     tokens_per_second_b64: float | None = None
@@ -433,6 +471,9 @@ class QuantInfo(Candidate):
     fp32_state_dict_bytes: int | None = None
     candidates: list[Candidate] = Field(default_factory=list)
     threads: int | None = None
+    latency_batches: list[int] | None = Field(
+        None, description="The batch sizes the candidates were timed at (a detector: 1, 8)."
+    )
 
 
 # -- search -------------------------------------------------------------------------------------

@@ -106,7 +106,9 @@ class DataConfig(Section):
         ".csv, .parquet or .npz file; a glob pattern reads several files in parallel. Images "
         "(the vision extra): an image-folder tree, a CSV/Parquet manifest with "
         "data.image_column, tar shards (brace patterns), a kubetrain sharded dataset "
-        "(shards.json), or 'fashion-mnist' (Debian's dataset-fashion-mnist).",
+        "(shards.json), or 'fashion-mnist' (Debian's dataset-fashion-mnist). Detection "
+        "(data.task: detection): a COCO, Pascal VOC or YOLO folder, or 'fashion-mnist-scenes' "
+        "(scenes composed from Fashion-MNIST items, data.limit of them).",
     )
     label_column: str = Field("label", description="Label column of tabular data (CSV/Parquet).")
     image_shape: list[int] | None = Field(
@@ -146,11 +148,18 @@ class DataConfig(Section):
             raise ValueError("every entry must be a positive integer, e.g. [1, 28, 28] (C,H,W)")
         return shape
 
-    task: Literal["classification", "text_classification", "seq2seq"] = Field(
+    task: Literal["classification", "text_classification", "seq2seq", "detection"] = Field(
         "classification",
         description="'classification' (tabular or image features, the default), "
-        "'text_classification' (text + label) or 'seq2seq' (text -> target text: translation, "
-        "summarization).",
+        "'text_classification' (text + label), 'seq2seq' (text -> target text: translation, "
+        "summarization) or 'detection' (images with boxes: COCO, Pascal VOC or YOLO "
+        "annotations; the vision extra).",
+    )
+    annotation_format: Literal["auto", "coco", "voc", "yolo"] = Field(
+        "auto",
+        description="Detection: how data.source's boxes are written. auto: from the layout "
+        "(a .json file or annotations/instances_*.json: COCO; Annotations/*.xml: Pascal VOC; "
+        "images/ + labels/ with data.yaml or classes.txt: YOLO).",
     )
     text_column: str = Field("text", description="Column of the input text (text tasks).")
     target_column: str = Field("target", description="Column of the output text of seq2seq pairs.")
@@ -194,7 +203,8 @@ class DataConfig(Section):
         None,
         ge=10,
         description="Built-in image sets ('fashion-mnist'): use at most this many images, the "
-        "same number of each class (None: all of them).",
+        "same number of each class (None: all of them); 'fashion-mnist-scenes': how many "
+        "scenes to compose (None: 1000).",
     )
     shard_samples: int = Field(
         2048,

@@ -37,7 +37,7 @@ import multiprocessing
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,17 +377,18 @@ def _plan(
     return tasks
 
 
-def _run(tasks: list, num_workers: int, fn: Callable[[Any], Any] = _write_shard) -> list:
-    """``fn`` of every task, in order: here (``num_workers`` 0) or in worker processes."""
+def _run(tasks: list[Any], num_workers: int, work: Any = _write_shard) -> list[Any]:
+    """``work`` (a shard writer: images', or detection's) on every task, in ``num_workers``
+    processes."""
     if num_workers <= 0 or len(tasks) == 1:
-        return [fn(t) for t in tasks]
+        return [work(t) for t in tasks]
     # fork where there is one: workers start in milliseconds, and a caller's script needs no
     # ``__main__`` guard (spawn re-runs it). fsspec is fork-safe: it drops cached filesystems
     # and its event loop in the child, so each worker opens its own connections.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=ctx) as pool:
-        return list(pool.map(fn, tasks))
+        return list(pool.map(work, tasks))
 
 
 def _manifest(

@@ -2,8 +2,9 @@
 measured.
 
 The primary metric depends on the task: ``accuracy`` for classification (tabular, images, text),
-``bleu`` for seq2seq unless ``evaluate.metric`` says ``rouge_l`` (summarization). Every metric is
-a 0-1 float where higher is better, so one bar (``min_value``) fits them all.
+``bleu`` for seq2seq unless ``evaluate.metric`` says ``rouge_l`` (summarization), COCO ``map``
+(AP@[.5:.95]) for detection unless it says ``map_50``. Every metric is a 0-1 float where higher
+is better, so one bar (``min_value``) fits them all.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ class EvaluateConfig(ScoringConfig):
         ge=0,
         le=1.0,
         description="Promote only if the primary metric (fp32 and int8, on test; 0-1, BLEU "
-        "too) reaches this. Default: min_accuracy for classification, 0 for seq2seq (which "
-        "must beat the copy-the-source baseline anyway, see beat_copy_baseline).",
+        "and mAP too) reaches this. Default: min_accuracy for classification, 0 for seq2seq "
+        "(which must beat the copy-the-source baseline anyway, see beat_copy_baseline) and for "
+        "detection (set a bar: an mAP that a detector which only guesses cannot reach).",
     )
     min_accuracy: float = Field(
         0.9,
@@ -45,7 +47,7 @@ class EvaluateConfig(ScoringConfig):
 
     def bar(self, kind: str) -> float:
         """The promotion bar on the primary metric for a dataset of ``kind``: ``min_value``,
-        else ``min_accuracy`` for classification (its alias) and 0 for seq2seq."""
+        else ``min_accuracy`` for classification (its alias) and 0 for seq2seq and detection."""
         if self.min_value is not None:
             return self.min_value
-        return 0.0 if kind == "seq2seq" else self.min_accuracy
+        return 0.0 if kind in ("seq2seq", "detection") else self.min_accuracy

@@ -31,8 +31,12 @@ def _curves(history: list[EpochStats], metric: str = "accuracy") -> str:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     ax1.plot(epochs, [h.train_loss for h in history], marker="o", label="train loss")
     ax1.plot(epochs, [h.val_loss for h in history], marker="o", label="val loss")
+    # The loss's named parts (a detector's classifier, box, objectness ... losses), dashed.
+    for name in sorted({k for h in history for k in h.loss_components}):
+        values = [h.loss_components.get(name) for h in history]
+        ax1.plot(epochs, values, ls="--", marker=".", label=f"train {name}")
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("cross-entropy")
+    ax1.set_ylabel("loss")
     ax1.legend()
     ax2.plot(epochs, [h.val_accuracy for h in history], marker="o", color="tab:green")
     ax2.set_xlabel("epoch")
@@ -207,10 +211,12 @@ def _quant_table(candidates: list[Candidate], metric: str = "accuracy") -> str:
     if not candidates:
         return ""
     tokens = any(c.tokens_per_second_b64 for c in candidates)
+    # A detector's candidates are timed at batch 8 (kubetrain.quantize.detection), others at 64.
+    big = 8 if any(c.latency_ms_b8 is not None for c in candidates) else 64
     head = (
         f"<tr><th>candidate</th><th>val {html.escape(metric)}</th><th>drop</th>"
-        "<th>size (bytes)</th><th>× fp32</th><th>batch 1 (ms)</th><th>batch 64 (ms)</th>"
-        "<th>× fp32 b64</th><th>samples/s b64</th>"
+        f"<th>size (bytes)</th><th>× fp32</th><th>batch 1 (ms)</th><th>batch {big} (ms)</th>"
+        f"<th>× fp32 b{big}</th><th>samples/s b{big}</th>"
         + ("<th>tokens/s b1</th><th>tokens/s b64</th>" if tokens else "")
         + "<th>verdict</th></tr>"
     )
@@ -223,9 +229,9 @@ def _quant_table(candidates: list[Candidate], metric: str = "accuracy") -> str:
         f"<td>{num(c.val_metric, '.4f')}</td>"
         f"<td>{num(c.accuracy_drop, '+.4f')}</td><td>{num(c.size_bytes, 'd')}</td>"
         f"<td>{num(c.size_ratio, '.2f')}</td><td>{num(c.latency_ms_b1, '.3f')}</td>"
-        f"<td>{num(c.latency_ms_b64, '.3f')}</td>"
-        f"<td>{num(c.latency_ratio_b64, '.2f')}</td>"
-        f"<td>{num(c.samples_per_second_b64, '.0f')}</td>"
+        f"<td>{num(c.latency_ms(big), '.3f')}</td>"
+        f"<td>{num(getattr(c, f'latency_ratio_b{big}', None), '.2f')}</td>"
+        f"<td>{num(_rate(c, big), '.1f')}</td>"
         + (
             f"<td>{num(c.tokens_per_second_b1, '.0f')}</td>"
             f"<td>{num(c.tokens_per_second_b64, '.0f')}</td>"
@@ -238,6 +244,11 @@ def _quant_table(candidates: list[Candidate], metric: str = "accuracy") -> str:
     return f"<table>{head}{rows}</table>"
 
 
+def _rate(candidate: Candidate, batch: int) -> float | None:
+    ms = candidate.latency_ms(batch)
+    return batch * 1e3 / ms if ms else None
+
+
 def _page(title: str, body: str) -> str:
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -247,6 +258,8 @@ def _page(title: str, body: str) -> str:
         ".grid{display:flex;flex-wrap:wrap;gap:8px}.grid figure{margin:0;text-align:center;"
         "font-size:.8em}.grid img{width:64px;height:64px;image-rendering:pixelated}"
         ".examples td{max-width:420px;white-space:pre-wrap;word-break:break-word}"
+        ".boxes{display:flex;flex-wrap:wrap;gap:12px}.boxes figure{margin:0;font-size:.8em;"
+        "max-width:420px}.boxes img{image-rendering:pixelated}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
@@ -259,7 +272,8 @@ def _compare(e: Evaluation) -> str:
     panels: list[tuple[str, float | None, float | None]] = [
         (f"test {e.metric}", e.fp32.value, e.int8.value)
     ]
-    for batch in (1, 64):
+    batches = sorted(by_batch)[:2] if len(by_batch) >= 2 else [1, 64]
+    for batch in batches:
         lat = by_batch.get(batch)
         panels.append(
             (f"latency batch {batch} (ms)", lat.fp32_ms if lat else None,
@@ -313,6 +327,57 @@ def _confusion(matrix: list[list[int]], classes: list[str]) -> str:
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
                         color="white" if v > peak / 2 else "black")  # fmt: skip
     return _png(fig)
+
+
+# Precision-recall curves drawn, one panel a class (the classes with the lowest AP first).
+MAX_PR_CURVES = 20
+
+
+def _pr_curves(curves: dict[str, list[float]], ap: dict[str, float | None]) -> str:
+    names = sorted(curves, key=lambda n: (ap.get(n) or 0.0, n))[:MAX_PR_CURVES]
+    cols = min(5, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.3 * rows), squeeze=False)
+    recall = [i / 100 for i in range(101)]
+    for ax, name in zip(axes.flat, names, strict=False):
+        ax.plot(recall, curves[name], color="tab:blue")
+        ax.set_title(f"{name} (AP50 {ap.get(name) or 0:.2f})", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_axis_off()
+    fig.supxlabel("recall", fontsize=9)
+    fig.supylabel("precision", fontsize=9)
+    return _png(fig)
+
+
+def detection_section(scores: Scores) -> str:
+    """A detector's AP per class (COCO AP@[.5:.95] and AP50) and its precision-recall curve per
+    class at IoU 0.5; empty for other tasks."""
+    values = scores.values
+    per_class = values.get("per_class_ap")
+    if per_class is None:
+        return ""
+    ap50 = values.get("per_class_ap50") or {}
+    rows = "".join(
+        f"<tr><th>{html.escape(str(n))}</th><td>{_fmt(a)}</td><td>{_fmt(ap50.get(n))}</td></tr>"
+        for n, a in per_class.items()
+    )
+    curves = values.get("pr_curves") or {}
+    shown = min(len(curves), MAX_PR_CURVES)
+    note = f" (the {shown} with the lowest AP50 of {len(curves)})" if shown < len(curves) else ""
+    plot = (
+        f"<h3>Precision-recall per class at IoU 0.5{note}</h3>"
+        f"<img src='{_pr_curves(curves, ap50)}' alt='precision-recall curves'>"
+        if curves
+        else ""
+    )
+    return (
+        "<h2>Per class (fp32, COCO's evaluator)</h2><table><tr><th>class</th>"
+        f"<th>AP@[.5:.95]</th><th>AP50</th></tr>{rows}</table>" + plot
+    )
 
 
 def per_class_section(scores: Scores, classes: list[str]) -> str:
@@ -375,6 +440,22 @@ def examples_section(examples: list[dict[str, Any]], kind: str | None = None) ->
         return ""
     esc = lambda v: html.escape(str(v))  # noqa: E731
     first = examples[0]
+    if "image" in first and "missed" in first:  # detection: ground truth | predictions
+        cells = []
+        for ex in examples:
+            uri = _data_uri(ex.get("image"))
+            img = f"<img src='{uri}' alt='test image'>" if uri else "<span>(no image)</span>"
+            cells.append(
+                f"<figure>{img}<figcaption><b>{esc(ex.get('source', ''))}</b>: "
+                f"{esc(ex.get('missed', 0))} missed, {esc(ex.get('false', 0))} false "
+                f"detection(s)<br>true: {esc(ex.get('true', ''))}<br>predicted: "
+                f"{esc(ex.get('predicted', ''))}</figcaption></figure>"
+            )
+        return (
+            "<h2>Test images, most errors first (fp32)</h2><p>Left: ground truth (green); "
+            "right: detections with a score of at least 0.5 (orange). Errors at IoU 0.5, as "
+            "COCO's evaluator matches them.</p><div class='boxes'>" + "".join(cells) + "</div>"
+        )
     if "image" in first:
         cells = []
         for ex in examples:
@@ -485,6 +566,7 @@ def render(e: Evaluation) -> str:
         f"({e.latency_threads} torch thread(s)); measure on the target hardware before "
         "relying on it.</p>",
         per_class_section(e.fp32, e.classes or []),
+        detection_section(e.fp32),
         examples_section(e.fp32.examples, e.kind),
     ]
     return _page("kubetrain report", "".join(parts))

@@ -43,7 +43,9 @@ class ModelConfig(Section):
         "(.pt/.pth) or a .safetensors file; a head of another size is replaced.",
     )
     freeze_backbone: bool = Field(
-        False, description="Train only the classification head (with model.weights)."
+        False,
+        description="Train only the classification head (with model.weights); for a detector, "
+        "freeze its backbone's body (the FPN and the heads train).",
     )
     hidden_sizes: list[int] = Field(
         default_factory=lambda: [256, 128], description="MLP hidden layer widths."

@@ -71,6 +71,10 @@ def build_from_spec(spec: NetworkSpec) -> nn.Module:
     The initial ``model.weights`` are not read again: the trained weights replace them, and the
     process rebuilding the model (quantize, evaluate, a pod) may not reach that file."""
     config = {**spec.config, "weights": None, "freeze_backbone": False}
+    if spec.detection is not None:  # a detector (kubetrain.models.detection): its classes
+        from kubetrain.models.detection import build_detector
+
+        return build_detector(ModelConfig(**config), spec.detection.classes)
     if spec.text is not None:  # a text model (kubetrain.models.text): vocabulary, special ids
         from kubetrain.models.text import build_text_network
 

@@ -66,10 +66,20 @@ def check_model_for_task(cfg) -> None:
 
     Raises:
         ConfigError: a text task with ``mlp``/``cnn``/``torchvision:``/``timm:``, a built-in
-            text model on the other text task or on features, ``max_len`` below ``max_length``.
+            text model on the other text task or on features, ``max_len`` below ``max_length``;
+            detection with a classifier (``mlp``, ``cnn``, ``timm:``, a text model).
     """
     task, name = cfg.data.task, cfg.model.name
     wanted = {"text_classification": "transformer", "seq2seq": "seq2seq_transformer"}
+    if task == "detection":
+        if name in ("mlp", "cnn") or name in TEXT_BUILTIN or name.startswith(("timm:", HF_PREFIX)):
+            raise ConfigError(
+                f"config error: model.name: {name!r} is not a detector; data.task 'detection' "
+                "needs torchvision:<detection builder> (e.g. torchvision:fasterrcnn_mobilenet_v3_"
+                "large_320_fpn), kubetrain.models.detection:small_fasterrcnn or "
+                "package.module:factory"
+            )
+        return
     if task in wanted:
         external = name.startswith(HF_PREFIX) or (
             ":" in name and not name.startswith(("torchvision:", "timm:"))

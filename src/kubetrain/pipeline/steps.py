@@ -52,7 +52,8 @@ def check_supported(cfg: PipelineConfig, model: bool = True) -> None:
         from kubetrain.tasks import kind_of
 
         kind = kind_of(cfg.data)
-        if kind != "images":
+        # Detection takes the transforms (they move its boxes), not MixUp/CutMix.
+        if kind != "images" and not (kind == "detection" and image_only == ["data.transforms"]):
             raise ConfigError(
                 f"config error: {image_only[0]}: applies to image data only; data.source "
                 f"{cfg.data.source!r} is {kind} data"

@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubetrain.core.artifacts import QUANT_INFO
+from kubetrain.core.artifacts import QUANT_INFO, QuantizedModel
 from kubetrain.core.errors import KubetrainError
-from kubetrain.core.records import QuantInfo
+from kubetrain.core.records import Candidate, QuantInfo
+from kubetrain.quantize.config import QuantizeConfig
 
 MAX_BATCH = 1 << 16
 STATE_DICT_FORMAT = "state_dict"
@@ -184,3 +185,44 @@ def load_state_dict_artifact(qdir: Path, fp32: nn.Module) -> nn.Module:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise KubetrainError(f"{weights}: does not load into the model: {first}") from None
     return model.eval()
+
+
+def publish(
+    out_dir: Path, chosen_dir: Path | None, kept: Candidate, fp32: Candidate,
+    candidates: list[Candidate], qcfg: QuantizeConfig, decision: str, gate_passed: bool,
+    fp32_state_dict_bytes: int, started: float, work: Path, **extra: Any,
+) -> QuantInfo:  # fmt: skip
+    """Write the quantize step's artifact: the kept model's files (from ``chosen_dir``, the
+    candidate's directory or fp32's), then ``quant.json`` (last: it marks a complete artifact);
+    the candidates' ``work`` directory is removed before it.
+
+    ``kept`` is the chosen candidate or ``fp32``; ``started`` the step's start
+    (``time.perf_counter``); ``extra`` further ``QuantInfo`` fields (a detector's
+    ``latency_batches``). Returns quant.json's record.
+    """
+    import shutil
+    import time
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if chosen_dir is not None:
+        for path in chosen_dir.iterdir():
+            if path.name != QUANT_INFO:
+                shutil.copyfile(path, out_dir / path.name)
+    shutil.rmtree(work, ignore_errors=True)
+    info = QuantInfo(
+        **kept.model_dump(exclude={"verdict", "metric"}),
+        metric=fp32.metric,
+        decision=decision,
+        gate_passed=gate_passed,
+        max_accuracy_drop=qcfg.max_accuracy_drop,
+        fp32=fp32,
+        fp32_size_bytes=fp32.size_bytes,
+        fp32_file_bytes=fp32.file_bytes,
+        fp32_state_dict_bytes=fp32_state_dict_bytes,
+        candidates=candidates,
+        threads=torch.get_num_threads(),
+        **extra,
+    )
+    info.quantize_seconds = time.perf_counter() - started
+    QuantizedModel(out_dir, info).save(out_dir)
+    return info

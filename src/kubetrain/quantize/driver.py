@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 
 from kubetrain.core.artifacts import (
     MODEL_WEIGHTS,
-    QUANT_INFO,
+    DatasetArtifact,
     QuantizedModel,
     TrainedModel,
 )
@@ -23,11 +22,13 @@ from kubetrain.core.errors import KubetrainError
 from kubetrain.core.records import Candidate, QuantInfo
 from kubetrain.models.networks import build_from_spec
 from kubetrain.quantize import artifact, select
+from kubetrain.quantize.candidates import Tried, attempt, measure_against
 from kubetrain.quantize.config import QAT, QuantizeConfig
 from kubetrain.tasks.base import Task
 
 if TYPE_CHECKING:
     from kubetrain.tasks.config import ScoringConfig
+    from kubetrain.tasks.detection import DetectionTask
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,12 @@ def load_quantized(
     """
     qdir = Path(qdir)
     info = QuantizedModel.load(qdir).info
+    if info.format == "detector":  # kubetrain.quantize.detection: applied to the fp32 detector
+        from kubetrain.quantize.detection import load_detector
+
+        if model_dir is None:
+            raise KubetrainError(f"{qdir}: an int8 detector: rebuilding it needs the fp32 model")
+        return load_detector(qdir, load_model(model_dir, task))
     if info.format == artifact.STATE_DICT_FORMAT:
         if model_dir is None:
             raise KubetrainError(f"{qdir}: an int8 state dict: rebuilding it needs the fp32 model")
@@ -114,6 +121,16 @@ def quantize_artifact(
             from kubetrain.tasks import task_for_model
 
             task = (task or task_for_model(dataset_dir, model_dir)).measure_as(scoring)
+        if task is None and DatasetArtifact.read_meta(dataset_dir).kind == "detection":
+            from kubetrain.tasks import task_for_model
+
+            task = task_for_model(dataset_dir, model_dir)
+        if task is not None and task.kind == "detection":
+            from kubetrain.quantize.detection import quantize_detector
+
+            return quantize_detector(
+                Path(model_dir), Path(out_dir), qcfg, cast("DetectionTask", task), load_model
+            )
         return _quantize(Path(model_dir), Path(dataset_dir), Path(out_dir), qcfg, task)
     finally:
         torch.set_num_threads(threads)
@@ -159,6 +176,9 @@ def _reference(
     x_train, y_train = task.examples("train", qcfg.qat_samples, seed=qcfg.seed)
     work = out_dir / "candidates"
     scores = task.score(model, "val")
+    fp32 = methods.fp32_program(model, x_train[:64], work / "none_fp32")
+    fp32.metric, fp32.val_metric = scores.metric, scores.value
+    measure_against(fp32, fp32, scores.value)  # the reference: drop 0, size 1x
     return _Reference(
         model=model,
         model_dir=model_dir,
@@ -169,7 +189,7 @@ def _reference(
         work=work,
         metric=scores.metric,
         accuracy=scores.value,
-        info=methods.fp32_program(model, x_train[:64], work / "none_fp32"),
+        info=fp32,
     )
 
 
@@ -204,25 +224,14 @@ def _candidate_names(qcfg: QuantizeConfig, token_inputs: bool = False) -> list[s
     return [name]
 
 
-@dataclass
-class _Tried:
-    """A candidate as built: its info, its runnable model (None if it failed), its directory."""
-
-    info: Candidate
-    model: nn.Module | None
-    dir: Path
-
-
-def _attempt(ref: _Reference, name: str) -> _Tried:
-    """Build candidate ``name``, reload it from its saved artifact and measure its accuracy.
-
-    Returns it with its runnable model, or (under ``auto``) with the error and no model: one
-    broken backend must not stop auto. Raises KubetrainError for an explicit method.
-    """
+def _attempt(ref: _Reference, name: str) -> Tried:
+    """Build candidate ``name``, reload it from its saved artifact and measure it (see
+    ``candidates.attempt``: under ``auto`` a failure is recorded, not raised)."""
     from kubetrain.quantize import methods
 
     cdir = ref.work / name.replace("/", "_")
-    try:
+
+    def build() -> tuple[Candidate, nn.Module, float]:
         if ref.token_inputs:
             info = methods.build_state_dict(name, ref.model, ref.qcfg, cdir)
             fresh = load_model(ref.model_dir, ref.task)
@@ -232,30 +241,12 @@ def _attempt(ref: _Reference, name: str) -> _Tried:
                 name, ref.model, ref.x_train, ref.y_train, ref.shape, ref.qcfg, cdir
             )
             runnable, _ = artifact.load_artifact(cdir)  # measure what was saved
-        score = ref.val_score(runnable)
-    except Exception as err:
-        if ref.qcfg.method != "auto":
-            raise KubetrainError(f"quantize: {name} failed: {type(err).__name__}: {err}") from err
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        log.warning("quantize: %s failed: %s: %s", name, type(err).__name__, first)
-        return _Tried(Candidate(name=name, error=f"{type(err).__name__}: {first}"), None, cdir)
-    _score(info, ref, score)
-    info.size_ratio = (info.size_bytes or 0) / (ref.info.size_bytes or 1)
-    info.file_ratio = (info.file_bytes or 0) / (ref.info.file_bytes or 1)
-    log.info("%s: val %s %.4f (fp32 %.4f)", name, ref.metric, score, ref.accuracy)
-    return _Tried(info, runnable, cdir)
+        return info, runnable, ref.val_score(runnable)
+
+    return attempt(name, cdir, ref.qcfg, ref.info, build)
 
 
-def _score(info: Candidate, ref: _Reference, score: float) -> None:
-    """A candidate's validation score on the primary metric and its drop against fp32 (the
-    gate's ``accuracy_drop``, whatever the metric's name)."""
-    info.metric, info.val_metric = ref.metric, score
-    if ref.metric == "accuracy":
-        info.val_accuracy = score
-    info.accuracy_drop = ref.accuracy - score
-
-
-def _try_candidates(ref: _Reference, names: list[str]) -> list[_Tried]:
+def _try_candidates(ref: _Reference, names: list[str]) -> list[Tried]:
     """Every candidate of ``names``, then QAT if none is within budget (``qat_on_drop``)."""
     tried = [_attempt(ref, n) for n in names]
     budget = ref.qcfg.max_accuracy_drop
@@ -274,7 +265,7 @@ def _try_candidates(ref: _Reference, names: list[str]) -> list[_Tried]:
 LATENCY_BATCHES = (1, 64)
 
 
-def _measure_latency(ref: _Reference, tried: list[_Tried]) -> None:
+def _measure_latency(ref: _Reference, tried: list[Tried]) -> None:
     """Batch-1 and batch-64 latency of fp32 and every built candidate, timed side by side;
     written into the candidates' infos and ``ref.info``."""
     from kubetrain.tasks.measure import compare_latency, latency_inputs
@@ -307,29 +298,6 @@ def _measure_latency(ref: _Reference, tried: list[_Tried]) -> None:
     ref.info.samples_per_second_b64 = 64e3 / fp32_b64
 
 
-def _decide(
-    ref: _Reference, candidates: list[Candidate], tried_any: bool
-) -> tuple[Candidate | None, str]:
-    """The gate and the choice: (chosen candidate or None for fp32, the one-line decision).
-
-    Raises KubetrainError when nothing passes the gate and ``on_drop`` is ``fail``.
-    """
-    budget = ref.qcfg.max_accuracy_drop
-    chosen = select.choose(candidates, budget)
-    select.verdicts(candidates, chosen, budget)
-    if not tried_any:
-        return None, "quantize.method none"
-    decision = select.explain(chosen, candidates, budget, ref.metric)
-    if chosen is None:
-        if ref.qcfg.on_drop == "fail":
-            raise KubetrainError(
-                f"quantize: {decision} (fp32 validation {ref.metric} {ref.accuracy:.4f}); raise "
-                "quantize.max_accuracy_drop or set quantize.on_drop=keep_fp32"
-            )
-        decision += "; keeping fp32 (quantize.on_drop=keep_fp32)"
-    return chosen, decision
-
-
 def _quantize(
     model_dir: Path, dataset_dir: Path, out_dir: Path, qcfg: QuantizeConfig,
     task: Task | None,
@@ -340,35 +308,15 @@ def _quantize(
     tried = _try_candidates(ref, names)
     _measure_latency(ref, tried)
     candidates = [t.info for t in tried]
-    chosen, decision = _decide(ref, candidates, bool(names))
+    none = None if names else "quantize.method none"
+    chosen, decision = select.decide(candidates, qcfg, ref.metric, ref.accuracy, none=none)
     log.info("quantize: %s", decision)
     chosen_dir = next((t.dir for t in tried if t.info is chosen), ref.work / "none_fp32")
-    _publish(chosen_dir, out_dir)
     fp32 = ref.info
-    _score(fp32, ref, ref.accuracy)
-    fp32.size_ratio = 1.0
-    kept = (chosen or fp32).model_dump(exclude={"verdict", "metric"})
-    info = QuantInfo(
-        **kept,
-        metric=ref.metric,
-        decision=decision,
+    info = artifact.publish(
+        out_dir, chosen_dir, chosen or fp32, fp32, candidates, qcfg, decision,
         gate_passed=chosen is not None or not names,
-        max_accuracy_drop=qcfg.max_accuracy_drop,
-        fp32=fp32,
-        fp32_size_bytes=fp32.size_bytes,
-        fp32_file_bytes=fp32.file_bytes,
         fp32_state_dict_bytes=(model_dir / MODEL_WEIGHTS).stat().st_size,
-        candidates=candidates,
-        threads=torch.get_num_threads(),
-    )
-    info.quantize_seconds = time.perf_counter() - started
-    shutil.rmtree(ref.work, ignore_errors=True)
-    QuantizedModel(out_dir, info).save(out_dir)  # last: marks a complete artifact
+        started=started, work=ref.work,
+    )  # fmt: skip
     return info
-
-
-def _publish(source: Path, out_dir: Path) -> None:
-    """Copy the chosen candidate's model file into ``out_dir`` (its quant.json comes last)."""
-    for path in source.iterdir():
-        if path.name != QUANT_INFO:
-            shutil.copyfile(path, out_dir / path.name)

@@ -35,6 +35,7 @@ KINDS: dict[str, str] = {
     "images": "kubetrain.tasks.images:ImageTask",
     "text_classification": "kubetrain.tasks.text:TextClassificationTask",
     "seq2seq": "kubetrain.tasks.text:Seq2SeqTask",
+    "detection": "kubetrain.tasks.detection:DetectionTask",
 }
 
 

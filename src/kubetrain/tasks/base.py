@@ -11,7 +11,9 @@ Kinds (``DatasetArtifact.kind``): ``tabular`` (features in memory: ``kubetrain.t
 tasks ``text_classification`` and ``seq2seq`` (token shards).
 
 A training batch is ``(inputs, target)``: ``inputs`` a tuple of tensors passed to the model as
-positional arguments, ``target`` class ids (N,), soft labels (N, C) or token ids (N, T).
+positional arguments, ``target`` class ids (N,), soft labels (N, C) or token ids (N, T). A
+detection batch is ``((images,), targets)``: a list of images and a list of target dicts, which
+the detector takes together and turns into its own losses (``forward_loss``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from kubetrain.models.config import ModelConfig
     from kubetrain.tasks.config import ScoringConfig, TaskConfig
 
-Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+Batch = tuple[tuple[Any, ...], Any]
 
 
 class BatchPlan(Protocol):
@@ -134,6 +136,17 @@ class Task(ABC):
         """Mean loss of a micro-batch: cross-entropy over classes (soft targets allowed), with
         ``label_smoothing`` (``train.label_smoothing``)."""
         return F.cross_entropy(output, target, label_smoothing=label_smoothing)
+
+    def forward_loss(
+        self, net: nn.Module, inputs: tuple[Any, ...], target: Any, label_smoothing: float = 0.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Forward one micro-batch through ``net``: its mean loss, and the loss's named parts
+        (detached; None when the loss is one term), which the trainer logs per epoch.
+
+        The default is ``loss(net(*inputs), target)``; a detector takes the targets itself and
+        returns its losses (``kubetrain.tasks.detection``).
+        """
+        return self.loss(net(*inputs).float(), target, label_smoothing), None
 
     @staticmethod
     def batch_samples(batch: Batch) -> int:

@@ -24,8 +24,9 @@ KIND_METRICS: dict[str, tuple[str, ...]] = {
     "images": ("accuracy", "top5_accuracy"),
     "text_classification": ("accuracy", "macro_f1"),
     "seq2seq": ("bleu", "rouge_l"),
+    "detection": ("map", "map_50"),
 }
-METRICS = ("accuracy", "top5_accuracy", "macro_f1", "bleu", "rouge_l")
+METRICS = ("accuracy", "top5_accuracy", "macro_f1", "bleu", "rouge_l", "map", "map_50")
 # Seq2seq: the scores of copying the source unchanged, per metric (in the task's values).
 COPY_BASELINE = {"bleu": "copy_baseline_bleu", "rouge_l": "copy_baseline_rouge_l"}
 
@@ -37,7 +38,8 @@ class ScoringConfig(Section):
         None,
         description="The primary metric that the report leads with and the promotion bar "
         "applies to. Default: accuracy for classification, bleu for seq2seq (rouge_l for "
-        "summarization). Images may use top5_accuracy, text classification macro_f1.",
+        "summarization), map (COCO AP@[.5:.95]) for detection. Images may use top5_accuracy, "
+        "text classification macro_f1, detection map_50 (COCO AP at IoU 0.5).",
     )
     beam_size: int = Field(
         1, ge=1, le=64, description="Seq2seq decoding: 1 = greedy, more = beam search width."

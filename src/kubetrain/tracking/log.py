@@ -167,7 +167,10 @@ def _log(client, cfg: TrackingConfig, run: TrackedRun) -> Tracked:
     metrics = [Metric(k, v, now, 0) for k, v in _numbers(m).items()]
     for record in run.history:
         step = int(record["epoch"])
-        for key, value in _numbers({k: record.get(k) for k in EPOCH_METRICS}).items():
+        values = {k: record.get(k) for k in EPOCH_METRICS}
+        # The loss's named parts (a detector's classifier, box, objectness ... losses).
+        values.update({f"train_{k}": v for k, v in (record.get("loss_components") or {}).items()})
+        for key, value in _numbers(values).items():
             metrics.append(Metric(key, value, now, step))
     # log_batch takes at most 1000 metrics and 100 params per call
     for i in range(0, len(params), 100):

@@ -82,17 +82,25 @@ class ResourceMonitor:
         return out
 
 
-def flops_per_sample(model: nn.Module, batch, loss_fn, samples: int) -> float:
+def flops_per_sample(model: nn.Module, batch, forward_loss, samples: int) -> float:
     """FLOPs of forward + backward per sample of ``batch`` (``(inputs, target)``, ``samples``
-    of them) under ``loss_fn(output, target)``, counted by ``torch.utils.flop_counter``."""
+    of them) under ``forward_loss(model, inputs, target)`` (``Task.forward_loss``: the loss
+    first), counted by ``torch.utils.flop_counter`` (ops it has no formula for, such as
+    torchvision's ``roi_align`` and ``nms``, count as none)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     inputs, target = batch
+    # The counting pass must leave no trace: a batch norm's running statistics would take this
+    # batch twice, and a resumed run (which counts on another batch) would end elsewhere.
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     counter = FlopCounterMode(display=False)
     with counter:
-        loss = loss_fn(model(*inputs), target)
+        loss = forward_loss(model, inputs, target)[0]
         loss.backward()
     model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, value in model.named_buffers():
+            value.copy_(buffers[name])
     return counter.get_total_flops() / max(1, samples)
 
 

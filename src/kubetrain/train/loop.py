@@ -120,6 +120,7 @@ def _fit(trainer: Trainer, on_epoch: EpochCallback | None) -> FitResult:
     started = time.perf_counter()
     while trainer.epoch < tc.epochs:
         stats = _train_epoch(trainer)
+        trainer.sync_buffers()
         with trainer.whole_model() as model:  # FSDP: ranks may validate unequal parts
             val_loss, val_acc = trainer.task.validate(model, ctx)
         stats.val_loss, stats.val_accuracy = val_loss, val_acc
@@ -132,6 +133,9 @@ def _fit(trainer: Trainer, on_epoch: EpochCallback | None) -> FitResult:
                 stats.samples_per_second, 100 * stats.data_wait_share, stats.cpu_percent,
                 stats.peak_rss_mib,
             )  # fmt: skip
+            if stats.loss_components:
+                log.info("epoch %d losses: %s", stats.epoch, ", ".join(
+                    f"{k} {v:.4f}" for k, v in stats.loss_components.items()))  # fmt: skip
         if on_epoch is not None and on_epoch(stats):
             raise Stopped(f"stopped after epoch {stats.epoch}")
     if trainer.checkpoint_dir is not None and trainer.resumed_from != trainer.global_step:
@@ -192,7 +196,7 @@ def _train_epoch(trainer: Trainer) -> EpochStats:
     stats = meter.finish(trainer)
     trainer.epoch += 1
     trainer.step_in_epoch = 0
-    trainer.partial = {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
+    trainer.partial = {"loss_sum": 0.0, "count": 0, "seconds": 0.0, "parts": {}}
     return stats
 
 

@@ -32,6 +32,9 @@ class EpochMeter:
         # sync; a list append is cheaper than an in-place add on a small model's step).
         self.losses: list[torch.Tensor] = []
         self.sizes: list[int] = []  # samples of each micro-batch loss
+        # The named parts of micro-batch losses, with their sample counts (kept on the device
+        # like the losses).
+        self.parts: list[tuple[dict[str, torch.Tensor], int]] = []
         self._since = time.perf_counter()
 
     def flush(self, trainer: Trainer) -> None:
@@ -44,6 +47,13 @@ class EpochMeter:
             partial["count"] += int(sizes.sum())
             self.losses.clear()
             self.sizes.clear()
+        if self.parts:
+            sums = partial.setdefault("parts", {})
+            for name in self.parts[0][0]:
+                values = torch.stack([p[name] for p, _ in self.parts]).double().cpu()
+                sizes = torch.tensor([n for _, n in self.parts], dtype=torch.float64)
+                sums[name] = sums.get(name, 0.0) + float(values @ sizes)
+            self.parts.clear()
         now = time.perf_counter()
         partial["seconds"] += now - self._since
         self._since = now
@@ -59,6 +69,8 @@ class EpochMeter:
         ctx, partial = trainer.ctx, trainer.partial
         seconds = partial["seconds"]
         loss_total, samples = all_reduce_sum([partial["loss_sum"], partial["count"]], ctx)
+        names = sorted(partial.get("parts") or {})
+        part_totals = all_reduce_sum([partial["parts"][n] for n in names], ctx) if names else []
         resources = trainer.monitor.sample()
         per_rank = gather_objects(resources, ctx)
         steps = max(1, trainer.batches.steps)
@@ -80,6 +92,9 @@ class EpochMeter:
             **resources,
             rank_cpu_percent=[r["cpu_percent"] for r in per_rank],
             rank_peak_rss_mib=[r["peak_rss_mib"] for r in per_rank],
+            loss_components={
+                n: t / max(samples, 1) for n, t in zip(names, part_totals, strict=True)
+            },
         )
         if trainer.flops_per_sample and self.steps:
             per_process = stats.samples_per_second / ctx.world_size

@@ -59,28 +59,32 @@ def batch_generator(trainer: Trainer, meter: EpochMeter) -> Iterator[Batch]:
         yield batch
 
 
-def forward_backward_step(trainer: Trainer, batch: Batch, sync_gradients: bool) -> torch.Tensor:
+def forward_backward_step(
+    trainer: Trainer, batch: Batch, sync_gradients: bool
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Forward and backward of one micro-batch; gradients accumulate in the parameters.
 
     ``sync_gradients``: False skips DDP's all-reduce (``no_sync``) on all but the last
-    micro-batch of a step. Returns the micro-batch's mean loss, detached, on the device.
+    micro-batch of a step. Returns the micro-batch's mean loss, detached, on the device, and
+    its named parts (``Task.forward_loss``).
     """
     accum, smoothing = trainer.tc.grad_accum_steps, trainer.tc.label_smoothing
     inputs, target = batch
+    forward_loss = trainer.task.forward_loss
     if trainer.plain:  # one process, fp32: nothing to wrap the step in
-        loss = trainer.task.loss(trainer.net(*inputs), target, smoothing)
+        loss, parts = forward_loss(trainer.net, inputs, target, smoothing)
     elif trainer.sharded and trainer.ctx.distributed:
         cast("FSDPModule", trainer.model).set_requires_gradient_sync(sync_gradients)
         with trainer.autocast():
-            loss = trainer.task.loss(trainer.net(*inputs).float(), target, smoothing)
+            loss, parts = forward_loss(trainer.net, inputs, target, smoothing)
     else:
         skip_sync = trainer.ctx.distributed and not sync_gradients
         ddp = cast("nn.parallel.DistributedDataParallel", trainer.net)
         with ddp.no_sync() if skip_sync else contextlib.nullcontext(), trainer.autocast():
-            loss = trainer.task.loss(trainer.net(*inputs).float(), target, smoothing)
+            loss, parts = forward_loss(trainer.net, inputs, target, smoothing)
     scaled = loss / accum if accum > 1 else loss
     (trainer.scaler.scale(scaled) if trainer.scaling else scaled).backward()
-    return loss.detach()
+    return loss.detach(), parts
 
 
 def optimizer_step(trainer: Trainer, losses: list[torch.Tensor]) -> None:
@@ -144,12 +148,15 @@ def train_step(trainer: Trainer, batches: Iterator[Batch], meter: EpochMeter):
         if trainer.flops_per_sample is None:
             with torch.random.fork_rng(devices=[]):  # leaves the RNG stream untouched
                 trainer.flops_per_sample = instrument.flops_per_sample(
-                    trainer.model, batch, task.loss, task.batch_samples(batch)
+                    trainer.model, batch, task.forward_loss, task.batch_samples(batch)
                 )
         started = time.perf_counter()
         sync = not no_sync or micro == accum - 1
-        losses.append(forward_backward_step(trainer, batch, sync_gradients=sync))
+        loss, parts = forward_backward_step(trainer, batch, sync_gradients=sync)
+        losses.append(loss)
         meter.sizes.append(task.batch_samples(batch))
+        if parts:
+            meter.parts.append((parts, meter.sizes[-1]))
         meter.compute_seconds += time.perf_counter() - started
     started = time.perf_counter()
     optimizer_step(trainer, losses)

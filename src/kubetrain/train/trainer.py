@@ -143,7 +143,7 @@ class Trainer:
         self.history: list[EpochStats] = []
         self._history_dicts: list[dict[str, Any]] = []  # history as checkpointed, built once
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.partial = {"loss_sum": 0.0, "count": 0, "seconds": 0.0}
+        self.partial: dict[str, Any] = {"loss_sum": 0.0, "count": 0, "seconds": 0.0, "parts": {}}
         self.resume_key = resume_key(cfg, data)
         self.resumed_from: int | None = None
         self.checkpoints_written = 0
@@ -176,6 +176,18 @@ class Trainer:
         self.compile_seconds: float | None = None
         if tc.compile:
             self.net = cast(nn.Module, torch.compile(self.net))
+
+    def sync_buffers(self) -> None:
+        """Under DDP, every rank takes rank 0's buffers (batch-norm running statistics), as DDP
+        does at the start of each forward: after an epoch's last step each rank has updated its
+        own, and validation and the saved model would otherwise see different statistics on
+        each rank (a collective: every rank calls it)."""
+        if not self.ctx.distributed or self.sharded:
+            return
+        import torch.distributed as dist
+
+        for buffer in self.model.buffers():
+            dist.broadcast(buffer.data, src=0)
 
     def whole_model(self) -> contextlib.AbstractContextManager[nn.Module]:
         """Within it, every rank holds the whole model and its forward needs no collective
