@@ -258,8 +258,9 @@ class PixelSums(Record):
 
 class SlotResult(Record):
     """What a convert task wrote for one slot: the shard (None when every image of it was
-    skipped), its class counts, and the parts of the statistics merge combines (images: what
-    was skipped, the sizes seen, pixel sums; text: tokens and truncated sequences)."""
+    skipped), its class counts (detection: objects), and the parts of the statistics merge
+    combines (images: what was skipped, the sizes seen, pixel sums; text: tokens and truncated
+    sequences; detection: what was skipped, images without objects, the box checks' counts)."""
 
     slot: int
     shard: ShardRecord | None
@@ -271,6 +272,10 @@ class SlotResult(Record):
     pixel_sums: PixelSums | None = None
     tokens: int = 0
     truncated: int = 0
+    empty_images: int = 0  # detection: images without objects
+    boxes: dict[str, Any] | None = Field(
+        None, description="Detection: what the box checks kept, clipped and dropped."
+    )
 
 
 class DatasetPart(Record):

@@ -233,7 +233,7 @@ class DataConfig(Section):
         "source, draws the split and fixes the shards, each convert task (a dsl.ParallelFor "
         "iteration) decodes or tokenizes a contiguous range of them, a merge task checks every "
         "range is there and writes the manifest, statistics and version. The dataset is the same "
-        "for every value; 1: one preprocess task. Images and text; other data is built whole "
+        "for every value; 1: one preprocess task. Images, text and detection; tables are built whole "
         "by the merge task. Fixed when the pipeline is compiled.",
     )
     max_parallel_tasks: int = Field(
