@@ -67,6 +67,7 @@ def test_every_number_of_tasks_writes_the_one_task_dataset(tmp_path, fmt):
     assert all(b > a for a, b in plan_detection_shards(config, 3).record.ranges)
 
 
+@pytest.mark.vision  # run by make test-vision, where torchvision is
 def test_the_meta_of_a_fanned_out_detection_build_is_the_one_task_build_s(tmp_path):
     pytest.importorskip("torchvision", reason="the detection task needs torchvision")
     from kubetrain.tasks import build_dataset, convert_range, merge_dataset, plan_dataset

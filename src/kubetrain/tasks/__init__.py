@@ -168,8 +168,11 @@ def merge_dataset(
     out.mkdir(parents=True, exist_ok=True)
     if plan.whole:
         return module.build(cfg, out)
-    found = [PartArtifact.load(d) for d in part_dirs]
-    parts = {a.part.task: a for a in reversed([a for a in found if a is not None])}
+    parts: dict[int, PartArtifact] = {}
+    for directory in part_dirs:
+        found = PartArtifact.load(directory)  # None: a task that left no complete part
+        if found is not None:
+            parts.setdefault(found.part.task, found)
     ordered = ordered_results(plan, [a.part for a in parts.values()])
     root = shard_root(cfg, plan) or str(out)
     was_empty = not any(out.iterdir())
