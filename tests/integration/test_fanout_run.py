@@ -3,7 +3,7 @@ a ParallelFor of convert tasks -> merge over their Collected parts): the dataset
 preprocess's, byte for byte; a re-run with unchanged input takes every range from kfp.local's
 cache; and ``kubetrain run`` shows the fan-out and ends with a dataset of the same version."""
 
-# (No `from __future__ import annotations`: KFP reads the pipeline function's annotations.)
+from __future__ import annotations
 
 import hashlib
 import json
@@ -15,8 +15,7 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
-from kfp import dsl, local
-
+from fanout_pipeline import run_preprocess
 from kubetrain.core.artifacts import DatasetArtifact
 from kubetrain.pipeline.config import PipelineConfig, load_config
 from kubetrain.tasks import build_dataset
@@ -44,26 +43,6 @@ def text_config(source: Path, *overrides: str) -> PipelineConfig:
     ])  # fmt: skip
 
 
-def preprocess_pipeline(cfg: PipelineConfig):
-    """The pipeline's first tasks as ``kubetrain.pipelines.training`` wires them."""
-    from kubetrain.pipelines import training
-
-    @dsl.pipeline(name="preprocess-only")
-    def only_preprocess() -> dsl.Dataset:
-        params = training._run_params(cfg, "", "", 0, 0, {})
-        return training._preprocess(cfg, params).outputs["dataset"]
-
-    return only_preprocess
-
-
-def run_local(cfg: PipelineConfig, root: Path) -> Path:
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "kfp"),
-        enable_caching=True, cache_root=str(root / "cache"),
-    )  # fmt: skip
-    return Path(preprocess_pipeline(cfg)().output.path)
-
-
 def shard_digests(dataset: Path) -> dict[str, str]:
     names = [*sorted(p.name for p in dataset.glob("*.parquet")), "shards.json", "tokenizer.json"]
     return {n: hashlib.sha256((dataset / n).read_bytes()).hexdigest() for n in names}
@@ -75,7 +54,7 @@ def test_the_fan_out_under_kfp_local_is_the_one_task_dataset_and_reruns_from_cac
     source = write_texts(tmp_path / "texts.jsonl")
     one = build_dataset(text_config(source).data, tmp_path / "one")
     cfg = text_config(source, "data.parallel_tasks=3", "data.max_parallel_tasks=2")
-    dataset = run_local(cfg, tmp_path)
+    dataset = run_preprocess(cfg, tmp_path)
     meta = DatasetArtifact.read_meta(dataset)
     assert meta.version == one.version
     assert meta.preprocess_tasks == 3 and meta.sizes == one.sizes
@@ -85,7 +64,7 @@ def test_the_fan_out_under_kfp_local_is_the_one_task_dataset_and_reruns_from_cac
     assert all(json.loads(p.read_text())["slots"] for p in parts)  # three real ranges
     # Unchanged input, same directory: plan, every range and merge come from the cache.
     capsys.readouterr()
-    again = run_local(cfg, tmp_path)
+    again = run_preprocess(cfg, tmp_path)
     printed = ANSI.sub("", capsys.readouterr().out)  # kfp.local logs to stdout
     hits = [m[1] for m in re.finditer(r"Task '?([\w-]+)'? cache hit", printed)]
     assert not re.search(r"Executing task '?preprocess-", printed)
