@@ -46,3 +46,16 @@ def unused_last_parameter(spec, num_classes: int) -> nn.Module:
     import math
 
     return _WithUnusedHead(math.prod(spec.shape), num_classes)
+
+
+def head_of(spec, num_classes: int, extra: int = 0) -> nn.Module:
+    """A linear model whose head gives ``num_classes + extra`` outputs (``extra`` from
+    model.kwargs: more or fewer outputs than the data has classes)."""
+    import math
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(spec.shape), num_classes + extra))
+
+
+def rgb_only(spec, num_classes: int) -> nn.Module:
+    """A network that takes 3-channel images whatever ``spec`` says."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))

@@ -16,6 +16,8 @@ import signal
 import sys
 from pathlib import Path
 
+import psutil  # not in the signal handler: a second signal would re-enter a half-done import
+
 from kubetrain import __version__
 from kubetrain.core import artifacts
 from kubetrain.core.errors import KubetrainError, UsageError
@@ -196,7 +198,7 @@ def _print_table(header: list[str], rows: list[list[str]], title: str | None = N
 
 
 def _runs_command(args: argparse.Namespace) -> int:
-    from kubetrain.core.io import atomic_write
+    from kubetrain.core.io import atomic_write, check_writable_dir
     from kubetrain.pipeline import runs
 
     if args.command == "runs":
@@ -207,15 +209,18 @@ def _runs_command(args: argparse.Namespace) -> int:
         _print_table(*runs.list_rows(found))
         return 0
     if len(args.run_dirs) < 2:
-        raise KubetrainError("compare: give at least two runs")
+        raise UsageError("compare: give at least two runs")
+    out = args.output or args.root / "compare.html"
+    if out.is_dir():
+        raise UsageError(f"--output {out}: is a directory; give the HTML file to write")
     chosen = [runs.resolve_run(text, args.root) for text in args.run_dirs]
+    check_writable_dir(out.parent, "--output" if args.output else "--root")
     names, diffs, results = runs.compare_tables(chosen)
     _print_table(["", *names], [[k, *v] for k, v in results], title="results")
     if diffs:
         _print_table(["config", *names], [[k, *v] for k, v in diffs], title="config differences")
     else:
         print("config: no differences")
-    out = args.output or args.root / "compare.html"
     page = runs.render_html(chosen)
     atomic_write(out, lambda tmp: Path(tmp).write_text(page))
     print(f"wrote {out}")
@@ -247,13 +252,23 @@ def _compile(cfg, args: argparse.Namespace) -> None:
 
 
 def _run(cfg, args: argparse.Namespace) -> None:
-    """``run``: the whole pipeline locally, then a summary of its result."""
-    from kubetrain.core.artifacts import primary_values
-    from kubetrain.pipeline.run import run_local
+    """``run``: the whole pipeline locally, then a summary of its result (also when only the
+    tracking server failed: the results are written, its line comes last)."""
+    from kubetrain.pipeline.run import TrackingFailed, run_local
 
-    result = run_local(
-        cfg, args.output, cache=not args.no_cache, runner=args.runner, verbose=args.verbose
-    )
+    try:
+        result = run_local(
+            cfg, args.output, cache=not args.no_cache, runner=args.runner, verbose=args.verbose
+        )
+    except TrackingFailed as err:
+        _summary(err.result)
+        raise
+    _summary(result)
+
+
+def _summary(result) -> None:
+    from kubetrain.core.artifacts import primary_values
+
     if not result.retrained:
         print(f"run directory:      {result.run_dir}")
         print(f"nothing trained:    {result.reason}")
@@ -268,6 +283,8 @@ def _run(cfg, args: argparse.Namespace) -> None:
     print(f"train samples/s:    {m['train_samples_per_second']:.0f}")
     verdict = f"yes -> {result.promoted_model}" if m["promoted"] else "no (below the bar)"
     print(f"promoted:           {verdict}")
+    for note in result.data_notes:  # what preprocess left out: said here, not only in its log
+        print(f"data:               {note}")
     print(f"report:             {result.report}")
     print(f"logs:               {result.run_dir / 'logs'}")
     print(f"pipeline time:      {result.seconds:.1f} s")
@@ -380,19 +397,67 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the main thread is, so it unwinds exactly as Ctrl-C does."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # Ctrl-C reaches every process of the terminal's foreground group, a SIGTERM (kill, a
-    # container stop) only this one: pass it on to our children as the SIGINT they would have
-    # had (a KFP task, the step server, torchrun: each stops what it runs), then unwind here.
-    import psutil
+def _stop(signum: int) -> None:
+    """The first SIGTERM or SIGINT (later ones are ignored: ``kubetrain.core.processes``).
 
-    local = sys.modules.get("kubetrain.launch.local")
-    own_stop = local.OWN_STOP if local else set()  # torchrun agents: stopped by their launcher
-    for child in psutil.Process().children():
-        if child.pid not in own_stop:
-            with contextlib.suppress(psutil.Error):
-                child.send_signal(signal.SIGINT)
+    What runs below is noted first: ``main`` waits for all of it before it exits. Ctrl-C
+    reaches every process of the terminal's foreground group, a SIGTERM (kill, a container
+    stop) only this one: pass it on as the SIGINT they would have had to every process below
+    (a KFP task's Python under its ``sh``, a search's trial processes: each stops what it
+    runs), except torchrun agents and what runs under them, which their launcher stops quietly
+    (a signalled torchrun prints a traceback per process it runs). Then unwind here.
+    """
+    from kubetrain.core.processes import descendants
+
+    global _BELOW
+    _BELOW = descendants()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    for proc in _not_under_torchrun(_BELOW):
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGINT)
     raise Terminated()
+
+
+def _not_under_torchrun(tree: list) -> list:
+    """The processes of ``tree`` that are neither a torchrun agent nor below one."""
+    local = sys.modules.get("kubetrain.launch.local")
+    agents = set(local.OWN_STOP) if local else set()
+    parents = {}
+    for proc in tree:
+        with contextlib.suppress(psutil.Error):
+            parents[proc.pid] = proc.ppid()
+            if "torch.distributed.run" in proc.cmdline():
+                agents.add(proc.pid)
+
+    def under_agent(pid: int) -> bool:
+        while pid in parents:
+            if pid in agents:
+                return True
+            pid = parents[pid]
+        return pid in agents
+
+    return [proc for proc in tree if not under_agent(proc.pid)]
+
+
+# The processes below this one when the first signal came (``_stop``).
+_BELOW: list = []
+
+
+def _reap() -> None:
+    """After a signal: wait for every process that was below us, and what is below us now, to
+    end (they were told to stop); kill what is still there after the grace period."""
+    from kubetrain.core.processes import descendants, reap
+
+    by_pid = {p.pid: p for p in [*_BELOW, *descendants()]}
+    killed = reap(list(by_pid.values()), grace=STOP_GRACE_SECONDS)
+    if killed:
+        log.debug("killed %s: still running %.0f s after the stop", killed, STOP_GRACE_SECONDS)
+
+
+# How long the processes below the CLI have to stop after a signal before they are killed
+# (torchrun's launcher gives its workers 30 s; the rest is the KFP task's own unwinding).
+STOP_GRACE_SECONDS = 45.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,36 +470,34 @@ def main(argv: list[str] | None = None) -> int:
         The exit code: 0 done, 1 failed, 2 bad config or arguments, 130 Ctrl-C, 143 SIGTERM.
     """
     args = build_parser().parse_args(argv)
+
     from kubetrain.core.io import clean_stale_temp_dirs
     from kubetrain.core.logs import setup_logging
+    from kubetrain.core.processes import stop_once
 
     setup_logging(args.verbose)
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread: leave signals to whoever owns them
-        previous = None
-    try:
-        for stale in clean_stale_temp_dirs():
-            log.debug("removed %s (left by a process that is gone)", stale)
-        return dispatch(args)
-    except KubetrainError as err:
-        print(f"kubetrain: {err}", file=sys.stderr)
-        return err.exit_code
-    except Terminated:
-        print("kubetrain: terminated (SIGTERM); stopped what was running", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("kubetrain: interrupted", file=sys.stderr)
-        return 130
-    except OSError as err:
-        # A file-system failure outside kubetrain's own writes (which say which file and why).
-        log.debug("file system error", exc_info=True)
-        where = f": {err.filename}" if err.filename else ""
-        print(f"kubetrain: {err.strerror or err}{where}", file=sys.stderr)
-        return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    with stop_once((signal.SIGTERM, signal.SIGINT), _stop):
+        try:
+            for stale in clean_stale_temp_dirs():
+                log.debug("removed %s (left by a process that is gone)", stale)
+            return dispatch(args)
+        except KubetrainError as err:
+            print(f"kubetrain: {err}", file=sys.stderr)
+            return err.exit_code
+        except Terminated:
+            _reap()
+            print("kubetrain: terminated (SIGTERM); stopped what was running", file=sys.stderr)
+            return 128 + signal.SIGTERM
+        except KeyboardInterrupt:
+            _reap()
+            print("kubetrain: interrupted", file=sys.stderr)
+            return 130
+        except OSError as err:
+            # A file-system failure outside kubetrain's own writes (which say which file and why).
+            log.debug("file system error", exc_info=True)
+            where = f": {err.filename}" if err.filename else ""
+            print(f"kubetrain: {err.strerror or err}{where}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

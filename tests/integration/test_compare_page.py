@@ -31,7 +31,7 @@ def test_compare_page_renders_in_headless_chromium(runs_root, tmp_path):  # noqa
                          timeout=120, check=True).stdout  # fmt: skip
     assert "<h1>kubetrain compare</h1>" in dom
     assert "<th>model.hidden_sizes</th><td>[256, 128]</td><td>[64]</td>" in dom
-    assert "<th>acc fp32</th><td>0.9593</td><td>0.8370</td>" in dom
+    assert "<th>test fp32</th><td>0.9593</td><td>0.8370</td>" in dom
     assert "<th>promoted</th><td>yes</td><td>no</td>" in dom
     assert '<img id="curves"' in dom
 

@@ -61,9 +61,9 @@ def test_every_method_round_trips_in_a_fresh_process_without_kubetrain(
             method=method, dynamic_backend=backend, max_accuracy_drop=0.02, qat_on_drop=False
         ),
     )
-    assert info["method"] == method
+    assert info.method == method
     if method != "none":
-        assert info["size_bytes"] <= 0.30 * info["fp32_size_bytes"]
+        assert (info.size_bytes or 0) <= 0.30 * (info.fp32_size_bytes or 0)
     assert not (out / "candidates").exists()
     data = load_dataset(digits_dir)
     x, y = data.split("test")

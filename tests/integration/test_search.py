@@ -19,7 +19,7 @@ def test_a_trial_can_be_a_ddp_job(tmp_path, digits_dir):
     )
     result = run_search(cfg, digits_dir, tmp_path)
     trials = read_json(tmp_path / "trials.json")
-    assert result["trials_complete"] == 2
+    assert result.trials_complete == 2
     assert [t["world_size"] for t in trials] == [2, 2]
     assert all(len(t["curve"]) == 2 and t["value"] > 0.5 for t in trials)
 
@@ -56,10 +56,10 @@ def test_interrupted_search_resumes_without_redoing_finished_trials(tmp_path, di
     cfg = load_config(overrides=sets)
     result = run_search(cfg, digits_dir, out)
     trials = read_json(out / "trials.json")
-    assert result["trials_total"] == 5 == len(trials)  # finished ones count, none redone
+    assert result.trials_total == 5 == len(trials)  # finished ones count, none redone
     for number, value in before.items():
         assert next(t for t in trials if t["number"] == number)["value"] == value
-    assert result["trials_interrupted"] <= 1
+    assert result.trials_interrupted <= 1
 
 
 # Learning rates from hopeless to good: some trials are clearly worse, so pruners have work.
@@ -91,11 +91,11 @@ def test_early_stopping_prunes_trials_from_their_epoch_reports(tmp_path, digits_
     result = run_search(cfg, digits_dir, tmp_path)
     trials = read_json(tmp_path / "trials.json")
     pruned = [t for t in trials if t["state"] == "pruned"]
-    assert result["trials_pruned"] == len(pruned) >= 1
+    assert result.trials_pruned == len(pruned) >= 1
     assert all(len(t["curve"]) < 4 for t in pruned)
-    assert result["trial_epochs_total"] < 8 * 4  # epochs saved
+    assert result.trial_epochs_total < 8 * 4  # epochs saved
     best = max((t for t in trials if t["state"] == "complete"), key=lambda t: t["value"])
-    assert best["value"] == result["best_value"] > 0.8
+    assert best["value"] == result.best_value > 0.8
 
 
 def test_a_killed_trial_process_is_one_line_not_a_traceback(tmp_path, digits_dir):

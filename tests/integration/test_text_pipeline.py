@@ -148,6 +148,19 @@ def _no_target(tmp: Path) -> list[str]:
             "model.name=seq2seq_transformer", "data.target_column=german"]  # fmt: skip
 
 
+def _one_class(tmp: Path) -> list[str]:
+    (tmp / "d.jsonl").write_text("".join(f'{{"text": "mail {i}", "label": "spam"}}\n'
+                                         for i in range(40)))  # fmt: skip
+    return ["data.source=" + str(tmp / "d.jsonl")]
+
+
+def _every_target_empty(tmp: Path) -> list[str]:
+    (tmp / "d.jsonl").write_text("".join(f'{{"text": "line {i}", "target": ""}}\n'
+                                         for i in range(40)))  # fmt: skip
+    return ["data.source=" + str(tmp / "d.jsonl"), "data.task=seq2seq",
+            "model.name=seq2seq_transformer"]  # fmt: skip
+
+
 def _small_vocab(tmp: Path) -> list[str]:
     write_pairs(tmp / "d.jsonl", n=20)
     return ["data.source=" + str(tmp / "d.jsonl"), "data.tokenizer.vocab_size=8"]
@@ -162,6 +175,8 @@ BAD = [
     ("empty-text", _empty_text, 1, "no usable training text"),
     ("not-utf8", _not_utf8, 1, "d.jsonl:2: bytes that are not UTF-8"),
     ("missing-target-column", _no_target, 1, "no column 'german'"),
+    ("one-class", _one_class, 1, "d.jsonl: needs at least 2 classes in column 'label'"),
+    ("every-target-empty", _every_target_empty, 1, "every target in column 'target' is empty"),
     ("vocab-too-small", _small_vocab, 2, "data.tokenizer"),
     ("tokenizer-path", _no_tokenizer, 1, "nope.json: no such file"),
 ]

@@ -141,3 +141,4 @@ def test_an_unreachable_server_is_one_line(tmp_path, monkeypatch):
         log_run(cfg.tracking, run)
     assert str(err.value).startswith(f"tracking: cannot log to MLflow at {uri}: ")
     assert "\n" not in str(err.value)
+    assert str(err.value).endswith(": connection refused")

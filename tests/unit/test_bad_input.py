@@ -9,10 +9,16 @@ promise the README makes:
 - no traceback anywhere in stderr;
 - no ``metrics.json`` under the case's directory: nothing that looks like a result.
 
-Cases are grouped by class: CONFIG, CONFIG_FILES, PATHS (CLI arguments), DATA, a cluster that is
-not there, and FAULTS (full disk, stale temporary files). Cases that need a whole process
-(signals, ``kubetrain run``'s pipeline) are in tests/integration/test_bad_input_run.py; the
-answers of a real Kubernetes API server in tests/cluster/test_bad_input_cluster.py.
+Cases are grouped by class: CONFIG (the model checked before the first step and on its data
+included), CONFIG_FILES, PATHS (CLI arguments, ``runs`` and ``compare`` too), DATA (text
+included), a cluster that is not there, FAULTS (full disks, stale temporary files, signals),
+object storage that cannot be read and compiling that never reads data, images (decoding bombs,
+missing files, transforms, mixed sizes), figures that must not contradict each other, what
+preprocessing leaves out, and the run experience (file modes, temporary folders, a tracking
+server that is down). Cases that need a whole process (signals, ``kubetrain run``'s pipeline,
+moto's S3 server) are in tests/integration/test_bad_input_run.py; the answers of a real
+Kubernetes API server in tests/cluster/test_bad_input_cluster.py. Image cases are marked
+``vision`` (they need torchvision: ``make test-vision``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,6 +91,12 @@ def npz(tmp: Path, name: str, width: int, **extra) -> None:
     rng = np.random.default_rng(0)
     arrays = {"x": rng.normal(size=(30, width)), "y": np.arange(30) % 3, **extra}
     np.savez(tmp / name, **arrays)
+
+
+def run_dirs(tmp: Path, *names: str) -> None:
+    """Directories marked as `kubetrain run` marks its run directories (nothing inside)."""
+    for name in names:
+        text(tmp, f"{name}/.kubetrain-run", "")
 
 
 def fake_artifacts(tmp: Path, *names: str) -> None:
@@ -173,7 +186,93 @@ CONFIG = {
     "namespace-not-dns": Case(show("cluster.namespace=Team_A"), 2, "cluster.namespace"),
     "quantity-not-k8s": Case(show("cluster.memory=lots"), 2, "cluster.memory"),
     "set-without-value": Case(show("train.epochs"), 2, "expected KEY=VALUE"),
+    "metric-of-another-task": Case(
+        show("evaluate.metric=bleu"),
+        2,
+        "evaluate.metric: 'bleu' does not apply to tabular or images data",
+    ),
+    "metric-of-another-task-on-run": Case(
+        ["run", "--output", "{tmp}/r", *_sets("evaluate.metric=macro_f1")],
+        2,
+        "evaluate.metric: 'macro_f1' does not apply",
+    ),
+    "metric-top5-on-a-declared-table": Case(
+        show("data.kind=tabular", "evaluate.metric=top5_accuracy"),
+        2,
+        "'top5_accuracy' does not apply to tabular data",
+    ),
     "set-duplicate-key": Case(show("cluster.env={A: x, A: y}"), 2, "duplicate key 'A'"),
+    "kind-images-with-seq2seq-task": Case(
+        show("data.kind=images", "data.task=seq2seq"),
+        2,
+        "data.kind 'images' is classification data; data.task is 'seq2seq'",
+    ),
+    "kind-disagrees-with-task": Case(
+        show("data.kind=seq2seq", "data.task=text_classification"),
+        2,
+        "data.kind 'seq2seq' and data.task 'text_classification' disagree",
+    ),
+    # a section's fields are fixed, a free-form mapping's keys are not (see test_set_reaches_...)
+    "set-misspelt-mapping": Case(
+        show("model.name=torchvision:resnet18", "model.kwarg.dropout=0.1"),
+        2,
+        "model.kwarg: no such field",
+    ),
+    # the model is built once, before any worker, on the dataset it trains on
+    "train-factory-head-too-wide": Case(
+        [
+            "train",
+            "--dataset",
+            "{digits}",
+            "--output",
+            "{tmp}/m",
+            *_sets("model.name=vision_factory:head_of", "model.kwargs.extra=5"),
+        ],
+        2,
+        "model.name: vision_factory:head_of gives 15 outputs per sample but the data has 10 "
+        "classes",
+    ),
+    "train-factory-head-too-narrow": Case(
+        [
+            "train",
+            "--dataset",
+            "{digits}",
+            "--output",
+            "{tmp}/m",
+            *_sets(
+                "model.name=vision_factory:head_of",
+                "model.kwargs.extra=-1",
+                "train.nproc=2",
+                "train.batch_size=64",
+            ),
+        ],
+        2,
+        "model.name: vision_factory:head_of gives 9 outputs per sample but the data has 10",
+    ),
+    "tune-factory-head-too-wide": Case(
+        [
+            "tune",
+            "--dataset",
+            "{digits}",
+            "--output",
+            "{tmp}/t",
+            *_sets("model.name=vision_factory:head_of", "model.kwargs.extra=5"),
+        ],
+        2,
+        "model.name: vision_factory:head_of gives 15 outputs per sample",
+    ),
+    "train-factory-fails-on-the-inputs": Case(
+        [
+            "train",
+            "--dataset",
+            "{digits}",
+            "--output",
+            "{tmp}/m",
+            *_sets("model.name=vision_factory:rgb_only"),
+        ],
+        2,
+        "model.name: vision_factory:rgb_only fails on this data's inputs (RuntimeError",
+    ),
     # the same rules hold on the steps and on `run`, before anything is written
     "train-step-lr-inf": Case(
         ["train", "--dataset", "{digits}", "--output", "{tmp}/m", *_sets("train.lr=.inf")],
@@ -364,6 +463,33 @@ PATHS = {
     "missing-argument": Case(["train", "--output", "{tmp}/m"], 2, "--dataset"),
     "schedule-without-cron": Case(["schedule", "--name", "n"], 2, "--cron"),
     "submit-without-host": Case(["submit", "--host", ""], 1, "submit: give --host URL"),
+    # `runs` and `compare`: their arguments are usage errors too (exit 2, as the README says)
+    "runs-root-missing": Case(["runs", "--root", "{tmp}/nowhere"], 2, "nowhere: no such directory"),
+    "compare-one-run": Case(
+        ["compare", "a", "--root", "{tmp}"],
+        2,
+        "compare: give at least two runs",
+        setup=lambda t: run_dirs(t, "a"),
+    ),
+    "compare-unknown-run": Case(
+        ["compare", "a", "ghost", "--root", "{tmp}"],
+        2,
+        "ghost: not a run directory",
+        setup=lambda t: run_dirs(t, "a"),
+    ),
+    "compare-output-is-a-dir": Case(
+        ["compare", "a", "b", "--root", "{tmp}", "-o", "{tmp}/d"],
+        2,
+        "--output {tmp}/d: is a directory",
+        setup=lambda t: (run_dirs(t, "a", "b"), (t / "d").mkdir()),
+    ),
+    "compare-output-under-a-file": Case(
+        ["compare", "a", "b", "--root", "{tmp}", "-o", "{tmp}/f/c.html"],
+        2,
+        "--output {tmp}/f: exists and is a file",
+        setup=lambda t: (run_dirs(t, "a", "b"), text(t, "f", "keep me")),
+        kept={"f": "keep me"},
+    ),
 }
 
 DATA = {
@@ -469,7 +595,74 @@ DATA = {
     "parquet-duplicate-column": Case(
         source("d.parquet"), 1, "d.parquet: cannot parse", lambda t: _duplicate_parquet(t)
     ),
+    # text: the same rules as tables and images
+    "text-one-class": Case(
+        prep("data.task=text_classification", "data.source={tmp}/t.csv"),
+        1,
+        "t.csv: needs at least 2 classes in column 'label', found 1 ('spam')",
+        lambda t: text(t, "t.csv", "text,label\n" + "".join(f"mail {i},spam\n" for i in range(40))),
+    ),
+    "seq2seq-every-target-empty": Case(
+        prep("data.task=seq2seq", "data.source={tmp}/p.jsonl", "data.target_column=german"),
+        1,
+        "p.jsonl: no usable training text (40 rows read: every target in column 'german' is empty)",
+        lambda t: text(
+            t,
+            "p.jsonl",
+            "".join(json.dumps({"text": f"line {i}", "german": ""}) + "\n" for i in range(40)),
+        ),
+    ),
     # `run` checks the data before it writes anything (preflight)
+    "run-torchvision-on-tabular-data": Case(
+        [
+            "run",
+            "--output",
+            "{tmp}/r",
+            *_sets(
+                "data.source={tmp}/d.csv",
+                "data.label_column=kind",
+                "model.name=torchvision:resnet18",
+            ),
+        ],
+        2,
+        "model.name: torchvision:resnet18 needs image data (C,H,W) and this data is not images",
+        lambda t: csv(t, "d.csv", frame()),
+    ),
+    "run-factory-not-importable": Case(
+        ["run", "--output", "{tmp}/r", *_sets("model.name=no_such_pkg.models:net")],
+        2,
+        "model.name: cannot import module 'no_such_pkg.models'",
+    ),
+    "run-factory-not-callable": Case(
+        ["run", "--output", "{tmp}/r", *_sets("model.name=vision_factory:NOT_CALLABLE")],
+        2,
+        "model.name: module 'vision_factory' has a non-callable attribute 'NOT_CALLABLE'",
+    ),
+    "run-hf-directory-missing": Case(
+        [
+            "run",
+            "--output",
+            "{tmp}/r",
+            *_sets(
+                "data.task=text_classification",
+                "data.source={tmp}/t.csv",
+                "model.name=hf:{tmp}/no-model",
+            ),
+        ],
+        2,
+        "model.name: hf:{tmp}/no-model: no such directory",
+        lambda t: text(t, "t.csv", "text,label\n" + "".join(f"m {i},{i % 2}\n" for i in range(40))),
+    ),
+    "run-weights-missing": Case(
+        [
+            "run",
+            "--output",
+            "{tmp}/r",
+            *_sets("model.name=vision_factory:head_of", "model.weights={tmp}/w.pt"),
+        ],
+        2,
+        "model.weights: {tmp}/w.pt: no such file",
+    ),
     "run-glob-missing-column": Case(
         [
             "run",
@@ -510,6 +703,26 @@ def _duplicate_parquet(tmp: Path) -> None:
 
     columns = [pa.array([1.0, 2.0]), pa.array([3.0, 4.0]), pa.array(["x", "y"])]
     pq.write_table(pa.Table.from_arrays(columns, names=["a", "a", "kind"]), tmp / "d.parquet")
+
+
+@pytest.mark.parametrize(
+    ("setting", "where", "want"),
+    [
+        ("model.kwargs.dropout=0.1", "model.kwargs", {"dropout": 0.1}),
+        ("data.storage_options.client_kwargs.region_name=eu-west-1", "data.storage_options",
+         {"client_kwargs": {"region_name": "eu-west-1"}}),
+        ("cluster.env.HF_HOME=/cache", "cluster.env", {"HF_HOME": "/cache"}),
+    ],
+    ids=["builder-argument", "nested-storage-option", "environment"],
+)  # fmt: skip
+def test_set_reaches_into_free_form_mappings(setting, where, want):
+    """``--set model.kwargs.dropout=0.1`` is what the mapping form ``model.kwargs={dropout:
+    0.1}`` says: a real builder argument, not "no such field"."""
+    from kubetrain.pipeline.config import load_config
+
+    cfg = load_config(None, ["model.name=torchvision:resnet18", setting])
+    section, name = where.split(".")
+    assert getattr(getattr(cfg, section), name) == want
 
 
 TABLE = {
@@ -762,3 +975,480 @@ def test_stale_temporary_files_of_atomic_writes_are_removed(tmp_path):
     write_json(tmp_path / "manifest.json", {"ok": True})
     assert not stale.exists()
     assert live.exists() and other_host.exists()  # alive, or another pod's on a shared volume
+
+
+# -- the run experience: what a teammate sharing the run directory can read ---------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077], ids=["022", "027", "077"])
+def test_files_written_atomically_take_the_umask(umask, tmp_path):
+    from kubetrain.core.io import atomic_write, write_json
+
+    old = os.umask(umask)
+    try:
+        written = [
+            write_json(tmp_path / "metrics.json", {"ok": True}),
+            atomic_write(tmp_path / "model.pt", lambda tmp: Path(tmp).write_bytes(b"w")),
+        ]
+        (tmp_path / "neighbour.txt").write_text("plain open()")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (tmp_path / "neighbour.txt").stat().st_mode & 0o777 == want
+    assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(want)] * 2
+
+
+# -- object storage: what s3fs raises, as one line (end to end against moto: the integration
+# catalogue, tests/integration/test_bad_input_run.py) ----------------------------------------
+
+
+def _boto(name: str, code: str = ""):
+    import botocore.exceptions as b
+
+    if name == "ClientError":
+        return b.ClientError({"Error": {"Code": code, "Message": "m"}}, "ListObjectsV2")
+    if name == "EndpointConnectionError":
+        return b.EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+    return getattr(b, name)()
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (("NoCredentialsError",), 2, "data.source s3://b/x.csv: no credentials for s3:// (set "
+         "AWS_ACCESS_KEY_ID"),
+        (("EndpointConnectionError",), 1, "s3://b/x.csv: cannot reach the storage endpoint "
+         "http://127.0.0.1:9 (data.storage_options)"),
+        (("ClientError", "NoSuchBucket"), 1, "s3://b/x.csv: no such bucket 'b'"),
+        (("ClientError", "InvalidAccessKeyId"), 1, "refused the credentials or access "
+         "(InvalidAccessKeyId)"),
+    ],
+    ids=["no-credentials", "endpoint-unreachable", "no-bucket", "credentials-refused"],
+)  # fmt: skip
+def test_object_storage_failures_are_one_line(error, code, line):
+    pytest.importorskip("botocore")
+    from kubetrain.data.storage import storage_errors
+
+    options = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    cause = _boto(*error)
+    with pytest.raises(Exception) as raised, storage_errors("s3://b/x.csv", options):
+        try:  # as s3fs raises them: the client's error as the cause of its own
+            raise cause
+        except Exception as inner:
+            raise RuntimeError("s3fs wrapper") from inner
+    assert raised.value.exit_code == code and line in str(raised.value)
+
+
+def test_other_errors_pass_through_storage_errors():
+    from kubetrain.data.storage import storage_errors
+
+    with pytest.raises(ZeroDivisionError), storage_errors("s3://b/x.csv"):
+        _ = 1 / 0
+
+
+RECIPES = sorted(
+    p.stem for p in (Path(__file__).parents[2] / "src/kubetrain/pipeline/recipes").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_compiling_never_reads_the_data(recipe, tmp_path, monkeypatch, capsys):
+    """``kubetrain compile`` (and the run parameters ``submit`` sends) take the kind from the
+    config: the source is never listed or opened, so an unreachable bucket cannot stop it."""
+    import fsspec
+
+    import kubetrain.data.image_sources as image_sources
+    import kubetrain.tasks.images as images
+    from kubetrain.pipeline import submit
+
+    def touched(*args, **kwargs):
+        raise AssertionError(f"compiling read the data: {args}")
+
+    for module, name in ((images, "is_image_source"), (image_sources, "filesystem"),
+                         (fsspec, "open"), (fsspec, "get_fs_token_paths"),
+                         (fsspec.core, "url_to_fs")):  # fmt: skip
+        monkeypatch.setattr(module, name, touched)
+    code, err = run_main(["compile", "--config", recipe, "-o", str(tmp_path / "p.yaml")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "p.yaml").stat().st_size > 0
+    req = submit.request(recipe, ["data.source=s3://elsewhere/{date}/"])
+    assert req.params["min_accuracy"] == pytest.approx(
+        0.0 if req.cfg.data.task == "seq2seq" and req.cfg.evaluate.min_value is None
+        else req.cfg.evaluate.min_value or req.cfg.evaluate.min_accuracy
+    )  # fmt: skip
+
+
+def test_a_declared_text_kind_sets_the_task():
+    from kubetrain.pipeline.config import load_config
+
+    assert load_config(None, ["data.kind=seq2seq"]).data.task == "seq2seq"
+
+
+# -- faults: signals (whole processes: tests/integration/test_bad_input_run.py) ----------------
+
+
+def test_a_second_signal_while_stopping_changes_nothing():
+    """GNU timeout signals the process and its group: two SIGTERMs milliseconds apart. The
+    first unwinds; the second, arriving while the stop runs, is ignored (it re-entered the
+    handler in the middle of an import and printed a traceback)."""
+    import signal
+
+    from kubetrain.core.processes import stop_once
+
+    calls = []
+
+    def first(signum: int) -> None:
+        calls.append(signum)
+        raise KeyboardInterrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopped_cleanly = False
+    try:
+        with stop_once((signal.SIGTERM,), first):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                os.kill(os.getpid(), signal.SIGTERM)  # while stopping
+                time.sleep(0.2)
+                stopped_cleanly = True
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # on its way out
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert calls == [signal.SIGTERM] and stopped_cleanly
+
+
+def test_a_child_learns_its_parent_is_gone(tmp_path):
+    """A torchrun agent (and each worker) gets SIGTERM when the process that started it dies
+    without stopping it: nothing keeps training after a launcher is killed outright."""
+    script = (
+        "import os, signal, subprocess, sys, time\n"
+        "from kubetrain.core.processes import parent_death_signal\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "                         preexec_fn=parent_death_signal())\n"
+        "print(child.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    pid = int(proc.stdout.split()[0])
+    import psutil
+
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+# -- figures that contradict each other ----------------------------------------------------------
+
+
+def test_both_models_are_warmed_up_before_their_scoring_pass(digits_dir):
+    """The scoring throughput counted a compiled int8 model's compilation (int8 read 17x
+    slower than fp32 over the test split while its latency rows said faster): both models now
+    get the latency rows' warm-up first."""
+    import torch
+
+    from kubetrain.data import load_dataset
+    from kubetrain.evaluate.compare import score
+    from kubetrain.evaluate.config import WARMUP_CALLS
+    from kubetrain.pipeline.config import load_config
+    from kubetrain.tasks import open_task
+
+    task = open_task(load_config(), load_dataset(digits_dir))
+    calls: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = task.build_model(load_config().model).eval()
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self.inner(x)
+
+    scored = score(Counting(), task, warm_batch=64)
+    assert calls[:WARMUP_CALLS] == [64] * WARMUP_CALLS  # warm-up batches, then the test split
+    assert sum(calls[WARMUP_CALLS:]) == task.data.meta.num_samples("test")
+    assert scored.samples_per_second and scored.samples_per_second > 0
+
+
+@pytest.mark.parametrize(
+    ("scoring", "latency", "says"),
+    [((5000.0, 2000.0), (1.0, 0.5), "disagree: int8 is faster at batch 64"),
+     ((2000.0, 5000.0), (0.5, 1.0), "disagree: fp32 is faster at batch 64"),
+     ((5000.0, 6000.0), (1.0, 0.5), None)],
+    ids=["int8-faster-per-batch-slower-per-pass", "the-other-way", "agree"],
+)  # fmt: skip
+def test_the_report_says_what_each_speed_figure_measures(scoring, latency, says):
+    from types import SimpleNamespace
+
+    from kubetrain.evaluate.report import throughput_note
+
+    e = SimpleNamespace(
+        fp32=SimpleNamespace(samples_per_second=scoring[0]),
+        int8=SimpleNamespace(samples_per_second=scoring[1]),
+        latency=[SimpleNamespace(batch_size=1, fp32_ms=0.1, int8_ms=0.1),
+                 SimpleNamespace(batch_size=64, fp32_ms=latency[0], int8_ms=latency[1])],
+    )  # fmt: skip
+    note = throughput_note(e)
+    assert "one pass over the whole test split" in note and "one fixed batch" in note
+    assert (says in note) if says else "disagree" not in note
+
+
+# -- what preprocessing leaves out is said, not only logged ------------------------------------
+
+
+def _rows_with_gaps(tmp: Path) -> None:
+    csv(tmp, "d.csv", frame().assign(a=lambda f: f.a.where(f.index % 20 > 0)))
+
+
+def _texts_some_empty(tmp: Path) -> None:
+    rows = "".join(f"{'' if i % 10 == 0 else 'word ' * (i % 7 + 1)},{i % 2}\n" for i in range(60))
+    text(tmp, "t.csv", "text,label\n" + rows)
+
+
+@pytest.mark.parametrize(
+    ("settings", "setup", "note"),
+    [
+        (("data.source={tmp}/d.csv", "data.label_column=kind"), _rows_with_gaps,
+         "dropped 3 of 60 rows from {tmp}/d.csv: 3 with missing values"),
+        (("data.task=text_classification", "data.source={tmp}/t.csv"), _texts_some_empty,
+         "skipped 6 of 60 rows with empty text"),
+    ],
+    ids=["table-rows-dropped", "text-rows-skipped"],
+)  # fmt: skip
+def test_what_preprocess_leaves_out_is_in_the_dataset_meta(settings, setup, note, tmp_path,
+                                                           capsys):  # fmt: skip
+    setup(tmp_path)
+    argv = prep(*settings)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, err = run_main(argv, capsys)
+    assert code == 0, err
+    notes = json.loads((tmp_path / "ds" / "meta.json").read_text())["notes"]
+    assert any(note.replace("{tmp}", str(tmp_path)) in n for n in notes), notes
+    assert note.replace("{tmp}", str(tmp_path)) in err  # and on the terminal (a warning)
+
+
+def test_the_report_says_what_the_data_lost():
+    from kubetrain.evaluate.report import _data_notes
+
+    page = _data_notes(["d.csv: dropped 3 of 60 rows <b>"])
+    assert "Data left out or cut" in page and "dropped 3 of 60 rows &lt;b&gt;" in page
+    assert _data_notes([]) == ""
+
+
+# -- images: decoding bombs, missing files, full disks, transforms, mixed sizes -----------------
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` pixels and that holds no pixel data:
+    a few dozen bytes (a real one of zeros compresses to kilobytes, and decodes to gigabytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _image_folder(root: Path, per_class: int = 12, sizes=((32, 32),)) -> None:
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            w, h = sizes[i % len(sizes)]
+            Image.new("RGB", (w, h), (i * 9, 40 if c == "cat" else 200, 0)).save(
+                root / c / f"{i}.png"
+            )
+
+
+def test_an_image_declaring_more_pixels_than_the_budget_is_skipped_before_decoding(tmp_path):
+    from kubetrain.data.config import DataConfig
+    from kubetrain.data.images import ImageDecodeError, build_image_dataset, convert_image
+
+    bomb = _png_declaring(12_000, 12_000)
+    assert len(bomb) < 100
+    with pytest.raises(ImageDecodeError, match=r"too large: 12000x12000 = 144\.0 MP, above "
+                       r"data\.max_image_pixels \(64\.0 MP\)"):  # fmt: skip
+        convert_image(bomb, "RGB", 32, max_pixels=64_000_000)
+    _image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "cat" / "bomb.png").write_bytes(bomb)
+    manifest = build_image_dataset(
+        DataConfig(source=str(tmp_path / "imgs"), shard_samples=8), str(tmp_path / "ds")
+    )
+    prov = manifest.provenance
+    assert prov["num_skipped"] == 1 and prov["skipped_by_reason"] == {"too large": 1}
+
+
+def test_manifest_rows_whose_files_are_gone_are_counted_and_said(tmp_path):
+    from kubetrain.data.config import DataConfig
+    from kubetrain.data.images import build_image_dataset, skipped_note
+
+    _image_folder(tmp_path / "imgs")
+    rows = [f"imgs/{c}/{i}.png,{c}" for c in ("cat", "dog") for i in range(12)]
+    rows += ["imgs/cat/gone-1.png,cat", "imgs/dog/gone-2.png,dog"]
+    (tmp_path / "index.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    cfg = DataConfig(source=str(tmp_path / "index.csv"), shard_samples=8)
+    manifest = build_image_dataset(cfg, str(tmp_path / "ds"))
+    assert manifest.provenance["skipped_by_reason"] == {"missing": 2}
+    note = skipped_note(manifest.provenance)
+    assert note.startswith(f"{tmp_path / 'index.csv'}: skipped 2 of 26 images: 2 missing (e.g. ")
+
+
+def test_a_full_disk_while_writing_image_shards_names_the_shard_and_leaves_none(tmp_path):
+    from PIL import Image
+
+    from kubetrain.core.errors import KubetrainError
+    from kubetrain.data.config import DataConfig
+    from kubetrain.data.images import build_image_dataset
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(12):  # noise: PNG cannot compress it, so the shards fill the disk
+            pixels = np.random.default_rng([i, ord(c)]).integers(0, 255, (96, 96, 3), np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    with mounted_tmpfs(tmp_path / "disk", "size=192k") as disk:
+        cfg = DataConfig(source=str(root), shard_samples=4)
+        with pytest.raises(KubetrainError) as raised:
+            build_image_dataset(cfg, str(disk / "ds"))
+        line = str(raised.value)
+        assert line.startswith(f"no space left on device while writing {disk / 'ds'}/"), line
+        assert ".parquet" in line and "\n" not in line
+        assert sorted(p.name for p in (disk / "ds").iterdir()) == []  # no shard, no .tmp
+
+
+VISION_CASES = {
+    "transform-value-applied": Case(
+        prep("data.source={tmp}/imgs",
+             "data.transforms.train=[{name: RandomResizedCrop, kwargs: {size: 16, scale: [0.9, 0.1]}}]",
+             "data.transforms.eval=[{name: Resize, kwargs: {size: 16}}, {name: CenterCrop, kwargs: {size: 16}}]"),
+        2,
+        "config error: data.transforms.train[0] (RandomResizedCrop): ",
+        lambda t: _image_folder(t / "imgs"),
+    ),
+    "transform-value-later-in-the-list": Case(
+        prep("data.source={tmp}/imgs",
+             "data.transforms.train=[{name: Resize, kwargs: {size: 16}}, {name: RandomErasing, kwargs: {p: 1.0, scale: [0.5, 0.1]}}, {name: CenterCrop, kwargs: {size: 16}}]",
+             "data.transforms.eval=[{name: Resize, kwargs: {size: 16}}, {name: CenterCrop, kwargs: {size: 16}}]"),
+        2,
+        "config error: data.transforms.train[1] (RandomErasing): ",
+        lambda t: _image_folder(t / "imgs"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.vision
+@pytest.mark.parametrize("case", list(VISION_CASES.values()), ids=list(VISION_CASES))
+def test_bad_image_input_is_one_line(case, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torchvision", reason="the image kind needs torchvision")
+    monkeypatch.chdir(tmp_path)
+    case.setup(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in case.argv]
+    before = _files(tmp_path)
+    assert_one_line(*run_main(argv, capsys), case.code, case.names, tmp_path)
+    assert _files(tmp_path) == before, "a failed command left files behind"
+
+
+@pytest.mark.vision
+def test_the_vision_recipe_takes_a_folder_of_mixed_sizes(tmp_path, capsys):
+    pytest.importorskip("torchvision", reason="the image kind needs torchvision")
+    _image_folder(tmp_path / "imgs", sizes=((32, 32), (40, 28), (23, 61)))
+    argv = ["preprocess", "--config", "vision", "--output", str(tmp_path / "ds"),
+            "--set", f"data.source={tmp_path / 'imgs'}"]  # fmt: skip
+    code, err = run_main(argv, capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert meta["input_shape"] == [1, 28, 28] and meta["stored_shape"] is None
+
+
+@pytest.mark.vision
+def test_images_preprocess_skips_are_in_the_meta_and_on_the_terminal(tmp_path, capsys):
+    pytest.importorskip("torchvision", reason="the image kind needs torchvision")
+    _image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "cat" / "bomb.png").write_bytes(_png_declaring(12_000, 12_000))
+    (tmp_path / "imgs" / "dog" / "broken.png").write_bytes(b"not a png")
+    code, err = run_main(["preprocess", "--output", str(tmp_path / "ds"),
+                          "--set", f"data.source={tmp_path / 'imgs'}"], capsys)  # fmt: skip
+    assert code == 0, err
+    (note,) = json.loads((tmp_path / "ds" / "meta.json").read_text())["notes"]
+    assert "skipped 2 of 26 images: 1 do not decode, 1 too large" in note
+    assert note in err
+
+
+@pytest.mark.vision
+def test_a_full_disk_while_preprocessing_images_is_one_line_and_leaves_no_shard(tmp_path, capsys):
+    pytest.importorskip("torchvision", reason="the image kind needs torchvision")
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.random.default_rng([i, ord(c)]).integers(0, 255, (96, 96, 3), np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    with mounted_tmpfs(tmp_path / "disk", "size=192k") as disk:
+        argv = ["preprocess", "--output", str(disk / "ds"), "--set", f"data.source={root}",
+                "--set", "data.shard_samples=4"]  # fmt: skip
+        last = assert_one_line(*run_main(argv, capsys), 1, "no space left on device", tmp_path)
+        assert f"while writing {disk / 'ds'}/" in last and ".parquet" in last
+        assert [p.name for p in (disk / "ds").iterdir()] == []
+
+
+# -- a tracking server that is down (end to end against a closed port: the integration catalogue)
+
+
+def test_a_failed_track_task_keeps_the_runs_results(tmp_path, capsys, monkeypatch):
+    """Only the track task failed: metrics.json and the report are still written from the
+    evaluation, the summary printed, and the last line is the tracking one (exit 1)."""
+    from kubetrain.pipeline import run
+
+    url = "http://127.0.0.1:9"
+
+    def pipeline_whose_tracking_fails(cfg, run_dir, *args):
+        evaluation = run_dir / "kfp" / "kubetrain-1" / "evaluate" / "evaluation"
+        evaluation.mkdir(parents=True)
+        (evaluation / "metrics.json").write_text(json.dumps({
+            "metric": "accuracy", "test_accuracy_fp32": 0.97, "test_accuracy_int8": 0.96,
+            "quantize_method": "dynamic_int8", "model_size_bytes_fp32": 4,
+            "model_size_bytes_int8": 1, "train_samples_per_second": 10.0, "promoted": False,
+        }))  # fmt: skip
+        (evaluation / "report.html").write_text("<html>report</html>")
+        line = f"track: tracking: cannot log to MLflow at {url}: connection refused (log: x)"
+        raise run.StepFailed(line, 1, "track")
+
+    monkeypatch.setattr(run, "_run_pipeline", pipeline_whose_tracking_fails)
+    code = main(["run", "--output", str(tmp_path / "r"), "--set", f"tracking.mlflow_uri={url}"])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and "Traceback" not in err
+    assert lines[-1].startswith("kubetrain: track: tracking: cannot log to MLflow at " + url)
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["test_accuracy_fp32"] == 0.97
+    assert (tmp_path / "r" / "report.html").read_text() == "<html>report</html>"
+    assert "test accuracy fp32: 0.9700" in out
+
+
+def test_kfp_local_tasks_get_a_temporary_directory_that_goes_with_the_run(tmp_path, monkeypatch):
+    """kfp.local's subprocess runner starts each task with `mktemp -d` and never removes it
+    (482 folders in an afternoon): the tasks' TMPDIR is ours for the run, and removed."""
+    from kubetrain.pipeline.run import _tasks_temp_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", "/somewhere/else")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with _tasks_temp_dir() as tmp:
+        assert os.environ["TMPDIR"] == str(tmp) and tmp.parent == tmp_path
+        made = subprocess.run(["mktemp", "-d"], capture_output=True, text=True).stdout.strip()
+        assert Path(made).parent == tmp  # what a task's shell makes lands inside
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))  # cache kept
+    assert not tmp.exists()
+    assert os.environ["TMPDIR"] == "/somewhere/else" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ

@@ -119,7 +119,7 @@ def test_a_frozen_backbone_trains_the_fpn_and_heads_only():
     [
         ("torchvision:resnet18", "not a torchvision detection builder"),
         ("torchvision:fasterrcnn_resnet5_fpn", "did you mean fasterrcnn_resnet50_fpn"),
-        ("timm:resnet18", "timm models are classifiers"),
+        ("timm:resnet18", "'timm:resnet18' is not a detector"),
     ],
     ids=["classifier", "typo", "timm"],
 )

@@ -223,6 +223,7 @@ def test_a_convert_task_refuses_a_source_that_changed_since_the_plan(text_source
     ):
         convert_range(tmp_path / "plan", 0, tmp_path / "part-0")
     assert not PartArtifact.is_complete(tmp_path / "part-0")
+    assert not list((tmp_path / "part-0").iterdir())  # the shards it had written are gone
 
 
 def test_a_convert_task_that_is_not_one_of_the_plans_is_one_line(text_source, tmp_path):

@@ -94,7 +94,7 @@ def test_a_step_cache_key_changes_only_with_overrides_it_uses():
 @pytest.mark.parametrize(
     ("key", "value", "quantize_changes"),
     [("evaluate.beat_copy_baseline", False, False), ("evaluate.latency_repeats", 7, False),
-     ("evaluate.metric", "rouge_l", True), ("evaluate.beam_size", 4, True)],
+     ("evaluate.metric", "top5_accuracy", True), ("evaluate.beam_size", 4, True)],
 )  # fmt: skip
 def test_quantize_keys_on_the_evaluate_fields_its_gate_uses(key, value, quantize_changes):
     """The int8 gate measures as evaluate will (metric, decoding), so those re-run quantize; the

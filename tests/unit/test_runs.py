@@ -70,19 +70,26 @@ def test_runs_lists_every_run_and_never_crashes_on_a_broken_one(runs_root, capsy
     assert "not-a-run" not in out
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["runs", "--root", "{root}/nowhere"], "nowhere: no such directory"),
-        (["compare", "20261130-0300", "ghost", "--root", "{root}"], "ghost: not a run directory"),
-        (["compare", "20261130-0300", "--root", "{root}"], "compare: give at least two runs"),
-    ],
-    ids=["no-root", "unknown-run", "one-run"],
-)
-def test_bad_arguments_are_one_line(runs_root, capsys, args, message):
-    assert main([a.format(root=runs_root) for a in args]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+# Bad arguments of `runs` and `compare` (exit 2): the catalogue, tests/unit/test_bad_input.py.
+
+
+def test_every_task_shows_its_primary_metric(tmp_path, capsys):
+    """A seq2seq run shows BLEU, a classification run accuracy: never "-" for a finished run."""
+    seq2seq = {"metric": "bleu", "test_bleu_fp32": 21.53, "test_bleu_int8": 21.07,
+               "test_accuracy_fp32": None, "promoted": True}  # fmt: skip
+    make_run(tmp_path, "20261130-0300", metrics=seq2seq)
+    make_run(tmp_path, "20261130-0400", metrics=metrics(0.9593, True, 45.5), age=60)
+    assert main(["runs", "--root", str(tmp_path)]) == 0
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()
+             if "20261130-" in line}  # fmt: skip
+    assert "bleu" in lines["20261130-0300"].split() and "21.5300" in lines["20261130-0300"]
+    assert "21.0700" in lines["20261130-0300"]
+    assert "accuracy" in lines["20261130-0400"].split() and "0.9593" in lines["20261130-0400"]
+    assert main(["compare", "20261130-0300", "20261130-0400", "--root", str(tmp_path)]) == 0
+    cells = [line.replace("│", " ").split() for line in capsys.readouterr().out.splitlines()]
+    rows = {c[0] if c[0] != "test" else " ".join(c[:2]): c[1:] for c in cells if c}
+    assert rows["metric"] == ["bleu", "accuracy"]
+    assert rows["test fp32"][-2:] == ["21.5300", "0.9593"]
 
 
 def test_compare_shows_only_what_differs(runs_root):

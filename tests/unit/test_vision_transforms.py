@@ -77,7 +77,7 @@ def test_pipelines_from_yaml_augment_and_normalise(tmp_path):
         ({"name": "RandomRotation", "kwargs": {"degrees": -5}}, r"data.transforms.train\[1\] \(RandomRotation\): .*positive"),
         ({"name": "ToDtype", "kwargs": {"dtype": "float99"}}, r"data.transforms.train\[1\].kwargs.dtype: 'float99' is not a torch dtype"),
         ({"name": "RandomApply", "kwargs": {"transforms": [{"name": "Blur"}]}}, r"data.transforms.train\[1\].kwargs.transforms\[0\]: unknown transform 'Blur'"),
-        ({"name": "Normalize", "kwargs": {"mean": [0.5], "std": [0.2, 0.2]}}, r"data.transforms.train: "),
+        ({"name": "Normalize", "kwargs": {"mean": [0.5], "std": [0.2, 0.2]}}, r"data.transforms.train\[1\] \(Normalize\): "),
     ],
     ids=["unknown", "not-a-class", "bad-kwarg", "bad-value", "bad-dtype", "nested", "fails-on-data"],
 )  # fmt: skip

@@ -71,7 +71,7 @@ class Section(BaseModel):
         """A copy with dotted keys (``{"train.lr": 0.01}``) set; raises ConfigError."""
         data = self.model_dump()
         for key, value in params.items():
-            set_dotted(data, key, value)
+            set_dotted(data, key, value, type(self))
         return type(self).validated(data)
 
     def narrowed(self, cls: type[S]) -> S:
@@ -135,11 +135,20 @@ def _non_finite(value: Any) -> bool:
     return False
 
 
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(
+    data: dict[str, Any], key: str, value: Any, schema: type[BaseModel] | None = None
+) -> None:
     """Set ``key`` (``train.lr``, ``tune.parameters.0.name``) in nested dicts and lists;
-    raises ConfigError naming the first part that does not exist."""
+    raises ConfigError naming the first part that does not exist.
+
+    With ``schema`` (the model ``data`` is a dump of), a key inside a free-form mapping field
+    (``model.kwargs.dropout``, ``data.storage_options.client_kwargs.region_name``) is added
+    when it is not there yet: those mappings take any key, where a section's fields are fixed.
+    """
     parts = key.split(".")
     node: Any = data
+    model: Any = schema  # the section ``node`` is a dump of; None once inside a free mapping
+    free = False
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         where = ".".join(parts[: depth + 1])
@@ -147,12 +156,38 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(f"config error: {where}: no such list index")
             part = int(part)  # type: ignore[assignment]
+        elif isinstance(node, dict) and free and part not in node:
+            node[part] = value if last else {}
         elif not isinstance(node, dict) or part not in node:
             raise ConfigError(f"config error: {where}: no such field")
         if last:
             node[part] = value
         else:
+            model, free = _inner(model, part, free)
             node = node[part]
+
+
+def _inner(model: Any, part: str | int, free: bool) -> tuple[Any, bool]:
+    """The schema one step down from ``model`` at ``part``, and whether that is a free-form
+    mapping (``dict[str, Any]`` field) or inside one."""
+    if free:
+        return None, True
+    if isinstance(part, int):  # a list of sections (tune.parameters.0)
+        args = [a for a in get_args(model or Any) if isinstance(a, type)]
+        return (args[0] if args else None), False
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return None, False
+    field = model.model_fields.get(part)
+    if field is None:
+        return None, False
+    for kind in _union_members(field.annotation):
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            return kind, False
+        if kind is dict or get_origin(kind) is dict:
+            return None, True
+        if get_origin(kind) is list:
+            return kind, False
+    return None, False
 
 
 def format_validation_error(err: ValidationError) -> str:

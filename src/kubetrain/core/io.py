@@ -82,6 +82,34 @@ def write_error(path: Path, err: BaseException) -> KubetrainError:
     return KubetrainError(f"cannot write {path}: {type(err).__name__}: {err}")
 
 
+def _umask() -> int:
+    """This process's umask: from /proc on Linux (reading it there changes nothing), else by
+    setting it and back (the only portable way; another thread could create a file with the
+    interim mask meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_mode(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would have (0666/0777 less the umask):
+    ``tempfile``'s files and directories are private (0600/0700), and one renamed into place
+    would keep that, unreadable to the teammates sharing a run directory.
+
+    Args:
+        path: a file or a directory.
+    """
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~_umask())
+
+
 def _mount_point(directory: Path) -> Path:
     path = directory.resolve()
     while not os.path.ismount(path) and path != path.parent:
@@ -115,6 +143,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask_mode(tmp)  # mkstemp's file is 0600: neighbours are 0644
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         error = write_error(path, err)  # measured before the temporary file frees its space
@@ -147,6 +176,7 @@ def atomic_directory(path: str | Path, replace: bool = True) -> Iterator[Path]:
         yield tmp
         if replace and path.exists():
             shutil.rmtree(path)
+        umask_mode(tmp)  # mkdtemp's 0700: the directory is shared like the files in it
         try:
             os.replace(tmp, path)
         except OSError:

@@ -97,6 +97,11 @@ class DatasetMeta(Record):
     preprocess_seconds: float = 0.0
     preprocess_tasks: int = Field(1, description="Convert tasks the shards were written by.")
     root: str | None = Field(None, description="Where the shards are, when not beside it.")
+    notes: list[str] = Field(
+        default_factory=list,
+        description="What preprocessing dropped, skipped or cut, one line each (rows, images, "
+        "truncated sequences): said on the terminal and in the report.",
+    )
 
     def num_samples(self, split: str) -> int:
         return int(self.sizes.get(split, 0))

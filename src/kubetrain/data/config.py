@@ -21,6 +21,10 @@ SPECIAL_TOKENS: dict[str, str] = {
 MIN_LEARNED_PIECES = 32
 
 
+# The kinds data.task 'classification' covers; every other declared kind is a task of its own.
+_CLASSIFICATION_KINDS = ("tabular", "images")
+
+
 class TokenizerConfig(Section):
     """The tokenizer of text data: trained on the training split, or loaded from a file."""
 
@@ -161,6 +165,37 @@ class DataConfig(Section):
         "(a .json file or annotations/instances_*.json: COCO; Annotations/*.xml: Pascal VOC; "
         "images/ + labels/ with data.yaml or classes.txt: YOLO).",
     )
+    kind: Literal["auto", "tabular", "images", "text_classification", "seq2seq", "detection"] = (
+        Field(
+            "auto",
+            description="What kind of dataset data.source is. auto: text kinds from data.task; "
+            "for classification, images or tabular found by looking at the source when the "
+            "pipeline runs (its name, one listing or one header). Declared, nothing is looked at "
+            "for it: compiling and submitting a pipeline never read data either way (with auto, "
+            "they take the promotion bar of data.task, and the image-only settings are checked "
+            "when the steps run). A text kind, or detection, here sets data.task to it.",
+        )
+    )
+
+    @model_validator(mode="after")
+    def _kind_fits_task(self) -> DataConfig:
+        if self.kind == "auto":
+            return self
+        if self.kind not in _CLASSIFICATION_KINDS and self.task == "classification":
+            # ``data.kind: seq2seq`` alone says ``data.task: seq2seq`` too: a text kind is
+            # never classification of features, so there is nothing else it could mean.
+            self.__dict__["task"] = self.kind
+            self.__pydantic_fields_set__.add("task")
+        if self.kind in _CLASSIFICATION_KINDS:
+            if self.task != "classification":
+                raise ValueError(
+                    f"data.kind {self.kind!r} is classification data; data.task is "
+                    f"{self.task!r} (leave data.kind at auto, or set data.kind {self.task!r})"
+                )
+        elif self.kind != self.task:
+            raise ValueError(f"data.kind {self.kind!r} and data.task {self.task!r} disagree")
+        return self
+
     text_column: str = Field("text", description="Column of the input text (text tasks).")
     target_column: str = Field("target", description="Column of the output text of seq2seq pairs.")
     max_length: int = Field(
@@ -193,6 +228,14 @@ class DataConfig(Section):
         description="Resize images when the shards are written: the shorter side to this many "
         "pixels (aspect kept), then centre-cropped to a square, so every stored image has one "
         "shape (None: stored as they are).",
+    )
+    max_image_pixels: int | None = Field(
+        64_000_000,
+        ge=1,
+        description="Images whose header declares more pixels than this (width x height) are "
+        "skipped and counted like corrupt ones, before a byte is decoded: a small PNG can "
+        "declare 12 000 x 12 000 pixels and take 8 GB to decode. The default, 64 MP, takes "
+        "any camera's photo; None: no limit.",
     )
     image_mode: Literal["RGB", "L"] = Field(
         "RGB",

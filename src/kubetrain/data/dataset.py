@@ -143,6 +143,7 @@ def build_dataset(cfg: DataConfig, out_dir: str | Path) -> DatasetArtifact:
         sizes={name: len(parts[name]) for name in SPLITS},
         class_counts=np.bincount(y, minlength=len(classes)).tolist(),
         normalization=Normalization(kind=cfg.normalize, shift=shift.tolist(), scale=scale.tolist()),
+        notes=raw.notes,
         config=cfg.model_dump(mode="json"),
         preprocess_seconds=round(time.perf_counter() - started, 4),
     )

@@ -172,7 +172,10 @@ def _list_folder(source: str, storage_options: Mapping[str, Any] | None) -> Imag
     fs, root = filesystem(source, storage_options)
     root = root.rstrip("/")
     if not fs.isdir(root):
-        what = "not found" if not fs.exists(root) else "not a folder of class folders"
+        from kubetrain.data.storage import not_found
+
+        what = not_found(source, storage_options, "not found") if not fs.exists(root) else (
+            "not a folder of class folders")  # fmt: skip
         raise DataError(f"data error: {source}: {what}")
     classes = sorted(
         posixpath.basename(e["name"].rstrip("/"))

@@ -36,6 +36,7 @@ import logging
 import multiprocessing
 import posixpath
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -67,13 +68,17 @@ IMAGE_FORMAT = 1
 KEPT_FORMATS = ("JPEG", "PNG")  # stored as they are when nothing needs changing
 SKIPPED_SHOWN = 20  # skipped images named in the manifest's provenance
 STATS_IMAGES = 10_000  # training images the default Normalize's mean/std are computed from
+TOO_LARGE = "too large"  # the start of the reason of an image above data.max_image_pixels
+MISSING = "missing"  # the reason of a manifest row whose file is gone
 
 
 class ImageDecodeError(Exception):
     """One image cannot be used (corrupt, truncated, not an image)."""
 
 
-def convert_image(data: bytes, mode: str = "RGB", size: int | None = None) -> tuple[bytes, tuple]:
+def convert_image(
+    data: bytes, mode: str = "RGB", size: int | None = None, max_pixels: int | None = None
+) -> tuple[bytes, tuple]:
     """Decode ``data``, convert it to ``mode`` and (with ``size``) resize the shorter side to
     ``size`` and centre-crop a square; encode the result.
 
@@ -85,27 +90,38 @@ def convert_image(data: bytes, mode: str = "RGB", size: int | None = None) -> tu
         data: an encoded image (any format Pillow reads).
         mode: ``"RGB"`` or ``"L"``.
         size: the square side to resize to, or None to keep the size.
+        max_pixels: refuse an image whose header declares more pixels than this, before a byte
+            is decoded (a 17 KB PNG can declare 12 000 x 12 000: 8 GB decoded); None: no limit.
 
     Returns:
         ``(encoded bytes, (height, width))``: JPEG (quality 95) for JPEG input, PNG otherwise.
 
     Raises:
-        ImageDecodeError: the bytes are not a complete image Pillow can decode.
+        ImageDecodeError: the bytes are not a complete image Pillow can decode, or it is larger
+            than ``max_pixels``.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ImageDecodeError("empty file")
     try:
-        img: Image.Image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # checked below, with a line naming the setting
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img: Image.Image = Image.open(io.BytesIO(data))  # reads the header only
         fmt = img.format
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageDecodeError(
+                f"{TOO_LARGE}: {img.width}x{img.height} = {img.width * img.height / 1e6:.1f} MP, "
+                f"above data.max_image_pixels ({max_pixels / 1e6:.1f} MP)"
+            )
         img.load()  # decodes everything: a truncated file fails here, not later in training
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image format Pillow knows") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(str(err) or type(err).__name__) from None
-    except Image.DecompressionBombError as err:
-        raise ImageDecodeError(str(err)) from None
+    except Image.DecompressionBombError as err:  # Pillow's own limit, above ours
+        raise ImageDecodeError(f"{TOO_LARGE}: {err}") from None
     changed = False
     if img.getexif().get(0x0112, 1) != 1:
         img, changed = ImageOps.exif_transpose(img), True
@@ -164,6 +180,7 @@ class _ShardTask:
     mode: str
     size: int | None
     storage_options: Mapping[str, Any]
+    max_pixels: int | None = None
 
 
 @dataclass
@@ -191,9 +208,9 @@ def _write_shard(task: _ShardTask) -> _ShardResult:
     for ref, label in zip(task.refs, task.labels, strict=True):
         try:
             data = read_bytes(ref, task.storage_options)
-            image, shape = convert_image(data, task.mode, task.size)
+            image, shape = convert_image(data, task.mode, task.size, task.max_pixels)
         except FileNotFoundError:
-            skipped.append((ref.name, "missing"))  # a manifest row whose file is gone
+            skipped.append((ref.name, MISSING))  # a manifest row whose file is gone
             continue
         except ImageDecodeError as err:
             skipped.append((ref.name, str(err)))
@@ -246,8 +263,10 @@ def build_image_dataset(cfg: DataConfig, out_dir: str) -> ShardManifest:
     try:
         results = convert_image_shards(cfg, plan, range(len(plan.record.slots)), out_dir)
         manifest = merge_image_shards(cfg, plan, results, out_dir)
-    except DataError:
-        _remove_shards(out_dir, [], options)
+    except BaseException:
+        # Half a dataset is no dataset (and on a full disk, what keeps it full): the shards
+        # this build wrote go, and the temporary file a writer was in the middle of.
+        _remove_shards(out_dir, [], options, temporary=True)
         raise
     _log_built(cfg, out_dir, manifest, len(listing.refs), len(plan.classes), started)
     return manifest
@@ -281,6 +300,28 @@ def _classes_and_splits(
     return ids, classes, parts
 
 
+def skip_reason(why: str) -> str:
+    """The kind of reason an image was skipped for: missing, too large, or does not decode."""
+    if why == MISSING:
+        return "missing"
+    return "too large" if why.startswith(TOO_LARGE) else "do not decode"
+
+
+def skipped_note(provenance: Mapping[str, Any]) -> str | None:
+    """One line saying how many images were skipped and why (None: none was): what reaches
+    the terminal and the report, whichever step reads it."""
+    skipped = int(provenance.get("num_skipped") or 0)
+    if not skipped:
+        return None
+    by_reason = provenance.get("skipped_by_reason") or {"do not decode": skipped}
+    parts = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items()))
+    first = (provenance.get("skipped") or [[None, None]])[0]
+    example = f" (e.g. {first[0]}: {first[1]})" if first[0] else ""
+    listed = provenance.get("num_listed")
+    of = f" of {listed}" if listed else ""
+    return f"{provenance.get('source')}: skipped {skipped}{of} images: {parts}{example}"
+
+
 def _log_built(
     cfg: DataConfig,
     out_dir: str,
@@ -291,15 +332,9 @@ def _log_built(
 ) -> None:
     """Log the images skipped (a warning, if any) and what was built in how long."""
     skipped = manifest.provenance["num_skipped"]
-    if skipped:
-        first = manifest.provenance["skipped"][0]
-        log.warning(
-            "%s: skipped %d of %d images that do not decode (e.g. %s: %s)",
-            cfg.source,
-            skipped,
-            num_listed,
-            *first,
-        )
+    note = skipped_note(manifest.provenance)
+    if note:
+        log.warning("%s", note)
     log.info(
         "%s: %d images, %d classes -> %s (version %s) in %.1f s",
         cfg.source,
@@ -326,7 +361,7 @@ def _fingerprint(listing: str, cfg: DataConfig) -> str:
         "listing": listing,
         **cfg.model_dump(
             include={
-                "image_mode", "image_size", "shard_samples", "seed",
+                "image_mode", "image_size", "max_image_pixels", "shard_samples", "seed",
                 "val_fraction", "test_fraction", "label_column", "image_column",
             }
         ),
@@ -372,6 +407,7 @@ def _plan(
                     cfg.image_mode,
                     cfg.image_size,
                     options,
+                    cfg.max_image_pixels,
                 )
             )
     return tasks
@@ -433,6 +469,7 @@ def _manifest(
         "source": cfg.source,
         "num_listed": len(refs),
         "num_skipped": len(skipped),
+        "skipped_by_reason": dict(Counter(skip_reason(why) for _, why in skipped)),
         "skipped": [list(s) for s in skipped[:SKIPPED_SHOWN]],
         "fingerprint": fingerprint,
     }
@@ -454,14 +491,19 @@ def _remove_manifest(out_dir: str, options: Mapping[str, Any]) -> None:
         fs.rm(path)
 
 
-def _remove_shards(out_dir: str, keep: list[str], options: Mapping[str, Any]) -> None:
-    """Delete shard files of ``out_dir`` that ``keep`` does not name (a previous build's)."""
+def _remove_shards(
+    out_dir: str, keep: list[str], options: Mapping[str, Any], temporary: bool = False
+) -> None:
+    """Delete shard files of ``out_dir`` that ``keep`` does not name (a previous build's), and
+    with ``temporary`` the writers' temporary files (``.<shard>.tmp``) too."""
     fs, root = filesystem(out_dir, options)
     if not fs.exists(root):
         return
     for path in fs.find(root, maxdepth=1):
         name = posixpath.basename(path)
-        if name.endswith(".parquet") and name.split("-")[0] in SPLITS and name not in keep:
+        shard = name.split("-")[0] in SPLITS and name.endswith(".parquet") and name not in keep
+        half = temporary and name.startswith(".") and name.endswith(".parquet.tmp")
+        if shard or half:
             fs.rm(path)
 
 

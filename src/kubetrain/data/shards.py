@@ -13,6 +13,7 @@ manifest: a reader never sees a half-written shard, and a manifest only names fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -220,9 +221,18 @@ class ShardWriter:
         name = f"{self.split}-{self.first_index + len(self.shards):06d}.parquet"
         final = posixpath.join(self.root, name)
         tmp = posixpath.join(self.root, f".{name}.tmp")
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self.fs.mv(tmp, final)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, final)
+        except OSError as err:  # a full disk, a read-only or vanished directory: name the file
+            from pathlib import Path
+
+            from kubetrain.core.io import write_error
+
+            with contextlib.suppress(OSError):
+                self.fs.rm(tmp)
+            raise write_error(Path(final), err) from None
         self.shards.append(
             ShardInfo(name, len(self._pending), len(data), hashlib.sha256(data).hexdigest())
         )

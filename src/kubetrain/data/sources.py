@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class RawData:
     image_shape: list[int] | None
     source: str
     files: list[str]
+    notes: list[str] = field(default_factory=list)  # rows dropped, per file: said to the user
 
 
 def load_source(cfg: DataConfig) -> RawData:
@@ -66,14 +68,19 @@ def load_source(cfg: DataConfig) -> RawData:
     if cfg.source == "digits":
         x, y = load_digits()
         return RawData(x=x, y=y, image_shape=[1, 8, 8], source="digits", files=[])
-    files = _expand(cfg.source)
-    workers = max(1, min(cfg.num_workers, len(files)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        parts = list(pool.map(lambda f: _read_file(f, cfg.label_column), files))
+    from kubetrain.data.storage import storage_errors
+
+    options = dict(cfg.storage_options)
+    with storage_errors(cfg.source, options):
+        files = _expand(cfg.source, options)
+        workers = max(1, min(cfg.num_workers, len(files)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(lambda f: _read_file(f, cfg.label_column, options), files))
     parts = _align_columns(parts)
     kept = [_drop_bad_rows(p) for p in parts]
     x = np.concatenate([k[0] for k in kept])
     y = np.concatenate([k[1] for k in kept])
+    notes = [k[2] for k in kept if k[2]]
     if len(y) == 0:
         raise DataError(f"data error: {cfg.source}: every row has a missing or non-finite value")
     image_shape = cfg.image_shape
@@ -82,7 +89,7 @@ def load_source(cfg: DataConfig) -> RawData:
             f"data error: data.image_shape {image_shape} has {int(np.prod(image_shape))} values "
             f"but {cfg.source} has {x.shape[1]} feature columns"
         )
-    return RawData(x=x, y=y, image_shape=image_shape, source=cfg.source, files=files)
+    return RawData(x=x, y=y, image_shape=image_shape, source=cfg.source, files=files, notes=notes)
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -109,12 +116,19 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return digits.data.astype(np.float32), digits.target.astype(np.int64)
 
 
-def _expand(source: str) -> list[str]:
+def _remote_options(path: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``data.storage_options`` for a remote URI; none for a local path (they are s3fs's)."""
+    return options if "://" in path and not path.startswith("file://") else {}
+
+
+def _expand(source: str, options: dict[str, Any] | None = None) -> list[str]:
     """The files of ``source``: one file, the matches of a glob, or the data files of a folder."""
     import fsspec
 
     try:
-        fs, _, paths = fsspec.get_fs_token_paths(source)
+        fs, _, paths = fsspec.get_fs_token_paths(
+            source, storage_options=_remote_options(source, options or {})
+        )
     except (ValueError, ImportError) as err:
         raise DataError(f"data error: {source}: cannot open ({err})") from None
     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
@@ -131,19 +145,21 @@ def _expand(source: str) -> list[str]:
         return files
     files = sorted(prefix + p for p in paths if fs.isfile(p))
     if not files:
-        raise DataError(f"data error: {source}: no such file")
+        from kubetrain.data.storage import not_found
+
+        raise DataError(f"data error: {source}: {not_found(source, options)}")
     for f in files:
         if not f.lower().endswith(SUFFIXES):
             raise DataError(f"data error: {f}: unsupported file type (use {', '.join(SUFFIXES)})")
     return files
 
 
-def _read_file(path: str, label_column: str) -> _Part:
+def _read_file(path: str, label_column: str, options: dict[str, Any] | None = None) -> _Part:
     import fsspec
 
     lower = path.lower()
     try:
-        with fsspec.open(path, "rb") as f:
+        with fsspec.open(path, "rb", **_remote_options(path, options or {})) as f:
             if lower.endswith(".npz"):
                 x, y = _read_npz(f, path)
                 return _Part(path, x, y, None)
@@ -259,9 +275,10 @@ def _read_npz(f, path: str) -> tuple[np.ndarray, np.ndarray]:
     return _as_float32(x.reshape(x.shape[0], -1)), y
 
 
-def _drop_bad_rows(part: _Part) -> tuple[np.ndarray, np.ndarray]:
+def _drop_bad_rows(part: _Part) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Cleaning: drop rows with a missing label, or a feature that is missing (NaN) or not a
-    finite float32 (inf, -inf, beyond float32's range), and say how many of each, per file."""
+    finite float32 (inf, -inf, beyond float32's range), and say how many of each, per file
+    (the line is returned too: None when nothing was dropped)."""
     import pandas as pd
 
     x, y = part.x, part.y
@@ -276,7 +293,7 @@ def _drop_bad_rows(part: _Part) -> tuple[np.ndarray, np.ndarray]:
             why.append(f"{int(missing.sum())} with missing values")
         if infinite.any():
             why.append(f"{int(infinite.sum())} with infinite values (inf, or beyond float32)")
-        log.warning(
-            "dropped %d of %d rows from %s: %s", int(bad.sum()), len(y), part.path, ", ".join(why)
-        )
-    return x[~bad], y[~bad]
+        note = f"dropped {int(bad.sum())} of {len(y)} rows from {part.path}: {', '.join(why)}"
+        log.warning("%s", note)
+        return x[~bad], y[~bad], note
+    return x, y, None

@@ -84,6 +84,7 @@ class ReadStats:
 
     rows: int = 0
     skipped_empty: int = 0
+    empty_targets: int = 0  # of those, rows whose text was there but the target empty (seq2seq)
     per_split: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0, "test": 0})
 
 
@@ -307,6 +308,7 @@ def iter_examples(cfg, stats: ReadStats | None = None) -> Iterator[TextExample]:
             raise DataError(f"{where}: empty label in column {other!r}")
         if not text.strip() or not value.strip():
             stats.skipped_empty += 1
+            stats.empty_targets += bool(text.strip())
             continue
         split = split_of(row, cfg.seed, cfg.val_fraction, cfg.test_fraction)
         stats.per_split[split] += 1
@@ -480,8 +482,8 @@ def plan_text(cfg, num_tasks: int) -> TextPlan:
         (p.split, p.index, len(p.rows), p.rows[-1])
         for p in tokenize.cut_parts(rows(), cfg.shard_samples, tokenize.MIX_PARTS, cfg.seed)
     ]
-    if stats.per_split["train"] == 0:
-        raise DataError(f"{cfg.source}: no usable training text ({stats.rows} rows read)")
+    class_list = _sorted_classes(classes) if is_cls else None
+    _check_read(cfg, stats, class_list)
     if cfg.tokenizer.path:
         tok = tokenize.load_tokenizer(cfg.tokenizer.path)
     else:
@@ -502,7 +504,7 @@ def plan_text(cfg, num_tasks: int) -> TextPlan:
         slots=slots,
         ranges=assign_ranges([s.samples for s in slots], num_tasks),
     )
-    return TextPlan(tok, _sorted_classes(classes) if is_cls else None, stats, special, record)
+    return TextPlan(tok, class_list, stats, special, record)
 
 
 def _text_fingerprint(cfg, tok, content: str) -> str:
@@ -643,16 +645,51 @@ def _write_dataset(cfg, plan: TextPlan, tmp: Path, num_processes: int | None) ->
     return merge_text(cfg, plan, results, str(tmp), time.perf_counter() - start, processes)
 
 
+def count_notes(source: str, meta: TextMeta) -> list[str]:
+    """Lines saying how many rows were skipped for empty text and how many sequences were
+    truncated (none: nothing was): what reaches the terminal and the report."""
+    notes = []
+    if meta.skipped_empty:
+        notes.append(f"{source}: skipped {meta.skipped_empty} of {meta.rows} rows with empty text")
+    if meta.truncated:
+        notes.append(
+            f"{source}: truncated {meta.truncated} sequences longer than "
+            f"data.max_length={meta.max_length} tokens"
+        )
+    return notes
+
+
 def _warn_counts(source: str, meta: TextMeta) -> None:
     """Log the rows skipped for empty text and the sequences truncated, if any."""
-    if meta.skipped_empty:
-        log.warning("%s: skipped %d rows with empty text", source, meta.skipped_empty)
-    if meta.truncated:
-        log.warning(
-            "%s: truncated %d sequences longer than data.max_length=%d tokens",
-            source,
-            meta.truncated,
-            meta.max_length,
+    for note in count_notes(source, meta):
+        log.warning("%s", note)
+
+
+def _check_read(cfg, stats: ReadStats, class_list: list[str] | None) -> None:
+    """Refuse what reading found unusable: no training text (naming the empty column), one
+    class (a classifier of one class scores 1.0 and learns nothing; tables and images refuse
+    it too).
+
+    Raises:
+        DataError: naming the source and the column.
+    """
+    if stats.per_split["train"] == 0:
+        if stats.rows and stats.empty_targets == stats.skipped_empty == stats.rows:
+            why = f"every target in column {cfg.target_column!r} is empty"
+        elif stats.rows and stats.empty_targets == 0 and stats.skipped_empty == stats.rows:
+            why = f"every text in column {cfg.text_column!r} is empty"
+        elif stats.rows:
+            why = (f"{stats.skipped_empty} rows with an empty text ({cfg.text_column!r}) or "
+                   f"target ({cfg.target_column!r}), none left for the training split")  # fmt: skip
+        else:
+            why = "no rows"
+        raise DataError(
+            f"data error: {cfg.source}: no usable training text ({stats.rows} rows read: {why})"
+        )
+    if class_list is not None and len(class_list) < 2:
+        raise DataError(
+            f"data error: {cfg.source}: needs at least 2 classes in column "
+            f"{cfg.label_column!r}, found {len(class_list)} ({', '.join(map(repr, class_list))})"
         )
 
 

@@ -329,7 +329,7 @@ def check_transforms(
         except ConfigError:
             raise
         except (TypeError, ValueError, RuntimeError) as err:
-            raise ConfigError(f"config error: {transform.where}: {_first_line(err)}") from None
+            raise entry_error(transform, record, err) from None
     if samples[0][0].shape != samples[1][0].shape:
         raise ConfigError(
             f"config error: data.transforms: train images come out {tuple(samples[0][0].shape)} "
@@ -341,6 +341,38 @@ def check_transforms(
         raise
     except (TypeError, ValueError, RuntimeError) as err:
         raise ConfigError(f"config error: {collate.where}: {_first_line(err)}") from None
+
+
+def entry_error(transform: Any, record: Mapping[str, Any], err: Exception) -> ConfigError:
+    """The ConfigError for a pipeline that failed on ``record`` with ``err``, naming the entry
+    that fails (``data.transforms.train[1] (RandomResizedCrop)``): the list is replayed one
+    entry at a time. A value that only fails when applied (a reversed ``scale`` range) was
+    otherwise said in torch's words alone.
+
+    Args:
+        transform: an ``ImageTransform`` (or an object wrapping one as ``inner``).
+        record: the shard record it failed on.
+        err: what it raised.
+
+    Returns:
+        The error to raise.
+    """
+    transform = getattr(transform, "inner", transform)
+    v2 = _v2()
+    image = decode_image(record["image"], transform.mode)
+    specs = transform.specs
+    to_float = not any(spec["name"] == "ToDtype" for spec in specs)
+    for i, spec in enumerate(specs):
+        where = f"{transform.where}[{i}]"
+        try:
+            if to_float and spec["name"] == "Normalize":  # build_pipeline's ToDtype goes here
+                image, to_float = v2.ToDtype(torch.float32, scale=True)(image), False
+            image = build_one(spec, where)(image)
+        except ConfigError as inner:
+            return inner
+        except (TypeError, ValueError, RuntimeError) as inner:
+            return ConfigError(f"config error: {where} ({spec['name']}): {_first_line(inner)}")
+    return ConfigError(f"config error: {transform.where}: {_first_line(err)}")
 
 
 def _first_line(err: Exception) -> str:

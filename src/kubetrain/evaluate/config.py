@@ -13,6 +13,11 @@ from pydantic import Field
 
 from kubetrain.tasks.config import ScoringConfig
 
+# Forward passes on a test batch (of the largest latency batch size) before a model is scored or
+# timed (first calls pay for one-off work: a compiled int8 model compiles there): the same for
+# both models and both figures.
+WARMUP_CALLS = 3
+
 
 class EvaluateConfig(ScoringConfig):
     """The primary metric, efficiency measurements and the promotion bar (the scoring fields:

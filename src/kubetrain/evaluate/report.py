@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from kubetrain.evaluate.config import WARMUP_CALLS
+
 if TYPE_CHECKING:
     from kubetrain.core.artifacts import Evaluation, Scores, TrainEfficiency
     from kubetrain.core.records import Candidate, EpochStats, SearchSummary, Trial
@@ -409,7 +411,7 @@ def metrics_table(e: Evaluation) -> str:
             continue
         primary = " (primary)" if name == e.metric else ""
         rows.append((f"{name}{primary}", value, int8.get(name)))
-    rows.append(("test samples/s (scoring)", e.fp32.samples_per_second,
+    rows.append(("test samples/s (one scoring pass)", e.fp32.samples_per_second,
                  e.int8.samples_per_second))  # fmt: skip
     body = "".join(
         f"<tr><th>{html.escape(n)}</th><td>{_fmt(a)}</td><td>{_fmt(b)}</td></tr>"
@@ -421,6 +423,33 @@ def metrics_table(e: Evaluation) -> str:
         if n.startswith("copy_baseline_")
     )
     return f"<table><tr><th>test</th><th>fp32</th><th>int8</th></tr>{body}{baselines}</table>"
+
+
+def throughput_note(e: Evaluation) -> str:
+    """What the two speed figures measure, and a word when they disagree on which model is
+    faster (they measure different things; neither is wrong)."""
+    note = (
+        "Two speed figures, measured differently: the latency rows time the model alone on one "
+        "fixed batch (median of repeated calls); 'test samples/s (one scoring pass)' is one "
+        "pass over the whole test split, its varying batch shapes and the task's own work "
+        "(decoding text, argmax, collecting examples) included. Both models are warmed up "
+        f"the same way first ({WARMUP_CALLS} forward passes on a test batch of the largest "
+        "latency batch size)."
+    )
+    fp32, int8 = e.fp32.samples_per_second, e.int8.samples_per_second
+    largest = max(e.latency, key=lambda lat: lat.batch_size, default=None)
+    if fp32 and int8 and largest is not None:
+        faster_scoring = int8 > fp32
+        faster_latency = largest.int8_ms < largest.fp32_ms
+        if faster_scoring != faster_latency:
+            which = "int8" if faster_latency else "fp32"
+            note += (
+                f" Here they disagree: {which} is faster at batch {largest.batch_size}, but "
+                f"not over the scoring pass ({fp32:.0f} vs {int8:.0f} samples/s fp32 vs "
+                "int8): per-call costs the fixed batch does not show (a compiled model's "
+                "recompiles for new batch shapes, small batches) weigh there."
+            )
+    return note
 
 
 def _data_uri(value: Any) -> str | None:
@@ -500,14 +529,23 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _data_notes(notes: list[str] | tuple[str, ...]) -> str:
+    """What preprocessing left out of the data, one item a line (nothing: no section)."""
+    if not notes:
+        return ""
+    items = "".join(f"<li>{html.escape(str(n))}</li>" for n in notes)
+    return f"<h3>Data left out or cut</h3><ul class='data-notes'>{items}</ul>"
+
+
 def _table(rows: list[tuple[str, Any]]) -> str:
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
 
 
-def render(e: Evaluation) -> str:
-    """HTML of the run's evaluation: the primary metric and the others, training, the search,
-    fp32 vs int8, per class (classification), example predictions."""
+def render(e: Evaluation, data_notes: list[str] | tuple[str, ...] = ()) -> str:
+    """HTML of the run's evaluation: the primary metric and the others, what preprocessing
+    dropped, skipped or clipped (``data_notes``: the dataset meta's ``notes``), training, the
+    search, fp32 vs int8, per class (classification), example predictions."""
     verdict = "promoted" if e.promoted else "not promoted"
     metric = html.escape(e.metric)
     latency = []
@@ -544,6 +582,7 @@ def render(e: Evaluation) -> str:
         f"test {metric} fp32 {e.fp32.value:.4f}, int8 {e.int8.value:.4f}, "
         f"bar {e.min_value:.4f}{beyond}.</p>",
         "<h2>Summary</h2>" + _table(headline),
+        _data_notes(data_notes),
         "<h3>All test metrics</h3>" + metrics_table(e),
         "<h2>Training</h2>",
         f"<img src='{_curves(e.history)}' alt='loss and validation metric curves'>",
@@ -565,6 +604,7 @@ def render(e: Evaluation) -> str:
         "<p>Latency: median of repeated forward passes in this process "
         f"({e.latency_threads} torch thread(s)); measure on the target hardware before "
         "relying on it.</p>",
+        f"<p>{html.escape(throughput_note(e))}</p>",
         per_class_section(e.fp32, e.classes or []),
         detection_section(e.fp32),
         examples_section(e.fp32.examples, e.kind),

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from kubetrain.core.artifacts import MODEL_SPEC
 from kubetrain.core.errors import ConfigError, KubetrainError
 from kubetrain.core.io import make_temp_dir, write_json
+from kubetrain.core.processes import parent_death_signal, stop_once
 from kubetrain.launch.config import JobConfig
 from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
 from kubetrain.train.config import TrainingConfig
@@ -108,7 +110,12 @@ class LocalLauncher:
         # (and, if this process is killed, with the next start: kubetrain.core.io).
         log_dir = make_temp_dir("torchrun")
         agents: list[subprocess.Popen] = []
+        # In a KFP task process nothing handles SIGTERM: a signal to the process group (GNU
+        # timeout, a container stop) would end it at once and leave the agents training. Here
+        # it unwinds as Ctrl-C does, into _stop; a second signal does not interrupt that.
+        stopping = stop_once((signal.SIGTERM, signal.SIGINT), _interrupt, only_unhandled=True)
         try:
+            stopping.__enter__()
             for _ in range(tc.nnodes):
                 cmd = torchrun_command(
                     tc.nproc,
@@ -127,7 +134,12 @@ class LocalLauncher:
                     python=sys.executable,
                     options=["--monitor-interval=0.2", f"--log-dir={log_dir}"],
                 )  # fmt: skip
-                agents.append(subprocess.Popen(cmd, env=env))
+                # In a process group of its own: a signal to ours (Ctrl-C, GNU timeout) reaches
+                # this launcher, which stops the agent and its workers quietly (signalled
+                # directly, torchrun prints a traceback per process). It gets SIGTERM if this
+                # process dies without stopping it (SIGKILL).
+                agents.append(subprocess.Popen(cmd, env=env, start_new_session=True,
+                                               preexec_fn=parent_death_signal()))  # fmt: skip
                 OWN_STOP.add(agents[-1].pid)
             log.info("launched %d torchrun agent(s) x %d processes", tc.nnodes, tc.nproc)
             codes = [agent.wait() for agent in agents]
@@ -135,6 +147,7 @@ class LocalLauncher:
             _stop(agents)  # interrupted (Ctrl-C, SIGTERM): the workers go with this process
             raise
         finally:
+            stopping.__exit__(None, None, None)
             OWN_STOP.difference_update(agent.pid for agent in agents)
             config_file.unlink(missing_ok=True)
             shutil.rmtree(log_dir, ignore_errors=True)
@@ -149,6 +162,10 @@ class LocalLauncher:
 # torchrun agents this process runs. They are stopped by ``_stop``, never by a forwarded SIGINT
 # (kubetrain.cli): a signalled torchrun prints a traceback per process it runs.
 OWN_STOP: set[int] = set()
+
+
+def _interrupt(signum: int) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _stop(agents: list[subprocess.Popen], grace: float = 30.0) -> None:

@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     Returns the exit code: 0, or the ``KubetrainError``'s (its one line printed to stderr).
     """
     args = _parse_args(argv)
+    from kubetrain.core.processes import die_with_parent
+
+    # torchrun's agent stops its workers itself; if it is killed outright, they stop too.
+    die_with_parent()
 
     import torch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -13,6 +14,45 @@ BUILTIN = ("mlp", "cnn")
 # The built-in text models (sized by d_model, heads, layers, ff, max_len below).
 TEXT_BUILTIN = ("transformer", "seq2seq_transformer")
 HF_PREFIX = "hf:"
+FEATURES = ("tabular", "images")  # classification of features or images
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of model name: what it builds from and the data tasks (``DatasetArtifact.kind``)
+    it takes."""
+
+    kinds: tuple[str, ...]
+    builtin: bool = False  # sized by this section's fields; kwargs/weights do not apply
+    what: str = ""  # how a message names it
+
+
+# The one table of model names: ``family_of`` parses a name, this says what each family takes;
+# the builders (kubetrain.models.networks, .vision, .text, .detection) dispatch on it.
+FAMILIES: dict[str, Family] = {
+    "mlp": Family(FEATURES, builtin=True),
+    "cnn": Family(FEATURES, builtin=True),
+    "transformer": Family(("text_classification",), builtin=True, what="a text model"),
+    "seq2seq_transformer": Family(("seq2seq",), builtin=True, what="a text model"),
+    "torchvision": Family((*FEATURES, "detection"), what="torchvision:<builder>"),
+    "timm": Family(FEATURES, what="timm:<name>"),
+    "hf": Family(("text_classification", "seq2seq"), what="hf:<directory>"),
+    "factory": Family(
+        (*FEATURES, "text_classification", "seq2seq", "detection"), what="package.module:factory"
+    ),
+}
+
+
+def family_of(name: str) -> str:
+    """The family (a key of ``FAMILIES``) of model name ``name``: the one place a name is read."""
+    if name in FAMILIES and FAMILIES[name].builtin:
+        return name
+    if name.startswith(HF_PREFIX):
+        return "hf"
+    prefix = name.partition(":")[0]
+    return prefix if prefix in ("torchvision", "timm") else "factory"
+
+
 # torchvision:<builder> | timm:<name> | package.module:factory
 _EXTERNAL = re.compile(
     r"(torchvision|timm):[A-Za-z0-9_.\-]+|[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*"
@@ -94,7 +134,7 @@ class ModelConfig(Section):
                 raise ValueError(f"{field} must be a non-empty list of positive integers")
         if self.d_model % self.heads:
             raise ValueError(f"d_model {self.d_model} must be divisible by heads {self.heads}")
-        if self.name in BUILTIN or self.name in TEXT_BUILTIN:
+        if FAMILIES[family_of(self.name)].builtin:
             # The built-in networks take their sizes from the fields above; silently ignoring
             # these would train something else than asked.
             for field in ("kwargs", "weights", "freeze_backbone"):

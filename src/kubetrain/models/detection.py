@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from kubetrain.core.errors import ConfigError
-from kubetrain.models.config import ModelConfig
+from kubetrain.models.config import FAMILIES, ModelConfig, family_of
 from kubetrain.models.vision import (
     WEIGHTS_HINT,
     InputSpec,
@@ -81,17 +81,15 @@ def build_detector(
         ConfigError: no torchvision, an unknown builder (or a classification one), hub weights
             asked for, a factory that fails, weights that do not fit, no backbone to freeze.
     """
-    kind, _, target = cfg.name.partition(":")
+    family, target = family_of(cfg.name), cfg.name.partition(":")[2]
     num_classes = len(classes) + 1
-    if kind == "timm":
-        raise ConfigError("config error: model.name: timm models are classifiers, not detectors")
-    if kind == "torchvision":
-        model = _torchvision_detector(target, num_classes, dict(cfg.kwargs))
-    elif kind in ("mlp", "cnn") or not target:
+    if "detection" not in FAMILIES[family].kinds:
         raise ConfigError(
             f"config error: model.name: {cfg.name!r} is not a detector; use "
             "torchvision:<detection builder> or package.module:factory"
         )
+    if family == "torchvision":
+        model = _torchvision_detector(target, num_classes, dict(cfg.kwargs))
     else:
         spec = InputSpec((3,), kind="detection", extra={"classes": list(classes)})
         model = call_factory(cfg.name, spec, num_classes, **dict(cfg.kwargs))

@@ -9,7 +9,7 @@ from torch import nn
 
 from kubetrain.core.errors import ConfigError
 from kubetrain.core.records import NetworkSpec
-from kubetrain.models.config import ModelConfig
+from kubetrain.models.config import ModelConfig, family_of
 
 
 def mlp(input_shape: list[int], num_classes: int, cfg: ModelConfig) -> nn.Module:
@@ -51,7 +51,7 @@ REGISTRY: dict[str, Callable[[list[int], int, ModelConfig], nn.Module]] = {"mlp"
 def build_model(cfg: ModelConfig, input_shape: list[int], num_classes: int) -> nn.Module:
     """Build ``cfg.name`` for inputs of ``input_shape`` (without batch) and ``num_classes``;
     ``torchvision:``, ``timm:`` and ``module:factory`` names are built by ``models.vision``."""
-    if cfg.name not in REGISTRY:
+    if family_of(cfg.name) not in REGISTRY:
         from kubetrain.models import vision
 
         return vision.build_model(cfg, list(input_shape), num_classes)

@@ -27,7 +27,7 @@ from torch import nn
 
 from kubetrain.core.errors import ConfigError
 from kubetrain.core.records import TextDatasetMeta, TextSpec
-from kubetrain.models.config import HF_PREFIX, TEXT_BUILTIN, ModelConfig
+from kubetrain.models.config import FAMILIES, FEATURES, TEXT_BUILTIN, ModelConfig, family_of
 
 
 def text_spec(meta: TextDatasetMeta) -> TextSpec:
@@ -61,44 +61,48 @@ def transformer_config(cfg: ModelConfig, max_length: int):
     )  # fmt: skip
 
 
+# What to use instead, per task, when a model does not take it.
+_INSTEAD = {
+    "text_classification": "'transformer', 'hf:<directory>' or 'package.module:factory'",
+    "seq2seq": "'seq2seq_transformer', 'hf:<directory>' or 'package.module:factory'",
+    "detection": "torchvision:<detection builder> (e.g. torchvision:fasterrcnn_mobilenet_v3_large_"
+    "320_fpn), kubetrain.models.detection:small_fasterrcnn or package.module:factory",
+}
+
+
 def check_model_for_task(cfg) -> None:
-    """Refuse, before any step runs, a model that cannot take the data of ``cfg.data.task``.
+    """Refuse, before any step runs, a model that cannot take the data of ``cfg.data.task``
+    (the families of ``kubetrain.models.config.FAMILIES`` and the tasks each takes), and a
+    text model's ``max_len`` below the data's.
 
     Raises:
-        ConfigError: a text task with ``mlp``/``cnn``/``torchvision:``/``timm:``, a built-in
-            text model on the other text task or on features, ``max_len`` below ``max_length``;
-            detection with a classifier (``mlp``, ``cnn``, ``timm:``, a text model).
+        ConfigError: naming ``model.name`` (or ``model.max_len``) and what to use instead.
     """
     task, name = cfg.data.task, cfg.model.name
-    wanted = {"text_classification": "transformer", "seq2seq": "seq2seq_transformer"}
-    if task == "detection":
-        if name in ("mlp", "cnn") or name in TEXT_BUILTIN or name.startswith(("timm:", HF_PREFIX)):
+    family = FAMILIES[family_of(name)]
+    task_kinds = {"classification": FEATURES}.get(task, (task,))
+    if not set(task_kinds) & set(family.kinds):
+        if task == "detection":
             raise ConfigError(
                 f"config error: model.name: {name!r} is not a detector; data.task 'detection' "
-                "needs torchvision:<detection builder> (e.g. torchvision:fasterrcnn_mobilenet_v3_"
-                "large_320_fpn), kubetrain.models.detection:small_fasterrcnn or "
-                "package.module:factory"
+                f"needs {_INSTEAD[task]}"
             )
-        return
-    if task in wanted:
-        external = name.startswith(HF_PREFIX) or (
-            ":" in name and not name.startswith(("torchvision:", "timm:"))
-        )
-        if name != wanted[task] and not external:
+        if task in _INSTEAD:
             raise ConfigError(
                 f"config error: model.name: {name!r} does not take data.task {task!r}: use "
-                f"{wanted[task]!r}, 'hf:<directory>' or 'package.module:factory'"
+                f"{_INSTEAD[task]}"
             )
-        if cfg.model.max_len is not None and cfg.model.max_len < cfg.data.max_length:
-            raise ConfigError(
-                f"config error: model.max_len {cfg.model.max_len} is below data.max_length "
-                f"{cfg.data.max_length}: raise model.max_len or lower data.max_length"
-            )
-    elif name in TEXT_BUILTIN:
+        text_task = family.kinds[0]
         raise ConfigError(
-            f"config error: model.name: {name!r} is a text model; data.task {task!r} needs "
-            f"another (set data.task to {next(t for t, n in wanted.items() if n == name)!r} "
-            "for text)"
+            f"config error: model.name: {name!r} is {family.what}; data.task {task!r} needs "
+            f"another (set data.task to {text_task!r} for text)"
+        )
+    max_len = cfg.model.max_len
+    text = task in ("text_classification", "seq2seq")
+    if text and max_len is not None and max_len < cfg.data.max_length:
+        raise ConfigError(
+            f"config error: model.max_len {max_len} is below data.max_length "
+            f"{cfg.data.max_length}: raise model.max_len or lower data.max_length"
         )
 
 
@@ -140,12 +144,12 @@ def build_text_network(cfg: ModelConfig, spec: TextSpec) -> nn.Module:
     """
     from kubetrain.models import transformer
 
-    task = spec.task
-    if cfg.name in TEXT_BUILTIN:
+    task, family = spec.task, family_of(cfg.name)
+    if family in TEXT_BUILTIN:
         model = transformer.build_text_model(
             cfg.name, spec, transformer_config(cfg, spec.max_length)
         )
-    elif cfg.name.startswith(HF_PREFIX):
+    elif family == "hf":
         from kubetrain.models.hf import load_hf_model
 
         classes = spec.classes
@@ -153,7 +157,7 @@ def build_text_network(cfg: ModelConfig, spec: TextSpec) -> nn.Module:
             cfg.name, task, spec.special_ids, num_classes=len(classes) if classes else None,
             max_len=cfg.max_len or spec.max_length,
         )  # fmt: skip
-    elif ":" in cfg.name and not cfg.name.startswith(("torchvision:", "timm:")):
+    elif family == "factory":
         model = _factory(cfg, spec)
     else:
         wanted = "transformer" if task == "text_classification" else "seq2seq_transformer"

@@ -27,13 +27,14 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from kubetrain.core.errors import ConfigError
-from kubetrain.models.config import BUILTIN, ModelConfig
+from kubetrain.models.config import BUILTIN, ModelConfig, family_of
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,18 @@ def build_model(
             weights asked for, a factory that fails or returns something else than a module,
             weights that do not fit the model.
     """
-    if cfg.name in BUILTIN:
+    family = family_of(cfg.name)
+    if family in BUILTIN:
         raise ConfigError(f"config error: model.name: {cfg.name!r} is built by models.networks")
     kind, _, target = cfg.name.partition(":")
-    if kind in ("torchvision", "timm") and len(input_shape) != 3:
+    if family in ("torchvision", "timm") and len(input_shape) != 3:
         raise ConfigError(
             f"config error: model.name: {cfg.name} needs image data (C,H,W); this data has "
             f"shape {list(input_shape)} (use 'mlp', or an image source: see README 'Vision')"
         )
-    if kind == "torchvision":
+    if family == "torchvision":
         model, head = _torchvision(target, input_shape, num_classes, dict(cfg.kwargs))
-    elif kind == "timm":
+    elif family == "timm":
         model, head = _timm(target, input_shape, num_classes, dict(cfg.kwargs))
     else:
         model, head = _factory(kind, target, input_shape, num_classes, dict(cfg.kwargs))
@@ -99,6 +101,66 @@ def build_model(
     if cfg.freeze_backbone:
         freeze_backbone(model, head)
     return model
+
+
+def check_model_name(
+    cfg: ModelConfig, image_data: bool | None, storage_options: Mapping[str, Any] | None = None
+) -> None:
+    """What can be said of ``cfg`` without data and without building anything: the name
+    resolves (a torchvision builder, a timm model, an importable factory, an ``hf:`` directory
+    with config.json), the weights file exists, and an image model gets image data. For
+    ``kubetrain run``'s preflight: these failed in every training worker before.
+
+    Args:
+        cfg: the ``model`` section.
+        image_data: whether the data is images (C,H,W); None: not known yet.
+        storage_options: fsspec options for a remote ``cfg.weights`` or ``hf:`` URI.
+
+    Raises:
+        ConfigError: naming model.name or model.weights.
+    """
+    family, target = family_of(cfg.name), cfg.name.partition(":")[2]
+    if family in ("torchvision", "timm") and image_data is False:
+        raise ConfigError(
+            f"config error: model.name: {cfg.name} needs image data (C,H,W) and this data is not "
+            "images (use 'mlp' for a table, or set data.image_shape for images stored as columns)"
+        )
+    if family == "torchvision":
+        require = "pip install 'kubetrain[vision]'"
+        try:
+            import torchvision
+        except ImportError as err:
+            raise ConfigError(f"config error: model.name: {cfg.name} needs torchvision "
+                              f"({require}): {err}") from None  # fmt: skip
+        known = torchvision.models.list_models(module=torchvision.models)
+        if target not in known:
+            raise ConfigError(
+                f"config error: model.name: {target!r} is not a torchvision classification "
+                f"builder{_did_you_mean(target, known)}"
+            )
+    elif family == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError(f"config error: model.name: {cfg.name} needs timm (pip install "
+                              "'kubetrain[timm]')") from None  # fmt: skip
+        if not timm.is_model(target):
+            raise ConfigError(f"config error: model.name: {target!r} is not a timm model"
+                              f"{_did_you_mean(target, timm.list_models())}")  # fmt: skip
+    elif family == "hf":
+        where = cfg.name[len("hf:") :]
+        if "://" not in where or where.startswith("file://"):
+            from kubetrain.models.hf import local_model_dir
+
+            local_model_dir(cfg.name)
+    elif family == "factory":
+        _resolve_factory(cfg.name)
+    if cfg.weights:
+        import fsspec
+
+        local = (fsspec.core.split_protocol(cfg.weights)[0] or "file") in ("file", "local")
+        if local and not Path(cfg.weights.removeprefix("file://")).is_file():
+            raise ConfigError(f"config error: model.weights: {cfg.weights}: no such file")
 
 
 # -- torchvision --------------------------------------------------------------------------------
@@ -260,6 +322,22 @@ def call_factory(name: str, *args: Any, **kwargs: Any) -> nn.Module:
         ConfigError: the module does not import, the attribute is missing or not callable, the
             call fails, or it returns something other than an ``nn.Module``.
     """
+    factory = _resolve_factory(name)
+    model = _call(factory, name, *args, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"config error: model.name: {name} returned a {type(model).__name__}, not a "
+            "torch.nn.Module"
+        )
+    return model
+
+
+def _resolve_factory(name: str):
+    """The callable ``package.module:factory`` names (imported, not called).
+
+    Raises:
+        ConfigError: the module does not import, or the attribute is missing or not callable.
+    """
     module_name, attr = name.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -272,13 +350,7 @@ def call_factory(name: str, *args: Any, **kwargs: Any) -> nn.Module:
     if not callable(factory):
         what = "no attribute" if factory is None else "a non-callable attribute"
         raise ConfigError(f"config error: model.name: module {module_name!r} has {what} {attr!r}")
-    model = _call(factory, name, *args, **kwargs)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(
-            f"config error: model.name: {name} returned a {type(model).__name__}, not a "
-            "torch.nn.Module"
-        )
-    return model
+    return factory
 
 
 def _call(fn, where: str, *args: Any, **kwargs: Any):

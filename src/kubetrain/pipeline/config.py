@@ -148,7 +148,7 @@ def load_config(
     merged = base.model_dump()
     for text in overrides:
         key, value = parse_override(text)
-        set_dotted(merged, key, value)
+        set_dotted(merged, key, value, PipelineConfig)
     return validate_config(merged)
 
 

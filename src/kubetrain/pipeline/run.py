@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
@@ -46,15 +46,26 @@ class RunResult:
     seconds: float
     retrained: bool = True  # False: retrain.only_if_changed found nothing new
     reason: str = ""
+    data_notes: list[str] = field(default_factory=list)  # what preprocess dropped or cut
 
 
 class StepFailed(KubetrainError):
     """A pipeline task failed. The message is the step's own line (or its last log line) with
     the path of its log; the exit code is the one the step's error carries."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = 1, step: str = "") -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.step = step  # the failed task's name ("" when none is known)
+
+
+class TrackingFailed(KubetrainError):
+    """Only the tracking task failed: the run's results are written (``result``), the line
+    says why the tracking server did not get them."""
+
+    def __init__(self, message: str, result: RunResult) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -81,7 +92,11 @@ def preflight(cfg: PipelineConfig) -> None:
     from kubetrain.tasks import kind_of
     from kubetrain.tasks import preflight as kind_preflight
 
-    if kind_of(cfg.data) != "tabular":  # streamed kinds check what they can themselves
+    kind = kind_of(cfg.data)
+    cfg.evaluate.primary_metric(kind)  # evaluate.metric=bleu on classification: refused now
+    if kind != "tabular":  # streamed kinds check what they can themselves
+        if kind != "detection":  # detectors have builders of their own (models.detection)
+            _check_model_name(cfg, kind == "images")
         kind_preflight(cfg.data)
         return
     # The params task expands {date} in data.source (today, for a local run); so does this check.
@@ -92,6 +107,7 @@ def preflight(cfg: PipelineConfig) -> None:
             "config error: model.name: 'cnn' needs image data; set data.image_shape (C,H,W) "
             "for images stored as columns, or use 'mlp'"
         )
+    _check_model_name(cfg, raw.image_shape is not None)
     # The preprocess step's own checks and split (the same functions), without writing.
     y, classes = encode_labels(raw.y)
     if len(classes) < 2:
@@ -111,6 +127,15 @@ def preflight(cfg: PipelineConfig) -> None:
             f"config error: train.batch_size {cfg.train.batch_size} exceeds the {n_train} "
             "training samples"
         )
+
+
+def _check_model_name(cfg: PipelineConfig, image_data: bool) -> None:
+    """The model's name and weights, before the first step (``check_model_name``); the
+    built-in networks need no look."""
+    if ":" in cfg.model.name or cfg.model.weights:
+        from kubetrain.models.vision import check_model_name
+
+        check_model_name(cfg.model, image_data, cfg.data.storage_options)
 
 
 def prepare_run_dir(output: Path | None) -> Path:
@@ -218,7 +243,19 @@ def run_local(
     # A failed re-run leaves no old result behind.
     for result_file in (artifacts.RUN_METRICS, artifacts.RUN_REPORT):
         (run_dir / result_file).unlink(missing_ok=True)
-    task, started = _run_pipeline(cfg, run_dir, cache, runner, verbose, out or sys.stdout)
+    started = time.perf_counter()
+    try:
+        task, _ = _run_pipeline(cfg, run_dir, cache, runner, verbose, out or sys.stdout)
+    except StepFailed as err:
+        if err.step != "track":
+            raise
+        # The model was trained, evaluated and gated before tracking ran: a tracking server
+        # that is down must not cost the run its results. They are written, then the line.
+        found = _find_output(run_dir / "kfp", "evaluate", "evaluation")
+        if found is None:
+            raise
+        result = _write_results(run_dir, found, None, time.perf_counter() - started)
+        raise TrackingFailed(str(err), result) from None
     seconds = time.perf_counter() - started
     if cfg.retrain.only_if_changed:
         # This pipeline's one output is the decision; the evaluation is found on disk.
@@ -233,14 +270,35 @@ def run_local(
         promoted = bool(metrics["promoted"])
     else:
         evaluation = Path(task.outputs["evaluation"].path)
-        metrics = read_json(evaluation / artifacts.EVAL_METRICS)
         promoted = bool(task.outputs["promoted"])
+    return _write_results(run_dir, evaluation, promoted, seconds)
+
+
+def _write_results(
+    run_dir: Path, evaluation: Path, promoted: bool | None, seconds: float
+) -> RunResult:
+    """``metrics.json`` and ``report.html`` of the run from its evaluation artifact;
+    ``promoted`` None: the gate's verdict as the evaluation recorded it."""
+    metrics = read_json(evaluation / artifacts.EVAL_METRICS)
+    promoted = bool(metrics["promoted"]) if promoted is None else promoted
     metrics["promoted"] = promoted
     metrics["pipeline_seconds"] = seconds
     write_json(run_dir / artifacts.RUN_METRICS, metrics)
     shutil.copyfile(evaluation / artifacts.EVAL_REPORT, run_dir / artifacts.RUN_REPORT)
     promoted_dir = _find_output(run_dir / "kfp", "promote", "promoted") if promoted else None
-    return RunResult(run_dir, metrics, run_dir / artifacts.RUN_REPORT, promoted_dir, seconds)
+    return RunResult(run_dir, metrics, run_dir / artifacts.RUN_REPORT, promoted_dir, seconds,
+                     data_notes=data_notes(run_dir))  # fmt: skip
+
+
+def data_notes(run_dir: Path) -> list[str]:
+    """What the run's preprocess step dropped, skipped or clipped (its dataset meta's
+    ``notes``): the terminal shows it, not only the step's log."""
+    dataset = _find_output(run_dir / "kfp", "preprocess", "dataset")
+    try:
+        meta = read_json(dataset / artifacts.DATASET_META) if dataset else {}
+    except (OSError, ValueError):
+        return []
+    return [str(n) for n in meta.get("notes") or []]
 
 
 def _run_pipeline(
@@ -284,7 +342,8 @@ def _run_pipeline(
         live = view if isinstance(view, LiveView) else live
     failure: RuntimeError | None = None
     started = time.perf_counter()
-    with task_log, warnings.catch_warnings(), live, _output_into(task_log):
+    tasks_tmp = _tasks_temp_dir() if runner == "subprocess" else contextlib.nullcontext()
+    with tasks_tmp, task_log, warnings.catch_warnings(), live, _output_into(task_log):
         # kfp warns for every task whose base image name lacks "python"; ours is a Python image.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         try:
@@ -296,6 +355,42 @@ def _run_pipeline(
     if failure is not None:
         raise _step_failure(task_log, failure, run_dir, None if verbose else out)
     return task, started
+
+
+@contextlib.contextmanager
+def _tasks_temp_dir() -> Iterator[Path]:
+    """A temporary directory of ours as the tasks' ``TMPDIR`` meanwhile, removed at the end.
+
+    kfp.local's subprocess runner starts every task with ``program_path=$(mktemp -d)`` and
+    never removes it: one folder per task, nine a run, hundreds in a day. Under a directory we
+    own they go with the run (and, if this process is killed, at the next start:
+    ``kubetrain.core.io.clean_stale_temp_dirs``). torch's compile cache stays where it was, or
+    every run would compile from scratch.
+    """
+    import getpass
+    import os
+    import tempfile
+
+    from kubetrain.core.io import make_temp_dir
+
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    if saved["TORCHINDUCTOR_CACHE_DIR"] is None:
+        with contextlib.suppress(Exception):  # no user name in a bare container: leave it
+            user = getpass.getuser().replace("/", "_").replace("\\", "_")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+                tempfile.gettempdir(), f"torchinductor_{user}"
+            )
+    tmp = make_temp_dir("tasks")
+    os.environ["TMPDIR"] = str(tmp)
+    try:
+        yield tmp
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -331,10 +426,11 @@ def _step_failure(task_log: Any, err: RuntimeError, run_dir: Path, out: IO[str] 
     if failed.error is not None:
         message = failed.error.get("message", "failed")
         code = int(failed.error.get("exit_code", 1))
-        return StepFailed(f"{failed.name}: {message} (log: {log_file})", code)
+        return StepFailed(f"{failed.name}: {message} (log: {log_file})", code, failed.name)
     last = failed.tail[-1] if failed.tail else "no output"
     return StepFailed(
-        f"{failed.name} failed: {last} (log: {log_file}; outputs so far in {run_dir / 'kfp'})"
+        f"{failed.name} failed: {last} (log: {log_file}; outputs so far in {run_dir / 'kfp'})",
+        step=failed.name,
     )
 
 

@@ -20,12 +20,11 @@ from typing import Any
 import yaml
 
 from kubetrain.core.artifacts import MODEL_HISTORY, RUN_MARKER, RUN_METRICS
-from kubetrain.core.errors import KubetrainError
+from kubetrain.core.errors import UsageError
 
-# (metrics.json key, column title, format) of the results shown for each run.
+# (metrics.json key, column title, format) of the results shown for each run, after its primary
+# metric (``primary``).
 RESULTS: tuple[tuple[str, str, str], ...] = (
-    ("test_accuracy_fp32", "acc fp32", "{:.4f}"),
-    ("test_accuracy_int8", "acc int8", "{:.4f}"),
     ("quantize_method", "int8 method", "{}"),
     ("model_size_bytes_int8", "int8 bytes", "{:,}"),
     ("train_samples_per_second", "train samples/s", "{:,.0f}"),
@@ -113,10 +112,10 @@ def find_runs(root: Path) -> list[Run]:
     """Every run directory directly under ``root``, oldest first.
 
     Raises:
-        KubetrainError: ``root`` is not a directory.
+        UsageError: ``root`` is not a directory (exit 2).
     """
     if not root.is_dir():
-        raise KubetrainError(f"{root}: no such directory (runs are kept under runs/; see --root)")
+        raise UsageError(f"{root}: no such directory (runs are kept under runs/; see --root)")
     runs = [load_run(p) for p in root.iterdir() if is_run_dir(p)]
     return sorted(runs, key=lambda r: (r.started or datetime.min, r.name))
 
@@ -125,13 +124,23 @@ def resolve_run(text: str, root: Path) -> Run:
     """A run given as a path or as a name under ``root``.
 
     Raises:
-        KubetrainError: neither names a run directory.
+        UsageError: neither names a run directory (exit 2).
     """
     for path in (Path(text), root / text):
         if is_run_dir(path):
             return load_run(path)
-    raise KubetrainError(f"{text}: not a run directory (no {RUN_MARKER} or config.yaml; see "
+    raise UsageError(f"{text}: not a run directory (no {RUN_MARKER} or config.yaml; see "
                          f"`kubetrain runs --root {root}`)")  # fmt: skip
+
+
+def primary(metrics: dict[str, Any]) -> tuple[str, Any, Any]:
+    """``(metric, fp32 value, int8 value)``: the run's primary metric on the test split, whatever
+    the task (accuracy, bleu, rouge_l, map, ...); ``("-", None, None)`` for a run without
+    results. A metrics.json that names no metric has accuracy (written before it named one)."""
+    if not metrics:
+        return "-", None, None
+    metric = str(metrics.get("metric", "accuracy"))
+    return metric, metrics.get(f"test_{metric}_fp32"), metrics.get(f"test_{metric}_int8")
 
 
 def _fmt(value: Any, spec: str = "{}") -> str:
@@ -152,19 +161,21 @@ def _duration(seconds: Any) -> str:
 
 def list_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """The ``kubetrain runs`` table: header and one row per run."""
-    header = ["run", "started", "status", "data version", "acc fp32", "acc int8", "promoted",
-              "duration"]  # fmt: skip
+    header = ["run", "started", "status", "data version", "metric", "test fp32", "test int8",
+              "promoted", "duration"]  # fmt: skip
     rows = []
     for r in runs:
         m = r.metrics
+        metric, fp32, int8 = primary(m)
         promoted = {True: "yes", False: "no", None: "-"}[r.promoted]
         rows.append([
             r.name,
             r.started.strftime("%Y-%m-%d %H:%M") if r.started else "-",
             r.status if r.status == "done" else f"{r.status}: {r.problem}",
             _fmt(m.get("dataset_version")),
-            _fmt(m.get("test_accuracy_fp32"), "{:.4f}"),
-            _fmt(m.get("test_accuracy_int8"), "{:.4f}"),
+            metric,
+            _fmt(fp32, "{:.4f}"),
+            _fmt(int8, "{:.4f}"),
             promoted,
             _duration(m.get("pipeline_seconds")),
         ])  # fmt: skip
@@ -202,6 +213,10 @@ def result_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
         ("status", [r.status for r in runs]),
         ("data version", [_fmt(r.metrics.get("dataset_version")) for r in runs]),
     ]
+    primaries = [primary(r.metrics) for r in runs]
+    rows.append(("metric", [metric for metric, _, _ in primaries]))
+    rows.append(("test fp32", [_fmt(fp32, "{:.4f}") for _, fp32, _ in primaries]))
+    rows.append(("test int8", [_fmt(int8, "{:.4f}") for _, _, int8 in primaries]))
     for key, title, spec in RESULTS:
         rows.append((title, [_fmt(r.metrics.get(key), spec) for r in runs]))
     rows.append(("promoted", [{True: "yes", False: "no", None: "-"}[r.promoted] for r in runs]))

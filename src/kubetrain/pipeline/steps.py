@@ -60,6 +60,23 @@ def check_supported(cfg: PipelineConfig, model: bool = True) -> None:
             )
 
 
+def check_model_on_data(cfg: PipelineConfig, dataset_dir: Path) -> None:
+    """On the local backend, build the model once here and run it on two examples of the
+    dataset (``kubetrain.tasks.check_model``), so that a model that cannot be built or does not
+    fit the data is this step's one line (exit 2) rather than a failure in every worker. On a
+    cluster the job's workers build it (the pod that launches the job has no room for it).
+
+    Raises:
+        ConfigError: naming model.name.
+    """
+    if cfg.cluster.backend != "local":
+        return
+    from kubetrain.data import load_dataset
+    from kubetrain.tasks import check_model
+
+    check_model(cfg, load_dataset(dataset_dir))
+
+
 def preprocess(cfg: PipelineConfig, out_dir: Path) -> DatasetMeta:
     """Source -> versioned dataset artifact (``kubetrain.core.artifacts.DatasetArtifact``)."""
     check_supported(cfg, model=False)
@@ -124,6 +141,8 @@ def tune(cfg: PipelineConfig, dataset_dir: Path, out_dir: Path) -> SearchSummary
         return disabled.summary
     from kubetrain.tune.backend import get_tune_backend
 
+    check_supported(cfg)
+    check_model_on_data(cfg, dataset_dir)
     result = get_tune_backend(cfg).run(cfg, dataset_dir, out_dir)
     log.info("best %s %.4f with %s", result.metric, result.best_value, result.best_params)
     return result
@@ -147,6 +166,7 @@ def train(
     from kubetrain.launch import get_launcher
 
     cfg = tuned_config(cfg, params_file)
+    check_model_on_data(cfg, dataset_dir)
     get_launcher(cfg).run(cfg, dataset_dir, out_dir)
     return artifacts.TrainedModel.load_summary(out_dir)
 
@@ -165,10 +185,14 @@ def quantize(cfg: PipelineConfig, dataset_dir: Path, model_dir: Path, out_dir: P
 def promotion_bar(cfg: PipelineConfig) -> float:
     """The promotion bar on the primary metric that ``cfg`` sets: ``evaluate.min_value``, else
     ``evaluate.min_accuracy`` for classification and 0 for seq2seq (the ``min_accuracy``
-    pipeline parameter's default: it carries the bar of whichever metric is primary)."""
-    from kubetrain.tasks import kind_of
+    pipeline parameter's default: it carries the bar of whichever metric is primary).
 
-    return cfg.evaluate.bar(kind_of(cfg.data))
+    Taken from the declared kind (``data.kind``, or ``data.task``), never from the data:
+    compiling a pipeline calls it. Tabular and images have the same bar, so ``auto`` needs no
+    look at the source."""
+    from kubetrain.tasks import declared_kind
+
+    return cfg.evaluate.bar(declared_kind(cfg.data) or "classification")
 
 
 def is_promotable(metrics: dict[str, Any], min_value: float) -> bool:
@@ -199,15 +223,17 @@ def evaluate(
     from kubetrain.data import load_dataset
     from kubetrain.evaluate import compare, report
 
+    data = load_dataset(dataset_dir)
     evaluation = compare.evaluate(
         cfg.evaluate,
-        load_dataset(dataset_dir),
+        data,
         Path(model_dir),
         Path(quantized_dir),
         artifacts.SearchResult.load(tune_dir),
         min_value,
     )
-    evaluation.save(out_dir, report.render(evaluation))
+    # What preprocess dropped, skipped or clipped is said where the results are read.
+    evaluation.save(out_dir, report.render(evaluation, data.meta.notes))
     metrics = evaluation.to_metrics()
     log.info(
         "test %s fp32 %.4f int8 %.4f; size %d -> %d bytes; promotable %s (%s)",

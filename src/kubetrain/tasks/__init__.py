@@ -61,21 +61,50 @@ def open_task(cfg: TaskConfig, data: DatasetArtifact) -> Task:
     return _resolve(data.kind)[1](cfg, data)
 
 
-def kind_of(cfg: DataConfig) -> str:
-    """Which kind of dataset ``cfg`` describes (what preprocess builds)."""
+def declared_kind(cfg: DataConfig) -> str | None:
+    """The kind of dataset ``cfg`` says it is, without looking at the data: ``data.kind``, or
+    ``data.task`` for a text kind; None for ``classification`` with ``data.kind: auto`` (tabular
+    or images: ``kind_of`` finds out). What compiling a pipeline may use: it never reads data."""
+    if cfg.kind != "auto":
+        return cfg.kind
     if cfg.task != "classification":
         return cfg.task
+    return None
+
+
+def kind_of(cfg: DataConfig) -> str:
+    """Which kind of dataset ``cfg`` describes (what preprocess builds): the declared kind, or
+    for ``data.kind: auto`` classification, images or tabular from a look at the source (its
+    name, one listing or one header: ``kubetrain.tasks.images.is_image_source``). Only steps
+    that read the data anyway call it, never compiling.
+
+    Raises:
+        ConfigError, DataError: the source is in object storage that cannot be read (no
+            credentials, no endpoint, no bucket: ``kubetrain.data.storage``).
+    """
+    declared = declared_kind(cfg)
+    if declared is not None:
+        return declared
+    from kubetrain.data.storage import storage_errors
     from kubetrain.tasks.images import is_image_source
 
-    if is_image_source(cfg):
-        return "images"
+    with storage_errors(cfg.source, cfg.storage_options):
+        if is_image_source(cfg):
+            return "images"
     return "tabular"
 
 
 def build_dataset(cfg: DataConfig, out_dir: str | Path) -> DatasetMeta:
-    """Preprocess: the dataset artifact of ``cfg`` in ``out_dir``; returns its meta."""
+    """Preprocess: the dataset artifact of ``cfg`` in ``out_dir``; returns its meta.
+
+    Raises:
+        ConfigError, DataError: the kind's own, and object storage that cannot be read.
+    """
+    from kubetrain.data.storage import storage_errors
+
     module, _ = _resolve(kind_of(cfg))
-    return module.build(cfg, Path(out_dir))
+    with storage_errors(cfg.source, cfg.storage_options):
+        return module.build(cfg, Path(out_dir))
 
 
 def shard_root(cfg: DataConfig, plan: PreprocessPlan) -> str | None:
@@ -98,6 +127,7 @@ def plan_dataset(cfg: DataConfig, plan_dir: str | Path, num_tasks: int) -> Prepr
 
     from kubetrain.core.artifacts import PlanArtifact
     from kubetrain.data.fanout import whole_plan
+    from kubetrain.data.storage import storage_errors
 
     started = time.perf_counter()
     kind = kind_of(cfg)
@@ -105,7 +135,8 @@ def plan_dataset(cfg: DataConfig, plan_dir: str | Path, num_tasks: int) -> Prepr
     out = Path(plan_dir)
     out.mkdir(parents=True, exist_ok=True)
     planner = getattr(module, "plan", None)
-    plan = planner(cfg, out, num_tasks) if planner else whole_plan(kind, cfg.source, num_tasks)
+    with storage_errors(cfg.source, cfg.storage_options):
+        plan = planner(cfg, out, num_tasks) if planner else whole_plan(kind, cfg.source, num_tasks)
     seconds = round(time.perf_counter() - started, 3)
     plan = plan.model_copy(update={"seconds": seconds, "config": cfg.model_dump(mode="json")})
     PlanArtifact(out, plan).save()
@@ -130,17 +161,25 @@ def convert_range(plan_dir: str | Path, task: int, out_dir: str | Path) -> Datas
     from kubetrain.core.artifacts import PartArtifact, PlanArtifact
     from kubetrain.core.records import DatasetPart
     from kubetrain.data.fanout import task_slots
+    from kubetrain.data.storage import storage_errors
 
     plan = PlanArtifact.load(plan_dir).plan
     cfg = plan_config(plan)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = shard_root(cfg, plan)
-    if plan.whole or not task_slots(plan, task):
+    slots = task_slots(plan, task)
+    if plan.whole or not slots:
         part = DatasetPart(kind=plan.kind, fingerprint=plan.fingerprint, task=task, slots=[])
     else:
         module, _ = _resolve(plan.kind)
-        part = module.convert(cfg, Path(plan_dir), plan, task, root or str(out))
+        try:
+            with storage_errors(cfg.source, cfg.storage_options):
+                part = module.convert(cfg, Path(plan_dir), plan, task, root or str(out))
+        except BaseException:
+            # A range half written is no range (and on a full disk, what keeps it full).
+            _remove_slots(root or str(out), [plan.slots[i].name for i in slots], cfg)
+            raise
     part = part.model_copy(update={"root": root})
     PartArtifact(out, part).save()
     return part
@@ -160,6 +199,7 @@ def merge_dataset(
     """
     from kubetrain.core.artifacts import PartArtifact, PlanArtifact
     from kubetrain.data.fanout import gather, ordered_results
+    from kubetrain.data.storage import storage_errors
 
     plan = PlanArtifact.load(plan_dir).plan
     cfg = plan_config(plan)
@@ -177,14 +217,29 @@ def merge_dataset(
     root = shard_root(cfg, plan) or str(out)
     was_empty = not any(out.iterdir())
     try:
-        gather([(r, parts[p.task].root) for r, p in ordered], root, cfg.storage_options)
-        results = [r for r, _ in ordered]
-        used = [a.part for a in parts.values()]
-        return module.merge(cfg, Path(plan_dir), plan, results, used, root, out)
+        with storage_errors(root, cfg.storage_options):
+            gather([(r, parts[p.task].root) for r, p in ordered], root, cfg.storage_options)
+            results = [r for r, _ in ordered]
+            used = [a.part for a in parts.values()]
+            return module.merge(cfg, Path(plan_dir), plan, results, used, root, out)
     except BaseException:
         if was_empty:  # half a dataset is no dataset
             _empty(out)
         raise
+
+
+def _remove_slots(root: str, names: list[str], cfg: DataConfig) -> None:
+    """Remove the shards ``names`` at ``root`` and the temporary files of their writers."""
+    import contextlib
+    import posixpath
+
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root, **dict(cfg.storage_options))
+    for name in names:
+        for target in (name, f".{name}.tmp"):
+            with contextlib.suppress(OSError):
+                fs.rm(posixpath.join(path.rstrip("/"), target))
 
 
 def _empty(directory: Path) -> None:
@@ -200,10 +255,23 @@ def _empty(directory: Path) -> None:
 def preflight(cfg: DataConfig) -> None:
     """The checks a kind can make before anything is written (its module's ``preflight``,
     if it has one); raises ConfigError or DataError."""
+    from kubetrain.data.storage import storage_errors
+
     module, _ = _resolve(kind_of(cfg))
     check = getattr(module, "preflight", None)
     if check is not None:
-        check(cfg)
+        with storage_errors(cfg.source, cfg.storage_options):
+            check(cfg)
+
+
+def check_model(cfg: TaskConfig, data: DatasetArtifact) -> None:
+    """Build ``cfg.model`` for the dataset artifact ``data`` once, on the CPU, and run it on two
+    examples (``Task.check_model``): before training or a search starts its workers.
+
+    Raises:
+        ConfigError: the model cannot be built or does not fit the data, naming model.name.
+    """
+    open_task(cfg, data).check_model(cfg.model)
 
 
 def task_for_model(dataset_dir: str | Path, model_dir: str | Path) -> Task:

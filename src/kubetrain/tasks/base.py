@@ -115,6 +115,47 @@ class Task(ABC):
         """The model on ``device``, in the layout its batches come in (e.g. channels_last)."""
         return model.to(device)
 
+    def output_width(self) -> tuple[int, str]:
+        """How many values the model must give per sample (per position, for sequences), and
+        what they are, for messages: one per class here."""
+        return self.data.num_classes, "classes"
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Build the model once on the CPU and run it on two training examples: what cannot
+        be built (a wrong name, factory, weights, ``hf:`` path) or does not fit the task (an
+        output width other than ``output_width``) stops here, before any worker starts, in
+        one line naming ``model.name`` (it would train, and a wider head be promoted, or fail
+        in every worker with torch's own words).
+
+        Raises:
+            ConfigError: naming ``model.name``.
+        """
+        from kubetrain.core.errors import ConfigError, KubetrainError
+        from kubetrain.tasks.measure import latency_inputs
+
+        net = self.build_model(model).eval()
+        x, y = self.examples("train", 2)
+        try:
+            with torch.no_grad():
+                out = net(*latency_inputs(x, y, self.kind))
+        except KubetrainError:
+            raise
+        except Exception as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"config error: model.name: {model.name} fails on this data's inputs "
+                f"({type(err).__name__}: {first})"
+            ) from None
+        if not isinstance(out, torch.Tensor):
+            return  # not one tensor: the task's own loss says what it lacks
+        width, what = self.output_width()
+        if out.shape[-1] != width:
+            raise ConfigError(
+                f"config error: model.name: {model.name} gives {out.shape[-1]} outputs per "
+                f"sample but the data has {width} {what}: its head must give {width} (a "
+                "factory gets the number as num_classes)"
+            )
+
     # -- training ----------------------------------------------------------------------------
     @abstractmethod
     def train_batches(self, tc: BatchPlan, ctx: DistContext) -> TrainBatches:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kubetrain.core.config import Section
 from kubetrain.core.errors import ConfigError
@@ -79,3 +79,25 @@ class TaskConfig(Section):
     evaluate: ScoringConfig = Field(
         default_factory=ScoringConfig, description=ScoringConfig.__doc__
     )
+
+    @model_validator(mode="after")
+    def _metric_fits_the_data(self) -> TaskConfig:
+        """``evaluate.metric`` must be one the data's kind is scored on; known from the config
+        alone for text kinds and a declared ``data.kind`` (tabular or images: either of the
+        two with ``auto``), so ``evaluate.metric=bleu`` on classification stops at once."""
+        metric = self.evaluate.metric
+        # A step's config carries only the sections it reads: without a data section there is
+        # no kind to check against (the step that has one checks).
+        if metric is None or "data" not in self.model_fields_set:
+            return self
+        data = self.data
+        kind = data.kind if data.kind != "auto" else data.task
+        kinds = ("tabular", "images") if kind == "classification" else (kind,)
+        allowed = [m for k in kinds for m in KIND_METRICS.get(k, ())]
+        if allowed and metric not in allowed:
+            what = " or ".join(kinds)
+            raise ValueError(
+                f"evaluate.metric: {metric!r} does not apply to {what} data (use one of: "
+                f"{', '.join(dict.fromkeys(allowed))})"
+            )
+        return self

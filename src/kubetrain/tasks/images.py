@@ -189,7 +189,8 @@ def build(cfg: DataConfig, out_dir: str | Path) -> ImageMeta:
     Returns:
         The meta (``ImageMeta``): the shard manifest's content version, the model's input
         shape after the eval transforms, the training split's per-channel mean and std, the
-        class counts per split, ``root`` when the shards are not in ``out_dir``.
+        class counts per split, ``root`` when the shards are not in ``out_dir``, ``notes`` (a
+        line saying how many images were skipped and why, if any were).
 
     Raises:
         ConfigError: no torchvision; transforms that do not build.
@@ -201,6 +202,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> ImageMeta:
     from kubetrain.data.shards import read_manifest
 
     require_torchvision()
+    _check_transforms(cfg)
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +217,13 @@ def build(cfg: DataConfig, out_dir: str | Path) -> ImageMeta:
     else:
         manifest = build_image_dataset(_listed(cfg), str(out))
     return _write_meta(cfg, manifest, out, root, time.perf_counter() - started)
+
+
+def _check_transforms(cfg: DataConfig) -> None:
+    """The transforms first, on a blank image with stand-in statistics: a wrong name or value
+    is one line before any shard is written (the real ones come from the training split)."""
+    channels = len(cfg.image_mode)
+    transforms(cfg, 2, cfg.image_mode, [0.5] * channels, [0.25] * channels)
 
 
 def _is_sharded(cfg: DataConfig) -> bool:
@@ -238,8 +247,9 @@ def _write_meta(
     tasks: int = 1,
 ) -> ImageMeta:
     """``meta.json`` of the image dataset whose manifest is ``manifest`` (at ``root``, or in
-    ``out``), written last: it marks the artifact complete."""
+    ``out``), written last: it marks the artifact complete; its notes say what was skipped."""
     from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.data.images import skipped_note
 
     options = dict(cfg.storage_options)
     mode = manifest.meta["image_mode"]
@@ -261,6 +271,7 @@ def _write_meta(
             for split, counts in manifest.class_counts.items()
         },
         num_skipped=manifest.provenance.get("num_skipped", 0),
+        notes=[n for n in [skipped_note(manifest.provenance)] if n],
         config=cfg.model_dump(mode="json"),
         preprocess_seconds=round(seconds, 3),
         preprocess_tasks=tasks,
@@ -283,6 +294,7 @@ def plan(cfg: DataConfig, plan_dir: Path, num_tasks: int) -> PreprocessPlan:
     from kubetrain.data.images import plan_image_shards
 
     require_torchvision()
+    _check_transforms(cfg)  # before any convert task starts
     if _is_sharded(cfg):
         return whole_plan("images", cfg.source, num_tasks)
     planned = plan_image_shards(_listed(cfg), num_tasks)
@@ -539,15 +551,17 @@ class _ShapedTransform:
     def blank(self, height: int, width: int) -> torch.Tensor:
         from PIL import Image
 
+        from kubetrain.data.transforms import entry_error
+
         buf = io.BytesIO()
         Image.new(self.mode, (width, height)).save(buf, format="PNG")
+        record = {"image": buf.getvalue(), "label": 0}
         try:
-            return self.inner({"image": buf.getvalue(), "label": 0})[0]
+            return self.inner(record)[0]
         except ConfigError:
             raise
         except (TypeError, ValueError, RuntimeError) as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"config error: {self.where}: {first}") from None
+            raise entry_error(self.inner, record, err) from None
 
 
 # -- the task ------------------------------------------------------------------------------

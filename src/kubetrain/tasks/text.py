@@ -96,6 +96,7 @@ def _write_meta(
     import fsspec
 
     from kubetrain.data.shards import read_manifest
+    from kubetrain.data.text import count_notes
     from kubetrain.data.tokenize import TOKENIZER_FILE
 
     where = root or str(out)
@@ -117,6 +118,7 @@ def _write_meta(
         rows=text.rows,
         skipped_empty=text.skipped_empty,
         truncated=text.truncated,
+        notes=count_notes(cfg.source, text),
         tokenize_seconds=text.tokenize_seconds,
         tokenize_processes=text.tokenize_processes,
         class_counts=manifest.class_counts.get("train") if text.classes else None,
@@ -415,6 +417,10 @@ class TextClassificationTask(TextTask):
 class Seq2SeqTask(TextTask):
     kind = "seq2seq"
     metric = "token_accuracy"  # what validate() reports during training
+
+    def output_width(self) -> tuple[int, str]:
+        """One logit per vocabulary entry at every target position."""
+        return self.meta.vocab_size, "tokens in its vocabulary"
 
     def __init__(self, cfg: TaskConfig, data: DatasetArtifact) -> None:
         super().__init__(cfg, data)

@@ -146,6 +146,11 @@ def log_run(cfg: TrackingConfig, run: TrackedRun) -> Tracked:
         raise
     except Exception as err:  # MlflowException, requests' errors: all one line for the user
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # requests' retry errors quote the URL three times: the reason is what the user needs.
+        for reason in ("Connection refused", "Name or service not known", "timed out"):
+            if reason in message:
+                message = reason.lower()
+                break
         raise KubetrainError(
             f"tracking: cannot log to MLflow at {cfg.mlflow_uri}: {message}"
         ) from None
