@@ -76,6 +76,8 @@ def test_the_fan_out_under_kfp_local_is_the_one_task_dataset_and_reruns_from_cac
 @pytest.mark.slow
 def test_kubetrain_run_shows_the_fan_out_and_trains_on_the_same_dataset(tmp_path):
     source = write_texts(tmp_path / "texts.jsonl", n=300)
+    with source.open("a") as f:  # one row with no text: skipped, and said at the end
+        f.write(json.dumps({"text": " ", "label": "short"}) + "\n")
     overrides = [
         f"data.source={source}", "data.task=text_classification", "data.max_length=16",
         "data.tokenizer.vocab_size=48", "data.tokenizer.min_frequency=1",
@@ -96,6 +98,7 @@ def test_kubetrain_run_shows_the_fan_out_and_trains_on_the_same_dataset(tmp_path
     assert len(merged) == 1 and f"dataset {one.version}" in merged[0]
     model = json.loads(next((tmp_path / "run").glob("kfp/*/train/model/model.json")).read_text())
     assert model["dataset_version"] == one.version
+    assert f"data:               {source}: skipped 1 of 301 rows with empty text" in lines
 
 
 def test_convert_tasks_write_to_an_s3_shard_store_and_training_streams_from_it(tmp_path):

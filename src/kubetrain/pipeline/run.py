@@ -293,7 +293,10 @@ def _write_results(
 def data_notes(run_dir: Path) -> list[str]:
     """What the run's preprocess step dropped, skipped or clipped (its dataset meta's
     ``notes``): the terminal shows it, not only the step's log."""
-    dataset = _find_output(run_dir / "kfp", "preprocess", "dataset")
+    # One preprocess task, or a fanned-out preprocess's merge task: the newest of them.
+    found = [_find_output(run_dir / "kfp", task, "dataset")
+             for task in ("preprocess", "preprocess-merge")]  # fmt: skip
+    dataset = max((d for d in found if d), key=lambda d: d.stat().st_mtime, default=None)
     try:
         meta = read_json(dataset / artifacts.DATASET_META) if dataset else {}
     except (OSError, ValueError):
