@@ -116,6 +116,7 @@ bench: venv venv-vision
 	$(VISION_PY) benchmarks/vision_train.py
 	$(VISION_PY) benchmarks/detection_loader.py
 	$(VISION_PY) benchmarks/detection_train.py
+	$(PY) benchmarks/preprocess_scaling.py --vision-python $(VISION_PY)
 	$(PY) benchmarks/collect.py
 
 clean:

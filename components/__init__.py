@@ -5,7 +5,12 @@ call into ``kubetrain.pipeline.steps``; there is no ML logic here. Installed as 
 from kubetrain.components.evaluate import evaluate
 from kubetrain.components.gate import check_accuracy, check_changed, promote, reject
 from kubetrain.components.params import run_params
-from kubetrain.components.preprocess import preprocess
+from kubetrain.components.preprocess import (
+    preprocess,
+    preprocess_convert,
+    preprocess_merge,
+    preprocess_plan,
+)
 from kubetrain.components.quantize import quantize
 from kubetrain.components.track import track
 from kubetrain.components.train import train
@@ -16,6 +21,9 @@ __all__ = [
     "check_changed",
     "evaluate",
     "preprocess",
+    "preprocess_convert",
+    "preprocess_merge",
+    "preprocess_plan",
     "promote",
     "quantize",
     "reject",

@@ -16,6 +16,11 @@ With ``tracking.mlflow_uri`` a ``track`` task after the gate logs the run to MLf
 
 Every task's pod is sized from ``cluster.steps`` and runs ``cluster.image`` (``_step``).
 
+With ``data.parallel_tasks`` N > 1, preprocess is three kinds of task (``_preprocess``): a plan, N
+convert tasks in a ``dsl.ParallelFor`` (``data.max_parallel_tasks`` at once, each retried
+``data.convert_retries`` times, each pod sized by ``cluster.steps.preprocess_convert``) and a merge
+over their ``dsl.Collected`` parts, whose dataset is the one-task preprocess's, byte for byte.
+
 On ``cluster.backend: kubernetes`` the tune and train steps launch a Katib Experiment and a
 TrainJob or PyTorchJob (``cluster.training_api``); they (and the registry steps) mount ``cluster.pvc_name`` at ``cluster.mount_path``,
 through which datasets and models travel to the job pods.
@@ -44,6 +49,9 @@ DESCRIPTION = (
 DISPLAY_NAMES = {
     "run-params": "Run parameters",
     "preprocess": "Preprocess: read, split, normalise",
+    "preprocess-plan": "Preprocess: list, split, plan the shards",
+    "preprocess-convert": "Preprocess: convert a range of shards",
+    "preprocess-merge": "Preprocess: check and merge the ranges",
     "check-changed": "Check for new data or config",
     "tune": "Hyperparameter search",
     "train": "Train (DDP)",
@@ -129,13 +137,46 @@ def _run_params(cfg, schedule_time, data_source, train_epochs, tune_max_trials, 
 
 def _params_and_preprocess(cfg, schedule_time, data_source, train_epochs, tune_max_trials,
                            overrides):  # fmt: skip
-    """The first two tasks of either pipeline: the run's parameters, then preprocess."""
+    """The first tasks of either pipeline: the run's parameters, then preprocess (the task
+    returned has the ``dataset`` output)."""
     params = _run_params(cfg, schedule_time, data_source, train_epochs, tune_max_trials, overrides)
-    prep = c.preprocess(
-        config_json=_sections(cfg, "preprocess"), overrides=params.outputs["preprocess"]
+    return params, _preprocess(cfg, params)
+
+
+def _preprocess(cfg: PipelineConfig, params):
+    """One preprocess task, or with ``data.parallel_tasks`` N > 1: plan -> convert x N (a
+    ParallelFor) -> merge. Every one of them gets preprocess's config sections and overrides."""
+    sections, overrides = _sections(cfg, "preprocess"), params.outputs["preprocess"]
+    num_tasks = cfg.data.parallel_tasks
+    if num_tasks == 1:
+        prep = c.preprocess(config_json=sections, overrides=overrides)
+        return _step(cfg, _with_storage_secret(cfg, prep), "preprocess")
+    plan = c.preprocess_plan(config_json=sections, overrides=overrides)
+    _step(cfg, _with_storage_secret(cfg, plan), "preprocess-plan")
+    at_once = min(cfg.data.max_parallel_tasks or num_tasks, num_tasks)
+    with dsl.ParallelFor(items=list(range(num_tasks)), parallelism=at_once, name="ranges") as task:
+        # The convert tasks read the plan's config: no other task's output goes into the loop
+        # (kfp.local 2.17 hands a loop task the loop item for every upstream task's parameter).
+        convert = c.preprocess_convert(task=task, plan=plan.outputs["plan"])
+        _step(cfg, _with_storage_secret(cfg, _on_store(cfg, convert)), "preprocess-convert")
+        if cfg.data.convert_retries:
+            # A pod lost to its node or a store that hiccups: run the range again, not the run.
+            convert.set_retry(
+                num_retries=cfg.data.convert_retries, backoff_duration="10s", backoff_factor=2.0
+            )
+    merge = c.preprocess_merge(
+        plan=plan.outputs["plan"], parts=dsl.Collected(convert.outputs["part"])
     )
-    _step(cfg, _with_storage_secret(cfg, prep), "preprocess")
-    return params, prep
+    return _step(cfg, _with_storage_secret(cfg, _on_store(cfg, merge)), "preprocess-merge")
+
+
+def _on_store(cfg: PipelineConfig, task):
+    """Mount the cluster's claim into a task that writes shards to ``data.shard_store`` on it."""
+    store = cfg.data.shard_store or ""
+    mount = cfg.cluster.mount_path.rstrip("/") + "/"
+    if store.startswith(mount) or store == mount.rstrip("/"):
+        return _on_claim(cfg, task)
+    return task
 
 
 def _sections(cfg: PipelineConfig, step: str) -> str:

@@ -3,6 +3,8 @@
 
     artifact         written by   files (the last one written marks the artifact complete)
     DatasetArtifact  preprocess   data.npz, meta.json
+    PlanArtifact     preprocess-plan     the kind's plan files, plan.json
+    PartArtifact     preprocess-convert  shards, part.json
     SearchResult     tune         trials.json, [report.html], best_params.json
     TrainedModel     train        model.pt, history.json, metrics.json, model.json
     QuantizedModel   quantize     model.pt2, model.ts or model_state.pt, quant.json
@@ -27,8 +29,10 @@ from kubetrain.core.errors import DataError, KubetrainError
 from kubetrain.core.io import atomic_write, read_json, write_json
 from kubetrain.core.records import (
     DatasetMeta,
+    DatasetPart,
     EpochStats,
     ModelSpec,
+    PreprocessPlan,
     QuantInfo,
     SearchSummary,
     TrainSummary,
@@ -44,6 +48,8 @@ M = TypeVar("M", bound=DatasetMeta)
 # -- file names ---------------------------------------------------------------------------------
 DATASET_ARRAYS = "data.npz"
 DATASET_META = "meta.json"
+PREPROCESS_PLAN = "plan.json"
+PREPROCESS_PART = "part.json"
 SEARCH_RESULT = "best_params.json"
 SEARCH_TRIALS = "trials.json"
 SEARCH_REPORT = "report.html"
@@ -210,6 +216,72 @@ class DatasetArtifact:
 def load_dataset(path: str | Path) -> DatasetArtifact:
     """``DatasetArtifact.load``: the dataset in ``path``; raises DataError if it is not one."""
     return DatasetArtifact.load(path)
+
+
+# -- preprocessing fanned out: the plan and the parts -------------------------------------------
+@dataclass
+class PlanArtifact:
+    """The preprocess-plan step's output: the kind's own plan files (an image listing, a
+    tokenizer) and ``plan.json`` last (``PreprocessPlan``: the shards and each convert task's
+    range of them)."""
+
+    path: Path
+    plan: PreprocessPlan
+
+    def save(self) -> None:
+        """Write ``plan.json`` (the kind's files are written first, by its planner)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.plan.write(self.path / PREPROCESS_PLAN)
+
+    @staticmethod
+    def is_complete(directory: str | Path) -> bool:
+        return (Path(directory) / PREPROCESS_PLAN).is_file()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PlanArtifact:
+        """Raises DataError if ``directory`` holds no complete plan."""
+        path = Path(directory)
+        if not cls.is_complete(path):
+            raise DataError(f"data error: {path}: no preprocess plan ({PREPROCESS_PLAN})")
+        try:
+            return cls(path, PreprocessPlan.read(path / PREPROCESS_PLAN))
+        except KubetrainError as err:
+            raise DataError(f"data error: {err}") from None
+
+
+@dataclass
+class PartArtifact:
+    """A preprocess-convert step's output: the shards of its range (unless they went to
+    ``data.shard_store``) and ``part.json`` last (``DatasetPart``)."""
+
+    path: Path
+    part: DatasetPart
+
+    @property
+    def root(self) -> str:
+        """Where this part's shards are."""
+        return self.part.root or str(self.path)
+
+    def save(self) -> None:
+        """Write ``part.json``, after the shards: it marks the part complete."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.part.write(self.path / PREPROCESS_PART)
+
+    @staticmethod
+    def is_complete(directory: str | Path) -> bool:
+        return (Path(directory) / PREPROCESS_PART).is_file()
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PartArtifact | None:
+        """The part in ``directory``, or None if it is not complete (a convert task that did not
+        finish). Raises DataError if ``part.json`` is not one."""
+        path = Path(directory)
+        if not cls.is_complete(path):
+            return None
+        try:
+            return cls(path, DatasetPart.read(path / PREPROCESS_PART))
+        except KubetrainError as err:
+            raise DataError(f"data error: {err}") from None
 
 
 # -- search result ------------------------------------------------------------------------------

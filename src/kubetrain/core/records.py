@@ -4,6 +4,8 @@ error, not a key nobody reads).
 
     record          file                 written by                read by
     DatasetMeta     meta.json            preprocess (per kind)     every later step
+    PreprocessPlan  plan.json            preprocess-plan           preprocess-convert, -merge
+    DatasetPart     part.json            preprocess-convert        preprocess-merge
     ModelSpec       model.json           train                     quantize, evaluate, serving
     EpochStats      history.json         train                     evaluate, the report, tracking
     TrainSummary    metrics.json (model) train                     the train component, evaluate
@@ -93,6 +95,7 @@ class DatasetMeta(Record):
     sizes: dict[str, int]
     config: dict[str, Any] = Field(description="The data section it was made with.")
     preprocess_seconds: float = 0.0
+    preprocess_tasks: int = Field(1, description="Convert tasks the shards were written by.")
     root: str | None = Field(None, description="Where the shards are, when not beside it.")
     notes: list[str] = Field(
         default_factory=list,
@@ -181,6 +184,116 @@ def dataset_meta(data: Any, where: str | Path) -> DatasetMeta:
             f"{where}: dataset kind {kind!r} unknown (known: {', '.join(DATASET_KINDS)})"
         )
     return DATASET_KINDS[kind].parse(data, where)
+
+
+# -- preprocessing fanned out: plan -> convert x N -> merge ---------------------------------------
+class ShardSlot(Record):
+    """One shard the plan fixes before any is written: its split and number (the file
+    ``<split>-<index:06d>.parquet``), the samples planned for it (before images that do not
+    decode are dropped) and, for text, the last source row it holds (where a convert task that
+    writes it may stop reading)."""
+
+    split: str
+    index: int
+    samples: int
+    last_row: int = -1
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.parquet"
+
+
+class PreprocessPlan(Record):
+    """``plan.json``: what the plan task fixed. The slots are the dataset's shards in manifest
+    order (splits, then shard numbers); each convert task writes one contiguous range of them.
+    Nothing here depends on the number of tasks but ``ranges``: the shards, and so the dataset,
+    are the same for every N."""
+
+    kind: str
+    source: str
+    fingerprint: str = Field(
+        description="The input listing and every setting that shapes the shards."
+    )
+    num_tasks: int
+    slots: list[ShardSlot]
+    ranges: list[tuple[int, int]] = Field(description="Per convert task: [first slot, end slot).")
+    whole: bool = Field(
+        False, description="The kind is built in one task (by merge); convert tasks do nothing."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The data section it was made with, the run's overrides applied: what the "
+        "convert tasks and merge read (so every task of one preprocess reads the same).",
+    )
+    seconds: float = 0.0
+
+
+class ShardRecord(Record):
+    """One written shard as the manifest names it (``kubetrain.data.shards.ShardInfo``)."""
+
+    path: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+class PixelSums(Record):
+    """Per-channel sums of pixel values (0..1) and of their squares over some images, in float64:
+    partial sums of shards combine, in shard order, into the training split's mean and std
+    exactly, however many tasks computed them."""
+
+    sum: list[float]
+    squares: list[float]
+    pixels: int = Field(description="Pixels per channel summed.")
+    images: int
+
+    def plus(self, other: PixelSums) -> PixelSums:
+        """These sums and ``other``'s (float64, in this order)."""
+        import numpy as np
+
+        return PixelSums(
+            sum=(np.asarray(self.sum, np.float64) + np.asarray(other.sum, np.float64)).tolist(),
+            squares=(
+                np.asarray(self.squares, np.float64) + np.asarray(other.squares, np.float64)
+            ).tolist(),
+            pixels=self.pixels + other.pixels,
+            images=self.images + other.images,
+        )
+
+
+class SlotResult(Record):
+    """What a convert task wrote for one slot: the shard (None when every image of it was
+    skipped), its class counts (detection: objects), and the parts of the statistics merge
+    combines (images: what was skipped, the sizes seen, pixel sums; text: tokens and truncated
+    sequences; detection: what was skipped, images without objects, the box checks' counts)."""
+
+    slot: int
+    shard: ShardRecord | None
+    samples: int = 0
+    class_counts: dict[str, int] = Field(default_factory=dict)
+    columns: dict[str, str] = Field(default_factory=dict)
+    skipped: list[tuple[str, str]] = Field(default_factory=list)
+    shapes: list[tuple[int, int]] = Field(default_factory=list)
+    pixel_sums: PixelSums | None = None
+    tokens: int = 0
+    truncated: int = 0
+    empty_images: int = 0  # detection: images without objects
+    boxes: dict[str, Any] | None = Field(
+        None, description="Detection: what the box checks kept, clipped and dropped."
+    )
+
+
+class DatasetPart(Record):
+    """``part.json``: one convert task's range of slots, written last (it marks the part
+    complete); its shards are beside it, or at ``root`` (``data.shard_store``)."""
+
+    kind: str
+    fingerprint: str
+    task: int
+    slots: list[SlotResult]
+    root: str | None = None
+    seconds: float = 0.0
+    processes: int = 1
 
 
 # -- model --------------------------------------------------------------------------------------

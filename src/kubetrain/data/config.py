@@ -3,7 +3,7 @@ augmented (used by ``kubetrain.data`` and the training loader)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -40,6 +40,14 @@ class TokenizerConfig(Section):
         None,
         description="A local tokenizer.json, or a directory holding one, to use instead of "
         "training; it must know the special tokens <pad> <unk> <s> </s> <cls>.",
+    )
+    sample_size: int = Field(
+        500_000,
+        ge=1_000,
+        description="Rows of the training split a tokenizer is trained on (a seq2seq row gives "
+        "its text and its target): all of them when the split has no more, else a seeded sample "
+        "of this many (the same for every run and every data.parallel_tasks), read in source "
+        "order. Preprocess holds the sample in memory while it reads.",
     )
 
     @model_validator(mode="after")
@@ -89,6 +97,12 @@ class TransformsConfig(Section):
 
 class DataConfig(Section):
     """Where the data comes from and how it is split, normalised and augmented."""
+
+    # How preprocess is spread over tasks, not what it makes: the dataset is the same for every
+    # value, so a model's fingerprint (kubetrain.registry) leaves them out.
+    RUN_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"parallel_tasks", "max_parallel_tasks", "convert_retries", "shard_store"}
+    )
 
     source: str = Field(
         "digits",
@@ -253,4 +267,37 @@ class DataConfig(Section):
         ge=0,
         description="CutMix's Beta(alpha, alpha) on training batches (0 = off); with "
         "mixup_alpha too, each batch gets one of the two at random.",
+    )
+    parallel_tasks: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Preprocess fanned out over this many convert tasks: a plan task lists the "
+        "source, draws the split and fixes the shards, each convert task (a dsl.ParallelFor "
+        "iteration) decodes or tokenizes a contiguous range of them, a merge task checks every "
+        "range is there and writes the manifest, statistics and version. The dataset is the same "
+        "for every value; 1: one preprocess task. Images, text and detection; tables are built whole "
+        "by the merge task. Fixed when the pipeline is compiled.",
+    )
+    max_parallel_tasks: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Convert tasks running at once (the ParallelFor's parallelism; 0: all "
+        "data.parallel_tasks). kfp.local runs at most 2 at once whatever it is.",
+    )
+    convert_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Times a failed convert task is retried (KFP's set_retry, with back-off) "
+        "before the run fails.",
+    )
+    shard_store: str | None = Field(
+        None,
+        description="Where convert tasks write the shards when data.parallel_tasks > 1: a "
+        "directory on the cluster's claim (below cluster.mount_path) or an fsspec URI "
+        "(s3://bucket/datasets, with data.storage_options); the dataset goes to "
+        "<shard_store>/<input fingerprint>/ and training streams from there. None: each convert "
+        "task's shards are its output artifact, and merge gathers them into the dataset's.",
     )

@@ -40,14 +40,16 @@ import posixpath
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kubetrain.core.errors import ConfigError, DataError
+from kubetrain.core.records import PreprocessPlan, SlotResult
 from kubetrain.data.boxes import BoxCounts, Categories, check_boxes, cxcywh_to_xyxy, strata
 from kubetrain.data.config import DataConfig
 from kubetrain.data.dataset import split_indices
@@ -646,39 +648,47 @@ def build_detection_dataset(cfg: DataConfig, out_dir: str) -> ShardManifest:
             that decodes, no box left after the checks.
         ConfigError: ``data.image_size`` (stored images are not resized: boxes would move).
     """
+    started = time.perf_counter()
+    options = dict(cfg.storage_options)
+    _refuse_image_size(cfg)
+    listing = list_detection(cfg.source, cfg.annotation_format, options,
+                             max(4, cfg.num_workers * 2))  # fmt: skip
+    cached = _cached(str(out_dir), _fingerprint(listing, cfg), options)
+    if cached is not None:
+        log.info("%s: unchanged input, reusing dataset %s", out_dir, cached.version)
+        return cached
+    plan = plan_detection_shards(cfg, 1, listing)
+    _remove_manifest(str(out_dir), options)
+    try:
+        results = convert_detection_shards(cfg, plan, range(len(plan.record.slots)), str(out_dir))
+        manifest = merge_detection_shards(cfg, plan, results, str(out_dir))
+    except DataError:
+        _remove_shards(str(out_dir), [], options)
+        raise
+    _log_built(cfg, manifest, len(listing.refs), started)
+    return manifest
+
+
+def _refuse_image_size(cfg: DataConfig) -> None:
     if cfg.image_size is not None:
         raise ConfigError(
             "config error: data.image_size: detection stores images at their size (a square crop "
             "would cut boxes); resize in data.transforms or with the detector's min_size/max_size"
         )
-    started = time.perf_counter()
-    options = dict(cfg.storage_options)
-    listing = list_detection(cfg.source, cfg.annotation_format, options,
-                             max(4, cfg.num_workers * 2))  # fmt: skip
-    fingerprint = _fingerprint(listing, cfg)
-    cached = _cached(str(out_dir), fingerprint, options)
-    if cached is not None:
-        log.info("%s: unchanged input, reusing dataset %s", out_dir, cached.version)
-        return cached
-    parts = split_detection(listing, cfg)
+
+
+def _shard_tasks(
+    refs: list[DetectionRef], parts: dict[str, np.ndarray], cfg: DataConfig, root: str
+) -> list[_ShardTask]:
+    """Every shard's images in order (each split shuffled, seeded): the same for every run."""
     tasks = []
     for n, split in enumerate(SPLITS):
         order = np.random.default_rng([cfg.seed, n]).permutation(parts[split])
         for index, start in enumerate(range(0, len(order), cfg.shard_samples)):
             chunk = order[start : start + cfg.shard_samples]
-            refs = tuple(listing.refs[int(i)] for i in chunk)
-            tasks.append(_ShardTask(str(out_dir), split, index, refs, cfg.image_mode, options))
-    _remove_manifest(str(out_dir), options)
-    results = _run(tasks, cfg.num_workers, _write_shard)
-    try:
-        manifest = _manifest(results, listing, cfg, fingerprint)
-    except DataError:
-        _remove_shards(str(out_dir), [], options)
-        raise
-    save_manifest(str(out_dir), manifest, options)
-    _remove_shards(str(out_dir), [s.path for v in manifest.splits.values() for s in v], options)
-    _log_built(cfg, manifest, len(listing.refs), started)
-    return manifest
+            tasks.append(_ShardTask(root, split, index, tuple(refs[int(i)] for i in chunk),
+                                    cfg.image_mode, dict(cfg.storage_options)))  # fmt: skip
+    return tasks
 
 
 def _manifest(results: list[_ShardResult], listing: DetectionListing, cfg: DataConfig,
@@ -750,3 +760,166 @@ def _log_built(cfg: DataConfig, manifest: ShardManifest, listed: int, started: f
         cfg.source, listed - prov["num_skipped"], counts.kept, len(manifest.meta["classes"]),
         manifest.meta["annotation_format"], manifest.version, time.perf_counter() - started,
     )  # fmt: skip
+
+
+# -- plan, convert, merge (kubetrain.data.fanout) -------------------------------------------------
+DETECTION_LISTING = "detection.parquet"  # every image's file, boxes and labels
+DETECTION_SPLITS = "splits.npz"
+DETECTION_PLAN = "detection-plan.json"  # format, categories, what the listing dropped
+
+
+@dataclass
+class DetectionPlan:
+    """What the plan fixes before any image is decoded: the listing (images, boxes, labels,
+    categories), the split, and from them every shard's images (``_shard_tasks``, seeded);
+    ``record`` holds the shards as slots and each convert task's range of them."""
+
+    listing: DetectionListing
+    parts: dict[str, np.ndarray]
+    record: PreprocessPlan
+
+    def save(self, directory: str | Path) -> None:
+        """Write the listing, the split and the rest of the plan into ``directory`` (the record
+        is the caller's: ``kubetrain.core.artifacts.PlanArtifact``)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        refs = self.listing.refs
+        table = pa.table({
+            "url": [r.image.url for r in refs],
+            "offset": pa.array([r.image.offset for r in refs], pa.int64()),
+            "size": pa.array([r.image.size for r in refs], pa.int64()),
+            "member": [r.image.member for r in refs],
+            "boxes": [np.asarray(r.boxes, np.float64).reshape(-1).tolist() for r in refs],
+            "labels": [np.asarray(r.labels, np.int64).tolist() for r in refs],
+            "index": pa.array([r.index for r in refs], pa.int64()),
+            "normalized": [bool(r.normalized) for r in refs],
+            "source": [r.source for r in refs],
+        })  # fmt: skip
+        pq.write_table(table, out / DETECTION_LISTING, compression="zstd")
+        with open(out / DETECTION_SPLITS, "wb") as f:
+            arrays = {k: np.asarray(v, np.int64) for k, v in self.parts.items()}
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: bool
+        (out / DETECTION_PLAN).write_text(json.dumps({
+            "format": self.listing.format,
+            "categories": self.listing.categories.to_json(),
+            "counts": self.listing.counts.to_json(),
+            "fingerprint": self.listing.fingerprint,
+            "annotation_files": self.listing.annotation_files,
+        }))  # fmt: skip
+
+    @classmethod
+    def load(cls, directory: str | Path, record: PreprocessPlan) -> DetectionPlan:
+        """The plan saved in ``directory``; raises DataError if it is not one."""
+        import pyarrow.parquet as pq
+
+        path = Path(directory)
+        try:
+            table = pq.read_table(path / DETECTION_LISTING).to_pydict()
+            with np.load(path / DETECTION_SPLITS, allow_pickle=False) as npz:
+                parts = {k: npz[k] for k in npz.files}
+            rest = json.loads((path / DETECTION_PLAN).read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"data error: {path}: not a detection plan ({err})") from None
+        columns = ("url", "offset", "size", "member", "boxes", "labels", "index", "normalized",
+                   "source")  # fmt: skip
+        refs = []
+        for url, offset, size, member, boxes, labels, index, normalized, source in zip(
+            *(table[c] for c in columns), strict=True
+        ):
+            image = ImageRef(url, None, int(offset), int(size), member)
+            box_array = np.asarray(boxes, np.float64).reshape(-1, 4)
+            refs.append(DetectionRef(image, box_array, np.asarray(labels, np.int64), int(index),
+                                     bool(normalized), source))  # fmt: skip
+        counts = rest["counts"]
+        listing = DetectionListing(
+            rest["format"], refs, Categories.from_json(rest["categories"]),
+            BoxCounts(counts["kept"], counts["clipped"], Counter(counts["dropped"]),
+                      dict(counts["examples"])),
+            rest["fingerprint"], list(rest["annotation_files"]),
+        )  # fmt: skip
+        return cls(listing, parts, record)
+
+
+def plan_detection_shards(
+    cfg: DataConfig, num_tasks: int, listing: DetectionListing | None = None
+) -> DetectionPlan:
+    """Plan the sharded detection dataset of ``cfg`` for ``num_tasks`` convert tasks: list the
+    source (unless ``listing`` is given), draw the split, fix every shard's images and cut the
+    shards into contiguous ranges of about equal size.
+
+    Raises:
+        DataError, ConfigError: as ``build_detection_dataset``.
+    """
+    from kubetrain.data.fanout import assign_ranges, slots_of
+
+    _refuse_image_size(cfg)
+    if listing is None:
+        listing = list_detection(cfg.source, cfg.annotation_format, dict(cfg.storage_options),
+                                 max(4, cfg.num_workers * 2))  # fmt: skip
+    parts = split_detection(listing, cfg)
+    tasks = _shard_tasks(listing.refs, parts, cfg, "")
+    slots = slots_of((t.split, t.index, len(t.refs)) for t in tasks)
+    record = PreprocessPlan(
+        kind="detection",
+        source=cfg.source,
+        fingerprint=_fingerprint(listing, cfg),
+        num_tasks=num_tasks,
+        slots=slots,
+        ranges=assign_ranges([s.samples for s in slots], num_tasks),
+    )
+    return DetectionPlan(listing, parts, record)
+
+
+def convert_detection_shards(
+    cfg: DataConfig, plan: DetectionPlan, slots: Sequence[int], root: str
+) -> list[SlotResult]:
+    """Decode, check the boxes of and write the shards of ``slots`` into ``root`` with
+    ``cfg.num_workers`` processes; what each wrote, in order.
+
+    Raises:
+        DataError: the store fails (a missing or undecodable image is skipped and counted).
+    """
+    from kubetrain.data.fanout import shard_record
+
+    tasks = _shard_tasks(plan.listing.refs, plan.parts, cfg, root)
+    done = _run([tasks[i] for i in slots], cfg.num_workers, _write_shard)
+    out = []
+    for i, r in zip(slots, done, strict=True):
+        shard = shard_record(r.shard) if r.shard is not None else None
+        samples = r.shard.num_samples if r.shard is not None else 0
+        out.append(SlotResult(slot=i, shard=shard, samples=samples, class_counts=dict(r.objects),
+                              skipped=list(r.skipped), empty_images=r.empty_images,
+                              boxes=r.counts.to_json()))  # fmt: skip
+    return out
+
+
+def merge_detection_shards(
+    cfg: DataConfig, plan: DetectionPlan, results: Sequence[SlotResult], root: str
+) -> ShardManifest:
+    """The manifest of every slot's shard at ``root`` (written last; objects, empty images and
+    the box checks' counts summed from the slots in slot order); a previous build's shards there
+    are removed.
+
+    Raises:
+        DataError: no image can be read, or no box is left.
+    """
+    from kubetrain.data.fanout import shard_info
+
+    options = dict(cfg.storage_options)
+    tasks = _shard_tasks(plan.listing.refs, plan.parts, cfg, root)
+    written = []
+    for r in results:
+        b = r.boxes or {"kept": 0, "clipped": 0, "dropped": {}, "examples": {}}
+        counts = BoxCounts(b["kept"], b["clipped"], Counter(b["dropped"]), dict(b["examples"]))
+        written.append(_ShardResult(
+            tasks[r.slot], shard_info(r.shard) if r.shard is not None else None,
+            Counter(r.class_counts), r.empty_images, counts,
+            [(name, why) for name, why in r.skipped],
+        ))  # fmt: skip
+    manifest = _manifest(written, plan.listing, cfg, plan.record.fingerprint)
+    save_manifest(root, manifest, options)
+    _remove_shards(root, [s.path for v in manifest.splits.values() for s in v], options)
+    return manifest

@@ -18,6 +18,11 @@ Why it is laid out this way:
 - Output is a function of the input bytes and the config: re-running on unchanged input writes
   the same shards and the same content version; a rebuild whose listing matches the fingerprint
   of the dataset already at ``out_dir`` is skipped altogether.
+- The build is a plan (``plan_image_shards``: listing, split, every shard's images), a
+  conversion of ranges of shards (``convert_image_shards``) and a merge (``merge_image_shards``:
+  the manifest and the pixel sums of the default ``Normalize``), so a pipeline can run the
+  conversion as many tasks (``kubetrain.data.fanout``); ``build_image_dataset`` runs all three
+  in one process, and the shards are the same either way.
 
 Only Pillow, numpy, pyarrow and fsspec are imported (no torch): worker processes start fast.
 """
@@ -33,14 +38,16 @@ import posixpath
 import time
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kubetrain.core.errors import DataError
+from kubetrain.core.records import PixelSums, PreprocessPlan, SlotResult
 from kubetrain.data.config import DataConfig
 from kubetrain.data.dataset import encode_labels, split_indices
 from kubetrain.data.image_sources import ImageListing, ImageRef, filesystem, list_images, read_bytes
@@ -60,6 +67,7 @@ SPLITS = ("train", "val", "test")
 IMAGE_FORMAT = 1
 KEPT_FORMATS = ("JPEG", "PNG")  # stored as they are when nothing needs changing
 SKIPPED_SHOWN = 20  # skipped images named in the manifest's provenance
+STATS_IMAGES = 10_000  # training images the default Normalize's mean/std are computed from
 TOO_LARGE = "too large"  # the start of the reason of an image above data.max_image_pixels
 MISSING = "missing"  # the reason of a manifest row whose file is gone
 
@@ -246,14 +254,21 @@ def build_image_dataset(cfg: DataConfig, out_dir: str) -> ShardManifest:
     out_dir = str(out_dir)
     options = dict(cfg.storage_options)
     listing = _list(cfg, options)
-    fingerprint = _fingerprint(listing.fingerprint, cfg)
-    cached = _cached(out_dir, fingerprint, options)
+    cached = _cached(out_dir, _fingerprint(listing.fingerprint, cfg), options)
     if cached is not None:
         log.info("%s: unchanged input, reusing dataset %s", out_dir, cached.version)
         return cached
-    ids, classes, parts = _classes_and_splits(listing.refs, cfg)
-    manifest = _write_shards(listing.refs, ids, classes, parts, cfg, out_dir, fingerprint)
-    _log_built(cfg, out_dir, manifest, len(listing.refs), len(classes), started)
+    plan = plan_image_shards(cfg, 1, listing)
+    _remove_manifest(out_dir, options)  # a failed build leaves no manifest naming old shards
+    try:
+        results = convert_image_shards(cfg, plan, range(len(plan.record.slots)), out_dir)
+        manifest = merge_image_shards(cfg, plan, results, out_dir)
+    except BaseException:
+        # Half a dataset is no dataset (and on a full disk, what keeps it full): the shards
+        # this build wrote go, and the temporary file a writer was in the middle of.
+        _remove_shards(out_dir, [], options, temporary=True)
+        raise
+    _log_built(cfg, out_dir, manifest, len(listing.refs), len(plan.classes), started)
     return manifest
 
 
@@ -283,32 +298,6 @@ def _classes_and_splits(
     except DataError as err:  # name the source: the split's message cannot
         raise DataError(str(err).replace("data error:", f"data error: {cfg.source}:", 1)) from None
     return ids, classes, parts
-
-
-def _write_shards(
-    refs: list[ImageRef],
-    ids: np.ndarray,
-    classes: list[str],
-    parts: dict[str, np.ndarray],
-    cfg: DataConfig,
-    out_dir: str,
-    fingerprint: str,
-) -> ShardManifest:
-    """Write every split's shards, then the manifest; old shards it does not name are removed."""
-    options = dict(cfg.storage_options)
-    tasks = _plan(refs, ids, parts, cfg, out_dir, options)
-    _remove_manifest(out_dir, options)  # a failed build leaves no manifest naming old shards
-    try:
-        results = _run(tasks, cfg.num_workers)
-        manifest = _manifest(results, classes, refs, cfg, fingerprint)
-    except BaseException:
-        # Half a dataset is no dataset (and on a full disk, what keeps it full): the shards
-        # this build wrote go, and the temporary file a writer was in the middle of.
-        _remove_shards(out_dir, [], options, temporary=True)
-        raise
-    save_manifest(out_dir, manifest, options)
-    _remove_shards(out_dir, [s.path for v in manifest.splits.values() for s in v], options)
-    return manifest
 
 
 def skip_reason(why: str) -> str:
@@ -516,3 +505,224 @@ def _remove_shards(
         half = temporary and name.startswith(".") and name.endswith(".parquet.tmp")
         if shard or half:
             fs.rm(path)
+
+
+# -- plan, convert, merge (kubetrain.data.fanout) -------------------------------------------------
+IMAGE_LISTING = "images.parquet"  # the plan's listing: every image's file and class id
+IMAGE_SPLITS = "splits.npz"  # the plan's split: indices into the listing per split
+IMAGE_CLASSES = "classes.json"
+
+
+@dataclass
+class ImagePlan:
+    """What the plan fixes before any pixel is read: every listed image (file and class id),
+    the stratified split, and from those (``_plan``, seeded) every shard's images in order;
+    ``record`` holds the shards as slots and each convert task's range of them."""
+
+    refs: list[ImageRef]
+    ids: np.ndarray
+    classes: list[str]
+    parts: dict[str, np.ndarray]
+    record: PreprocessPlan
+
+    def save(self, directory: str | Path) -> None:
+        """Write the listing, the split and the classes into ``directory`` (the plan record is
+        the caller's: ``kubetrain.core.artifacts.PlanArtifact``)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        table = pa.table(
+            {
+                "url": [r.url for r in self.refs],
+                "offset": pa.array([r.offset for r in self.refs], pa.int64()),
+                "size": pa.array([r.size for r in self.refs], pa.int64()),
+                "member": [r.member for r in self.refs],
+                "class_id": pa.array(self.ids.astype(np.int64), pa.int64()),
+            }
+        )
+        pq.write_table(table, out / IMAGE_LISTING, compression="zstd")
+        with open(out / IMAGE_SPLITS, "wb") as f:
+            arrays = {k: np.asarray(v, np.int64) for k, v in self.parts.items()}
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: bool
+        (out / IMAGE_CLASSES).write_text(json.dumps(self.classes))
+
+    @classmethod
+    def load(cls, directory: str | Path, record: PreprocessPlan) -> ImagePlan:
+        """The plan saved in ``directory`` with its ``record``; raises DataError if a file is
+        missing or unreadable."""
+        import pyarrow.parquet as pq
+
+        path = Path(directory)
+        try:
+            table = pq.read_table(path / IMAGE_LISTING).to_pydict()
+            with np.load(path / IMAGE_SPLITS, allow_pickle=False) as npz:
+                parts = {k: npz[k] for k in npz.files}
+            classes = json.loads((path / IMAGE_CLASSES).read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"data error: {path}: not an image plan ({err})") from None
+        ids = np.asarray(table["class_id"], dtype=np.int64)
+        refs = [
+            ImageRef(url, classes[int(c)], int(o), int(n), m)
+            for url, o, n, m, c in zip(
+                table["url"], table["offset"], table["size"], table["member"], ids, strict=True
+            )
+        ]
+        return cls(refs, ids, list(classes), parts, record)
+
+
+def stats_quotas(plan: PreprocessPlan, limit: int = STATS_IMAGES) -> list[int]:
+    """Per slot, how many of its images the channel statistics read: the training split's
+    first ``limit`` images in shard order, by the plan's counts (so a convert task knows its
+    share without the others; images that do not decode are not made up for)."""
+    quotas, seen = [], 0
+    for slot in plan.slots:
+        take = max(0, min(slot.samples, limit - seen)) if slot.split == "train" else 0
+        seen += take
+        quotas.append(take)
+    return quotas
+
+
+def pixel_sums(images: Sequence[bytes], mode: str) -> PixelSums:
+    """Per-channel float64 sums of pixel values (0..1) and of their squares over encoded
+    ``images``, converted to ``mode``, summed image by image in order."""
+    from PIL import Image
+
+    channels = len(mode)
+    sums = np.zeros(channels, np.float64)
+    squares = np.zeros(channels, np.float64)
+    pixels = 0
+    for data in images:
+        with Image.open(io.BytesIO(data)) as img:
+            a = np.asarray(img.convert(mode), dtype=np.float64) / 255.0
+        a = a.reshape(-1, channels)
+        sums += a.sum(0)
+        squares += (a * a).sum(0)
+        pixels += len(a)
+    return PixelSums(sum=sums.tolist(), squares=squares.tolist(), pixels=pixels, images=len(images))
+
+
+def mean_std(sums: PixelSums) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (rounded to 1e-6, std at least 1e-3) from pixel sums.
+
+    Raises:
+        DataError: the sums cover no pixel.
+    """
+    if not sums.pixels:
+        raise DataError("data error: the training split has no images")
+    mean = np.asarray(sums.sum, np.float64) / sums.pixels
+    std = np.sqrt(np.maximum(np.asarray(sums.squares, np.float64) / sums.pixels - mean**2, 1e-12))
+    return [round(float(v), 6) for v in mean], [round(float(max(v, 1e-3)), 6) for v in std]
+
+
+def plan_image_shards(
+    cfg: DataConfig, num_tasks: int, listing: ImageListing | None = None
+) -> ImagePlan:
+    """Plan the sharded image dataset of ``cfg`` for ``num_tasks`` convert tasks.
+
+    Lists the source (unless ``listing`` is given), maps labels to class ids, draws the
+    stratified split and fixes every shard's images (``_plan``, seeded: the same for every
+    ``num_tasks``); then cuts the shards into contiguous ranges of about equal size.
+
+    Raises:
+        DataError, ConfigError: as ``build_image_dataset``.
+    """
+    from kubetrain.data.fanout import assign_ranges, slots_of
+
+    options = dict(cfg.storage_options)
+    listing = listing if listing is not None else _list(cfg, options)
+    ids, classes, parts = _classes_and_splits(listing.refs, cfg)
+    tasks = _plan(listing.refs, ids, parts, cfg, "", options)
+    slots = slots_of((t.split, t.index, len(t.refs)) for t in tasks)
+    record = PreprocessPlan(
+        kind="images",
+        source=cfg.source,
+        fingerprint=_fingerprint(listing.fingerprint, cfg),
+        num_tasks=num_tasks,
+        slots=slots,
+        ranges=assign_ranges([s.samples for s in slots], num_tasks),
+    )
+    return ImagePlan(listing.refs, ids, classes, parts, record)
+
+
+def _write_and_sum(job: tuple[_ShardTask, int]) -> tuple[_ShardResult, PixelSums | None]:
+    """Write one shard, then sum the pixels of its first ``quota`` stored images (a worker)."""
+    from kubetrain.data.shards import read_shard
+
+    task, quota = job
+    result = _write_shard(task)
+    if not quota or result.shard is None:
+        return result, None
+    images = read_shard(task.root, result.shard, task.storage_options)["image"][:quota]
+    return result, pixel_sums(images, task.mode)
+
+
+def convert_image_shards(
+    cfg: DataConfig, plan: ImagePlan, slots: Sequence[int], root: str
+) -> list[SlotResult]:
+    """Decode, convert and write the shards of ``slots`` (slot numbers of the plan) into
+    ``root`` with ``cfg.num_workers`` processes; returns what each wrote, in order.
+
+    Raises:
+        DataError: the store fails (a missing or undecodable image is skipped and counted).
+    """
+    from kubetrain.data.fanout import shard_record
+
+    tasks = _plan(plan.refs, plan.ids, plan.parts, cfg, root, dict(cfg.storage_options))
+    quotas = stats_quotas(plan.record)
+    done = _run([(tasks[i], quotas[i]) for i in slots], cfg.num_workers, _write_and_sum)
+    return [
+        SlotResult(
+            slot=i,
+            shard=shard_record(r.shard) if r.shard is not None else None,
+            samples=r.shard.num_samples if r.shard is not None else 0,
+            class_counts=dict(r.class_counts),
+            skipped=list(r.skipped),
+            shapes=sorted(r.shapes),
+            pixel_sums=sums,
+        )
+        for i, (r, sums) in zip(slots, done, strict=True)
+    ]
+
+
+def merge_image_shards(
+    cfg: DataConfig, plan: ImagePlan, results: Sequence[SlotResult], root: str
+) -> ShardManifest:
+    """The manifest of every slot's shard at ``root`` (written last), with the training
+    split's pixel sums in its provenance (combined in slot order); shards a previous build left
+    at ``root`` are removed.
+
+    Args:
+        cfg: the ``data`` section the plan was made with.
+        plan: the plan.
+        results: every slot's result, in slot order (``kubetrain.data.fanout.ordered_results``).
+        root: where the shards are (and the manifest goes).
+
+    Raises:
+        DataError: no image decodes, or none of a class's.
+    """
+    from kubetrain.data.fanout import shard_info
+
+    options = dict(cfg.storage_options)
+    tasks = _plan(plan.refs, plan.ids, plan.parts, cfg, root, options)
+    written = [
+        _ShardResult(
+            tasks[r.slot],
+            shard_info(r.shard) if r.shard is not None else None,
+            Counter(r.class_counts),
+            [(name, why) for name, why in r.skipped],
+            {(h, w) for h, w in r.shapes},
+        )
+        for r in results
+    ]
+    manifest = _manifest(written, plan.classes, plan.refs, cfg, plan.record.fingerprint)
+    total: PixelSums | None = None
+    for r in results:  # slot order: the same float64 sums whichever task made each part
+        if r.pixel_sums is not None:
+            total = r.pixel_sums if total is None else total.plus(r.pixel_sums)
+    if total is not None:
+        manifest.provenance["pixel_sums"] = total.to_json()
+    save_manifest(root, manifest, options)
+    _remove_shards(root, [s.path for v in manifest.splits.values() for s in v], options)
+    return manifest

@@ -25,7 +25,9 @@ Besides files, ``data.source`` may name a corpus an installed package ships
 ``build_text_dataset`` writes the dataset directory: ``tokenizer.json``, the token shards with
 their ``shards.json`` manifest (streamed by :class:`kubetrain.data.streaming.StreamingDataset`)
 and ``text.json`` (task, classes, special token ids, counts). Every row is read (and so every bad
-row found) before a byte is written. It writes into a temporary directory beside the output and
+row found) before a byte is written. It is a plan (``plan_text``: the tokenizer, the classes, every
+shard's rows), a conversion of ranges of shards (``convert_text``) and a merge (``merge_text``),
+which a pipeline may run as separate tasks (``kubetrain.data.fanout``): the same shards either way. It writes into a temporary directory beside the output and
 renames it at the end; into an output directory that exists and is empty (a pipeline's output
 artifact, whose parent may not be ours to write), it writes in place and empties it again on a
 failure: nothing half-written is left behind either way.
@@ -47,11 +49,13 @@ from typing import Any
 
 from kubetrain.core.errors import ConfigError, DataError
 from kubetrain.core.io import atomic_directory
+from kubetrain.core.records import PreprocessPlan, SlotResult
 
 log = logging.getLogger(__name__)
 
 TEXT_META = "text.json"
 TEXT_TASKS = ("text_classification", "seq2seq")
+SPLITS = ("train", "val", "test")
 _FORMATS = {
     ".csv": "csv",
     ".tsv": "tsv",
@@ -366,89 +370,279 @@ def _empty(directory: Path) -> None:
             child.unlink(missing_ok=True)
 
 
-def _fit_tokenizer(cfg, stats: ReadStats) -> tuple[Any, list[str] | None]:
-    """Pass 1: load or train the tokenizer; returns it and the sorted classes (None: seq2seq)."""
-    from kubetrain.data import tokenize
+# -- plan, convert, merge (kubetrain.data.fanout) -------------------------------------------------
+TEXT_PLAN = "text-plan.json"  # the plan's classes, counts and special ids (beside tokenizer.json)
 
+
+def _priority(row: int, seed: int) -> int:
+    """A seeded hash of a row (splitmix64): the order in which rows enter the tokenizer's
+    sample, the same in every run and process."""
+    z = (row * 0x9E3779B97F4A7C15 + (seed + 11) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+class _Sample:
+    """The rows of lowest priority seen, at most ``size`` (a uniform sample without replacement,
+    kept while reading once); all rows when there are no more than ``size``."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self._heap: list[tuple[int, int, tuple[str, ...]]] = []
+
+    def add(self, row: int, texts: tuple[str, ...]) -> None:
+        import heapq
+
+        item = (-_priority(row, self.seed), row, texts)
+        if len(self._heap) < self.size:
+            heapq.heappush(self._heap, item)
+        elif item[0] > self._heap[0][0]:  # a lower priority than the highest kept
+            heapq.heapreplace(self._heap, item)
+
+    def texts(self) -> Iterator[str]:
+        """The kept rows' texts, in source order."""
+        for _, _, texts in sorted(self._heap, key=lambda item: item[1]):
+            yield from texts
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+@dataclass
+class TextPlan:
+    """What the plan fixes for text: the tokenizer, the classes, what reading found, and the
+    shards (``record``: each shard's split, number, samples and last source row; each convert
+    task's range of them)."""
+
+    tokenizer: Any
+    classes: list[str] | None
+    stats: ReadStats
+    special: dict[str, int]
+    record: PreprocessPlan
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``text-plan.json`` into ``directory`` (the record is
+        the caller's: ``kubetrain.core.artifacts.PlanArtifact``)."""
+        from kubetrain.data import tokenize
+
+        tokenize.save_tokenizer(self.tokenizer, directory)
+        record = {"classes": self.classes, "stats": asdict(self.stats), "special": self.special}
+        Path(directory, TEXT_PLAN).write_text(json.dumps(record))
+
+    @classmethod
+    def load(cls, directory: str | Path, record: PreprocessPlan) -> TextPlan:
+        """The plan saved in ``directory``; raises DataError if it is not one."""
+        from kubetrain.data import tokenize
+
+        try:
+            data = json.loads(Path(directory, TEXT_PLAN).read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"data error: {directory}: not a text plan ({err})") from None
+        tok = tokenize.load_tokenizer(Path(directory, tokenize.TOKENIZER_FILE))
+        return cls(tok, data["classes"], ReadStats(**data["stats"]), data["special"], record)
+
+
+def plan_text(cfg, num_tasks: int) -> TextPlan:
+    """Plan the text dataset of ``cfg`` for ``num_tasks`` convert tasks.
+
+    Reads every row once (so every bad row is found before a byte is written): the classes,
+    the counts, a seeded sample of the training split (``data.tokenizer.sample_size`` rows),
+    and where each shard's examples are (``tokenize.cut_parts`` on rows and splits only). Then
+    trains the tokenizer on the sample (in source order; or loads ``data.tokenizer.path``) and
+    cuts the shards into contiguous ranges of about equal size.
+
+    Raises:
+        ConfigError: not a text task.
+        DataError: bad source (see the module docstring), a bad tokenizer file, no training
+            text.
+    """
+    import hashlib
+
+    from kubetrain.data import tokenize
+    from kubetrain.data.fanout import assign_ranges, slots_of
+
+    stats = ReadStats()
     classes: Counter[str] = Counter()
     is_cls = cfg.task == "text_classification"
+    sample = _Sample(cfg.tokenizer.sample_size, cfg.seed)
+    content = hashlib.sha256()  # of every usable row: the input's identity
 
-    # Pass 1 reads everything (and so finds any bad row before a byte is written): it collects
-    # the classes and feeds the training split's text to the tokenizer trainer.
-    def train_texts() -> Iterator[str]:
+    def rows() -> Iterator[tuple[str, int, str, Any]]:
         for ex in iter_examples(cfg, stats):
+            content.update(json.dumps([ex.row, ex.text, ex.other]).encode())
             if is_cls and ex.other is not None:
                 classes[ex.other] += 1
-            if ex.split == "train":
-                yield ex.text
-                if not is_cls and ex.other is not None:  # one vocabulary for both sides
-                    yield ex.other  # of a pair (tied embeddings)
+            if ex.split == "train" and cfg.tokenizer.path is None:
+                # One vocabulary for both sides of a pair (tied embeddings).
+                both = not is_cls and ex.other is not None
+                sample.add(ex.row, (ex.text, str(ex.other)) if both else (ex.text,))
+            yield ex.split, ex.row, "", None
 
+    layout = [
+        (p.split, p.index, len(p.rows), p.rows[-1])
+        for p in tokenize.cut_parts(rows(), cfg.shard_samples, tokenize.MIX_PARTS, cfg.seed)
+    ]
+    class_list = _sorted_classes(classes) if is_cls else None
+    _check_read(cfg, stats, class_list)
     if cfg.tokenizer.path:
         tok = tokenize.load_tokenizer(cfg.tokenizer.path)
-        for _ in train_texts():
-            pass
     else:
-        tok = tokenize.train_tokenizer(train_texts(), cfg.tokenizer)
-    return tok, (_sorted_classes(classes) if is_cls else None)
+        if stats.per_split["train"] > len(sample):
+            log.info(
+                "tokenizer trained on a seeded sample of %d of the %d training rows "
+                "(data.tokenizer.sample_size)", len(sample), stats.per_split["train"],
+            )  # fmt: skip
+        tok = tokenize.train_tokenizer(sample.texts(), cfg.tokenizer)
+    special = tokenize.special_ids(tok, cfg.tokenizer.path or "trained tokenizer")
+    layout.sort(key=lambda p: (SPLITS.index(p[0]), p[1]))
+    slots = slots_of(((s, i, n) for s, i, n, _ in layout), (last for *_, last in layout))
+    record = PreprocessPlan(
+        kind=cfg.task,
+        source=cfg.source,
+        fingerprint=_text_fingerprint(cfg, tok, content.hexdigest()),
+        num_tasks=num_tasks,
+        slots=slots,
+        ranges=assign_ranges([s.samples for s in slots], num_tasks),
+    )
+    return TextPlan(tok, class_list, stats, special, record)
 
 
-def _tokenize(
-    cfg, tok, tmp: Path, class_list: list[str] | None, num_processes: int | None
-) -> tuple[Any, float]:
-    """Pass 2: tokenize every example into shards in ``tmp``; returns the summary and seconds."""
+def _text_fingerprint(cfg, tok, content: str) -> str:
+    """What identifies a text plan: the rows read, the tokenizer and every setting that shapes
+    the shards."""
+    import hashlib
+
+    settings = cfg.model_dump(
+        mode="json",
+        include={"task", "text_column", "label_column", "target_column", "max_length",
+                 "shard_samples", "seed", "val_fraction", "test_fraction"},
+    )  # fmt: skip
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(content.encode())
+    h.update(tok.to_str().encode())
+    return h.hexdigest()[:16]
+
+
+def convert_text(
+    cfg, plan: TextPlan, slots: Sequence[int], root: str, num_processes: int | None = None
+) -> list[SlotResult]:
+    """Tokenize the shards of ``slots`` (slot numbers of the plan) into ``root``.
+
+    Reads the source from its start to the last row those shards hold, cuts it into the same
+    parts the plan did and tokenizes only its own (``num_processes`` processes, default
+    ``cfg.num_workers``).
+
+    Returns:
+        What each slot's shard holds, in slot order.
+
+    Raises:
+        DataError: the source no longer matches the plan (a shard with other counts, an unknown
+            label), or reading it fails.
+    """
     from kubetrain.data import tokenize
+    from kubetrain.data.fanout import shard_record
 
-    is_cls = class_list is not None
-    label_index = {c: i for i, c in enumerate(class_list or [])}
-    examples = (
-        (ex.split, ex.row, ex.text, label_index[str(ex.other)] if is_cls else ex.other)
-        for ex in iter_examples(cfg, ReadStats())
+    planned = plan.record.slots
+    wanted = {(planned[i].split, planned[i].index): i for i in slots}
+    if not wanted:
+        return []
+    last = max(planned[i].last_row for i in slots)
+    label_index = {c: i for i, c in enumerate(plan.classes or [])}
+
+    def examples() -> Iterator[tuple[str, int, str, Any]]:
+        for ex in iter_examples(cfg, ReadStats()):
+            if ex.row > last:  # every part of ours is whole: see tokenize.cut_parts
+                return
+            if plan.classes is None:
+                yield ex.split, ex.row, ex.text, ex.other
+            elif str(ex.other) in label_index:
+                yield ex.split, ex.row, ex.text, label_index[str(ex.other)]
+            else:
+                raise DataError(f"data error: {ex.where}: label {ex.other!r} is not in the plan "
+                                "(the source changed since it was planned)")  # fmt: skip
+
+    parts = tokenize.cut_parts(examples(), cfg.shard_samples, tokenize.MIX_PARTS, cfg.seed)
+    mine = (p for p in parts if (p.split, p.index) in wanted)
+    processes = num_processes if num_processes is not None else max(1, cfg.num_workers)
+    results = tokenize.encode_parts(
+        mine, plan.tokenizer, root, cfg.task, cfg.max_length, processes, cfg.storage_options
     )
-    start = time.perf_counter()
-    summary = tokenize.tokenize_to_shards(
-        examples,
-        tok,
-        str(tmp),
-        task=cfg.task,
-        max_length=cfg.max_length,
-        num_processes=num_processes if num_processes is not None else max(1, cfg.num_workers),
-        shard_samples=cfg.shard_samples,
-        seed=cfg.seed,
-    )
-    return summary, time.perf_counter() - start
+    out = []
+    for r in results:
+        slot = wanted[(r.split, r.index)]
+        if (r.samples, r.last_row) != (planned[slot].samples, planned[slot].last_row):
+            raise DataError(
+                f"data error: {cfg.source}: shard {planned[slot].name} has {r.samples} samples "
+                f"up to row {r.last_row}, the plan {planned[slot].samples} up to row "
+                f"{planned[slot].last_row} (the source changed since it was planned)"
+            )
+        shard = shard_record(r.shards[0])
+        out.append(
+            SlotResult(slot=slot, shard=shard, samples=r.samples, class_counts=r.class_counts,
+                       columns=r.columns, tokens=r.tokens, truncated=r.truncated)
+        )  # fmt: skip
+    return sorted(out, key=lambda r: r.slot)
 
 
-def _write_dataset(
+def merge_text(
     cfg,
-    tok,
-    tmp: Path,
-    special: dict[str, int],
-    class_list: list[str] | None,
-    stats: ReadStats,
-    num_processes: int | None,
+    plan: TextPlan,
+    results: Sequence[SlotResult],
+    root: str,
+    seconds: float,
+    processes: int,
 ) -> TextMeta:
-    """Write the tokenizer, the token shards and ``text.json`` into ``tmp``."""
-    from kubetrain.data import tokenize
+    """The manifest of every slot's shard at ``root``, the tokenizer and ``text.json``
+    (counts summed from the parts); returns ``text.json``'s content.
 
-    tokenize.save_tokenizer(tok, tmp)
-    summary, seconds = _tokenize(cfg, tok, tmp, class_list, num_processes)
+    Args:
+        results: every slot's result, in slot order (``kubetrain.data.fanout.ordered_results``).
+        seconds: the convert tasks' time (``tokenize_seconds``).
+        processes: tokenizer processes over all tasks (``tokenize_processes``).
+    """
+    import fsspec
+
+    from kubetrain.data import tokenize
+    from kubetrain.data.fanout import shard_info
+
+    planned = plan.record.slots
+    parts = []
+    for r in results:
+        shards = [shard_info(r.shard)] if r.shard is not None else []
+        slot = planned[r.slot]
+        parts.append(
+            tokenize.PartResult(slot.split, slot.index, shards, r.class_counts, r.columns,
+                                r.tokens, r.truncated, r.samples)
+        )  # fmt: skip
+    summary = tokenize.write_splits(parts, root, processes, cfg.storage_options)
     meta = TextMeta(
         task=cfg.task,
         max_length=cfg.max_length,
-        special_ids=special,
-        vocab_size=tok.get_vocab_size(),
-        classes=class_list,
-        rows=stats.rows,
-        skipped_empty=stats.skipped_empty,
+        special_ids=plan.special,
+        vocab_size=plan.tokenizer.get_vocab_size(),
+        classes=plan.classes,
+        rows=plan.stats.rows,
+        skipped_empty=plan.stats.skipped_empty,
         truncated=summary.truncated,
         tokens=summary.tokens,
         samples=summary.samples,
         tokenize_seconds=round(seconds, 3),
         tokenize_processes=summary.processes,
     )
-    meta.save(tmp)
+    base = root.rstrip("/")
+    with fsspec.open(f"{base}/{tokenize.TOKENIZER_FILE}", "w", **cfg.storage_options) as f:
+        f.write(plan.tokenizer.to_str(pretty=True))  # as Tokenizer.save writes it
+    with fsspec.open(f"{base}/{TEXT_META}", "w", **cfg.storage_options) as f:
+        f.write(json.dumps(asdict(meta), indent=2))
     return meta
+
+
+def _write_dataset(cfg, plan: TextPlan, tmp: Path, num_processes: int | None) -> TextMeta:
+    """Tokenize every shard of ``plan`` into ``tmp`` in this process, then merge."""
+    processes = num_processes if num_processes is not None else max(1, cfg.num_workers)
+    start = time.perf_counter()
+    results = convert_text(cfg, plan, range(len(plan.record.slots)), str(tmp), processes)
+    return merge_text(cfg, plan, results, str(tmp), time.perf_counter() - start, processes)
 
 
 def count_notes(source: str, meta: TextMeta) -> list[str]:
@@ -516,23 +710,18 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
         DataError: bad source (see the module docstring), a bad tokenizer file, no training
             text, ``out`` holds something other than a text dataset.
     """
-    from kubetrain.data import tokenize
-
     out = Path(out)
     _refuse_foreign_out(out)
-    stats = ReadStats()
-    tok, class_list = _fit_tokenizer(cfg, stats)
-    _check_read(cfg, stats, class_list)
-    special = tokenize.special_ids(tok, cfg.tokenizer.path or "trained tokenizer")
+    plan = plan_text(cfg, 1)
     if out.is_dir() and not any(out.iterdir()):
         # An empty output directory (a pipeline's artifact): written in place, emptied on failure.
         try:
-            meta = _write_dataset(cfg, tok, out, special, class_list, stats, num_processes)
+            meta = _write_dataset(cfg, plan, out, num_processes)
         except BaseException:
             _empty(out)
             raise
     else:
         with atomic_directory(out) as tmp:
-            meta = _write_dataset(cfg, tok, tmp, special, class_list, stats, num_processes)
+            meta = _write_dataset(cfg, plan, tmp, num_processes)
     _warn_counts(cfg.source, meta)
     return meta

@@ -13,7 +13,7 @@ Sequences are stored with their special tokens, so every step reads the same ids
 
 Each record also keeps ``row``, its row in the source, to put predictions beside their text.
 Shards are not in source order: each split's examples are scattered over several parts at once
-(see ``_parts``), so a sorted source does not give single-class shards.
+(see ``cut_parts``), so a sorted source does not give single-class shards.
 
 Tokenization runs in ``num_processes`` worker processes started from a ``forkserver`` (a fresh
 process that has only imported the modules they need: a worker never inherits a parent's thread
@@ -43,6 +43,7 @@ from kubetrain.data.shards import ShardInfo, ShardWriter, write_manifest
 
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val", "test")
+MIX_PARTS = 16  # parts of a split filled at once (see ``cut_parts``)
 
 
 def _tokenizers():
@@ -194,6 +195,7 @@ class PartResult:
     tokens: int
     truncated: int
     samples: int
+    last_row: int = -1  # the last source row the part holds
 
 
 @dataclass
@@ -295,7 +297,7 @@ def _encode_part(part: Part, root: str, opts: dict[str, Any]) -> PartResult:
         w.write_all(records)
     return PartResult(
         part.split, part.index, w.shards, dict(w.class_counts), w.columns, tokens, cut,
-        len(records),
+        len(records), part.rows[-1] if part.rows else -1,
     )  # fmt: skip
 
 
@@ -306,11 +308,13 @@ def _slot(row: int, slots: int, seed: int) -> int:
     return (z ^ (z >> 29)) % slots
 
 
-def _parts(
-    examples: Iterable[tuple[str, int, str, Any]], size: int, mix: int = 16, seed: int = 0
+def cut_parts(
+    examples: Iterable[tuple[str, int, str, Any]], size: int, mix: int = MIX_PARTS, seed: int = 0
 ) -> Iterator[Part]:
     """Cut examples into parts of ``size``, scattering each split over ``mix`` open parts by a
-    seeded hash of the row.
+    seeded hash of the row. A part's rows and number depend only on the examples up to its last
+    row: a reader that stops after that row gets the part whole (``kubetrain.data.text``'s
+    convert tasks read no further than their parts need).
 
     Why: a source is often sorted (WordNet by category, catalogs by file), and the stream's
     shuffle is local (a shard and a buffer), so shards written in source order would feed
@@ -353,7 +357,7 @@ def tokenize_to_shards(
     num_processes: int = 1,
     shard_samples: int = 4096,
     storage_options: Mapping[str, Any] | None = None,
-    mix_parts: int = 16,
+    mix_parts: int = MIX_PARTS,
     seed: int = 0,
 ) -> TokenizeSummary:
     """Tokenize ``(split, row, text, label or target)`` examples into token shards at ``root``.
@@ -377,12 +381,12 @@ def tokenize_to_shards(
     Raises:
         DataError: the tokenizer lacks a special token; whatever reading ``examples`` raises.
     """
-    parts = _parts(examples, shard_samples, mix=mix_parts, seed=seed)
-    results = _encode_parts(parts, tok, root, task, max_length, num_processes, storage_options)
-    return _write_splits(results, root, num_processes, storage_options)
+    parts = cut_parts(examples, shard_samples, mix=mix_parts, seed=seed)
+    results = encode_parts(parts, tok, root, task, max_length, num_processes, storage_options)
+    return write_splits(results, root, num_processes, storage_options)
 
 
-def _encode_parts(
+def encode_parts(
     parts: Iterable[Part],
     tok,
     root: str,
@@ -391,7 +395,8 @@ def _encode_parts(
     num_processes: int,
     storage_options: Mapping[str, Any] | None,
 ) -> list[PartResult]:
-    """Encode and write every part, here (1 process) or in a pool of ``num_processes``."""
+    """Encode and write every part (one shard each, numbered by the part), here (1 process)
+    or in a pool of ``num_processes``; the results in the order the parts came."""
     args = (tok.to_str(), task, max_length)
     opts = dict(storage_options or {})
     results: list[PartResult] = []
@@ -412,13 +417,14 @@ def _encode_parts(
     return results
 
 
-def _write_splits(
+def write_splits(
     results: list[PartResult],
     root: str,
     num_processes: int,
     storage_options: Mapping[str, Any] | None,
 ) -> TokenizeSummary:
-    """Gather the parts' shards by split in part order, write the manifest, sum the counts."""
+    """Gather the parts' shards by split in part order, write the manifest, sum the counts
+    (the parts may come from several processes or tasks, in any order)."""
     splits = {s: _SplitShards(s) for s in SPLITS}
     tokens: Counter[str] = Counter()
     samples: Counter[str] = Counter()

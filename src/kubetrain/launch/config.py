@@ -96,6 +96,19 @@ class StepsConfig(Section):
     )
     run_params: StepPod = _step("The run-params step (merges the run's parameters).")
     preprocess: StepPod = _step("The preprocess step (reads, splits and shards the data).")
+    preprocess_plan: StepPod = _step(
+        "With data.parallel_tasks > 1, the plan task (lists the source, splits it, trains the "
+        "tokenizer); an unset field is preprocess's, then default's."
+    )
+    preprocess_convert: StepPod = _step(
+        "With data.parallel_tasks > 1, each convert task (decodes or tokenizes a range of "
+        "shards with data.num_workers processes: give it that many cores); an unset field is "
+        "preprocess's, then default's."
+    )
+    preprocess_merge: StepPod = _step(
+        "With data.parallel_tasks > 1, the merge task (checks the ranges, gathers the shards, "
+        "writes the manifest); an unset field is preprocess's, then default's."
+    )
     check_changed: StepPod = _step("The check-changed step (retrain.only_if_changed).")
     tune: StepPod = _step("The tune step (Optuna trials in the pod, or Katib's launcher).")
     train: StepPod = _step("The train step (torchrun in the pod, or the job's launcher).")
@@ -113,15 +126,22 @@ class StepsConfig(Section):
         Raises:
             KeyError: ``task`` is not a step of the pipeline.
         """
-        own = getattr(self, task.replace("-", "_")) if task != "default" else self.default
+        key = task.replace("-", "_")
+        own = getattr(self, key) if task != "default" else self.default
         if not isinstance(own, StepPod):
             raise KeyError(task)
         merged = self.default.model_dump()
-        mine = {k: v for k, v in own.model_dump().items() if v is not None}
-        if "cpu" in mine and "cpu_limit" not in mine:
-            merged["cpu_limit"] = None  # its own request, not the default's limit
-        merged.update(mine)
+        # The fanned-out preprocess tasks take preprocess's entry first, then their own.
+        layers = [self.preprocess, own] if key in _PREPROCESS_TASKS else [own]
+        for layer in layers:
+            mine = {k: v for k, v in layer.model_dump().items() if v is not None}
+            if "cpu" in mine and "cpu_limit" not in mine:
+                merged["cpu_limit"] = None  # its own request, not the default's limit
+            merged.update(mine)
         return StepPod.model_validate(merged)
+
+
+_PREPROCESS_TASKS = ("preprocess_plan", "preprocess_convert", "preprocess_merge")
 
 
 class ClusterConfig(Section):

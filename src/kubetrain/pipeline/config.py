@@ -44,6 +44,7 @@ from pydantic import Field
 
 from kubetrain.core.config import DuplicateKeyError, load_yaml, parse_override, set_dotted
 from kubetrain.core.errors import ConfigError
+from kubetrain.data.config import DataConfig
 from kubetrain.evaluate.config import EvaluateConfig
 from kubetrain.registry import MODEL_INPUT_SECTIONS
 from kubetrain.registry.config import RetrainConfig
@@ -66,9 +67,12 @@ class PipelineConfig(SearchConfig):
 
     def model_inputs_json(self) -> str:
         """The sections that shape a trained model (``MODEL_INPUT_SECTIONS``) as JSON, without
-        the train fields that do not change the result: what
+        the train and data fields that do not change the result: what
         ``kubetrain.registry.model_inputs_fingerprint`` hashes."""
-        exclude = {"train": set(TrainConfig.RUN_ONLY_FIELDS)}
+        exclude = {
+            "train": set(TrainConfig.RUN_ONLY_FIELDS),
+            "data": set(DataConfig.RUN_ONLY_FIELDS),
+        }
         data = self.model_dump(mode="json", include=set(MODEL_INPUT_SECTIONS), exclude=exclude)
         return json.dumps(data, sort_keys=True)
 

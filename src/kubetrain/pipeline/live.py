@@ -9,6 +9,10 @@ its key figure, read from the lines the steps log anyway: a step whose cluster j
 (Kueue) holds suspended is ``queued``, ``waiting in queue <name>``, until it is admitted. ``LiveView`` draws one line per task with
 ``rich`` on a terminal; elsewhere (CI, pipes) ``PlainView`` prints one line per task event.
 
+A task that runs several times (the convert tasks of a fanned-out preprocess, iterations of a
+``dsl.ParallelFor`` that kfp.local runs two at once and names alike) is one line: running while
+any of its runs is, done when all are, with how many have finished as its figure.
+
 A step that fails with a ``KubetrainError`` prints a machine-readable line (``ERROR_MARKER``,
 see ``kubetrain.core.logs``); the task's state keeps it, so ``kubetrain run`` can say what the step
 alone would have said, with the right exit code.
@@ -68,6 +72,10 @@ class TaskState:
     error: dict[str, Any] | None = None  # the step's ERROR_MARKER record, if it failed with one
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=_TAIL_LINES))
     log_file: Path | None = None
+    instances: int = 1  # runs of it (a ParallelFor's iterations)
+    active: int = 0  # of those, running now
+    succeeded: int = 0
+    cached: int = 0
 
     def seconds(self, now: float | None = None) -> float | None:
         """How long the task ran (so far, while it runs); None before it starts."""
@@ -89,13 +97,22 @@ class TaskLog(io.TextIOBase):
         log_dir: where ``pipeline.log`` and ``<task>.log`` go (created).
         tasks: the pipeline's task names in order (the view shows them all from the start).
         echo: also pass every line on (``-v``: kfp.local's output as before), or None.
+        instances: how many times a task runs, where more than once (a ParallelFor's tasks).
     """
 
-    def __init__(self, log_dir: Path, tasks: list[str], echo: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        tasks: list[str],
+        echo: IO[str] | None = None,
+        instances: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir
-        self.tasks = {name: TaskState(name) for name in tasks}
+        self.tasks = {
+            name: TaskState(name, instances=(instances or {}).get(name, 1)) for name in tasks
+        }
         self.views: list[View] = []
         self.echo = echo
         self.combined = (log_dir / "pipeline.log").open("a", encoding="utf-8")
@@ -159,12 +176,22 @@ class TaskLog(io.TextIOBase):
         if m := _EXECUTING.search(text):
             task = self._task(m[1])
             self._current = task.name
-            task.started, task.ended = time.monotonic(), None
-            self._set(task, "running")
+            if not task.active and task.state not in ("running", "queued"):
+                task.started, task.ended = time.monotonic(), None
+            task.active += 1
+            if task.state not in ("running", "queued"):
+                self._set(task, "running")
         elif m := _CACHE_HIT.search(text):
             task = self._task(m[1])
-            task.started = task.ended = time.monotonic()
-            self._set(task, "cached")
+            task.cached += 1
+            if task.started is None:
+                task.started = time.monotonic()
+            task.ended = time.monotonic()
+            self._count(task)
+            if task.cached >= task.instances:
+                self._set(task, "cached")
+            elif task.cached + task.succeeded >= task.instances and not task.active:
+                self._set(task, "done")
         elif (m := _SKIPPED.search(text)) and m[1] in self.tasks:  # not a condition's group
             self._set(self.tasks[m[1]], "skipped")
         if self._current is not None:
@@ -173,9 +200,24 @@ class TaskLog(io.TextIOBase):
             self._read_step_line(task, text)
         if m := _FINISHED.search(text):
             task = self._task(m[1])
-            task.ended = time.monotonic()
-            self._current = None
-            self._set(task, "done" if m[2] == "SUCCESS" else "failed")
+            task.active = max(0, task.active - 1)
+            task.succeeded += m[2] == "SUCCESS"
+            if not task.active:
+                self._current = None
+            self._count(task)
+            if m[2] != "SUCCESS":
+                task.ended = time.monotonic()
+                self._set(task, "failed")  # a retry that follows runs it again
+            elif task.succeeded + task.cached >= task.instances and not task.active:
+                task.ended = time.monotonic()
+                self._set(task, "done")
+
+    def _count(self, task: TaskState) -> None:
+        """A task that runs several times shows how many runs have finished."""
+        if task.instances > 1:
+            task.figure = f"{task.succeeded + task.cached}/{task.instances} done"
+            for view in self.views:
+                view.refresh()
 
     def _task(self, name: str) -> TaskState:
         if name not in self.tasks:
@@ -210,7 +252,7 @@ class TaskLog(io.TextIOBase):
                 task.figure = ""
                 self._set(task, "running")
                 return
-        figure = key_figure(task.name, text)
+        figure = key_figure(task.name, text) if task.instances == 1 else ""
         if figure:
             task.figure = figure
             for view in self.views:
@@ -225,7 +267,7 @@ def key_figure(task: str, line: str) -> str:
         return f"epoch {m[1]}/{m[2]}, loss {m[3]}, val_acc {m[4]}, {m[5]} samples/s"
     if task == "quantize" and (m := _QUANTIZED.search(line)):
         return f"{m[1]}, {m[2]} -> {m[3]} bytes"
-    if task == "preprocess" and (m := _DATASET.search(line)):
+    if task in ("preprocess", "preprocess-merge") and (m := _DATASET.search(line)):
         return f"dataset {m[1]} {m[2]}"
     if task == "evaluate" and (m := _EVALUATED.search(line)):
         return f"test {m[1]} fp32 {m[2]}, int8 {m[3]}"
@@ -240,13 +282,15 @@ def _duration(task: TaskState) -> str:
 
 
 class PlainView:
-    """One line per task event, for logs and pipes (no terminal codes)."""
+    """One line per task event, for logs and pipes (no terminal codes); task names padded to
+    ``width``."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], width: int = 15) -> None:
         self.out = out
+        self.width = width
 
     def event(self, task: TaskState) -> None:
-        parts = [f"{task.name:<15} {task.state}"]
+        parts = [f"{task.name:<{self.width}} {task.state}"]
         if task.state in ("done", "failed") and _duration(task):
             parts.append(_duration(task))
         if task.state in ("done", "failed", "queued") and task.figure:

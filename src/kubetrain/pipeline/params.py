@@ -58,6 +58,8 @@ BAR_KEYS = (MIN_ACCURACY, "evaluate.min_value")
 # a run cannot change them, a recompile can. A key equal to one of these or below it is refused.
 COMPILE_TIME_KEYS = (
     "cluster.backend", "cluster.pvc_name", "cluster.mount_path", "retrain", "tracking",
+    # preprocess fanned out: how many convert tasks, how many at once, retries, claim mounts
+    "data.parallel_tasks", "data.max_parallel_tasks", "data.convert_retries", "data.shard_store",
 )  # fmt: skip
 
 # The config sections each step receives (pipelines/training.py passes the same ones).

@@ -293,7 +293,10 @@ def _write_results(
 def data_notes(run_dir: Path) -> list[str]:
     """What the run's preprocess step dropped, skipped or clipped (its dataset meta's
     ``notes``): the terminal shows it, not only the step's log."""
-    dataset = _find_output(run_dir / "kfp", "preprocess", "dataset")
+    # One preprocess task, or a fanned-out preprocess's merge task: the newest of them.
+    found = [_find_output(run_dir / "kfp", task, "dataset")
+             for task in ("preprocess", "preprocess-merge")]  # fmt: skip
+    dataset = max((d for d in found if d), key=lambda d: d.stat().st_mtime, default=None)
     try:
         meta = read_json(dataset / artifacts.DATASET_META) if dataset else {}
     except (OSError, ValueError):
@@ -330,10 +333,14 @@ def _run_pipeline(
         enable_caching=cache,
         cache_root=str(run_dir / "kfp" / ".cache"),
     )
-    task_log = TaskLog(run_dir / "logs", task_names(pipeline), echo=out if verbose else None)
+    names = task_names(pipeline)
+    task_log = TaskLog(
+        run_dir / "logs", names, echo=out if verbose else None, instances=task_instances(pipeline)
+    )
     live: Any = contextlib.nullcontext()
     if not verbose:
-        view = LiveView(task_log, out) if out.isatty() else PlainView(out)
+        width = max(15, *(len(n) for n in names))
+        view = LiveView(task_log, out) if out.isatty() else PlainView(out, width)
         task_log.views.append(view)
         live = view if isinstance(view, LiveView) else live
     failure: RuntimeError | None = None
@@ -441,23 +448,58 @@ def task_names(pipeline: Any) -> list[str]:
     """
     spec = pipeline.pipeline_spec
     needs: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}  # a group task (a condition, a loop) -> its tasks
 
-    def collect(dag: Any, inherited: list[str]) -> None:
-        for name, task in dag.tasks.items():
+    def collect(dag: Any, inherited: list[str]) -> list[str]:
+        leaves = []
+        for name, task in sorted(dag.tasks.items()):  # a protobuf map's order is not stable
             component = spec.components[task.component_ref.name]
             after = [*inherited, *task.dependent_tasks]
             if component.WhichOneof("implementation") == "dag":
-                collect(component.dag, after)
+                groups[name] = collect(component.dag, after)
+                leaves += groups[name]
             else:
                 needs[name] = after
+                leaves.append(name)
+        return leaves
 
     collect(spec.root.dag, [])
+    for name, after in needs.items():  # after a group: after every task in it
+        needs[name] = [leaf for d in after for leaf in groups.get(d, [d])]
     ordered: list[str] = []
     while len(ordered) < len(needs):
         waiting = [n for n in needs if n not in ordered]
         ready = [n for n in waiting if all(d in ordered or d not in needs for d in needs[n])]
         ordered.extend(ready or waiting)  # a cycle cannot happen in KFP; never loop forever
     return ordered
+
+
+def task_instances(pipeline: Any) -> dict[str, int]:
+    """How many times each task inside a ``dsl.ParallelFor`` over a fixed list runs (its
+    iterations, nested loops multiplied); tasks that run once are not listed.
+
+    Args:
+        pipeline: a compiled ``@dsl.pipeline`` (its ``pipeline_spec``).
+    """
+    import json
+
+    spec = pipeline.pipeline_spec
+    counts: dict[str, int] = {}
+
+    def collect(dag: Any, times: int) -> None:
+        for name, task in dag.tasks.items():
+            component = spec.components[task.component_ref.name]
+            runs = times
+            if task.WhichOneof("iterator") == "parameter_iterator":
+                raw = task.parameter_iterator.items.raw
+                runs *= len(json.loads(raw)) if raw else 1
+            if component.WhichOneof("implementation") == "dag":
+                collect(component.dag, runs)
+            elif runs > 1:
+                counts[name] = runs
+
+    collect(spec.root.dag, 1)
+    return counts
 
 
 def _find_output(pipeline_root: Path, task: str, output: str) -> Path | None:

@@ -13,7 +13,14 @@ from typing import Any
 
 from kubetrain.core import artifacts
 from kubetrain.core.io import read_json
-from kubetrain.core.records import DatasetMeta, QuantInfo, SearchSummary, TrainSummary
+from kubetrain.core.records import (
+    DatasetMeta,
+    DatasetPart,
+    PreprocessPlan,
+    QuantInfo,
+    SearchSummary,
+    TrainSummary,
+)
 from kubetrain.pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,49 @@ def preprocess(cfg: PipelineConfig, out_dir: Path) -> DatasetMeta:
     from kubetrain.tasks import build_dataset
 
     meta = build_dataset(cfg.data, out_dir)
+    log.info("dataset %s: %s samples from %s", meta.version, meta.sizes, meta.source)
+    return meta
+
+
+def preprocess_plan(cfg: PipelineConfig, out_dir: Path) -> PreprocessPlan:
+    """Preprocess fanned out, first task: the plan (``kubetrain.tasks.plan_dataset``) for
+    ``data.parallel_tasks`` convert tasks."""
+    check_supported(cfg, model=False)
+    from kubetrain.data.fanout import range_label
+    from kubetrain.tasks import plan_dataset
+
+    plan = plan_dataset(cfg.data, out_dir, cfg.data.parallel_tasks)
+    if plan.whole:
+        log.info("plan: %s data is built whole by the merge task", plan.kind)
+    else:
+        samples = sum(s.samples for s in plan.slots)
+        log.info("plan %s: %d shards, %d samples from %s", plan.fingerprint, len(plan.slots),
+                 samples, plan.source)  # fmt: skip
+        for task in range(plan.num_tasks):
+            log.info("plan: %s", range_label(plan, task))
+    return plan
+
+
+def preprocess_convert(plan_dir: Path, task: int, out_dir: Path) -> DatasetPart:
+    """Preprocess fanned out, convert task ``task`` (0-based): its range of the plan's shards,
+    with the data section the plan was made with."""
+    from kubetrain.core.artifacts import PlanArtifact
+    from kubetrain.data.fanout import range_label
+    from kubetrain.tasks import convert_range
+
+    label = range_label(PlanArtifact.load(plan_dir).plan, task)
+    part = convert_range(plan_dir, task, out_dir)
+    samples = sum(r.samples for r in part.slots)
+    log.info("converted %s: %d shards, %d samples in %.1f s", label, len(part.slots), samples,
+             part.seconds)  # fmt: skip
+    return part
+
+
+def preprocess_merge(plan_dir: Path, part_dirs: list[Path], out_dir: Path) -> DatasetMeta:
+    """Preprocess fanned out, last task: every range checked, the dataset artifact written."""
+    from kubetrain.tasks import merge_dataset
+
+    meta = merge_dataset(plan_dir, list(part_dirs), out_dir)
     log.info("dataset %s: %s samples from %s", meta.version, meta.sizes, meta.source)
     return meta
 

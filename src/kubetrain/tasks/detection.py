@@ -39,7 +39,14 @@ import torch
 from torch import nn
 
 from kubetrain.core.errors import ConfigError, DataError
-from kubetrain.core.records import DetectionMeta, DetectionSpec, NetworkSpec
+from kubetrain.core.records import (
+    DatasetPart,
+    DetectionMeta,
+    DetectionSpec,
+    NetworkSpec,
+    PreprocessPlan,
+    SlotResult,
+)
 from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
 from kubetrain.tasks.images import BUILTIN_SOURCES, cache_dir, require_torchvision
 from kubetrain.tasks.stream import StreamBatches
@@ -126,7 +133,7 @@ def build(cfg: DataConfig, out_dir: str | Path) -> DetectionMeta:
         ConfigError: no torchvision, or data.image_size set.
         DataError: see ``build_detection_dataset``.
     """
-    from kubetrain.core.artifacts import DATASET_META, DatasetArtifact
+    from kubetrain.core.artifacts import DATASET_META
     from kubetrain.data.detection import build_detection_dataset
 
     require_torchvision()
@@ -134,8 +141,28 @@ def build(cfg: DataConfig, out_dir: str | Path) -> DetectionMeta:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / DATASET_META).unlink(missing_ok=True)
-    source = _source_folder(cfg)
-    manifest = build_detection_dataset(cfg.model_copy(update={"source": source}), str(out))
+    manifest = build_detection_dataset(_listed(cfg), str(out))
+    return _write_meta(cfg, manifest, out, None, time.perf_counter() - started)
+
+
+def _listed(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with the built-in scenes' source replaced by the COCO folder they are written to
+    (once per machine)."""
+    return cfg.model_copy(update={"source": _source_folder(cfg)})
+
+
+def _write_meta(
+    cfg: DataConfig,
+    manifest: ShardManifest,
+    out: Path,
+    root: str | None,
+    seconds: float,
+    tasks: int = 1,
+) -> DetectionMeta:
+    """``meta.json`` of the detection dataset whose manifest is ``manifest`` (at ``root``, or in
+    ``out``), written last: it marks the artifact complete."""
+    from kubetrain.core.artifacts import DatasetArtifact
+
     classes = list(manifest.meta["classes"])
     meta = DetectionMeta(
         version=manifest.version,
@@ -155,10 +182,74 @@ def build(cfg: DataConfig, out_dir: str | Path) -> DetectionMeta:
         boxes=manifest.provenance["boxes"],
         num_skipped=manifest.provenance.get("num_skipped", 0),
         config=cfg.model_dump(mode="json"),
-        preprocess_seconds=round(time.perf_counter() - started, 3),
+        preprocess_seconds=round(seconds, 3),
+        preprocess_tasks=tasks,
+        root=root,
     )
     DatasetArtifact.write_meta(out, meta)  # last: marks the artifact complete
     return meta
+
+
+# -- preprocess fanned out over tasks: plan, convert, merge (kubetrain.data.fanout) --------------
+def plan(cfg: DataConfig, plan_dir: Path, num_tasks: int) -> PreprocessPlan:
+    """The plan task: list the source and its annotations, split it, fix the shards
+    (``plan_dir`` gets the listing; the caller writes the record).
+
+    Raises:
+        ConfigError, DataError: as ``build``.
+    """
+    from kubetrain.data.detection import plan_detection_shards
+
+    require_torchvision()
+    planned = plan_detection_shards(_listed(cfg), num_tasks)
+    planned.save(plan_dir)
+    return planned.record.model_copy(update={"source": cfg.source})
+
+
+def convert(
+    cfg: DataConfig, plan_dir: Path, planned: PreprocessPlan, task: int, root: str
+) -> DatasetPart:
+    """A convert task: decode, check the boxes of and write its range of shards into ``root``.
+
+    Raises:
+        DataError: the store fails, or the plan is unreadable.
+    """
+    from kubetrain.data.detection import DetectionPlan, convert_detection_shards
+    from kubetrain.data.fanout import task_slots
+
+    started = time.perf_counter()
+    listed = _listed(cfg)  # the built-in scenes: written once per machine, like the plan's
+    detection_plan = DetectionPlan.load(plan_dir, planned)
+    results = convert_detection_shards(listed, detection_plan, task_slots(planned, task), root)
+    return DatasetPart(
+        kind="detection", fingerprint=planned.fingerprint, task=task, slots=results,
+        seconds=round(time.perf_counter() - started, 3), processes=max(1, cfg.num_workers),
+    )  # fmt: skip
+
+
+def merge(
+    cfg: DataConfig,
+    plan_dir: Path,
+    planned: PreprocessPlan,
+    results: list[SlotResult],
+    parts: list[DatasetPart],
+    root: str,
+    out: Path,
+) -> DetectionMeta:
+    """The merge task: the manifest of the shards at ``root`` (every range checked complete by
+    the caller; objects and box counts summed from the parts), then ``meta.json`` in ``out``.
+
+    Raises:
+        DataError: no image can be read, or no box is left.
+    """
+    from kubetrain.data.detection import DetectionPlan, merge_detection_shards
+
+    started = time.perf_counter()
+    detection_plan = DetectionPlan.load(plan_dir, planned)
+    manifest = merge_detection_shards(_listed(cfg), detection_plan, results, root)
+    stored = None if root == str(out) else root
+    seconds = planned.seconds + sum(p.seconds for p in parts) + time.perf_counter() - started
+    return _write_meta(cfg, manifest, out, stored, seconds, tasks=planned.num_tasks)
 
 
 class _EvalMode:

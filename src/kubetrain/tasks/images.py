@@ -2,7 +2,8 @@
 
 Preprocess (``build``) lists the source (an image folder, a CSV/Parquet manifest, tar shards,
 a sharded dataset that already exists, or the built-in ``fashion-mnist``), writes the shards
-with ``kubetrain.data.images.build_image_dataset`` and then ``meta.json``: the classes, the
+with ``kubetrain.data.images.build_image_dataset`` and then ``meta.json``; fanned out over
+tasks (``plan``, ``convert``, ``merge``: ``kubetrain.data.fanout``) it writes the same. The meta: the classes, the
 model's input shape after the eval transforms, split sizes and class counts, the shard
 manifest's content version, and the training split's per-channel mean and std (the default
 ``Normalize``). A source that already is a sharded dataset is not copied: ``meta.root`` points
@@ -36,7 +37,8 @@ from torch import nn
 
 from kubetrain.core.errors import ConfigError, DataError
 from kubetrain.core.io import atomic_directory
-from kubetrain.core.records import ImageMeta
+from kubetrain.core.records import DatasetPart, ImageMeta, PreprocessPlan, SlotResult
+from kubetrain.data.images import STATS_IMAGES
 from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
 from kubetrain.tasks.stream import StreamBatches
 
@@ -55,7 +57,6 @@ VISION_HINT = (
     "image datasets need torchvision: use the vision extra (`make venv-vision`, or "
     "pip install 'kubetrain[vision]')"
 )
-STATS_IMAGES = 10_000  # training images the default Normalize's mean/std are computed from
 EVAL_BATCH = 256
 MAX_EXAMPLES = 32  # misclassified test images shown in the report
 
@@ -196,35 +197,64 @@ def build(cfg: DataConfig, out_dir: str | Path) -> ImageMeta:
         DataError: the source is missing or malformed, nothing decodes, or the images differ in
             size and neither ``data.image_size`` nor the eval transforms give one size.
     """
-    from kubetrain.core.artifacts import DATASET_META, DatasetArtifact
-    from kubetrain.data.images import build_image_dataset, skipped_note
+    from kubetrain.core.artifacts import DATASET_META
+    from kubetrain.data.images import build_image_dataset
     from kubetrain.data.shards import read_manifest
 
     require_torchvision()
-    # The transforms first, on a blank image with stand-in statistics: a wrong name or value
-    # is one line before any shard is written (the real ones come from the training split).
-    channels = len(cfg.image_mode)
-    transforms(cfg, 2, cfg.image_mode, [0.5] * channels, [0.25] * channels)
+    _check_transforms(cfg)
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / DATASET_META).unlink(missing_ok=True)  # a failed rebuild leaves no complete marker
-    options = dict(cfg.storage_options)
     root: str | None = None
-    if cfg.source in BUILTIN_SOURCES:
-        folder = fashion_mnist_folder(cfg.limit)
-        manifest = build_image_dataset(cfg.model_copy(update={"source": str(folder)}), str(out))
-    elif _is_shard_dataset(cfg.source, options):
+    if _is_sharded(cfg):
         root = cfg.source.rstrip("/")
-        manifest = read_manifest(root, options)
+        manifest = read_manifest(root, cfg.storage_options)
         if manifest.meta.get("kind") != "images":
             raise DataError(f"data error: {cfg.source}: a sharded dataset, but not of images")
         log.info("%s: a sharded image dataset; training streams from it", root)
     else:
-        manifest = build_image_dataset(cfg, str(out))
+        manifest = build_image_dataset(_listed(cfg), str(out))
+    return _write_meta(cfg, manifest, out, root, time.perf_counter() - started)
+
+
+def _check_transforms(cfg: DataConfig) -> None:
+    """The transforms first, on a blank image with stand-in statistics: a wrong name or value
+    is one line before any shard is written (the real ones come from the training split)."""
+    channels = len(cfg.image_mode)
+    transforms(cfg, 2, cfg.image_mode, [0.5] * channels, [0.25] * channels)
+
+
+def _is_sharded(cfg: DataConfig) -> bool:
+    """The source already is a sharded image dataset: training streams from it as it is."""
+    return cfg.source not in BUILTIN_SOURCES and _is_shard_dataset(cfg.source, cfg.storage_options)
+
+
+def _listed(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with a built-in image set's source replaced by the folder it is converted to."""
+    if cfg.source in BUILTIN_SOURCES:
+        return cfg.model_copy(update={"source": str(fashion_mnist_folder(cfg.limit))})
+    return cfg
+
+
+def _write_meta(
+    cfg: DataConfig,
+    manifest: ShardManifest,
+    out: Path,
+    root: str | None,
+    seconds: float,
+    tasks: int = 1,
+) -> ImageMeta:
+    """``meta.json`` of the image dataset whose manifest is ``manifest`` (at ``root``, or in
+    ``out``), written last: it marks the artifact complete; its notes say what was skipped."""
+    from kubetrain.core.artifacts import DatasetArtifact
+    from kubetrain.data.images import skipped_note
+
+    options = dict(cfg.storage_options)
     mode = manifest.meta["image_mode"]
     classes = list(manifest.meta["classes"])
-    mean, std = channel_stats(root or str(out), manifest, options)
+    mean, std = image_stats(root or str(out), manifest, options)
     shape = model_input_shape(cfg, manifest.meta.get("input_shape"), len(classes), mode, mean, std)
     meta = ImageMeta(
         version=manifest.version,
@@ -243,11 +273,85 @@ def build(cfg: DataConfig, out_dir: str | Path) -> ImageMeta:
         num_skipped=manifest.provenance.get("num_skipped", 0),
         notes=[n for n in [skipped_note(manifest.provenance)] if n],
         config=cfg.model_dump(mode="json"),
-        preprocess_seconds=round(time.perf_counter() - started, 3),
+        preprocess_seconds=round(seconds, 3),
+        preprocess_tasks=tasks,
         root=root,
     )
     DatasetArtifact.write_meta(out, meta)  # last: marks the artifact complete
     return meta
+
+
+# -- preprocess fanned out over tasks: plan, convert, merge (kubetrain.data.fanout) --------------
+def plan(cfg: DataConfig, plan_dir: Path, num_tasks: int) -> PreprocessPlan:
+    """The plan task: list the source, split it and fix the shards (``plan_dir`` gets the
+    listing; the caller writes the record). A source that already is a sharded dataset has
+    nothing to convert: its plan is ``whole`` and merge only reads it.
+
+    Raises:
+        ConfigError, DataError: as ``build``.
+    """
+    from kubetrain.data.fanout import whole_plan
+    from kubetrain.data.images import plan_image_shards
+
+    require_torchvision()
+    _check_transforms(cfg)  # before any convert task starts
+    if _is_sharded(cfg):
+        return whole_plan("images", cfg.source, num_tasks)
+    planned = plan_image_shards(_listed(cfg), num_tasks)
+    planned.save(plan_dir)
+    return planned.record.model_copy(update={"source": cfg.source})
+
+
+def convert(
+    cfg: DataConfig, plan_dir: Path, planned: PreprocessPlan, task: int, root: str
+) -> DatasetPart:
+    """A convert task: decode, convert and write its range of shards into ``root``.
+
+    Raises:
+        DataError: the store fails, or the plan is unreadable.
+    """
+    from kubetrain.data.fanout import task_slots
+    from kubetrain.data.images import ImagePlan, convert_image_shards
+
+    started = time.perf_counter()
+    listed = _listed(cfg)  # a built-in set: converted once per machine, like the plan's
+    image_plan = ImagePlan.load(plan_dir, planned)
+    results = convert_image_shards(listed, image_plan, task_slots(planned, task), root)
+    return DatasetPart(
+        kind="images", fingerprint=planned.fingerprint, task=task, slots=results,
+        seconds=round(time.perf_counter() - started, 3), processes=max(1, cfg.num_workers),
+    )  # fmt: skip
+
+
+def merge(
+    cfg: DataConfig,
+    plan_dir: Path,
+    planned: PreprocessPlan,
+    results: list[SlotResult],
+    parts: list[DatasetPart],
+    root: str,
+    out: Path,
+) -> ImageMeta:
+    """The merge task: the manifest of the shards at ``root`` (every range checked complete by
+    the caller), the training split's mean and std combined from the parts, ``meta.json``.
+
+    Args:
+        results: every slot's result, in slot order.
+        parts: the convert tasks' parts (their time goes into ``preprocess_seconds``).
+        root: where the shards are (``out`` itself, or the shard store).
+        out: the dataset artifact's directory.
+
+    Raises:
+        DataError: no image decodes, or none of a class's; ConfigError: the transforms.
+    """
+    from kubetrain.data.images import ImagePlan, merge_image_shards
+
+    started = time.perf_counter()
+    image_plan = ImagePlan.load(plan_dir, planned)
+    manifest = merge_image_shards(_listed(cfg), image_plan, results, root)
+    stored = None if root == str(out) else root
+    seconds = planned.seconds + sum(p.seconds for p in parts) + time.perf_counter() - started
+    return _write_meta(cfg, manifest, out, stored, seconds, tasks=planned.num_tasks)
 
 
 def cache_dir() -> Path:
@@ -322,37 +426,41 @@ def _merge_class_folders(root: Path) -> None:
         split_dir.rmdir()
 
 
+def image_stats(
+    root: str, manifest: ShardManifest, options: Mapping[str, Any]
+) -> tuple[list[float], list[float]]:
+    """The training split's per-channel mean and std: from the pixel sums the build recorded
+    in the manifest, or read from the shards (a sharded dataset made elsewhere)."""
+    from kubetrain.core.records import PixelSums
+    from kubetrain.data.images import mean_std
+
+    recorded = manifest.provenance.get("pixel_sums")
+    if recorded:
+        return mean_std(PixelSums.parse(recorded, posixpath.join(root, "shards.json")))
+    return channel_stats(root, manifest, options)
+
+
 def channel_stats(
     root: str, manifest: ShardManifest, options: Mapping[str, Any], limit: int = STATS_IMAGES
 ) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (pixel values scaled to 0..1) of the training split's first
-    ``limit`` images in shard order (the shards are shuffled at write time: a fair sample)."""
-    from PIL import Image
-
+    ``limit`` images in shard order (the shards are shuffled at write time: a fair sample),
+    summed per shard and combined in shard order, as a build does."""
+    from kubetrain.data.images import mean_std, pixel_sums
     from kubetrain.data.shards import read_shard
 
     mode = manifest.meta["image_mode"]
-    total = count = 0
-    sums: np.ndarray | None = None
-    squares: np.ndarray | None = None
+    total = None
+    left = limit
     for shard in manifest.splits.get("train", []):
-        for data in read_shard(root, shard, options)["image"]:
-            with Image.open(io.BytesIO(data)) as img:
-                a = np.asarray(img.convert(mode), dtype=np.float64) / 255.0
-            a = a.reshape(-1, len(mode))
-            sums = a.sum(0) if sums is None else sums + a.sum(0)
-            squares = (a * a).sum(0) if squares is None else squares + (a * a).sum(0)
-            total += len(a)
-            count += 1
-            if count >= limit:
-                break
-        if count >= limit:
+        if left <= 0:
             break
-    if not total or sums is None or squares is None:
+        part = pixel_sums(read_shard(root, shard, options)["image"][:left], mode)
+        total = part if total is None else total.plus(part)
+        left -= part.images
+    if total is None or not total.pixels:
         raise DataError(f"data error: {root}: the training split has no images")
-    mean = sums / total
-    std = np.sqrt(np.maximum(squares / total - mean * mean, 1e-12))
-    return [round(float(v), 6) for v in mean], [round(float(max(v, 1e-3)), 6) for v in std]
+    return mean_std(total)
 
 
 def model_input_shape(

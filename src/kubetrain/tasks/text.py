@@ -43,7 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubetrain.core.artifacts import DatasetArtifact
-from kubetrain.core.records import NetworkSpec, TextDatasetMeta
+from kubetrain.core.records import (
+    DatasetPart,
+    NetworkSpec,
+    PreprocessPlan,
+    SlotResult,
+    TextDatasetMeta,
+)
 from kubetrain.data.batching import BucketingCollate, PaddingMeter
 from kubetrain.data.streaming import StreamingDataset
 from kubetrain.tasks.base import Batch, BatchPlan, Scores, Task
@@ -53,6 +59,7 @@ from kubetrain.tasks.stream import StreamBatches, Windows
 if TYPE_CHECKING:
     from kubetrain.core.distributed import DistContext
     from kubetrain.data.config import DataConfig
+    from kubetrain.data.text import TextMeta
     from kubetrain.models.config import ModelConfig
     from kubetrain.tasks.config import TaskConfig
 
@@ -72,18 +79,31 @@ def build(cfg: DataConfig, out_dir: Path) -> TextDatasetMeta:
     Raises:
         ConfigError, DataError: see :func:`kubetrain.data.text.build_text_dataset`.
     """
-    from kubetrain.data.shards import read_manifest
-    from kubetrain.data.text import build_text_dataset, count_notes
-    from kubetrain.data.tokenize import TOKENIZER_FILE
+    from kubetrain.data.text import build_text_dataset
 
     started = time.perf_counter()
     text = build_text_dataset(cfg, out_dir)
-    manifest = read_manifest(str(out_dir))
-    # The content: the shards (manifest version) and the tokenizer that made them.
+    return _write_meta(cfg, text, Path(out_dir), None, time.perf_counter() - started)
+
+
+def _write_meta(
+    cfg: DataConfig, text: TextMeta, out: Path, root: str | None, seconds: float, tasks: int = 1
+) -> TextDatasetMeta:
+    """``meta.json`` of the text dataset at ``root`` (or in ``out``), written last into ``out``:
+    its version is the digest of the shards' manifest and of the tokenizer that made them."""
     import hashlib
 
+    import fsspec
+
+    from kubetrain.data.shards import read_manifest
+    from kubetrain.data.text import count_notes
+    from kubetrain.data.tokenize import TOKENIZER_FILE
+
+    where = root or str(out)
+    manifest = read_manifest(where, cfg.storage_options)
     digest = hashlib.sha256(manifest.version.encode())
-    digest.update((Path(out_dir) / TOKENIZER_FILE).read_bytes())
+    with fsspec.open(f"{where.rstrip('/')}/{TOKENIZER_FILE}", "rb", **cfg.storage_options) as f:
+        digest.update(f.read())
     meta = TextDatasetMeta(
         kind=cfg.task,
         version=digest.hexdigest()[:16],
@@ -103,10 +123,79 @@ def build(cfg: DataConfig, out_dir: Path) -> TextDatasetMeta:
         tokenize_processes=text.tokenize_processes,
         class_counts=manifest.class_counts.get("train") if text.classes else None,
         config=cfg.model_dump(mode="json"),
-        preprocess_seconds=round(time.perf_counter() - started, 3),
+        preprocess_seconds=round(seconds, 3),
+        preprocess_tasks=tasks,
+        root=root,
     )
-    DatasetArtifact.write_meta(out_dir, meta)  # last: marks the artifact complete
+    DatasetArtifact.write_meta(out, meta)  # last: marks the artifact complete
     return meta
+
+
+# -- preprocess fanned out over tasks: plan, convert, merge (kubetrain.data.fanout) --------------
+def plan(cfg: DataConfig, plan_dir: Path, num_tasks: int) -> PreprocessPlan:
+    """The plan task: read every row, train (or load) the tokenizer, fix the shards; the
+    tokenizer and counts go to ``plan_dir`` (the caller writes the record).
+
+    Raises:
+        ConfigError, DataError: see :func:`kubetrain.data.text.plan_text`.
+    """
+    from kubetrain.data.text import plan_text
+
+    planned = plan_text(cfg, num_tasks)
+    planned.save(plan_dir)
+    return planned.record
+
+
+def convert(
+    cfg: DataConfig, plan_dir: Path, planned: PreprocessPlan, task: int, root: str
+) -> DatasetPart:
+    """A convert task: tokenize its range of shards into ``root``.
+
+    Raises:
+        DataError: the source no longer matches the plan, or cannot be read.
+    """
+    from kubetrain.data.fanout import task_slots
+    from kubetrain.data.text import TextPlan, convert_text
+
+    started = time.perf_counter()
+    text_plan = TextPlan.load(plan_dir, planned)
+    results = convert_text(cfg, text_plan, task_slots(planned, task), root)
+    return DatasetPart(
+        kind=planned.kind, fingerprint=planned.fingerprint, task=task, slots=results,
+        seconds=round(time.perf_counter() - started, 3), processes=max(1, cfg.num_workers),
+    )  # fmt: skip
+
+
+def merge(
+    cfg: DataConfig,
+    plan_dir: Path,
+    planned: PreprocessPlan,
+    results: list[SlotResult],
+    parts: list[DatasetPart],
+    root: str,
+    out: Path,
+) -> TextDatasetMeta:
+    """The merge task: the manifest, the tokenizer and ``text.json`` at ``root`` (every range
+    checked complete by the caller; counts summed from the parts), then ``meta.json`` in ``out``.
+
+    Args:
+        results: every slot's result, in slot order.
+        parts: the convert tasks' parts (their time and processes are recorded).
+        root: where the shards are (``out`` itself, or the shard store).
+        out: the dataset artifact's directory.
+    """
+    from kubetrain.data.text import TextPlan, _warn_counts, merge_text
+
+    started = time.perf_counter()
+    text_plan = TextPlan.load(plan_dir, planned)
+    working = [p for p in parts if p.slots]
+    convert_seconds = sum(p.seconds for p in working)
+    processes = sum(p.processes for p in working) or 1
+    text = merge_text(cfg, text_plan, results, root, convert_seconds, processes)
+    _warn_counts(cfg.source, text)
+    stored = None if root == str(out) else root
+    seconds = planned.seconds + convert_seconds + time.perf_counter() - started
+    return _write_meta(cfg, text, out, stored, seconds, tasks=planned.num_tasks)
 
 
 def _agree_min(count: int, ctx: DistContext) -> int:
