@@ -76,7 +76,7 @@ test-slow: venv
 	$(PY) -m pytest -m "slow and not e2e and not cluster" $(ARGS)
 
 # Only the folders that exist (benchmarks/ may not yet).
-LINT_DIRS := $(wildcard src components pipelines tests benchmarks images)
+LINT_DIRS := $(wildcard src components pipelines tests benchmarks images examples)
 ## lint: ruff (lint and format) and the type checker (mypy over src/kubetrain, pyproject's [tool.mypy])
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_DIRS)
