@@ -484,7 +484,7 @@ def examples_section(examples: list[dict[str, Any]], kind: str | None = None) ->
 
     Args:
         examples: the examples, all of one task's shape (the first one decides which).
-        kind: the dataset kind (the fields decide the layout).
+        kind: the dataset kind (not read: the fields decide the layout).
 
     Returns:
         The section's HTML; empty without examples.
@@ -496,9 +496,13 @@ def examples_section(examples: list[dict[str, Any]], kind: str | None = None) ->
         return _detection_examples(examples)
     if "image" in first:
         return _image_examples(examples)
-    if "source" in first:
-        return _seq2seq_examples(examples)
-    return _text_examples(examples)
+    if "source" in first:  # seq2seq
+        return _examples_table(
+            "Example predictions (fp32)", ("source", "reference", "prediction"), examples
+        )
+    return _examples_table(
+        "Misclassified test examples (fp32)", ("text", "true", "predicted"), examples
+    )
 
 
 def _esc(value: Any) -> str:
@@ -542,28 +546,14 @@ def _image_examples(examples: list[dict[str, Any]]) -> str:
     )  # fmt: skip
 
 
-def _seq2seq_examples(examples: list[dict[str, Any]]) -> str:
-    """Seq2seq: source, reference and prediction, a row each."""
-    head = "<tr><th>source</th><th>reference</th><th>prediction</th></tr>"
+def _examples_table(title: str, fields: tuple[str, ...], examples: list[dict[str, Any]]) -> str:
+    """Text examples as a table, a column per field (the field's name is its heading)."""
+    head = "<tr>" + "".join(f"<th>{f}</th>" for f in fields) + "</tr>"
     rows = "".join(
-        f"<tr><td>{_esc(ex.get('source', ''))}</td><td>{_esc(ex.get('reference', ''))}</td>"
-        f"<td>{_esc(ex.get('prediction', ''))}</td></tr>"
+        "<tr>" + "".join(f"<td>{_esc(ex.get(f, ''))}</td>" for f in fields) + "</tr>"
         for ex in examples
     )
-    return f"<h2>Example predictions (fp32)</h2><table class='examples'>{head}{rows}</table>"
-
-
-def _text_examples(examples: list[dict[str, Any]]) -> str:
-    """Text classification: the misclassified texts with true and predicted labels."""
-    head = "<tr><th>text</th><th>true</th><th>predicted</th></tr>"
-    rows = "".join(
-        f"<tr><td>{_esc(ex.get('text', ''))}</td><td>{_esc(ex.get('true', ''))}</td>"
-        f"<td>{_esc(ex.get('predicted', ''))}</td></tr>"
-        for ex in examples
-    )
-    return (
-        f"<h2>Misclassified test examples (fp32)</h2><table class='examples'>{head}{rows}</table>"
-    )
+    return f"<h2>{title}</h2><table class='examples'>{head}{rows}</table>"
 
 
 def _objective(value: float | None) -> str:
