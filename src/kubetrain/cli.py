@@ -52,14 +52,31 @@ def _host_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experiment", default="kubetrain", help="KFP experiment (created if missing)")
 
 
+_Subparsers = argparse._SubParsersAction  # argparse's subcommand registry (a private name)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``kubetrain`` parser: global options, then each subcommand group in help order.
+
+    Returns:
+        The parser; ``args.command`` names the chosen subcommand.
+    """
     parser = argparse.ArgumentParser(
         prog="kubetrain", description="Tune, train, quantize and evaluate with one pipeline."
     )
     parser.add_argument("--version", action="version", version=f"kubetrain {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_command(sub)
+    _add_cluster_commands(sub)
+    _add_history_commands(sub)
+    _add_config_commands(sub)
+    _add_step_commands(sub)
+    return parser
 
+
+def _add_run_command(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    """``run``: the whole pipeline locally."""
     p = sub.add_parser("run", help="run the whole pipeline locally under kfp.local")
     _config_args(p)
     p.add_argument("--output", type=Path, help="run directory (default: runs/<timestamp>)")
@@ -80,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "<run>/logs/ either way)",
     )
 
+
+def _add_cluster_commands(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    """``compile``, ``manifests``, ``submit``, ``schedule``: the pipeline for a cluster."""
     p = sub.add_parser("compile", help="write the pipeline as KFP IR YAML")
     _config_args(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="YAML file to write")
@@ -114,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", required=True, help="name of the recurring run")
 
+
+def _add_history_commands(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    """``runs`` and ``compare``: the local runs already made."""
     p = sub.add_parser("runs", help="list the local runs: time, data, results, promoted")
     p.add_argument("--root", type=Path, default=Path("runs"), help="where runs are (default: runs)")
 
@@ -130,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, help="HTML page to write (default: <root>/compare.html)"
     )
 
+
+def _add_config_commands(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    """``config show`` and ``config docs``."""
     p = sub.add_parser("config", help="configuration commands")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     show = csub.add_parser("show", help="print the effective, validated config as YAML")
@@ -143,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, help="the Markdown file to write (default: standard output)"
     )
 
+
+def _add_step_commands(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    """The pipeline's steps one at a time: preprocess, tune, train, quantize, evaluate."""
     p = sub.add_parser("preprocess", help="step: data source -> dataset artifact")
     _config_args(p)
     p.add_argument("--output", type=Path, required=True, help="dataset artifact directory")
@@ -171,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantized", type=Path, required=True)
     p.add_argument("--tune", type=Path, help="tune artifact directory (for the report)")
     p.add_argument("--output", type=Path, required=True, help="evaluation directory")
-    return parser
 
 
 def _require_dir(path: Path, what: str, marker: str) -> Path:

@@ -691,55 +691,99 @@ def _shard_tasks(
     return tasks
 
 
+@dataclass
+class _Totals:
+    """Every shard's results added up (the listing's box counts included), per split where the
+    manifest wants them so."""
+
+    splits: dict[str, list[ShardInfo]]
+    objects: dict[str, Counter[str]]
+    empty: dict[str, int]
+    counts: BoxCounts
+    skipped: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, results: list[_ShardResult], listing: DetectionListing) -> _Totals:
+        counts = BoxCounts()
+        counts += listing.counts
+        totals = cls(
+            {s: [] for s in SPLITS},
+            {s: Counter() for s in SPLITS},
+            dict.fromkeys(SPLITS, 0),
+            counts,
+            [],
+        )
+        for r in results:
+            if r.shard is not None:
+                totals.splits[r.task.split].append(r.shard)
+            totals.objects[r.task.split].update(r.objects)
+            totals.empty[r.task.split] += r.empty_images
+            totals.counts += r.counts
+            totals.skipped += r.skipped
+        return totals
+
+
 def _manifest(results: list[_ShardResult], listing: DetectionListing, cfg: DataConfig,
               fingerprint: str) -> ShardManifest:  # fmt: skip
-    splits: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
-    objects: dict[str, Counter[str]] = {s: Counter() for s in SPLITS}
-    empty = dict.fromkeys(SPLITS, 0)
-    counts = BoxCounts()
-    counts += listing.counts
-    skipped: list[tuple[str, str]] = []
-    for r in results:
-        if r.shard is not None:
-            splits[r.task.split].append(r.shard)
-        objects[r.task.split].update(r.objects)
-        empty[r.task.split] += r.empty_images
-        counts += r.counts
-        skipped += r.skipped
+    """The dataset's manifest from every shard's result, once some image and box are usable."""
+    totals = _Totals.of(results, listing)
+    _refuse_unusable(totals, listing, cfg)
+    class_counts = {
+        s: {str(k): c.get(str(k), 0) for k in range(1, len(listing.categories) + 1)}
+        for s, c in totals.objects.items()
+    }
+    columns = {"image": "bytes", "boxes": "bytes", "labels": "ints", "image_id": "int",
+               "source": "str", "width": "int", "height": "int"}  # fmt: skip
+    return ShardManifest(
+        totals.splits,
+        class_counts,
+        columns,
+        meta=_detection_meta(totals, listing, cfg),
+        provenance=_detection_provenance(totals, listing, cfg, fingerprint),
+    )
+
+
+def _refuse_unusable(totals: _Totals, listing: DetectionListing, cfg: DataConfig) -> None:
+    """A DataError when no image can be read, or no box is left after the checks."""
+    skipped = totals.skipped
     where = listing.annotation_files[0] if listing.annotation_files else cfg.source
     if len(skipped) == len(listing.refs):
         raise DataError(
             f"data error: {cfg.source}: none of its {len(skipped)} images can be read "
             f"(e.g. {skipped[0][0]}: {skipped[0][1]})"
         )
-    if counts.kept == 0:
-        why = counts.summary() or "the annotations hold no boxes"
+    if totals.counts.kept == 0:
+        why = totals.counts.summary() or "the annotations hold no boxes"
         raise DataError(f"data error: {where}: no usable box is left ({why})")
+
+
+def _detection_meta(totals: _Totals, listing: DetectionListing, cfg: DataConfig) -> dict[str, Any]:
+    """What a detector needs to know: categories, image mode, objects and empty images a split."""
     categories = listing.categories
-    meta = {
+    return {
         "kind": "detection",
         "categories": categories.to_json(),
         "classes": list(categories.names),
         "image_mode": cfg.image_mode,
         "annotation_format": listing.format,
-        "objects": {s: sum(c.values()) for s, c in objects.items()},
-        "empty_images": empty,
+        "objects": {s: sum(c.values()) for s, c in totals.objects.items()},
+        "empty_images": totals.empty,
     }
-    provenance = {
+
+
+def _detection_provenance(
+    totals: _Totals, listing: DetectionListing, cfg: DataConfig, fingerprint: str
+) -> dict[str, Any]:
+    """Where the images came from, which were skipped, what the box checks did, the fingerprint."""
+    skipped = totals.skipped
+    return {
         "source": cfg.source,
         "num_listed": len(listing.refs),
         "num_skipped": len(skipped),
         "skipped": [list(s) for s in skipped[:SKIPPED_SHOWN]],
-        "boxes": counts.to_json(),
+        "boxes": totals.counts.to_json(),
         "fingerprint": fingerprint,
     }
-    class_counts = {
-        s: {str(k): c.get(str(k), 0) for k in range(1, len(categories) + 1)}
-        for s, c in objects.items()
-    }
-    columns = {"image": "bytes", "boxes": "bytes", "labels": "ints", "image_id": "int",
-               "source": "str", "width": "int", "height": "int"}  # fmt: skip
-    return ShardManifest(splits, class_counts, columns, meta=meta, provenance=provenance)
 
 
 def _log_built(cfg: DataConfig, manifest: ShardManifest, listed: int, started: float) -> None:

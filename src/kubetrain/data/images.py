@@ -427,6 +427,27 @@ def _run(tasks: list[Any], num_workers: int, work: Any = _write_shard) -> list[A
         return list(pool.map(work, tasks))
 
 
+@dataclass
+class _Totals:
+    """Every shard's results added up, per split where the manifest wants them so."""
+
+    splits: dict[str, list[ShardInfo]]
+    counts: dict[str, Counter]
+    skipped: list[tuple[str, str]]
+    shapes: set[tuple[int, int]]
+
+    @classmethod
+    def of(cls, results: list[_ShardResult]) -> _Totals:
+        totals = cls({s: [] for s in SPLITS}, {s: Counter() for s in SPLITS}, [], set())
+        for r in results:
+            if r.shard is not None:
+                totals.splits[r.task.split].append(r.shard)
+            totals.counts[r.task.split].update(r.class_counts)
+            totals.skipped += r.skipped
+            totals.shapes |= r.shapes
+        return totals
+
+
 def _manifest(
     results: list[_ShardResult],
     classes: list[str],
@@ -434,38 +455,58 @@ def _manifest(
     cfg: DataConfig,
     fingerprint: str,
 ) -> ShardManifest:
-    splits: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
-    counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
-    skipped: list[tuple[str, str]] = []
-    shapes: set[tuple[int, int]] = set()
-    for r in results:
-        if r.shard is not None:
-            splits[r.task.split].append(r.shard)
-        counts[r.task.split].update(r.class_counts)
-        skipped += r.skipped
-        shapes |= r.shapes
+    """The dataset's manifest from every shard's result, once every class has an image."""
+    totals = _Totals.of(results)
+    _refuse_undecodable(totals, classes, refs, cfg)
+    return ShardManifest(
+        splits=totals.splits,
+        class_counts={
+            s: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for s, c in totals.counts.items()
+        },
+        columns={"image": "bytes", "label": "int"},
+        meta=_image_meta(totals, classes, cfg),
+        provenance=_image_provenance(totals, refs, cfg, fingerprint),
+    )
+
+
+def _refuse_undecodable(
+    totals: _Totals, classes: list[str], refs: list[ImageRef], cfg: DataConfig
+) -> None:
+    """A DataError when no image decodes, or none of one class does (it could not be learnt)."""
+    skipped = totals.skipped
     if len(skipped) == len(refs):
         raise DataError(
             f"data error: {cfg.source}: none of its {len(refs)} images decodes "
             f"(e.g. {skipped[0][0]}: {skipped[0][1]})"
         )
     total: Counter[str] = Counter()
-    for c in counts.values():
+    for c in totals.counts.values():
         total.update(c)
     for class_id, name in enumerate(classes):
         if not total[str(class_id)]:
             raise DataError(f"data error: {cfg.source}: none of class {name!r}'s images decodes")
+
+
+def _image_meta(totals: _Totals, classes: list[str], cfg: DataConfig) -> dict[str, Any]:
+    """What a model needs to know of the images; ``input_shape`` only when all share one size."""
     channels = 3 if cfg.image_mode == "RGB" else 1
-    (height, width), *others = sorted(shapes)
-    meta = {
+    (height, width), *others = sorted(totals.shapes)
+    return {
         "kind": "images",
         "classes": classes,
         "image_mode": cfg.image_mode,
         "image_size": cfg.image_size,
         "input_shape": None if others else [channels, height, width],
-        "bytes": {s: sum(x.bytes for x in v) for s, v in splits.items()},
+        "bytes": {s: sum(x.bytes for x in v) for s, v in totals.splits.items()},
     }
-    provenance = {
+
+
+def _image_provenance(
+    totals: _Totals, refs: list[ImageRef], cfg: DataConfig, fingerprint: str
+) -> dict[str, Any]:
+    """Where the images came from, which were skipped and why, and the input's fingerprint."""
+    skipped = totals.skipped
+    return {
         "source": cfg.source,
         "num_listed": len(refs),
         "num_skipped": len(skipped),
@@ -473,15 +514,6 @@ def _manifest(
         "skipped": [list(s) for s in skipped[:SKIPPED_SHOWN]],
         "fingerprint": fingerprint,
     }
-    return ShardManifest(
-        splits=splits,
-        class_counts={
-            s: dict(sorted(c.items(), key=lambda kv: int(kv[0]))) for s, c in counts.items()
-        },
-        columns={"image": "bytes", "label": "int"},
-        meta=meta,
-        provenance=provenance,
-    )
 
 
 def _remove_manifest(out_dir: str, options: Mapping[str, Any]) -> None:

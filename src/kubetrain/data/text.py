@@ -459,7 +459,6 @@ def plan_text(cfg, num_tasks: int) -> TextPlan:
     import hashlib
 
     from kubetrain.data import tokenize
-    from kubetrain.data.fanout import assign_ranges, slots_of
 
     stats = ReadStats()
     classes: Counter[str] = Counter()
@@ -484,27 +483,43 @@ def plan_text(cfg, num_tasks: int) -> TextPlan:
     ]
     class_list = _sorted_classes(classes) if is_cls else None
     _check_read(cfg, stats, class_list)
-    if cfg.tokenizer.path:
-        tok = tokenize.load_tokenizer(cfg.tokenizer.path)
-    else:
-        if stats.per_split["train"] > len(sample):
-            log.info(
-                "tokenizer trained on a seeded sample of %d of the %d training rows "
-                "(data.tokenizer.sample_size)", len(sample), stats.per_split["train"],
-            )  # fmt: skip
-        tok = tokenize.train_tokenizer(sample.texts(), cfg.tokenizer)
+    tok = _plan_tokenizer(cfg, stats, sample)
     special = tokenize.special_ids(tok, cfg.tokenizer.path or "trained tokenizer")
+    record = _plan_record(cfg, layout, _text_fingerprint(cfg, tok, content.hexdigest()), num_tasks)
+    return TextPlan(tok, class_list, stats, special, record)
+
+
+def _plan_tokenizer(cfg, stats: ReadStats, sample: _Sample) -> Any:
+    """``data.tokenizer.path`` loaded, or a tokenizer trained on the sample of training rows."""
+    from kubetrain.data import tokenize
+
+    if cfg.tokenizer.path:
+        return tokenize.load_tokenizer(cfg.tokenizer.path)
+    if stats.per_split["train"] > len(sample):
+        log.info(
+            "tokenizer trained on a seeded sample of %d of the %d training rows "
+            "(data.tokenizer.sample_size)", len(sample), stats.per_split["train"],
+        )  # fmt: skip
+    return tokenize.train_tokenizer(sample.texts(), cfg.tokenizer)
+
+
+def _plan_record(
+    cfg, layout: list[tuple[str, int, int, int]], fingerprint: str, num_tasks: int
+) -> PreprocessPlan:
+    """The plan's record: the shards (``layout``: split, number, samples, last source row) as
+    slots in split order, and each of ``num_tasks`` convert tasks' range of them."""
+    from kubetrain.data.fanout import assign_ranges, slots_of
+
     layout.sort(key=lambda p: (SPLITS.index(p[0]), p[1]))
     slots = slots_of(((s, i, n) for s, i, n, _ in layout), (last for *_, last in layout))
-    record = PreprocessPlan(
+    return PreprocessPlan(
         kind=cfg.task,
         source=cfg.source,
-        fingerprint=_text_fingerprint(cfg, tok, content.hexdigest()),
+        fingerprint=fingerprint,
         num_tasks=num_tasks,
         slots=slots,
         ranges=assign_ranges([s.samples for s in slots], num_tasks),
     )
-    return TextPlan(tok, class_list, stats, special, record)
 
 
 def _text_fingerprint(cfg, tok, content: str) -> str:

@@ -52,6 +52,17 @@ def _efficiency(history: list[EpochStats]) -> str:
     """Per epoch: step time split, throughput and data wait, CPU and memory of every rank."""
     epochs = [h.epoch for h in history]
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.4))
+    _step_time_panel(ax1, epochs, history)
+    _throughput_panel(ax2, epochs, history)
+    _rank_usage_panel(ax3, epochs, history)
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _step_time_panel(ax, epochs: list[int], history: list[EpochStats]) -> None:
+    """A step's time, stacked: data wait, forward+backward, optimizer; all-reduce as a line
+    (it overlaps the backward pass, so it is not a slice of the stack)."""
     bottom = [0.0] * len(history)
     for key, label in (
         ("data_seconds", "data wait"),
@@ -60,38 +71,43 @@ def _efficiency(history: list[EpochStats]) -> str:
     ):
         per_step = [1e3 * getattr(h, key) * h.step_seconds / max(h.epoch_seconds, 1e-12)
                     for h in history]  # fmt: skip
-        ax1.bar(epochs, per_step, bottom=bottom, label=label)
+        ax.bar(epochs, per_step, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, per_step, strict=True)]
     comm = [1e3 * h.comm_seconds * h.step_seconds / max(h.epoch_seconds, 1e-12)
             for h in history]  # fmt: skip
     if any(comm):
-        ax1.plot(epochs, comm, color="black", marker=".", label="all-reduce (overlaps)")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("ms per step")
-    ax1.legend(fontsize=8)
-    ax2.plot(epochs, [h.samples_per_second for h in history], marker="o", label="samples/s")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("samples/s")
-    twin = ax2.twinx()
+        ax.plot(epochs, comm, color="black", marker=".", label="all-reduce (overlaps)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ms per step")
+    ax.legend(fontsize=8)
+
+
+def _throughput_panel(ax, epochs: list[int], history: list[EpochStats]) -> None:
+    """Samples per second, and on a second axis the share of step time spent waiting for data."""
+    ax.plot(epochs, [h.samples_per_second for h in history], marker="o", label="samples/s")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("samples/s")
+    twin = ax.twinx()
     twin.plot(epochs, [100 * h.data_wait_share for h in history], color="tab:red", marker=".")
     twin.set_ylabel("data-wait share (%)", color="tab:red")
+
+
+def _rank_usage_panel(ax, epochs: list[int], history: list[EpochStats]) -> None:
+    """CPU % of every rank, and on a second axis (dashed) each rank's peak memory."""
     ranks = max((len(h.rank_cpu_percent) for h in history), default=0)
     for r in range(ranks):
-        ax3.plot(
+        ax.plot(
             epochs, [h.rank_cpu_percent[r] for h in history], marker=".", label=f"rank {r} CPU %"
         )
-    ax3.set_xlabel("epoch")
-    ax3.set_ylabel("CPU % (100 = one core)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("CPU % (100 = one core)")
     if ranks:
-        mem = ax3.twinx()
+        mem = ax.twinx()
         for r in range(ranks):
             mem.plot(epochs, [h.rank_peak_rss_mib[r] for h in history], ls="--",
                      label=f"rank {r} peak MiB")  # fmt: skip
         mem.set_ylabel("peak memory (MiB, dashed)")
-        ax3.legend(fontsize=8, loc="lower left")
-    for ax in (ax1, ax2, ax3):
-        ax.grid(alpha=0.3)
-    return _png(fig)
+        ax.legend(fontsize=8, loc="lower left")
 
 
 def _efficiency_rows(t: TrainEfficiency) -> list[tuple[str, Any]]:
@@ -464,57 +480,80 @@ def _data_uri(value: Any) -> str | None:
 def examples_section(examples: list[dict[str, Any]], kind: str | None = None) -> str:
     """The task's example predictions (``Scores.examples``), by their fields: misclassified
     images as a grid with true and predicted labels; text with true and predicted labels; or
-    source / reference / prediction (seq2seq). All text is HTML-escaped."""
+    source / reference / prediction (seq2seq). All text is HTML-escaped.
+
+    Args:
+        examples: the examples, all of one task's shape (the first one decides which).
+        kind: the dataset kind (not read: the fields decide the layout).
+
+    Returns:
+        The section's HTML; empty without examples.
+    """
     if not examples:
         return ""
-    esc = lambda v: html.escape(str(v))  # noqa: E731
     first = examples[0]
     if "image" in first and "missed" in first:  # detection: ground truth | predictions
-        cells = []
-        for ex in examples:
-            uri = _data_uri(ex.get("image"))
-            img = f"<img src='{uri}' alt='test image'>" if uri else "<span>(no image)</span>"
-            cells.append(
-                f"<figure>{img}<figcaption><b>{esc(ex.get('source', ''))}</b>: "
-                f"{esc(ex.get('missed', 0))} missed, {esc(ex.get('false', 0))} false "
-                f"detection(s)<br>true: {esc(ex.get('true', ''))}<br>predicted: "
-                f"{esc(ex.get('predicted', ''))}</figcaption></figure>"
-            )
-        return (
-            "<h2>Test images, most errors first (fp32)</h2><p>Left: ground truth (green); "
-            "right: detections with a score of at least 0.5 (orange). Errors at IoU 0.5, as "
-            "COCO's evaluator matches them.</p><div class='boxes'>" + "".join(cells) + "</div>"
-        )
+        return _detection_examples(examples)
     if "image" in first:
-        cells = []
-        for ex in examples:
-            uri = _data_uri(ex.get("image"))
-            img = f"<img src='{uri}' alt='test image'>" if uri else "<span>(no image)</span>"
-            cells.append(
-                f"<figure>{img}<figcaption>true <b>{esc(ex.get('true', ''))}</b><br>predicted "
-                f"<b>{esc(ex.get('predicted', ''))}</b></figcaption></figure>"
-            )
-        return (
-            "<h2>Misclassified test images (fp32)</h2><div class='grid'>" + "".join(cells)
-            + "</div>"
-        )  # fmt: skip
-    if "source" in first:
-        head = "<tr><th>source</th><th>reference</th><th>prediction</th></tr>"
-        rows = "".join(
-            f"<tr><td>{esc(ex.get('source', ''))}</td><td>{esc(ex.get('reference', ''))}</td>"
-            f"<td>{esc(ex.get('prediction', ''))}</td></tr>"
-            for ex in examples
+        return _image_examples(examples)
+    if "source" in first:  # seq2seq
+        return _examples_table(
+            "Example predictions (fp32)", ("source", "reference", "prediction"), examples
         )
-        return f"<h2>Example predictions (fp32)</h2><table class='examples'>{head}{rows}</table>"
-    head = "<tr><th>text</th><th>true</th><th>predicted</th></tr>"
+    return _examples_table(
+        "Misclassified test examples (fp32)", ("text", "true", "predicted"), examples
+    )
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def _example_image(example: dict[str, Any]) -> str:
+    """The example's image, or a placeholder when it is not an image data URI."""
+    uri = _data_uri(example.get("image"))
+    return f"<img src='{uri}' alt='test image'>" if uri else "<span>(no image)</span>"
+
+
+def _detection_examples(examples: list[dict[str, Any]]) -> str:
+    """Detection: each test image with its missed and false detections, most errors first."""
+    cells = []
+    for ex in examples:
+        cells.append(
+            f"<figure>{_example_image(ex)}<figcaption><b>{_esc(ex.get('source', ''))}</b>: "
+            f"{_esc(ex.get('missed', 0))} missed, {_esc(ex.get('false', 0))} false "
+            f"detection(s)<br>true: {_esc(ex.get('true', ''))}<br>predicted: "
+            f"{_esc(ex.get('predicted', ''))}</figcaption></figure>"
+        )
+    return (
+        "<h2>Test images, most errors first (fp32)</h2><p>Left: ground truth (green); "
+        "right: detections with a score of at least 0.5 (orange). Errors at IoU 0.5, as "
+        "COCO's evaluator matches them.</p><div class='boxes'>" + "".join(cells) + "</div>"
+    )
+
+
+def _image_examples(examples: list[dict[str, Any]]) -> str:
+    """Image classification: the misclassified images as a grid, true and predicted labels."""
+    cells = []
+    for ex in examples:
+        cells.append(
+            f"<figure>{_example_image(ex)}<figcaption>true <b>{_esc(ex.get('true', ''))}</b>"
+            f"<br>predicted <b>{_esc(ex.get('predicted', ''))}</b></figcaption></figure>"
+        )
+    return (
+        "<h2>Misclassified test images (fp32)</h2><div class='grid'>" + "".join(cells)
+        + "</div>"
+    )  # fmt: skip
+
+
+def _examples_table(title: str, fields: tuple[str, ...], examples: list[dict[str, Any]]) -> str:
+    """Text examples as a table, a column per field (the field's name is its heading)."""
+    head = "<tr>" + "".join(f"<th>{f}</th>" for f in fields) + "</tr>"
     rows = "".join(
-        f"<tr><td>{esc(ex.get('text', ''))}</td><td>{esc(ex.get('true', ''))}</td>"
-        f"<td>{esc(ex.get('predicted', ''))}</td></tr>"
+        "<tr>" + "".join(f"<td>{_esc(ex.get(f, ''))}</td>" for f in fields) + "</tr>"
         for ex in examples
     )
-    return (
-        f"<h2>Misclassified test examples (fp32)</h2><table class='examples'>{head}{rows}</table>"
-    )
+    return f"<h2>{title}</h2><table class='examples'>{head}{rows}</table>"
 
 
 def _objective(value: float | None) -> str:
@@ -545,10 +584,48 @@ def _table(rows: list[tuple[str, Any]]) -> str:
 def render(e: Evaluation, data_notes: list[str] | tuple[str, ...] = ()) -> str:
     """HTML of the run's evaluation: the primary metric and the others, what preprocessing
     dropped, skipped or clipped (``data_notes``: the dataset meta's ``notes``), training, the
-    search, fp32 vs int8, per class (classification), example predictions."""
+    search, fp32 vs int8, per class (classification), example predictions.
+
+    Args:
+        e: the evaluation of the run.
+        data_notes: what preprocessing left out (the dataset meta's ``notes``).
+
+    Returns:
+        One self-contained HTML page.
+    """
+    parts = [
+        _verdict(e),
+        "<h2>Summary</h2>" + _table(_headline_rows(e)),
+        _data_notes(data_notes),
+        "<h3>All test metrics</h3>" + metrics_table(e),
+        _training_section(e),
+        _tuning_section(e),
+        _quantization_section(e),
+        per_class_section(e.fp32, e.classes or []),
+        detection_section(e.fp32),
+        examples_section(e.fp32.examples, e.kind),
+    ]
+    return _page("kubetrain report", "".join(parts))
+
+
+def _verdict(e: Evaluation) -> str:
+    """The title and the one line that says whether the model was promoted, and why."""
     verdict = "promoted" if e.promoted else "not promoted"
     metric = html.escape(e.metric)
-    latency = []
+    baseline = e.copy_baseline
+    beyond = ""
+    if baseline is not None and e.beat_copy_baseline:
+        beyond = f", and above copying the source ({baseline:.4f})"
+    return (
+        f"<h1>kubetrain run report</h1><p class='verdict {verdict.split()[0]}'>Model {verdict}: "
+        f"test {metric} fp32 {e.fp32.value:.4f}, int8 {e.int8.value:.4f}, "
+        f"bar {e.min_value:.4f}{beyond}.</p>"
+    )
+
+
+def _latency_rows(e: Evaluation) -> list[tuple[str, Any]]:
+    """fp32 / int8 latency at each timed batch size (and tokens/s where the task has tokens)."""
+    latency: list[tuple[str, Any]] = []
     for lat in e.latency:
         latency.append((f"latency batch {lat.batch_size} fp32 / int8 (ms)",
                         f"{lat.fp32_ms:.3f} / {lat.int8_ms:.3f}"))  # fmt: skip
@@ -556,15 +633,20 @@ def render(e: Evaluation, data_notes: list[str] | tuple[str, ...] = ()) -> str:
             latency.append((f"tokens/s batch {lat.batch_size} fp32 / int8",
                             f"{lat.tokens_per_second('fp32'):.0f} / "
                             f"{lat.tokens_per_second('int8'):.0f}"))  # fmt: skip
+    return latency
+
+
+def _headline_rows(e: Evaluation) -> list[tuple[str, Any]]:
+    """The summary table: results, size, latency, training cost, data version, the bar."""
     t = e.train
     baseline = e.copy_baseline
-    headline = [
+    return [
         (f"test {e.metric} fp32", e.fp32.value),
         (f"test {e.metric} int8", e.int8.value),
         *([(f"copy-the-source {e.metric}", baseline)] if baseline is not None else []),
         ("quantization", e.quantization.method),
         ("model size fp32 / int8 (bytes)", f"{e.sizes.weights_fp32} / {e.sizes.weights_int8}"),
-        *latency,
+        *_latency_rows(e),
         ("training time (s)", t.seconds),
         ("time per step (ms)", 1e3 * t.step_seconds),
         ("training samples/s", t.samples_per_second),
@@ -574,39 +656,40 @@ def render(e: Evaluation, data_notes: list[str] | tuple[str, ...] = ()) -> str:
         ("dataset version", e.dataset_version),
         (f"promotion bar (min {e.metric})", e.min_value),
     ]
-    beyond = ""
-    if baseline is not None and e.beat_copy_baseline:
-        beyond = f", and above copying the source ({baseline:.4f})"
-    parts = [
-        f"<h1>kubetrain run report</h1><p class='verdict {verdict.split()[0]}'>Model {verdict}: "
-        f"test {metric} fp32 {e.fp32.value:.4f}, int8 {e.int8.value:.4f}, "
-        f"bar {e.min_value:.4f}{beyond}.</p>",
-        "<h2>Summary</h2>" + _table(headline),
-        _data_notes(data_notes),
-        "<h3>All test metrics</h3>" + metrics_table(e),
-        "<h2>Training</h2>",
-        f"<img src='{_curves(e.history)}' alt='loss and validation metric curves'>",
-        "<h3>Efficiency</h3>",
-        f"<img src='{_efficiency(e.history)}' alt='step time split, throughput, CPU'>",
-        _table(_efficiency_rows(t)),
-        "<h2>Tuning</h2>",
-    ]
+
+
+def _training_section(e: Evaluation) -> str:
+    """Training: the loss and validation curves, then the efficiency plots and table."""
+    return "".join(
+        [
+            "<h2>Training</h2>",
+            f"<img src='{_curves(e.history)}' alt='loss and validation metric curves'>",
+            "<h3>Efficiency</h3>",
+            f"<img src='{_efficiency(e.history)}' alt='step time split, throughput, CPU'>",
+            _table(_efficiency_rows(e.train)),
+        ]
+    )
+
+
+def _tuning_section(e: Evaluation) -> str:
+    """Tuning: the search, or a line saying it was disabled."""
     if e.search.enabled:
-        parts.append(search_section(e.search.summary, e.search.trials))
-    else:
-        parts.append("<p>Tuning was disabled (tune.enabled=false).</p>")
+        return "<h2>Tuning</h2>" + search_section(e.search.summary, e.search.trials)
+    return "<h2>Tuning</h2><p>Tuning was disabled (tune.enabled=false).</p>"
+
+
+def _quantization_section(e: Evaluation) -> str:
+    """fp32 vs int8: the decision, the comparison plot, every candidate, how speed was timed."""
     quant = e.quantization
-    parts += [
-        "<h2>fp32 vs int8</h2>",
-        f"<p>{html.escape(quant.decision)}</p>",
-        f"<img src='{_compare(e)}' alt='fp32 vs int8'>",
-        _quant_table(quant.candidates, quant.metric or "accuracy"),
-        "<p>Latency: median of repeated forward passes in this process "
-        f"({e.latency_threads} torch thread(s)); measure on the target hardware before "
-        "relying on it.</p>",
-        f"<p>{html.escape(throughput_note(e))}</p>",
-        per_class_section(e.fp32, e.classes or []),
-        detection_section(e.fp32),
-        examples_section(e.fp32.examples, e.kind),
-    ]
-    return _page("kubetrain report", "".join(parts))
+    return "".join(
+        [
+            "<h2>fp32 vs int8</h2>",
+            f"<p>{html.escape(quant.decision)}</p>",
+            f"<img src='{_compare(e)}' alt='fp32 vs int8'>",
+            _quant_table(quant.candidates, quant.metric or "accuracy"),
+            "<p>Latency: median of repeated forward passes in this process "
+            f"({e.latency_threads} torch thread(s)); measure on the target hardware before "
+            "relying on it.</p>",
+            f"<p>{html.escape(throughput_note(e))}</p>",
+        ]
+    )

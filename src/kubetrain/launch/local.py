@@ -19,7 +19,7 @@ from kubetrain.core.io import make_temp_dir, write_json
 from kubetrain.core.processes import parent_death_signal, stop_once
 from kubetrain.launch.config import JobConfig
 from kubetrain.launch.torchrun import NO_SHARED_STORE, torchrun_command
-from kubetrain.train.config import TrainingConfig
+from kubetrain.train.config import TrainConfig, TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +102,7 @@ class LocalLauncher:
         training = cfg.narrowed(TrainingConfig)  # what the workers read
         config_file = write_json(out_dir / ".train-config.json", training.model_dump(mode="json"))
         port = free_port()
-        run_id = f"kubetrain-{port}"
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads_per_local_process(cfg, tc.world_size)))
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback too (one machine)
-        env.setdefault(NO_SHARED_STORE, "1")
+        env = _agent_env(cfg)
         # torchrun makes a log directory per run and never removes it; ours goes with the job
         # (and, if this process is killed, with the next start: kubetrain.core.io).
         log_dir = make_temp_dir("torchrun")
@@ -116,31 +113,9 @@ class LocalLauncher:
         stopping = stop_once((signal.SIGTERM, signal.SIGINT), _interrupt, only_unhandled=True)
         try:
             stopping.__enter__()
+            cmd = _agent_command(tc, port, log_dir, dataset_dir, config_file, out_dir)
             for _ in range(tc.nnodes):
-                cmd = torchrun_command(
-                    tc.nproc,
-                    [
-                        f"--nnodes={tc.nnodes}",
-                        # c10d rendezvous (not a static master address): after a failure the
-                        # restarted group meets again through the agents' store. Everything on
-                        # loopback: the host name may resolve to an address this sandbox cannot
-                        # connect to.
-                        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                        f"--rdzv-id={run_id}", "--local-addr=127.0.0.1",
-                    ],
-                    ["--dataset", str(dataset_dir), "--config-json", str(config_file),
-                     "--output", str(out_dir)],
-                    max_restarts=tc.max_restarts,
-                    python=sys.executable,
-                    options=["--monitor-interval=0.2", f"--log-dir={log_dir}"],
-                )  # fmt: skip
-                # In a process group of its own: a signal to ours (Ctrl-C, GNU timeout) reaches
-                # this launcher, which stops the agent and its workers quietly (signalled
-                # directly, torchrun prints a traceback per process). It gets SIGTERM if this
-                # process dies without stopping it (SIGKILL).
-                agents.append(subprocess.Popen(cmd, env=env, start_new_session=True,
-                                               preexec_fn=parent_death_signal()))  # fmt: skip
-                OWN_STOP.add(agents[-1].pid)
+                agents.append(_start_agent(cmd, env))
             log.info("launched %d torchrun agent(s) x %d processes", tc.nnodes, tc.nproc)
             codes = [agent.wait() for agent in agents]
         except BaseException:
@@ -151,12 +126,63 @@ class LocalLauncher:
             OWN_STOP.difference_update(agent.pid for agent in agents)
             config_file.unlink(missing_ok=True)
             shutil.rmtree(log_dir, ignore_errors=True)
-        if any(codes):
-            raise KubetrainError(
-                f"training failed: torchrun exited with {codes} (the workers' log lines above say why)"
-            )
-        if not (out_dir / MODEL_SPEC).is_file():
-            raise KubetrainError(f"training failed: no model was written to {out_dir}")
+        _check_trained(codes, out_dir)
+
+
+def _agent_env(cfg: JobConfig) -> dict[str, str]:
+    """The agents' environment: this one, with threads shared out over the workers."""
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(threads_per_local_process(cfg, cfg.train.world_size))
+    )
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on loopback too (one machine)
+    env.setdefault(NO_SHARED_STORE, "1")
+    return env
+
+
+def _agent_command(
+    tc: TrainConfig, port: int, log_dir: Path, dataset_dir: Path, config_file: Path, out_dir: Path
+) -> list[str]:
+    """One node's torchrun command: every agent meets the others on 127.0.0.1:``port``, and its
+    workers train on ``dataset_dir`` with ``config_file`` into ``out_dir``."""
+    return torchrun_command(
+        tc.nproc,
+        [
+            f"--nnodes={tc.nnodes}",
+            # c10d rendezvous (not a static master address): after a failure the
+            # restarted group meets again through the agents' store. Everything on
+            # loopback: the host name may resolve to an address this sandbox cannot
+            # connect to.
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-id=kubetrain-{port}", "--local-addr=127.0.0.1",
+        ],
+        ["--dataset", str(dataset_dir), "--config-json", str(config_file),
+         "--output", str(out_dir)],
+        max_restarts=tc.max_restarts,
+        python=sys.executable,
+        options=["--monitor-interval=0.2", f"--log-dir={log_dir}"],
+    )  # fmt: skip
+
+
+def _start_agent(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start one torchrun agent and add it to ``OWN_STOP``."""
+    # In a process group of its own: a signal to ours (Ctrl-C, GNU timeout) reaches
+    # this launcher, which stops the agent and its workers quietly (signalled
+    # directly, torchrun prints a traceback per process). It gets SIGTERM if this
+    # process dies without stopping it (SIGKILL).
+    agent = subprocess.Popen(cmd, env=env, start_new_session=True,
+                             preexec_fn=parent_death_signal())  # fmt: skip
+    OWN_STOP.add(agent.pid)
+    return agent
+
+
+def _check_trained(codes: list[int], out_dir: Path) -> None:
+    """A KubetrainError unless every agent exited 0 and a model was written."""
+    if any(codes):
+        raise KubetrainError(
+            f"training failed: torchrun exited with {codes} (the workers' log lines above say why)"
+        )
+    if not (out_dir / MODEL_SPEC).is_file():
+        raise KubetrainError(f"training failed: no model was written to {out_dir}")
 
 
 # torchrun agents this process runs. They are stopped by ``_stop``, never by a forwarded SIGINT

@@ -79,41 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # torchrun's agent stops its workers itself; if it is killed outright, they stop too.
     die_with_parent()
-
-    import torch
-
-    from kubetrain.core.distributed import init_from_env, shutdown
-    from kubetrain.data import load_dataset
-    from kubetrain.tasks import open_task
-    from kubetrain.train.checkpoint import checkpoint_dir
-    from kubetrain.train.loop import fit, save_model
-
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank {rank}] %(message)s",
-        stream=sys.stderr,
-    )
     try:
-        cfg = _load_config(args)
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or cfg.train.num_threads or 1
-        torch.set_num_threads(threads)
-        task = open_task(cfg, load_dataset(args.dataset))
-        ctx = init_from_env(cfg.train.collective_timeout_seconds)
-        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if restarts and rank == 0:
-            logging.getLogger(__name__).warning("worker group restart %d", restarts)
-        result = fit(
-            cfg,
-            task,
-            ctx,
-            on_epoch=_print_metrics if ctx.is_main else None,
-            checkpoint_dir=checkpoint_dir(cfg, args.output),
-        )
-        result.summary.restarts = restarts
-        if ctx.is_main:
-            save_model(result, cfg, task, args.output)
-        shutdown()
+        _train(args, rank)
     except KubetrainError as err:
         from kubetrain.train.trainer import NonFiniteLoss
 
@@ -122,6 +90,48 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[rank {rank}] {err}", file=sys.stderr)
         return err.exit_code
     return 0
+
+
+def _train(args: argparse.Namespace, rank: int) -> None:
+    """Load the config and the dataset, join the process group and train; the main rank
+    prints the metrics lines and saves the model."""
+    import torch
+
+    from kubetrain.core.distributed import init_from_env, shutdown
+    from kubetrain.data import load_dataset
+    from kubetrain.tasks import open_task
+    from kubetrain.train.checkpoint import checkpoint_dir
+    from kubetrain.train.loop import fit, save_model
+
+    _configure_logging(rank)
+    cfg = _load_config(args)
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or cfg.train.num_threads or 1
+    torch.set_num_threads(threads)
+    task = open_task(cfg, load_dataset(args.dataset))
+    ctx = init_from_env(cfg.train.collective_timeout_seconds)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and rank == 0:
+        logging.getLogger(__name__).warning("worker group restart %d", restarts)
+    result = fit(
+        cfg,
+        task,
+        ctx,
+        on_epoch=_print_metrics if ctx.is_main else None,
+        checkpoint_dir=checkpoint_dir(cfg, args.output),
+    )
+    result.summary.restarts = restarts
+    if ctx.is_main:
+        save_model(result, cfg, task, args.output)
+    shutdown()
+
+
+def _configure_logging(rank: int) -> None:
+    """Log lines on stderr, prefixed with the rank; below warnings from rank 0 only."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank {rank}] %(message)s",
+        stream=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from kubetrain.core import artifacts
 from kubetrain.core.artifacts import RUN_MARKER
@@ -31,6 +31,9 @@ from kubetrain.core.errors import ConfigError, DataError, KubetrainError
 from kubetrain.core.io import read_json, write_json
 from kubetrain.pipeline import steps
 from kubetrain.pipeline.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from kubetrain.data.sources import RawData
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +81,6 @@ def preflight(cfg: PipelineConfig) -> None:
         DataError: the data cannot be read, has one class, or cannot be split.
         ConfigError: the model or the batch size does not fit the data.
     """
-    from kubetrain.data.dataset import encode_labels, split_indices
-    from kubetrain.data.sources import load_source
-    from kubetrain.pipeline.params import expand_date
     from kubetrain.pipeline.steps import check_supported
 
     if cfg.cluster.backend != "local":
@@ -99,6 +99,14 @@ def preflight(cfg: PipelineConfig) -> None:
             _check_model_name(cfg, kind == "images")
         kind_preflight(cfg.data)
         return
+    _preflight_tabular(cfg)
+
+
+def _preflight_tabular(cfg: PipelineConfig) -> None:
+    """A table's checks: it is read whole, so the model, classes and split can be checked."""
+    from kubetrain.data.sources import load_source
+    from kubetrain.pipeline.params import expand_date
+
     # The params task expands {date} in data.source (today, for a local run); so does this check.
     source = expand_date(cfg.data.source, datetime.now(timezone.utc))
     raw = load_source(cfg.data.model_copy(update={"source": source}))
@@ -108,7 +116,14 @@ def preflight(cfg: PipelineConfig) -> None:
             "for images stored as columns, or use 'mlp'"
         )
     _check_model_name(cfg, raw.image_shape is not None)
-    # The preprocess step's own checks and split (the same functions), without writing.
+    _check_split(cfg, raw)
+
+
+def _check_split(cfg: PipelineConfig, raw: RawData) -> None:
+    """The preprocess step's own checks and split (the same functions), without writing: at
+    least 2 classes, every class in every split, a batch's worth of training samples."""
+    from kubetrain.data.dataset import encode_labels, split_indices
+
     y, classes = encode_labels(raw.y)
     if len(classes) < 2:
         raise DataError(f"data error: {raw.source}: needs at least 2 classes, found {len(classes)}")
@@ -312,9 +327,6 @@ def _run_pipeline(
     Raises:
         StepFailed: a task failed.
     """
-    from kfp import local
-
-    from kubetrain.pipeline.live import LiveView, PlainView, TaskLog
     from kubetrain.pipelines import build_pipeline
 
     if cfg.train.checkpoint_dir is None:
@@ -323,26 +335,8 @@ def _run_pipeline(
         cfg = cfg.with_params({"train.checkpoint_dir": str(run_dir / "kfp" / "checkpoints")})
     pipeline = build_pipeline(cfg)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    if runner == "docker":
-        kfp_runner = docker_runner(run_dir / "kfp")
-    else:
-        kfp_runner = local.SubprocessRunner(use_venv=False)
-    local.init(
-        runner=kfp_runner,
-        pipeline_root=str(run_dir / "kfp"),
-        enable_caching=cache,
-        cache_root=str(run_dir / "kfp" / ".cache"),
-    )
-    names = task_names(pipeline)
-    task_log = TaskLog(
-        run_dir / "logs", names, echo=out if verbose else None, instances=task_instances(pipeline)
-    )
-    live: Any = contextlib.nullcontext()
-    if not verbose:
-        width = max(15, *(len(n) for n in names))
-        view = LiveView(task_log, out) if out.isatty() else PlainView(out, width)
-        task_log.views.append(view)
-        live = view if isinstance(view, LiveView) else live
+    _init_kfp_local(run_dir, cache, runner)
+    task_log, live = _task_log(pipeline, run_dir, verbose, out)
     failure: RuntimeError | None = None
     started = time.perf_counter()
     tasks_tmp = _tasks_temp_dir() if runner == "subprocess" else contextlib.nullcontext()
@@ -358,6 +352,45 @@ def _run_pipeline(
     if failure is not None:
         raise _step_failure(task_log, failure, run_dir, None if verbose else out)
     return task, started
+
+
+def _init_kfp_local(run_dir: Path, cache: bool, runner: str) -> None:
+    """Point kfp.local at the run directory, with the chosen runner (``RUNNERS``)."""
+    from kfp import local
+
+    if runner == "docker":
+        kfp_runner = docker_runner(run_dir / "kfp")
+    else:
+        kfp_runner = local.SubprocessRunner(use_venv=False)
+    local.init(
+        runner=kfp_runner,
+        pipeline_root=str(run_dir / "kfp"),
+        enable_caching=cache,
+        cache_root=str(run_dir / "kfp" / ".cache"),
+    )
+
+
+def _task_log(pipeline: Any, run_dir: Path, verbose: bool, out: IO[str]) -> tuple[Any, Any]:
+    """The tasks' log (``<run>/logs/``) and what shows it: with ``verbose`` kfp.local's whole
+    output is echoed; otherwise a live view on a terminal or a line per task elsewhere.
+
+    Returns:
+        The ``TaskLog`` and a context to hold while the pipeline runs (the live view, or a
+        no-op).
+    """
+    from kubetrain.pipeline.live import LiveView, PlainView, TaskLog
+
+    names = task_names(pipeline)
+    task_log = TaskLog(
+        run_dir / "logs", names, echo=out if verbose else None, instances=task_instances(pipeline)
+    )
+    live: Any = contextlib.nullcontext()
+    if not verbose:
+        width = max(15, *(len(n) for n in names))
+        view = LiveView(task_log, out) if out.isatty() else PlainView(out, width)
+        task_log.views.append(view)
+        live = view if isinstance(view, LiveView) else live
+    return task_log, live
 
 
 @contextlib.contextmanager
