@@ -1,6 +1,6 @@
 """Images preprocessed fanned out under kfp.local with the pipeline's own wiring: the dataset
-(version, shards, mean and std) is the one-task preprocess's, and a re-run takes every range from
-the cache."""
+(version, shards, mean and std) is the one-task preprocess's. (The text fan-out test checks the
+re-run from the cache.)"""
 
 from __future__ import annotations
 
