@@ -99,8 +99,11 @@ def test_a_failed_step_keeps_its_error_record_and_last_lines(task_log):
          "test accuracy fp32 0.9778, int8 0.9704"),
         ("tune", "05:40 I kubetrain.pipeline.steps: dynamic_int8/fbgemm: 203304 -> 52008 bytes", ""),
         ("train", "epoch 3/20 of something else", ""),
+        ("train", "[default0]: 05:40 I kubetrain.train.loop: epoch 5/5 loss 0.3124 val_loss 0.4 "
+         "val_map 0.7126 lr 3.00e-03 37 samples/s ...", "epoch 5/5, loss 0.3124, val_map 0.7126, "
+         "37 samples/s"),
     ],
-    ids=["quantize", "evaluate", "another-tasks-line", "not-an-epoch-line"],
+    ids=["quantize", "evaluate", "another-tasks-line", "not-an-epoch-line", "a-detectors-epoch"],
 )  # fmt: skip
 def test_key_figures(task, line, figure):
     assert key_figure(task, line) == figure

@@ -42,7 +42,7 @@ _SKIPPED = re.compile(r"Skipping task '?([\w-]+)'?: upstream")
 # Key figures, from the lines the steps log.
 _TRIAL = re.compile(r"trial (\d+)/(\d+) \w+ (\w+)=\S+ best=(\S+)")
 _EPOCH = re.compile(
-    r"epoch (\d+)/(\d+) loss (\S+) val_loss \S+ val_acc (\S+) lr \S+ (\d+) samples/s"
+    r"epoch (\d+)/(\d+) loss (\S+) val_loss \S+ (val_\w+) (\S+) lr \S+ (\d+) samples/s"
 )
 _QUANTIZED = re.compile(r"kubetrain\.pipeline\.steps: (\S+): (\d+) -> (\d+) bytes")
 _DATASET = re.compile(r"kubetrain\.pipeline\.steps: dataset (\w+): (\{.*?\}) samples")
@@ -264,7 +264,7 @@ def key_figure(task: str, line: str) -> str:
     if task == "tune" and (m := _TRIAL.search(line)):
         return f"trials {m[1]}/{m[2]}, best {m[3]} {m[4]}"
     if task == "train" and (m := _EPOCH.search(line)):
-        return f"epoch {m[1]}/{m[2]}, loss {m[3]}, val_acc {m[4]}, {m[5]} samples/s"
+        return f"epoch {m[1]}/{m[2]}, loss {m[3]}, {m[4]} {m[5]}, {m[6]} samples/s"
     if task == "quantize" and (m := _QUANTIZED.search(line)):
         return f"{m[1]}, {m[2]} -> {m[3]} bytes"
     if task in ("preprocess", "preprocess-merge") and (m := _DATASET.search(line)):

@@ -126,10 +126,13 @@ def _fit(trainer: Trainer, on_epoch: EpochCallback | None) -> FitResult:
         stats.val_loss, stats.val_accuracy = val_loss, val_acc
         trainer.history.append(stats)
         if ctx.is_main:
+            # Named for what the task validates (val_acc, val_token_accuracy, val_map): the
+            # number is the one the search reports as val_accuracy whatever it measures.
+            metric = "acc" if trainer.task.metric == "accuracy" else trainer.task.metric
             log.info(
-                "epoch %d/%d loss %.4f val_loss %.4f val_acc %.4f lr %.2e %.0f samples/s "
+                "epoch %d/%d loss %.4f val_loss %.4f val_%s %.4f lr %.2e %.0f samples/s "
                 "data-wait %.1f%% cpu %.0f%% rss %.0f MiB",
-                stats.epoch, tc.epochs, stats.train_loss, val_loss, val_acc, stats.lr,
+                stats.epoch, tc.epochs, stats.train_loss, val_loss, metric, val_acc, stats.lr,
                 stats.samples_per_second, 100 * stats.data_wait_share, stats.cpu_percent,
                 stats.peak_rss_mib,
             )  # fmt: skip
