@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from kubetrain.core.errors import DataError
@@ -92,6 +93,29 @@ def task_slots(plan: PreprocessPlan, task: int) -> list[int]:
         )
     first, end = plan.ranges[task]
     return list(range(first, end))
+
+
+def convert_part(
+    planned: PreprocessPlan,
+    task: int,
+    processes: int,
+    convert: Callable[[list[int]], list[SlotResult]],
+) -> DatasetPart:
+    """Run one convert task: ``convert`` writes the slots of task ``task``'s range and returns
+    their results; the part records them with the time it took.
+
+    Args:
+        planned: the plan.
+        task: which convert task (0-based).
+        processes: the processes the task converts with (for the rates the benchmarks show).
+        convert: the kind's converter of a list of slot numbers.
+    """
+    started = time.perf_counter()
+    results = convert(task_slots(planned, task))
+    return DatasetPart(
+        kind=planned.kind, fingerprint=planned.fingerprint, task=task, slots=results,
+        seconds=round(time.perf_counter() - started, 3), processes=processes,
+    )  # fmt: skip
 
 
 def ordered_results(

@@ -215,16 +215,14 @@ def convert(
         DataError: the store fails, or the plan is unreadable.
     """
     from kubetrain.data.detection import DetectionPlan, convert_detection_shards
-    from kubetrain.data.fanout import task_slots
+    from kubetrain.data.fanout import convert_part
 
-    started = time.perf_counter()
-    listed = _listed(cfg)  # the built-in scenes: written once per machine, like the plan's
-    detection_plan = DetectionPlan.load(plan_dir, planned)
-    results = convert_detection_shards(listed, detection_plan, task_slots(planned, task), root)
-    return DatasetPart(
-        kind="detection", fingerprint=planned.fingerprint, task=task, slots=results,
-        seconds=round(time.perf_counter() - started, 3), processes=max(1, cfg.num_workers),
-    )  # fmt: skip
+    def run(slots: list[int]) -> list[SlotResult]:
+        listed = _listed(cfg)  # the built-in scenes: written once per machine, like the plan's
+        detection_plan = DetectionPlan.load(plan_dir, planned)
+        return convert_detection_shards(listed, detection_plan, slots, root)
+
+    return convert_part(planned, task, max(1, cfg.num_workers), run)
 
 
 def merge(

@@ -310,17 +310,14 @@ def convert(
     Raises:
         DataError: the store fails, or the plan is unreadable.
     """
-    from kubetrain.data.fanout import task_slots
+    from kubetrain.data.fanout import convert_part
     from kubetrain.data.images import ImagePlan, convert_image_shards
 
-    started = time.perf_counter()
-    listed = _listed(cfg)  # a built-in set: converted once per machine, like the plan's
-    image_plan = ImagePlan.load(plan_dir, planned)
-    results = convert_image_shards(listed, image_plan, task_slots(planned, task), root)
-    return DatasetPart(
-        kind="images", fingerprint=planned.fingerprint, task=task, slots=results,
-        seconds=round(time.perf_counter() - started, 3), processes=max(1, cfg.num_workers),
-    )  # fmt: skip
+    def run(slots: list[int]) -> list[SlotResult]:
+        listed = _listed(cfg)  # a built-in set: converted once per machine, like the plan's
+        return convert_image_shards(listed, ImagePlan.load(plan_dir, planned), slots, root)
+
+    return convert_part(planned, task, max(1, cfg.num_workers), run)
 
 
 def merge(

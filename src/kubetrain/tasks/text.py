@@ -154,16 +154,13 @@ def convert(
     Raises:
         DataError: the source no longer matches the plan, or cannot be read.
     """
-    from kubetrain.data.fanout import task_slots
+    from kubetrain.data.fanout import convert_part
     from kubetrain.data.text import TextPlan, convert_text
 
-    started = time.perf_counter()
-    text_plan = TextPlan.load(plan_dir, planned)
-    results = convert_text(cfg, text_plan, task_slots(planned, task), root)
-    return DatasetPart(
-        kind=planned.kind, fingerprint=planned.fingerprint, task=task, slots=results,
-        seconds=round(time.perf_counter() - started, 3), processes=max(1, cfg.num_workers),
-    )  # fmt: skip
+    def run(slots: list[int]) -> list[SlotResult]:
+        return convert_text(cfg, TextPlan.load(plan_dir, planned), slots, root)
+
+    return convert_part(planned, task, max(1, cfg.num_workers), run)
 
 
 def merge(
