@@ -53,6 +53,9 @@ def test_dataset_version_is_deterministic_and_tracks_config(tmp_path):
     b = build_dataset(DataConfig(), tmp_path / "b").meta.version
     c = build_dataset(DataConfig(seed=1), tmp_path / "c").meta.version
     assert a == b != c
+    # how preprocess is spread over tasks does not change the table, nor its version
+    fanned = DataConfig(parallel_tasks=3, max_parallel_tasks=2, convert_retries=0)
+    assert build_dataset(fanned, tmp_path / "d").meta.version == a
 
 
 def test_csv_with_string_labels(tmp_path):

@@ -153,10 +153,12 @@ def build_dataset(cfg: DataConfig, out_dir: str | Path) -> DatasetArtifact:
 
 
 def _dataset_version(arrays: dict[str, np.ndarray], cfg: DataConfig) -> str:
-    """16 hex digits of the arrays and the data config: the dataset's version."""
+    """16 hex digits of the arrays and the data config (less how preprocess was spread over
+    tasks, which does not change the table): the dataset's version."""
     h = hashlib.sha256()
     for key in sorted(arrays):
         h.update(key.encode())
         h.update(np.ascontiguousarray(arrays[key]).tobytes())
-    h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
+    settings = cfg.model_dump(mode="json", exclude=set(cfg.RUN_ONLY_FIELDS))
+    h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:16]
