@@ -808,7 +808,6 @@ def _log_built(cfg: DataConfig, manifest: ShardManifest, listed: int, started: f
 
 # -- plan, convert, merge (kubetrain.data.fanout) -------------------------------------------------
 DETECTION_LISTING = "detection.parquet"  # every image's file, boxes and labels
-DETECTION_SPLITS = "splits.npz"
 DETECTION_PLAN = "detection-plan.json"  # format, categories, what the listing dropped
 
 
@@ -826,12 +825,11 @@ class DetectionPlan:
         """Write the listing, the split and the rest of the plan into ``directory`` (the record
         is the caller's: ``kubetrain.core.artifacts.PlanArtifact``)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        from kubetrain.data.fanout import save_plan_files
+
         refs = self.listing.refs
-        table = pa.table({
+        columns = {
             "url": [r.image.url for r in refs],
             "offset": pa.array([r.image.offset for r in refs], pa.int64()),
             "size": pa.array([r.image.size for r in refs], pa.int64()),
@@ -841,32 +839,24 @@ class DetectionPlan:
             "index": pa.array([r.index for r in refs], pa.int64()),
             "normalized": [bool(r.normalized) for r in refs],
             "source": [r.source for r in refs],
-        })  # fmt: skip
-        pq.write_table(table, out / DETECTION_LISTING, compression="zstd")
-        with open(out / DETECTION_SPLITS, "wb") as f:
-            arrays = {k: np.asarray(v, np.int64) for k, v in self.parts.items()}
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: bool
-        (out / DETECTION_PLAN).write_text(json.dumps({
+        }
+        rest = {
             "format": self.listing.format,
             "categories": self.listing.categories.to_json(),
             "counts": self.listing.counts.to_json(),
             "fingerprint": self.listing.fingerprint,
             "annotation_files": self.listing.annotation_files,
-        }))  # fmt: skip
+        }
+        save_plan_files(directory, (DETECTION_LISTING, columns), self.parts, (DETECTION_PLAN, rest))
 
     @classmethod
     def load(cls, directory: str | Path, record: PreprocessPlan) -> DetectionPlan:
         """The plan saved in ``directory``; raises DataError if it is not one."""
-        import pyarrow.parquet as pq
+        from kubetrain.data.fanout import load_plan_files
 
-        path = Path(directory)
-        try:
-            table = pq.read_table(path / DETECTION_LISTING).to_pydict()
-            with np.load(path / DETECTION_SPLITS, allow_pickle=False) as npz:
-                parts = {k: npz[k] for k in npz.files}
-            rest = json.loads((path / DETECTION_PLAN).read_text())
-        except (OSError, ValueError) as err:
-            raise DataError(f"data error: {path}: not a detection plan ({err})") from None
+        table, parts, rest = load_plan_files(
+            directory, DETECTION_LISTING, DETECTION_PLAN, "a detection plan"
+        )
         columns = ("url", "offset", "size", "member", "boxes", "labels", "index", "normalized",
                    "source")  # fmt: skip
         refs = []

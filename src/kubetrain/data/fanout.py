@@ -17,11 +17,13 @@ records' conversions. A kind brings its planner, converter and merger
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import posixpath
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from kubetrain.core.errors import DataError
@@ -237,6 +239,57 @@ def gather(
 def _is_local(fs) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+PLAN_SPLITS = "splits.npz"  # a plan's split: indices into its listing, per split
+
+
+def save_plan_files(
+    directory: str | Path,
+    listing: tuple[str, Mapping[str, Any]],
+    parts: Mapping[str, Any],
+    rest: tuple[str, Any],
+) -> None:
+    """Write a kind's plan into ``directory``: its listing (Parquet, one row a sample), the
+    split (``PLAN_SPLITS``) and the rest of it as JSON.
+
+    Args:
+        listing: the listing's file name and its columns (lists or pyarrow arrays).
+        parts: split name -> indices into the listing.
+        rest: the JSON file's name and what it holds.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(dict(listing[1])), out / listing[0], compression="zstd")
+    with open(out / PLAN_SPLITS, "wb") as f:
+        arrays = {k: np.asarray(v, np.int64) for k, v in parts.items()}
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: bool
+    (out / rest[0]).write_text(json.dumps(rest[1]))
+
+
+def load_plan_files(
+    directory: str | Path, listing: str, rest: str, what: str
+) -> tuple[dict[str, list[Any]], dict[str, Any], Any]:
+    """A plan that ``save_plan_files`` wrote: the listing's columns, the split, the JSON.
+
+    Raises:
+        DataError: a file is missing or unreadable (``directory`` is not ``what``).
+    """
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    path = Path(directory)
+    try:
+        table = pq.read_table(path / listing).to_pydict()
+        with np.load(path / PLAN_SPLITS, allow_pickle=False) as npz:
+            parts = {k: npz[k] for k in npz.files}
+        return table, parts, json.loads((path / rest).read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"data error: {path}: not {what} ({err})") from None
 
 
 def whole_plan(kind: str, source: str, num_tasks: int) -> PreprocessPlan:

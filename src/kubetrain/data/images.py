@@ -541,7 +541,6 @@ def _remove_shards(
 
 # -- plan, convert, merge (kubetrain.data.fanout) -------------------------------------------------
 IMAGE_LISTING = "images.parquet"  # the plan's listing: every image's file and class id
-IMAGE_SPLITS = "splits.npz"  # the plan's split: indices into the listing per split
 IMAGE_CLASSES = "classes.json"
 
 
@@ -561,39 +560,28 @@ class ImagePlan:
         """Write the listing, the split and the classes into ``directory`` (the plan record is
         the caller's: ``kubetrain.core.artifacts.PlanArtifact``)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        table = pa.table(
-            {
-                "url": [r.url for r in self.refs],
-                "offset": pa.array([r.offset for r in self.refs], pa.int64()),
-                "size": pa.array([r.size for r in self.refs], pa.int64()),
-                "member": [r.member for r in self.refs],
-                "class_id": pa.array(self.ids.astype(np.int64), pa.int64()),
-            }
-        )
-        pq.write_table(table, out / IMAGE_LISTING, compression="zstd")
-        with open(out / IMAGE_SPLITS, "wb") as f:
-            arrays = {k: np.asarray(v, np.int64) for k, v in self.parts.items()}
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: bool
-        (out / IMAGE_CLASSES).write_text(json.dumps(self.classes))
+        from kubetrain.data.fanout import save_plan_files
+
+        columns = {
+            "url": [r.url for r in self.refs],
+            "offset": pa.array([r.offset for r in self.refs], pa.int64()),
+            "size": pa.array([r.size for r in self.refs], pa.int64()),
+            "member": [r.member for r in self.refs],
+            "class_id": pa.array(self.ids.astype(np.int64), pa.int64()),
+        }
+        save_plan_files(directory, (IMAGE_LISTING, columns), self.parts,
+                        (IMAGE_CLASSES, self.classes))  # fmt: skip
 
     @classmethod
     def load(cls, directory: str | Path, record: PreprocessPlan) -> ImagePlan:
         """The plan saved in ``directory`` with its ``record``; raises DataError if a file is
         missing or unreadable."""
-        import pyarrow.parquet as pq
+        from kubetrain.data.fanout import load_plan_files
 
-        path = Path(directory)
-        try:
-            table = pq.read_table(path / IMAGE_LISTING).to_pydict()
-            with np.load(path / IMAGE_SPLITS, allow_pickle=False) as npz:
-                parts = {k: npz[k] for k in npz.files}
-            classes = json.loads((path / IMAGE_CLASSES).read_text())
-        except (OSError, ValueError) as err:
-            raise DataError(f"data error: {path}: not an image plan ({err})") from None
+        table, parts, classes = load_plan_files(
+            directory, IMAGE_LISTING, IMAGE_CLASSES, "an image plan"
+        )
         ids = np.asarray(table["class_id"], dtype=np.int64)
         refs = [
             ImageRef(url, classes[int(c)], int(o), int(n), m)
