@@ -186,6 +186,16 @@ def atomic_directory(path: str | Path, replace: bool = True) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed
 
 
+def empty_directory(directory: Path) -> None:
+    """Remove everything inside ``directory`` (not the directory itself): what a failed step
+    half wrote into its output."""
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def clean_stale_files(directory: Path) -> int:
     """Remove temporary files of atomic writes in ``directory`` whose process (on this host)
     is gone: a SIGKILL between the write and the rename leaves one.

@@ -39,7 +39,6 @@ import csv
 import functools
 import json
 import logging
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetrain.core.errors import ConfigError, DataError
-from kubetrain.core.io import atomic_directory
+from kubetrain.core.io import atomic_directory, empty_directory
 from kubetrain.core.records import PreprocessPlan, SlotResult
 
 log = logging.getLogger(__name__)
@@ -359,15 +358,6 @@ def _refuse_foreign_out(out: Path) -> None:
     """Raise DataError if ``out`` holds something other than a text dataset."""
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / TEXT_META).is_file()):
         raise DataError(f"{out}: exists and is not a text dataset; refusing to replace it")
-
-
-def _empty(directory: Path) -> None:
-    """Remove everything inside ``directory`` (not the directory itself)."""
-    for child in directory.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
 
 
 # -- plan, convert, merge (kubetrain.data.fanout) -------------------------------------------------
@@ -733,7 +723,7 @@ def build_text_dataset(cfg, out: str | Path, *, num_processes: int | None = None
         try:
             meta = _write_dataset(cfg, plan, out, num_processes)
         except BaseException:
-            _empty(out)
+            empty_directory(out)
             raise
     else:
         with atomic_directory(out) as tmp:

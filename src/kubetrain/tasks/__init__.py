@@ -198,6 +198,7 @@ def merge_dataset(
             kind's own checks fail (nothing decodes, ...); ``out_dir`` is left empty.
     """
     from kubetrain.core.artifacts import PartArtifact, PlanArtifact
+    from kubetrain.core.io import empty_directory
     from kubetrain.data.fanout import gather, ordered_results
     from kubetrain.data.storage import storage_errors
 
@@ -224,7 +225,7 @@ def merge_dataset(
             return module.merge(cfg, Path(plan_dir), plan, results, used, root, out)
     except BaseException:
         if was_empty:  # half a dataset is no dataset
-            _empty(out)
+            empty_directory(out)
         raise
 
 
@@ -240,16 +241,6 @@ def _remove_slots(root: str, names: list[str], cfg: DataConfig) -> None:
         for target in (name, f".{name}.tmp"):
             with contextlib.suppress(OSError):
                 fs.rm(posixpath.join(path.rstrip("/"), target))
-
-
-def _empty(directory: Path) -> None:
-    import shutil
-
-    for child in directory.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
 
 
 def preflight(cfg: DataConfig) -> None:
