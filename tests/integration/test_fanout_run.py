@@ -99,7 +99,9 @@ def test_kubetrain_run_shows_the_fan_out_and_trains_on_the_same_dataset(tmp_path
     assert len(merged) == 1 and f"dataset {one.version}" in merged[0]
     model = json.loads(next((tmp_path / "run").glob("kfp/*/train/model/model.json")).read_text())
     assert model["dataset_version"] == one.version
-    assert f"data:               {source}: skipped 1 of 301 rows with empty text" in lines
+    assert f"data:               {source}: skipped 1 of 301 rows with empty text" in lines, (
+        proc.stdout[-2500:]
+    )
 
 
 def test_convert_tasks_write_to_an_s3_shard_store_and_training_streams_from_it(tmp_path):

@@ -169,3 +169,24 @@ def test_a_failed_range_that_its_retry_converts_ends_done(tmp_path):
     log.close()
     assert log.tasks["preprocess-convert"].state == "done"
     assert log.failed() is None
+
+
+def test_the_run_hands_back_print_when_parallel_tasks_swapped_it_out_of_order():
+    """kfp.local indents a task's output by swapping ``builtins.print`` and back; two loop
+    iterations on threads can put back each other's indenting print. The run's output context
+    hands back the print it found, so the summary after a fan-out starts at column 0."""
+    import builtins
+
+    from kfp.local.logging_utils import indented_print
+
+    from kubetrain.pipeline.run import _output_into
+
+    original = builtins.print
+    with _output_into(io.StringIO()):
+        first, second = indented_print(), indented_print()
+        first.__enter__()
+        second.__enter__()  # the second iteration saves the first one's indenting print
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)  # ... and puts it back
+        assert builtins.print is not original  # kfp.local's leak, as it happens in a run
+    assert builtins.print is original

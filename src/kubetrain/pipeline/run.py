@@ -432,9 +432,18 @@ def _tasks_temp_dir() -> Iterator[Path]:
 @contextlib.contextmanager
 def _output_into(stream: IO[str] | io.TextIOBase) -> Iterator[None]:
     """Send this process's stdout, stderr and root-logger records to ``stream`` meanwhile
-    (kfp.local prints to stdout and logs through the root logger)."""
+    (kfp.local prints to stdout and logs through the root logger), and hand back the
+    ``print`` it found.
+
+    kfp.local 2.17 indents each task's output by swapping ``builtins.print`` for the task's
+    run and back; a ParallelFor's iterations run on threads, so one can put back the other's
+    indenting ``print``, and every later line of this process would start with spaces.
+    """
+    import builtins
+
     root = logging.getLogger()
     handlers = root.handlers[:]
+    original_print = builtins.print
     handler = logging.StreamHandler(stream)
     if handlers and handlers[0].formatter is not None:
         handler.setFormatter(handlers[0].formatter)
@@ -444,6 +453,7 @@ def _output_into(stream: IO[str] | io.TextIOBase) -> Iterator[None]:
             yield
     finally:
         root.handlers[:] = handlers
+        builtins.print = original_print
 
 
 def _step_failure(task_log: Any, err: RuntimeError, run_dir: Path, out: IO[str] | None):
