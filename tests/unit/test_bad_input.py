@@ -1439,7 +1439,8 @@ def test_a_failed_track_task_keeps_the_runs_results(tmp_path, capsys, monkeypatc
 
 def test_kfp_local_tasks_get_a_temporary_directory_that_goes_with_the_run(tmp_path, monkeypatch):
     """kfp.local's subprocess runner starts each task with `mktemp -d` and never removes it
-    (482 folders in an afternoon): the tasks' TMPDIR is ours for the run, and removed."""
+    (482 folders in an afternoon): the tasks' TMPDIR is ours for the run, and removed; torch's
+    compile cache (and inductor's precompiled header) stays where it was."""
     from kubetrain.pipeline.run import _tasks_temp_dir
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -1449,6 +1450,11 @@ def test_kfp_local_tasks_get_a_temporary_directory_that_goes_with_the_run(tmp_pa
         assert os.environ["TMPDIR"] == str(tmp) and tmp.parent == tmp_path
         made = subprocess.run(["mktemp", "-d"], capture_output=True, text=True).stdout.strip()
         assert Path(made).parent == tmp  # what a task's shell makes lands inside
-        assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))  # cache kept
+        cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        assert cache.parent == tmp_path  # torch's compile cache kept where it was
+        # inductor's precompiled header goes beside tempfile.gettempdir(): a link leads there
+        (tmp / cache.name / "precompiled_headers").mkdir()
+        assert (cache / "precompiled_headers").is_dir()
     assert not tmp.exists()
+    assert (cache / "precompiled_headers").is_dir()  # the link went, not what it leads to
     assert os.environ["TMPDIR"] == "/somewhere/else" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ

@@ -401,22 +401,31 @@ def _tasks_temp_dir() -> Iterator[Path]:
     never removes it: one folder per task, nine a run, hundreds in a day. Under a directory we
     own they go with the run (and, if this process is killed, at the next start:
     ``kubetrain.core.io.clean_stale_temp_dirs``). torch's compile cache stays where it was, or
-    every run would compile from scratch.
+    every run would compile from scratch: ``TORCHINDUCTOR_CACHE_DIR`` names it, and a link of
+    the same name in our directory leads there too, because inductor (torch 2.13/2.14) puts its
+    precompiled C++ header beside ``tempfile.gettempdir()`` whatever that variable says
+    (rebuilding it cost each inductor step about 7 s).
     """
     import getpass
     import os
+    import re
     import tempfile
 
     from kubetrain.core.io import make_temp_dir
 
     saved = {k: os.environ.get(k) for k in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
-    if saved["TORCHINDUCTOR_CACHE_DIR"] is None:
-        with contextlib.suppress(Exception):  # no user name in a bare container: leave it
-            user = getpass.getuser().replace("/", "_").replace("\\", "_")
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-                tempfile.gettempdir(), f"torchinductor_{user}"
-            )
+    inductor = None
+    with contextlib.suppress(Exception):  # no user name in a bare container: leave it
+        # torch's own name for it (torch._inductor.runtime.cache_dir_utils.default_cache_dir)
+        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
+        inductor = Path(tempfile.gettempdir(), f"torchinductor_{user}")
+    if saved["TORCHINDUCTOR_CACHE_DIR"] is None and inductor is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
     tmp = make_temp_dir("tasks")
+    if inductor is not None:
+        with contextlib.suppress(OSError):  # a cache it cannot share is only slower
+            inductor.mkdir(parents=True, exist_ok=True)
+            (tmp / inductor.name).symlink_to(inductor, target_is_directory=True)
     os.environ["TMPDIR"] = str(tmp)
     try:
         yield tmp
