@@ -413,19 +413,19 @@ def _tasks_temp_dir() -> Iterator[Path]:
 
     from kubetrain.core.io import make_temp_dir
 
+    # torch's own name for the cache (torch._inductor.runtime.cache_dir_utils.default_cache_dir)
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):  # no user name in a bare container
+        user = f"uid_{os.getuid()}"
+    inductor = Path(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
     saved = {k: os.environ.get(k) for k in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
-    inductor = None
-    with contextlib.suppress(Exception):  # no user name in a bare container: leave it
-        # torch's own name for it (torch._inductor.runtime.cache_dir_utils.default_cache_dir)
-        user = re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser())
-        inductor = Path(tempfile.gettempdir(), f"torchinductor_{user}")
-    if saved["TORCHINDUCTOR_CACHE_DIR"] is None and inductor is not None:
+    if saved["TORCHINDUCTOR_CACHE_DIR"] is None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
     tmp = make_temp_dir("tasks")
-    if inductor is not None:
-        with contextlib.suppress(OSError):  # a cache it cannot share is only slower
-            inductor.mkdir(parents=True, exist_ok=True)
-            (tmp / inductor.name).symlink_to(inductor, target_is_directory=True)
+    with contextlib.suppress(OSError):  # a cache it cannot share is only slower
+        inductor.mkdir(parents=True, exist_ok=True)
+        (tmp / inductor.name).symlink_to(inductor, target_is_directory=True)
     os.environ["TMPDIR"] = str(tmp)
     try:
         yield tmp
